@@ -1,0 +1,1 @@
+//! FastCGI record codec (placeholder; see issue 6).
