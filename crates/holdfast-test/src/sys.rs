@@ -1,0 +1,70 @@
+//! Signals to one process by PID, and what `/proc` says about processes.
+//!
+//! The only module with `unsafe`: std has no safe `kill(2)`. Every call is guarded so a
+//! PID of 0, 1 or anything negative (a process group, init, every process) is refused.
+#![allow(
+    unsafe_code,
+    reason = "kill(2) has no safe wrapper in std; PIDs are checked first"
+)]
+
+use std::io;
+
+pub use libc::{SIGHUP, SIGINT, SIGKILL, SIGQUIT, SIGTERM, SIGUSR1, SIGUSR2, c_int};
+
+/// Sends `signal` to the single process `pid`.
+///
+/// # Errors
+///
+/// `InvalidInput` for a PID that would address more than one process (0, 1, or one that
+/// does not fit `pid_t`); otherwise the `kill(2)` error (`ESRCH` if it is gone).
+pub fn send_signal(pid: u32, signal: c_int) -> io::Result<()> {
+    let pid = libc::pid_t::try_from(pid)
+        .ok()
+        .filter(|p| *p > 1)
+        .ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("refusing to signal pid {pid}"),
+            )
+        })?;
+    // SAFETY: kill(2) takes two integers and shares no memory with us; a positive PID
+    // (checked above) addresses exactly one process.
+    let rc = unsafe { libc::kill(pid, signal) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// Whether `pid` is a running process (not gone, not a zombie waiting to be reaped).
+pub fn is_running(pid: u32) -> bool {
+    match proc_stat(pid) {
+        Some((state, _)) => state != 'Z' && state != 'X',
+        None => false,
+    }
+}
+
+/// PIDs of the running processes whose parent is `pid`.
+pub fn children_of(pid: u32) -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(
+            |child| matches!(proc_stat(*child), Some((state, ppid)) if ppid == pid && state != 'Z'),
+        )
+        .collect()
+}
+
+/// State letter and parent PID from `/proc/PID/stat`.
+fn proc_stat(pid: u32) -> Option<(char, u32)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // "pid (comm) state ppid ...": comm may contain spaces and parentheses.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let mut fields = rest.split_whitespace();
+    let state = fields.next()?.chars().next()?;
+    let ppid = fields.next()?.parse().ok()?;
+    Some((state, ppid))
+}
