@@ -202,6 +202,20 @@ def system_ticks():
     return user + nice + system + irq + softirq, steal
 
 
+def wait_quiet(max_wait, below_pct=10.0, sample=1.0):
+    """Wait up to max_wait s until the whole machine's busy CPU, sampled over
+    `sample` s, is under below_pct of one CPU. Returns (last busy %, waited s).
+    Call it while nothing of ours is under load."""
+    t0 = time.monotonic()
+    while True:
+        b0 = system_ticks()[0]
+        time.sleep(sample)
+        pct = 100 * (system_ticks()[0] - b0) / CLK_TCK / sample
+        waited = time.monotonic() - t0
+        if pct < below_pct or waited >= max_wait:
+            return pct, waited
+
+
 # === network helpers ===
 
 def free_port():

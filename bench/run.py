@@ -59,6 +59,9 @@ def parse_args(argv=None):
                     help="taskset list for the -w2 targets (0,1)")
     ap.add_argument("--upstream-port", type=int, help="default: an ephemeral port")
     ap.add_argument("--proxy-port", type=int, help="default: a new ephemeral port per run")
+    ap.add_argument("--wait-quiet", type=float, default=0, metavar="S",
+                    help="before each run, wait up to S seconds for the machine to "
+                         "be quiet (other CPU use under 10%% of one CPU); default 0")
     ap.add_argument("--out", help="results dir (default bench/results/<timestamp>)")
     args = ap.parse_args(argv)
     args.duration = args.duration or (3.0 if args.quick else 10.0)
@@ -305,11 +308,17 @@ def main():
                 if t.skip:
                     continue
                 H.log(f"{wl_name} round {rnd}/{args.rounds}: {t.name}")
+                quiet = None
+                if args.wait_quiet > 0:
+                    pct, waited = H.wait_quiet(args.wait_quiet)
+                    quiet = {"busy_pct_before": pct, "waited_s": waited}
+                    if waited > 1.5:
+                        H.log(f"  waited {waited:.0f}s for quiet; now {pct:.0f}% busy")
                 if WORKLOADS[wl_name].get("idle"):
                     res = measure_idle(args, run_dir, t, rnd, ctx)
                 else:
                     res = measure_http(args, run_dir, wl_name, t, rnd, upstream, ctx)
-                res.update(workload=wl_name, target=t.name, round=rnd)
+                res.update(workload=wl_name, target=t.name, round=rnd, quiet=quiet)
                 runs.append(res)
                 H.log("  " + brief(res))
                 if not upstream.alive():
