@@ -1,1 +1,80 @@
-fn main() {}
+//! The `holdfast` binary: parse, load, run. No logic lives here.
+
+mod cli;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use holdfast::config::Config;
+use holdfast::process::{self, Origin};
+
+/// Exit status for a config that cannot be used (sysexits EX_USAGE).
+const EX_USAGE: u8 = 64;
+
+fn main() -> ExitCode {
+    let cli = cli::Cli::parse();
+    let (config, origin) = match cli.command {
+        cli::Command::Check { config } => {
+            return match Config::load(&config) {
+                Ok(c) => {
+                    print!("{}", c.to_effective_toml());
+                    ExitCode::SUCCESS
+                }
+                Err(errors) => {
+                    eprintln!("{errors}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
+        cli::Command::Demo { duration } => {
+            return match runtime(0).and_then(|rt| rt.block_on(holdfast::demo::run(duration.get())))
+            {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("demo failed: {e}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
+        cli::Command::Run {
+            config: path,
+            pid_file,
+        } => match Config::load(&path) {
+            Ok(mut c) => {
+                if pid_file.is_some() {
+                    c.pid_file = pid_file;
+                }
+                (c, Origin::current(Some(path)))
+            }
+            Err(errors) => {
+                eprintln!("{errors}");
+                return ExitCode::from(EX_USAGE);
+            }
+        },
+        cli::Command::Proxy(args) => match args.into_config() {
+            Ok(c) => (c, Origin::current(None)),
+            Err(e) => {
+                eprintln!("{e}");
+                return ExitCode::from(EX_USAGE);
+            }
+        },
+    };
+    holdfast::telemetry::init(&config.log);
+    let rt = match runtime(config.workers) {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let code = rt.block_on(process::run(config, origin));
+    ExitCode::from(u8::try_from(code).unwrap_or(1))
+}
+
+fn runtime(workers: usize) -> std::io::Result<tokio::runtime::Runtime> {
+    let mut b = tokio::runtime::Builder::new_multi_thread();
+    if workers > 0 {
+        b.worker_threads(workers);
+    }
+    b.enable_all().build()
+}

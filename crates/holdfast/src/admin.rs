@@ -1,0 +1,152 @@
+//! The admin listener: `/live`, `/ready` (503 while draining), `/config` (the
+//! effective config) and `/pools` (every upstream address with its pool figures,
+//! health, and effective idle timeout with where it came from).
+//!
+//! Loopback by default and on its own port; not meant to face clients.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode, header};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use serde::Serialize;
+use tokio::net::TcpListener;
+use tokio::time::Instant;
+
+use crate::proxy::Proxy;
+use crate::server::ServerState;
+use crate::upstream::figures::{CloseReason, RetryReason};
+use crate::upstream::peer::HealthState;
+use crate::upstream::pool::PoolSnapshot;
+
+pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, state: Arc<ServerState>) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let proxy = proxy.clone();
+        let state = state.clone();
+        tokio::spawn(async move {
+            let svc = service_fn(move |req| {
+                let resp = route(&req, &proxy, &state);
+                async move { Ok::<_, Infallible>(resp) }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), svc)
+                .await;
+        });
+    }
+}
+
+fn route(req: &Request<Incoming>, proxy: &Proxy, state: &ServerState) -> Response<Full<Bytes>> {
+    match req.uri().path() {
+        "/live" => text(StatusCode::OK, "live\n"),
+        "/ready" if state.draining.load(Relaxed) => {
+            text(StatusCode::SERVICE_UNAVAILABLE, "draining\n")
+        }
+        "/ready" => text(StatusCode::OK, "ready\n"),
+        "/config" => text(StatusCode::OK, proxy.routing().config.to_effective_toml()),
+        "/pools" => json(&pools(proxy)),
+        _ => text(
+            StatusCode::NOT_FOUND,
+            "not found; try /live, /ready, /config, /pools\n",
+        ),
+    }
+}
+
+fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(body.into()));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    r
+}
+
+fn json<T: Serialize>(value: &T) -> Response<Full<Bytes>> {
+    match serde_json::to_vec_pretty(value) {
+        Ok(body) => {
+            let mut r = Response::new(Full::new(Bytes::from(body)));
+            r.headers_mut().insert(
+                header::CONTENT_TYPE,
+                header::HeaderValue::from_static("application/json"),
+            );
+            r
+        }
+        Err(e) => text(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("cannot render: {e}\n"),
+        ),
+    }
+}
+
+#[derive(Serialize)]
+pub struct UpstreamView {
+    pub name: String,
+    pub requests: u64,
+    pub retries: std::collections::BTreeMap<&'static str, u64>,
+    pub retry_budget_exhausted: u64,
+    pub addresses: Vec<AddressView>,
+}
+
+#[derive(Serialize)]
+pub struct AddressView {
+    pub address: String,
+    pub health: HealthState,
+    pub outstanding: usize,
+    #[serde(flatten)]
+    pub pool: PoolSnapshot,
+    pub created: u64,
+    pub reused: u64,
+    pub stale_caught: u64,
+    pub queue_timeouts: u64,
+    pub queue_full: u64,
+    pub closed: std::collections::BTreeMap<&'static str, u64>,
+}
+
+/// Every upstream and address with its figures, as `/pools` shows them.
+pub fn pools(proxy: &Proxy) -> Vec<UpstreamView> {
+    let now = Instant::now();
+    proxy
+        .routing()
+        .upstreams
+        .iter()
+        .map(|u| UpstreamView {
+            name: u.name.clone(),
+            requests: u.figures.requests.load(Relaxed),
+            retries: RetryReason::ALL
+                .iter()
+                .map(|r| (r.as_str(), u.figures.retries(*r)))
+                .collect(),
+            retry_budget_exhausted: u.figures.retry_budget_exhausted.load(Relaxed),
+            addresses: u
+                .peers()
+                .iter()
+                .map(|p| {
+                    let f = &p.pool.figures;
+                    AddressView {
+                        address: p.label.to_string(),
+                        health: p.health.state(now),
+                        outstanding: p.outstanding(),
+                        pool: p.pool.snapshot(),
+                        created: f.created.load(Relaxed),
+                        reused: f.reused.load(Relaxed),
+                        stale_caught: f.stale_caught.load(Relaxed),
+                        queue_timeouts: f.queue_timeouts.load(Relaxed),
+                        queue_full: f.queue_full.load(Relaxed),
+                        closed: CloseReason::ALL
+                            .iter()
+                            .map(|r| (r.as_str(), f.closed_count(*r)))
+                            .collect(),
+                    }
+                })
+                .collect(),
+        })
+        .collect()
+}

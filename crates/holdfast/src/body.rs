@@ -1,0 +1,229 @@
+//! Request bodies on their way upstream: streamed, or kept whole when small enough to
+//! send again on a retry.
+//!
+//! Owns: the replay buffer (bounded by `retry.replay_body_limit`) and the client body
+//! size limit (`max_body_bytes`, 413). Does not own: response bodies (see
+//! `proxy::response`).
+
+use std::fmt;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use bytes::{Bytes, BytesMut};
+use http::HeaderMap;
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The client sent more than `max_body_bytes`.
+#[derive(Debug)]
+pub struct BodyTooLarge;
+
+impl fmt::Display for BodyTooLarge {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("request body exceeds max_body_bytes")
+    }
+}
+
+impl std::error::Error for BodyTooLarge {}
+
+/// Reading the client's body failed (it went away, or sent bad chunking).
+#[derive(Debug)]
+pub struct ClientBodyError(pub hyper::Error);
+
+impl fmt::Display for ClientBodyError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "reading the client's request body: {}", self.0)
+    }
+}
+
+impl std::error::Error for ClientBodyError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&self.0)
+    }
+}
+
+/// A request body as holdfast sends it upstream.
+#[derive(Debug)]
+pub enum RequestBody {
+    Empty,
+    /// Held whole, so a retry can send it again.
+    Buffered {
+        data: Option<Bytes>,
+        trailers: Option<HeaderMap>,
+    },
+    /// Streamed from the client; cannot be replayed. `prefix` holds what was read while
+    /// deciding whether the body fits the replay buffer.
+    Streaming(Box<Streaming>),
+}
+
+#[derive(Debug)]
+pub struct Streaming {
+    prefix: Option<Bytes>,
+    incoming: Incoming,
+    received: u64,
+    limit: u64,
+}
+
+impl RequestBody {
+    /// Reads up to `replay_limit` bytes of the client's body: a body that ends within it
+    /// is kept whole (replayable); a longer one streams on, its first part included.
+    ///
+    /// # Errors
+    /// The client's body failed or exceeded `max_body` (0 = no limit).
+    pub async fn prepare(
+        mut incoming: Incoming,
+        replay_limit: u64,
+        max_body: u64,
+    ) -> Result<RequestBody, BoxError> {
+        use http_body_util::BodyExt;
+        let limit = if max_body == 0 { u64::MAX } else { max_body };
+        if incoming.is_end_stream() {
+            return Ok(RequestBody::Empty);
+        }
+        if let Some(exact) = incoming.size_hint().exact()
+            && exact > limit
+        {
+            return Err(Box::new(BodyTooLarge));
+        }
+        let mut buf = BytesMut::new();
+        while (buf.len() as u64) <= replay_limit {
+            match incoming.frame().await {
+                None => {
+                    return Ok(RequestBody::Buffered {
+                        data: Some(buf.freeze()),
+                        trailers: None,
+                    });
+                }
+                Some(Err(e)) => return Err(Box::new(ClientBodyError(e))),
+                Some(Ok(frame)) => match frame.into_data() {
+                    Ok(data) => {
+                        buf.extend_from_slice(&data);
+                        if buf.len() as u64 > limit {
+                            return Err(Box::new(BodyTooLarge));
+                        }
+                    }
+                    Err(frame) => {
+                        // Trailers end the body.
+                        let trailers = frame.into_trailers().ok();
+                        return Ok(RequestBody::Buffered {
+                            data: Some(buf.freeze()),
+                            trailers,
+                        });
+                    }
+                },
+            }
+        }
+        let received = buf.len() as u64;
+        Ok(RequestBody::Streaming(Box::new(Streaming {
+            prefix: Some(buf.freeze()),
+            incoming,
+            received,
+            limit,
+        })))
+    }
+
+    /// Streams the client's body without buffering any of it.
+    pub fn stream(incoming: Incoming, max_body: u64) -> RequestBody {
+        if incoming.is_end_stream() {
+            return RequestBody::Empty;
+        }
+        let limit = if max_body == 0 { u64::MAX } else { max_body };
+        RequestBody::Streaming(Box::new(Streaming {
+            prefix: None,
+            incoming,
+            received: 0,
+            limit,
+        }))
+    }
+
+    /// A copy for another attempt, if this body can be sent again.
+    pub fn try_clone(&self) -> Option<RequestBody> {
+        match self {
+            RequestBody::Empty => Some(RequestBody::Empty),
+            RequestBody::Buffered { data, trailers } => Some(RequestBody::Buffered {
+                data: data.clone(),
+                trailers: trailers.clone(),
+            }),
+            RequestBody::Streaming(_) => None,
+        }
+    }
+
+    pub fn full(data: impl Into<Bytes>) -> RequestBody {
+        RequestBody::Buffered {
+            data: Some(data.into()),
+            trailers: None,
+        }
+    }
+}
+
+impl Body for RequestBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.get_mut() {
+            RequestBody::Empty => Poll::Ready(None),
+            RequestBody::Buffered { data, trailers } => {
+                if let Some(d) = data.take().filter(|d| !d.is_empty()) {
+                    return Poll::Ready(Some(Ok(Frame::data(d))));
+                }
+                Poll::Ready(trailers.take().map(|t| Ok(Frame::trailers(t))))
+            }
+            RequestBody::Streaming(s) => {
+                if let Some(p) = s.prefix.take().filter(|p| !p.is_empty()) {
+                    return Poll::Ready(Some(Ok(Frame::data(p))));
+                }
+                match Pin::new(&mut s.incoming).poll_frame(cx) {
+                    Poll::Pending => Poll::Pending,
+                    Poll::Ready(None) => Poll::Ready(None),
+                    Poll::Ready(Some(Err(e))) => {
+                        Poll::Ready(Some(Err(Box::new(ClientBodyError(e)))))
+                    }
+                    Poll::Ready(Some(Ok(frame))) => {
+                        if let Some(d) = frame.data_ref() {
+                            s.received += d.len() as u64;
+                            if s.received > s.limit {
+                                return Poll::Ready(Some(Err(Box::new(BodyTooLarge))));
+                            }
+                        }
+                        Poll::Ready(Some(Ok(frame)))
+                    }
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            RequestBody::Empty => true,
+            RequestBody::Buffered { data, trailers } => {
+                data.as_ref().is_none_or(Bytes::is_empty) && trailers.is_none()
+            }
+            RequestBody::Streaming(s) => s.prefix.is_none() && s.incoming.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            RequestBody::Empty => SizeHint::with_exact(0),
+            RequestBody::Buffered { data, .. } => {
+                SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
+            }
+            RequestBody::Streaming(s) => {
+                let prefix = s.prefix.as_ref().map_or(0, |p| p.len() as u64);
+                let inner = s.incoming.size_hint();
+                let mut hint = SizeHint::new();
+                hint.set_lower(inner.lower() + prefix);
+                if let Some(u) = inner.upper() {
+                    hint.set_upper(u + prefix);
+                }
+                hint
+            }
+        }
+    }
+}

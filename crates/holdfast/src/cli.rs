@@ -1,0 +1,131 @@
+//! Command-line interface: parsing only, and turning `proxy` flags into a `Config`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use holdfast::config::{
+    Config, Dur, ListenerConfig, LogFormat, RouteConfig, UpstreamAddr, UpstreamConfig,
+};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "holdfast",
+    version,
+    about = "A reverse proxy that never loses a request to a connection-lifecycle race"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the gateway from a config file.
+    Run {
+        /// The TOML config file.
+        #[arg(short, long)]
+        config: PathBuf,
+        /// Write the process id here (overrides `pid_file` in the config).
+        #[arg(long)]
+        pid_file: Option<PathBuf>,
+    },
+    /// Validate a config file and print the effective config (defaults filled in).
+    Check {
+        #[arg(short, long)]
+        config: PathBuf,
+    },
+    /// Run a one-upstream proxy without a config file.
+    Proxy(ProxyArgs),
+    /// Show story 1a happening to a naive client and not through holdfast.
+    Demo {
+        /// How long to send requests.
+        #[arg(long, default_value = "12s")]
+        duration: Dur,
+    },
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum OnOff {
+    On,
+    Off,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ProxyArgs {
+    /// Address to listen on, e.g. 127.0.0.1:8080.
+    #[arg(long)]
+    pub listen: SocketAddr,
+    /// Upstream URL, e.g. http://127.0.0.1:9000 (repeat for several addresses).
+    #[arg(long, required = true)]
+    pub to: Vec<UpstreamAddr>,
+    /// Time to wait for the upstream's response headers.
+    #[arg(long)]
+    pub timeout: Option<Dur>,
+    /// Upstream connect timeout.
+    #[arg(long)]
+    pub connect_timeout: Option<Dur>,
+    /// Upstream pool idle timeout (HTTP keep-alive).
+    #[arg(long)]
+    pub idle_timeout: Option<Dur>,
+    /// Most connections per upstream address.
+    #[arg(long)]
+    pub max_connections: Option<usize>,
+    /// Admin listener address (default 127.0.0.1:9901); `off` disables it.
+    #[arg(long)]
+    pub admin: Option<String>,
+    /// Runtime worker threads (0: one per CPU).
+    #[arg(long, default_value_t = 0)]
+    pub workers: usize,
+    /// One log line per request.
+    #[arg(long, value_enum, default_value = "on")]
+    pub access_log: OnOff,
+    /// Log format.
+    #[arg(long, default_value = "text")]
+    pub log_format: String,
+    /// Write the process id here.
+    #[arg(long)]
+    pub pid_file: Option<PathBuf>,
+}
+
+impl ProxyArgs {
+    /// The config these flags describe.
+    pub fn into_config(self) -> Result<Config, String> {
+        let mut c = Config::empty();
+        c.workers = self.workers;
+        c.pid_file = self.pid_file;
+        c.log.access_log = matches!(self.access_log, OnOff::On);
+        c.log.format = match self.log_format.as_str() {
+            "text" => LogFormat::Text,
+            "json" => LogFormat::Json,
+            other => return Err(format!("--log-format: {other:?} is not text or json")),
+        };
+        match self.admin.as_deref() {
+            None => {}
+            Some("off") => c.admin.enabled = false,
+            Some(a) => {
+                c.admin.listen = a
+                    .parse()
+                    .map_err(|_| format!("--admin: {a:?} is not an address or `off`"))?
+            }
+        }
+        c.listeners.push(ListenerConfig::new(self.listen));
+        c.routes.push(RouteConfig::new("/", "default"));
+        let mut up = UpstreamConfig::new(self.to);
+        if let Some(t) = self.timeout {
+            up.timeouts.response_headers = t;
+        }
+        if let Some(t) = self.connect_timeout {
+            up.timeouts.connect = t;
+        }
+        if let Some(t) = self.idle_timeout {
+            up.pool.idle_timeout = t;
+        }
+        if let Some(n) = self.max_connections {
+            up.pool.max_connections = n;
+            up.pool.max_idle = up.pool.max_idle.min(n);
+        }
+        c.upstreams.insert("default".into(), up);
+        Ok(c)
+    }
+}

@@ -1,0 +1,608 @@
+//! The TOML config, parsed once at the edge into typed structs.
+//!
+//! Owns: the schema with its documented defaults, loading from a file or a string, and
+//! errors that name the file, line, key and what is allowed. Does not own: what the
+//! settings mean at run time (each module that takes a section documents that), or
+//! reloading (see `server::reload`).
+
+mod addr;
+mod error;
+mod units;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+
+pub use self::addr::{Endpoint, Protocol, UpstreamAddr};
+pub use self::error::{ConfigError, ConfigErrors};
+pub use self::units::{ByteSize, Dur};
+
+/// The whole config file.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Where to write the process id at start (rewritten by a new binary after an
+    /// upgrade). Default: none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pid_file: Option<PathBuf>,
+    /// Runtime worker threads; 0 means one per CPU. Default 0.
+    #[serde(default)]
+    pub workers: usize,
+    #[serde(default)]
+    pub log: LogConfig,
+    #[serde(default)]
+    pub admin: AdminConfig,
+    #[serde(default)]
+    pub drain: DrainConfig,
+    #[serde(default)]
+    pub upgrade: UpgradeConfig,
+    /// `[[listener]]` tables: where clients connect.
+    #[serde(default, rename = "listener")]
+    pub listeners: Vec<ListenerConfig>,
+    /// `[[route]]` tables: which upstream serves which Host and path.
+    #[serde(default, rename = "route")]
+    pub routes: Vec<RouteConfig>,
+    /// `[upstream.NAME]` tables.
+    #[serde(default, rename = "upstream")]
+    pub upstreams: BTreeMap<String, UpstreamConfig>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// `tracing` filter, e.g. `info` or `holdfast=debug`. Default `info`.
+    pub level: String,
+    /// `text` (default) or `json`.
+    pub format: LogFormat,
+    /// One line per request at target `holdfast::access`. Default true.
+    pub access_log: bool,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            level: "info".into(),
+            format: LogFormat::Text,
+            access_log: true,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    /// Address of the admin listener (`/live`, `/ready`, `/metrics`, `/pools`,
+    /// `/config`). Default `127.0.0.1:9901`; set `enabled = false` to turn it off.
+    pub listen: SocketAddr,
+    pub enabled: bool,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 9901)),
+            enabled: true,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DrainConfig {
+    /// Wait after `/ready` turns 503 before listeners stop accepting, so load balancers
+    /// notice. Default `0s`.
+    pub pre_delay: Dur,
+    /// During a drain, an idle client connection is closed once it has been idle this
+    /// long (or the advertised keep-alive timeout, if shorter). Default `1s`.
+    pub idle_close_after: Dur,
+    /// Hard limit for the whole drain; what is still open then is cut and logged.
+    /// Default `30s`.
+    pub timeout: Dur,
+}
+
+impl Default for DrainConfig {
+    fn default() -> Self {
+        DrainConfig {
+            pre_delay: Dur::secs(0),
+            idle_close_after: Dur::secs(1),
+            timeout: Dur::secs(30),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct UpgradeConfig {
+    /// How long the old process waits for the new binary to say it is ready before it
+    /// gives up on the upgrade and keeps serving. Default `30s`.
+    pub ready_timeout: Dur,
+}
+
+impl Default for UpgradeConfig {
+    fn default() -> Self {
+        UpgradeConfig {
+            ready_timeout: Dur::secs(30),
+        }
+    }
+}
+
+/// One `[[listener]]`: a client-facing socket and the limits of its connections.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerConfig {
+    /// Address to bind, e.g. `0.0.0.0:8080` or `[::1]:8080`.
+    pub listen: SocketAddr,
+    /// Most client connections open at once on this listener; more wait in the kernel's
+    /// accept queue. Default 10000.
+    #[serde(default = "defaults::max_client_connections")]
+    pub max_connections: usize,
+    /// HTTP keep-alive: how long an idle client connection is kept. Advertised to
+    /// clients in `Keep-Alive: timeout=N`, a margin below this. Default `60s`.
+    #[serde(default = "defaults::client_keepalive")]
+    pub keepalive_timeout: Dur,
+    /// A connection idle for less than this is never closed by holdfast (except at the
+    /// drain deadline), so a client's next request cannot race a close. Default `1s`.
+    #[serde(default = "defaults::keepalive_min_idle")]
+    pub keepalive_min_idle: Dur,
+    /// Time allowed from the first byte of a request to the end of its headers
+    /// (slowloris). Default `10s`.
+    #[serde(default = "defaults::header_timeout")]
+    pub header_timeout: Dur,
+    /// Largest request head (request line and headers); larger gets 431. Default `16KiB`.
+    #[serde(default = "defaults::max_header_bytes")]
+    pub max_header_bytes: ByteSize,
+    /// Largest request body; larger gets 413. `0` means no limit. Default `100MiB`.
+    #[serde(default = "defaults::max_body_bytes")]
+    pub max_body_bytes: ByteSize,
+    /// Requests served on one client connection before it is closed with
+    /// `Connection: close`. `0` means no limit. Default 10000.
+    #[serde(default = "defaults::max_requests_per_connection")]
+    pub max_requests_per_connection: u64,
+    /// Peers whose `X-Forwarded-*` headers are trusted and extended; from anyone else
+    /// they are replaced. Default: none.
+    #[serde(default)]
+    pub trusted_proxies: Vec<IpNet>,
+}
+
+/// One `[[route]]`: requests whose Host and path match go to `upstream`.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteConfig {
+    /// Host to match, without port; `*.example.com` matches subdomains. Default: any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
+    /// Path prefix to match, on segment boundaries (`/api` matches `/api` and
+    /// `/api/x`, not `/apix`). Default `/`.
+    #[serde(default = "defaults::path")]
+    pub path: String,
+    /// Remove the matched prefix before forwarding. Default false.
+    #[serde(default)]
+    pub strip_prefix: bool,
+    /// Name of an `[upstream.NAME]` table.
+    pub upstream: toml::Spanned<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Balance {
+    #[default]
+    RoundRobin,
+    /// Power of two random choices by outstanding requests.
+    LeastOutstanding,
+}
+
+/// One `[upstream.NAME]`: a set of addresses and how holdfast talks to them.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamConfig {
+    /// One or more addresses, all of one protocol.
+    pub addresses: Vec<UpstreamAddr>,
+    /// `round_robin` (default) or `least_outstanding`.
+    #[serde(default)]
+    pub balance: Balance,
+    /// `Host` sent upstream: `client` keeps the client's (default), `upstream` uses the
+    /// address's host:port, anything else is sent as written.
+    #[serde(default = "defaults::host_header")]
+    pub host_header: String,
+    /// How often host names in `addresses` are resolved again. Default `30s`.
+    #[serde(default = "defaults::resolve_every")]
+    pub resolve_every: Dur,
+    #[serde(default)]
+    pub pool: PoolConfig,
+    #[serde(default)]
+    pub timeouts: TimeoutConfig,
+    #[serde(default)]
+    pub tcp: TcpConfig,
+    #[serde(default)]
+    pub retry: RetryConfig,
+    #[serde(default)]
+    pub health: HealthConfig,
+}
+
+/// `[upstream.NAME.pool]`: connection reuse, per upstream address.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PoolConfig {
+    /// Most connections open to one address (idle and busy). Default 256.
+    pub max_connections: usize,
+    /// Most idle connections kept per address. Default 64.
+    pub max_idle: usize,
+    /// HTTP keep-alive: how long an idle upstream connection is kept for reuse. Lowered
+    /// automatically by the upstream's `Keep-Alive: timeout=N` and by observed idle
+    /// closes. Default `4s`, below the 5 s that Node.js and Apache use.
+    pub idle_timeout: Dur,
+    /// Requests per connection before it is retired; `0` means no limit (the
+    /// upstream's `Keep-Alive: max=N` still applies). Default 0.
+    pub max_requests: u64,
+    /// Age after which a connection is retired once its request ends; `0s` is off.
+    /// Default `0s`.
+    pub max_lifetime: Dur,
+    /// Requests that may wait for a connection when `max_connections` are busy; more
+    /// get 503 at once. Default 1024.
+    pub queue_size: usize,
+    /// How long a request waits for a connection before 503. Default `2s`.
+    pub queue_timeout: Dur,
+}
+
+impl Default for PoolConfig {
+    fn default() -> Self {
+        PoolConfig {
+            max_connections: 256,
+            max_idle: 64,
+            idle_timeout: Dur::secs(4),
+            max_requests: 0,
+            max_lifetime: Dur::secs(0),
+            queue_size: 1024,
+            queue_timeout: Dur::secs(2),
+        }
+    }
+}
+
+/// `[upstream.NAME.timeouts]`. Each one, when it fires, cancels the request, closes
+/// its connection and frees its slot; the client gets 504.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TimeoutConfig {
+    /// TCP connect. Default `5s`.
+    pub connect: Dur,
+    /// Longest a write of the request may stall. Default `60s`.
+    pub write: Dur,
+    /// From request sent to response headers (time to first byte). Default `60s`.
+    pub response_headers: Dur,
+    /// Longest gap between two chunks of the response body. Default `60s`.
+    pub read_idle: Dur,
+    /// The whole exchange including the response body; `0s` is off. Default `0s`.
+    pub total: Dur,
+}
+
+impl Default for TimeoutConfig {
+    fn default() -> Self {
+        TimeoutConfig {
+            connect: Dur::secs(5),
+            write: Dur::secs(60),
+            response_headers: Dur::secs(60),
+            read_idle: Dur::secs(60),
+            total: Dur::secs(0),
+        }
+    }
+}
+
+/// `[upstream.NAME.tcp]`: socket options. TCP keepalive probes are kernel packets that
+/// detect a dead peer or path; they do not keep an HTTP connection reusable (that is
+/// `pool.idle_timeout`, the HTTP keep-alive).
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TcpConfig {
+    /// TCP_NODELAY. Default true.
+    pub nodelay: bool,
+    /// Send TCP keepalive probes on upstream connections. Default true.
+    pub keepalive: bool,
+    /// Idle time before the first probe. Default `60s`.
+    pub keepalive_idle: Dur,
+    /// Time between probes. Default `10s`.
+    pub keepalive_interval: Dur,
+    /// Unanswered probes before the kernel drops the connection. Default 3.
+    pub keepalive_count: u32,
+}
+
+impl Default for TcpConfig {
+    fn default() -> Self {
+        TcpConfig {
+            nodelay: true,
+            keepalive: true,
+            keepalive_idle: Dur::secs(60),
+            keepalive_interval: Dur::secs(10),
+            keepalive_count: 3,
+        }
+    }
+}
+
+/// `[upstream.NAME.retry]`: retries happen only when provably safe.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetryConfig {
+    /// Tries per request, the first included; 1 turns retries off. Default 3.
+    pub attempts: u32,
+    /// Request bodies up to this size are kept so a retry can send them again.
+    /// Default `64KiB`.
+    pub replay_body_limit: ByteSize,
+    /// Retries allowed as a share of requests. Default 0.2.
+    pub budget_ratio: f64,
+    /// Retries always allowed per second on top of the ratio. Default 10.
+    pub budget_min_per_second: u32,
+}
+
+impl Default for RetryConfig {
+    fn default() -> Self {
+        RetryConfig {
+            attempts: 3,
+            replay_body_limit: ByteSize::kib(64),
+            budget_ratio: 0.2,
+            budget_min_per_second: 10,
+        }
+    }
+}
+
+/// `[upstream.NAME.health]`: passive health from real requests.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HealthConfig {
+    /// Consecutive failures (connect refused or timed out, reset, garbage) that eject an
+    /// address. A stale pooled connection never counts. Default 5.
+    pub max_fails: u32,
+    /// First ejection time; doubles on each ejection in a row. Default `5s`.
+    pub eject_for: Dur,
+    /// Longest ejection. Default `60s`.
+    pub eject_max: Dur,
+}
+
+impl Default for HealthConfig {
+    fn default() -> Self {
+        HealthConfig {
+            max_fails: 5,
+            eject_for: Dur::secs(5),
+            eject_max: Dur::secs(60),
+        }
+    }
+}
+
+mod defaults {
+    use super::{ByteSize, Dur};
+
+    pub fn max_client_connections() -> usize {
+        10_000
+    }
+    pub fn client_keepalive() -> Dur {
+        Dur::secs(60)
+    }
+    pub fn keepalive_min_idle() -> Dur {
+        Dur::secs(1)
+    }
+    pub fn header_timeout() -> Dur {
+        Dur::secs(10)
+    }
+    pub fn max_header_bytes() -> ByteSize {
+        ByteSize::kib(16)
+    }
+    pub fn max_body_bytes() -> ByteSize {
+        ByteSize::mib(100)
+    }
+    pub fn max_requests_per_connection() -> u64 {
+        10_000
+    }
+    pub fn path() -> String {
+        "/".into()
+    }
+    pub fn host_header() -> String {
+        "client".into()
+    }
+    pub fn resolve_every() -> Dur {
+        Dur::secs(30)
+    }
+}
+
+impl ListenerConfig {
+    /// A listener with every default, for the one-line `proxy` command and tests.
+    pub fn new(listen: SocketAddr) -> Self {
+        ListenerConfig {
+            listen,
+            max_connections: defaults::max_client_connections(),
+            keepalive_timeout: defaults::client_keepalive(),
+            keepalive_min_idle: defaults::keepalive_min_idle(),
+            header_timeout: defaults::header_timeout(),
+            max_header_bytes: defaults::max_header_bytes(),
+            max_body_bytes: defaults::max_body_bytes(),
+            max_requests_per_connection: defaults::max_requests_per_connection(),
+            trusted_proxies: Vec::new(),
+        }
+    }
+}
+
+impl UpstreamConfig {
+    /// An upstream with every default, for the one-line `proxy` command and tests.
+    pub fn new(addresses: Vec<UpstreamAddr>) -> Self {
+        UpstreamConfig {
+            addresses,
+            balance: Balance::default(),
+            host_header: defaults::host_header(),
+            resolve_every: defaults::resolve_every(),
+            pool: PoolConfig::default(),
+            timeouts: TimeoutConfig::default(),
+            tcp: TcpConfig::default(),
+            retry: RetryConfig::default(),
+            health: HealthConfig::default(),
+        }
+    }
+
+    pub fn protocol(&self) -> Protocol {
+        self.addresses
+            .first()
+            .map_or(Protocol::Http1, |a| a.protocol)
+    }
+}
+
+impl RouteConfig {
+    pub fn new(path: &str, upstream: &str) -> Self {
+        RouteConfig {
+            host: None,
+            path: path.into(),
+            strip_prefix: false,
+            upstream: toml::Spanned::new(0..0, upstream.into()),
+        }
+    }
+}
+
+impl Config {
+    /// A config with no listeners, routes or upstreams and every default.
+    pub fn empty() -> Self {
+        Config {
+            pid_file: None,
+            workers: 0,
+            log: LogConfig::default(),
+            admin: AdminConfig::default(),
+            drain: DrainConfig::default(),
+            upgrade: UpgradeConfig::default(),
+            listeners: Vec::new(),
+            routes: Vec::new(),
+            upstreams: BTreeMap::new(),
+        }
+    }
+
+    /// Reads and validates a config file.
+    ///
+    /// # Errors
+    /// Every problem found, each naming the file, line, key and what is allowed.
+    pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigErrors::single(ConfigError::io(path, &e)))?;
+        Config::from_toml(&text, path)
+    }
+
+    /// Parses and validates config text; `origin` names it in errors.
+    ///
+    /// # Errors
+    /// As [`Config::load`].
+    pub fn from_toml(text: &str, origin: &Path) -> Result<Config, ConfigErrors> {
+        let de = toml::Deserializer::parse(text)
+            .map_err(|e| ConfigErrors::single(ConfigError::from_toml(origin, text, &e, None)))?;
+        let config: Config = serde_path_to_error::deserialize(de).map_err(|e| {
+            let path = e.path().to_string();
+            ConfigErrors::single(ConfigError::from_toml(origin, text, e.inner(), Some(path)))
+        })?;
+        let problems = config.validate();
+        if problems.is_empty() {
+            Ok(config)
+        } else {
+            Err(ConfigErrors::located(origin, text, problems))
+        }
+    }
+
+    /// Checks that hold across keys; returns (key path, message) pairs.
+    fn validate(&self) -> Vec<(String, String)> {
+        let mut problems = Vec::new();
+        let mut bad = |key: String, msg: String| problems.push((key, msg));
+        if self.listeners.is_empty() {
+            bad(
+                "listener".into(),
+                "at least one [[listener]] is required".into(),
+            );
+        }
+        for (i, l) in self.listeners.iter().enumerate() {
+            if l.max_connections == 0 {
+                bad(
+                    format!("listener[{i}].max_connections"),
+                    "must be at least 1".into(),
+                );
+            }
+            if l.max_header_bytes.get() < 1024 {
+                bad(
+                    format!("listener[{i}].max_header_bytes"),
+                    "must be at least 1KiB".into(),
+                );
+            }
+        }
+        for (i, r) in self.routes.iter().enumerate() {
+            if !r.path.starts_with('/') {
+                bad(
+                    format!("route[{i}].path"),
+                    format!("{:?} must start with '/'", r.path),
+                );
+            }
+            if !self.upstreams.contains_key(r.upstream.get_ref()) {
+                let known: Vec<&str> = self.upstreams.keys().map(String::as_str).collect();
+                bad(
+                    format!("route[{i}].upstream"),
+                    format!(
+                        "no upstream named {:?}; defined: {}",
+                        r.upstream.get_ref(),
+                        if known.is_empty() {
+                            "none".into()
+                        } else {
+                            known.join(", ")
+                        }
+                    ),
+                );
+            }
+        }
+        for (name, u) in &self.upstreams {
+            let key = |k: &str| format!("upstream.{name}.{k}");
+            if u.addresses.is_empty() {
+                bad(key("addresses"), "at least one address is required".into());
+            }
+            if u.addresses.iter().any(|a| a.protocol != u.protocol()) {
+                bad(
+                    key("addresses"),
+                    "all addresses of one upstream must use one protocol".into(),
+                );
+            }
+            if u.pool.max_connections == 0 {
+                bad(key("pool.max_connections"), "must be at least 1".into());
+            }
+            if u.pool.max_idle > u.pool.max_connections {
+                bad(
+                    key("pool.max_idle"),
+                    format!(
+                        "{} is more than pool.max_connections ({})",
+                        u.pool.max_idle, u.pool.max_connections
+                    ),
+                );
+            }
+            if u.retry.attempts == 0 {
+                bad(
+                    key("retry.attempts"),
+                    "must be at least 1 (1 means no retries)".into(),
+                );
+            }
+            if !(0.0..=1.0).contains(&u.retry.budget_ratio) {
+                bad(
+                    key("retry.budget_ratio"),
+                    "must be between 0.0 and 1.0".into(),
+                );
+            }
+            if u.timeouts.connect.get().is_zero() {
+                bad(key("timeouts.connect"), "must be more than 0s".into());
+            }
+        }
+        problems
+    }
+
+    /// The config as TOML with every default filled in, for `holdfast check` and the
+    /// admin `/config` endpoint.
+    pub fn to_effective_toml(&self) -> String {
+        toml::to_string_pretty(self).unwrap_or_else(|e| format!("# cannot render config: {e}\n"))
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,191 @@
+//! Upstream addresses as written in the config: `http://127.0.0.1:9000`,
+//! `http://backend.internal:8080`, `http+unix:///run/app.sock`, `fastcgi://127.0.0.1:9000`,
+//! `fastcgi+unix:///run/php/php-fpm.sock`.
+//!
+//! Parsing only; resolving host names is the upstream module's job.
+
+use std::fmt;
+use std::path::PathBuf;
+use std::str::FromStr;
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+/// Which protocol holdfast speaks to an upstream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Protocol {
+    Http1,
+    FastCgi,
+}
+
+/// Where the upstream listens.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Endpoint {
+    /// A host name or IP literal and a port; names are resolved (and re-resolved).
+    Tcp {
+        host: String,
+        port: u16,
+    },
+    Unix(PathBuf),
+}
+
+/// One `addresses` entry of an upstream.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct UpstreamAddr {
+    pub protocol: Protocol,
+    pub endpoint: Endpoint,
+    original: String,
+}
+
+impl UpstreamAddr {
+    /// The value of the `Host` header when the upstream asks for its own name.
+    pub fn authority(&self) -> String {
+        match &self.endpoint {
+            Endpoint::Tcp { host, port } if *port == 80 => host.clone(),
+            Endpoint::Tcp { host, port } if host.contains(':') => format!("[{host}]:{port}"),
+            Endpoint::Tcp { host, port } => format!("{host}:{port}"),
+            Endpoint::Unix(_) => "localhost".to_owned(),
+        }
+    }
+}
+
+impl FromStr for UpstreamAddr {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (scheme, rest) = s.split_once("://").ok_or_else(|| {
+            format!("invalid upstream address {s:?}: expected a URL like http://127.0.0.1:9000")
+        })?;
+        let (protocol, unix) = match scheme {
+            "http" => (Protocol::Http1, false),
+            "http+unix" | "unix" => (Protocol::Http1, true),
+            "fastcgi" => (Protocol::FastCgi, false),
+            "fastcgi+unix" => (Protocol::FastCgi, true),
+            "https" | "h2" | "h2c" => {
+                return Err(format!(
+                    "upstream scheme {scheme:?} is not supported yet; use http://, http+unix://, fastcgi:// or fastcgi+unix://"
+                ));
+            }
+            other => {
+                return Err(format!(
+                    "unknown upstream scheme {other:?}; expected http, http+unix, fastcgi or fastcgi+unix"
+                ));
+            }
+        };
+        let endpoint = if unix {
+            if !rest.starts_with('/') {
+                return Err(format!(
+                    "{s:?}: a unix socket path must be absolute, like {scheme}:///run/app.sock"
+                ));
+            }
+            Endpoint::Unix(PathBuf::from(rest))
+        } else {
+            let authority = rest.trim_end_matches('/');
+            if authority.contains('/') {
+                return Err(format!(
+                    "{s:?}: an upstream address has no path; routes rewrite paths"
+                ));
+            }
+            let default_port = match protocol {
+                Protocol::Http1 => 80,
+                Protocol::FastCgi => 9000,
+            };
+            let (host, port) = split_host_port(authority, default_port)
+                .ok_or_else(|| format!("{s:?}: expected host:port"))?;
+            Endpoint::Tcp { host, port }
+        };
+        Ok(UpstreamAddr {
+            protocol,
+            endpoint,
+            original: s.to_owned(),
+        })
+    }
+}
+
+fn split_host_port(authority: &str, default_port: u16) -> Option<(String, u16)> {
+    if let Some(v6) = authority.strip_prefix('[') {
+        let (host, rest) = v6.split_once(']')?;
+        let port = match rest.strip_prefix(':') {
+            Some(p) => p.parse().ok()?,
+            None if rest.is_empty() => default_port,
+            None => return None,
+        };
+        return Some((host.to_owned(), port));
+    }
+    match authority.rsplit_once(':') {
+        Some((host, port)) if !host.is_empty() => Some((host.to_owned(), port.parse().ok()?)),
+        Some(_) => None,
+        None if !authority.is_empty() => Some((authority.to_owned(), default_port)),
+        None => None,
+    }
+}
+
+impl fmt::Display for UpstreamAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.original)
+    }
+}
+
+impl<'de> Deserialize<'de> for UpstreamAddr {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+impl Serialize for UpstreamAddr {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_each_form() {
+        let a: UpstreamAddr = "http://127.0.0.1:9000".parse().unwrap();
+        assert_eq!(
+            a.endpoint,
+            Endpoint::Tcp {
+                host: "127.0.0.1".into(),
+                port: 9000
+            }
+        );
+        assert_eq!(a.protocol, Protocol::Http1);
+        let a: UpstreamAddr = "http://[::1]:81/".parse().unwrap();
+        assert_eq!(
+            a.endpoint,
+            Endpoint::Tcp {
+                host: "::1".into(),
+                port: 81
+            }
+        );
+        assert_eq!(a.authority(), "[::1]:81");
+        let a: UpstreamAddr = "fastcgi+unix:///run/php.sock".parse().unwrap();
+        assert_eq!(a.endpoint, Endpoint::Unix("/run/php.sock".into()));
+        assert_eq!(a.protocol, Protocol::FastCgi);
+        let a: UpstreamAddr = "http://backend".parse().unwrap();
+        assert_eq!(
+            a.endpoint,
+            Endpoint::Tcp {
+                host: "backend".into(),
+                port: 80
+            }
+        );
+    }
+
+    #[test]
+    fn rejects_what_it_cannot_serve() {
+        for bad in [
+            "127.0.0.1:9000",
+            "ftp://x",
+            "http://h:99999",
+            "http://h/api",
+            "http+unix://rel",
+        ] {
+            assert!(bad.parse::<UpstreamAddr>().is_err(), "{bad} parsed");
+        }
+    }
+}

@@ -1,0 +1,197 @@
+//! The process around a [`Server`]: PID file, readiness notices (predecessor pipe,
+//! systemd), and signals.
+//!
+//! | signal | effect |
+//! |---|---|
+//! | SIGTERM, SIGQUIT, first SIGINT | graceful drain, then exit |
+//! | second SIGINT | exit at once |
+//! | SIGHUP | reload the config file; a bad one is logged and the old one kept |
+//! | SIGUSR2 | start the binary at our path, hand it the listeners, drain once it is ready |
+
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering::Relaxed;
+
+use tokio::signal::unix::{SignalKind, signal};
+use tokio::sync::mpsc;
+
+use crate::config::Config;
+use crate::server::{Control, Server, inherit};
+
+/// Where the running config came from, so it can be read again and handed on.
+#[derive(Debug, Clone)]
+pub struct Origin {
+    /// The config file, for SIGHUP; `None` when the config came from flags.
+    pub config_path: Option<PathBuf>,
+    /// The binary's path, captured at start: after an upgrade it holds the new build.
+    pub exe: PathBuf,
+    /// Arguments to start a successor with (our own, minus the program name).
+    pub args: Vec<OsString>,
+}
+
+impl Origin {
+    pub fn current(config_path: Option<PathBuf>) -> Origin {
+        Origin {
+            config_path,
+            exe: std::env::current_exe().unwrap_or_else(|_| PathBuf::from("holdfast")),
+            args: std::env::args_os().skip(1).collect(),
+        }
+    }
+}
+
+/// Runs the gateway until it has drained. Returns the process exit status.
+pub async fn run(config: Config, origin: Origin) -> i32 {
+    let pid_file = config.pid_file.clone();
+    let ready_timeout = config.upgrade.ready_timeout.get();
+    let server = match Server::bind(config).await {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot start");
+            return 1;
+        }
+    };
+    for addr in server.listen_addrs() {
+        tracing::info!(%addr, "listening");
+    }
+    if let Some(addr) = server.admin_addr() {
+        tracing::info!(%addr, "admin listening");
+    }
+    let pid = std::process::id();
+    if let Some(path) = &pid_file
+        && let Err(e) = write_pid_file(path, pid)
+    {
+        tracing::error!(path = %path.display(), error = %e, "cannot write pid file");
+    }
+    inherit::notify_ready();
+    let _ = sd_notify::notify(
+        false,
+        &[
+            sd_notify::NotifyState::MainPid(pid),
+            sd_notify::NotifyState::Ready,
+        ],
+    );
+
+    let (tx, rx) = mpsc::channel(8);
+    let listeners = server.listener_fds();
+    let state = server.state.clone();
+    let signals = tokio::spawn(handle_signals(tx, origin, listeners, ready_timeout, state));
+    let report = server.run(rx).await;
+    signals.abort();
+    if let Some(path) = &pid_file {
+        // A successor rewrote the file; leave it alone then.
+        if read_pid_file(path) == Some(pid) {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+    if report.cut > 0 { 2 } else { 0 }
+}
+
+async fn handle_signals(
+    tx: mpsc::Sender<Control>,
+    origin: Origin,
+    listeners: Vec<(std::net::SocketAddr, std::os::fd::RawFd)>,
+    ready_timeout: std::time::Duration,
+    state: std::sync::Arc<crate::server::ServerState>,
+) {
+    let (Ok(mut term), Ok(mut quit), Ok(mut int), Ok(mut hup), Ok(mut usr2)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::quit()),
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::hangup()),
+        signal(SignalKind::user_defined2()),
+    ) else {
+        tracing::error!("cannot install signal handlers");
+        return;
+    };
+    let mut interrupts = 0;
+    loop {
+        let cmd = tokio::select! {
+            _ = term.recv() => { tracing::info!("SIGTERM: draining"); Some(Control::Drain) }
+            _ = quit.recv() => { tracing::info!("SIGQUIT: draining"); Some(Control::Drain) }
+            _ = int.recv() => {
+                interrupts += 1;
+                if interrupts == 1 {
+                    tracing::info!("SIGINT: draining (again to exit at once)");
+                    Some(Control::Drain)
+                } else {
+                    tracing::warn!("second SIGINT: exiting at once");
+                    Some(Control::Exit)
+                }
+            }
+            _ = hup.recv() => reload(&origin, &state),
+            _ = usr2.recv() => upgrade(&origin, &listeners, ready_timeout, &state).await,
+        };
+        if let Some(cmd) = cmd
+            && tx.send(cmd).await.is_err()
+        {
+            return;
+        }
+    }
+}
+
+fn reload(origin: &Origin, state: &crate::server::ServerState) -> Option<Control> {
+    let Some(path) = &origin.config_path else {
+        tracing::warn!("SIGHUP: no config file to reload (started without --config)");
+        return None;
+    };
+    match Config::load(path) {
+        Ok(c) => {
+            tracing::info!(path = %path.display(), "SIGHUP: reloading config");
+            Some(Control::Reload(Box::new(c)))
+        }
+        Err(errors) => {
+            state.reload_failures.fetch_add(1, Relaxed);
+            for e in &errors.0 {
+                tracing::error!("{e}");
+            }
+            tracing::error!("SIGHUP: config rejected; keeping the running config");
+            None
+        }
+    }
+}
+
+async fn upgrade(
+    origin: &Origin,
+    listeners: &[(std::net::SocketAddr, std::os::fd::RawFd)],
+    ready_timeout: std::time::Duration,
+    state: &crate::server::ServerState,
+) -> Option<Control> {
+    tracing::info!(exe = %origin.exe.display(), "SIGUSR2: starting the new binary");
+    let mut successor = match inherit::spawn_successor(&origin.exe, &origin.args, listeners) {
+        Ok(s) => s,
+        Err(e) => {
+            state.upgrade_failures.fetch_add(1, Relaxed);
+            tracing::error!(error = %e, "upgrade failed: cannot start the new binary; still serving");
+            return None;
+        }
+    };
+    match successor.wait_ready(ready_timeout).await {
+        Ok(()) => {
+            state.upgrades.fetch_add(1, Relaxed);
+            tracing::info!(
+                pid = successor.child.id(),
+                "new binary is ready; draining this one"
+            );
+            Some(Control::Drain)
+        }
+        Err(why) => {
+            state.upgrade_failures.fetch_add(1, Relaxed);
+            tracing::error!("upgrade failed: {why}; still serving");
+            // Never leave a half-started successor sharing our sockets.
+            let _ = successor.child.start_kill();
+            let _ = successor.child.wait().await;
+            None
+        }
+    }
+}
+
+fn write_pid_file(path: &Path, pid: u32) -> std::io::Result<()> {
+    // Write then rename, so a reader never sees a half-written file.
+    let tmp = path.with_extension("pid.tmp");
+    std::fs::write(&tmp, format!("{pid}\n"))?;
+    std::fs::rename(&tmp, path)
+}
+
+fn read_pid_file(path: &Path) -> Option<u32> {
+    std::fs::read_to_string(path).ok()?.trim().parse().ok()
+}

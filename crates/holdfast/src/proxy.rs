@@ -1,0 +1,422 @@
+//! The request path: route, rewrite headers, forward through the upstream, and turn
+//! the outcome into the client's response.
+//!
+//! Every failure ends as a response here ([`rescue`]): 404 without a route, 413/400
+//! for bad request bodies, 502/503/504 from the upstream with an RFC 9209
+//! `Proxy-Status` saying whether the request reached it.
+
+pub mod headers;
+pub mod response;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use http::header::{self, HeaderValue};
+use http::{Request, Response, StatusCode, Uri};
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use tokio::time::Instant;
+
+use self::headers::ClientFacts;
+use self::response::{AccessRecord, BodyDeadlines, ResponseBody, UpstreamBody};
+use crate::body::RequestBody;
+use crate::config::{Config, ListenerConfig};
+use crate::route::RouteTable;
+use crate::upstream::error::{Delivery, Kind, UpstreamError};
+use crate::upstream::figures::CloseReason;
+use crate::upstream::{Exchange, Failure, Upstream, Upstreams};
+
+/// Routes and upstreams in force; replaced whole on reload.
+pub struct Routing {
+    pub config: Arc<Config>,
+    pub routes: RouteTable,
+    pub upstreams: Upstreams,
+    route_names: Vec<Arc<str>>,
+}
+
+impl Routing {
+    pub async fn build(config: Arc<Config>, previous: Option<&Routing>) -> Routing {
+        let upstreams = Upstreams::build(&config.upstreams, previous.map(|p| &p.upstreams)).await;
+        let routes = RouteTable::new(&config.routes);
+        let route_names = (0..config.routes.len())
+            .map(|i| Arc::from(format!("route[{i}]")))
+            .collect();
+        Routing {
+            config,
+            routes,
+            upstreams,
+            route_names,
+        }
+    }
+}
+
+/// The proxy shared by every client connection.
+pub struct Proxy {
+    routing: ArcSwap<Routing>,
+    access_log: bool,
+}
+
+/// What one client connection tells the proxy about itself.
+#[derive(Debug, Clone)]
+pub struct ConnContext {
+    pub remote: SocketAddr,
+    pub local: SocketAddr,
+    pub tls: bool,
+    pub listener: Arc<ListenerConfig>,
+}
+
+impl Proxy {
+    pub fn new(routing: Routing) -> Proxy {
+        let access_log = routing.config.log.access_log;
+        Proxy {
+            routing: ArcSwap::from_pointee(routing),
+            access_log,
+        }
+    }
+
+    pub fn routing(&self) -> Arc<Routing> {
+        self.routing.load_full()
+    }
+
+    /// Swaps in new routes and upstreams; requests already running keep the old ones.
+    pub fn replace(&self, routing: Routing) {
+        self.routing.store(Arc::new(routing));
+    }
+
+    /// Serves one request. Never fails: every error becomes a response.
+    pub async fn handle(
+        &self,
+        mut req: Request<Incoming>,
+        conn: &ConnContext,
+    ) -> Response<ResponseBody> {
+        let start = Instant::now();
+        let routing = self.routing.load_full();
+        let mut log = (self.access_log
+            && tracing::enabled!(target: "holdfast::access", tracing::Level::INFO))
+        .then(|| AccessRecord {
+            start,
+            client: conn.remote.ip(),
+            method: req.method().clone(),
+            path: req
+                .uri()
+                .path_and_query()
+                .map_or_else(|| "/".to_owned(), |p| p.as_str().to_owned()),
+            status: 0,
+            route: None,
+            upstream: None,
+            address: None,
+            reused: None,
+            attempts: 0,
+            ttfb: None,
+            outcome: "ok",
+        });
+
+        let host = request_host(&req);
+        let path = req.uri().path();
+        let Some(route) = routing.routes.find(host.as_deref(), path) else {
+            return finish_local(
+                StatusCode::NOT_FOUND,
+                "no route for this host and path\n",
+                None,
+                log,
+            );
+        };
+        if let Some(l) = &mut log {
+            l.route = routing.route_names.get(route.index).cloned();
+        }
+        let Some(upstream) = routing.upstreams.get(&route.upstream).cloned() else {
+            return finish_local(
+                StatusCode::BAD_GATEWAY,
+                "route names an unknown upstream\n",
+                None,
+                log,
+            );
+        };
+        if let Some(l) = &mut log {
+            l.upstream = Some(upstream.name.as_str().into());
+        }
+
+        let upgrade = headers::is_upgrade_request(req.headers());
+        let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+        let (mut parts, body) = req.into_parts();
+
+        // Origin-form target with the route's prefix rewrite.
+        let target = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+        let rewritten = route.rewrite(target);
+        if rewritten != target || parts.uri.scheme().is_some() {
+            match Uri::try_from(rewritten.as_ref()) {
+                Ok(u) => parts.uri = u,
+                Err(_) => {
+                    return finish_local(
+                        StatusCode::BAD_REQUEST,
+                        "bad request target\n",
+                        None,
+                        log,
+                    );
+                }
+            }
+        }
+        prepare_request_headers(&mut parts, conn, &upstream, host.as_deref(), upgrade);
+        parts.version = http::Version::HTTP_11;
+
+        let max_body = conn.listener.max_body_bytes.get();
+        let body = if upgrade {
+            RequestBody::Empty
+        } else if upstream.config.retry.attempts > 1 {
+            match RequestBody::prepare(
+                body,
+                upstream.config.retry.replay_body_limit.get(),
+                max_body,
+            )
+            .await
+            {
+                Ok(b) => b,
+                Err(e) => {
+                    let error = if e.is::<crate::body::BodyTooLarge>() {
+                        UpstreamError::new(Kind::BodyTooLarge, Delivery::NotSent)
+                    } else {
+                        UpstreamError::new(Kind::ClientBody, Delivery::NotSent).with_cause(e)
+                    };
+                    return self.rescue(
+                        Failure {
+                            error,
+                            peer: None,
+                            attempts: 0,
+                            reused: false,
+                        },
+                        &upstream,
+                        log,
+                    );
+                }
+            }
+        } else {
+            RequestBody::stream(body, max_body)
+        };
+
+        let total = upstream.config.timeouts.total.non_zero();
+        let deadline = total.map(|t| start + t);
+        let forwarded = upstream.forward(parts, body);
+        let result = match deadline {
+            None => forwarded.await,
+            Some(at) => match tokio::time::timeout_at(at, forwarded).await {
+                Ok(r) => r,
+                Err(_) => Err(Failure {
+                    error: UpstreamError::new(Kind::TotalTimeout, Delivery::MaybeSent),
+                    peer: None,
+                    attempts: 0,
+                    reused: false,
+                }),
+            },
+        };
+        match result {
+            Ok(exchange) => {
+                let deadlines = BodyDeadlines {
+                    read_idle: upstream.config.timeouts.read_idle.non_zero(),
+                    total: deadline,
+                };
+                respond(exchange, client_upgrade, deadlines, log)
+            }
+            Err(failure) => self.rescue(failure, &upstream, log),
+        }
+    }
+
+    /// Turns a failure into the client's response and a log line naming route,
+    /// upstream, address and cause.
+    fn rescue(
+        &self,
+        failure: Failure,
+        upstream: &Upstream,
+        mut log: Option<AccessRecord>,
+    ) -> Response<ResponseBody> {
+        let Failure {
+            error,
+            peer,
+            attempts,
+            reused,
+        } = failure;
+        let status = error.status();
+        let address = peer.as_ref().map(|p| p.label.clone());
+        tracing::warn!(
+            upstream = %upstream.name,
+            address = address.as_deref().unwrap_or("-"),
+            status = status.as_u16(),
+            attempts,
+            reused,
+            delivery = error.delivery_details(),
+            "request failed: {error}"
+        );
+        let proxy_status = format!(
+            "holdfast; error={}; details=\"{}: {}\"",
+            error.proxy_status_error(),
+            error.delivery_details(),
+            error.to_string().replace(['"', '\\'], "'")
+        );
+        if let Some(l) = &mut log {
+            l.address = address;
+            l.attempts = attempts;
+            l.reused = peer.as_ref().map(|_| reused);
+            l.outcome = "error";
+        }
+        let body = format!(
+            "{} {}: {}\n",
+            status.as_u16(),
+            status.canonical_reason().unwrap_or(""),
+            error
+        );
+        finish_local(status, body, Some(proxy_status), log)
+    }
+}
+
+/// A response holdfast makes itself.
+fn finish_local(
+    status: StatusCode,
+    body: impl Into<bytes::Bytes>,
+    proxy_status: Option<String>,
+    log: Option<AccessRecord>,
+) -> Response<ResponseBody> {
+    let mut resp = Response::new(ResponseBody::full(body));
+    *resp.status_mut() = status;
+    let h = resp.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    if let Some(ps) = proxy_status.and_then(|p| HeaderValue::try_from(p).ok()) {
+        h.insert("proxy-status", ps);
+    }
+    if let Some(mut l) = log {
+        l.status = status.as_u16();
+        if l.outcome == "ok" {
+            l.outcome = "local";
+        }
+        l.emit(0);
+    }
+    resp
+}
+
+fn respond(
+    exchange: Exchange,
+    client_upgrade: Option<hyper::upgrade::OnUpgrade>,
+    deadlines: BodyDeadlines,
+    mut log: Option<AccessRecord>,
+) -> Response<ResponseBody> {
+    let Exchange {
+        mut response,
+        mut conn,
+        peer,
+        attempts,
+        ttfb,
+        outstanding,
+    } = exchange;
+    let status = response.status();
+    if let Some(l) = &mut log {
+        l.status = status.as_u16();
+        l.address = Some(peer.label.clone());
+        l.reused = Some(conn.is_reused());
+        l.attempts = attempts;
+        l.ttfb = Some(ttfb);
+    }
+    let switching = status == StatusCode::SWITCHING_PROTOCOLS;
+    match (switching, client_upgrade) {
+        (true, Some(client)) => {
+            let upstream_side = hyper::upgrade::on(&mut response);
+            conn.set_close_reason(CloseReason::Abandoned);
+            tokio::spawn(async move {
+                // The pooled connection is held until hyper has handed over the socket.
+                let (client, upstream_side) = tokio::join!(client, upstream_side);
+                drop(conn);
+                drop(outstanding);
+                if let (Ok(c), Ok(u)) = (client, upstream_side) {
+                    let _ =
+                        tokio::io::copy_bidirectional(&mut TokioIo::new(c), &mut TokioIo::new(u))
+                            .await;
+                }
+            });
+            let (mut parts, _) = response.into_parts();
+            headers::remove_hop_by_hop(&mut parts.headers, true);
+            headers::add_via(&mut parts.headers);
+            if let Some(l) = log {
+                l.emit(0);
+            }
+            Response::from_parts(parts, ResponseBody::empty())
+        }
+        (true, None) => {
+            // A 101 nobody asked for cannot be relayed.
+            conn.set_close_reason(CloseReason::Error);
+            let error = UpstreamError::new(Kind::Protocol, Delivery::MaybeSent)
+                .with_cause("unsolicited 101 Switching Protocols");
+            finish_local(
+                StatusCode::BAD_GATEWAY,
+                format!("502 Bad Gateway: {error}\n"),
+                None,
+                log,
+            )
+        }
+        (false, _) => {
+            let (mut parts, body) = response.into_parts();
+            headers::remove_hop_by_hop(&mut parts.headers, false);
+            headers::add_via(&mut parts.headers);
+            let body = UpstreamBody::new(body, conn, deadlines, log, outstanding);
+            Response::from_parts(parts, ResponseBody::upstream(body))
+        }
+    }
+}
+
+/// The host a request is for: the absolute-form authority, or the `Host` header.
+fn request_host(req: &Request<Incoming>) -> Option<String> {
+    if let Some(a) = req.uri().authority() {
+        return Some(a.as_str().to_owned());
+    }
+    req.headers()
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .map(str::to_owned)
+}
+
+fn prepare_request_headers(
+    parts: &mut http::request::Parts,
+    conn: &ConnContext,
+    upstream: &Upstream,
+    host: Option<&str>,
+    upgrade: bool,
+) {
+    let h = &mut parts.headers;
+    // `TE: trailers` is the one TE value worth passing on (RFC 9110 10.1.4).
+    let te_trailers = h
+        .get(header::TE)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
+    headers::remove_hop_by_hop(h, upgrade);
+    if te_trailers {
+        h.insert(header::TE, HeaderValue::from_static("trailers"));
+    }
+    // holdfast answered `Expect: 100-continue` itself when it began reading the body.
+    h.remove(header::EXPECT);
+    let original_host = host.and_then(|s| HeaderValue::try_from(s).ok());
+    headers::set_forwarded(
+        h,
+        ClientFacts {
+            ip: conn.remote.ip(),
+            tls: conn.tls,
+        },
+        &conn.listener.trusted_proxies,
+        original_host.as_ref(),
+    );
+    headers::add_via(h);
+    let host_value = match upstream.config.host_header.as_str() {
+        "client" => original_host.or_else(|| upstream_authority(upstream)),
+        "upstream" => upstream_authority(upstream),
+        literal => HeaderValue::try_from(literal).ok(),
+    };
+    if let Some(v) = host_value {
+        h.insert(header::HOST, v);
+    }
+}
+
+fn upstream_authority(upstream: &Upstream) -> Option<HeaderValue> {
+    upstream
+        .config
+        .addresses
+        .first()
+        .and_then(|a| HeaderValue::try_from(a.authority()).ok())
+}

@@ -1,0 +1,210 @@
+//! Header rules between client and upstream: hop-by-hop removal (RFC 9110 7.6.1),
+//! `Via`, `X-Forwarded-*`, `Host`, and the WebSocket upgrade exception.
+
+use std::net::IpAddr;
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use ipnet::IpNet;
+
+/// Headers that describe one connection, never forwarded (plus whatever `Connection`
+/// lists).
+const HOP_BY_HOP: [HeaderName; 9] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+];
+
+pub const VIA_VALUE: &str = "1.1 holdfast";
+
+/// Whether `Connection` carries `token` (case-insensitive, comma-separated).
+pub fn connection_has(headers: &HeaderMap, token: &str) -> bool {
+    headers.get_all(header::CONNECTION).iter().any(|v| {
+        v.as_bytes()
+            .split(|&b| b == b',')
+            .any(|t| t.trim_ascii().eq_ignore_ascii_case(token.as_bytes()))
+    })
+}
+
+/// A request asking to switch protocols (WebSocket).
+pub fn is_upgrade_request(headers: &HeaderMap) -> bool {
+    headers.contains_key(header::UPGRADE) && connection_has(headers, "upgrade")
+}
+
+/// Removes hop-by-hop headers. With `keep_upgrade`, `Upgrade` survives and
+/// `Connection: upgrade` is set again, for a protocol switch passed through.
+pub fn remove_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+    if headers.contains_key(header::CONNECTION) {
+        let listed: Vec<HeaderName> = headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .flat_map(|v| v.to_str().unwrap_or("").split(','))
+            .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+            .collect();
+        for name in listed {
+            if !(keep_upgrade && name == header::UPGRADE) {
+                headers.remove(&name);
+            }
+        }
+    }
+    let upgrade = keep_upgrade
+        .then(|| headers.remove(header::UPGRADE))
+        .flatten();
+    for name in &HOP_BY_HOP {
+        // `remove` on an absent header is a cheap hash lookup; most requests have none.
+        headers.remove(name);
+    }
+    if let Some(u) = upgrade {
+        headers.insert(header::UPGRADE, u);
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    }
+}
+
+/// Appends holdfast to `Via`.
+pub fn add_via(headers: &mut HeaderMap) {
+    headers.append(header::VIA, HeaderValue::from_static(VIA_VALUE));
+}
+
+/// What the proxy knows about the client connection a request came on.
+#[derive(Debug, Clone, Copy)]
+pub struct ClientFacts {
+    pub ip: IpAddr,
+    pub tls: bool,
+}
+
+/// Sets `X-Forwarded-For/-Proto/-Host`. From a trusted proxy the incoming values are
+/// kept (and `-For` extended); from anyone else they are replaced, so a client cannot
+/// forge its address.
+pub fn set_forwarded(
+    headers: &mut HeaderMap,
+    client: ClientFacts,
+    trusted: &[IpNet],
+    host: Option<&HeaderValue>,
+) {
+    const XFF: HeaderName = HeaderName::from_static("x-forwarded-for");
+    const XFP: HeaderName = HeaderName::from_static("x-forwarded-proto");
+    const XFH: HeaderName = HeaderName::from_static("x-forwarded-host");
+    let trusted = !trusted.is_empty() && trusted.iter().any(|n| n.contains(&client.ip));
+    let ip = client.ip.to_string();
+    let prior: Option<String> = if trusted {
+        let parts: Vec<&str> = headers
+            .get_all(&XFF)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .collect();
+        (!parts.is_empty()).then(|| parts.join(", "))
+    } else {
+        None
+    };
+    let xff = match prior {
+        Some(p) => format!("{p}, {ip}"),
+        None => ip,
+    };
+    if let Ok(v) = HeaderValue::try_from(xff) {
+        headers.insert(XFF, v);
+    }
+    if !(trusted && headers.contains_key(&XFP)) {
+        headers.insert(
+            XFP,
+            HeaderValue::from_static(if client.tls { "https" } else { "http" }),
+        );
+    }
+    if !(trusted && headers.contains_key(&XFH)) {
+        match host {
+            Some(h) => {
+                headers.insert(XFH, h.clone());
+            }
+            None => {
+                headers.remove(XFH);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn map(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(
+                HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                v.parse().unwrap(),
+            );
+        }
+        h
+    }
+
+    #[test]
+    fn removes_fixed_and_listed_hop_by_hop_headers() {
+        let mut h = map(&[
+            ("connection", "keep-alive, X-Secret"),
+            ("x-secret", "1"),
+            ("keep-alive", "timeout=5"),
+            ("te", "trailers"),
+            ("trailer", "x"),
+            ("transfer-encoding", "chunked"),
+            ("upgrade", "websocket"),
+            ("proxy-connection", "keep-alive"),
+            ("proxy-authorization", "Basic x"),
+            ("proxy-authenticate", "Basic"),
+            ("x-kept", "yes"),
+        ]);
+        remove_hop_by_hop(&mut h, false);
+        assert_eq!(h.len(), 1, "{h:?}");
+        assert_eq!(h["x-kept"], "yes");
+    }
+
+    #[test]
+    fn upgrade_survives_when_passed_through() {
+        let mut h = map(&[
+            ("connection", "Upgrade"),
+            ("upgrade", "websocket"),
+            ("sec-websocket-key", "k"),
+        ]);
+        assert!(is_upgrade_request(&h));
+        remove_hop_by_hop(&mut h, true);
+        assert_eq!(h["upgrade"], "websocket");
+        assert_eq!(h["connection"], "upgrade");
+        assert_eq!(h["sec-websocket-key"], "k");
+    }
+
+    #[test]
+    fn forwarded_headers_trust_only_trusted_proxies() {
+        let client = ClientFacts {
+            ip: "10.0.0.5".parse().unwrap(),
+            tls: false,
+        };
+        let host = HeaderValue::from_static("shop.test");
+        let forged = || {
+            map(&[
+                ("x-forwarded-for", "1.2.3.4"),
+                ("x-forwarded-proto", "https"),
+                ("x-forwarded-host", "evil"),
+            ])
+        };
+
+        let mut h = forged();
+        set_forwarded(&mut h, client, &[], Some(&host));
+        assert_eq!(h["x-forwarded-for"], "10.0.0.5");
+        assert_eq!(h["x-forwarded-proto"], "http");
+        assert_eq!(h["x-forwarded-host"], "shop.test");
+
+        let mut h = forged();
+        set_forwarded(
+            &mut h,
+            client,
+            &["10.0.0.0/8".parse().unwrap()],
+            Some(&host),
+        );
+        assert_eq!(h["x-forwarded-for"], "1.2.3.4, 10.0.0.5");
+        assert_eq!(h["x-forwarded-proto"], "https");
+        assert_eq!(h["x-forwarded-host"], "evil");
+    }
+}

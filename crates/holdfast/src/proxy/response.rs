@@ -1,0 +1,280 @@
+//! Response bodies on their way to the client, and the access log line each request
+//! leaves when its response ends.
+//!
+//! An upstream body carries its pooled connection: reading the body to its end hands
+//! the connection back to the pool; an error, a timeout or a client that goes away
+//! drops it, which closes it. Deadlines between body chunks (`read_idle`) and for the
+//! whole exchange (`total`) live here too.
+
+use std::net::IpAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::Method;
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+use tokio::time::{Instant, Sleep};
+
+use crate::body::BoxError;
+use crate::server::conn::InFlight;
+use crate::upstream::figures::CloseReason;
+use crate::upstream::peer::Outstanding;
+use crate::upstream::pool::PooledConn;
+
+/// The body of every response holdfast sends to a client.
+pub struct ResponseBody {
+    kind: Kind,
+    /// Marks the client connection busy until the response is written.
+    pub(crate) in_flight: Option<InFlight>,
+}
+
+enum Kind {
+    Full(Option<Bytes>),
+    Upstream(Box<UpstreamBody>),
+}
+
+impl ResponseBody {
+    pub fn full(data: impl Into<Bytes>) -> Self {
+        ResponseBody {
+            kind: Kind::Full(Some(data.into())),
+            in_flight: None,
+        }
+    }
+
+    pub fn empty() -> Self {
+        ResponseBody {
+            kind: Kind::Full(None),
+            in_flight: None,
+        }
+    }
+
+    pub(crate) fn upstream(body: UpstreamBody) -> Self {
+        ResponseBody {
+            kind: Kind::Upstream(Box::new(body)),
+            in_flight: None,
+        }
+    }
+}
+
+impl Body for ResponseBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match &mut self.get_mut().kind {
+            Kind::Full(data) => Poll::Ready(
+                data.take()
+                    .filter(|d| !d.is_empty())
+                    .map(|d| Ok(Frame::data(d))),
+            ),
+            Kind::Upstream(u) => u.poll_frame(cx),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.kind {
+            Kind::Full(data) => data.as_ref().is_none_or(Bytes::is_empty),
+            Kind::Upstream(u) => u.conn.is_none() && u.done,
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.kind {
+            Kind::Full(data) => SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64)),
+            Kind::Upstream(u) => u.body.size_hint(),
+        }
+    }
+}
+
+/// The deadlines a body read is under.
+#[derive(Debug, Clone, Copy)]
+pub struct BodyDeadlines {
+    pub read_idle: Option<Duration>,
+    pub total: Option<Instant>,
+}
+
+pub(crate) struct UpstreamBody {
+    body: Incoming,
+    conn: Option<PooledConn>,
+    deadlines: BodyDeadlines,
+    /// One timer, re-armed in place, for both deadlines.
+    timer: Option<Pin<Box<Sleep>>>,
+    armed: bool,
+    done: bool,
+    bytes: u64,
+    log: Option<AccessRecord>,
+    _outstanding: Outstanding,
+}
+
+impl UpstreamBody {
+    pub fn new(
+        body: Incoming,
+        conn: PooledConn,
+        deadlines: BodyDeadlines,
+        log: Option<AccessRecord>,
+        outstanding: Outstanding,
+    ) -> Self {
+        let mut this = UpstreamBody {
+            body,
+            conn: Some(conn),
+            deadlines,
+            timer: None,
+            armed: false,
+            done: false,
+            bytes: 0,
+            log,
+            _outstanding: outstanding,
+        };
+        // A response without a body (204, 304, HEAD, Content-Length: 0) is complete now.
+        if this.body.is_end_stream() {
+            this.finish();
+        }
+        this
+    }
+
+    fn finish(&mut self) {
+        self.done = true;
+        if let Some(conn) = self.conn.take() {
+            conn.release();
+        }
+    }
+
+    fn fail(&mut self, reason: CloseReason, what: &'static str) {
+        self.done = true;
+        if let Some(mut conn) = self.conn.take() {
+            conn.set_close_reason(reason);
+        }
+        if let Some(log) = &mut self.log {
+            log.outcome = what;
+        }
+    }
+
+    fn poll_frame(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        if self.done && self.conn.is_none() && self.body.is_end_stream() {
+            return Poll::Ready(None);
+        }
+        match Pin::new(&mut self.body).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                self.armed = false;
+                if let Some(d) = frame.data_ref() {
+                    self.bytes += d.len() as u64;
+                }
+                // hyper's server stops polling once `is_end_stream` says so, so the
+                // connection must be released here, not on a later `None`.
+                if self.body.is_end_stream() {
+                    self.finish();
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(None) => {
+                self.finish();
+                Poll::Ready(None)
+            }
+            Poll::Ready(Some(Err(e))) => {
+                tracing::warn!(error = %e, "upstream response body failed");
+                self.fail(CloseReason::Error, "upstream_body_error");
+                Poll::Ready(Some(Err(Box::new(e))))
+            }
+            Poll::Pending => self.poll_deadline(cx),
+        }
+    }
+
+    fn poll_deadline(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let idle_at = self.deadlines.read_idle.map(|d| Instant::now() + d);
+        let at = match (idle_at, self.deadlines.total) {
+            (Some(a), Some(b)) => a.min(b),
+            (a, b) => match a.or(b) {
+                Some(t) => t,
+                None => return Poll::Pending,
+            },
+        };
+        if !self.armed {
+            match &mut self.timer {
+                Some(t) => t.as_mut().reset(at),
+                None => self.timer = Some(Box::pin(tokio::time::sleep_until(at))),
+            }
+            self.armed = true;
+        }
+        let Some(timer) = self.timer.as_mut() else {
+            return Poll::Pending;
+        };
+        if timer.as_mut().poll(cx).is_pending() {
+            return Poll::Pending;
+        }
+        let total = self.deadlines.total.is_some_and(|t| t <= Instant::now());
+        let what = if total {
+            "total_timeout"
+        } else {
+            "read_idle_timeout"
+        };
+        tracing::warn!(
+            timeout = what,
+            "upstream response body timed out; closing its connection"
+        );
+        self.fail(CloseReason::Timeout, what);
+        Poll::Ready(Some(Err(what.into())))
+    }
+}
+
+use std::future::Future as _;
+
+impl Drop for UpstreamBody {
+    fn drop(&mut self) {
+        if !self.done {
+            // The client went away mid-body: the connection is dropped (closed), never
+            // pooled half-read.
+            self.fail(CloseReason::Abandoned, "client_gone");
+        }
+        if let Some(log) = self.log.take() {
+            log.emit(self.bytes);
+        }
+    }
+}
+
+/// One access-log line, emitted when the response ends (or at once for responses
+/// holdfast makes itself).
+pub struct AccessRecord {
+    pub start: Instant,
+    pub client: IpAddr,
+    pub method: Method,
+    pub path: String,
+    pub status: u16,
+    pub route: Option<Arc<str>>,
+    pub upstream: Option<Arc<str>>,
+    pub address: Option<Arc<str>>,
+    pub reused: Option<bool>,
+    pub attempts: u32,
+    pub ttfb: Option<Duration>,
+    pub outcome: &'static str,
+}
+
+impl AccessRecord {
+    pub fn emit(self, bytes: u64) {
+        tracing::info!(
+            target: "holdfast::access",
+            client = %self.client,
+            method = %self.method,
+            path = %self.path,
+            status = self.status,
+            route = self.route.as_deref().unwrap_or("-"),
+            upstream = self.upstream.as_deref().unwrap_or("-"),
+            address = self.address.as_deref().unwrap_or("-"),
+            conn = match self.reused { Some(true) => "reused", Some(false) => "new", None => "-" },
+            attempts = self.attempts,
+            retries = self.attempts.saturating_sub(1),
+            bytes,
+            total_ms = self.start.elapsed().as_secs_f64() * 1000.0,
+            ttfb_ms = self.ttfb.map_or(-1.0, |d| d.as_secs_f64() * 1000.0),
+            outcome = self.outcome,
+        );
+    }
+}

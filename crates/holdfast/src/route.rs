@@ -1,0 +1,207 @@
+//! The route table: which upstream serves a request, by Host and path prefix.
+//!
+//! Pure and I/O-free. The most specific route wins: an exact host beats a wildcard
+//! (`*.example.com`) which beats no host; then the longest path prefix. Prefixes match
+//! on segment boundaries, so `/api` matches `/api` and `/api/x` but not `/apix`.
+
+use std::borrow::Cow;
+
+use crate::config::RouteConfig;
+
+/// A matched route.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Route {
+    /// Position in the config (`route[N]`), for logs and metrics.
+    pub index: usize,
+    host: HostMatch,
+    prefix: String,
+    strip_prefix: bool,
+    /// Name of the upstream that serves this route.
+    pub upstream: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+enum HostMatch {
+    Any,
+    /// `*.example.com`, stored as `.example.com`.
+    Suffix(String),
+    Exact(String),
+}
+
+/// Every route, most specific first.
+#[derive(Debug, Clone, Default)]
+pub struct RouteTable {
+    routes: Vec<Route>,
+}
+
+impl RouteTable {
+    pub fn new(configs: &[RouteConfig]) -> Self {
+        let mut routes: Vec<Route> = configs
+            .iter()
+            .enumerate()
+            .map(|(i, c)| Route {
+                index: i,
+                host: match c.host.as_deref() {
+                    None | Some("*") | Some("") => HostMatch::Any,
+                    Some(h) => match h.strip_prefix('*') {
+                        Some(suffix) => HostMatch::Suffix(suffix.to_ascii_lowercase()),
+                        None => HostMatch::Exact(h.to_ascii_lowercase()),
+                    },
+                },
+                prefix: c.path.trim_end_matches('/').to_owned(),
+                strip_prefix: c.strip_prefix,
+                upstream: c.upstream.get_ref().clone(),
+            })
+            .collect();
+        // Stable sort keeps config order among equals.
+        routes.sort_by(|a, b| {
+            b.host
+                .rank()
+                .cmp(&a.host.rank())
+                .then_with(|| b.host.len().cmp(&a.host.len()))
+                .then_with(|| b.prefix.len().cmp(&a.prefix.len()))
+        });
+        RouteTable { routes }
+    }
+
+    /// The route for a request; `host` may carry a port, which is ignored.
+    pub fn find(&self, host: Option<&str>, path: &str) -> Option<&Route> {
+        let host = host.map(strip_port);
+        self.routes
+            .iter()
+            .find(|r| r.host.matches(host) && prefix_matches(&r.prefix, path))
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.routes.is_empty()
+    }
+}
+
+impl Route {
+    /// The path (and query) to send upstream.
+    pub fn rewrite<'a>(&self, path_and_query: &'a str) -> Cow<'a, str> {
+        if !self.strip_prefix || self.prefix.is_empty() {
+            return Cow::Borrowed(path_and_query);
+        }
+        let rest = &path_and_query[self.prefix.len().min(path_and_query.len())..];
+        if rest.starts_with('/') {
+            Cow::Borrowed(rest)
+        } else {
+            Cow::Owned(format!("/{rest}"))
+        }
+    }
+}
+
+impl HostMatch {
+    fn rank(&self) -> u8 {
+        match self {
+            HostMatch::Any => 0,
+            HostMatch::Suffix(_) => 1,
+            HostMatch::Exact(_) => 2,
+        }
+    }
+
+    fn len(&self) -> usize {
+        match self {
+            HostMatch::Any => 0,
+            HostMatch::Suffix(s) | HostMatch::Exact(s) => s.len(),
+        }
+    }
+
+    fn matches(&self, host: Option<&str>) -> bool {
+        match (self, host) {
+            (HostMatch::Any, _) => true,
+            (_, None) => false,
+            (HostMatch::Exact(h), Some(got)) => h.eq_ignore_ascii_case(got),
+            (HostMatch::Suffix(s), Some(got)) => {
+                got.len() > s.len()
+                    && got.is_char_boundary(got.len() - s.len())
+                    && got[got.len() - s.len()..].eq_ignore_ascii_case(s)
+            }
+        }
+    }
+}
+
+fn strip_port(host: &str) -> &str {
+    if host.starts_with('[') {
+        return host.split_once(']').map_or(host, |(h, _)| &h[1..]);
+    }
+    host.rsplit_once(':').map_or(host, |(h, _)| h)
+}
+
+fn prefix_matches(prefix: &str, path: &str) -> bool {
+    let path = path.split(['?', '#']).next().unwrap_or(path);
+    match path.strip_prefix(prefix) {
+        Some(rest) => rest.is_empty() || rest.starts_with('/') || prefix.is_empty(),
+        None => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn table(routes: &[(Option<&str>, &str, &str)]) -> RouteTable {
+        let configs: Vec<RouteConfig> = routes
+            .iter()
+            .map(|(host, path, up)| {
+                let mut c = RouteConfig::new(path, up);
+                c.host = host.map(str::to_owned);
+                c
+            })
+            .collect();
+        RouteTable::new(&configs)
+    }
+
+    #[test]
+    fn most_specific_wins() {
+        let t = table(&[
+            (None, "/", "default"),
+            (None, "/api", "api"),
+            (None, "/api/v2", "v2"),
+            (Some("*.example.com"), "/", "wild"),
+            (Some("shop.example.com"), "/", "shop"),
+        ]);
+        let up = |h, p| t.find(h, p).map(|r| r.upstream.as_str());
+        assert_eq!(up(None, "/"), Some("default"));
+        assert_eq!(up(None, "/apix"), Some("default"));
+        assert_eq!(up(None, "/api"), Some("api"));
+        assert_eq!(up(None, "/api/x?q=1"), Some("api"));
+        assert_eq!(up(None, "/api?q=1"), Some("api"));
+        assert_eq!(up(None, "/api/v2/x"), Some("v2"));
+        assert_eq!(up(Some("a.example.com:8080"), "/api"), Some("wild"));
+        assert_eq!(up(Some("SHOP.example.com"), "/api"), Some("shop"));
+        assert_eq!(up(Some("example.com"), "/api"), Some("api"));
+    }
+
+    #[test]
+    fn no_route_is_none() {
+        let t = table(&[(Some("a.test"), "/", "a")]);
+        assert!(t.find(Some("b.test"), "/").is_none());
+        assert!(t.find(None, "/").is_none());
+    }
+
+    #[test]
+    fn strip_prefix_keeps_a_leading_slash_and_the_query() {
+        let mut c = RouteConfig::new("/api/", "api");
+        c.strip_prefix = true;
+        let t = RouteTable::new(&[c]);
+        let r = t.find(None, "/api/users?id=1").unwrap();
+        assert_eq!(r.rewrite("/api/users?id=1"), "/users?id=1");
+        assert_eq!(r.rewrite("/api"), "/");
+        assert_eq!(r.rewrite("/api?x=1"), "/?x=1");
+    }
+
+    proptest! {
+        #[test]
+        fn a_match_is_always_a_segment_prefix(prefix in "(/[a-z]{1,3}){0,3}", path in "(/[a-z]{0,3}){0,4}") {
+            let t = table(&[(None, if prefix.is_empty() { "/" } else { &prefix }, "u")]);
+            let matched = t.find(None, if path.is_empty() { "/" } else { &path }).is_some();
+            let p = if path.is_empty() { "/".to_string() } else { path.clone() };
+            let expect = prefix.is_empty() || p == prefix || p.starts_with(&format!("{prefix}/"));
+            prop_assert_eq!(matched, expect);
+        }
+    }
+}

@@ -1,0 +1,241 @@
+//! The running gateway: listeners, client connections, admin, reload and drain.
+//!
+//! [`Server::bind`] opens (or adopts, after an upgrade) the listening sockets;
+//! [`Server::run`] serves until told to drain, then drains in the documented order
+//! and returns what it had to cut. Signals are mapped to [`Control`] messages by the
+//! binary, so tests drive the same code without signals.
+
+pub mod conn;
+pub mod drain;
+pub mod inherit;
+pub mod listener;
+
+use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+
+use self::conn::ListenerShared;
+use self::drain::Tracker;
+use crate::admin;
+use crate::config::Config;
+use crate::proxy::{Proxy, Routing};
+
+/// What the binary (or a test) tells a running server.
+#[derive(Debug)]
+pub enum Control {
+    /// Apply a new, already validated config to new requests.
+    Reload(Box<Config>),
+    /// Drain and return.
+    Drain,
+    /// Stop at once, cutting what is open (a second SIGINT).
+    Exit,
+}
+
+/// Process-wide state the admin endpoints show.
+#[derive(Debug, Default)]
+pub struct ServerState {
+    pub draining: AtomicBool,
+    pub reloads: AtomicU64,
+    pub reload_failures: AtomicU64,
+    pub upgrades: AtomicU64,
+    pub upgrade_failures: AtomicU64,
+}
+
+/// How the drain went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DrainReport {
+    /// Client connections still open at the drain deadline (or at `Exit`).
+    pub cut: usize,
+}
+
+pub struct Server {
+    proxy: Arc<Proxy>,
+    config: Arc<Config>,
+    listeners: Vec<TcpListener>,
+    admin: Option<TcpListener>,
+    pub state: Arc<ServerState>,
+}
+
+impl Server {
+    /// Opens every listener in the config (adopting inherited sockets after an
+    /// upgrade) and builds routes and upstreams.
+    ///
+    /// # Errors
+    /// A listener or the admin address cannot be bound.
+    pub async fn bind(config: Config) -> std::io::Result<Server> {
+        let mut inherited = inherit::take_inherited();
+        let mut listeners = Vec::new();
+        for l in &config.listeners {
+            let std = match inherited.remove(&l.listen) {
+                Some(s) => s,
+                None => bind_tcp(l.listen)?,
+            };
+            listeners.push(TcpListener::from_std(std)?);
+        }
+        for (addr, _) in inherited {
+            tracing::info!(%addr, "inherited listener is no longer configured; closing it");
+        }
+        let admin = if config.admin.enabled {
+            Some(TcpListener::from_std(bind_tcp(config.admin.listen)?)?)
+        } else {
+            None
+        };
+        let config = Arc::new(config);
+        let routing = Routing::build(config.clone(), None).await;
+        Ok(Server {
+            proxy: Arc::new(Proxy::new(routing)),
+            config,
+            listeners,
+            admin,
+            state: Arc::new(ServerState::default()),
+        })
+    }
+
+    pub fn listen_addrs(&self) -> Vec<SocketAddr> {
+        self.listeners
+            .iter()
+            .filter_map(|l| l.local_addr().ok())
+            .collect()
+    }
+
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin.as_ref().and_then(|l| l.local_addr().ok())
+    }
+
+    /// The listening sockets, by configured address, for handing to a successor.
+    pub fn listener_fds(&self) -> Vec<(SocketAddr, RawFd)> {
+        self.config
+            .listeners
+            .iter()
+            .zip(&self.listeners)
+            .map(|(c, l)| (c.listen, l.as_raw_fd()))
+            .collect()
+    }
+
+    pub fn proxy(&self) -> &Arc<Proxy> {
+        &self.proxy
+    }
+
+    /// Serves until `Control::Drain` (or the channel closes), then drains.
+    pub async fn run(self, mut control: mpsc::Receiver<Control>) -> DrainReport {
+        let Server {
+            proxy,
+            config,
+            listeners,
+            admin,
+            state,
+        } = self;
+        let (signal, watch) = drain::channel();
+        let tracker = Tracker::default();
+        let admin_task = admin.map(|l| tokio::spawn(admin::serve(l, proxy.clone(), state.clone())));
+        for (listener, lc) in listeners.into_iter().zip(&config.listeners) {
+            let shared = Arc::new(ListenerShared::new(
+                proxy.clone(),
+                lc.clone(),
+                config.drain.clone(),
+            ));
+            tokio::spawn(listener::accept_loop(
+                listener,
+                shared,
+                watch.clone(),
+                tracker.clone(),
+            ));
+        }
+
+        let mut exit_now = false;
+        while let Some(cmd) = control.recv().await {
+            match cmd {
+                Control::Reload(new) => reload(&proxy, &config, *new, &state).await,
+                Control::Drain => break,
+                Control::Exit => {
+                    exit_now = true;
+                    break;
+                }
+            }
+        }
+
+        // The drain, in order: /ready fails; a pause for load balancers; listeners
+        // stop; responses carry `Connection: close` and idle connections close once
+        // quiet; upstream pools close idle connections; exit when nothing is open.
+        state.draining.store(true, Relaxed);
+        let drain_cfg = proxy.routing().config.drain.clone();
+        tracing::info!(open = tracker.open(), timeout = %drain_cfg.timeout, "draining");
+        if !exit_now && !drain_cfg.pre_delay.get().is_zero() {
+            tokio::select! {
+                () = tokio::time::sleep(drain_cfg.pre_delay.get()) => {}
+                Some(Control::Exit) = control.recv() => exit_now = true,
+            }
+        }
+        signal.start();
+        proxy.routing().upstreams.drain();
+        let cut = if exit_now {
+            tracker.open()
+        } else {
+            let deadline = tokio::time::sleep(drain_cfg.timeout.get());
+            tokio::pin!(deadline);
+            loop {
+                tokio::select! {
+                    () = tracker.wait_zero() => break 0,
+                    () = &mut deadline => break tracker.open(),
+                    cmd = control.recv() => match cmd {
+                        Some(Control::Exit) => break tracker.open(),
+                        Some(_) => {}
+                        // The controller is gone; nobody can say Exit any more.
+                        None => {
+                            tokio::select! {
+                                () = tracker.wait_zero() => break 0,
+                                () = &mut deadline => break tracker.open(),
+                            }
+                        }
+                    },
+                }
+            }
+        };
+        if cut > 0 {
+            tracing::warn!(
+                connections = cut,
+                "drain ended with connections still open; cutting them"
+            );
+        } else {
+            tracing::info!("drained: no connection left open");
+        }
+        if let Some(t) = admin_task {
+            t.abort();
+        }
+        DrainReport { cut }
+    }
+}
+
+async fn reload(proxy: &Proxy, running: &Config, new: Config, state: &ServerState) {
+    let old = proxy.routing();
+    if new.listeners != running.listeners || new.admin != running.admin {
+        tracing::warn!(
+            "listener and admin changes take effect on the next upgrade (SIGUSR2), not on reload"
+        );
+    }
+    let routing = Routing::build(Arc::new(new), Some(&old)).await;
+    proxy.replace(routing);
+    state.reloads.fetch_add(1, Relaxed);
+    tracing::info!("config reloaded; new requests use it");
+}
+
+/// Binds a listening socket the way a server should: SO_REUSEADDR (restart while old
+/// connections sit in TIME_WAIT), a deep accept queue, non-blocking.
+pub fn bind_tcp(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    use socket2::{Domain, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    socket.set_reuse_address(true)?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(true)?;
+    }
+    socket
+        .bind(&addr.into())
+        .map_err(|e| std::io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}")))?;
+    socket.listen(1024)?;
+    socket.set_nonblocking(true)?;
+    Ok(socket.into())
+}

@@ -1,0 +1,186 @@
+//! Handing listening sockets to a new binary (SIGUSR2) and adopting them in it.
+//!
+//! The old process starts the binary at its path with the listening sockets
+//! inherited (their close-on-exec flag cleared in the child only) and their numbers
+//! in `HOLDFAST_LISTEN_FDS`, plus the write end of a pipe in `HOLDFAST_READY_FD`.
+//! The new process adopts the sockets instead of binding, so they are never closed
+//! and nothing in the accept queue is lost; once it serves, it writes `ready` to the
+//! pipe and the old process drains. The only module allowed `unsafe`: adopting a file
+//! descriptor and clearing flags between fork and exec cannot be done without it.
+
+#![allow(unsafe_code)]
+
+use std::collections::HashMap;
+use std::ffi::OsString;
+use std::io;
+use std::net::SocketAddr;
+use std::os::fd::{FromRawFd, OwnedFd, RawFd};
+use std::os::unix::process::CommandExt;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+const LISTEN_FDS: &str = "HOLDFAST_LISTEN_FDS";
+const READY_FD: &str = "HOLDFAST_READY_FD";
+
+/// Listening sockets inherited from the previous binary, by address. Taken once per
+/// process, so no socket is ever adopted twice.
+pub fn take_inherited() -> HashMap<SocketAddr, std::net::TcpListener> {
+    static TAKEN: AtomicBool = AtomicBool::new(false);
+    let mut out = HashMap::new();
+    if TAKEN.swap(true, Ordering::SeqCst) {
+        return out;
+    }
+    let Ok(spec) = std::env::var(LISTEN_FDS) else {
+        return out;
+    };
+    for item in spec.split(';').filter(|s| !s.is_empty()) {
+        let Some((addr, fd)) = item.rsplit_once('=') else {
+            continue;
+        };
+        let (Ok(addr), Ok(fd)) = (addr.parse::<SocketAddr>(), fd.parse::<RawFd>()) else {
+            tracing::warn!(%item, "ignoring malformed inherited listener");
+            continue;
+        };
+        // Only adopt what is really an open socket of ours.
+        if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+            tracing::warn!(%addr, fd, "inherited listener fd is not open");
+            continue;
+        }
+        // SAFETY: the fd was passed to us by our predecessor for exactly this use, is
+        // open (checked above) and is adopted once (the TAKEN flag).
+        let listener = unsafe { std::net::TcpListener::from_raw_fd(fd) };
+        if listener.set_nonblocking(true).is_ok() {
+            set_cloexec(fd, true);
+            out.insert(addr, listener);
+        }
+    }
+    out
+}
+
+/// Tells the predecessor, if any, that this process serves now.
+pub fn notify_ready() {
+    let Some(fd) = std::env::var(READY_FD)
+        .ok()
+        .and_then(|s| s.parse::<RawFd>().ok())
+    else {
+        return;
+    };
+    if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+        return;
+    }
+    // SAFETY: the fd is the write end of the ready pipe our predecessor made for us,
+    // open (checked above); we take ownership and close it after writing.
+    let file = unsafe { std::fs::File::from_raw_fd(fd) };
+    use std::io::Write;
+    let _ = (&file).write_all(b"ready\n");
+}
+
+/// A started successor that has not yet said it is ready.
+pub struct Successor {
+    pub child: tokio::process::Child,
+    ready: tokio::net::unix::pipe::Receiver,
+}
+
+/// Starts `exe` with `args`, handing it `listeners`.
+///
+/// # Errors
+/// The pipe or the process could not be created.
+pub fn spawn_successor(
+    exe: &Path,
+    args: &[OsString],
+    listeners: &[(SocketAddr, RawFd)],
+) -> io::Result<Successor> {
+    let mut fds = [0 as RawFd; 2];
+    // SAFETY: pipe2 writes two fds into the array we own.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC | libc::O_NONBLOCK) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: both fds were just created by pipe2 and are owned by nobody else.
+    let (read_end, write_end) =
+        unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    let write_fd = fds[1];
+    let spec: String = listeners
+        .iter()
+        .map(|(a, fd)| format!("{a}={fd};"))
+        .collect();
+    let inherit: Vec<RawFd> = listeners
+        .iter()
+        .map(|(_, fd)| *fd)
+        .chain([write_fd])
+        .collect();
+    let mut cmd = tokio::process::Command::new(exe);
+    cmd.args(args)
+        .env(LISTEN_FDS, spec)
+        .env(READY_FD, write_fd.to_string())
+        .kill_on_drop(false);
+    // SAFETY: the closure runs in the child between fork and exec and only calls
+    // fcntl, which is async-signal-safe.
+    unsafe {
+        cmd.as_std_mut().pre_exec(move || {
+            for &fd in &inherit {
+                set_cloexec(fd, false);
+            }
+            Ok(())
+        });
+    }
+    let child = cmd.spawn()?;
+    // Our copy of the write end must close, or we would never see EOF if the child dies.
+    drop(write_end);
+    let ready = tokio::net::unix::pipe::Receiver::from_owned_fd(read_end)?;
+    Ok(Successor { child, ready })
+}
+
+impl Successor {
+    /// Waits until the successor says it is ready.
+    ///
+    /// # Errors
+    /// It exited, closed the pipe without saying so, or took longer than `timeout`.
+    pub async fn wait_ready(&mut self, timeout: Duration) -> Result<(), String> {
+        use tokio::io::AsyncReadExt;
+        let mut buf = [0u8; 16];
+        let read = async {
+            let mut got = Vec::new();
+            loop {
+                match self.ready.read(&mut buf).await {
+                    Ok(0) => {
+                        return Err(
+                            "the new process closed its ready pipe without saying ready".to_owned()
+                        );
+                    }
+                    Ok(n) => {
+                        got.extend_from_slice(&buf[..n]);
+                        if got.starts_with(b"ready") {
+                            return Ok(());
+                        }
+                    }
+                    Err(e) => return Err(format!("reading the ready pipe: {e}")),
+                }
+            }
+        };
+        tokio::select! {
+            r = read => r,
+            status = self.child.wait() => Err(match status {
+                Ok(s) => format!("the new process exited before it was ready ({s})"),
+                Err(e) => format!("waiting for the new process: {e}"),
+            }),
+            () = tokio::time::sleep(timeout) => Err(format!("the new process was not ready within {timeout:?}")),
+        }
+    }
+}
+
+fn set_cloexec(fd: RawFd, on: bool) {
+    // SAFETY: fcntl on an fd number has no memory-safety preconditions; failures
+    // are reported through its return value, which we do not need here.
+    unsafe {
+        let flags = libc::fcntl(fd, libc::F_GETFD);
+        if flags >= 0 {
+            let flags = if on {
+                flags | libc::FD_CLOEXEC
+            } else {
+                flags & !libc::FD_CLOEXEC
+            };
+            libc::fcntl(fd, libc::F_SETFD, flags);
+        }
+    }
+}

@@ -1,0 +1,23 @@
+//! Logging setup: human-readable lines by default, JSON by option. Access-log lines
+//! use the target `holdfast::access`, so a filter can keep or drop them.
+
+use tracing_subscriber::EnvFilter;
+
+use crate::config::{LogConfig, LogFormat};
+
+/// Installs the global subscriber; a second call (tests) is a no-op.
+pub fn init(log: &LogConfig) {
+    let mut filter = EnvFilter::try_new(&log.level).unwrap_or_else(|_| EnvFilter::new("info"));
+    if !log.access_log
+        && let Ok(d) = "holdfast::access=off".parse()
+    {
+        filter = filter.add_directive(d);
+    }
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = match log.format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+    };
+}

@@ -1,0 +1,439 @@
+//! Upstreams: named groups of addresses, how a request picks one, and the attempt
+//! loop with its safe retries.
+//!
+//! Data path: [`Upstream::forward`] picks a [`Peer`] (round robin or least
+//! outstanding, skipping ejected ones), checks out a connection from its pool (method
+//! aware: a request that cannot be retried only takes a connection that went idle
+//! moments ago, after a peek at its socket), sends, and on failure decides from
+//! [`retry::Replay`], the failure's [`Delivery`] and the retry budget whether to go
+//! again on a new connection.
+
+pub mod error;
+pub mod figures;
+pub mod http1;
+pub mod io;
+pub mod peer;
+pub mod pool;
+pub mod retry;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use http::{Request, Response};
+use hyper::body::Incoming;
+use tokio::time::Instant;
+
+use self::error::{Delivery, Kind, UpstreamError};
+use self::figures::{CloseReason, RetryReason, UpstreamFigures};
+use self::peer::{Outstanding, Peer, PeerAddr};
+use self::pool::idle::Take;
+use self::pool::{Client, PooledConn, Want};
+use self::retry::{Replay, RetryBudget};
+use crate::body::RequestBody;
+use crate::config::{Balance, Endpoint, UpstreamConfig};
+
+/// A named upstream from `[upstream.NAME]`.
+pub struct Upstream {
+    pub name: String,
+    pub config: UpstreamConfig,
+    peers: ArcSwap<Vec<Arc<Peer>>>,
+    next: AtomicUsize,
+    budget: RetryBudget,
+    pub figures: UpstreamFigures,
+}
+
+/// A response on its way back, with the connection it came on.
+pub struct Exchange {
+    pub response: Response<Incoming>,
+    pub conn: PooledConn,
+    pub peer: Arc<Peer>,
+    pub attempts: u32,
+    /// Time from sending the request to its response head.
+    pub ttfb: Duration,
+    /// Counts the request against its address until the response ends.
+    pub outstanding: Outstanding,
+}
+
+/// A request that failed for good.
+pub struct Failure {
+    pub error: UpstreamError,
+    pub peer: Option<Arc<Peer>>,
+    pub attempts: u32,
+    pub reused: bool,
+}
+
+impl Upstream {
+    /// Builds an upstream, resolving its addresses. Must run inside a Tokio runtime.
+    pub async fn new(name: &str, config: &UpstreamConfig) -> Arc<Upstream> {
+        let addrs = resolve_all(name, config).await;
+        let peers = addrs.into_iter().map(|a| Peer::new(a, config)).collect();
+        let up = Arc::new(Upstream {
+            name: name.to_owned(),
+            config: config.clone(),
+            peers: ArcSwap::from_pointee(peers),
+            next: AtomicUsize::new(0),
+            budget: RetryBudget::new(&config.retry),
+            figures: UpstreamFigures::default(),
+        });
+        if needs_resolving(config) {
+            tokio::spawn(re_resolve(Arc::downgrade(&up), config.resolve_every.get()));
+        }
+        up
+    }
+
+    pub fn peers(&self) -> Arc<Vec<Arc<Peer>>> {
+        self.peers.load_full()
+    }
+
+    /// Sends a request, retrying only when that is safe.
+    ///
+    /// # Errors
+    /// The last attempt's failure, with whether the request reached the upstream.
+    pub async fn forward(
+        &self,
+        parts: http::request::Parts,
+        body: RequestBody,
+    ) -> Result<Exchange, Failure> {
+        let replay = Replay::classify(&parts.method, &parts.headers);
+        let max_attempts = self.config.retry.attempts.max(1);
+        self.figures.requests.fetch_add(1, Relaxed);
+        self.budget.deposit();
+
+        let mut body = Some(body);
+        let mut attempts = 0;
+        let mut fresh_only = false;
+        let mut avoid: Option<Arc<Peer>> = None;
+        loop {
+            attempts += 1;
+            let Some(peer) = self.pick(avoid.as_ref()) else {
+                return Err(Failure {
+                    error: UpstreamError::new(Kind::NoPeer, Delivery::NotSent),
+                    peer: None,
+                    attempts,
+                    reused: false,
+                });
+            };
+            let outstanding = peer.track();
+            let (want, check_idle) = match (fresh_only, replay) {
+                (true, _) => (Want::Fresh, false),
+                (false, Replay::Safe) => (Want::Idle(Take::MostRecent), false),
+                (false, Replay::NotSentOnly) => (
+                    Want::Idle(Take::IdleAtMost(peer.pool.safe_reuse_age())),
+                    true,
+                ),
+            };
+            let last_try = attempts >= max_attempts;
+            let mut conn = match peer.checkout(want, check_idle).await {
+                Ok(c) => c,
+                Err(error) => {
+                    if error.counts_against_health() {
+                        self.note_failure(&peer, &error);
+                    }
+                    let retriable = matches!(
+                        error.kind(),
+                        Kind::ConnectRefused | Kind::ConnectTimeout | Kind::ConnectFailed
+                    );
+                    if retriable && !last_try && self.allow_retry(RetryReason::NotSent) {
+                        avoid = Some(peer);
+                        continue;
+                    }
+                    return Err(Failure {
+                        error,
+                        peer: Some(peer),
+                        attempts,
+                        reused: false,
+                    });
+                }
+            };
+            // Keep a copy for another attempt only if one can happen.
+            let attempt_body = match body
+                .as_ref()
+                .and_then(|b| if last_try { None } else { b.try_clone() })
+            {
+                Some(copy) => copy,
+                None => body.take().unwrap_or(RequestBody::Empty),
+            };
+            let reused_since = conn.reused_since();
+            let req = Request::from_parts(clone_parts(&parts), attempt_body);
+            let sent_at = Instant::now();
+            let result = match tokio::time::timeout(
+                self.config.timeouts.response_headers.get(),
+                send(&mut conn, req),
+            )
+            .await
+            {
+                Ok(r) => r,
+                Err(_) => {
+                    conn.set_close_reason(CloseReason::Timeout);
+                    let error =
+                        UpstreamError::new(Kind::ResponseHeadersTimeout, Delivery::MaybeSent);
+                    return Err(Failure {
+                        error,
+                        peer: Some(peer),
+                        attempts,
+                        reused: reused_since.is_some(),
+                    });
+                }
+            };
+            match result {
+                Ok(response) => {
+                    peer.health.on_success();
+                    let ttfb = sent_at.elapsed();
+                    conn.on_response_head(response.headers(), response.version());
+                    return Ok(Exchange {
+                        response,
+                        conn,
+                        peer,
+                        attempts,
+                        ttfb,
+                        outstanding,
+                    });
+                }
+                Err((error, returned)) => {
+                    if let Some(req) = returned {
+                        body = Some(req.into_body());
+                    }
+                    let requests = conn.requests();
+                    conn.set_close_reason(if error.is_timeout() {
+                        CloseReason::Timeout
+                    } else {
+                        CloseReason::Error
+                    });
+                    drop(conn);
+                    let stale = reused_since.is_some() && error.kind() == Kind::Closed;
+                    if let Some(since) = reused_since.filter(|_| stale) {
+                        // The pool's own matter, not the address's health.
+                        peer.pool.on_stale(since, since.elapsed(), requests);
+                    } else if error.counts_against_health() {
+                        self.note_failure(&peer, &error);
+                    }
+                    let reason = match (error.delivery(), stale, replay) {
+                        (Delivery::NotSent, _, _) => Some(RetryReason::NotSent),
+                        (Delivery::MaybeSent, true, Replay::Safe) => {
+                            Some(RetryReason::StaleConnection)
+                        }
+                        _ => None,
+                    };
+                    let can = reason.is_some() && !last_try && body.is_some();
+                    if let Some(reason) = reason.filter(|_| can)
+                        && self.allow_retry(reason)
+                    {
+                        tracing::debug!(upstream = %self.name, address = %peer.label, reason = reason.as_str(), %error, "retrying on a new connection");
+                        fresh_only = true;
+                        continue;
+                    }
+                    return Err(Failure {
+                        error,
+                        peer: Some(peer),
+                        attempts,
+                        reused: reused_since.is_some(),
+                    });
+                }
+            }
+        }
+    }
+
+    fn allow_retry(&self, reason: RetryReason) -> bool {
+        if self.budget.withdraw() {
+            self.figures.retried(reason);
+            true
+        } else {
+            self.figures.retry_budget_exhausted.fetch_add(1, Relaxed);
+            false
+        }
+    }
+
+    fn note_failure(&self, peer: &Peer, error: &UpstreamError) {
+        if let Some(span) = peer.health.on_failure() {
+            tracing::warn!(upstream = %self.name, address = %peer.label, ejected_for = ?span, %error, "address ejected after consecutive failures");
+        }
+    }
+
+    /// Picks an address: skips ejected and removed ones (unless every one is ejected:
+    /// then any, rather than fail everything) and `avoid` when there is a choice.
+    fn pick(&self, avoid: Option<&Arc<Peer>>) -> Option<Arc<Peer>> {
+        let peers = self.peers.load();
+        let n = peers.len();
+        if n == 0 {
+            return None;
+        }
+        if n == 1 {
+            return Some(peers[0].clone());
+        }
+        let now = Instant::now();
+        let usable = |p: &Arc<Peer>| {
+            !p.is_removed()
+                && p.health.is_available(now)
+                && avoid.is_none_or(|a| !Arc::ptr_eq(a, p))
+        };
+        match self.config.balance {
+            Balance::RoundRobin => {
+                let start = self.next.fetch_add(1, Relaxed);
+                (0..n)
+                    .map(|i| &peers[(start + i) % n])
+                    .find(|p| usable(p))
+                    .or_else(|| {
+                        (0..n)
+                            .map(|i| &peers[(start + i) % n])
+                            .find(|p| !p.is_removed())
+                    })
+            }
+            Balance::LeastOutstanding => {
+                // Power of two choices: two random candidates, the less busy wins.
+                let a = &peers[fastrand::usize(..n)];
+                let b = &peers[fastrand::usize(..n)];
+                let pick = match (usable(a), usable(b)) {
+                    (true, true) => Some(if b.outstanding() < a.outstanding() {
+                        b
+                    } else {
+                        a
+                    }),
+                    (true, false) => Some(a),
+                    (false, true) => Some(b),
+                    (false, false) => peers
+                        .iter()
+                        .filter(|p| usable(p))
+                        .min_by_key(|p| p.outstanding()),
+                };
+                pick.or_else(|| peers.iter().find(|p| !p.is_removed()))
+            }
+        }
+        .cloned()
+    }
+
+    /// Closes idle connections of every address (a drain or a reload that removed us).
+    pub fn drain(&self) {
+        for p in self.peers.load().iter() {
+            p.pool.drain();
+        }
+    }
+}
+
+async fn send(conn: &mut PooledConn, req: Request<RequestBody>) -> http1::SendResult {
+    match conn.client() {
+        Client::Http1(sender) => http1::send(sender, req).await,
+    }
+}
+
+fn clone_parts(parts: &http::request::Parts) -> http::request::Parts {
+    let mut req = Request::new(());
+    *req.method_mut() = parts.method.clone();
+    *req.uri_mut() = parts.uri.clone();
+    *req.version_mut() = parts.version;
+    *req.headers_mut() = parts.headers.clone();
+    req.into_parts().0
+}
+
+fn needs_resolving(config: &UpstreamConfig) -> bool {
+    config.addresses.iter().any(|a| match &a.endpoint {
+        Endpoint::Tcp { host, .. } => host.parse::<std::net::IpAddr>().is_err(),
+        Endpoint::Unix(_) => false,
+    })
+}
+
+/// Every address of an upstream; names that fail to resolve are logged and skipped.
+async fn resolve_all(name: &str, config: &UpstreamConfig) -> Vec<PeerAddr> {
+    let mut out = Vec::new();
+    for a in &config.addresses {
+        match &a.endpoint {
+            Endpoint::Unix(p) => out.push(PeerAddr::Unix(p.clone())),
+            Endpoint::Tcp { host, port } => match host.parse::<std::net::IpAddr>() {
+                Ok(ip) => out.push(PeerAddr::Tcp((ip, *port).into())),
+                Err(_) => match tokio::net::lookup_host((host.as_str(), *port)).await {
+                    Ok(addrs) => out.extend(addrs.map(PeerAddr::Tcp)),
+                    Err(e) => {
+                        tracing::warn!(upstream = name, %host, error = %e, "cannot resolve upstream host")
+                    }
+                },
+            },
+        }
+    }
+    out.dedup();
+    out
+}
+
+/// Resolves host names again every `every`; addresses that disappeared are drained
+/// (no new requests; requests in flight finish), new ones get pools.
+async fn re_resolve(up: std::sync::Weak<Upstream>, every: Duration) {
+    let mut tick = tokio::time::interval(every);
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        let Some(up) = up.upgrade() else { return };
+        let addrs = resolve_all(&up.name, &up.config).await;
+        if addrs.is_empty() {
+            continue; // Keep what works rather than empty the upstream on a DNS blip.
+        }
+        let current = up.peers.load_full();
+        if current.iter().map(|p| &p.addr).eq(addrs.iter()) {
+            continue;
+        }
+        let next: Vec<Arc<Peer>> = addrs
+            .iter()
+            .map(|a| {
+                current
+                    .iter()
+                    .find(|p| &p.addr == a)
+                    .cloned()
+                    .unwrap_or_else(|| Peer::new(a.clone(), &up.config))
+            })
+            .collect();
+        for gone in current.iter().filter(|p| !addrs.contains(&p.addr)) {
+            tracing::info!(upstream = %up.name, address = %gone.label, "address no longer resolves; draining it");
+            gone.remove();
+        }
+        up.peers.store(Arc::new(next));
+    }
+}
+
+/// Every upstream by name. Reloads keep the `Upstream` (and so its pools) of every
+/// upstream whose config did not change.
+#[derive(Default, Clone)]
+pub struct Upstreams {
+    by_name: BTreeMap<String, Arc<Upstream>>,
+}
+
+impl Upstreams {
+    pub async fn build(
+        configs: &BTreeMap<String, UpstreamConfig>,
+        previous: Option<&Upstreams>,
+    ) -> Upstreams {
+        let mut by_name = BTreeMap::new();
+        for (name, config) in configs {
+            let kept = previous
+                .and_then(|p| p.by_name.get(name))
+                .filter(|u| &u.config == config)
+                .cloned();
+            let up = match kept {
+                Some(u) => u,
+                None => Upstream::new(name, config).await,
+            };
+            by_name.insert(name.clone(), up);
+        }
+        if let Some(prev) = previous {
+            for (name, old) in &prev.by_name {
+                if !by_name.get(name).is_some_and(|u| Arc::ptr_eq(u, old)) {
+                    old.drain();
+                }
+            }
+        }
+        Upstreams { by_name }
+    }
+
+    pub fn get(&self, name: &str) -> Option<&Arc<Upstream>> {
+        self.by_name.get(name)
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &Arc<Upstream>> {
+        self.by_name.values()
+    }
+
+    pub fn drain(&self) {
+        for u in self.by_name.values() {
+            u.drain();
+        }
+    }
+}

@@ -1,0 +1,204 @@
+//! Why an exchange with an upstream failed, whether the upstream can have seen the
+//! request, and what that means for retries and for the client's status code.
+
+use std::fmt;
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// One failed attempt, or the final failure of a request.
+#[derive(Debug)]
+pub struct UpstreamError {
+    kind: Kind,
+    delivery: Delivery,
+    cause: Option<BoxError>,
+}
+
+/// What failed. Private in spirit: callers ask the `is_*` predicates and `status()`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// Every slot busy and the wait queue full.
+    QueueFull,
+    /// Waited `queue_timeout` for a slot.
+    QueueTimeout,
+    /// Every address of the upstream is ejected or gone.
+    NoPeer,
+    ConnectRefused,
+    ConnectTimeout,
+    ConnectFailed,
+    /// The connection closed before any byte of the response arrived.
+    Closed,
+    /// A reset or other I/O error while exchanging.
+    Io,
+    WriteTimeout,
+    ResponseHeadersTimeout,
+    ReadTimeout,
+    TotalTimeout,
+    /// The upstream sent something that is not a valid response.
+    Protocol,
+    /// The client's request body failed (too large, or the client went away).
+    ClientBody,
+    /// The request body exceeded `max_body_bytes`.
+    BodyTooLarge,
+}
+
+/// Whether the upstream can have received the request. Decides whether a retry of a
+/// non-idempotent request is safe and what `Proxy-Status` tells the client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Delivery {
+    /// Provably never sent (no connection, or the connection was found closed first).
+    NotSent,
+    /// Written, or possibly written, and no response came.
+    MaybeSent,
+}
+
+impl UpstreamError {
+    pub fn new(kind: Kind, delivery: Delivery) -> Self {
+        UpstreamError {
+            kind,
+            delivery,
+            cause: None,
+        }
+    }
+
+    pub fn with_cause(mut self, cause: impl Into<BoxError>) -> Self {
+        self.cause = Some(cause.into());
+        self
+    }
+
+    pub fn kind(&self) -> Kind {
+        self.kind
+    }
+
+    pub fn delivery(&self) -> Delivery {
+        self.delivery
+    }
+
+    pub fn is_timeout(&self) -> bool {
+        matches!(
+            self.kind,
+            Kind::ConnectTimeout
+                | Kind::WriteTimeout
+                | Kind::ResponseHeadersTimeout
+                | Kind::ReadTimeout
+                | Kind::TotalTimeout
+        )
+    }
+
+    /// A failure that says something about the address's health (not about a stale
+    /// pooled connection, the client, or holdfast's own limits).
+    pub fn counts_against_health(&self) -> bool {
+        matches!(
+            self.kind,
+            Kind::ConnectRefused | Kind::ConnectTimeout | Kind::ConnectFailed | Kind::Protocol
+        )
+    }
+
+    /// The status the client gets: 503 for capacity, 504 for a timeout, 502 otherwise.
+    pub fn status(&self) -> http::StatusCode {
+        use http::StatusCode as S;
+        match self.kind {
+            Kind::QueueFull | Kind::QueueTimeout | Kind::NoPeer => S::SERVICE_UNAVAILABLE,
+            Kind::BodyTooLarge => S::PAYLOAD_TOO_LARGE,
+            Kind::ClientBody => S::BAD_REQUEST,
+            _ if self.is_timeout() => S::GATEWAY_TIMEOUT,
+            _ => S::BAD_GATEWAY,
+        }
+    }
+
+    /// RFC 9209 `Proxy-Status` error type.
+    pub fn proxy_status_error(&self) -> &'static str {
+        match self.kind {
+            Kind::QueueFull | Kind::QueueTimeout => "connection_limit_reached",
+            Kind::NoPeer => "destination_unavailable",
+            Kind::ConnectRefused => "connection_refused",
+            Kind::ConnectTimeout => "connection_timeout",
+            Kind::ConnectFailed => "destination_unavailable",
+            Kind::Closed | Kind::Io => "connection_terminated",
+            Kind::WriteTimeout => "connection_write_timeout",
+            Kind::ResponseHeadersTimeout | Kind::TotalTimeout => "http_response_timeout",
+            Kind::ReadTimeout => "connection_read_timeout",
+            Kind::Protocol => "http_protocol_error",
+            Kind::ClientBody | Kind::BodyTooLarge => "http_request_error",
+        }
+    }
+
+    /// Whether the request reached the upstream, in words for `Proxy-Status` details.
+    pub fn delivery_details(&self) -> &'static str {
+        match self.delivery {
+            Delivery::NotSent => "request not sent to the upstream",
+            Delivery::MaybeSent => "request sent, no response",
+        }
+    }
+
+    /// Classifies a hyper client error from `send_request`.
+    pub fn from_hyper(err: hyper::Error) -> Self {
+        let kind = if err.is_incomplete_message() || err.is_canceled() && !err.is_closed() {
+            Kind::Closed
+        } else if err.is_parse() || err.is_parse_status() || err.is_parse_too_large() {
+            Kind::Protocol
+        } else if err.is_timeout() {
+            Kind::WriteTimeout
+        } else if err.is_body_write_aborted() || err.is_user() {
+            Kind::ClientBody
+        } else {
+            Kind::Io
+        };
+        let kind = refine_io(&err).unwrap_or(kind);
+        UpstreamError::new(kind, Delivery::MaybeSent).with_cause(err)
+    }
+}
+
+/// Looks through hyper's error chain for an I/O error that says more.
+fn refine_io(err: &(dyn std::error::Error + 'static)) -> Option<Kind> {
+    let mut cur = err.source();
+    while let Some(e) = cur {
+        if let Some(io) = e.downcast_ref::<std::io::Error>() {
+            return Some(match io.kind() {
+                std::io::ErrorKind::TimedOut => Kind::WriteTimeout,
+                _ => Kind::Io,
+            });
+        }
+        if e.downcast_ref::<crate::body::BodyTooLarge>().is_some() {
+            return Some(Kind::BodyTooLarge);
+        }
+        if e.downcast_ref::<crate::body::ClientBodyError>().is_some() {
+            return Some(Kind::ClientBody);
+        }
+        cur = e.source();
+    }
+    None
+}
+
+impl fmt::Display for UpstreamError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let what = match self.kind {
+            Kind::QueueFull => "no capacity: every connection busy and the wait queue full",
+            Kind::QueueTimeout => "no capacity: timed out waiting for a connection",
+            Kind::NoPeer => "no upstream address available",
+            Kind::ConnectRefused => "connection refused",
+            Kind::ConnectTimeout => "connect timed out",
+            Kind::ConnectFailed => "connect failed",
+            Kind::Closed => "upstream closed the connection before responding",
+            Kind::Io => "connection error",
+            Kind::WriteTimeout => "writing the request timed out",
+            Kind::ResponseHeadersTimeout => "timed out waiting for response headers",
+            Kind::ReadTimeout => "timed out reading the response body",
+            Kind::TotalTimeout => "request exceeded its total timeout",
+            Kind::Protocol => "invalid response from upstream",
+            Kind::ClientBody => "client request body failed",
+            Kind::BodyTooLarge => "request body too large",
+        };
+        f.write_str(what)?;
+        if let Some(cause) = &self.cause {
+            write!(f, ": {cause}")?;
+            let mut src = cause.source();
+            while let Some(s) = src {
+                write!(f, ": {s}")?;
+                src = s.source();
+            }
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for UpstreamError {}

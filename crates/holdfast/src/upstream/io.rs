@@ -1,0 +1,229 @@
+//! Upstream sockets: connecting with the configured TCP options, and the I/O type the
+//! protocol clients run on.
+//!
+//! The socket is shared (`Arc`) between the protocol client, which reads and writes it,
+//! and the pool, which peeks at an idle connection before handing it out so that a FIN
+//! or stray bytes already in the kernel are seen before a request is written.
+//! Write stalls longer than the write timeout fail here, in one place for every protocol.
+
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, ready};
+use std::time::Duration;
+
+use socket2::{SockRef, TcpKeepalive};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpStream, UnixStream};
+use tokio::time::{Instant, Sleep};
+
+use crate::config::TcpConfig;
+
+/// A connected upstream socket.
+#[derive(Debug)]
+pub enum Stream {
+    Tcp(TcpStream),
+    Unix(UnixStream),
+}
+
+/// What a non-blocking look at an idle connection found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IdleProbe {
+    /// Nothing to read: the connection looks reusable.
+    Quiet,
+    /// The upstream closed its side (FIN).
+    Closed,
+    /// Bytes arrived that no request asked for.
+    UnexpectedBytes,
+    /// The socket reported an error (typically a reset).
+    Failed,
+}
+
+impl Stream {
+    pub async fn connect_tcp(addr: std::net::SocketAddr, tcp: &TcpConfig) -> io::Result<Stream> {
+        let stream = TcpStream::connect(addr).await?;
+        stream.set_nodelay(tcp.nodelay)?;
+        if tcp.keepalive {
+            // TCP keepalive probes find a dead peer or path; they are not HTTP keep-alive.
+            let ka = TcpKeepalive::new()
+                .with_time(tcp.keepalive_idle.get())
+                .with_interval(tcp.keepalive_interval.get())
+                .with_retries(tcp.keepalive_count);
+            SockRef::from(&stream).set_tcp_keepalive(&ka)?;
+        }
+        Ok(Stream::Tcp(stream))
+    }
+
+    pub async fn connect_unix(path: &std::path::Path) -> io::Result<Stream> {
+        Ok(Stream::Unix(UnixStream::connect(path).await?))
+    }
+
+    /// Looks at an idle connection without blocking and without consuming anything.
+    pub fn probe_idle(&self) -> IdleProbe {
+        let mut byte = [std::mem::MaybeUninit::<u8>::uninit(); 1];
+        let res = match self {
+            Stream::Tcp(s) => SockRef::from(s).peek(&mut byte),
+            Stream::Unix(s) => SockRef::from(s).peek(&mut byte),
+        };
+        match res {
+            Ok(0) => IdleProbe::Closed,
+            Ok(_) => IdleProbe::UnexpectedBytes,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => IdleProbe::Quiet,
+            Err(_) => IdleProbe::Failed,
+        }
+    }
+
+    fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self {
+            Stream::Tcp(s) => s.poll_read_ready(cx),
+            Stream::Unix(s) => s.poll_read_ready(cx),
+        }
+    }
+
+    fn try_read_buf(&self, buf: &mut ReadBuf<'_>) -> io::Result<usize> {
+        match self {
+            Stream::Tcp(s) => s.try_read_buf(buf),
+            Stream::Unix(s) => s.try_read_buf(buf),
+        }
+    }
+
+    fn poll_write_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self {
+            Stream::Tcp(s) => s.poll_write_ready(cx),
+            Stream::Unix(s) => s.poll_write_ready(cx),
+        }
+    }
+
+    fn try_write(&self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Stream::Tcp(s) => s.try_write(buf),
+            Stream::Unix(s) => s.try_write(buf),
+        }
+    }
+
+    fn try_write_vectored(&self, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
+        match self {
+            Stream::Tcp(s) => s.try_write_vectored(bufs),
+            Stream::Unix(s) => s.try_write_vectored(bufs),
+        }
+    }
+
+    fn shutdown_write(&self) -> io::Result<()> {
+        let res = match self {
+            Stream::Tcp(s) => SockRef::from(s).shutdown(std::net::Shutdown::Write),
+            Stream::Unix(s) => SockRef::from(s).shutdown(std::net::Shutdown::Write),
+        };
+        match res {
+            Err(e) if e.kind() == io::ErrorKind::NotConnected => Ok(()),
+            other => other,
+        }
+    }
+}
+
+/// The I/O handed to a protocol client: the shared socket plus a write-stall deadline.
+pub struct UpstreamIo {
+    stream: Arc<Stream>,
+    write_timeout: Duration,
+    write_stall: Option<Pin<Box<Sleep>>>,
+}
+
+impl UpstreamIo {
+    pub fn new(stream: Arc<Stream>, write_timeout: Duration) -> Self {
+        UpstreamIo {
+            stream,
+            write_timeout,
+            write_stall: None,
+        }
+    }
+
+    /// Called when a write would block: fails once the stall outlasts the timeout.
+    fn check_write_stall(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if self.write_timeout.is_zero() {
+            return Poll::Pending;
+        }
+        let deadline = Instant::now() + self.write_timeout;
+        let sleep = self
+            .write_stall
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+        match sleep.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "upstream write timed out",
+            ))),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn poll_write_with<F>(&mut self, cx: &mut Context<'_>, mut write: F) -> Poll<io::Result<usize>>
+    where
+        F: FnMut(&Stream) -> io::Result<usize>,
+    {
+        loop {
+            match self.stream.poll_write_ready(cx) {
+                Poll::Ready(Ok(())) => {}
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => {
+                    ready!(self.check_write_stall(cx))?;
+                    return Poll::Pending;
+                }
+            }
+            match write(&self.stream) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                res => {
+                    self.write_stall = None;
+                    return Poll::Ready(res);
+                }
+            }
+        }
+    }
+}
+
+use std::future::Future as _;
+
+impl AsyncRead for UpstreamIo {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        loop {
+            ready!(self.stream.poll_read_ready(cx))?;
+            match self.stream.try_read_buf(buf) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Poll::Ready(Err(e)),
+                Ok(_) => return Poll::Ready(Ok(())),
+            }
+        }
+    }
+}
+
+impl AsyncWrite for UpstreamIo {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        self.get_mut().poll_write_with(cx, |s| s.try_write(buf))
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        self.get_mut()
+            .poll_write_with(cx, |s| s.try_write_vectored(bufs))
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        true
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(self.stream.shutdown_write())
+    }
+}

@@ -1,0 +1,253 @@
+//! One upstream address ("peer"): its pool, passive health, and outstanding requests.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use super::error::{Delivery, Kind, UpstreamError};
+use super::http1;
+use super::io::Stream;
+use super::pool::{Connected, Pool, PoolSettings, PooledConn, Want};
+use crate::config::{HealthConfig, Protocol, TcpConfig, TimeoutConfig, UpstreamConfig};
+
+/// A resolved address.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum PeerAddr {
+    Tcp(SocketAddr),
+    Unix(PathBuf),
+}
+
+impl fmt::Display for PeerAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            PeerAddr::Tcp(a) => write!(f, "{a}"),
+            PeerAddr::Unix(p) => write!(f, "unix:{}", p.display()),
+        }
+    }
+}
+
+pub struct Peer {
+    pub addr: PeerAddr,
+    pub label: Arc<str>,
+    pub pool: Arc<Pool>,
+    protocol: Protocol,
+    tcp: TcpConfig,
+    timeouts: TimeoutConfig,
+    pub health: Health,
+    outstanding: AtomicUsize,
+    /// No longer in the upstream's address list (DNS changed): serves what it has,
+    /// takes nothing new.
+    removed: AtomicBool,
+}
+
+impl Peer {
+    pub fn new(addr: PeerAddr, config: &UpstreamConfig) -> Arc<Peer> {
+        let label: Arc<str> = addr.to_string().into();
+        Arc::new(Peer {
+            pool: Pool::new(label.clone(), PoolSettings::from(&config.pool)),
+            label,
+            addr,
+            protocol: config.protocol(),
+            tcp: config.tcp.clone(),
+            timeouts: config.timeouts.clone(),
+            health: Health::new(config.health.clone()),
+            outstanding: AtomicUsize::new(0),
+            removed: AtomicBool::new(false),
+        })
+    }
+
+    pub fn outstanding(&self) -> usize {
+        self.outstanding.load(Relaxed)
+    }
+
+    /// Counts a request in flight until the guard drops.
+    pub fn track(self: &Arc<Self>) -> Outstanding {
+        self.outstanding.fetch_add(1, Relaxed);
+        Outstanding(self.clone())
+    }
+
+    pub fn is_removed(&self) -> bool {
+        self.removed.load(Relaxed)
+    }
+
+    pub fn remove(&self) {
+        self.removed.store(true, Relaxed);
+        self.pool.drain();
+    }
+
+    /// A connection for one request.
+    ///
+    /// # Errors
+    /// As [`Pool::checkout`]; connect failures say the request was not sent.
+    pub async fn checkout(
+        self: &Arc<Self>,
+        want: Want,
+        check_idle: bool,
+    ) -> Result<PooledConn, UpstreamError> {
+        self.pool
+            .checkout(want, check_idle, || self.connect())
+            .await
+    }
+
+    async fn connect(&self) -> Result<Connected, UpstreamError> {
+        let connect = async {
+            match &self.addr {
+                PeerAddr::Tcp(a) => Stream::connect_tcp(*a, &self.tcp).await,
+                PeerAddr::Unix(p) => Stream::connect_unix(p).await,
+            }
+        };
+        let stream = match tokio::time::timeout(self.timeouts.connect.get(), connect).await {
+            Err(_) => return Err(UpstreamError::new(Kind::ConnectTimeout, Delivery::NotSent)),
+            Ok(Err(e)) => {
+                let kind = match e.kind() {
+                    std::io::ErrorKind::ConnectionRefused => Kind::ConnectRefused,
+                    _ => Kind::ConnectFailed,
+                };
+                return Err(UpstreamError::new(kind, Delivery::NotSent).with_cause(e));
+            }
+            Ok(Ok(s)) => s,
+        };
+        match self.protocol {
+            Protocol::Http1 => http1::handshake(stream, self.timeouts.write.get()).await,
+            Protocol::FastCgi => Err(UpstreamError::new(Kind::ConnectFailed, Delivery::NotSent)
+                .with_cause("FastCGI upstreams are not implemented yet")),
+        }
+    }
+}
+
+/// Decrements a peer's outstanding count on drop.
+pub struct Outstanding(Arc<Peer>);
+
+impl Drop for Outstanding {
+    fn drop(&mut self) {
+        self.0.outstanding.fetch_sub(1, Relaxed);
+    }
+}
+
+/// Passive health: consecutive failures eject the address for a growing backoff.
+pub struct Health {
+    config: HealthConfig,
+    fails: AtomicU32,
+    ejected_once: AtomicBool,
+    ejected: Mutex<Ejection>,
+}
+
+#[derive(Default)]
+struct Ejection {
+    until: Option<Instant>,
+    /// Ejections in a row; after readmission one more failure ejects again, longer.
+    streak: u32,
+}
+
+/// Health as shown in `/pools`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HealthState {
+    Healthy,
+    Ejected,
+    /// Readmitted after an ejection; the next failure ejects again.
+    Probation,
+}
+
+impl Health {
+    fn new(config: HealthConfig) -> Self {
+        Health {
+            config,
+            fails: AtomicU32::new(0),
+            ejected_once: AtomicBool::new(false),
+            ejected: Mutex::new(Ejection::default()),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Ejection> {
+        self.ejected.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn state(&self, now: Instant) -> HealthState {
+        if !self.ejected_once.load(Relaxed) {
+            return HealthState::Healthy;
+        }
+        let e = self.lock();
+        match e.until {
+            Some(t) if t > now => HealthState::Ejected,
+            _ if e.streak > 0 => HealthState::Probation,
+            _ => HealthState::Healthy,
+        }
+    }
+
+    pub fn is_available(&self, now: Instant) -> bool {
+        self.state(now) != HealthState::Ejected
+    }
+
+    pub fn on_success(&self) {
+        if self.fails.load(Relaxed) != 0 {
+            self.fails.store(0, Relaxed);
+        }
+        // The lock is only taken after an ejection, never on the healthy path.
+        if self.ejected_once.load(Relaxed) {
+            let mut e = self.lock();
+            if e.streak > 0 && e.until.is_none_or(|t| t <= Instant::now()) {
+                *e = Ejection::default();
+                self.ejected_once.store(false, Relaxed);
+            }
+        }
+    }
+
+    /// Records a failure; returns the ejection time if this one ejects the address.
+    pub fn on_failure(&self) -> Option<Duration> {
+        let fails = self.fails.fetch_add(1, Relaxed) + 1;
+        let mut e = self.lock();
+        if fails < self.config.max_fails.max(1) && e.streak == 0 {
+            return None;
+        }
+        let now = Instant::now();
+        if e.until.is_some_and(|t| t > now) {
+            return None;
+        }
+        let factor = 1u32 << e.streak.min(16);
+        let span = (self.config.eject_for.get() * factor).min(self.config.eject_max.get());
+        e.until = Some(now + span);
+        e.streak += 1;
+        self.ejected_once.store(true, Relaxed);
+        self.fails.store(0, Relaxed);
+        Some(span)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Dur;
+
+    #[tokio::test(start_paused = true)]
+    async fn ejects_after_max_fails_with_growing_backoff() {
+        let h = Health::new(HealthConfig {
+            max_fails: 3,
+            eject_for: Dur::secs(5),
+            eject_max: Dur::secs(12),
+        });
+        assert_eq!(h.on_failure(), None);
+        assert_eq!(h.on_failure(), None);
+        assert_eq!(h.on_failure(), Some(Duration::from_secs(5)));
+        assert_eq!(h.state(Instant::now()), HealthState::Ejected);
+        tokio::time::advance(Duration::from_secs(5)).await;
+        assert_eq!(h.state(Instant::now()), HealthState::Probation);
+        // One failure on probation ejects again, for twice as long.
+        assert_eq!(h.on_failure(), Some(Duration::from_secs(10)));
+        tokio::time::advance(Duration::from_secs(10)).await;
+        assert_eq!(
+            h.on_failure(),
+            Some(Duration::from_secs(12)),
+            "capped by eject_max"
+        );
+        tokio::time::advance(Duration::from_secs(12)).await;
+        h.on_success();
+        assert_eq!(h.state(Instant::now()), HealthState::Healthy);
+        assert_eq!(h.on_failure(), None, "a success resets the streak");
+    }
+}

@@ -1,0 +1,636 @@
+//! The connection pool of one upstream address: slots, the wait queue, idle
+//! connections and every rule of a connection's life.
+//!
+//! Lifecycle rules (ARCHITECTURE.md has the full list):
+//! - A request first takes a slot (`max_connections` in flight at most); when none is
+//!   free it waits in a bounded FIFO queue for at most `queue_timeout`.
+//! - With a slot it takes the most recent idle connection allowed by its method, or
+//!   opens a new one. Open connections never exceed `max_connections`: the oldest idle
+//!   one is closed to make room.
+//! - A connection goes back to the idle list only through [`PooledConn::release`],
+//!   after its whole response was read and only if nothing says it is finished.
+//!   Dropping a [`PooledConn`] any other way closes the connection: ownership is the
+//!   rule, so a timeout or a vanished client can never leak a half-used connection.
+//! - Idle connections are watched: the protocol driver notices a FIN, reset or stray
+//!   bytes and the connection leaves the idle list at once; a reaper closes each one at
+//!   its expiry.
+//!
+//! This module does not know HTTP: protocol clients plug in through [`Client`] and a
+//! connect function.
+
+pub mod idle;
+pub mod learn;
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::time::Duration;
+
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, TryAcquireError, oneshot};
+use tokio::time::Instant;
+
+use self::idle::{IdleList, Keyed, Take};
+use self::learn::{IdleSource, KeepAliveHint, Learned, Learner, PROMPT_CLOSE};
+use super::error::{Delivery, Kind, UpstreamError};
+use super::figures::{CloseReason, PoolFigures};
+use super::io::{IdleProbe, Stream};
+use crate::config::PoolConfig;
+
+/// A protocol's handle on one connection.
+pub enum Client {
+    Http1(hyper::client::conn::http1::SendRequest<crate::body::RequestBody>),
+}
+
+impl Client {
+    fn is_closed(&self) -> bool {
+        match self {
+            Client::Http1(s) => s.is_closed(),
+        }
+    }
+
+    /// Waits until the protocol can take a request; `false` if the connection ended.
+    async fn ready(&mut self) -> bool {
+        match self {
+            Client::Http1(s) => s.ready().await.is_ok(),
+        }
+    }
+}
+
+/// A new connection, ready for its first request.
+pub struct Connected {
+    pub stream: Arc<Stream>,
+    pub client: Client,
+    /// Runs the protocol for the connection's whole life; ends when it closes.
+    pub driver: Pin<Box<dyn Future<Output = ()> + Send>>,
+}
+
+/// Which connection a request may use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Want {
+    /// An idle connection if a suitable one exists, else a new one.
+    Idle(Take),
+    /// A new connection (after a stale one failed).
+    Fresh,
+}
+
+/// Settings of one pool, from `[upstream.NAME.pool]`.
+#[derive(Debug, Clone)]
+pub struct PoolSettings {
+    pub max_connections: usize,
+    pub max_idle: usize,
+    pub idle_timeout: Duration,
+    pub max_requests: Option<u64>,
+    pub max_lifetime: Option<Duration>,
+    pub queue_size: usize,
+    pub queue_timeout: Duration,
+}
+
+impl From<&PoolConfig> for PoolSettings {
+    fn from(c: &PoolConfig) -> Self {
+        PoolSettings {
+            max_connections: c.max_connections,
+            max_idle: c.max_idle,
+            idle_timeout: c.idle_timeout.get(),
+            max_requests: (c.max_requests > 0).then_some(c.max_requests),
+            max_lifetime: c.max_lifetime.non_zero(),
+            queue_size: c.queue_size,
+            queue_timeout: c.queue_timeout.get(),
+        }
+    }
+}
+
+/// One open connection, owned by the idle list or by a [`PooledConn`].
+pub struct Conn {
+    id: u64,
+    created: Instant,
+    /// Requests completed on this connection.
+    requests: u64,
+    /// Requests the upstream still allows (`Keep-Alive: max`).
+    remaining: Option<u64>,
+    stream: Arc<Stream>,
+    client: Client,
+    /// Dropping this ends the driver task, closing the socket.
+    _kill: oneshot::Sender<()>,
+    _open: OpenGuard,
+}
+
+impl Keyed for Conn {
+    fn key(&self) -> u64 {
+        self.id
+    }
+}
+
+struct OpenGuard(Arc<AtomicUsize>);
+
+impl Drop for OpenGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Relaxed);
+    }
+}
+
+struct State {
+    idle: IdleList<Conn>,
+    learner: Learner,
+    /// When the reaper will wake next, so a push only wakes it when it must.
+    reaper_target: Option<Instant>,
+}
+
+pub struct Pool {
+    label: Arc<str>,
+    settings: PoolSettings,
+    slots: Arc<Semaphore>,
+    waiting: AtomicUsize,
+    open: Arc<AtomicUsize>,
+    state: Mutex<State>,
+    reaper: Arc<Notify>,
+    draining: AtomicBool,
+    pub figures: PoolFigures,
+}
+
+static NEXT_CONN_ID: AtomicU64 = AtomicU64::new(1);
+
+impl Pool {
+    /// Creates a pool and starts its reaper. Must be called inside a Tokio runtime.
+    pub fn new(label: Arc<str>, settings: PoolSettings) -> Arc<Pool> {
+        let pool = Arc::new(Pool {
+            label,
+            slots: Arc::new(Semaphore::new(settings.max_connections)),
+            waiting: AtomicUsize::new(0),
+            open: Arc::new(AtomicUsize::new(0)),
+            state: Mutex::new(State {
+                idle: IdleList::default(),
+                learner: Learner::new(settings.idle_timeout),
+                reaper_target: None,
+            }),
+            reaper: Arc::new(Notify::new()),
+            draining: AtomicBool::new(false),
+            figures: PoolFigures::default(),
+            settings,
+        });
+        tokio::spawn(reap(Arc::downgrade(&pool), pool.reaper.clone()));
+        pool
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic while holding this lock cannot leave the idle list inconsistent
+        // (every method restores it before returning), so a poisoned lock is usable.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Takes a slot, then a suitable idle connection or a new one from `connect`.
+    ///
+    /// `check_idle` makes the pool look at the socket of an idle connection before
+    /// handing it out (one non-blocking peek), for requests that cannot be retried.
+    ///
+    /// # Errors
+    /// No slot within `queue_timeout` or a full queue (503), or `connect` failed.
+    ///
+    /// # Cancel safety
+    /// Dropping the future gives back the slot and closes a connection being opened.
+    pub async fn checkout<F, Fut>(
+        self: &Arc<Self>,
+        want: Want,
+        check_idle: bool,
+        connect: F,
+    ) -> Result<PooledConn, UpstreamError>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<Connected, UpstreamError>>,
+    {
+        let permit = self.acquire_slot().await?;
+        if let Want::Idle(take) = want {
+            while let Some((mut conn, idle_since)) = self.take_idle(take) {
+                let now = Instant::now();
+                let probe = if conn.client.is_closed() {
+                    IdleProbe::Closed
+                } else if check_idle {
+                    conn.stream.probe_idle()
+                } else {
+                    IdleProbe::Quiet
+                };
+                if probe == IdleProbe::Quiet && conn.client.ready().await {
+                    let age = now.saturating_duration_since(idle_since);
+                    self.figures.reused.fetch_add(1, Relaxed);
+                    self.figures.idle_age_at_reuse.observe(age);
+                    return Ok(PooledConn::new(
+                        conn,
+                        self.clone(),
+                        permit,
+                        Some(idle_since),
+                    ));
+                }
+                // Closed while idle and not yet noticed by its driver.
+                self.figures.stale_caught.fetch_add(1, Relaxed);
+                self.upstream_closed_idle(conn, now.saturating_duration_since(idle_since));
+            }
+        }
+        self.make_room();
+        let connected = connect().await?;
+        let (kill, killed) = oneshot::channel();
+        self.open.fetch_add(1, Relaxed);
+        let conn = Conn {
+            id: NEXT_CONN_ID.fetch_add(1, Relaxed),
+            created: Instant::now(),
+            requests: 0,
+            remaining: None,
+            stream: connected.stream,
+            client: connected.client,
+            _kill: kill,
+            _open: OpenGuard(self.open.clone()),
+        };
+        self.figures.created.fetch_add(1, Relaxed);
+        tokio::spawn(drive(
+            conn.id,
+            connected.driver,
+            killed,
+            Arc::downgrade(self),
+        ));
+        Ok(PooledConn::new(conn, self.clone(), permit, None))
+    }
+
+    async fn acquire_slot(&self) -> Result<OwnedSemaphorePermit, UpstreamError> {
+        match self.slots.clone().try_acquire_owned() {
+            Ok(p) => return Ok(p),
+            Err(TryAcquireError::NoPermits) => {}
+            Err(TryAcquireError::Closed) => {
+                return Err(UpstreamError::new(Kind::NoPeer, Delivery::NotSent));
+            }
+        }
+        if self.waiting.fetch_add(1, Relaxed) >= self.settings.queue_size {
+            self.waiting.fetch_sub(1, Relaxed);
+            self.figures.queue_full.fetch_add(1, Relaxed);
+            return Err(UpstreamError::new(Kind::QueueFull, Delivery::NotSent));
+        }
+        struct Waiting<'a>(&'a AtomicUsize);
+        impl Drop for Waiting<'_> {
+            fn drop(&mut self) {
+                self.0.fetch_sub(1, Relaxed);
+            }
+        }
+        let _waiting = Waiting(&self.waiting);
+        // Tokio's semaphore is fair: waiters are served in FIFO order.
+        match tokio::time::timeout(
+            self.settings.queue_timeout,
+            self.slots.clone().acquire_owned(),
+        )
+        .await
+        {
+            Ok(Ok(p)) => Ok(p),
+            Ok(Err(_)) => Err(UpstreamError::new(Kind::NoPeer, Delivery::NotSent)),
+            Err(_) => {
+                self.figures.queue_timeouts.fetch_add(1, Relaxed);
+                Err(UpstreamError::new(Kind::QueueTimeout, Delivery::NotSent))
+            }
+        }
+    }
+
+    fn take_idle(&self, take: Take) -> Option<(Conn, Instant)> {
+        let mut expired = Vec::new();
+        let got = self.lock().idle.take(Instant::now(), take, &mut expired);
+        self.close_all(expired, CloseReason::IdleExpired);
+        got.map(|e| (e.conn, e.idle_since))
+    }
+
+    /// Closes the oldest idle connection when opening one more would pass the cap.
+    fn make_room(&self) {
+        if self.open.load(Relaxed) < self.settings.max_connections {
+            return;
+        }
+        let oldest = self.lock().idle.pop_oldest();
+        if let Some(conn) = oldest {
+            self.figures.closed(CloseReason::Evicted);
+            drop(conn);
+        }
+    }
+
+    fn close_all(&self, conns: Vec<Conn>, reason: CloseReason) {
+        for conn in conns {
+            self.figures.closed(reason);
+            drop(conn);
+        }
+    }
+
+    /// The upstream closed a connection that sat idle for `idle_age`.
+    fn upstream_closed_idle(&self, conn: Conn, idle_age: Duration) {
+        self.figures.closed(CloseReason::ClosedByUpstreamIdle);
+        self.figures.idle_age_at_upstream_close.observe(idle_age);
+        let learned = self.lock().learner.on_idle_close(idle_age, conn.requests);
+        drop(conn);
+        self.apply_learned(learned);
+    }
+
+    fn apply_learned(&self, learned: Option<Learned>) {
+        match learned {
+            None => {}
+            Some(Learned::IdleTimeout(timeout, source)) => {
+                tracing::info!(
+                    address = %self.label,
+                    idle_timeout = ?timeout,
+                    source = source.as_str(),
+                    "lowered the upstream idle timeout to what the upstream shows"
+                );
+                self.lock().idle.cap_expiry(timeout);
+                self.reaper.notify_one();
+            }
+            Some(Learned::MaxRequests(n)) => {
+                tracing::info!(
+                    address = %self.label,
+                    max_requests = n,
+                    "upstream closes connections after {n} request(s) without saying so; retiring them before"
+                );
+            }
+        }
+    }
+
+    /// A reused connection failed before any response byte. Connections idle as long
+    /// or longer are likely dead too: close them now rather than find out one by one.
+    pub fn on_stale(&self, idle_since: Instant, idle_age: Duration, requests: u64) {
+        let (older, learned) = {
+            let mut st = self.lock();
+            let older = st.idle.drain_idle_since(idle_since);
+            // Only a prompt close says something exact (a per-connection request limit).
+            let learned = (idle_age < PROMPT_CLOSE)
+                .then(|| st.learner.on_idle_close(idle_age, requests))
+                .flatten();
+            (older, learned)
+        };
+        self.close_all(older, CloseReason::Evicted);
+        self.apply_learned(learned);
+    }
+
+    /// Called by a connection's driver when it ends. If the connection was idle, the
+    /// upstream closed it (a connection in use is owned by a `PooledConn`, and one the
+    /// pool closed is no longer listed).
+    fn on_driver_end(&self, id: u64) {
+        let entry = self.lock().idle.remove(id);
+        if let Some(e) = entry {
+            let age = e.idle_age(Instant::now());
+            self.upstream_closed_idle(e.conn, age);
+        }
+    }
+
+    /// Whether this connection may go back to the idle list, or why not.
+    fn retire_reason(&self, conn: &Conn, hint: &ResponseHint, now: Instant) -> Option<CloseReason> {
+        if hint.connection_close {
+            return Some(CloseReason::UpstreamConnectionClose);
+        }
+        if hint.keep_alive.forbids_pooling() {
+            return Some(CloseReason::NotPoolable);
+        }
+        let learned_max = self.lock().learner.learned_max_requests();
+        let over = |limit: Option<u64>| limit.is_some_and(|m| conn.requests >= m);
+        if over(self.settings.max_requests) || over(learned_max) || conn.remaining == Some(0) {
+            return Some(CloseReason::MaxRequests);
+        }
+        if self
+            .settings
+            .max_lifetime
+            .is_some_and(|l| now.saturating_duration_since(conn.created) >= l)
+        {
+            return Some(CloseReason::Lifetime);
+        }
+        if self.draining.load(Relaxed) {
+            return Some(CloseReason::Evicted);
+        }
+        if conn.client.is_closed() {
+            return Some(CloseReason::ClosedByUpstreamIdle);
+        }
+        None
+    }
+
+    fn checkin(&self, mut conn: Conn, hint: ResponseHint) {
+        conn.requests += 1;
+        conn.remaining = match (hint.keep_alive.max, conn.remaining) {
+            (Some(max), _) => Some(max),
+            (None, Some(r)) => Some(r.saturating_sub(1)),
+            (None, None) => None,
+        };
+        let now = Instant::now();
+        if let Some(reason) = self.retire_reason(&conn, &hint, now) {
+            self.figures.closed(reason);
+            return;
+        }
+        let mut st = self.lock();
+        let (idle_timeout, _) = st.learner.effective_idle();
+        let mut expires_at = now + idle_timeout;
+        if let Some(lifetime) = self.settings.max_lifetime {
+            expires_at = expires_at.min(conn.created + lifetime);
+        }
+        let evicted = st.idle.push(conn, now, expires_at, self.settings.max_idle);
+        let wake = st.reaper_target.is_none_or(|t| expires_at < t);
+        drop(st);
+        if wake {
+            self.reaper.notify_one();
+        }
+        if let Some(c) = evicted {
+            self.figures.closed(CloseReason::Evicted);
+            drop(c);
+        }
+    }
+
+    /// Closes every idle connection and retires busy ones when they finish.
+    pub fn drain(&self) {
+        self.draining.store(true, Relaxed);
+        let idle = self.lock().idle.drain_all();
+        self.close_all(idle, CloseReason::Evicted);
+    }
+
+    /// How long a connection may have been idle and still carry a request that
+    /// cannot be retried: well below the upstream's idle timeout.
+    pub fn safe_reuse_age(&self) -> Duration {
+        let (idle, _) = self.lock().learner.effective_idle();
+        (idle / 4).min(Duration::from_secs(1))
+    }
+
+    pub fn snapshot(&self) -> PoolSnapshot {
+        let st = self.lock();
+        let (idle_timeout, source) = st.learner.effective_idle();
+        PoolSnapshot {
+            open: self.open.load(Relaxed),
+            idle: st.idle.len(),
+            in_use: self.settings.max_connections - self.slots.available_permits(),
+            waiting: self.waiting.load(Relaxed),
+            max_connections: self.settings.max_connections,
+            effective_idle_timeout: idle_timeout,
+            idle_timeout_source: source,
+            learned_max_requests: st.learner.learned_max_requests(),
+        }
+    }
+}
+
+impl Drop for Pool {
+    fn drop(&mut self) {
+        // Wakes the reaper so it sees the pool is gone and ends.
+        self.reaper.notify_one();
+    }
+}
+
+/// Gauges of one pool at one moment.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct PoolSnapshot {
+    pub open: usize,
+    pub idle: usize,
+    pub in_use: usize,
+    pub waiting: usize,
+    pub max_connections: usize,
+    #[serde(serialize_with = "ser_secs")]
+    pub effective_idle_timeout: Duration,
+    pub idle_timeout_source: IdleSource,
+    pub learned_max_requests: Option<u64>,
+}
+
+fn ser_secs<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_f64(d.as_secs_f64())
+}
+
+/// Runs a connection's protocol until it ends or the pool drops it.
+async fn drive(
+    id: u64,
+    driver: Pin<Box<dyn Future<Output = ()> + Send>>,
+    killed: oneshot::Receiver<()>,
+    pool: Weak<Pool>,
+) {
+    tokio::select! {
+        () = driver => {
+            if let Some(pool) = pool.upgrade() {
+                pool.on_driver_end(id);
+            }
+        }
+        _ = killed => {}
+    }
+}
+
+/// Closes idle connections at their expiry, so none stays open past it.
+async fn reap(pool: Weak<Pool>, wake: Arc<Notify>) {
+    loop {
+        let next = {
+            let Some(pool) = pool.upgrade() else { return };
+            let expired = {
+                let mut st = pool.lock();
+                let expired = st.idle.drain_expired(Instant::now());
+                st.reaper_target = st.idle.next_expiry();
+                expired
+            };
+            pool.close_all(expired, CloseReason::IdleExpired);
+
+            pool.lock().reaper_target
+        };
+        match next {
+            Some(at) => {
+                tokio::select! {
+                    () = tokio::time::sleep_until(at) => {}
+                    () = wake.notified() => {}
+                }
+            }
+            None => wake.notified().await,
+        }
+    }
+}
+
+/// What the response head said about the connection's future.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ResponseHint {
+    pub connection_close: bool,
+    pub keep_alive: KeepAliveHint,
+}
+
+/// A connection checked out for one request. Dropping it closes the connection;
+/// [`PooledConn::release`] is the only way back to the pool.
+pub struct PooledConn {
+    conn: Option<Conn>,
+    pool: Arc<Pool>,
+    _slot: OwnedSemaphorePermit,
+    idle_since: Option<Instant>,
+    hint: ResponseHint,
+    close_reason: CloseReason,
+}
+
+impl PooledConn {
+    fn new(
+        conn: Conn,
+        pool: Arc<Pool>,
+        slot: OwnedSemaphorePermit,
+        idle_since: Option<Instant>,
+    ) -> Self {
+        PooledConn {
+            conn: Some(conn),
+            pool,
+            _slot: slot,
+            idle_since,
+            hint: ResponseHint::default(),
+            close_reason: CloseReason::Abandoned,
+        }
+    }
+
+    /// The protocol handle.
+    pub fn client(&mut self) -> &mut Client {
+        // `conn` is only `None` after `release` or in `drop`, both of which consume us.
+        &mut self
+            .conn
+            .as_mut()
+            .expect("connection present until release")
+            .client
+    }
+
+    /// `Some(idle_since)` when this connection served an earlier request.
+    pub fn reused_since(&self) -> Option<Instant> {
+        self.idle_since
+    }
+
+    pub fn is_reused(&self) -> bool {
+        self.idle_since.is_some()
+    }
+
+    pub fn requests(&self) -> u64 {
+        self.conn.as_ref().map_or(0, |c| c.requests)
+    }
+
+    pub fn pool(&self) -> &Arc<Pool> {
+        &self.pool
+    }
+
+    /// Why the connection will be closed if dropped now.
+    pub fn set_close_reason(&mut self, reason: CloseReason) {
+        self.close_reason = reason;
+    }
+
+    /// Records what the response head says about reuse, and learns the upstream's
+    /// announced idle timeout.
+    pub fn on_response_head(&mut self, headers: &http::HeaderMap, version: http::Version) {
+        let connection_close = headers.get_all(http::header::CONNECTION).iter().any(|v| {
+            v.as_bytes()
+                .split(|&b| b == b',')
+                .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"close"))
+        }) || version == http::Version::HTTP_10;
+        let keep_alive = headers
+            .get("keep-alive")
+            .map(|v| KeepAliveHint::parse(v.as_bytes()))
+            .unwrap_or_default();
+        if let Some(secs) = keep_alive.timeout_secs {
+            let learned = self.pool.lock().learner.on_announced_timeout(secs);
+            self.pool.apply_learned(learned);
+        }
+        self.hint = ResponseHint {
+            connection_close,
+            keep_alive,
+        };
+    }
+
+    /// The response was read to its end: the connection goes back to the pool unless
+    /// a rule retires it.
+    pub fn release(mut self) {
+        if let Some(conn) = self.conn.take() {
+            self.pool.checkin(conn, self.hint);
+        }
+    }
+}
+
+impl Drop for PooledConn {
+    fn drop(&mut self) {
+        if let Some(conn) = self.conn.take() {
+            self.pool.figures.closed(self.close_reason);
+            drop(conn);
+        }
+    }
+}

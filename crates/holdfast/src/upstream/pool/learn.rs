@@ -1,0 +1,295 @@
+//! What one upstream address has told or shown about its keep-alive behaviour, and the
+//! effective idle timeout and request cap that follow.
+//!
+//! Pure: fed with header values and observed closes, no clocks of its own. Learned
+//! values only ever make the pool more careful (shorter idle time, fewer requests per
+//! connection), are bounded below, and are logged by the caller when they change.
+
+use std::collections::VecDeque;
+use std::time::Duration;
+
+use serde::Serialize;
+
+/// Where the effective idle timeout comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum IdleSource {
+    Config,
+    KeepAliveHeader,
+    Observed,
+}
+
+impl IdleSource {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            IdleSource::Config => "config",
+            IdleSource::KeepAliveHeader => "keep_alive_header",
+            IdleSource::Observed => "observed",
+        }
+    }
+}
+
+/// The parameters of a `Keep-Alive: timeout=N, max=M` response header (RFC 2068
+/// 19.7.1.1; still sent by Apache, Node.js and others).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct KeepAliveHint {
+    pub timeout_secs: Option<u64>,
+    pub max: Option<u64>,
+}
+
+impl KeepAliveHint {
+    pub fn parse(value: &[u8]) -> KeepAliveHint {
+        let mut hint = KeepAliveHint::default();
+        let Ok(text) = std::str::from_utf8(value) else {
+            return hint;
+        };
+        for part in text.split(',') {
+            let Some((k, v)) = part.split_once('=') else {
+                continue;
+            };
+            let v = v.trim().trim_matches('"').parse::<u64>().ok();
+            match k.trim().to_ascii_lowercase().as_str() {
+                "timeout" => hint.timeout_secs = v,
+                "max" => hint.max = v,
+                _ => {}
+            }
+        }
+        hint
+    }
+
+    /// `timeout=0` or `timeout=1` leaves no safe time to reuse the connection.
+    pub fn forbids_pooling(&self) -> bool {
+        self.timeout_secs.is_some_and(|t| t <= 1)
+    }
+}
+
+/// An idle close counted as "right after the response" when it came this soon: that
+/// is a per-connection request limit, not an idle timeout.
+pub const PROMPT_CLOSE: Duration = Duration::from_millis(250);
+/// The shortest idle timeout holdfast will learn.
+pub const MIN_LEARNED_IDLE: Duration = Duration::from_millis(100);
+const SAMPLES: usize = 8;
+
+/// A change worth logging.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Learned {
+    IdleTimeout(Duration, IdleSource),
+    MaxRequests(u64),
+}
+
+#[derive(Debug, Clone)]
+pub struct Learner {
+    config_idle: Duration,
+    header_idle: Option<Duration>,
+    observed_idle: Option<Duration>,
+    max_requests: Option<u64>,
+    idle_close_ages: VecDeque<Duration>,
+    prompt_close_requests: VecDeque<u64>,
+}
+
+impl Learner {
+    pub fn new(config_idle: Duration) -> Self {
+        Learner {
+            config_idle,
+            header_idle: None,
+            observed_idle: None,
+            max_requests: None,
+            idle_close_ages: VecDeque::new(),
+            prompt_close_requests: VecDeque::new(),
+        }
+    }
+
+    /// The idle timeout in force and where it comes from: the shortest of the three.
+    pub fn effective_idle(&self) -> (Duration, IdleSource) {
+        let mut best = (self.config_idle, IdleSource::Config);
+        for (d, src) in [
+            (self.header_idle, IdleSource::KeepAliveHeader),
+            (self.observed_idle, IdleSource::Observed),
+        ] {
+            if let Some(d) = d
+                && d < best.0
+            {
+                best = (d, src);
+            }
+        }
+        best
+    }
+
+    /// Requests per connection learned from observed closes, if any.
+    pub fn learned_max_requests(&self) -> Option<u64> {
+        self.max_requests
+    }
+
+    /// The upstream announced `Keep-Alive: timeout=N`: expire a margin before N, so a
+    /// request never leaves as the upstream's timer fires (one RTT and clock skew).
+    pub fn on_announced_timeout(&mut self, secs: u64) -> Option<Learned> {
+        if secs <= 1 {
+            return None;
+        }
+        let announced = Duration::from_secs(secs);
+        let margin = (announced / 8).max(Duration::from_millis(500));
+        let idle = announced - margin;
+        if self.header_idle == Some(idle) {
+            return None;
+        }
+        let before = self.effective_idle();
+        self.header_idle = Some(idle);
+        let after = self.effective_idle();
+        (after != before).then_some(Learned::IdleTimeout(after.0, after.1))
+    }
+
+    /// The upstream closed a connection that had been idle for `idle_age` after
+    /// serving `requests` requests, without saying it would.
+    pub fn on_idle_close(&mut self, idle_age: Duration, requests: u64) -> Option<Learned> {
+        if idle_age < PROMPT_CLOSE {
+            push_bounded(&mut self.prompt_close_requests, requests);
+            // Two connections in a row closed right after the same number of
+            // requests: the upstream has a per-connection limit it does not announce.
+            let n = self.prompt_close_requests.len();
+            if n >= 2 {
+                let last = self.prompt_close_requests[n - 1];
+                if self.prompt_close_requests[n - 2] == last
+                    && self.max_requests.is_none_or(|m| last < m)
+                {
+                    self.max_requests = Some(last.max(1));
+                    return Some(Learned::MaxRequests(last.max(1)));
+                }
+            }
+            return None;
+        }
+        push_bounded(&mut self.idle_close_ages, idle_age);
+        // Three closes at about the same idle age: an unannounced idle timeout.
+        let n = self.idle_close_ages.len();
+        if n < 3 {
+            return None;
+        }
+        let recent = self.idle_close_ages.iter().skip(n - 3);
+        let (lo, hi) = recent.fold((Duration::MAX, Duration::ZERO), |(lo, hi), &d| {
+            (lo.min(d), hi.max(d))
+        });
+        if hi > lo * 2 {
+            return None;
+        }
+        let idle = (lo * 4 / 5).max(MIN_LEARNED_IDLE);
+        if self.observed_idle.is_some_and(|o| o <= idle) {
+            return None;
+        }
+        let before = self.effective_idle();
+        self.observed_idle = Some(idle);
+        let after = self.effective_idle();
+        (after != before).then_some(Learned::IdleTimeout(after.0, after.1))
+    }
+}
+
+fn push_bounded<T>(q: &mut VecDeque<T>, v: T) {
+    if q.len() == SAMPLES {
+        q.pop_front();
+    }
+    q.push_back(v);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const S: fn(u64) -> Duration = Duration::from_secs;
+
+    #[test]
+    fn parses_keep_alive_header() {
+        let h = KeepAliveHint::parse(b"timeout=8, max=100");
+        assert_eq!(
+            h,
+            KeepAliveHint {
+                timeout_secs: Some(8),
+                max: Some(100)
+            }
+        );
+        assert_eq!(
+            KeepAliveHint::parse(b"Timeout = \"5\""),
+            KeepAliveHint {
+                timeout_secs: Some(5),
+                max: None
+            }
+        );
+        assert_eq!(
+            KeepAliveHint::parse(b"garbage,,=,timeout=x"),
+            KeepAliveHint::default()
+        );
+        assert!(KeepAliveHint::parse(b"timeout=1").forbids_pooling());
+        assert!(KeepAliveHint::parse(b"timeout=0").forbids_pooling());
+        assert!(!KeepAliveHint::parse(b"timeout=2").forbids_pooling());
+    }
+
+    #[test]
+    fn announced_timeout_expires_a_margin_before() {
+        let mut l = Learner::new(S(15));
+        assert_eq!(
+            l.on_announced_timeout(8),
+            Some(Learned::IdleTimeout(S(7), IdleSource::KeepAliveHeader))
+        );
+        assert_eq!(l.effective_idle(), (S(7), IdleSource::KeepAliveHeader));
+        assert_eq!(l.on_announced_timeout(8), None, "no news");
+        let mut l = Learner::new(S(4));
+        assert_eq!(
+            l.on_announced_timeout(30),
+            None,
+            "config is already shorter"
+        );
+        assert_eq!(l.effective_idle(), (S(4), IdleSource::Config));
+    }
+
+    #[test]
+    fn unannounced_idle_timeout_is_learned_from_three_similar_closes() {
+        let mut l = Learner::new(S(15));
+        assert_eq!(l.on_idle_close(Duration::from_millis(2010), 1), None);
+        assert_eq!(l.on_idle_close(Duration::from_millis(2003), 4), None);
+        let got = l.on_idle_close(Duration::from_millis(2001), 2);
+        assert_eq!(
+            got,
+            Some(Learned::IdleTimeout(
+                Duration::from_millis(2001) * 4 / 5,
+                IdleSource::Observed
+            ))
+        );
+        assert_eq!(
+            l.learned_max_requests(),
+            None,
+            "different counts: not a request limit"
+        );
+    }
+
+    #[test]
+    fn scattered_closes_teach_nothing() {
+        let mut l = Learner::new(S(15));
+        for age in [1, 7, 3] {
+            assert_eq!(l.on_idle_close(S(age), 1), None);
+        }
+        assert_eq!(l.effective_idle().1, IdleSource::Config);
+    }
+
+    #[test]
+    fn prompt_closes_teach_a_request_limit() {
+        let mut l = Learner::new(S(15));
+        assert_eq!(l.on_idle_close(Duration::from_micros(80), 1), None);
+        assert_eq!(
+            l.on_idle_close(Duration::from_micros(50), 1),
+            Some(Learned::MaxRequests(1))
+        );
+        assert_eq!(l.learned_max_requests(), Some(1));
+        assert_eq!(
+            l.effective_idle().1,
+            IdleSource::Config,
+            "not an idle timeout"
+        );
+    }
+
+    #[test]
+    fn learned_idle_is_bounded_below() {
+        let mut l = Learner::new(S(15));
+        for _ in 0..3 {
+            l.on_idle_close(Duration::from_millis(260), 1);
+        }
+        assert_eq!(l.effective_idle().0, Duration::from_millis(208));
+        assert!(l.effective_idle().0 >= MIN_LEARNED_IDLE);
+    }
+}

@@ -1,0 +1,148 @@
+//! When a request may be sent again, and how many retries an upstream may take.
+//!
+//! A retry is safe only when it cannot make the upstream act twice: the method is
+//! idempotent (RFC 9110 9.2.2), the client sent an idempotency key, or the request
+//! provably never reached the upstream. Everything else gets a 502 saying so.
+
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicI64, Ordering::Relaxed};
+
+use http::{HeaderMap, Method};
+use tokio::time::Instant;
+
+use crate::config::RetryConfig;
+
+/// What a failure after sending allows for this request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Replay {
+    /// Idempotent, or carries `Idempotency-Key` / `X-Idempotency-Key`: may be sent
+    /// again after a stale connection swallowed it.
+    Safe,
+    /// May be sent again only if it provably never left.
+    NotSentOnly,
+}
+
+impl Replay {
+    pub fn classify(method: &Method, headers: &HeaderMap) -> Replay {
+        let idempotent = matches!(
+            *method,
+            Method::GET
+                | Method::HEAD
+                | Method::OPTIONS
+                | Method::TRACE
+                | Method::PUT
+                | Method::DELETE
+        );
+        if idempotent
+            || headers.contains_key("idempotency-key")
+            || headers.contains_key("x-idempotency-key")
+        {
+            Replay::Safe
+        } else {
+            Replay::NotSentOnly
+        }
+    }
+}
+
+const UNIT: i64 = 1000;
+
+/// Retries allowed per upstream: `budget_ratio` of requests plus
+/// `budget_min_per_second`, so retries never become a storm against an upstream
+/// that is failing for real (the approach of Finagle and linkerd).
+#[derive(Debug)]
+pub struct RetryBudget {
+    /// Milli-retries available.
+    balance: AtomicI64,
+    per_request: i64,
+    min_per_second: i64,
+    cap: i64,
+    last_refill: Mutex<Instant>,
+}
+
+impl RetryBudget {
+    pub fn new(c: &RetryConfig) -> Self {
+        let min_per_second = i64::from(c.budget_min_per_second) * UNIT;
+        RetryBudget {
+            balance: AtomicI64::new(min_per_second),
+            // The ratio is validated to 0.0..=1.0, so this fits.
+            per_request: (c.budget_ratio * UNIT as f64) as i64,
+            min_per_second,
+            cap: min_per_second * 10 + 100 * UNIT,
+            last_refill: Mutex::new(Instant::now()),
+        }
+    }
+
+    /// Every request adds its share.
+    pub fn deposit(&self) {
+        if self.per_request > 0 && self.balance.load(Relaxed) < self.cap {
+            self.balance.fetch_add(self.per_request, Relaxed);
+        }
+    }
+
+    /// Takes one retry if the budget allows it.
+    pub fn withdraw(&self) -> bool {
+        {
+            let mut last = self.last_refill.lock().unwrap_or_else(|p| p.into_inner());
+            let now = Instant::now();
+            let elapsed_ms = now.saturating_duration_since(*last).as_millis() as i64;
+            let refill = self.min_per_second * elapsed_ms / 1000;
+            if refill > 0 {
+                *last = now;
+                let cur = self.balance.load(Relaxed);
+                self.balance
+                    .store((cur + refill).min(self.cap.max(cur)), Relaxed);
+            }
+        }
+        if self.balance.fetch_sub(UNIT, Relaxed) >= UNIT {
+            true
+        } else {
+            self.balance.fetch_add(UNIT, Relaxed);
+            false
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn idempotent_or_keyed_is_safe() {
+        let none = HeaderMap::new();
+        assert_eq!(Replay::classify(&Method::GET, &none), Replay::Safe);
+        assert_eq!(Replay::classify(&Method::PUT, &none), Replay::Safe);
+        assert_eq!(Replay::classify(&Method::POST, &none), Replay::NotSentOnly);
+        assert_eq!(Replay::classify(&Method::PATCH, &none), Replay::NotSentOnly);
+        let mut keyed = HeaderMap::new();
+        keyed.insert("idempotency-key", "abc".parse().unwrap());
+        assert_eq!(Replay::classify(&Method::POST, &keyed), Replay::Safe);
+        let mut keyed = HeaderMap::new();
+        keyed.insert("x-idempotency-key", "abc".parse().unwrap());
+        assert_eq!(Replay::classify(&Method::POST, &keyed), Replay::Safe);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn budget_allows_ratio_plus_floor() {
+        let c = RetryConfig {
+            budget_ratio: 0.2,
+            budget_min_per_second: 2,
+            ..RetryConfig::default()
+        };
+        let b = RetryBudget::new(&c);
+        // The floor: two at once.
+        assert!(b.withdraw());
+        assert!(b.withdraw());
+        assert!(!b.withdraw(), "floor spent");
+        // 100 requests earn 20 retries.
+        for _ in 0..100 {
+            b.deposit();
+        }
+        let granted = (0..50).filter(|_| b.withdraw()).count();
+        assert_eq!(granted, 20);
+        // A second later the floor refills.
+        tokio::time::advance(std::time::Duration::from_secs(1)).await;
+        assert!(b.withdraw());
+        assert!(b.withdraw());
+        assert!(!b.withdraw());
+    }
+}
