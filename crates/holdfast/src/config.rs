@@ -253,6 +253,11 @@ pub struct PoolConfig {
     pub queue_size: usize,
     /// How long a request waits for a connection before 503. Default `2s`.
     pub queue_timeout: Dur,
+    /// Learn from the upstream: lower the idle timeout to what `Keep-Alive: timeout`
+    /// announces or what observed idle closes show, and retire connections before an
+    /// unannounced per-connection request limit. Default true; `false` exists to show
+    /// what the learning prevents.
+    pub learn: bool,
 }
 
 impl Default for PoolConfig {
@@ -265,6 +270,7 @@ impl Default for PoolConfig {
             max_lifetime: Dur::secs(0),
             queue_size: 1024,
             queue_timeout: Dur::secs(2),
+            learn: true,
         }
     }
 }

@@ -55,14 +55,14 @@ pub async fn run(duration: Duration) -> std::io::Result<()> {
     );
     println!("holdfast on {front} in front of it (default pool idle timeout 4s)");
     println!(
-        "sending requests spaced 1.8-2.2 s apart for {duration:?}, through holdfast and through a naive pool...\n"
+        "sending requests spaced 1.95-2.4 s apart for {duration:?}, through holdfast and through a naive pool...\n"
     );
 
     let through = Arc::new(Tally::default());
     let naive = Arc::new(Tally::default());
     let mut clients = Vec::new();
     for i in 0..4u64 {
-        let offset = Duration::from_millis(i * 500);
+        let offset = Duration::from_millis(i * 20);
         clients.push(tokio::spawn(client_loop(
             front,
             offset,
@@ -120,7 +120,7 @@ pub async fn run(duration: Duration) -> std::io::Result<()> {
 async fn client_loop(addr: SocketAddr, offset: Duration, duration: Duration, tally: Arc<Tally>) {
     tokio::time::sleep(offset).await;
     let end = tokio::time::Instant::now() + duration;
-    let spacings = [1800u64, 1950, 2000, 2050, 2200];
+    let spacings = [2100u64, 1950, 2250, 2050, 2400];
     let mut conn: Option<TcpStream> = None;
     let mut i = 0;
     while tokio::time::Instant::now() < end {

@@ -84,6 +84,7 @@ pub struct PoolSettings {
     pub max_lifetime: Option<Duration>,
     pub queue_size: usize,
     pub queue_timeout: Duration,
+    pub learn: bool,
 }
 
 impl From<&PoolConfig> for PoolSettings {
@@ -96,6 +97,7 @@ impl From<&PoolConfig> for PoolSettings {
             max_lifetime: c.max_lifetime.non_zero(),
             queue_size: c.queue_size,
             queue_timeout: c.queue_timeout.get(),
+            learn: c.learn,
         }
     }
 }
@@ -160,7 +162,7 @@ impl Pool {
             open: Arc::new(AtomicUsize::new(0)),
             state: Mutex::new(State {
                 idle: IdleList::default(),
-                learner: Learner::new(settings.idle_timeout),
+                learner: Learner::new(settings.idle_timeout, settings.learn),
                 reaper_target: None,
             }),
             reaper: Arc::new(Notify::new()),

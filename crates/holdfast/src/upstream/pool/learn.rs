@@ -79,6 +79,7 @@ pub enum Learned {
 
 #[derive(Debug, Clone)]
 pub struct Learner {
+    enabled: bool,
     config_idle: Duration,
     header_idle: Option<Duration>,
     observed_idle: Option<Duration>,
@@ -88,8 +89,10 @@ pub struct Learner {
 }
 
 impl Learner {
-    pub fn new(config_idle: Duration) -> Self {
+    /// A learner; a disabled one keeps the configured idle timeout and learns nothing.
+    pub fn new(config_idle: Duration, enabled: bool) -> Self {
         Learner {
+            enabled,
             config_idle,
             header_idle: None,
             observed_idle: None,
@@ -123,7 +126,7 @@ impl Learner {
     /// The upstream announced `Keep-Alive: timeout=N`: expire a margin before N, so a
     /// request never leaves as the upstream's timer fires (one RTT and clock skew).
     pub fn on_announced_timeout(&mut self, secs: u64) -> Option<Learned> {
-        if secs <= 1 {
+        if secs <= 1 || !self.enabled {
             return None;
         }
         let announced = Duration::from_secs(secs);
@@ -141,6 +144,9 @@ impl Learner {
     /// The upstream closed a connection that had been idle for `idle_age` after
     /// serving `requests` requests, without saying it would.
     pub fn on_idle_close(&mut self, idle_age: Duration, requests: u64) -> Option<Learned> {
+        if !self.enabled {
+            return None;
+        }
         if idle_age < PROMPT_CLOSE {
             push_bounded(&mut self.prompt_close_requests, requests);
             // Two connections in a row closed right after the same number of
@@ -222,14 +228,14 @@ mod tests {
 
     #[test]
     fn announced_timeout_expires_a_margin_before() {
-        let mut l = Learner::new(S(15));
+        let mut l = Learner::new(S(15), true);
         assert_eq!(
             l.on_announced_timeout(8),
             Some(Learned::IdleTimeout(S(7), IdleSource::KeepAliveHeader))
         );
         assert_eq!(l.effective_idle(), (S(7), IdleSource::KeepAliveHeader));
         assert_eq!(l.on_announced_timeout(8), None, "no news");
-        let mut l = Learner::new(S(4));
+        let mut l = Learner::new(S(4), true);
         assert_eq!(
             l.on_announced_timeout(30),
             None,
@@ -240,7 +246,7 @@ mod tests {
 
     #[test]
     fn unannounced_idle_timeout_is_learned_from_three_similar_closes() {
-        let mut l = Learner::new(S(15));
+        let mut l = Learner::new(S(15), true);
         assert_eq!(l.on_idle_close(Duration::from_millis(2010), 1), None);
         assert_eq!(l.on_idle_close(Duration::from_millis(2003), 4), None);
         let got = l.on_idle_close(Duration::from_millis(2001), 2);
@@ -260,7 +266,7 @@ mod tests {
 
     #[test]
     fn scattered_closes_teach_nothing() {
-        let mut l = Learner::new(S(15));
+        let mut l = Learner::new(S(15), true);
         for age in [1, 7, 3] {
             assert_eq!(l.on_idle_close(S(age), 1), None);
         }
@@ -269,7 +275,7 @@ mod tests {
 
     #[test]
     fn prompt_closes_teach_a_request_limit() {
-        let mut l = Learner::new(S(15));
+        let mut l = Learner::new(S(15), true);
         assert_eq!(l.on_idle_close(Duration::from_micros(80), 1), None);
         assert_eq!(
             l.on_idle_close(Duration::from_micros(50), 1),
@@ -284,8 +290,18 @@ mod tests {
     }
 
     #[test]
+    fn a_disabled_learner_learns_nothing() {
+        let mut l = Learner::new(S(15), false);
+        assert_eq!(l.on_announced_timeout(8), None);
+        l.on_idle_close(Duration::from_micros(50), 1);
+        l.on_idle_close(Duration::from_micros(50), 1);
+        assert_eq!(l.learned_max_requests(), None);
+        assert_eq!(l.effective_idle(), (S(15), IdleSource::Config));
+    }
+
+    #[test]
     fn learned_idle_is_bounded_below() {
-        let mut l = Learner::new(S(15));
+        let mut l = Learner::new(S(15), true);
         for _ in 0..3 {
             l.on_idle_close(Duration::from_millis(260), 1);
         }
