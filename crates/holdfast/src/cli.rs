@@ -5,7 +5,8 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use holdfast::config::{
-    Config, Dur, ListenerConfig, LogFormat, RouteConfig, UpstreamAddr, UpstreamConfig,
+    Config, Dur, FastCgiRoute, ListenerConfig, LogFormat, Protocol, RouteConfig, UpstreamAddr,
+    UpstreamConfig,
 };
 
 #[derive(Debug, Parser)]
@@ -86,6 +87,12 @@ pub struct ProxyArgs {
     /// Write the process id here.
     #[arg(long)]
     pub pid_file: Option<PathBuf>,
+    /// Document root for a FastCGI upstream (php-fpm), as the application sees it.
+    #[arg(long)]
+    pub root: Option<PathBuf>,
+    /// Front controller for paths that name no script, e.g. /index.php.
+    #[arg(long)]
+    pub fallback: Option<String>,
 }
 
 impl ProxyArgs {
@@ -110,8 +117,24 @@ impl ProxyArgs {
             }
         }
         c.listeners.push(ListenerConfig::new(self.listen));
-        c.routes.push(RouteConfig::new("/", "default"));
-        let mut up = UpstreamConfig::new(self.to);
+        let mut route = RouteConfig::new("/", "default");
+        let up = UpstreamConfig::new(self.to);
+        match (up.protocol(), self.root) {
+            (Protocol::FastCgi, Some(root)) => {
+                let mut f = FastCgiRoute::new(root);
+                f.fallback = self.fallback;
+                route.fastcgi = Some(f);
+            }
+            (Protocol::FastCgi, None) => {
+                return Err("--root is required with a fastcgi:// upstream".into());
+            }
+            (Protocol::Http1, Some(_)) => {
+                return Err("--root only applies to fastcgi:// upstreams".into());
+            }
+            (Protocol::Http1, None) => {}
+        }
+        c.routes.push(route);
+        let mut up = up;
         if let Some(t) = self.timeout {
             up.timeouts.response_headers = t;
         }

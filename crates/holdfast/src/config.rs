@@ -191,6 +191,50 @@ pub struct RouteConfig {
     pub strip_prefix: bool,
     /// Name of an `[upstream.NAME]` table.
     pub upstream: toml::Spanned<String>,
+    /// `[route.fastcgi]`: required when the upstream is FastCGI.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fastcgi: Option<FastCgiRoute>,
+}
+
+/// `[route.fastcgi]`: how a path becomes a script for a FastCGI application (php-fpm),
+/// with CGI/1.1 params set as nginx's `fastcgi_params` sets them.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct FastCgiRoute {
+    /// Document root as the application sees it, e.g. `/var/www/site`. Required.
+    pub root: PathBuf,
+    /// Script for paths ending in `/`. Default `index.php`.
+    #[serde(default = "defaults::fastcgi_index")]
+    pub index: String,
+    /// File extensions run as scripts. A path is split after the first of these
+    /// followed by `/` or its end; the rest is PATH_INFO. Default `[".php"]`.
+    #[serde(default = "defaults::script_extensions")]
+    pub script_extensions: Vec<String>,
+    /// Script that serves paths that name no script (a front controller such as
+    /// `/index.php`); without it they get 404. Default: none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fallback: Option<String>,
+    /// Answer 404 when the script file does not exist under `root` (nginx's
+    /// `try_files $fastcgi_script_name =404`); needs holdfast to see the
+    /// application's files. Default true.
+    #[serde(default = "defaults::yes")]
+    pub check_file: bool,
+    /// Extra CGI params, set last (they override the standard ones). Default: none.
+    #[serde(default)]
+    pub params: BTreeMap<String, String>,
+}
+
+impl FastCgiRoute {
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        FastCgiRoute {
+            root: root.into(),
+            index: defaults::fastcgi_index(),
+            script_extensions: defaults::script_extensions(),
+            fallback: None,
+            check_file: true,
+            params: BTreeMap::new(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
@@ -416,6 +460,15 @@ mod defaults {
     pub fn resolve_every() -> Dur {
         Dur::secs(30)
     }
+    pub fn fastcgi_index() -> String {
+        "index.php".into()
+    }
+    pub fn script_extensions() -> Vec<String> {
+        vec![".php".into()]
+    }
+    pub fn yes() -> bool {
+        true
+    }
 }
 
 impl ListenerConfig {
@@ -465,6 +518,7 @@ impl RouteConfig {
             path: path.into(),
             strip_prefix: false,
             upstream: toml::Spanned::new(0..0, upstream.into()),
+            fastcgi: None,
         }
     }
 }
@@ -544,6 +598,44 @@ impl Config {
                     format!("route[{i}].path"),
                     format!("{:?} must start with '/'", r.path),
                 );
+            }
+            let protocol = self
+                .upstreams
+                .get(r.upstream.get_ref())
+                .map(UpstreamConfig::protocol);
+            match (protocol, &r.fastcgi) {
+                (Some(Protocol::FastCgi), None) => bad(
+                    format!("route[{i}].upstream"),
+                    "this upstream speaks FastCGI: the route needs [route.fastcgi] with at least `root`".into(),
+                ),
+                (Some(Protocol::Http1), Some(_)) => bad(
+                    format!("route[{i}].fastcgi"),
+                    "[route.fastcgi] only applies to routes whose upstream is fastcgi:// or fastcgi+unix://".into(),
+                ),
+                _ => {}
+            }
+            if let Some(f) = &r.fastcgi {
+                if !f.root.is_absolute() {
+                    bad(
+                        format!("route[{i}].fastcgi.root"),
+                        format!("{:?} must be an absolute path", f.root),
+                    );
+                }
+                if f.script_extensions
+                    .iter()
+                    .any(|e| !e.starts_with('.') || e.len() < 2)
+                {
+                    bad(
+                        format!("route[{i}].fastcgi.script_extensions"),
+                        "each extension starts with '.', like \".php\"".into(),
+                    );
+                }
+                if f.fallback.as_ref().is_some_and(|p| !p.starts_with('/')) {
+                    bad(
+                        format!("route[{i}].fastcgi.fallback"),
+                        "must be a path starting with '/', like \"/index.php\"".into(),
+                    );
+                }
             }
             if !self.upstreams.contains_key(r.upstream.get_ref()) {
                 let known: Vec<&str> = self.upstreams.keys().map(String::as_str).collect();

@@ -5,6 +5,7 @@
 //! for bad request bodies, 502/503/504 from the upstream with an RFC 9209
 //! `Proxy-Status` saying whether the request reached it.
 
+pub mod fastcgi;
 pub mod headers;
 pub mod response;
 
@@ -21,11 +22,11 @@ use tokio::time::Instant;
 use self::headers::ClientFacts;
 use self::response::{AccessRecord, BodyDeadlines, ResponseBody, UpstreamBody};
 use crate::body::RequestBody;
-use crate::config::{Config, ListenerConfig};
+use crate::config::{Config, ListenerConfig, Protocol};
 use crate::route::RouteTable;
 use crate::upstream::error::{Delivery, Kind, UpstreamError};
 use crate::upstream::figures::CloseReason;
-use crate::upstream::{Exchange, Failure, Upstream, Upstreams};
+use crate::upstream::{Exchange, Failure, FastCgiParams, Upstream, Upstreams};
 
 /// Routes and upstreams in force; replaced whole on reload.
 pub struct Routing {
@@ -140,6 +141,14 @@ impl Proxy {
         let upgrade = headers::is_upgrade_request(req.headers());
         let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
         let (mut parts, body) = req.into_parts();
+        let fastcgi = upstream.config.protocol() == Protocol::FastCgi;
+        // REQUEST_URI is the target as the client sent it, before any rewrite.
+        let original_target = fastcgi.then(|| {
+            parts
+                .uri
+                .path_and_query()
+                .map_or_else(|| "/".to_owned(), |p| p.as_str().to_owned())
+        });
 
         // Origin-form target with the route's prefix rewrite.
         let target = parts.uri.path_and_query().map_or("/", |p| p.as_str());
@@ -161,16 +170,22 @@ impl Proxy {
         parts.version = http::Version::HTTP_11;
 
         let max_body = conn.listener.max_body_bytes.get();
-        let body = if upgrade {
-            RequestBody::Empty
+        let has_length = parts.headers.contains_key(header::CONTENT_LENGTH);
+        // FastCGI needs CONTENT_LENGTH up front: a chunked body is read whole first
+        // (bounded by max_body_bytes), as nginx does.
+        let keep = if upgrade {
+            None
+        } else if fastcgi && !has_length {
+            Some(if max_body == 0 { u64::MAX } else { max_body })
         } else if upstream.config.retry.attempts > 1 {
-            match RequestBody::prepare(
-                body,
-                upstream.config.retry.replay_body_limit.get(),
-                max_body,
-            )
-            .await
-            {
+            Some(upstream.config.retry.replay_body_limit.get())
+        } else {
+            None
+        };
+        let body = match keep {
+            _ if upgrade => RequestBody::Empty,
+            None => RequestBody::stream(body, max_body),
+            Some(limit) => match RequestBody::prepare(body, limit, max_body).await {
                 Ok(b) => b,
                 Err(e) => {
                     let error = if e.is::<crate::body::BodyTooLarge>() {
@@ -178,21 +193,33 @@ impl Proxy {
                     } else {
                         UpstreamError::new(Kind::ClientBody, Delivery::NotSent).with_cause(e)
                     };
-                    return self.rescue(
-                        Failure {
-                            error,
-                            peer: None,
-                            attempts: 0,
-                            reused: false,
-                        },
-                        &upstream,
-                        log,
-                    );
+                    let failure = Failure {
+                        error,
+                        peer: None,
+                        attempts: 0,
+                        reused: false,
+                    };
+                    return self.rescue(failure, &upstream, log);
+                }
+            },
+        };
+        if let (Some(original_target), Some(fcgi)) = (original_target, route.fastcgi.as_deref()) {
+            let length = http_body::Body::size_hint(&body).exact();
+            let length = length.filter(|&n| n > 0 || has_length);
+            match fastcgi::params(&parts, &original_target, fcgi, conn, length).await {
+                Ok(p) => {
+                    parts.extensions.insert(FastCgiParams(Arc::new(p)));
+                }
+                Err(status) => {
+                    let msg = if status == StatusCode::NOT_FOUND {
+                        "no such script\n"
+                    } else {
+                        "bad path\n"
+                    };
+                    return finish_local(status, msg, None, log);
                 }
             }
-        } else {
-            RequestBody::stream(body, max_body)
-        };
+        }
 
         let total = upstream.config.timeouts.total.non_zero();
         let deadline = total.map(|t| start + t);

@@ -18,6 +18,8 @@ pub struct Route {
     strip_prefix: bool,
     /// Name of the upstream that serves this route.
     pub upstream: String,
+    /// Script mapping when the upstream is FastCGI.
+    pub fastcgi: Option<std::sync::Arc<crate::config::FastCgiRoute>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
@@ -51,6 +53,7 @@ impl RouteTable {
                 prefix: c.path.trim_end_matches('/').to_owned(),
                 strip_prefix: c.strip_prefix,
                 upstream: c.upstream.get_ref().clone(),
+                fastcgi: c.fastcgi.clone().map(std::sync::Arc::new),
             })
             .collect();
         // Stable sort keeps config order among equals.

@@ -9,6 +9,7 @@
 //! again on a new connection.
 
 pub mod error;
+pub mod fastcgi;
 pub mod figures;
 pub mod http1;
 pub mod io;
@@ -45,9 +46,22 @@ pub struct Upstream {
     pub figures: UpstreamFigures,
 }
 
+/// A response body as the upstream protocol delivers it.
+pub enum Payload {
+    Http(Incoming),
+    /// FastCGI STDOUT: what arrived with the CGI head; the rest is read from the
+    /// connection as the body is polled.
+    FastCgi(bytes::Bytes),
+}
+
+/// CGI parameters for a FastCGI upstream, built by the proxy from the route and
+/// carried in the request's extensions.
+#[derive(Clone, Debug)]
+pub struct FastCgiParams(pub Arc<Vec<(bytes::Bytes, bytes::Bytes)>>);
+
 /// A response on its way back, with the connection it came on.
 pub struct Exchange {
-    pub response: Response<Incoming>,
+    pub response: Response<Payload>,
     pub conn: PooledConn,
     pub peer: Arc<Peer>,
     pub attempts: u32,
@@ -182,7 +196,10 @@ impl Upstream {
                 Ok(response) => {
                     peer.health.on_success();
                     let ttfb = sent_at.elapsed();
-                    conn.on_response_head(response.headers(), response.version());
+                    conn.responded();
+                    if let Payload::Http(_) = response.body() {
+                        conn.on_response_head(response.headers(), response.version());
+                    }
                     return Ok(Exchange {
                         response,
                         conn,
@@ -193,8 +210,8 @@ impl Upstream {
                     });
                 }
                 Err((error, returned)) => {
-                    if let Some(req) = returned {
-                        body = Some(req.into_body());
+                    if returned.is_some() {
+                        body = returned;
                     }
                     let requests = conn.requests();
                     conn.set_close_reason(if error.is_timeout() {
@@ -312,9 +329,25 @@ impl Upstream {
     }
 }
 
-async fn send(conn: &mut PooledConn, req: Request<RequestBody>) -> http1::SendResult {
+/// The outcome of one attempt: a response, or an error and, if the request provably
+/// never left, its body for another attempt.
+type SendResult = Result<Response<Payload>, (UpstreamError, Option<RequestBody>)>;
+
+async fn send(conn: &mut PooledConn, req: Request<RequestBody>) -> SendResult {
     match conn.client() {
-        Client::Http1(sender) => http1::send(sender, req).await,
+        Client::Http1(sender) => match http1::send(sender, req).await {
+            Ok(resp) => Ok(resp.map(Payload::Http)),
+            Err((e, returned)) => Err((e, returned.map(Request::into_body))),
+        },
+        Client::FastCgi(c) => {
+            let Some(params) = req.extensions().get::<FastCgiParams>().cloned() else {
+                let e = UpstreamError::new(Kind::Protocol, Delivery::NotSent)
+                    .with_cause("a FastCGI upstream needs a route with [route.fastcgi] settings");
+                return Err((e, Some(req.into_body())));
+            };
+            let head = c.send(&params.0, req.into_body()).await?;
+            fastcgi::into_response(head).map_err(|e| (e, None))
+        }
     }
 }
 
@@ -324,6 +357,9 @@ fn clone_parts(parts: &http::request::Parts) -> http::request::Parts {
     *req.uri_mut() = parts.uri.clone();
     *req.version_mut() = parts.version;
     *req.headers_mut() = parts.headers.clone();
+    if let Some(p) = parts.extensions.get::<FastCgiParams>() {
+        req.extensions_mut().insert(p.clone());
+    }
     req.into_parts().0
 }
 

@@ -62,7 +62,11 @@ fn unknown_key_names_file_line_and_key() {
         e.message.contains("idle_timeout"),
         "lists what is allowed: {e}"
     );
-    assert!(e.to_string().starts_with("holdfast.toml:14:1: key `upstream.api.pool.idle_timout`"), "{e}");
+    assert!(
+        e.to_string()
+            .starts_with("holdfast.toml:14:1: key `upstream.api.pool.idle_timout`"),
+        "{e}"
+    );
 }
 
 #[test]

@@ -20,9 +20,10 @@ use tokio::time::{Instant, Sleep};
 
 use crate::body::BoxError;
 use crate::server::conn::InFlight;
+use crate::upstream::Payload;
 use crate::upstream::figures::CloseReason;
 use crate::upstream::peer::Outstanding;
-use crate::upstream::pool::PooledConn;
+use crate::upstream::pool::{Client, PooledConn};
 
 /// The body of every response holdfast sends to a client.
 pub struct ResponseBody {
@@ -92,6 +93,31 @@ impl Body for ResponseBody {
     }
 }
 
+enum Source {
+    Http(Incoming),
+    /// FastCGI STDOUT: the part that came with the head, then the connection.
+    FastCgi {
+        first: Option<Bytes>,
+        ended: bool,
+    },
+}
+
+impl Source {
+    fn is_end_stream(&self) -> bool {
+        match self {
+            Source::Http(b) => b.is_end_stream(),
+            Source::FastCgi { ended, .. } => *ended,
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            Source::Http(b) => b.size_hint(),
+            Source::FastCgi { .. } => SizeHint::default(),
+        }
+    }
+}
+
 /// The deadlines a body read is under.
 #[derive(Debug, Clone, Copy)]
 pub struct BodyDeadlines {
@@ -100,7 +126,7 @@ pub struct BodyDeadlines {
 }
 
 pub(crate) struct UpstreamBody {
-    body: Incoming,
+    body: Source,
     conn: Option<PooledConn>,
     deadlines: BodyDeadlines,
     /// One timer, re-armed in place, for both deadlines.
@@ -114,12 +140,19 @@ pub(crate) struct UpstreamBody {
 
 impl UpstreamBody {
     pub fn new(
-        body: Incoming,
+        payload: Payload,
         conn: PooledConn,
         deadlines: BodyDeadlines,
         log: Option<AccessRecord>,
         outstanding: Outstanding,
     ) -> Self {
+        let body = match payload {
+            Payload::Http(b) => Source::Http(b),
+            Payload::FastCgi(first) => Source::FastCgi {
+                first: Some(first).filter(|b| !b.is_empty()),
+                ended: false,
+            },
+        };
         let mut this = UpstreamBody {
             body,
             conn: Some(conn),
@@ -159,7 +192,7 @@ impl UpstreamBody {
         if self.done && self.conn.is_none() && self.body.is_end_stream() {
             return Poll::Ready(None);
         }
-        match Pin::new(&mut self.body).poll_frame(cx) {
+        match self.poll_source(cx) {
             Poll::Ready(Some(Ok(frame))) => {
                 self.armed = false;
                 if let Some(d) = frame.data_ref() {
@@ -179,9 +212,38 @@ impl UpstreamBody {
             Poll::Ready(Some(Err(e))) => {
                 tracing::warn!(error = %e, "upstream response body failed");
                 self.fail(CloseReason::Error, "upstream_body_error");
-                Poll::Ready(Some(Err(Box::new(e))))
+                Poll::Ready(Some(Err(e)))
             }
             Poll::Pending => self.poll_deadline(cx),
+        }
+    }
+
+    fn poll_source(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match &mut self.body {
+            Source::Http(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
+            Source::FastCgi { first, ended } => {
+                if let Some(data) = first.take() {
+                    return Poll::Ready(Some(Ok(Frame::data(data))));
+                }
+                let Some(conn) = self.conn.as_mut() else {
+                    return Poll::Ready(None);
+                };
+                let Client::FastCgi(c) = conn.client() else {
+                    return Poll::Ready(None);
+                };
+                match c.poll_body(cx) {
+                    Poll::Pending => Poll::Pending,
+                    Poll::Ready(None) => {
+                        *ended = true;
+                        Poll::Ready(None)
+                    }
+                    Poll::Ready(Some(Ok(data))) => Poll::Ready(Some(Ok(Frame::data(data)))),
+                    Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e.into()))),
+                }
+            }
         }
     }
 

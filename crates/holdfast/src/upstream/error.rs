@@ -35,6 +35,8 @@ pub enum Kind {
     TotalTimeout,
     /// The upstream sent something that is not a valid response.
     Protocol,
+    /// The application said it is overloaded (FastCGI OVERLOADED, CANT_MPX_CONN).
+    Overloaded,
     /// The client's request body failed (too large, or the client went away).
     ClientBody,
     /// The request body exceeded `max_body_bytes`.
@@ -97,7 +99,9 @@ impl UpstreamError {
     pub fn status(&self) -> http::StatusCode {
         use http::StatusCode as S;
         match self.kind {
-            Kind::QueueFull | Kind::QueueTimeout | Kind::NoPeer => S::SERVICE_UNAVAILABLE,
+            Kind::QueueFull | Kind::QueueTimeout | Kind::NoPeer | Kind::Overloaded => {
+                S::SERVICE_UNAVAILABLE
+            }
             Kind::BodyTooLarge => S::PAYLOAD_TOO_LARGE,
             Kind::ClientBody => S::BAD_REQUEST,
             _ if self.is_timeout() => S::GATEWAY_TIMEOUT,
@@ -118,6 +122,7 @@ impl UpstreamError {
             Kind::ResponseHeadersTimeout | Kind::TotalTimeout => "http_response_timeout",
             Kind::ReadTimeout => "connection_read_timeout",
             Kind::Protocol => "http_protocol_error",
+            Kind::Overloaded => "destination_unavailable",
             Kind::ClientBody | Kind::BodyTooLarge => "http_request_error",
         }
     }
@@ -185,6 +190,7 @@ impl fmt::Display for UpstreamError {
             Kind::ReadTimeout => "timed out reading the response body",
             Kind::TotalTimeout => "request exceeded its total timeout",
             Kind::Protocol => "invalid response from upstream",
+            Kind::Overloaded => "upstream application overloaded",
             Kind::ClientBody => "client request body failed",
             Kind::BodyTooLarge => "request body too large",
         };

@@ -73,6 +73,42 @@ impl Stream {
         }
     }
 
+    /// Waits until an idle connection shows anything: a FIN, bytes, or an error.
+    /// Readiness left over from the last exchange is cleared by the peek, not reported.
+    ///
+    /// # Cancel safety
+    /// Cancel safe: it consumes nothing.
+    pub async fn idle_event(&self) -> IdleProbe {
+        let mut byte = [std::mem::MaybeUninit::<u8>::uninit(); 1];
+        loop {
+            let res = match self {
+                Stream::Tcp(s) => match s.readable().await {
+                    Ok(()) => s.try_io(tokio::io::Interest::READABLE, || {
+                        SockRef::from(s).peek(&mut byte)
+                    }),
+                    Err(e) => Err(e),
+                },
+                Stream::Unix(s) => match s.readable().await {
+                    Ok(()) => s.try_io(tokio::io::Interest::READABLE, || {
+                        SockRef::from(s).peek(&mut byte)
+                    }),
+                    Err(e) => Err(e),
+                },
+            };
+            return match res {
+                Ok(0) => IdleProbe::Closed,
+                Ok(_) => IdleProbe::UnexpectedBytes,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(_) => IdleProbe::Failed,
+            };
+        }
+    }
+
+    /// Writes what fits right now without waiting (a last word before closing).
+    pub fn try_write_now(&self, buf: &[u8]) -> io::Result<usize> {
+        self.try_write(buf)
+    }
+
     fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self {
             Stream::Tcp(s) => s.poll_read_ready(cx),

@@ -7,12 +7,13 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use holdfast_fastcgi::ServerValues;
 use tokio::time::Instant;
 
 use super::error::{Delivery, Kind, UpstreamError};
-use super::http1;
 use super::io::Stream;
 use super::pool::{Connected, Pool, PoolSettings, PooledConn, Want};
+use super::{fastcgi, http1};
 use crate::config::{HealthConfig, Protocol, TcpConfig, TimeoutConfig, UpstreamConfig};
 
 /// A resolved address.
@@ -43,13 +44,17 @@ pub struct Peer {
     /// No longer in the upstream's address list (DNS changed): serves what it has,
     /// takes nothing new.
     removed: AtomicBool,
+    /// What a FastCGI application said about itself (GET_VALUES), asked once.
+    fastcgi_values: tokio::sync::OnceCell<Option<ServerValues>>,
 }
 
 impl Peer {
     pub fn new(addr: PeerAddr, config: &UpstreamConfig) -> Arc<Peer> {
         let label: Arc<str> = addr.to_string().into();
+        let mut settings = PoolSettings::from(&config.pool);
+        settings.free_workers = config.protocol() == Protocol::FastCgi;
         Arc::new(Peer {
-            pool: Pool::new(label.clone(), PoolSettings::from(&config.pool)),
+            pool: Pool::new(label.clone(), settings),
             label,
             addr,
             protocol: config.protocol(),
@@ -58,6 +63,7 @@ impl Peer {
             health: Health::new(config.health.clone()),
             outstanding: AtomicUsize::new(0),
             removed: AtomicBool::new(false),
+            fastcgi_values: tokio::sync::OnceCell::new(),
         })
     }
 
@@ -95,28 +101,51 @@ impl Peer {
     }
 
     async fn connect(&self) -> Result<Connected, UpstreamError> {
-        let connect = async {
-            match &self.addr {
-                PeerAddr::Tcp(a) => Stream::connect_tcp(*a, &self.tcp).await,
-                PeerAddr::Unix(p) => Stream::connect_unix(p).await,
-            }
-        };
-        let stream = match tokio::time::timeout(self.timeouts.connect.get(), connect).await {
-            Err(_) => return Err(UpstreamError::new(Kind::ConnectTimeout, Delivery::NotSent)),
-            Ok(Err(e)) => {
-                let kind = match e.kind() {
-                    std::io::ErrorKind::ConnectionRefused => Kind::ConnectRefused,
-                    _ => Kind::ConnectFailed,
-                };
-                return Err(UpstreamError::new(kind, Delivery::NotSent).with_cause(e));
-            }
-            Ok(Ok(s)) => s,
-        };
+        let stream =
+            match tokio::time::timeout(self.timeouts.connect.get(), self.open_stream()).await {
+                Err(_) => return Err(UpstreamError::new(Kind::ConnectTimeout, Delivery::NotSent)),
+                Ok(Err(e)) => {
+                    let kind = match e.kind() {
+                        std::io::ErrorKind::ConnectionRefused => Kind::ConnectRefused,
+                        _ => Kind::ConnectFailed,
+                    };
+                    return Err(UpstreamError::new(kind, Delivery::NotSent).with_cause(e));
+                }
+                Ok(Ok(s)) => s,
+            };
         match self.protocol {
             Protocol::Http1 => http1::handshake(stream, self.timeouts.write.get()).await,
-            Protocol::FastCgi => Err(UpstreamError::new(Kind::ConnectFailed, Delivery::NotSent)
-                .with_cause("FastCGI upstreams are not implemented yet")),
+            Protocol::FastCgi => {
+                self.fastcgi_values
+                    .get_or_init(|| self.query_fastcgi_values())
+                    .await;
+                Ok(fastcgi::connected(
+                    stream,
+                    self.timeouts.write.get(),
+                    self.label.clone(),
+                ))
+            }
         }
+    }
+
+    async fn open_stream(&self) -> std::io::Result<Stream> {
+        match &self.addr {
+            PeerAddr::Tcp(a) => Stream::connect_tcp(*a, &self.tcp).await,
+            PeerAddr::Unix(p) => Stream::connect_unix(p).await,
+        }
+    }
+
+    /// Learns what the FastCGI application accepts, once, and caps the pool by it.
+    async fn query_fastcgi_values(&self) -> Option<ServerValues> {
+        let stream = self.open_stream().await.ok()?;
+        let values = fastcgi::query_values(stream, self.timeouts.connect.get()).await;
+        match values.and_then(|v| v.max_conns) {
+            Some(n) => self.pool.cap(n as usize),
+            None => {
+                tracing::info!(address = %self.label, "FastCGI application did not say how many connections it accepts")
+            }
+        }
+        values
     }
 }
 

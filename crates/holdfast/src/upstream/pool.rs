@@ -40,12 +40,14 @@ use crate::config::PoolConfig;
 /// A protocol's handle on one connection.
 pub enum Client {
     Http1(hyper::client::conn::http1::SendRequest<crate::body::RequestBody>),
+    FastCgi(Box<super::fastcgi::FastCgiConn>),
 }
 
 impl Client {
     fn is_closed(&self) -> bool {
         match self {
             Client::Http1(s) => s.is_closed(),
+            Client::FastCgi(c) => c.is_closed(),
         }
     }
 
@@ -53,6 +55,7 @@ impl Client {
     async fn ready(&mut self) -> bool {
         match self {
             Client::Http1(s) => s.ready().await.is_ok(),
+            Client::FastCgi(c) => !c.is_closed(),
         }
     }
 }
@@ -85,6 +88,11 @@ pub struct PoolSettings {
     pub queue_size: usize,
     pub queue_timeout: Duration,
     pub learn: bool,
+    /// The upstream gives each open connection a worker of its own (php-fpm): an idle
+    /// connection is closed rather than pooled while a new connection waits for its
+    /// first response, since that one may be waiting for a worker an idle
+    /// connection holds.
+    pub free_workers: bool,
 }
 
 impl From<&PoolConfig> for PoolSettings {
@@ -98,6 +106,7 @@ impl From<&PoolConfig> for PoolSettings {
             queue_size: c.queue_size,
             queue_timeout: c.queue_timeout.get(),
             learn: c.learn,
+            free_workers: false,
         }
     }
 }
@@ -142,7 +151,12 @@ pub struct Pool {
     label: Arc<str>,
     settings: PoolSettings,
     slots: Arc<Semaphore>,
+    /// `max_connections`, lowered when the application says it takes fewer.
+    limit: AtomicUsize,
+    idle_limit: AtomicUsize,
     waiting: AtomicUsize,
+    /// New connections still waiting for their first response (with `free_workers`).
+    fresh_pending: AtomicUsize,
     open: Arc<AtomicUsize>,
     state: Mutex<State>,
     reaper: Arc<Notify>,
@@ -158,7 +172,10 @@ impl Pool {
         let pool = Arc::new(Pool {
             label,
             slots: Arc::new(Semaphore::new(settings.max_connections)),
+            limit: AtomicUsize::new(settings.max_connections),
+            idle_limit: AtomicUsize::new(settings.max_idle),
             waiting: AtomicUsize::new(0),
+            fresh_pending: AtomicUsize::new(0),
             open: Arc::new(AtomicUsize::new(0)),
             state: Mutex::new(State {
                 idle: IdleList::default(),
@@ -248,7 +265,12 @@ impl Pool {
             killed,
             Arc::downgrade(self),
         ));
-        Ok(PooledConn::new(conn, self.clone(), permit, None))
+        let mut pooled = PooledConn::new(conn, self.clone(), permit, None);
+        if self.settings.free_workers {
+            self.fresh_pending.fetch_add(1, Relaxed);
+            pooled.first_response_pending = true;
+        }
+        Ok(pooled)
     }
 
     async fn acquire_slot(&self) -> Result<OwnedSemaphorePermit, UpstreamError> {
@@ -296,7 +318,7 @@ impl Pool {
 
     /// Closes the oldest idle connection when opening one more would pass the cap.
     fn make_room(&self) {
-        if self.open.load(Relaxed) < self.settings.max_connections {
+        if self.open.load(Relaxed) < self.limit.load(Relaxed) {
             return;
         }
         let oldest = self.lock().idle.pop_oldest();
@@ -392,6 +414,9 @@ impl Pool {
         {
             return Some(CloseReason::Lifetime);
         }
+        if self.settings.free_workers && self.fresh_pending.load(Relaxed) > 0 {
+            return Some(CloseReason::Evicted);
+        }
         if self.draining.load(Relaxed) {
             return Some(CloseReason::Evicted);
         }
@@ -419,7 +444,9 @@ impl Pool {
         if let Some(lifetime) = self.settings.max_lifetime {
             expires_at = expires_at.min(conn.created + lifetime);
         }
-        let evicted = st.idle.push(conn, now, expires_at, self.settings.max_idle);
+        let evicted = st
+            .idle
+            .push(conn, now, expires_at, self.idle_limit.load(Relaxed));
         let wake = st.reaper_target.is_none_or(|t| expires_at < t);
         drop(st);
         if wake {
@@ -429,6 +456,24 @@ impl Pool {
             self.figures.closed(CloseReason::Evicted);
             drop(c);
         }
+    }
+
+    /// Lowers the connection cap to what the upstream application accepts (FastCGI
+    /// `FCGI_MAX_CONNS`), and keeps idle connections to half of it: php-fpm gives
+    /// each open connection a worker of its own, idle or not, so a full idle pool
+    /// would leave it nothing for anyone else.
+    pub fn cap(&self, max_conns: usize) {
+        let max_conns = max_conns.max(1);
+        let current = self.limit.load(Relaxed);
+        if max_conns < current {
+            let forgotten = self.slots.forget_permits(current - max_conns);
+            self.limit.store(current - forgotten, Relaxed);
+        }
+        let idle = (max_conns / 2).max(1);
+        if idle < self.idle_limit.load(Relaxed) {
+            self.idle_limit.store(idle, Relaxed);
+        }
+        tracing::info!(address = %self.label, max_connections = self.limit.load(Relaxed), max_idle = self.idle_limit.load(Relaxed), "pool capped by what the application accepts");
     }
 
     /// Closes every idle connection and retires busy ones when they finish.
@@ -451,9 +496,12 @@ impl Pool {
         PoolSnapshot {
             open: self.open.load(Relaxed),
             idle: st.idle.len(),
-            in_use: self.settings.max_connections - self.slots.available_permits(),
+            in_use: self
+                .limit
+                .load(Relaxed)
+                .saturating_sub(self.slots.available_permits()),
             waiting: self.waiting.load(Relaxed),
-            max_connections: self.settings.max_connections,
+            max_connections: self.limit.load(Relaxed),
             effective_idle_timeout: idle_timeout,
             idle_timeout_source: source,
             learned_max_requests: st.learner.learned_max_requests(),
@@ -546,6 +594,7 @@ pub struct PooledConn {
     idle_since: Option<Instant>,
     hint: ResponseHint,
     close_reason: CloseReason,
+    first_response_pending: bool,
 }
 
 impl PooledConn {
@@ -562,6 +611,14 @@ impl PooledConn {
             idle_since,
             hint: ResponseHint::default(),
             close_reason: CloseReason::Abandoned,
+            first_response_pending: false,
+        }
+    }
+
+    /// The response head arrived.
+    pub fn responded(&mut self) {
+        if std::mem::take(&mut self.first_response_pending) {
+            self.pool.fresh_pending.fetch_sub(1, Relaxed);
         }
     }
 
@@ -630,6 +687,7 @@ impl PooledConn {
 
 impl Drop for PooledConn {
     fn drop(&mut self) {
+        self.responded();
         if let Some(conn) = self.conn.take() {
             self.pool.figures.closed(self.close_reason);
             drop(conn);

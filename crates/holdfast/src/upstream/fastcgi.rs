@@ -1,0 +1,419 @@
+//! FastCGI to an upstream (php-fpm): one request at a time per connection, with
+//! `FCGI_KEEP_CONN` so the connection outlives the request and the pool owns it.
+//!
+//! The record codec is `holdfast-fastcgi` (sans-I/O); this module drives it over the
+//! pool's socket. A request is written whole (BEGIN_REQUEST, PARAMS, STDIN), then
+//! STDOUT is parsed into a CGI head and streamed as the body until END_REQUEST. No
+//! background task reads a connection in use; while it is idle a watcher waits for
+//! it to become readable, which on an idle FastCGI connection means the application
+//! closed it (or sent garbage), and ends the connection's life in the pool.
+
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use holdfast_fastcgi::record::{self, RecordType};
+use holdfast_fastcgi::{
+    EndRequest, HeadParser, Progress, ProtocolStatus, RecordDecoder, ResponseHead, Role,
+    ServerValues,
+};
+use http_body::Body as _;
+use tokio::io::AsyncWriteExt;
+use tokio::sync::watch;
+
+use super::error::{Delivery, Kind, UpstreamError};
+use super::io::{Stream, UpstreamIo};
+use super::pool::{Client, Connected};
+use crate::body::RequestBody;
+
+/// FastCGI request id: php-fpm does not multiplex, so every request is number 1.
+const REQUEST_ID: u16 = 1;
+
+/// Where a connection is in its current request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Exchange {
+    Idle,
+    /// Request written (or being written), response head not complete.
+    AwaitingHead,
+    /// Streaming STDOUT.
+    Body,
+    /// END_REQUEST received on a clean record boundary: reusable.
+    Done,
+    /// Something went wrong: never reuse.
+    Broken,
+}
+
+/// One FastCGI connection.
+pub struct FastCgiConn {
+    io: UpstreamIo,
+    read_buf: BytesMut,
+    decoder: RecordDecoder,
+    exchange: Exchange,
+    /// `true` while a request uses the connection; the idle watcher only acts on `false`.
+    busy: watch::Sender<bool>,
+    stream: Arc<Stream>,
+    label: Arc<str>,
+}
+
+/// Sets up a FastCGI connection on a connected socket (FastCGI has no handshake).
+pub fn connected(stream: Stream, write_timeout: Duration, label: Arc<str>) -> Connected {
+    let stream = Arc::new(stream);
+    let (busy, busy_rx) = watch::channel(false);
+    let conn = FastCgiConn {
+        io: UpstreamIo::new(stream.clone(), write_timeout),
+        read_buf: BytesMut::with_capacity(8 * 1024),
+        decoder: RecordDecoder::new(),
+        exchange: Exchange::Idle,
+        busy,
+        stream: stream.clone(),
+        label,
+    };
+    Connected {
+        stream: stream.clone(),
+        client: Client::FastCgi(Box::new(conn)),
+        driver: Box::pin(watch_idle(stream, busy_rx)),
+    }
+}
+
+/// Ends when the application closes the connection (or sends anything) while idle.
+async fn watch_idle(stream: Arc<Stream>, mut busy: watch::Receiver<bool>) {
+    loop {
+        if busy.wait_for(|b| !*b).await.is_err() {
+            return;
+        }
+        let event = tokio::select! {
+            _ = stream.idle_event() => true,
+            r = busy.wait_for(|b| *b) => match r {
+                Ok(_) => false,
+                Err(_) => return,
+            },
+        };
+        // Readable while idle: closed, or garbage. Either way the connection is done.
+        if event && !*busy.borrow() {
+            return;
+        }
+    }
+}
+
+impl FastCgiConn {
+    pub fn is_closed(&self) -> bool {
+        self.exchange == Exchange::Broken
+    }
+
+    /// Sends one request and reads until its CGI head is complete.
+    ///
+    /// # Errors
+    /// The error, and the body back if not a byte of the request was written.
+    pub async fn send(
+        &mut self,
+        params: &[(Bytes, Bytes)],
+        body: RequestBody,
+    ) -> Result<ResponseHead, (UpstreamError, Option<RequestBody>)> {
+        self.busy.send_replace(true);
+        self.exchange = Exchange::AwaitingHead;
+        let mut out = BytesMut::with_capacity(1024);
+        record::encode_begin_request(&mut out, REQUEST_ID, Role::Responder, true);
+        if let Err(e) = record::encode_params(
+            &mut out,
+            REQUEST_ID,
+            params.iter().map(|(k, v)| (&k[..], &v[..])),
+        ) {
+            self.exchange = Exchange::Broken;
+            return Err((
+                UpstreamError::new(Kind::ClientBody, Delivery::NotSent).with_cause(e),
+                Some(body),
+            ));
+        }
+        let streaming = match body {
+            RequestBody::Empty => None,
+            RequestBody::Buffered { data, .. } => {
+                if let Some(d) = data {
+                    record::encode_stdin(&mut out, REQUEST_ID, &d);
+                }
+                None
+            }
+            s @ RequestBody::Streaming(_) => Some(s),
+        };
+        if streaming.is_none() {
+            record::encode_stdin(&mut out, REQUEST_ID, b"");
+        }
+        if let Err(e) = self.io.write_all(&out).await {
+            self.exchange = Exchange::Broken;
+            return Err((write_error(e), None));
+        }
+        if let Some(mut body) = streaming {
+            loop {
+                match std::future::poll_fn(|cx| std::pin::Pin::new(&mut body).poll_frame(cx)).await
+                {
+                    None => break,
+                    Some(Err(e)) => {
+                        self.exchange = Exchange::Broken;
+                        let kind = if e.is::<crate::body::BodyTooLarge>() {
+                            Kind::BodyTooLarge
+                        } else {
+                            Kind::ClientBody
+                        };
+                        return Err((
+                            UpstreamError::new(kind, Delivery::MaybeSent).with_cause(e),
+                            None,
+                        ));
+                    }
+                    Some(Ok(frame)) => {
+                        if let Ok(data) = frame.into_data() {
+                            out.clear();
+                            record::encode_stdin(&mut out, REQUEST_ID, &data);
+                            if let Err(e) = self.io.write_all(&out).await {
+                                self.exchange = Exchange::Broken;
+                                return Err((write_error(e), None));
+                            }
+                        }
+                    }
+                }
+            }
+            out.clear();
+            record::encode_stdin(&mut out, REQUEST_ID, b"");
+            if let Err(e) = self.io.write_all(&out).await {
+                self.exchange = Exchange::Broken;
+                return Err((write_error(e), None));
+            }
+        }
+        self.read_head().await.map_err(|e| (e, None))
+    }
+
+    async fn read_head(&mut self) -> Result<ResponseHead, UpstreamError> {
+        let mut parser = HeadParser::new();
+        loop {
+            let record = match self.next_record().await {
+                Ok(Some(r)) => r,
+                Ok(None) => {
+                    self.exchange = Exchange::Broken;
+                    return Err(
+                        UpstreamError::new(Kind::Closed, Delivery::MaybeSent).with_cause(
+                            "FastCGI application closed the connection before responding",
+                        ),
+                    );
+                }
+                Err(e) => return Err(e),
+            };
+            match record.kind {
+                RecordType::Stdout if !record.content.is_empty() => {
+                    match parser.feed(&record.content) {
+                        Ok(Progress::Partial(p)) => parser = p,
+                        Ok(Progress::Complete(head)) => {
+                            self.exchange = Exchange::Body;
+                            return Ok(head);
+                        }
+                        Err(e) => {
+                            self.exchange = Exchange::Broken;
+                            return Err(UpstreamError::new(Kind::Protocol, Delivery::MaybeSent)
+                                .with_cause(e));
+                        }
+                    }
+                }
+                RecordType::Stdout => {}
+                RecordType::Stderr => self.log_stderr(&record.content),
+                RecordType::EndRequest => {
+                    let end = EndRequest::parse(&record.content)
+                        .map_err(|e| self.broken(Kind::Protocol, e))?;
+                    self.finish_request();
+                    return Err(end_without_head(end));
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// The next piece of the response body; `None` after END_REQUEST.
+    pub fn poll_body(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Bytes, UpstreamError>>> {
+        loop {
+            if self.exchange != Exchange::Body {
+                return Poll::Ready(None);
+            }
+            match self.decoder.decode(&mut self.read_buf) {
+                Err(e) => return Poll::Ready(Some(Err(self.broken(Kind::Protocol, e)))),
+                Ok(Some(record)) => match record.kind {
+                    RecordType::Stdout if !record.content.is_empty() => {
+                        return Poll::Ready(Some(Ok(record.content)));
+                    }
+                    RecordType::Stderr => self.log_stderr(&record.content),
+                    RecordType::EndRequest => {
+                        if let Ok(end) = EndRequest::parse(&record.content)
+                            && end.app_status != 0
+                        {
+                            tracing::debug!(address = %self.label, app_status = end.app_status, "FastCGI request ended with a non-zero status");
+                        }
+                        self.finish_request();
+                        return Poll::Ready(None);
+                    }
+                    _ => {}
+                },
+                Ok(None) => {
+                    let n = match tokio_util::io::poll_read_buf(
+                        std::pin::Pin::new(&mut self.io),
+                        cx,
+                        &mut self.read_buf,
+                    ) {
+                        Poll::Pending => return Poll::Pending,
+                        Poll::Ready(Ok(n)) => n,
+                        Poll::Ready(Err(e)) => {
+                            return Poll::Ready(Some(Err(self.broken(Kind::Io, e))));
+                        }
+                    };
+                    if n == 0 {
+                        let e = self.broken(
+                            Kind::Io,
+                            "FastCGI application closed the connection mid-response",
+                        );
+                        return Poll::Ready(Some(Err(e)));
+                    }
+                }
+            }
+        }
+    }
+
+    async fn next_record(&mut self) -> Result<Option<holdfast_fastcgi::Record>, UpstreamError> {
+        loop {
+            match self.decoder.decode(&mut self.read_buf) {
+                Err(e) => return Err(self.broken(Kind::Protocol, e)),
+                Ok(Some(r)) => return Ok(Some(r)),
+                Ok(None) => {
+                    let n = std::future::poll_fn(|cx| {
+                        tokio_util::io::poll_read_buf(
+                            std::pin::Pin::new(&mut self.io),
+                            cx,
+                            &mut self.read_buf,
+                        )
+                    })
+                    .await
+                    .map_err(|e| self.broken(Kind::Io, e))?;
+                    if n == 0 {
+                        return Ok(None);
+                    }
+                }
+            }
+        }
+    }
+
+    fn finish_request(&mut self) {
+        // Reusable only on a clean record boundary: anything after END_REQUEST is garbage.
+        self.exchange = if self.read_buf.is_empty() {
+            Exchange::Done
+        } else {
+            Exchange::Broken
+        };
+        self.busy.send_replace(false);
+    }
+
+    fn broken(
+        &mut self,
+        kind: Kind,
+        cause: impl Into<Box<dyn std::error::Error + Send + Sync>>,
+    ) -> UpstreamError {
+        self.exchange = Exchange::Broken;
+        UpstreamError::new(kind, Delivery::MaybeSent).with_cause(cause)
+    }
+
+    fn log_stderr(&self, content: &[u8]) {
+        let text = String::from_utf8_lossy(content);
+        for line in text.lines().filter(|l| !l.trim().is_empty()) {
+            tracing::warn!(target: "holdfast::fastcgi", address = %self.label, "FastCGI stderr: {line}");
+        }
+    }
+}
+
+impl Drop for FastCgiConn {
+    fn drop(&mut self) {
+        // Dropped mid-request (client gone, deadline): tell the application, best
+        // effort and without waiting; the connection closes either way.
+        if matches!(self.exchange, Exchange::AwaitingHead | Exchange::Body) {
+            let mut out = BytesMut::new();
+            record::encode_abort_request(&mut out, REQUEST_ID);
+            let _ = self.stream.try_write_now(&out);
+        }
+    }
+}
+
+fn write_error(e: std::io::Error) -> UpstreamError {
+    let kind = if e.kind() == std::io::ErrorKind::TimedOut {
+        Kind::WriteTimeout
+    } else {
+        Kind::Io
+    };
+    UpstreamError::new(kind, Delivery::MaybeSent).with_cause(e)
+}
+
+fn end_without_head(end: EndRequest) -> UpstreamError {
+    match end.protocol_status {
+        ProtocolStatus::Overloaded => UpstreamError::new(Kind::Overloaded, Delivery::NotSent)
+            .with_cause("FastCGI application is overloaded"),
+        ProtocolStatus::CantMpxConn => UpstreamError::new(Kind::Overloaded, Delivery::NotSent)
+            .with_cause("FastCGI application cannot multiplex"),
+        ProtocolStatus::UnknownRole => UpstreamError::new(Kind::Protocol, Delivery::NotSent)
+            .with_cause("FastCGI application does not know the responder role"),
+        _ => UpstreamError::new(Kind::Protocol, Delivery::MaybeSent)
+            .with_cause("FastCGI request ended without a response"),
+    }
+}
+
+/// Asks the application for FCGI_MAX_CONNS and friends on a connection of its own
+/// (php-fpm answers management records and then closes).
+pub async fn query_values(stream: Stream, timeout: Duration) -> Option<ServerValues> {
+    let stream = Arc::new(stream);
+    let mut io = UpstreamIo::new(stream, timeout);
+    let mut out = BytesMut::new();
+    record::encode_get_values(&mut out, ServerValues::NAMES.iter().copied()).ok()?;
+    let exchange = async {
+        io.write_all(&out).await.ok()?;
+        let mut buf = BytesMut::new();
+        let mut decoder = RecordDecoder::new();
+        loop {
+            if let Some(r) = decoder.decode(&mut buf).ok()? {
+                if r.kind == RecordType::GetValuesResult {
+                    return ServerValues::parse(&r.content).ok();
+                }
+                continue;
+            }
+            let n = std::future::poll_fn(|cx| {
+                tokio_util::io::poll_read_buf(std::pin::Pin::new(&mut io), cx, &mut buf)
+            })
+            .await
+            .ok()?;
+            if n == 0 {
+                return None;
+            }
+        }
+    };
+    tokio::time::timeout(timeout, exchange).await.ok().flatten()
+}
+
+/// Turns a CGI head into an HTTP response head (RFC 3875 6.3). A local redirect
+/// (`Location: /path` without `Status`) is sent to the client as a 302, as nginx does.
+///
+/// # Errors
+/// A header name or value that is not valid HTTP.
+pub fn into_response(head: ResponseHead) -> Result<http::Response<super::Payload>, UpstreamError> {
+    let bad =
+        |what: String| UpstreamError::new(Kind::Protocol, Delivery::MaybeSent).with_cause(what);
+    let status = http::StatusCode::from_u16(head.status.code())
+        .map_err(|_| bad(format!("invalid CGI status {}", head.status.code())))?;
+    let mut resp = http::Response::new(super::Payload::FastCgi(head.body));
+    *resp.status_mut() = status;
+    let headers = resp.headers_mut();
+    headers.reserve(head.headers.len());
+    for field in head.headers {
+        let name = http::HeaderName::from_bytes(&field.name).map_err(|_| {
+            bad(format!(
+                "invalid CGI header name {:?}",
+                String::from_utf8_lossy(&field.name)
+            ))
+        })?;
+        let value = http::HeaderValue::from_maybe_shared(field.value)
+            .map_err(|_| bad(format!("invalid value for CGI header {name}")))?;
+        headers.append(name, value);
+    }
+    Ok(resp)
+}
