@@ -362,13 +362,22 @@ def check_holdfast(explicit=None):
     if r.returncode != 0:
         tail = (r.stderr or r.stdout).strip().splitlines()[-1:] or [""]
         return None, f"{path}: `proxy --help` exited {r.returncode}: {tail[0]}"
+    global HOLDFAST_ADMIN_OFF
+    HOLDFAST_ADMIN_OFF = "--admin" in r.stdout
     return path, None
+
+
+# `proxy --admin off`, when the binary has the flag: its admin listener's fixed
+# default port (9901) could collide with anything else on the machine.
+HOLDFAST_ADMIN_OFF = False
 
 
 def start_holdfast(binary, run_dir, port, upstream_port, cpus, workers, tag):
     argv = [str(binary), "proxy", "--listen", f"127.0.0.1:{port}",
             "--to", f"http://127.0.0.1:{upstream_port}",
             "--workers", str(workers), "--access-log", "off"]
+    if HOLDFAST_ADMIN_OFF:
+        argv += ["--admin", "off"]
     return start(tag, argv, run_dir / "logs" / f"{tag}.out", cpus=cpus)
 
 

@@ -37,7 +37,7 @@ pub enum Command {
         config: PathBuf,
     },
     /// Run a one-upstream proxy without a config file.
-    Proxy(ProxyArgs),
+    Proxy(Box<ProxyArgs>),
     /// Show story 1a happening to a naive client and not through holdfast.
     Demo {
         /// How long to send requests.
