@@ -251,15 +251,15 @@ impl UpstreamBody {
         &mut self,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let idle_at = self.deadlines.read_idle.map(|d| Instant::now() + d);
-        let at = match (idle_at, self.deadlines.total) {
-            (Some(a), Some(b)) => a.min(b),
-            (a, b) => match a.or(b) {
-                Some(t) => t,
-                None => return Poll::Pending,
-            },
-        };
         if !self.armed {
+            let idle_at = self.deadlines.read_idle.map(|d| Instant::now() + d);
+            let at = match (idle_at, self.deadlines.total) {
+                (Some(a), Some(b)) => a.min(b),
+                (a, b) => match a.or(b) {
+                    Some(t) => t,
+                    None => return Poll::Pending,
+                },
+            };
             match &mut self.timer {
                 Some(t) => t.as_mut().reset(at),
                 None => self.timer = Some(Box::pin(tokio::time::sleep_until(at))),
