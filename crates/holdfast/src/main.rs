@@ -8,6 +8,12 @@ use clap::Parser;
 use holdfast::config::Config;
 use holdfast::process::{self, Origin};
 
+// A proxy allocates small, short-lived buffers and header maps on every request;
+// mimalloc's thread-local free lists make that markedly cheaper than glibc malloc
+// (see the benchmark section of the README).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Exit status for a config that cannot be used (sysexits EX_USAGE).
 const EX_USAGE: u8 = 64;
 
