@@ -1,8 +1,12 @@
-//! The admin listener: `/live`, `/ready` (503 while draining), `/config` (the
-//! effective config) and `/pools` (every upstream address with its pool figures,
-//! health, and effective idle timeout with where it came from).
+//! The admin listener: `/live`, `/ready` (503 while draining), `/metrics`
+//! (Prometheus text format, [`metrics`]), `/config` (the effective config with
+//! secrets redacted, [`redact`]) and `/pools` (every upstream address with its pool
+//! figures, health, and effective idle timeout with where it came from).
 //!
 //! Loopback by default and on its own port; not meant to face clients.
+
+pub mod metrics;
+pub mod redact;
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -50,11 +54,22 @@ fn route(req: &Request<Incoming>, proxy: &Proxy, state: &ServerState) -> Respons
             text(StatusCode::SERVICE_UNAVAILABLE, "draining\n")
         }
         "/ready" => text(StatusCode::OK, "ready\n"),
-        "/config" => text(StatusCode::OK, proxy.routing().config.to_effective_toml()),
+        "/config" => text(
+            StatusCode::OK,
+            redact::effective_toml(&proxy.routing().config),
+        ),
         "/pools" => json(&pools(proxy)),
+        "/metrics" => {
+            let mut r = text(StatusCode::OK, metrics::render(proxy, state));
+            r.headers_mut().insert(
+                header::CONTENT_TYPE,
+                header::HeaderValue::from_static(metrics::CONTENT_TYPE),
+            );
+            r
+        }
         _ => text(
             StatusCode::NOT_FOUND,
-            "not found; try /live, /ready, /config, /pools\n",
+            "not found; try /live, /ready, /metrics, /config, /pools\n",
         ),
     }
 }

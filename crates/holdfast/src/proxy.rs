@@ -6,6 +6,7 @@
 //! `Proxy-Status` saying whether the request reached it.
 
 pub mod fastcgi;
+pub mod figures;
 pub mod headers;
 pub mod response;
 
@@ -19,6 +20,7 @@ use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use tokio::time::Instant;
 
+use self::figures::{RouteFigures, Tally};
 use self::headers::ClientFacts;
 use self::response::{AccessRecord, BodyDeadlines, ResponseBody, UpstreamBody};
 use crate::body::RequestBody;
@@ -34,6 +36,8 @@ pub struct Routing {
     pub routes: RouteTable,
     pub upstreams: Upstreams,
     route_names: Vec<Arc<str>>,
+    /// Per-route request figures, indexed like `config.routes`.
+    pub figures: RouteFigures,
 }
 
 impl Routing {
@@ -43,11 +47,16 @@ impl Routing {
         let route_names = (0..config.routes.len())
             .map(|i| Arc::from(format!("route[{i}]")))
             .collect();
+        let figures = RouteFigures::build(
+            &config.routes,
+            previous.map(|p| (&p.config.routes[..], &p.figures)),
+        );
         Routing {
             config,
             routes,
             upstreams,
             route_names,
+            figures,
         }
     }
 }
@@ -115,12 +124,14 @@ impl Proxy {
 
         let host = request_host(&req);
         let path = req.uri().path();
-        let Some(route) = routing.routes.find(host.as_deref(), path) else {
+        let route = routing.routes.find(host.as_deref(), path);
+        let tally = Tally::new(routing.figures.cell(route.map(|r| r.index)), start);
+        let Some(route) = route else {
             return finish_local(
                 StatusCode::NOT_FOUND,
                 "no route for this host and path\n",
                 None,
-                log,
+                (log, tally),
             );
         };
         if let Some(l) = &mut log {
@@ -131,7 +142,7 @@ impl Proxy {
                 StatusCode::BAD_GATEWAY,
                 "route names an unknown upstream\n",
                 None,
-                log,
+                (log, tally),
             );
         };
         if let Some(l) = &mut log {
@@ -161,7 +172,7 @@ impl Proxy {
                         StatusCode::BAD_REQUEST,
                         "bad request target\n",
                         None,
-                        log,
+                        (log, tally),
                     );
                 }
             }
@@ -199,7 +210,7 @@ impl Proxy {
                         attempts: 0,
                         reused: false,
                     };
-                    return self.rescue(failure, &upstream, log);
+                    return self.rescue(failure, &upstream, (log, tally));
                 }
             },
         };
@@ -216,7 +227,7 @@ impl Proxy {
                     } else {
                         "bad path\n"
                     };
-                    return finish_local(status, msg, None, log);
+                    return finish_local(status, msg, None, (log, tally));
                 }
             }
         }
@@ -242,9 +253,9 @@ impl Proxy {
                     read_idle: upstream.config.timeouts.read_idle.non_zero(),
                     total: deadline,
                 };
-                respond(exchange, client_upgrade, deadlines, log)
+                respond(exchange, client_upgrade, deadlines, (log, tally))
             }
-            Err(failure) => self.rescue(failure, &upstream, log),
+            Err(failure) => self.rescue(failure, &upstream, (log, tally)),
         }
     }
 
@@ -254,7 +265,7 @@ impl Proxy {
         &self,
         failure: Failure,
         upstream: &Upstream,
-        mut log: Option<AccessRecord>,
+        (mut log, tally): (Option<AccessRecord>, Tally),
     ) -> Response<ResponseBody> {
         let Failure {
             error,
@@ -291,7 +302,7 @@ impl Proxy {
             status.canonical_reason().unwrap_or(""),
             error
         );
-        finish_local(status, body, Some(proxy_status), log)
+        finish_local(status, body, Some(proxy_status), (log, tally))
     }
 }
 
@@ -300,8 +311,9 @@ fn finish_local(
     status: StatusCode,
     body: impl Into<bytes::Bytes>,
     proxy_status: Option<String>,
-    log: Option<AccessRecord>,
+    (log, tally): (Option<AccessRecord>, Tally),
 ) -> Response<ResponseBody> {
+    tally.finish_with(status.as_u16());
     let mut resp = Response::new(ResponseBody::full(body));
     *resp.status_mut() = status;
     let h = resp.headers_mut();
@@ -326,7 +338,7 @@ fn respond(
     exchange: Exchange,
     client_upgrade: Option<hyper::upgrade::OnUpgrade>,
     deadlines: BodyDeadlines,
-    mut log: Option<AccessRecord>,
+    (mut log, mut tally): (Option<AccessRecord>, Tally),
 ) -> Response<ResponseBody> {
     let Exchange {
         mut response,
@@ -337,6 +349,7 @@ fn respond(
         outstanding,
     } = exchange;
     let status = response.status();
+    tally.upstream_responded(status.as_u16(), ttfb);
     if let Some(l) = &mut log {
         l.status = status.as_u16();
         l.address = Some(peer.label.clone());
@@ -366,6 +379,7 @@ fn respond(
             if let Some(l) = log {
                 l.emit(0);
             }
+            tally.finish();
             Response::from_parts(parts, ResponseBody::empty())
         }
         (true, None) => {
@@ -377,14 +391,14 @@ fn respond(
                 StatusCode::BAD_GATEWAY,
                 format!("502 Bad Gateway: {error}\n"),
                 None,
-                log,
+                (log, tally),
             )
         }
         (false, _) => {
             let (mut parts, body) = response.into_parts();
             headers::remove_hop_by_hop(&mut parts.headers, false);
             headers::add_via(&mut parts.headers);
-            let body = UpstreamBody::new(body, conn, deadlines, log, outstanding);
+            let body = UpstreamBody::new(body, conn, deadlines, (log, tally), outstanding);
             Response::from_parts(parts, ResponseBody::upstream(body))
         }
     }

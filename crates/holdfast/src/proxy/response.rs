@@ -18,6 +18,7 @@ use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use tokio::time::{Instant, Sleep};
 
+use super::figures::Tally;
 use crate::body::BoxError;
 use crate::server::conn::InFlight;
 use crate::upstream::Payload;
@@ -135,6 +136,8 @@ pub(crate) struct UpstreamBody {
     done: bool,
     bytes: u64,
     log: Option<AccessRecord>,
+    /// Counted in the route's figures when the body ends or is dropped.
+    tally: Option<Tally>,
     _outstanding: Outstanding,
 }
 
@@ -143,7 +146,7 @@ impl UpstreamBody {
         payload: Payload,
         conn: PooledConn,
         deadlines: BodyDeadlines,
-        log: Option<AccessRecord>,
+        (log, tally): (Option<AccessRecord>, Tally),
         outstanding: Outstanding,
     ) -> Self {
         let body = match payload {
@@ -162,6 +165,7 @@ impl UpstreamBody {
             done: false,
             bytes: 0,
             log,
+            tally: Some(tally),
             _outstanding: outstanding,
         };
         // A response without a body (204, 304, HEAD, Content-Length: 0) is complete now.
@@ -298,6 +302,9 @@ impl Drop for UpstreamBody {
         }
         if let Some(log) = self.log.take() {
             log.emit(self.bytes);
+        }
+        if let Some(tally) = self.tally.take() {
+            tally.finish();
         }
     }
 }

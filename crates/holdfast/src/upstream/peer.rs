@@ -71,6 +71,11 @@ impl Peer {
         self.outstanding.load(Relaxed)
     }
 
+    /// What a FastCGI application said about itself (GET_VALUES), once asked.
+    pub fn fastcgi_values(&self) -> Option<&ServerValues> {
+        self.fastcgi_values.get().and_then(Option::as_ref)
+    }
+
     /// Counts a request in flight until the guard drops.
     pub fn track(self: &Arc<Self>) -> Outstanding {
         self.outstanding.fetch_add(1, Relaxed);

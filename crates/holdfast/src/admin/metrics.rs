@@ -1,0 +1,566 @@
+//! `/metrics`: every figure holdfast keeps, in the Prometheus text exposition format
+//! (version 0.0.4).
+//!
+//! Names follow the Prometheus conventions: a `holdfast_` prefix, base units in the
+//! name (`_seconds`), `_total` on counters, one family's samples together under its
+//! `# HELP` and `# TYPE`. The request path never touches this module: it bumps plain
+//! atomics ([`crate::proxy::figures`], [`crate::upstream::figures`]) and this module
+//! reads them when scraped.
+//!
+//! The encoder is written by hand rather than with the `prometheus-client` crate: the
+//! figures already live in atomics owned by the pools and routes, and that crate wants
+//! its own metric types in a registry (its label families sit behind a lock on the
+//! recording side), so it would add a copy step and a dependency for ~100 lines of
+//! formatting.
+
+use std::fmt::Write as _;
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+
+use tokio::time::Instant;
+
+use crate::config::Protocol;
+use crate::proxy::Proxy;
+use crate::proxy::figures::{RouteCell, STATUS_CLASSES};
+use crate::server::ServerState;
+use crate::upstream::figures::{BUCKETS, CloseReason, HistogramSnapshot, RetryReason};
+use crate::upstream::peer::{HealthState, Peer};
+use crate::upstream::pool::PoolSnapshot;
+
+/// The `Content-Type` of the exposition format.
+pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+const HEALTH_STATES: [(HealthState, &str); 3] = [
+    (HealthState::Healthy, "healthy"),
+    (HealthState::Ejected, "ejected"),
+    (HealthState::Probation, "probation"),
+];
+
+/// Every metric, as `/metrics` serves it.
+pub fn render(proxy: &Proxy, state: &ServerState) -> String {
+    let routing = proxy.routing();
+    let mut t = Text::default();
+
+    // === process ===
+    t.family(
+        "holdfast_build_info",
+        Kind::Gauge,
+        "Always 1; the version holdfast was built from.",
+    );
+    t.sample(
+        "holdfast_build_info",
+        &[("version", env!("CARGO_PKG_VERSION"))],
+        1,
+    );
+    t.single(
+        "holdfast_draining",
+        Kind::Gauge,
+        "1 while the server drains (/ready answers 503), else 0.",
+        u64::from(state.draining.load(Relaxed)),
+    );
+    t.single(
+        "holdfast_reloads_total",
+        Kind::Counter,
+        "Config reloads applied.",
+        state.reloads.load(Relaxed),
+    );
+    t.single(
+        "holdfast_reload_failures_total",
+        Kind::Counter,
+        "Config reloads refused (the new config did not load; the old one stays).",
+        state.reload_failures.load(Relaxed),
+    );
+    t.single(
+        "holdfast_upgrades_total",
+        Kind::Counter,
+        "Binary upgrades handed over to a new process.",
+        state.upgrades.load(Relaxed),
+    );
+    t.single(
+        "holdfast_upgrade_failures_total",
+        Kind::Counter,
+        "Binary upgrades that failed (this process kept serving).",
+        state.upgrade_failures.load(Relaxed),
+    );
+
+    // === routes ===
+    let mut routes: Vec<(String, &RouteCell)> = routing
+        .figures
+        .routes
+        .iter()
+        .enumerate()
+        .map(|(i, c)| (format!("route[{i}]"), &**c))
+        .collect();
+    routes.push(("none".to_owned(), &*routing.figures.unrouted));
+    t.family(
+        "holdfast_route_info",
+        Kind::Gauge,
+        "Always 1; what each route label stands for.",
+    );
+    for (i, r) in routing.config.routes.iter().enumerate() {
+        t.sample(
+            "holdfast_route_info",
+            &[
+                ("route", &format!("route[{i}]")),
+                ("host", r.host.as_deref().unwrap_or("")),
+                ("path", &r.path),
+                ("upstream", r.upstream.get_ref()),
+            ],
+            1,
+        );
+    }
+    t.family(
+        "holdfast_requests_total",
+        Kind::Counter,
+        "Client requests answered, by route (`none`: no route matched) and status class.",
+    );
+    for (route, cell) in &routes {
+        for (i, class) in STATUS_CLASSES.iter().enumerate() {
+            t.sample(
+                "holdfast_requests_total",
+                &[("route", route), ("class", class)],
+                cell.requests(i),
+            );
+        }
+    }
+    t.family(
+        "holdfast_request_duration_seconds",
+        Kind::Histogram,
+        "From a request's head to the end of its response, by route.",
+    );
+    for (route, cell) in &routes {
+        t.histogram(
+            "holdfast_request_duration_seconds",
+            &[("route", route)],
+            &cell.duration.snapshot(),
+        );
+    }
+    t.family(
+        "holdfast_upstream_time_to_first_byte_seconds",
+        Kind::Histogram,
+        "From sending a request upstream to its response head, by route.",
+    );
+    for (route, cell) in &routes {
+        t.histogram(
+            "holdfast_upstream_time_to_first_byte_seconds",
+            &[("route", route)],
+            &cell.upstream_ttfb.snapshot(),
+        );
+    }
+
+    // === upstreams ===
+    let upstreams: Vec<_> = routing.upstreams.iter().collect();
+    t.family(
+        "holdfast_upstream_info",
+        Kind::Gauge,
+        "Always 1; each upstream's protocol.",
+    );
+    for u in &upstreams {
+        let protocol = match u.config.protocol() {
+            Protocol::Http1 => "http1",
+            Protocol::FastCgi => "fastcgi",
+        };
+        t.sample(
+            "holdfast_upstream_info",
+            &[("upstream", &u.name), ("protocol", protocol)],
+            1,
+        );
+    }
+    t.family(
+        "holdfast_upstream_requests_total",
+        Kind::Counter,
+        "Requests forwarded to each upstream (retries not counted again).",
+    );
+    for u in &upstreams {
+        t.sample(
+            "holdfast_upstream_requests_total",
+            &[("upstream", &u.name)],
+            u.figures.requests.load(Relaxed),
+        );
+    }
+    t.family(
+        "holdfast_upstream_retries_total",
+        Kind::Counter,
+        "Requests tried again on a new connection, by reason.",
+    );
+    for u in &upstreams {
+        for r in RetryReason::ALL {
+            t.sample(
+                "holdfast_upstream_retries_total",
+                &[("upstream", &u.name), ("reason", r.as_str())],
+                u.figures.retries(r),
+            );
+        }
+    }
+    t.family(
+        "holdfast_upstream_retry_budget_exhausted_total",
+        Kind::Counter,
+        "Retries that were safe but refused because the retry budget was spent.",
+    );
+    for u in &upstreams {
+        t.sample(
+            "holdfast_upstream_retry_budget_exhausted_total",
+            &[("upstream", &u.name)],
+            u.figures.retry_budget_exhausted.load(Relaxed),
+        );
+    }
+
+    // === addresses and their pools ===
+    let now = Instant::now();
+    let addresses: Vec<Address> = upstreams
+        .iter()
+        .flat_map(|u| {
+            u.peers()
+                .iter()
+                .map(|p| Address {
+                    upstream: u.name.clone(),
+                    peer: p.clone(),
+                    pool: p.pool.snapshot(),
+                    health: p.health.state(now),
+                })
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    let gauges: [PerAddress; 6] = [
+        (
+            "holdfast_upstream_outstanding_requests",
+            "Requests in flight to the address.",
+            |a| a.peer.outstanding() as u64,
+        ),
+        (
+            "holdfast_pool_open_connections",
+            "Connections open to the address, idle or in use.",
+            |a| a.pool.open as u64,
+        ),
+        (
+            "holdfast_pool_idle_connections",
+            "Idle connections kept for reuse.",
+            |a| a.pool.idle as u64,
+        ),
+        (
+            "holdfast_pool_in_use_connections",
+            "Connection slots taken by requests (connecting or in use).",
+            |a| a.pool.in_use as u64,
+        ),
+        (
+            "holdfast_pool_waiting_requests",
+            "Requests queued for a connection slot.",
+            |a| a.pool.waiting as u64,
+        ),
+        (
+            "holdfast_pool_max_connections",
+            "The connection cap in force (config, or lower if a FastCGI application asked).",
+            |a| a.pool.max_connections as u64,
+        ),
+    ];
+    for (name, help, get) in gauges {
+        t.family(name, Kind::Gauge, help);
+        for a in &addresses {
+            t.sample(name, &a.labels(), get(a));
+        }
+    }
+    t.family(
+        "holdfast_upstream_health",
+        Kind::Gauge,
+        "1 for the address's passive health state, 0 for the others.",
+    );
+    for a in &addresses {
+        for (s, name) in HEALTH_STATES {
+            let [u, ad] = a.labels();
+            t.sample(
+                "holdfast_upstream_health",
+                &[u, ad, ("state", name)],
+                u64::from(a.health == s),
+            );
+        }
+    }
+    let counters: [PerAddress; 5] = [
+        (
+            "holdfast_pool_connections_created_total",
+            "Connections opened.",
+            |a| a.peer.pool.figures.created.load(Relaxed),
+        ),
+        (
+            "holdfast_pool_connections_reused_total",
+            "Requests sent on an idle connection rather than a new one.",
+            |a| a.peer.pool.figures.reused.load(Relaxed),
+        ),
+        (
+            "holdfast_pool_stale_caught_total",
+            "Idle connections found closed by the check before use, before any request was written.",
+            |a| a.peer.pool.figures.stale_caught.load(Relaxed),
+        ),
+        (
+            "holdfast_pool_queue_timeouts_total",
+            "Requests that waited queue_timeout for a slot and got 503.",
+            |a| a.peer.pool.figures.queue_timeouts.load(Relaxed),
+        ),
+        (
+            "holdfast_pool_queue_full_total",
+            "Requests refused at once because the wait queue was full.",
+            |a| a.peer.pool.figures.queue_full.load(Relaxed),
+        ),
+    ];
+    for (name, help, get) in counters {
+        t.family(name, Kind::Counter, help);
+        for a in &addresses {
+            t.sample(name, &a.labels(), get(a));
+        }
+    }
+    t.family(
+        "holdfast_pool_connections_closed_total",
+        Kind::Counter,
+        "Connections closed, by reason.",
+    );
+    for a in &addresses {
+        for r in CloseReason::ALL {
+            let [u, ad] = a.labels();
+            t.sample(
+                "holdfast_pool_connections_closed_total",
+                &[u, ad, ("reason", r.as_str())],
+                a.peer.pool.figures.closed_count(r),
+            );
+        }
+    }
+    t.family(
+        "holdfast_pool_idle_age_at_reuse_seconds",
+        Kind::Histogram,
+        "How long a connection had been idle when a request reused it.",
+    );
+    for a in &addresses {
+        t.histogram(
+            "holdfast_pool_idle_age_at_reuse_seconds",
+            &a.labels(),
+            &a.peer.pool.figures.idle_age_at_reuse.snapshot(),
+        );
+    }
+    t.family(
+        "holdfast_pool_idle_age_at_upstream_close_seconds",
+        Kind::Histogram,
+        "How long a connection had been idle when the upstream closed it.",
+    );
+    for a in &addresses {
+        t.histogram(
+            "holdfast_pool_idle_age_at_upstream_close_seconds",
+            &a.labels(),
+            &a.peer.pool.figures.idle_age_at_upstream_close.snapshot(),
+        );
+    }
+    t.family(
+        "holdfast_pool_idle_timeout_seconds",
+        Kind::Gauge,
+        "Effective idle timeout; `source` says where it comes from (config, keep_alive_header, observed).",
+    );
+    for a in &addresses {
+        let [u, ad] = a.labels();
+        t.sample_f64(
+            "holdfast_pool_idle_timeout_seconds",
+            &[u, ad, ("source", a.pool.idle_timeout_source.as_str())],
+            a.pool.effective_idle_timeout.as_secs_f64(),
+        );
+    }
+    t.family(
+        "holdfast_pool_learned_max_requests",
+        Kind::Gauge,
+        "Requests per connection learned from an upstream that closes after a fixed number without saying so (absent until learned).",
+    );
+    for a in &addresses {
+        if let Some(n) = a.pool.learned_max_requests {
+            t.sample("holdfast_pool_learned_max_requests", &a.labels(), n);
+        }
+    }
+
+    // === FastCGI ===
+    let fastcgi: [PerFastCgi; 2] = [
+        (
+            "holdfast_fastcgi_max_conns",
+            "FCGI_MAX_CONNS the FastCGI application announced (absent until asked or if it did not say).",
+            |v| v.max_conns.map(u64::from),
+        ),
+        (
+            "holdfast_fastcgi_max_reqs",
+            "FCGI_MAX_REQS the FastCGI application announced.",
+            |v| v.max_reqs.map(u64::from),
+        ),
+    ];
+    for (name, help, get) in fastcgi {
+        t.family(name, Kind::Gauge, help);
+        for a in &addresses {
+            if let Some(n) = a.peer.fastcgi_values().and_then(get) {
+                t.sample(name, &a.labels(), n);
+            }
+        }
+    }
+    t.out
+}
+
+/// A per-address family: name, help, and how to read its value.
+type PerAddress = (&'static str, &'static str, fn(&Address) -> u64);
+/// A FastCGI family: name, help, and which announced value it shows.
+type PerFastCgi = (
+    &'static str,
+    &'static str,
+    fn(&holdfast_fastcgi::ServerValues) -> Option<u64>,
+);
+
+struct Address {
+    upstream: String,
+    peer: Arc<Peer>,
+    pool: PoolSnapshot,
+    health: HealthState,
+}
+
+impl Address {
+    fn labels(&self) -> [(&str, &str); 2] {
+        [("upstream", &self.upstream), ("address", &self.peer.label)]
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Kind {
+    Counter,
+    Gauge,
+    Histogram,
+}
+
+/// The exposition text being written. Writing to a `String` cannot fail, so the
+/// `fmt::Result`s below are ignored.
+#[derive(Default)]
+struct Text {
+    out: String,
+}
+
+impl Text {
+    fn family(&mut self, name: &str, kind: Kind, help: &str) {
+        let kind = match kind {
+            Kind::Counter => "counter",
+            Kind::Gauge => "gauge",
+            Kind::Histogram => "histogram",
+        };
+        let help = help.replace('\\', "\\\\").replace('\n', "\\n");
+        let _ = writeln!(self.out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+    }
+
+    /// A family with one unlabelled sample.
+    fn single(&mut self, name: &str, kind: Kind, help: &str, value: u64) {
+        self.family(name, kind, help);
+        self.sample(name, &[], value);
+    }
+
+    fn sample(&mut self, name: &str, labels: &[(&str, &str)], value: u64) {
+        self.name_and_labels(name, labels, None);
+        let _ = writeln!(self.out, " {value}");
+    }
+
+    fn sample_f64(&mut self, name: &str, labels: &[(&str, &str)], value: f64) {
+        self.name_and_labels(name, labels, None);
+        let _ = writeln!(self.out, " {}", float(value));
+    }
+
+    fn histogram(&mut self, name: &str, labels: &[(&str, &str)], h: &HistogramSnapshot) {
+        let bucket = format!("{name}_bucket");
+        for (i, count) in h.cumulative.iter().enumerate() {
+            let le = BUCKETS
+                .get(i)
+                .map_or_else(|| "+Inf".to_owned(), |b| float(*b));
+            self.name_and_labels(&bucket, labels, Some(&le));
+            let _ = writeln!(self.out, " {count}");
+        }
+        self.sample_f64(&format!("{name}_sum"), labels, h.sum_secs);
+        self.sample(&format!("{name}_count"), labels, h.count());
+    }
+
+    fn name_and_labels(&mut self, name: &str, labels: &[(&str, &str)], le: Option<&str>) {
+        self.out.push_str(name);
+        if labels.is_empty() && le.is_none() {
+            return;
+        }
+        self.out.push('{');
+        let le = le.map(|v| ("le", v));
+        for (i, (k, v)) in labels.iter().copied().chain(le).enumerate() {
+            if i > 0 {
+                self.out.push(',');
+            }
+            self.out.push_str(k);
+            self.out.push_str("=\"");
+            escape_label(&mut self.out, v);
+            self.out.push('"');
+        }
+        self.out.push('}');
+    }
+}
+
+/// Label values escape `\`, `"` and newline.
+fn escape_label(out: &mut String, v: &str) {
+    for c in v.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '"' => out.push_str("\\\""),
+            '\n' => out.push_str("\\n"),
+            c => out.push(c),
+        }
+    }
+}
+
+fn float(v: f64) -> String {
+    if v.is_nan() {
+        "NaN".to_owned()
+    } else if v.is_infinite() {
+        if v > 0.0 { "+Inf" } else { "-Inf" }.to_owned()
+    } else {
+        format!("{v}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::upstream::figures::Histogram;
+
+    #[test]
+    fn families_samples_and_escaping() {
+        let mut t = Text::default();
+        t.family("x_total", Kind::Counter, "Things.\nMore.");
+        t.sample("x_total", &[("a", "q\"uo\\te\nd")], 3);
+        t.single("y", Kind::Gauge, "Y.", 1);
+        assert_eq!(
+            t.out,
+            "# HELP x_total Things.\\nMore.\n# TYPE x_total counter\n\
+             x_total{a=\"q\\\"uo\\\\te\\nd\"} 3\n\
+             # HELP y Y.\n# TYPE y gauge\ny 1\n"
+        );
+    }
+
+    #[test]
+    fn histograms_are_cumulative_with_inf_sum_and_count() {
+        let h = Histogram::default();
+        h.observe(Duration::from_millis(3));
+        h.observe(Duration::from_millis(3));
+        h.observe(Duration::from_secs(2));
+        h.observe(Duration::from_secs(100));
+        let mut t = Text::default();
+        t.histogram("h_seconds", &[("r", "x")], &h.snapshot());
+        let lines: Vec<&str> = t.out.lines().collect();
+        assert_eq!(lines.len(), BUCKETS.len() + 3);
+        assert_eq!(lines[0], "h_seconds_bucket{r=\"x\",le=\"0.001\"} 0");
+        assert_eq!(lines[1], "h_seconds_bucket{r=\"x\",le=\"0.005\"} 2");
+        assert!(lines.contains(&"h_seconds_bucket{r=\"x\",le=\"2.5\"} 3"));
+        assert!(lines.contains(&"h_seconds_bucket{r=\"x\",le=\"60\"} 3"));
+        assert_eq!(
+            lines[BUCKETS.len()],
+            "h_seconds_bucket{r=\"x\",le=\"+Inf\"} 4"
+        );
+        assert_eq!(lines[BUCKETS.len() + 1], "h_seconds_sum{r=\"x\"} 102.006");
+        assert_eq!(lines[BUCKETS.len() + 2], "h_seconds_count{r=\"x\"} 4");
+    }
+
+    #[test]
+    fn floats_render_as_prometheus_reads_them() {
+        assert_eq!(float(0.25), "0.25");
+        assert_eq!(float(4.0), "4");
+        assert_eq!(float(f64::INFINITY), "+Inf");
+        assert_eq!(float(f64::NAN), "NaN");
+    }
+}

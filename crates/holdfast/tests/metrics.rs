@@ -1,0 +1,684 @@
+//! `/metrics`, `/pools` and `/config` after scripted traffic: the numbers, not just the
+//! names.
+//!
+//! Each test runs holdfast in-process on `127.0.0.1:0` (listener and admin) in front of
+//! scripted upstreams, sends a known number of requests, and reads the admin endpoints.
+//! Figures are recorded when a response ends, a moment after the client has its last
+//! byte, so each check polls the endpoint until the expected value shows (bounded).
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use holdfast::server::{Control, DrainReport, Server};
+use holdfast_test::{Behaviour, KeepAliveClient, Reply, TestUpstream};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+
+const RESPONSE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Bound on waiting for a figure to show.
+const SHOW: Duration = Duration::from_secs(5);
+
+// === fixtures ===
+
+struct Gateway {
+    addr: SocketAddr,
+    admin: SocketAddr,
+    control: mpsc::Sender<Control>,
+    task: JoinHandle<DrainReport>,
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// The config around `body` (routes and upstreams), both listeners on port 0.
+fn config(body: &str) -> holdfast::config::Config {
+    let text = format!(
+        r#"
+[log]
+access_log = false
+
+[admin]
+listen = "127.0.0.1:0"
+
+[[listener]]
+listen = "127.0.0.1:0"
+
+{body}
+"#
+    );
+    holdfast::config::Config::from_toml(&text, Path::new("t.toml"))
+        .unwrap_or_else(|e| panic!("config: {e}\n{text}"))
+}
+
+async fn start(body: &str) -> Gateway {
+    let server = Server::bind(config(body)).await.expect("bind holdfast");
+    let addr = server.listen_addrs()[0];
+    let admin = server.admin_addr().expect("admin listener");
+    let (control, rx) = mpsc::channel(4);
+    let task = tokio::spawn(server.run(rx));
+    Gateway {
+        addr,
+        admin,
+        control,
+        task,
+    }
+}
+
+impl Gateway {
+    /// Sends `n` sequential GETs on one keep-alive connection; returns the statuses.
+    async fn get_n(&self, target: &str, n: usize) -> Vec<u16> {
+        let mut c = KeepAliveClient::new(self.addr).with_timeout(RESPONSE_TIMEOUT);
+        let mut statuses = Vec::new();
+        for _ in 0..n {
+            let r = c
+                .get(target)
+                .await
+                .unwrap_or_else(|e| panic!("GET {target}: {e}"));
+            statuses.push(r.status);
+        }
+        statuses
+    }
+
+    async fn admin_get(&self, path: &str) -> holdfast_test::Response {
+        KeepAliveClient::new(self.admin)
+            .with_timeout(RESPONSE_TIMEOUT)
+            .get(path)
+            .await
+            .unwrap_or_else(|e| panic!("GET {path} from admin: {e}"))
+    }
+
+    async fn metrics(&self) -> Metrics {
+        let r = self.admin_get("/metrics").await;
+        assert_eq!(r.status, 200);
+        assert_eq!(
+            r.header("content-type"),
+            Some("text/plain; version=0.0.4; charset=utf-8")
+        );
+        Metrics::parse(&r.text())
+    }
+
+    /// Polls `/metrics` until `check` holds (bounded by [`SHOW`]); returns the last
+    /// scrape either way, so the caller's assertion shows the numbers.
+    async fn metrics_once(&self, check: impl Fn(&Metrics) -> bool) -> Metrics {
+        let deadline = tokio::time::Instant::now() + SHOW;
+        // Bounded by the deadline; a scrape every few milliseconds.
+        loop {
+            let m = self.metrics().await;
+            if check(&m) || tokio::time::Instant::now() >= deadline {
+                return m;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+}
+
+/// One scrape: samples by name and label set, after checking the text is well formed.
+#[derive(Debug)]
+struct Metrics {
+    samples: Vec<(String, BTreeMap<String, String>, f64)>,
+    text: String,
+}
+
+impl Metrics {
+    fn parse(text: &str) -> Metrics {
+        let mut samples = Vec::new();
+        let mut typed = BTreeMap::new();
+        for line in text.lines() {
+            if let Some(rest) = line.strip_prefix("# TYPE ") {
+                let (name, kind) = rest.split_once(' ').expect("TYPE line");
+                assert!(
+                    typed.insert(name.to_owned(), kind.to_owned()).is_none(),
+                    "family {name} declared twice"
+                );
+                continue;
+            }
+            if line.starts_with('#') || line.is_empty() {
+                continue;
+            }
+            let (series, value) = line.rsplit_once(' ').expect("sample line");
+            let value: f64 = match value {
+                "+Inf" => f64::INFINITY,
+                v => v.parse().unwrap_or_else(|_| panic!("bad value in {line}")),
+            };
+            let (name, labels) = match series.split_once('{') {
+                None => (series.to_owned(), BTreeMap::new()),
+                Some((name, rest)) => {
+                    let body = rest.strip_suffix('}').expect("closing brace");
+                    let labels = body
+                        .split("\",")
+                        .map(|kv| {
+                            let (k, v) = kv.split_once("=\"").expect("label");
+                            (k.to_owned(), v.trim_end_matches('"').to_owned())
+                        })
+                        .collect();
+                    (name.to_owned(), labels)
+                }
+            };
+            assert!(name.starts_with("holdfast_"), "{name} lacks the prefix");
+            let family = ["_bucket", "_sum", "_count"]
+                .iter()
+                .find_map(|s| name.strip_suffix(s).filter(|f| typed.contains_key(*f)))
+                .unwrap_or(&name);
+            assert!(typed.contains_key(family), "{name} has no # TYPE before it");
+            samples.push((name, labels, value));
+        }
+        Metrics {
+            samples,
+            text: text.to_owned(),
+        }
+    }
+
+    /// The one sample of `name` whose labels include `labels`.
+    fn get(&self, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+        let found: Vec<f64> = self
+            .samples
+            .iter()
+            .filter(|(n, l, _)| {
+                n == name
+                    && labels
+                        .iter()
+                        .all(|(k, v)| l.get(*k).map(String::as_str) == Some(*v))
+            })
+            .map(|(_, _, v)| *v)
+            .collect();
+        assert!(
+            found.len() <= 1,
+            "{name} {labels:?} matches {} samples",
+            found.len()
+        );
+        found.first().copied()
+    }
+
+    fn value(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        self.get(name, labels)
+            .unwrap_or_else(|| panic!("no {name} {labels:?} in\n{}", self.text))
+    }
+}
+
+// === tests ===
+
+#[tokio::test]
+async fn requests_are_counted_by_route_and_status_class() {
+    let a = TestUpstream::start(Behaviour::Echo).await;
+    let b = TestUpstream::start(Behaviour::fixed(404, 3)).await;
+    let gw = start(&format!(
+        r#"
+[[route]]
+path = "/a"
+upstream = "a"
+
+[[route]]
+path = "/b"
+upstream = "b"
+
+[upstream.a]
+addresses = ["{}"]
+
+[upstream.b]
+addresses = ["{}"]
+"#,
+        a.url(),
+        b.url()
+    ))
+    .await;
+    assert_eq!(gw.get_n("/a/x", 5).await, [200; 5]);
+    assert_eq!(gw.get_n("/b", 3).await, [404; 3]);
+    assert_eq!(gw.get_n("/nowhere", 2).await, [404; 2]);
+
+    let m = gw
+        .metrics_once(|m| {
+            m.get(
+                "holdfast_request_duration_seconds_count",
+                &[("route", "route[0]")],
+            ) == Some(5.0)
+        })
+        .await;
+    let requests = |route: &str, class: &str| {
+        m.value(
+            "holdfast_requests_total",
+            &[("route", route), ("class", class)],
+        )
+    };
+    assert_eq!(requests("route[0]", "2xx"), 5.0);
+    assert_eq!(requests("route[0]", "4xx"), 0.0);
+    assert_eq!(requests("route[1]", "4xx"), 3.0);
+    assert_eq!(requests("route[1]", "2xx"), 0.0);
+    assert_eq!(requests("none", "4xx"), 2.0, "no route: counted apart");
+    let route0 = [("route", "route[0]")];
+    assert_eq!(
+        m.value("holdfast_request_duration_seconds_count", &route0),
+        5.0
+    );
+    assert_eq!(
+        m.value(
+            "holdfast_request_duration_seconds_bucket",
+            &[("route", "route[0]"), ("le", "+Inf")]
+        ),
+        5.0
+    );
+    assert_eq!(
+        m.value(
+            "holdfast_upstream_time_to_first_byte_seconds_count",
+            &route0
+        ),
+        5.0
+    );
+    assert_eq!(
+        m.value(
+            "holdfast_upstream_time_to_first_byte_seconds_count",
+            &[("route", "none")]
+        ),
+        0.0,
+        "no upstream, no time to first byte"
+    );
+    assert_eq!(
+        m.value(
+            "holdfast_route_info",
+            &[("route", "route[1]"), ("path", "/b"), ("upstream", "b")]
+        ),
+        1.0
+    );
+    assert_eq!(
+        m.value("holdfast_upstream_requests_total", &[("upstream", "a")]),
+        5.0
+    );
+    let addr_a = a.addr().to_string();
+    let pool_a = [("upstream", "a"), ("address", addr_a.as_str())];
+    let created = m.value("holdfast_pool_connections_created_total", &pool_a);
+    let reused = m.value("holdfast_pool_connections_reused_total", &pool_a);
+    assert_eq!(created, a.connections_accepted() as f64);
+    assert_eq!(created + reused, 5.0, "every request used a connection");
+    assert_eq!(
+        m.value("holdfast_pool_idle_age_at_reuse_seconds_count", &pool_a),
+        reused
+    );
+    assert_eq!(m.value("holdfast_pool_in_use_connections", &pool_a), 0.0);
+    assert_eq!(m.value("holdfast_pool_waiting_requests", &pool_a), 0.0);
+    assert_eq!(
+        m.value("holdfast_pool_open_connections", &pool_a),
+        m.value("holdfast_pool_idle_connections", &pool_a)
+    );
+    assert_eq!(
+        m.value(
+            "holdfast_upstream_health",
+            &[pool_a[0], pool_a[1], ("state", "healthy")]
+        ),
+        1.0
+    );
+    assert_eq!(
+        m.value(
+            "holdfast_pool_idle_timeout_seconds",
+            &[pool_a[0], pool_a[1], ("source", "config")]
+        ),
+        4.0
+    );
+    assert_eq!(m.value("holdfast_draining", &[]), 0.0);
+}
+
+#[tokio::test]
+async fn a_504_counts_as_5xx_and_closes_its_connection_for_timeout() {
+    let up = TestUpstream::start(Behaviour::Hang).await;
+    let gw = start(&format!(
+        r#"
+[[route]]
+upstream = "slow"
+
+[upstream.slow]
+addresses = ["{}"]
+timeouts.response_headers = "200ms"
+"#,
+        up.url()
+    ))
+    .await;
+    assert_eq!(gw.get_n("/", 1).await, [504]);
+    let m = gw
+        .metrics_once(|m| {
+            m.get(
+                "holdfast_requests_total",
+                &[("route", "route[0]"), ("class", "5xx")],
+            ) == Some(1.0)
+        })
+        .await;
+    assert_eq!(
+        m.value(
+            "holdfast_requests_total",
+            &[("route", "route[0]"), ("class", "5xx")]
+        ),
+        1.0
+    );
+    assert_eq!(
+        m.value(
+            "holdfast_upstream_time_to_first_byte_seconds_count",
+            &[("route", "route[0]")]
+        ),
+        0.0
+    );
+    let d = m.value(
+        "holdfast_request_duration_seconds_sum",
+        &[("route", "route[0]")],
+    );
+    assert!((0.2..5.0).contains(&d), "the 504 took the timeout: {d}");
+    let addr = up.addr().to_string();
+    assert_eq!(
+        m.value(
+            "holdfast_pool_connections_closed_total",
+            &[("address", addr.as_str()), ("reason", "timeout")]
+        ),
+        1.0
+    );
+}
+
+#[tokio::test]
+async fn idle_closes_by_the_upstream_are_counted_and_teach_the_idle_timeout() {
+    let up = TestUpstream::start(Behaviour::CloseIdleAfter(Duration::from_millis(300))).await;
+    let gw = start(&format!(
+        r#"
+[[route]]
+upstream = "idle"
+
+[upstream.idle]
+addresses = ["{}"]
+pool.idle_timeout = "10s"
+"#,
+        up.url()
+    ))
+    .await;
+    let addr = up.addr().to_string();
+    let pool = [("upstream", "idle"), ("address", addr.as_str())];
+    // Three closes at the same idle age: an unannounced idle timeout, learned.
+    for round in 1..=3usize {
+        assert_eq!(gw.get_n("/", 1).await, [200]);
+        up.wait_for_closed(round, SHOW)
+            .await
+            .expect("upstream idle close");
+        let m = gw
+            .metrics_once(|m| {
+                m.get(
+                    "holdfast_pool_connections_closed_total",
+                    &[pool[1], ("reason", "closed_by_upstream_idle")],
+                ) == Some(round as f64)
+            })
+            .await;
+        assert_eq!(
+            m.value(
+                "holdfast_pool_connections_closed_total",
+                &[pool[1], ("reason", "closed_by_upstream_idle")]
+            ),
+            round as f64
+        );
+    }
+    let m = gw.metrics().await;
+    assert_eq!(
+        m.value(
+            "holdfast_pool_idle_age_at_upstream_close_seconds_count",
+            &pool
+        ),
+        3.0
+    );
+    assert_eq!(
+        m.value(
+            "holdfast_pool_idle_age_at_upstream_close_seconds_bucket",
+            &[pool[0], pool[1], ("le", "0.25")]
+        ),
+        0.0,
+        "closed at 300 ms"
+    );
+    assert_eq!(
+        m.value(
+            "holdfast_pool_idle_age_at_upstream_close_seconds_bucket",
+            &[pool[0], pool[1], ("le", "0.5")]
+        ),
+        3.0
+    );
+    let learned = m.value(
+        "holdfast_pool_idle_timeout_seconds",
+        &[pool[0], pool[1], ("source", "observed")],
+    );
+    assert!((0.2..0.3).contains(&learned), "4/5 of 300 ms: {learned}");
+    assert_eq!(
+        m.get(
+            "holdfast_pool_idle_timeout_seconds",
+            &[pool[0], pool[1], ("source", "config")]
+        ),
+        None,
+        "one series, labelled with the source in force"
+    );
+    assert_eq!(m.value("holdfast_pool_open_connections", &pool), 0.0);
+}
+
+#[tokio::test]
+async fn pools_shows_health_and_the_announced_idle_timeout() {
+    let up = TestUpstream::start(Behaviour::respond(|_| {
+        Reply::new(200).header("Keep-Alive", "timeout=5").body("ok")
+    }))
+    .await;
+    let gw = start(&format!(
+        r#"
+[[route]]
+upstream = "ka"
+
+[upstream.ka]
+addresses = ["{}"]
+pool.idle_timeout = "30s"
+"#,
+        up.url()
+    ))
+    .await;
+    assert_eq!(gw.get_n("/", 2).await, [200, 200]);
+    let r = gw.admin_get("/pools").await;
+    let pools: serde_json::Value = serde_json::from_slice(&r.body).expect("/pools is JSON");
+    let addr = &pools[0]["addresses"][0];
+    assert_eq!(pools[0]["name"], "ka");
+    assert_eq!(addr["address"], up.addr().to_string());
+    assert_eq!(addr["health"], "healthy");
+    assert_eq!(addr["idle_timeout_source"], "keep_alive_header");
+    // 5 s announced, less a margin of max(0.5 s, 1/8).
+    assert_eq!(addr["effective_idle_timeout"], 4.375);
+    let m = gw.metrics().await;
+    let a = up.addr().to_string();
+    assert_eq!(
+        m.value(
+            "holdfast_pool_idle_timeout_seconds",
+            &[("address", a.as_str()), ("source", "keep_alive_header")]
+        ),
+        4.375
+    );
+}
+
+#[tokio::test]
+async fn drain_gauge_and_reload_counter() {
+    let up = TestUpstream::start(Behaviour::Echo).await;
+    let body = format!(
+        r#"
+[drain]
+pre_delay = "30s"
+
+[[route]]
+upstream = "e"
+
+[upstream.e]
+addresses = ["{}"]
+"#,
+        up.url()
+    );
+    let gw = start(&body).await;
+    assert_eq!(gw.get_n("/", 2).await, [200, 200]);
+    let class = [("route", "route[0]"), ("class", "2xx")];
+    gw.metrics_once(|m| m.get("holdfast_requests_total", &class) == Some(2.0))
+        .await;
+
+    gw.control
+        .send(Control::Reload(Box::new(config(&body))))
+        .await
+        .expect("server listens");
+    let m = gw
+        .metrics_once(|m| m.get("holdfast_reloads_total", &[]) == Some(1.0))
+        .await;
+    assert_eq!(m.value("holdfast_reloads_total", &[]), 1.0);
+    assert_eq!(m.value("holdfast_reload_failures_total", &[]), 0.0);
+    assert_eq!(
+        m.value("holdfast_requests_total", &class),
+        2.0,
+        "an unchanged route keeps its counts over a reload"
+    );
+    assert_eq!(m.value("holdfast_upgrades_total", &[]), 0.0);
+    assert_eq!(m.value("holdfast_draining", &[]), 0.0);
+
+    // The pre-delay keeps the admin listener up while /ready fails.
+    gw.control
+        .send(Control::Drain)
+        .await
+        .expect("server listens");
+    let m = gw
+        .metrics_once(|m| m.get("holdfast_draining", &[]) == Some(1.0))
+        .await;
+    assert_eq!(m.value("holdfast_draining", &[]), 1.0);
+    assert_eq!(gw.admin_get("/ready").await.status, 503);
+    gw.control
+        .send(Control::Exit)
+        .await
+        .expect("server listens");
+}
+
+#[tokio::test]
+async fn config_hides_secrets_and_fastcgi_upstreams_show_what_the_application_said() {
+    let app = FakeFastCgi::start(7).await;
+    let root = holdfast_test::tempdir();
+    let gw = start(&format!(
+        r#"
+[[route]]
+upstream = "php"
+
+[route.fastcgi]
+root = "{}"
+check_file = false
+fallback = "/index.php"
+params = {{ DB_PASSWORD = "hunter2", APP_ENV = "prod" }}
+
+[upstream.php]
+addresses = ["fastcgi://{}"]
+"#,
+        root.path().display(),
+        app.addr
+    ))
+    .await;
+
+    let config = gw.admin_get("/config").await.text().into_owned();
+    assert!(!config.contains("hunter2"), "secret shown:\n{config}");
+    assert!(config.contains("DB_PASSWORD"), "{config}");
+    assert!(config.contains("<redacted>"), "{config}");
+    assert!(config.contains("prod"), "{config}");
+    let parsed: toml::Value = toml::from_str(&config).expect("/config is TOML");
+    assert_eq!(
+        parsed["upstream"]["php"]["pool"]["idle_timeout"].as_str(),
+        Some("4s")
+    );
+
+    assert_eq!(gw.get_n("/", 2).await, [200, 200]);
+    let addr = app.addr.to_string();
+    let labels = [("upstream", "php"), ("address", addr.as_str())];
+    let m = gw
+        .metrics_once(|m| {
+            m.get(
+                "holdfast_requests_total",
+                &[("route", "route[0]"), ("class", "2xx")],
+            ) == Some(2.0)
+        })
+        .await;
+    assert_eq!(
+        m.value(
+            "holdfast_upstream_info",
+            &[("upstream", "php"), ("protocol", "fastcgi")]
+        ),
+        1.0
+    );
+    assert_eq!(m.value("holdfast_fastcgi_max_conns", &labels), 7.0);
+    assert_eq!(
+        m.value("holdfast_pool_max_connections", &labels),
+        7.0,
+        "capped by what the application accepts"
+    );
+    assert_eq!(
+        m.value("holdfast_pool_connections_reused_total", &labels),
+        1.0,
+        "FCGI_KEEP_CONN: the second request reused the connection"
+    );
+}
+
+/// A FastCGI application that answers GET_VALUES with `FCGI_MAX_CONNS` and every
+/// request with `200 ok`, keeping its connections.
+struct FakeFastCgi {
+    addr: SocketAddr,
+    task: JoinHandle<()>,
+}
+
+impl Drop for FakeFastCgi {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl FakeFastCgi {
+    async fn start(max_conns: u32) -> FakeFastCgi {
+        use holdfast_fastcgi::record::{self, RecordType};
+        use holdfast_fastcgi::{EndRequest, ProtocolStatus, RecordDecoder, ServerValues};
+
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let task = tokio::spawn(async move {
+            while let Ok((mut s, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let mut buf = BytesMut::new();
+                    let mut dec = RecordDecoder::new();
+                    // Ends when the peer closes or sends something undecodable.
+                    loop {
+                        let r = match dec.decode(&mut buf) {
+                            Ok(Some(r)) => r,
+                            Ok(None) => match s.read_buf(&mut buf).await {
+                                Ok(n) if n > 0 => continue,
+                                _ => return,
+                            },
+                            Err(_) => return,
+                        };
+                        let mut out = BytesMut::new();
+                        match r.kind {
+                            RecordType::GetValues => {
+                                let values = ServerValues {
+                                    max_conns: Some(max_conns),
+                                    max_reqs: Some(max_conns),
+                                    mpxs_conns: Some(false),
+                                };
+                                record::encode_get_values_result(&mut out, &values);
+                            }
+                            RecordType::Stdin if r.content.is_empty() => {
+                                let body = Bytes::from_static(
+                                    b"Status: 200 OK\r\nContent-Type: text/plain\r\n\r\nok",
+                                );
+                                record::encode_stream(&mut out, RecordType::Stdout, 1, &body);
+                                record::encode_stream(&mut out, RecordType::Stdout, 1, b"");
+                                let end = EndRequest {
+                                    app_status: 0,
+                                    protocol_status: ProtocolStatus::RequestComplete,
+                                };
+                                record::encode_end_request(&mut out, 1, &end);
+                            }
+                            _ => continue,
+                        }
+                        if s.write_all(&out).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        FakeFastCgi { addr, task }
+    }
+}
