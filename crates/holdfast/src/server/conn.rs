@@ -208,7 +208,8 @@ pub async fn serve(
         .with_upgrades();
     tokio::pin!(conn);
 
-    let check = tokio::time::sleep_until(Instant::now() + shared.config.header_timeout.get());
+    // The first verdict at once: it picks the nearer of the head and idle deadlines.
+    let check = tokio::time::sleep_until(Instant::now());
     tokio::pin!(check);
     let mut closing = false;
     loop {
@@ -249,30 +250,32 @@ enum Verdict {
 fn verdict(state: &ConnState, shared: &ListenerShared, now: Instant) -> Verdict {
     let (phase, since) = state.phase();
     let draining = state.draining.load(Relaxed);
+    let min_idle = shared.config.keepalive_min_idle.get();
+    let idle_limit = if draining {
+        let mut d = shared.drain.idle_close_after.get();
+        if let Some(adv) = shared.advertised {
+            d = d.min(adv);
+        }
+        d.max(min_idle)
+    } else {
+        shared.config.keepalive_timeout.get().max(min_idle)
+    };
     match phase {
         ConnPhase::Reading => {
             let at = since + shared.config.header_timeout.get();
             if now >= at {
                 Verdict::Abort
             } else {
-                Verdict::RecheckAt(at)
+                // The request may be served and the connection go idle before `at`;
+                // look again in time for a shorter idle deadline.
+                Verdict::RecheckAt(at.min(now + idle_limit))
             }
         }
         // Busy connections get `Connection: close` on their response; look again
         // when the request may be over.
         ConnPhase::Busy => Verdict::RecheckAt(now + Duration::from_millis(250)),
         ConnPhase::Idle => {
-            let min_idle = shared.config.keepalive_min_idle.get();
-            let limit = if draining {
-                let mut d = shared.drain.idle_close_after.get();
-                if let Some(adv) = shared.advertised {
-                    d = d.min(adv);
-                }
-                d.max(min_idle)
-            } else {
-                shared.config.keepalive_timeout.get().max(min_idle)
-            };
-            let at = since + limit;
+            let at = since + idle_limit;
             if now >= at {
                 Verdict::Close
             } else {
