@@ -181,6 +181,21 @@ impl Proxy {
         parts.version = http::Version::HTTP_11;
 
         let max_body = conn.listener.max_body_bytes.get();
+        // A declared length over the limit is refused before anything is sent upstream,
+        // whether the body would be buffered or streamed.
+        if max_body > 0
+            && http_body::Body::size_hint(&body)
+                .exact()
+                .is_some_and(|n| n > max_body)
+        {
+            let failure = Failure {
+                error: UpstreamError::new(Kind::BodyTooLarge, Delivery::NotSent),
+                peer: None,
+                attempts: 0,
+                reused: false,
+            };
+            return self.rescue(failure, &upstream, (log, tally));
+        }
         let has_length = parts.headers.contains_key(header::CONTENT_LENGTH);
         // FastCGI needs CONTENT_LENGTH up front: a chunked body is read whole first
         // (bounded by max_body_bytes), as nginx does.
@@ -230,6 +245,13 @@ impl Proxy {
                     return finish_local(status, msg, None, (log, tally));
                 }
             }
+        }
+        if matches!(
+            body,
+            RequestBody::Empty | RequestBody::Buffered { trailers: None, .. }
+        ) {
+            // Sent whole with Content-Length: no trailers follow (see `declared_trailers`).
+            parts.headers.remove(header::TRAILER);
         }
 
         let total = upstream.config.timeouts.total.non_zero();
@@ -396,7 +418,9 @@ fn respond(
         }
         (false, _) => {
             let (mut parts, body) = response.into_parts();
+            let trailer = headers::declared_trailers(&parts.headers);
             headers::remove_hop_by_hop(&mut parts.headers, false);
+            headers::restore_trailers(&mut parts.headers, trailer);
             headers::add_via(&mut parts.headers);
             let body = UpstreamBody::new(body, conn, deadlines, (log, tally), outstanding);
             Response::from_parts(parts, ResponseBody::upstream(body))
@@ -427,7 +451,9 @@ fn prepare_request_headers(
     let te_trailers = h
         .get(header::TE)
         .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
+    let trailer = headers::declared_trailers(h);
     headers::remove_hop_by_hop(h, upgrade);
+    headers::restore_trailers(h, trailer);
     if te_trailers {
         h.insert(header::TE, HeaderValue::from_static("trailers"));
     }

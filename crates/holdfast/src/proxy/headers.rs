@@ -65,6 +65,28 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     }
 }
 
+/// The `Trailer` declaration of a chunked message, which holdfast passes on with its
+/// trailers: hyper writes trailer fields only when `Trailer` names them (RFC 9110
+/// 6.6.2). On a message without a chunked body it declares nothing and is dropped.
+pub fn declared_trailers(headers: &HeaderMap) -> Vec<HeaderValue> {
+    let chunked = headers.get_all(header::TRANSFER_ENCODING).iter().any(|v| {
+        v.as_bytes()
+            .split(|&b| b == b',')
+            .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"chunked"))
+    });
+    if !chunked || connection_has(headers, "trailer") {
+        return Vec::new();
+    }
+    headers.get_all(header::TRAILER).iter().cloned().collect()
+}
+
+/// Puts back what [`declared_trailers`] kept, after [`remove_hop_by_hop`].
+pub fn restore_trailers(headers: &mut HeaderMap, declared: Vec<HeaderValue>) {
+    for v in declared {
+        headers.append(header::TRAILER, v);
+    }
+}
+
 /// Appends holdfast to `Via`.
 pub fn add_via(headers: &mut HeaderMap) {
     headers.append(header::VIA, HeaderValue::from_static(VIA_VALUE));
