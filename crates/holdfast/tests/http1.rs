@@ -1,0 +1,1482 @@
+//! HTTP/1.1 proxying end to end on loopback: bodies and framing, header rules,
+//! upgrades, request smuggling, routes, client-facing limits, error statuses, nginx as
+//! a real upstream, and the access log.
+//!
+//! Most tests run holdfast in-process (`support::start`). The 1 GiB tests and the
+//! access-log tests run the built binary, so that its memory and its log output are its
+//! own. Upstreams are `holdfast_test::TestUpstream` where a scripted answer will do, and
+//! small raw tokio servers here where the test needs the socket itself (a 101 that
+//! then echoes bytes, a reset before any response byte, 1 GiB bodies that are never held
+//! in memory).
+
+mod support;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::{Arc, LazyLock};
+use std::time::Duration;
+
+use holdfast_test::{
+    Behaviour, BodyFraming, ClientRequest, Framing, HoldfastProcess, KeepAliveClient, Nginx,
+    PeerClose, RawClient, Reply, Response, TestUpstream, is_pattern, pattern,
+};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+use support::{proxy_to, start};
+
+/// Bound for every wait on an event that should happen promptly.
+const WAIT: Duration = Duration::from_secs(5);
+const GIB: u64 = 1 << 30;
+/// Proxy memory allowed while 1 GiB streams through it.
+const MAX_PROXY_RSS_KIB: u64 = 100 * 1024;
+
+// === bodies and framing ===
+
+#[tokio::test]
+async fn small_bodies_pass_byte_for_byte_both_ways() {
+    // `/make/LEN/cl` and `/make/LEN/chunked` answer LEN pattern bytes; anything else
+    // answers with the request body.
+    let upstream = TestUpstream::start(Behaviour::respond(|req| {
+        match req.target.strip_prefix("/make/") {
+            Some(rest) => {
+                let (len, framing) = rest.split_once('/').expect("/make/LEN/FRAMING");
+                let framing = match framing {
+                    "chunked" => Framing::Chunked,
+                    _ => Framing::ContentLength,
+                };
+                Reply::new(200)
+                    .body(pattern(0, len.parse().expect("a length")))
+                    .framing(framing)
+            }
+            None => Reply::new(200).body(req.body.clone()),
+        }
+    }))
+    .await;
+    let gw = start(&proxy_to(&upstream.url())).await;
+    let mut client = KeepAliveClient::new(gw.addr);
+
+    for len in [0, 1, 64 * 1024] {
+        let body = pattern(0, len);
+
+        let resp = client
+            .send(&ClientRequest::post("/echo", body.clone()))
+            .await
+            .unwrap();
+        assert_eq!(resp.status, 200);
+        assert_eq!(resp.body, body, "Content-Length upload of {len} bytes");
+        let seen = upstream.requests().pop().unwrap();
+        assert_eq!(seen.body, body, "upstream got the {len}-byte body");
+
+        let resp = client
+            .send(
+                &ClientRequest::new("POST", "/echo")
+                    .header("transfer-encoding", "chunked")
+                    .body(chunked(&body, 1000)),
+            )
+            .await
+            .unwrap();
+        assert_eq!(resp.status, 200);
+        assert_eq!(resp.body, body, "chunked upload of {len} bytes");
+        assert_eq!(upstream.requests().pop().unwrap().body, body);
+
+        let resp = client.get(&format!("/make/{len}/cl")).await.unwrap();
+        assert_eq!(resp.status, 200);
+        assert_eq!(resp.body, body, "Content-Length download of {len} bytes");
+        assert_eq!(
+            resp.header("content-length"),
+            Some(len.to_string().as_str())
+        );
+
+        let resp = client.get(&format!("/make/{len}/chunked")).await.unwrap();
+        assert_eq!(resp.status, 200);
+        assert_eq!(resp.body, body, "chunked download of {len} bytes");
+        if len > 0 {
+            assert_eq!(resp.framing, BodyFraming::Chunked);
+        }
+    }
+    // Every exchange on one client connection: the framing never went wrong.
+    assert_eq!(client.connections_opened(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_gib_upload_streams_with_bounded_proxy_memory() {
+    let bulk = bulk_upstream().await;
+    let (proxy, addr) = spawn_holdfast(&bulk_config(bulk.addr), &[]).await;
+
+    for framing in [BodyFraming::Length(GIB), BodyFraming::Chunked] {
+        let mut client = RawClient::connect(addr).await.unwrap();
+        let head = match framing {
+            BodyFraming::Chunked => "transfer-encoding: chunked".to_owned(),
+            _ => format!("content-length: {GIB}"),
+        };
+        client
+            .send(format!(
+                "POST /sink HTTP/1.1\r\nhost: bulk.test\r\n{head}\r\n\r\n"
+            ))
+            .await
+            .unwrap();
+        write_pattern(client.stream(), GIB, framing == BodyFraming::Chunked)
+            .await
+            .unwrap();
+        let resp = client.read_response(Duration::from_secs(60)).await.unwrap();
+        assert_eq!(resp.status, 200, "{framing:?}: {}", resp.text());
+        assert_eq!(
+            resp.text(),
+            format!("received {GIB} pattern ok"),
+            "{framing:?} upload"
+        );
+    }
+    assert_memory_bounded(&proxy);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_gib_download_streams_with_bounded_proxy_memory() {
+    let bulk = bulk_upstream().await;
+    let (proxy, addr) = spawn_holdfast(&bulk_config(bulk.addr), &[]).await;
+
+    for (kind, expected) in [
+        ("cl", BodyFraming::Length(GIB)),
+        ("chunked", BodyFraming::Chunked),
+    ] {
+        let mut client = RawClient::connect(addr).await.unwrap();
+        client
+            .send(format!(
+                "GET /source/{GIB}/{kind} HTTP/1.1\r\nhost: bulk.test\r\n\r\n"
+            ))
+            .await
+            .unwrap();
+        let mut check = PatternCheck::default();
+        let resp = client
+            .read_response_streaming("GET", Duration::from_secs(60), |b| check.feed(b))
+            .await
+            .unwrap();
+        assert_eq!(resp.status, 200);
+        assert_eq!(resp.framing, expected, "{kind}");
+        assert_eq!(resp.body_len, GIB, "{kind}");
+        assert!(check.ok, "{kind}: the body differs from the pattern");
+    }
+    assert_memory_bounded(&proxy);
+}
+
+#[tokio::test]
+async fn expect_100_continue_gets_100_then_the_response() {
+    let upstream = TestUpstream::start(Behaviour::Echo).await;
+    let gw = start(&proxy_to(&upstream.url())).await;
+    let mut client = RawClient::connect(gw.addr).await.unwrap();
+    client
+        .send(
+            "POST /upload HTTP/1.1\r\nhost: x\r\nexpect: 100-continue\r\n\
+             content-length: 5\r\n\r\n",
+        )
+        .await
+        .unwrap();
+    // The body is held back until the 100 arrives, as a client that asked would.
+    match client.wait_close(WAIT).await {
+        PeerClose::Data(d) => assert!(
+            d.starts_with(b"HTTP/1.1 100 Continue\r\n"),
+            "{:?}",
+            String::from_utf8_lossy(&d)
+        ),
+        other => panic!("expected 100 Continue, got {other:?}"),
+    }
+    client.send("hello").await.unwrap();
+    let resp = client.read_response(WAIT).await.unwrap();
+    assert_eq!(resp.status, 200);
+    let echoed = resp.echoed().unwrap();
+    assert_eq!(echoed.body, "hello");
+    // holdfast answered the expectation itself; the upstream gets a plain request.
+    assert_eq!(echoed.header("expect"), None);
+}
+
+#[tokio::test]
+async fn head_gets_the_headers_and_no_body() {
+    let upstream = TestUpstream::start(Behaviour::StreamBody { len: 1000 }).await;
+    let gw = start(&proxy_to(&upstream.url())).await;
+    let mut client = KeepAliveClient::new(gw.addr);
+
+    let head = client.send(&ClientRequest::head("/file")).await.unwrap();
+    assert_eq!(head.status, 200);
+    assert_eq!(head.header("content-length"), Some("1000"));
+    assert_eq!(head.body_len, 0);
+    assert_eq!(upstream.requests()[0].method, "HEAD");
+
+    // Had a body followed the HEAD response, this response would be garbage.
+    let get = client.get("/file").await.unwrap();
+    assert_eq!(get.status, 200);
+    assert_eq!(get.body_len, 1000);
+    assert!(is_pattern(0, &get.body));
+    assert_eq!(client.connections_opened(), 1);
+}
+
+#[tokio::test]
+async fn no_content_and_not_modified_have_no_body() {
+    let upstream = TestUpstream::start(Behaviour::respond(|req| match req.target.as_str() {
+        "/204" => Reply::new(204).header("x-kind", "no-content"),
+        // A 304 carries the representation's length but never a body.
+        "/304" => Reply::new(304)
+            .header("etag", "\"v1\"")
+            .header("content-length", "1000"),
+        _ => Reply::new(200).body("after"),
+    }))
+    .await;
+    let gw = start(&proxy_to(&upstream.url())).await;
+    let mut client = KeepAliveClient::new(gw.addr);
+
+    let resp = client.get("/204").await.unwrap();
+    assert_eq!(resp.status, 204);
+    assert_eq!(resp.header("x-kind"), Some("no-content"));
+    assert_eq!(resp.header("transfer-encoding"), None);
+    assert_eq!(resp.body_len, 0);
+
+    let resp = client
+        .send(&ClientRequest::get("/304").header("if-none-match", "\"v1\""))
+        .await
+        .unwrap();
+    assert_eq!(resp.status, 304);
+    assert_eq!(resp.header("etag"), Some("\"v1\""));
+    assert_eq!(resp.header("transfer-encoding"), None);
+
+    // Any body bytes after the 204 or the 304 would corrupt this response.
+    let resp = client.get("/after").await.unwrap();
+    assert_eq!((resp.status, resp.text().as_ref()), (200, "after"));
+    assert_eq!(client.connections_opened(), 1);
+}
+
+#[tokio::test]
+async fn trailers_pass_both_ways() {
+    let upstream = TestUpstream::start(Behaviour::respond(|_| {
+        Reply::new(200)
+            .header("transfer-encoding", "chunked")
+            .header("trailer", "x-sum")
+            .body("2\r\nok\r\n0\r\nx-sum: abc\r\n\r\n")
+    }))
+    .await;
+    let gw = start(&proxy_to(&upstream.url())).await;
+    let mut client = RawClient::connect(gw.addr).await.unwrap();
+    client
+        .send(
+            "POST /t HTTP/1.1\r\nhost: x\r\nte: trailers\r\ntrailer: x-req-sum\r\n\
+             transfer-encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\nx-req-sum: 42\r\n\r\n",
+        )
+        .await
+        .unwrap();
+    let resp = client.read_response(WAIT).await.unwrap();
+    assert_eq!(resp.status, 200);
+    assert_eq!(resp.text(), "ok");
+    assert_eq!(resp.trailers.get("x-sum"), Some("abc"), "{resp:?}");
+
+    let seen = upstream.requests().pop().unwrap();
+    assert_eq!(seen.body, "hello");
+    assert_eq!(seen.headers.get("te"), Some("trailers"));
+    assert_eq!(seen.trailers.get("x-req-sum"), Some("42"), "{seen:?}");
+}
+
+// === header rules ===
+
+#[tokio::test]
+async fn hop_by_hop_headers_are_removed_both_ways() {
+    const HOP: [&str; 9] = [
+        "x-listed",
+        "keep-alive",
+        "te",
+        "trailer",
+        "upgrade",
+        "proxy-connection",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "connection",
+    ];
+    let upstream = TestUpstream::start(Behaviour::respond(|req| {
+        let reply = Reply::new(200)
+            .header("connection", "x-listed")
+            .header("x-listed", "secret")
+            .header("keep-alive", "timeout=30, max=7")
+            .header("te", "trailers")
+            .header("upgrade", "h2c")
+            .header("proxy-connection", "keep-alive")
+            .header("proxy-authenticate", "Basic realm=\"up\"")
+            .header("proxy-authorization", "Basic dXA6dXA=")
+            .header("x-kept", "yes");
+        match req.target.as_str() {
+            "/chunked" => reply
+                .header("transfer-encoding", "gzip, chunked")
+                .body("2\r\nok\r\n0\r\n\r\n"),
+            // `Trailer` is dropped where no trailers can follow; a chunked message
+            // that may carry them keeps it (see `trailers_pass_both_ways`).
+            _ => reply.header("trailer", "x-foo").body(req.body.clone()),
+        }
+    }))
+    .await;
+    let gw = start(&proxy_to(&upstream.url())).await;
+    let mut client = KeepAliveClient::new(gw.addr);
+    let hop_request = |target: &str| {
+        ClientRequest::new("POST", target)
+            .header("connection", "keep-alive, x-listed")
+            .header("x-listed", "secret")
+            .header("keep-alive", "timeout=5")
+            .header("te", "gzip")
+            .header("trailer", "x-foo")
+            .header("upgrade", "h2c")
+            .header("proxy-connection", "keep-alive")
+            .header("proxy-authenticate", "Basic realm=\"client\"")
+            .header("proxy-authorization", "Basic Zm9vOmJhcg==")
+            .header("x-kept", "yes")
+    };
+
+    let resp = client
+        .send(&hop_request("/length").body("hello"))
+        .await
+        .unwrap();
+    assert_eq!(resp.status, 200);
+    assert_eq!(resp.text(), "hello");
+    let resp_chunked = client
+        .send(
+            &hop_request("/chunked")
+                .header("transfer-encoding", "gzip, chunked")
+                .body("5\r\nhello\r\n0\r\n\r\n"),
+        )
+        .await
+        .unwrap();
+    assert_eq!(resp_chunked.text(), "ok");
+
+    for seen in upstream.requests() {
+        for name in HOP {
+            assert!(
+                !seen.headers.contains(name),
+                "{name} reached the upstream on {}: {:?}",
+                seen.target,
+                seen.headers
+            );
+        }
+        assert_eq!(seen.headers.get("x-kept"), Some("yes"));
+        assert_eq!(seen.body, "hello");
+        let te = seen.headers.get("transfer-encoding").unwrap_or("");
+        assert!(
+            !te.contains("gzip"),
+            "client's transfer-encoding forwarded: {te}"
+        );
+    }
+    for resp in [&resp, &resp_chunked] {
+        for name in HOP.into_iter().filter(|n| *n != "trailer") {
+            // holdfast sends its own `Keep-Alive: timeout=N`; the upstream's must not pass.
+            if name == "keep-alive" {
+                let ka = resp.header("keep-alive").unwrap_or("");
+                assert!(!ka.contains("max=7"), "upstream keep-alive passed: {ka}");
+                continue;
+            }
+            assert!(
+                !resp.headers.contains(name),
+                "{name} reached the client: {:?}",
+                resp.headers
+            );
+        }
+        assert_eq!(resp.header("x-kept"), Some("yes"));
+        let te = resp.header("transfer-encoding").unwrap_or("");
+        assert!(
+            !te.contains("gzip"),
+            "upstream's transfer-encoding passed: {te}"
+        );
+    }
+    assert_eq!(resp.header("trailer"), None, "{:?}", resp.headers);
+}
+
+#[tokio::test]
+async fn via_is_added_both_ways() {
+    let upstream = TestUpstream::start(Behaviour::respond(|_| {
+        Reply::new(200).header("via", "1.1 origin-cache")
+    }))
+    .await;
+    let gw = start(&proxy_to(&upstream.url())).await;
+    let mut client = KeepAliveClient::new(gw.addr);
+    let resp = client
+        .send(&ClientRequest::get("/").header("via", "1.0 edge"))
+        .await
+        .unwrap();
+    let seen = upstream.requests().pop().unwrap();
+    let via: Vec<&str> = seen
+        .headers
+        .get_all("via")
+        .filter_map(|v| std::str::from_utf8(v).ok())
+        .collect();
+    assert_eq!(via.join(", "), "1.0 edge, 1.1 holdfast");
+    let via: Vec<&str> = resp
+        .headers
+        .get_all("via")
+        .filter_map(|v| std::str::from_utf8(v).ok())
+        .collect();
+    assert_eq!(via.join(", "), "1.1 origin-cache, 1.1 holdfast");
+}
+
+#[tokio::test]
+async fn forwarded_headers_are_added_and_forged_ones_replaced() {
+    let upstream = TestUpstream::start(Behaviour::Echo).await;
+    let plain = start(&proxy_to(&upstream.url())).await;
+    let trusting = start(&format!(
+        "{}\n[[listener]]\nlisten = \"127.0.0.1:0\"\ntrusted_proxies = [\"127.0.0.0/8\"]\n",
+        proxy_to(&upstream.url())
+    ))
+    .await;
+    let forged = ClientRequest::get("/")
+        .header("host", "shop.test")
+        .header("x-forwarded-for", "6.6.6.6")
+        .header("x-forwarded-proto", "https")
+        .header("x-forwarded-host", "evil.test");
+    let plain_request = ClientRequest::get("/").header("host", "shop.test");
+
+    let echoed = |resp: Response| resp.echoed().unwrap();
+    let e = echoed(send_one(plain.addr, &plain_request).await);
+    assert_eq!(e.header("x-forwarded-for"), Some("127.0.0.1"));
+    assert_eq!(e.header("x-forwarded-proto"), Some("http"));
+    assert_eq!(e.header("x-forwarded-host"), Some("shop.test"));
+
+    // From a peer not in trusted_proxies, whatever the client claims is replaced.
+    let e = echoed(send_one(plain.addr, &forged).await);
+    assert_eq!(e.header("x-forwarded-for"), Some("127.0.0.1"));
+    assert_eq!(e.header("x-forwarded-proto"), Some("http"));
+    assert_eq!(e.header("x-forwarded-host"), Some("shop.test"));
+
+    // From a trusted proxy, its values are kept and the chain extended.
+    let e = echoed(send_one(trusting.addr, &forged).await);
+    assert_eq!(e.header("x-forwarded-for"), Some("6.6.6.6, 127.0.0.1"));
+    assert_eq!(e.header("x-forwarded-proto"), Some("https"));
+    assert_eq!(e.header("x-forwarded-host"), Some("evil.test"));
+}
+
+#[tokio::test]
+async fn host_is_kept_or_rewritten_per_upstream() {
+    let upstream = TestUpstream::start(Behaviour::Echo).await;
+    let url = upstream.url();
+    let gw = start(&format!(
+        "[[route]]\npath = \"/keep\"\nupstream = \"keep\"\n\
+         [[route]]\npath = \"/addr\"\nupstream = \"addr\"\n\
+         [[route]]\npath = \"/literal\"\nupstream = \"literal\"\n\
+         [upstream.keep]\naddresses = [\"{url}\"]\n\
+         [upstream.addr]\naddresses = [\"{url}\"]\nhost_header = \"upstream\"\n\
+         [upstream.literal]\naddresses = [\"{url}\"]\nhost_header = \"api.internal\"\n"
+    ))
+    .await;
+    let mut client = KeepAliveClient::new(gw.addr);
+    for (path, expected) in [
+        ("/keep", "shop.test".to_owned()),
+        ("/addr", upstream.addr().to_string()),
+        ("/literal", "api.internal".to_owned()),
+    ] {
+        let resp = client
+            .send(&ClientRequest::get(path).header("host", "shop.test"))
+            .await
+            .unwrap();
+        let e = resp.echoed().unwrap();
+        assert_eq!(e.header("host"), Some(expected.as_str()), "{path}");
+    }
+}
+
+// === upgrades and smuggling ===
+
+#[tokio::test]
+async fn websocket_upgrade_is_passed_through() {
+    // Answers 101 to an upgrade request, then echoes raw bytes until EOF.
+    let upstream = raw_upstream(|stream| async move {
+        let mut io = BufReader::new(stream);
+        let Ok(Some(head)) = read_head(&mut io).await else {
+            return;
+        };
+        let ok = header(&head, "upgrade") == Some("websocket")
+            && header(&head, "connection").is_some_and(|c| c.eq_ignore_ascii_case("upgrade"))
+            && header(&head, "sec-websocket-key") == Some("dGhlIHNhbXBsZSBub25jZQ==");
+        let answer: &[u8] = if ok {
+            b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: upgrade\r\n\
+              sec-websocket-accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\n"
+        } else {
+            b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\n\r\n"
+        };
+        if io.get_mut().write_all(answer).await.is_err() || !ok {
+            return;
+        }
+        let mut buf = [0u8; 4096];
+        // Bounded by the peer: ends at its EOF.
+        while let Ok(n) = io.read(&mut buf).await {
+            if n == 0 || io.get_mut().write_all(&buf[..n]).await.is_err() {
+                break;
+            }
+        }
+        let _ = io.get_mut().shutdown().await;
+    })
+    .await;
+    let gw = start(&proxy_to(&format!("http://{}", upstream.addr))).await;
+
+    let mut client = RawClient::connect(gw.addr).await.unwrap();
+    client
+        .send(
+            "GET /chat HTTP/1.1\r\nhost: x\r\nupgrade: websocket\r\nconnection: Upgrade\r\n\
+             sec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\nsec-websocket-version: 13\r\n\r\n",
+        )
+        .await
+        .unwrap();
+    let resp = client.read_response(WAIT).await.unwrap();
+    assert_eq!(resp.status, 101, "{resp:?}");
+    assert_eq!(resp.header("upgrade"), Some("websocket"));
+    assert_eq!(resp.header("connection"), Some("upgrade"));
+    assert_eq!(
+        resp.header("sec-websocket-accept"),
+        Some("s3pPLMBiTxaQ9kYGzzhZRbK+xOo=")
+    );
+
+    // Not HTTP any more: bytes go both ways as they are.
+    let frame = b"\x81\x05hello not http\r\n\r\n";
+    client.send(frame).await.unwrap();
+    let echoed = read_exactly(&mut client, frame.len()).await;
+    assert_eq!(echoed, frame);
+    client.shutdown_write().await.unwrap();
+    assert_eq!(client.wait_close(WAIT).await, PeerClose::Eof);
+}
+
+#[tokio::test]
+async fn ambiguous_requests_are_rejected_and_never_forwarded() {
+    let upstream = TestUpstream::start(Behaviour::Echo).await;
+    let gw = start(&proxy_to(&upstream.url())).await;
+    let cases: [(&str, &str); 4] = [
+        (
+            "two different content-lengths",
+            "POST / HTTP/1.1\r\nhost: x\r\ncontent-length: 5\r\ncontent-length: 6\r\n\r\nhello!",
+        ),
+        (
+            "transfer-encoding without final chunked",
+            "POST / HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked, gzip\r\n\r\nhello",
+        ),
+        (
+            "a chunk size that is not hex",
+            "POST / HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\nzz\r\nhello\r\n0\r\n\r\n",
+        ),
+        (
+            "chunk data longer than its size",
+            "POST / HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n\
+             5\r\nhello, world\r\n0\r\n\r\n",
+        ),
+    ];
+    for (what, request) in cases {
+        let mut client = RawClient::connect(gw.addr).await.unwrap();
+        client.send(request).await.unwrap();
+        let resp = client.read_response(WAIT).await;
+        let status = resp.as_ref().map(|r| r.status);
+        assert_eq!(status, Ok(400), "{what}: {resp:?}");
+    }
+    assert_eq!(
+        upstream.stats().connections_accepted,
+        0,
+        "an ambiguous request reached the upstream: {:?}",
+        upstream.requests()
+    );
+}
+
+/// hyper does not reject Content-Length with Transfer-Encoding: it applies RFC 9112
+/// 6.3, letting the chunked framing win, dropping Content-Length and closing the
+/// connection after the response. The upstream gets one unambiguous request, and what
+/// was smuggled behind it is never read.
+#[tokio::test]
+async fn content_length_with_transfer_encoding_cannot_smuggle_a_request() {
+    let upstream = TestUpstream::start(Behaviour::Echo).await;
+    let gw = start(&proxy_to(&upstream.url())).await;
+    let (cl, te) = ("content-length: 30", "transfer-encoding: chunked");
+    for (first, second) in [(cl, te), (te, cl)] {
+        let mut client = RawClient::connect(gw.addr).await.unwrap();
+        client
+            .send(format!(
+                "POST / HTTP/1.1\r\nhost: x\r\n{first}\r\n{second}\r\n\r\n\
+                 0\r\n\r\nGET /smuggled HTTP/1.1\r\nhost: x\r\n\r\n"
+            ))
+            .await
+            .unwrap();
+        let resp = client.read_response(WAIT).await.unwrap();
+        assert!(resp.headers.has_token("connection", "close"), "{resp:?}");
+        assert_eq!(client.wait_close(WAIT).await, PeerClose::Eof);
+    }
+    let seen = upstream.requests();
+    assert_eq!(seen.len(), 2, "{seen:?}");
+    for r in seen {
+        assert_eq!(r.target, "/");
+        assert!(r.body.is_empty(), "{r:?}");
+        assert!(!r.headers.contains("content-length"), "{r:?}");
+    }
+}
+
+#[tokio::test]
+async fn malformed_request_gets_400_and_serving_goes_on() {
+    let upstream = TestUpstream::start(Behaviour::Echo).await;
+    let gw = start(&proxy_to(&upstream.url())).await;
+    for garbage in [
+        &b"\x16\x03\x01\x00\xa5\x01\x00\x00\xa1\x03\x03 not http\r\n\r\n"[..],
+        b"GET / HTTP/1.1\r\nbad header line\r\n\r\n",
+        b"GET /\x7f HTTP/1.1\r\nhost: x\r\n\r\n",
+    ] {
+        let mut client = RawClient::connect(gw.addr).await.unwrap();
+        client.send(garbage).await.unwrap();
+        let resp = client.read_response(WAIT).await.unwrap();
+        assert_eq!(resp.status, 400, "{:?}", String::from_utf8_lossy(garbage));
+        assert_eq!(client.wait_close(WAIT).await, PeerClose::Eof);
+    }
+    let resp = send_one(gw.addr, &ClientRequest::get("/still-here")).await;
+    assert_eq!(resp.status, 200);
+    assert_eq!(upstream.requests_seen(), 1);
+}
+
+// === routes ===
+
+#[tokio::test]
+async fn routes_match_host_and_path_most_specific_first() {
+    let a = TestUpstream::start(Behaviour::Echo).await;
+    let b = TestUpstream::start(Behaviour::Echo).await;
+    let c = TestUpstream::start(Behaviour::Echo).await;
+    let gw = start(&format!(
+        "[[route]]\npath = \"/app\"\nupstream = \"a\"\n\
+         [[route]]\npath = \"/app/api\"\nstrip_prefix = true\nupstream = \"b\"\n\
+         [[route]]\nhost = \"shop.test\"\npath = \"/app\"\nupstream = \"c\"\n\
+         [upstream.a]\naddresses = [\"{}\"]\n\
+         [upstream.b]\naddresses = [\"{}\"]\n\
+         [upstream.c]\naddresses = [\"{}\"]\n",
+        a.url(),
+        b.url(),
+        c.url()
+    ))
+    .await;
+    let mut client = KeepAliveClient::new(gw.addr);
+    let mut get = async |host: &str, target: &str| {
+        client
+            .send(&ClientRequest::get(target).header("host", host))
+            .await
+            .unwrap()
+    };
+
+    assert_eq!(get("other.test", "/app/page").await.status, 200);
+    assert_eq!(get("other.test", "/app/api/users?id=1").await.status, 200);
+    assert_eq!(get("shop.test", "/app/api/users").await.status, 200);
+    assert_eq!(get("SHOP.test:8080", "/app").await.status, 200);
+    for (host, target) in [("other.test", "/apps"), ("shop.test", "/other")] {
+        let resp = get(host, target).await;
+        assert_eq!(resp.status, 404, "{host}{target}");
+        assert!(resp.text().contains("no route"), "{}", resp.text());
+    }
+
+    let targets =
+        |u: &TestUpstream| -> Vec<String> { u.requests().into_iter().map(|r| r.target).collect() };
+    assert_eq!(targets(&a), ["/app/page"]);
+    // The longer prefix wins, and its prefix is stripped.
+    assert_eq!(targets(&b), ["/users?id=1"]);
+    // An exact host beats any host-less route, whatever their paths.
+    assert_eq!(targets(&c), ["/app/api/users", "/app"]);
+}
+
+// === client-facing limits ===
+
+#[tokio::test]
+async fn idle_client_connection_closes_after_keepalive_timeout_but_not_before_min_idle() {
+    let upstream = TestUpstream::start(Behaviour::Echo).await;
+    let listener = |timeout: &str, min_idle: &str| {
+        format!(
+            "{}\n[[listener]]\nlisten = \"127.0.0.1:0\"\nkeepalive_timeout = \"{timeout}\"\n\
+             keepalive_min_idle = \"{min_idle}\"\n",
+            proxy_to(&upstream.url())
+        )
+    };
+    let short = start(&listener("500ms", "100ms")).await;
+    let floored = start(&listener("300ms", "1500ms")).await;
+
+    // The slow head keeps the connection reading past the idle timeout, so the idle
+    // deadline that follows is computed while a head timer is pending.
+    let (short_idle, slow_head_idle, floored_idle) = tokio::join!(
+        idle_until_closed(short.addr, None),
+        idle_until_closed(short.addr, Some(Duration::from_millis(700))),
+        idle_until_closed(floored.addr, None)
+    );
+    for idle in [short_idle, slow_head_idle] {
+        assert!(
+            idle >= Duration::from_millis(400) && idle < Duration::from_secs(3),
+            "keepalive_timeout 500ms closed after {short_idle:?}, {slow_head_idle:?}"
+        );
+    }
+    assert!(
+        floored_idle >= Duration::from_millis(1400) && floored_idle < Duration::from_secs(4),
+        "keepalive_min_idle 1500ms, timeout 300ms closed after {floored_idle:?}"
+    );
+}
+
+#[tokio::test]
+async fn keep_alive_timeout_is_advertised_below_the_real_one() {
+    let upstream = TestUpstream::start(Behaviour::Echo).await;
+    let default = start(&proxy_to(&upstream.url())).await;
+    let ten = start(&format!(
+        "{}\n[[listener]]\nlisten = \"127.0.0.1:0\"\nkeepalive_timeout = \"10s\"\n",
+        proxy_to(&upstream.url())
+    ))
+    .await;
+    let resp = send_one(default.addr, &ClientRequest::get("/")).await;
+    assert_eq!(resp.keep_alive_timeout(), Some(54), "{:?}", resp.headers);
+    let resp = send_one(ten.addr, &ClientRequest::get("/")).await;
+    assert_eq!(resp.keep_alive_timeout(), Some(9), "{:?}", resp.headers);
+}
+
+#[tokio::test]
+async fn slowloris_header_is_cut_at_header_timeout() {
+    let upstream = TestUpstream::start(Behaviour::Echo).await;
+    let gw = start(&format!(
+        "{}\n[[listener]]\nlisten = \"127.0.0.1:0\"\nheader_timeout = \"500ms\"\n",
+        proxy_to(&upstream.url())
+    ))
+    .await;
+    let mut client = RawClient::connect(gw.addr).await.unwrap();
+    let started = Instant::now();
+    client.send("GET / HTTP/1.1\r\n").await.unwrap();
+    let slow = b"x-slow: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
+    let mut closed = None;
+    // One byte every 100 ms: a head that would take 5 s.
+    for byte in slow {
+        if client.send([*byte]).await.is_err() {
+            closed = Some(started.elapsed());
+            break;
+        }
+        match client.wait_close(Duration::from_millis(100)).await {
+            PeerClose::StillOpen => {}
+            PeerClose::Eof | PeerClose::Reset | PeerClose::Error(_) => {
+                closed = Some(started.elapsed());
+                break;
+            }
+            PeerClose::Data(d) => {
+                // A 408 is fine too; the connection must still end.
+                assert!(d.starts_with(b"HTTP/1.1 408"), "{d:?}");
+            }
+        }
+    }
+    let closed = closed.expect("a byte-by-byte head was never cut");
+    assert!(
+        closed >= Duration::from_millis(400) && closed < Duration::from_secs(2),
+        "header_timeout 500ms cut the head after {closed:?}"
+    );
+    assert_eq!(upstream.stats().connections_accepted, 0);
+}
+
+#[tokio::test]
+async fn oversized_head_gets_431() {
+    let upstream = TestUpstream::start(Behaviour::Echo).await;
+    let gw = start(&format!(
+        "{}\n[[listener]]\nlisten = \"127.0.0.1:0\"\nmax_header_bytes = \"1KiB\"\n",
+        proxy_to(&upstream.url())
+    ))
+    .await;
+    let big = "a".repeat(2048);
+    let resp = send_one(gw.addr, &ClientRequest::get("/").header("x-big", big)).await;
+    assert_eq!(resp.status, 431);
+    // Just under the limit still passes.
+    let fits = "a".repeat(700);
+    let resp = send_one(gw.addr, &ClientRequest::get("/").header("x-fits", fits)).await;
+    assert_eq!(resp.status, 200);
+    assert_eq!(upstream.requests_seen(), 1);
+}
+
+#[tokio::test]
+async fn oversized_body_gets_413() {
+    let upstream = TestUpstream::start(Behaviour::Echo).await;
+    let url = upstream.url();
+    // Bodies are buffered for retries by default; with one attempt they stream.
+    let gw = start(&format!(
+        "[[route]]\npath = \"/buffered\"\nupstream = \"buffered\"\n\
+         [[route]]\npath = \"/streamed\"\nupstream = \"streamed\"\n\
+         [upstream.buffered]\naddresses = [\"{url}\"]\n\
+         [upstream.streamed]\naddresses = [\"{url}\"]\nretry.attempts = 1\n\
+         [[listener]]\nlisten = \"127.0.0.1:0\"\nmax_body_bytes = \"1KiB\"\n"
+    ))
+    .await;
+    let body = pattern(0, 2048);
+    for path in ["/buffered", "/streamed"] {
+        let resp = send_one(gw.addr, &ClientRequest::post(path, body.clone())).await;
+        assert_eq!(resp.status, 413, "{path} Content-Length: {}", resp.text());
+        let resp = send_one(
+            gw.addr,
+            &ClientRequest::new("POST", path)
+                .header("transfer-encoding", "chunked")
+                .body(chunked(&body, 512)),
+        )
+        .await;
+        assert_eq!(resp.status, 413, "{path} chunked: {}", resp.text());
+        let resp = send_one(gw.addr, &ClientRequest::post(path, pattern(0, 1024))).await;
+        assert_eq!(resp.status, 200, "{path}: a body at the limit passes");
+    }
+    assert_eq!(upstream.requests_seen(), 2, "{:?}", upstream.requests());
+}
+
+#[tokio::test]
+async fn oversized_declared_body_is_refused_before_reaching_the_upstream() {
+    let upstream = TestUpstream::start(Behaviour::Echo).await;
+    let gw = start(&format!(
+        "{}retry.attempts = 1\n[[listener]]\nlisten = \"127.0.0.1:0\"\nmax_body_bytes = \"1KiB\"\n",
+        proxy_to(&upstream.url())
+    ))
+    .await;
+    let resp = send_one(gw.addr, &ClientRequest::post("/", pattern(0, 2048))).await;
+    assert_eq!(resp.status, 413);
+    assert_eq!(upstream.stats().connections_accepted, 0);
+}
+
+#[tokio::test]
+async fn nth_request_on_a_connection_gets_connection_close() {
+    let upstream = TestUpstream::start(Behaviour::Echo).await;
+    let gw = start(&format!(
+        "{}\n[[listener]]\nlisten = \"127.0.0.1:0\"\nmax_requests_per_connection = 3\n",
+        proxy_to(&upstream.url())
+    ))
+    .await;
+    let mut client = RawClient::connect(gw.addr).await.unwrap();
+    for n in 1..=3 {
+        client
+            .send_request(&ClientRequest::get(format!("/{n}")))
+            .await
+            .unwrap();
+        let resp = client.read_response(WAIT).await.unwrap();
+        assert_eq!(resp.status, 200);
+        assert_eq!(
+            resp.headers.has_token("connection", "close"),
+            n == 3,
+            "response {n}: {:?}",
+            resp.headers
+        );
+    }
+    assert_eq!(client.wait_close(WAIT).await, PeerClose::Eof);
+}
+
+#[tokio::test]
+async fn connections_over_the_listener_limit_wait_until_one_closes() {
+    let upstream = TestUpstream::start(Behaviour::Echo).await;
+    let gw = start(&format!(
+        "{}\n[[listener]]\nlisten = \"127.0.0.1:0\"\nmax_connections = 2\n",
+        proxy_to(&upstream.url())
+    ))
+    .await;
+    let mut open = Vec::new();
+    for _ in 0..2 {
+        let mut c = RawClient::connect(gw.addr).await.unwrap();
+        c.send_request(&ClientRequest::get("/")).await.unwrap();
+        assert_eq!(c.read_response(WAIT).await.unwrap().status, 200);
+        open.push(c);
+    }
+    // The third connects (the kernel queues it) but is not served.
+    let mut third = RawClient::connect(gw.addr).await.unwrap();
+    third
+        .send_request(&ClientRequest::get("/third"))
+        .await
+        .unwrap();
+    assert_eq!(
+        third.wait_close(Duration::from_millis(500)).await,
+        PeerClose::StillOpen
+    );
+    assert_eq!(upstream.requests_seen(), 2);
+    // One closes; the third is served.
+    drop(open.pop());
+    let resp = third.read_response(WAIT).await.unwrap();
+    assert_eq!(resp.status, 200);
+    assert_eq!(resp.echoed().unwrap().target, "/third");
+}
+
+// === errors toward the client ===
+
+#[tokio::test]
+async fn refused_upstream_gets_502() {
+    let closed = holdfast_test::free_addr();
+    let gw = start(&proxy_to(&format!("http://{closed}"))).await;
+    let resp = send_one(gw.addr, &ClientRequest::get("/")).await;
+    assert_error(&resp, 502, "connection_refused");
+}
+
+#[tokio::test]
+async fn reset_before_the_response_gets_502() {
+    // Reads the request, then resets the connection without a byte of response.
+    let upstream = raw_upstream(|stream| async move {
+        let mut io = BufReader::new(stream);
+        if let Ok(Some(_)) = read_head(&mut io).await {
+            let _ = socket2::SockRef::from(io.get_ref()).set_linger(Some(Duration::ZERO));
+        }
+    })
+    .await;
+    let gw = start(&proxy_to(&format!("http://{}", upstream.addr))).await;
+    let resp = send_one(gw.addr, &ClientRequest::get("/")).await;
+    assert_error(&resp, 502, "connection_terminated");
+}
+
+/// A reset after the response head cannot become a 502 any more; the client must see
+/// the response cut short, never a complete one (with Content-Length the framing shows
+/// it; with chunked framing only holdfast can, by not sending the last chunk).
+#[tokio::test]
+async fn reset_mid_body_is_not_passed_off_as_a_complete_response() {
+    let with_length = TestUpstream::start(Behaviour::ResetMidBody).await;
+    // Two chunks of a chunked body, then a reset.
+    let chunked = raw_upstream(|stream| async move {
+        let mut io = BufReader::new(stream);
+        if let Ok(Some(_)) = read_head(&mut io).await {
+            let _ = io
+                .get_mut()
+                .write_all(
+                    b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n\
+                      5\r\nhello\r\n6\r\n world\r\n",
+                )
+                .await;
+            let _ = socket2::SockRef::from(io.get_ref()).set_linger(Some(Duration::ZERO));
+        }
+    })
+    .await;
+    for url in [with_length.url(), format!("http://{}", chunked.addr)] {
+        let gw = start(&proxy_to(&url)).await;
+        let mut client = RawClient::connect(gw.addr).await.unwrap();
+        client.send_request(&ClientRequest::get("/")).await.unwrap();
+        let err = client.read_response(WAIT).await.unwrap_err();
+        assert!(!err.is_timeout(), "{url}: {err}");
+        assert_eq!(err.phase, holdfast_test::Phase::MidResponse, "{url}: {err}");
+    }
+}
+
+#[tokio::test]
+async fn garbage_from_the_upstream_gets_502() {
+    let upstream = TestUpstream::start(Behaviour::Garbage).await;
+    let gw = start(&proxy_to(&upstream.url())).await;
+    let resp = send_one(gw.addr, &ClientRequest::get("/")).await;
+    assert_error(&resp, 502, "http_protocol_error");
+}
+
+#[tokio::test]
+async fn full_queue_gets_503() {
+    let upstream = TestUpstream::start(Behaviour::Hang).await;
+    let gw = start(&format!(
+        "{}[upstream.up.pool]\nmax_connections = 1\nmax_idle = 1\nqueue_size = 0\n",
+        proxy_to(&upstream.url())
+    ))
+    .await;
+    let addr = gw.addr;
+    let _hanging = tokio::spawn(async move {
+        let _ = KeepAliveClient::new(addr)
+            .with_timeout(Duration::from_secs(60))
+            .get("/hang")
+            .await;
+    });
+    upstream.wait_for_requests(1, WAIT).await.unwrap();
+    let resp = send_one(gw.addr, &ClientRequest::get("/")).await;
+    assert_error(&resp, 503, "connection_limit_reached");
+    assert_eq!(upstream.requests_seen(), 1);
+}
+
+#[tokio::test]
+async fn upstream_timeout_gets_504() {
+    let upstream = TestUpstream::start(Behaviour::Hang).await;
+    let gw = start(&format!(
+        "{}[upstream.up.timeouts]\nresponse_headers = \"300ms\"\n",
+        proxy_to(&upstream.url())
+    ))
+    .await;
+    let started = Instant::now();
+    let resp = send_one(gw.addr, &ClientRequest::get("/")).await;
+    assert_error(&resp, 504, "http_response_timeout");
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
+// === a real upstream ===
+
+#[tokio::test]
+async fn nginx_serves_a_static_file_through_holdfast() {
+    let www = holdfast_test::tempdir();
+    let file = pattern(0, 200_000);
+    std::fs::write(www.path().join("file.bin"), &file).unwrap();
+    let nginx = Nginx::start(&format!(
+        "server {{\n    listen 127.0.0.1:{{port}};\n    root {};\n}}",
+        www.path().display()
+    ))
+    .await;
+    let gw = start(&proxy_to(&nginx.url())).await;
+    let mut client = KeepAliveClient::new(gw.addr);
+
+    let resp = client.get("/file.bin").await.unwrap();
+    assert_eq!(resp.status, 200);
+    assert!(
+        resp.header("server")
+            .is_some_and(|s| s.starts_with("nginx"))
+    );
+    assert_eq!(resp.body, file);
+    let etag = resp.header("etag").expect("nginx sends an ETag").to_owned();
+
+    let resp = client
+        .send(&ClientRequest::get("/file.bin").header("if-none-match", etag))
+        .await
+        .unwrap();
+    assert_eq!(resp.status, 304);
+
+    let resp = client
+        .send(&ClientRequest::head("/file.bin"))
+        .await
+        .unwrap();
+    assert_eq!(resp.status, 200);
+    assert_eq!(resp.header("content-length"), Some("200000"));
+
+    let resp = client.get("/missing").await.unwrap();
+    assert_eq!(resp.status, 404);
+    assert_eq!(client.connections_opened(), 1);
+}
+
+// === access log ===
+
+#[tokio::test]
+async fn access_log_has_one_line_per_request() {
+    let upstream = TestUpstream::start(Behaviour::Echo).await;
+    let (proxy, addr) = spawn_holdfast(&binary_config(&upstream.url(), "text"), &[]).await;
+    let mut client = KeepAliveClient::new(addr);
+    assert_eq!(client.get("/first?x=1").await.unwrap().status, 200);
+    let second = client
+        .send(&ClientRequest::post("/second", "body"))
+        .await
+        .unwrap();
+    assert_eq!(second.status, 200);
+    assert!(
+        proxy.wait_for_log("/second", WAIT).await,
+        "{}",
+        proxy.logs()
+    );
+
+    let logs = proxy.logs();
+    let lines: Vec<&str> = logs
+        .lines()
+        .filter(|l| l.contains("holdfast::access"))
+        .collect();
+    assert_eq!(lines.len(), 2, "{logs}");
+    let address = upstream.addr().to_string();
+    for (line, method, path, conn) in [
+        (lines[0], "GET", "/first?x=1", "new"),
+        (lines[1], "POST", "/second", "reused"),
+    ] {
+        let field =
+            |name: &str| text_field(line, name).unwrap_or_else(|| panic!("{name} in {line}"));
+        assert_eq!(field("method"), method, "{line}");
+        assert_eq!(field("path"), path, "{line}");
+        assert_eq!(field("status"), "200", "{line}");
+        assert_eq!(field("route"), "route[0]", "{line}");
+        assert_eq!(field("upstream"), "up", "{line}");
+        assert_eq!(field("address"), address, "{line}");
+        assert_eq!(field("conn"), conn, "{line}");
+        assert_eq!(field("retries"), "0", "{line}");
+        for ms in ["total_ms", "ttfb_ms"] {
+            let v: f64 = field(ms).parse().unwrap();
+            assert!(v >= 0.0, "{line}");
+        }
+    }
+}
+
+#[tokio::test]
+async fn access_log_can_be_json() {
+    let upstream = TestUpstream::start(Behaviour::Echo).await;
+    let (proxy, addr) = spawn_holdfast(&binary_config(&upstream.url(), "json"), &[]).await;
+    let mut client = KeepAliveClient::new(addr);
+    assert_eq!(client.get("/a").await.unwrap().status, 200);
+    assert_eq!(client.get("/b").await.unwrap().status, 200);
+    assert!(proxy.wait_for_log("\"/b\"", WAIT).await, "{}", proxy.logs());
+
+    let logs = proxy.logs();
+    let mut access = Vec::new();
+    for line in logs.lines().filter(|l| !l.trim().is_empty()) {
+        let v: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+        if v["target"] == "holdfast::access" {
+            access.push(v);
+        }
+    }
+    assert_eq!(access.len(), 2, "{logs}");
+    for (v, path, conn) in [(&access[0], "/a", "new"), (&access[1], "/b", "reused")] {
+        assert_eq!(v["method"], "GET", "{v}");
+        assert_eq!(v["path"], path, "{v}");
+        assert_eq!(v["status"], 200, "{v}");
+        assert_eq!(v["route"], "route[0]", "{v}");
+        assert_eq!(v["upstream"], "up", "{v}");
+        assert_eq!(v["address"], upstream.addr().to_string(), "{v}");
+        assert_eq!(v["conn"], conn, "{v}");
+        assert_eq!(v["retries"], 0, "{v}");
+        assert!(v["total_ms"].as_f64().is_some_and(|t| t >= 0.0), "{v}");
+        assert!(v["ttfb_ms"].as_f64().is_some_and(|t| t >= 0.0), "{v}");
+    }
+}
+
+// === helpers ===
+
+/// Sends one request on a new connection and reads its response.
+async fn send_one(addr: SocketAddr, request: &ClientRequest) -> Response {
+    KeepAliveClient::new(addr)
+        .with_timeout(WAIT)
+        .send(request)
+        .await
+        .unwrap_or_else(|e| panic!("{} {}: {e}", request.method, request.target))
+}
+
+/// A holdfast error response: `status`, a short body, and `Proxy-Status` naming `error`.
+fn assert_error(resp: &Response, status: u16, error: &str) {
+    assert_eq!(resp.status, status, "{resp:?}");
+    let text = resp.text();
+    assert!(
+        !text.is_empty() && text.len() < 512 && text.starts_with(&status.to_string()),
+        "body: {text:?}"
+    );
+    let ps = resp.header("proxy-status").unwrap_or_default();
+    assert!(
+        ps.starts_with("holdfast") && ps.contains(&format!("error={error}")),
+        "proxy-status: {ps:?}"
+    );
+}
+
+/// `body` in chunks of at most `size` bytes, with the last chunk.
+fn chunked(body: &[u8], size: usize) -> Vec<u8> {
+    let mut out = Vec::new();
+    for chunk in body.chunks(size) {
+        out.extend_from_slice(format!("{:x}\r\n", chunk.len()).as_bytes());
+        out.extend_from_slice(chunk);
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b"0\r\n\r\n");
+    out
+}
+
+/// Sends a request (its head in two parts `head_pause` apart, if given), reads the
+/// response, then waits for the server to close the idle connection; returns how long
+/// it stayed idle.
+async fn idle_until_closed(addr: SocketAddr, head_pause: Option<Duration>) -> Duration {
+    let mut client = RawClient::connect(addr).await.unwrap();
+    if let Some(pause) = head_pause {
+        client.send("GET /slow HTTP/1.1\r\n").await.unwrap();
+        // A connection whose request has begun is not idle, however long the pause.
+        assert_eq!(client.wait_close(pause).await, PeerClose::StillOpen);
+        client.send("host: x\r\n\r\n").await.unwrap();
+    } else {
+        client.send_request(&ClientRequest::get("/")).await.unwrap();
+    }
+    assert_eq!(client.read_response(WAIT).await.unwrap().status, 200);
+    let idle_since = Instant::now();
+    match client.wait_close(WAIT).await {
+        PeerClose::Eof => idle_since.elapsed(),
+        other => panic!(
+            "idle connection: {other:?} after {:?}",
+            idle_since.elapsed()
+        ),
+    }
+}
+
+/// Reads exactly `n` bytes that the peer sends.
+async fn read_exactly(client: &mut RawClient, n: usize) -> Vec<u8> {
+    let mut got = Vec::new();
+    // Bounded: each round adds bytes or fails.
+    while got.len() < n {
+        match client.wait_close(WAIT).await {
+            PeerClose::Data(d) => got.extend_from_slice(&d),
+            other => panic!("after {} of {n} bytes: {other:?}", got.len()),
+        }
+    }
+    got
+}
+
+/// The value of `name=` in a text log line, without quotes.
+fn text_field(line: &str, name: &str) -> Option<String> {
+    let key = format!(" {name}=");
+    let start = line.find(&key)? + key.len();
+    let rest = &line[start..];
+    Some(match rest.strip_prefix('"') {
+        Some(quoted) => quoted[..quoted.find('"')?].to_owned(),
+        None => rest.split(' ').next()?.to_owned(),
+    })
+}
+
+// === the binary as a child process ===
+
+/// Starts the built binary with `config`; returns it and its listener's address.
+async fn spawn_holdfast(config: &str, env: &[(&str, &str)]) -> (HoldfastProcess, SocketAddr) {
+    let mut env = env.to_vec();
+    env.push(("NO_COLOR", "1"));
+    let proxy = HoldfastProcess::spawn_with_env(
+        Path::new(env!("CARGO_BIN_EXE_holdfast")),
+        &["run"],
+        Some(config),
+        &env,
+    );
+    assert!(
+        proxy.wait_for_log("admin listening", WAIT).await,
+        "holdfast did not start:\n{}",
+        proxy.logs()
+    );
+    let logs = proxy.logs();
+    let addr = logs
+        .lines()
+        .filter(|l| l.contains("listening") && !l.contains("admin listening"))
+        .find_map(loopback_addr)
+        .unwrap_or_else(|| panic!("no listening address in:\n{logs}"));
+    (proxy, addr)
+}
+
+/// The first `127.0.0.1:PORT` in `line`.
+fn loopback_addr(line: &str) -> Option<SocketAddr> {
+    let start = line.find("127.0.0.1:")?;
+    let rest = &line[start + "127.0.0.1:".len()..];
+    let port: String = rest.chars().take_while(char::is_ascii_digit).collect();
+    format!("127.0.0.1:{port}").parse().ok()
+}
+
+fn binary_config(upstream: &str, log_format: &str) -> String {
+    format!(
+        "[log]\nformat = \"{log_format}\"\n\n[admin]\nlisten = \"127.0.0.1:0\"\n\n\
+         [[listener]]\nlisten = \"127.0.0.1:0\"\n\n{}",
+        proxy_to(upstream)
+    )
+}
+
+fn bulk_config(upstream: SocketAddr) -> String {
+    format!(
+        "[admin]\nlisten = \"127.0.0.1:0\"\n\n[[listener]]\nlisten = \"127.0.0.1:0\"\n\
+         max_body_bytes = 0\n\n{}",
+        proxy_to(&format!("http://{upstream}"))
+    )
+}
+
+/// Peak and current resident memory of `pid`, in KiB.
+fn memory_kib(pid: u32) -> (u64, u64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kib = |key: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(key))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap_or_else(|| panic!("{key} in /proc/{pid}/status"))
+    };
+    (kib("VmHWM:"), kib("VmRSS:"))
+}
+
+fn assert_memory_bounded(proxy: &HoldfastProcess) {
+    let (peak, now) = memory_kib(proxy.pid());
+    eprintln!("holdfast memory after 2 GiB through it: peak {peak} KiB, now {now} KiB");
+    assert!(
+        peak < MAX_PROXY_RSS_KIB,
+        "holdfast peaked at {peak} KiB resident while streaming"
+    );
+}
+
+// === raw upstreams ===
+
+/// A loopback server that runs `handle` on every connection.
+///
+/// # Drop behavior
+///
+/// Stops accepting; connections already handed to `handle` run on.
+struct RawUpstream {
+    addr: SocketAddr,
+    task: JoinHandle<()>,
+}
+
+impl Drop for RawUpstream {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn raw_upstream<F, Fut>(handle: F) -> RawUpstream
+where
+    F: Fn(TcpStream) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let handle = Arc::new(handle);
+    let task = tokio::spawn(async move {
+        // Ends when aborted.
+        while let Ok((stream, _)) = listener.accept().await {
+            let _ = stream.set_nodelay(true);
+            tokio::spawn(handle(stream));
+        }
+    });
+    RawUpstream { addr, task }
+}
+
+/// Reads a message head (up to the empty line); `None` at EOF before any byte.
+async fn read_head(io: &mut BufReader<TcpStream>) -> std::io::Result<Option<String>> {
+    let mut head = String::new();
+    // Bounded by the 64 KiB check.
+    loop {
+        let before = head.len();
+        if io.read_line(&mut head).await? == 0 {
+            return if head.is_empty() {
+                Ok(None)
+            } else {
+                Err(std::io::ErrorKind::UnexpectedEof.into())
+            };
+        }
+        if head[before..].trim_end().is_empty() {
+            return Ok(Some(head));
+        }
+        if head.len() > 64 * 1024 {
+            return Err(std::io::Error::other("head too large"));
+        }
+    }
+}
+
+/// The value of header `name` in `head`.
+fn header<'a>(head: &'a str, name: &str) -> Option<&'a str> {
+    head.lines().skip(1).find_map(|l| {
+        let (n, v) = l.split_once(':')?;
+        n.trim().eq_ignore_ascii_case(name).then(|| v.trim())
+    })
+}
+
+/// Pattern bytes, long enough that any offset's next 256 KiB is one slice of it.
+static BLOCK: LazyLock<Vec<u8>> = LazyLock::new(|| pattern(0, 251 * 2048));
+const PIECE: usize = 256 * 1024;
+
+/// `len` pattern bytes from `offset`: a slice of [`BLOCK`].
+fn pattern_piece(offset: u64, len: usize) -> &'static [u8] {
+    let start = (offset % 251) as usize;
+    &BLOCK[start..start + len]
+}
+
+/// Checks a body against the pattern piece by piece, without keeping it.
+struct PatternCheck {
+    offset: u64,
+    ok: bool,
+}
+
+impl Default for PatternCheck {
+    fn default() -> Self {
+        PatternCheck {
+            offset: 0,
+            ok: true,
+        }
+    }
+}
+
+impl PatternCheck {
+    fn feed(&mut self, data: &[u8]) {
+        for piece in data.chunks(PIECE) {
+            self.ok &= piece == pattern_piece(self.offset, piece.len());
+            self.offset += piece.len() as u64;
+        }
+    }
+}
+
+/// Writes `len` pattern bytes, chunked or raw.
+async fn write_pattern(io: &mut TcpStream, len: u64, chunked: bool) -> std::io::Result<()> {
+    let mut offset = 0;
+    // Bounded by `len`.
+    while offset < len {
+        let n = usize::try_from(len - offset).unwrap_or(PIECE).min(PIECE);
+        let piece = pattern_piece(offset, n);
+        if chunked {
+            io.write_all(format!("{n:x}\r\n").as_bytes()).await?;
+            io.write_all(piece).await?;
+            io.write_all(b"\r\n").await?;
+        } else {
+            io.write_all(piece).await?;
+        }
+        offset += n as u64;
+    }
+    if chunked {
+        io.write_all(b"0\r\n\r\n").await?;
+    }
+    io.flush().await
+}
+
+/// A bulk upstream that never holds a body: `POST` bodies (Content-Length or chunked)
+/// are checked against the pattern and answered `received N pattern ok|BROKEN`;
+/// `GET /source/LEN/cl|chunked` answers LEN pattern bytes.
+async fn bulk_upstream() -> RawUpstream {
+    raw_upstream(|stream| async move {
+        let _ = serve_bulk(stream).await;
+    })
+    .await
+}
+
+async fn serve_bulk(stream: TcpStream) -> std::io::Result<()> {
+    let mut io = BufReader::with_capacity(PIECE, stream);
+    // Bounded by the peer: each round consumes a request or ends.
+    while let Some(head) = read_head(&mut io).await? {
+        let target = head.split(' ').nth(1).unwrap_or("/").to_owned();
+        if head.starts_with("POST") {
+            let mut check = PatternCheck::default();
+            if header(&head, "transfer-encoding").is_some_and(|te| te.contains("chunked")) {
+                read_chunked(&mut io, &mut check).await?;
+            } else {
+                let len = header(&head, "content-length")
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(0);
+                read_exact_into(&mut io, len, &mut check).await?;
+            }
+            let verdict = if check.ok { "ok" } else { "BROKEN" };
+            let body = format!("received {} pattern {verdict}", check.offset);
+            let response = format!(
+                "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{body}",
+                body.len()
+            );
+            io.get_mut().write_all(response.as_bytes()).await?;
+        } else {
+            let mut parts = target.trim_start_matches("/source/").split('/');
+            let len: u64 = parts.next().and_then(|l| l.parse().ok()).unwrap_or(0);
+            let chunked = parts.next() == Some("chunked");
+            let framing = if chunked {
+                "transfer-encoding: chunked".to_owned()
+            } else {
+                format!("content-length: {len}")
+            };
+            let head = format!("HTTP/1.1 200 OK\r\n{framing}\r\n\r\n");
+            io.get_mut().write_all(head.as_bytes()).await?;
+            write_pattern(io.get_mut(), len, chunked).await?;
+        }
+    }
+    Ok(())
+}
+
+async fn read_exact_into(
+    io: &mut BufReader<TcpStream>,
+    mut len: u64,
+    check: &mut PatternCheck,
+) -> std::io::Result<()> {
+    // Bounded by `len`: each round consumes bytes or fails.
+    while len > 0 {
+        let buf = io.fill_buf().await?;
+        if buf.is_empty() {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        let n = buf.len().min(usize::try_from(len).unwrap_or(usize::MAX));
+        check.feed(&buf[..n]);
+        io.consume(n);
+        len -= n as u64;
+    }
+    Ok(())
+}
+
+async fn read_chunked(
+    io: &mut BufReader<TcpStream>,
+    check: &mut PatternCheck,
+) -> std::io::Result<()> {
+    let bad = |what: &str| std::io::Error::new(std::io::ErrorKind::InvalidData, what.to_owned());
+    let mut line = String::new();
+    // Bounded by the peer: each round consumes a chunk or fails.
+    loop {
+        line.clear();
+        io.read_line(&mut line).await?;
+        let size = line.split(';').next().unwrap_or("").trim();
+        let size = u64::from_str_radix(size, 16).map_err(|_| bad("chunk size"))?;
+        if size == 0 {
+            // Trailers, up to the empty line.
+            loop {
+                line.clear();
+                if io.read_line(&mut line).await? == 0 || line.trim().is_empty() {
+                    return Ok(());
+                }
+            }
+        }
+        read_exact_into(io, size, check).await?;
+        line.clear();
+        io.read_line(&mut line).await?;
+        if !line.trim().is_empty() {
+            return Err(bad("chunk longer than its size"));
+        }
+    }
+}
