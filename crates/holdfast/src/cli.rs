@@ -8,6 +8,7 @@ use holdfast::config::{
     Config, Dur, FastCgiRoute, ListenerConfig, LogFormat, Protocol, RouteConfig, UpstreamAddr,
     UpstreamConfig,
 };
+use holdfast::probe::ProbeOptions;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -38,12 +39,64 @@ pub enum Command {
     },
     /// Run a one-upstream proxy without a config file.
     Proxy(Box<ProxyArgs>),
+    /// Measure an upstream's keep-alive behaviour and recommend pool settings.
+    ///
+    /// Reports the Connection and Keep-Alive headers it sends and whether it keeps its
+    /// word, after how long it closes idle connections, how many requests it allows on
+    /// one connection, how it closes (Connection: close, FIN or RST), and the
+    /// [upstream.NAME.pool] settings that follow. Progress goes to stderr; it takes up
+    /// to --max-idle plus a few seconds, with --connections + 1 connections.
+    ///
+    /// URLs: http://host[:port]/path, or fastcgi://host:port with --script. https is
+    /// not supported yet: it comes with holdfast's TLS support.
+    Probe(ProbeArgs),
     /// Show story 1a happening to a naive client and not through holdfast.
     Demo {
         /// How long to send requests.
         #[arg(long, default_value = "12s")]
         duration: Dur,
     },
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ProbeArgs {
+    /// http://host[:port]/path or fastcgi://host:port (https: not yet, it comes with TLS).
+    pub url: String,
+    /// FastCGI: the script to run, as the application sees it (SCRIPT_FILENAME).
+    #[arg(long)]
+    pub script: Option<String>,
+    /// Longest idle time to watch for a close.
+    #[arg(long, default_value = "120s")]
+    pub max_idle: Dur,
+    /// Most requests to send on one connection.
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    pub max_requests: u32,
+    /// Idle connections to watch at once (staggered).
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u16).range(1..=16))]
+    pub connections: u16,
+    /// Bound on each connect and each response.
+    #[arg(long, default_value = "10s")]
+    pub timeout: Dur,
+    /// Upstream name in the recommended snippet.
+    #[arg(long, default_value = "NAME")]
+    pub name: String,
+    /// Print the report as JSON on stdout.
+    #[arg(long)]
+    pub json: bool,
+}
+
+impl ProbeArgs {
+    /// The probe these flags describe, and whether to print JSON.
+    pub fn into_options(self) -> (ProbeOptions, bool) {
+        let mut o = ProbeOptions::new(self.url);
+        o.script = self.script;
+        o.max_idle = self.max_idle.get();
+        o.max_requests = self.max_requests;
+        o.connections = usize::from(self.connections);
+        o.timeout = self.timeout.get();
+        o.name = self.name;
+        (o, self.json)
+    }
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]

@@ -7,12 +7,14 @@
 //! decide about reuse and retries; the response streams back through
 //! [`proxy::response`]. [`config`] parses the TOML once at the edge; [`admin`]
 //! serves the operators' endpoints; [`process`] maps signals to drains, reloads and
-//! upgrades. ARCHITECTURE.md walks through it.
+//! upgrades; [`probe`] measures an upstream's keep-alive behaviour for the `probe`
+//! command. ARCHITECTURE.md walks through it.
 
 pub mod admin;
 pub mod body;
 pub mod config;
 pub mod demo;
+pub mod probe;
 pub mod process;
 pub mod proxy;
 pub mod route;

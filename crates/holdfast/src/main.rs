@@ -32,6 +32,16 @@ fn main() -> ExitCode {
                 }
             };
         }
+        cli::Command::Probe(args) => {
+            let (options, json) = args.into_options();
+            return match runtime(1) {
+                Ok(rt) => ExitCode::from(rt.block_on(holdfast::probe::run_cli(options, json))),
+                Err(e) => {
+                    eprintln!("cannot start the runtime: {e}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
         cli::Command::Demo { duration } => {
             return match runtime(0).and_then(|rt| rt.block_on(holdfast::demo::run(duration.get())))
             {

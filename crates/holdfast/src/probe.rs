@@ -1,0 +1,504 @@
+//! `holdfast probe URL`: measures an upstream's keep-alive behaviour and recommends
+//! the `[upstream.NAME.pool]` settings that follow, so finding out that a provider
+//! closes idle connections after 8 s (story 1a) takes one command, not a packet
+//! capture.
+//!
+//! In order, with few connections and few requests:
+//! 1. One connection carries up to `max_requests` sequential requests: the first
+//!    response's `Connection` and `Keep-Alive` headers, and after how many requests the
+//!    upstream closes and how (`Connection: close`, a FIN, or an RST).
+//! 2. `connections` connections, opened a fraction of a second apart (staggered, so a
+//!    coarse timer on the upstream shows as spread rather than as a false precision),
+//!    send one request each and then sit idle; each is watched for the upstream's FIN
+//!    or RST until `max_idle`. The close is seen the moment it arrives, so the idle
+//!    timeout is measured to a few milliseconds plus the upstream's own timer slack.
+//!    A connection still open at `max_idle` sends one more request, which tells a
+//!    working connection from one dropped silently on the way.
+//! 3. A verdict (does it keep its word?) and a TOML snippet ([`report`]).
+//!
+//! Not here: https (it comes with TLS support), HTTP/2.
+
+pub mod conn;
+pub mod report;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use futures_util::future::join_all;
+use tokio::time::Instant;
+
+pub use self::conn::CloseStyle;
+use self::conn::{Answer, Conn, Watch};
+pub use self::report::ProbeReport;
+use self::report::{FastCgiValues, FirstResponse, IdleReport, RequestLimit};
+
+/// What to probe and how far to go.
+#[derive(Debug, Clone)]
+pub struct ProbeOptions {
+    /// `http://host[:port]/path` or `fastcgi://host:port`.
+    pub url: String,
+    /// For FastCGI: the script to run (SCRIPT_FILENAME), as the application sees it.
+    pub script: Option<String>,
+    /// Longest idle time watched for. Default 120 s.
+    pub max_idle: Duration,
+    /// Most requests sent on the one connection. Default 100.
+    pub max_requests: u32,
+    /// Idle connections watched at once. Default 3.
+    pub connections: usize,
+    /// Bound on each connect and each response. Default 10 s.
+    pub timeout: Duration,
+    /// The upstream's name in the snippet.
+    pub name: String,
+}
+
+impl ProbeOptions {
+    pub fn new(url: impl Into<String>) -> Self {
+        ProbeOptions {
+            url: url.into(),
+            script: None,
+            max_idle: Duration::from_secs(120),
+            max_requests: 100,
+            connections: 3,
+            timeout: Duration::from_secs(10),
+            name: "NAME".into(),
+        }
+    }
+}
+
+/// Why a probe could not finish.
+#[derive(Debug, thiserror::Error)]
+pub enum ProbeError {
+    #[error("{0}")]
+    Url(String),
+    #[error("cannot resolve {0}: {1}")]
+    Resolve(String, std::io::Error),
+    #[error("cannot connect to {0}: {1}")]
+    Connect(SocketAddr, std::io::Error),
+    #[error("no response within {0:?}")]
+    Timeout(Duration),
+    #[error("{0}")]
+    Protocol(String),
+    #[error("{0}")]
+    Io(std::io::Error),
+}
+
+/// A parsed probe URL.
+#[derive(Debug, Clone)]
+pub struct Target {
+    pub host: String,
+    pub port: u16,
+    /// Request target (origin form).
+    pub path: String,
+    /// `Host` header value.
+    pub host_header: String,
+    /// `Some` for FastCGI.
+    pub fastcgi_script: Option<String>,
+}
+
+impl Target {
+    /// # Errors
+    /// An unsupported scheme or a malformed URL, said plainly.
+    pub fn parse(url: &str, script: Option<&str>) -> Result<Target, ProbeError> {
+        let bad = |why: &str| ProbeError::Url(format!("{url}: {why}"));
+        let (scheme, rest) = url
+            .split_once("://")
+            .ok_or_else(|| bad("expected http://host[:port]/path or fastcgi://host:port"))?;
+        let (default_port, fastcgi) = match scheme.to_ascii_lowercase().as_str() {
+            "http" => (80, false),
+            "fastcgi" => (9000, true),
+            "https" => {
+                return Err(bad(
+                    "https is not supported yet: it comes with holdfast's TLS support",
+                ));
+            }
+            _ => return Err(bad("the scheme must be http or fastcgi")),
+        };
+        let (authority, path) = match rest.find('/') {
+            Some(i) => (&rest[..i], &rest[i..]),
+            None => (rest, "/"),
+        };
+        let (host, port) = if let Some(v6) = authority.strip_prefix('[') {
+            let (h, after) = v6.split_once(']').ok_or_else(|| bad("unclosed '['"))?;
+            (h, after.strip_prefix(':'))
+        } else {
+            match authority.rsplit_once(':') {
+                Some((h, p)) => (h, Some(p)),
+                None => (authority, None),
+            }
+        };
+        if host.is_empty() {
+            return Err(bad("no host"));
+        }
+        let port = match port {
+            None => default_port,
+            Some(p) => p.parse().map_err(|_| bad("bad port"))?,
+        };
+        let fastcgi_script = if fastcgi {
+            let s = script.ok_or_else(|| {
+                bad("FastCGI needs --script, the path of a script the application can run")
+            })?;
+            Some(s.to_owned())
+        } else {
+            None
+        };
+        Ok(Target {
+            host: host.to_owned(),
+            port,
+            path: path.to_owned(),
+            host_header: authority.to_owned(),
+            fastcgi_script,
+        })
+    }
+}
+
+/// Runs a probe; `progress` gets a line at each step.
+///
+/// # Errors
+/// The URL is unusable, the upstream cannot be reached, or its first answer is not
+/// HTTP (or FastCGI). Later failures are findings, not errors.
+pub async fn run(
+    options: &ProbeOptions,
+    progress: &(dyn Fn(String) + Sync),
+) -> Result<ProbeReport, ProbeError> {
+    let started = Instant::now();
+    let target = Target::parse(&options.url, options.script.as_deref())?;
+    let addr = tokio::net::lookup_host((target.host.as_str(), target.port))
+        .await
+        .map_err(|e| ProbeError::Resolve(target.host.clone(), e))?
+        .next()
+        .ok_or_else(|| {
+            ProbeError::Resolve(
+                target.host.clone(),
+                std::io::Error::new(std::io::ErrorKind::NotFound, "no address"),
+            )
+        })?;
+    let mut connections = 0;
+    let mut requests = 0;
+
+    let fastcgi = if target.fastcgi_script.is_some() {
+        connections += 1;
+        let v = conn::fastcgi_values(addr, options.timeout).await?;
+        progress(match &v {
+            Some(v) => format!(
+                "GET_VALUES: FCGI_MAX_CONNS={:?} FCGI_MAX_REQS={:?} FCGI_MPXS_CONNS={:?}",
+                v.max_conns, v.max_reqs, v.mpxs_conns
+            ),
+            None => "GET_VALUES: no answer".into(),
+        });
+        Some(v.map_or(
+            FastCgiValues {
+                max_conns: None,
+                max_reqs: None,
+                mpxs_conns: None,
+            },
+            |v| FastCgiValues {
+                max_conns: v.max_conns,
+                max_reqs: v.max_reqs,
+                mpxs_conns: v.mpxs_conns,
+            },
+        ))
+    } else {
+        None
+    };
+
+    // 1. Requests on one connection.
+    let mut c = Conn::open(&target, addr, options.timeout).await?;
+    connections += 1;
+    progress(format!("connected to {addr}"));
+    let mut first: Option<FirstResponse> = None;
+    let mut limit = RequestLimit {
+        sent: 0,
+        limit: None,
+        close: None,
+        searched_up_to: options.max_requests,
+    };
+    for i in 1..=options.max_requests.max(1) {
+        requests += 1;
+        limit.sent = i;
+        match c.exchange().await? {
+            Answer::Response(f) => {
+                if first.is_none() {
+                    progress(format!(
+                        "first response: {} {}, Connection: {}, Keep-Alive: {}",
+                        f.version,
+                        f.status,
+                        f.connection.as_deref().unwrap_or("-"),
+                        f.keep_alive.as_deref().unwrap_or("-")
+                    ));
+                    let hint = f
+                        .keep_alive
+                        .as_deref()
+                        .map(|v| crate::upstream::pool::learn::KeepAliveHint::parse(v.as_bytes()))
+                        .unwrap_or_default();
+                    first = Some(FirstResponse {
+                        status: f.status,
+                        version: f.version,
+                        connection: f.connection.clone(),
+                        keep_alive: f.keep_alive.clone(),
+                        announced_timeout_secs: hint.timeout_secs,
+                        announced_max: hint.max,
+                    });
+                }
+                if f.closes {
+                    limit.limit = Some(i);
+                    limit.close = Some(CloseStyle::ConnectionClose);
+                    break;
+                }
+            }
+            Answer::Closed(style) if i == 1 => {
+                return Err(ProbeError::Protocol(format!(
+                    "the upstream closed the connection {} before answering",
+                    style.describe()
+                )));
+            }
+            Answer::Closed(style) => {
+                limit.limit = Some(i - 1);
+                limit.close = Some(style);
+                break;
+            }
+        }
+        if i % 10 == 0 {
+            progress(format!("{i} requests on one connection, still open"));
+        }
+    }
+    drop(c);
+    let Some(first) = first else {
+        return Err(ProbeError::Protocol("no response".into()));
+    };
+    progress(match (limit.limit, limit.close) {
+        (Some(n), Some(style)) => format!(
+            "requests per connection: closed after {n}, {}",
+            style.describe()
+        ),
+        _ => format!(
+            "requests per connection: still open after {} requests",
+            limit.sent
+        ),
+    });
+
+    // 2. Idle connections, staggered.
+    let k = options.connections.max(1);
+    progress(format!(
+        "watching {k} idle connection(s) for up to {:.0} s",
+        options.max_idle.as_secs_f64()
+    ));
+    let stagger = Duration::from_secs(1) / k as u32;
+    let watches = join_all((0..k).map(|i| {
+        let target = &target;
+        async move {
+            tokio::time::sleep(stagger * i as u32).await;
+            watch_one(i + 1, target, addr, options, progress).await
+        }
+    }))
+    .await;
+    let mut idle = IdleReport {
+        connections: k,
+        max_idle_secs: options.max_idle.as_secs_f64(),
+        closes_secs: Vec::new(),
+        timeout_secs: None,
+        close: None,
+        closes_after_every_response: false,
+        still_open: 0,
+        usable_after_max_idle: Vec::new(),
+        unsolicited_bytes: 0,
+    };
+    let mut prompt = 0;
+    for w in watches {
+        let w = w?;
+        connections += 1;
+        requests += w.requests;
+        idle.unsolicited_bytes += w.unsolicited;
+        match w.outcome {
+            IdleOutcome::Closed(after, style) => {
+                if report::is_prompt(after) {
+                    prompt += 1;
+                }
+                idle.closes_secs.push(after.as_secs_f64());
+                idle.close = Some(idle.close.map_or(style, |s| s.max_severity(style)));
+            }
+            IdleOutcome::ClosedByResponse => prompt += 1,
+            IdleOutcome::Open { usable } => {
+                idle.still_open += 1;
+                idle.usable_after_max_idle.push(usable);
+            }
+        }
+    }
+    idle.closes_after_every_response = prompt == k;
+    idle.timeout_secs = idle
+        .closes_secs
+        .iter()
+        .copied()
+        .filter(|&s| !report::is_prompt(Duration::from_secs_f64(s)))
+        .reduce(f64::min);
+
+    let verdict = report::verdict(&first, &limit, &idle);
+    let recommended = report::recommend(&options.name, &options.url, &first, &limit, &idle);
+    Ok(ProbeReport {
+        url: options.url.clone(),
+        address: addr.to_string(),
+        protocol: if target.fastcgi_script.is_some() {
+            "fastcgi"
+        } else {
+            "http1"
+        },
+        first_response: first,
+        requests_per_connection: limit,
+        idle,
+        fastcgi,
+        verdict,
+        recommended,
+        connections_opened: connections,
+        requests_sent: requests,
+        elapsed_secs: started.elapsed().as_secs_f64(),
+    })
+}
+
+enum IdleOutcome {
+    Closed(Duration, CloseStyle),
+    /// The response itself ended the connection.
+    ClosedByResponse,
+    Open {
+        usable: bool,
+    },
+}
+
+struct Watched {
+    outcome: IdleOutcome,
+    requests: u32,
+    unsolicited: usize,
+}
+
+/// One idle connection: a request, then watch until the upstream closes it or
+/// `max_idle` passes (then one more request says whether it still works).
+async fn watch_one(
+    n: usize,
+    target: &Target,
+    addr: SocketAddr,
+    options: &ProbeOptions,
+    progress: &(dyn Fn(String) + Sync),
+) -> Result<Watched, ProbeError> {
+    let mut c = Conn::open(target, addr, options.timeout).await?;
+    let closed_by_response = |requests| Watched {
+        outcome: IdleOutcome::ClosedByResponse,
+        requests,
+        unsolicited: 0,
+    };
+    match c.exchange().await? {
+        Answer::Response(f) if f.closes => return Ok(closed_by_response(1)),
+        Answer::Response(_) => {}
+        Answer::Closed(_) => return Ok(closed_by_response(1)),
+    }
+    let until = c.idle_since + options.max_idle;
+    match c.watch_close(until).await {
+        Watch::Closed {
+            after,
+            style,
+            unsolicited,
+        } => {
+            progress(format!(
+                "connection {n}: closed by the upstream after {:.2} s idle, {}",
+                after.as_secs_f64(),
+                style.describe()
+            ));
+            Ok(Watched {
+                outcome: IdleOutcome::Closed(after, style),
+                requests: 1,
+                unsolicited,
+            })
+        }
+        Watch::Open { unsolicited } => {
+            let usable = matches!(c.exchange().await, Ok(Answer::Response(_)));
+            progress(format!(
+                "connection {n}: still open after {:.0} s idle; {}",
+                options.max_idle.as_secs_f64(),
+                if usable {
+                    "it answers a request"
+                } else {
+                    "but a request on it fails: dropped silently"
+                }
+            ));
+            Ok(Watched {
+                outcome: IdleOutcome::Open { usable },
+                requests: 2,
+                unsolicited,
+            })
+        }
+    }
+}
+
+impl CloseStyle {
+    /// Of two ways the same upstream closed, the one worth reporting.
+    fn max_severity(self, other: CloseStyle) -> CloseStyle {
+        let rank = |s| match s {
+            CloseStyle::ConnectionClose => 0,
+            CloseStyle::Fin => 1,
+            CloseStyle::Rst => 2,
+        };
+        if rank(other) > rank(self) {
+            other
+        } else {
+            self
+        }
+    }
+}
+
+/// The `probe` command: progress on stderr, the report (or `--json`) on stdout.
+/// Returns the exit status: 0, or 1 if the probe could not finish.
+pub async fn run_cli(options: ProbeOptions, json: bool) -> u8 {
+    let progress = |line: String| eprintln!("probe: {line}");
+    match run(&options, &progress).await {
+        Ok(report) => {
+            if json {
+                match serde_json::to_string_pretty(&report) {
+                    Ok(text) => println!("{text}"),
+                    Err(e) => {
+                        eprintln!("probe: cannot render JSON: {e}");
+                        return 1;
+                    }
+                }
+            } else {
+                print!("{}", report.render());
+            }
+            0
+        }
+        Err(e) => {
+            eprintln!("probe failed: {e}");
+            1
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_http_and_fastcgi_urls() {
+        let t = Target::parse("http://example.com:8080/health?x=1", None).unwrap();
+        assert_eq!(
+            (
+                t.host.as_str(),
+                t.port,
+                t.path.as_str(),
+                t.host_header.as_str()
+            ),
+            ("example.com", 8080, "/health?x=1", "example.com:8080")
+        );
+        let t = Target::parse("http://[::1]", None).unwrap();
+        assert_eq!((t.host.as_str(), t.port, t.path.as_str()), ("::1", 80, "/"));
+        let t = Target::parse("fastcgi://127.0.0.1:9001", Some("/srv/i.php")).unwrap();
+        assert_eq!(t.fastcgi_script.as_deref(), Some("/srv/i.php"));
+        assert_eq!(t.port, 9001);
+    }
+
+    #[test]
+    fn refuses_what_it_cannot_probe_and_says_why() {
+        let e = Target::parse("https://example.com/", None).unwrap_err();
+        assert!(e.to_string().contains("TLS"), "{e}");
+        let e = Target::parse("fastcgi://127.0.0.1:9000", None).unwrap_err();
+        assert!(e.to_string().contains("--script"), "{e}");
+        assert!(Target::parse("example.com", None).is_err());
+        assert!(Target::parse("http://:80/", None).is_err());
+        assert!(Target::parse("http://h:x/", None).is_err());
+    }
+}

@@ -1,0 +1,477 @@
+//! One probe connection: send a request, read its whole response, and watch an idle
+//! connection for the upstream's close.
+//!
+//! Deliberately not hyper: the probe needs to see what a pooled client hides, such as
+//! a FIN that arrives while nothing is being read, an RST rather than a FIN, or bytes
+//! sent on an idle connection. HTTP/1.1 responses are framed by hand (RFC 9112 6.3:
+//! no body for 1xx/204/304, chunked, Content-Length, else until close); FastCGI uses
+//! the `holdfast-fastcgi` codec with `FCGI_KEEP_CONN` set.
+
+use std::io;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::{Buf, BytesMut};
+use holdfast_fastcgi::record::{self, RecordType};
+use holdfast_fastcgi::{EndRequest, HeadParser, Progress, RecordDecoder, Role, ServerValues};
+use serde::Serialize;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+
+use super::{ProbeError, Target};
+
+/// Largest response head the probe reads.
+const MAX_HEAD: usize = 64 * 1024;
+/// Largest response body the probe reads through (and discards).
+const MAX_BODY: u64 = 16 * 1024 * 1024;
+
+/// How the upstream ended a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CloseStyle {
+    /// The response said so: `Connection: close`, HTTP/1.0 without keep-alive, or a
+    /// body delimited by the close.
+    ConnectionClose,
+    /// A FIN without warning.
+    Fin,
+    /// A reset.
+    Rst,
+}
+
+impl CloseStyle {
+    pub fn describe(self) -> &'static str {
+        match self {
+            CloseStyle::ConnectionClose => "with Connection: close",
+            CloseStyle::Fin => "silently (FIN)",
+            CloseStyle::Rst => "with a reset (RST)",
+        }
+    }
+}
+
+/// What one response said about the connection.
+#[derive(Debug, Clone, Default)]
+pub struct Facts {
+    pub status: u16,
+    /// `HTTP/1.x`, or `FastCGI`.
+    pub version: &'static str,
+    pub connection: Option<String>,
+    pub keep_alive: Option<String>,
+    /// The response ends the connection (see [`CloseStyle::ConnectionClose`]).
+    pub closes: bool,
+}
+
+/// The outcome of one exchange.
+#[derive(Debug)]
+pub enum Answer {
+    Response(Facts),
+    /// The upstream had closed the connection: nothing came back.
+    Closed(CloseStyle),
+}
+
+/// What watching an idle connection showed.
+#[derive(Debug, Clone, Copy)]
+pub enum Watch {
+    Closed {
+        after: Duration,
+        style: CloseStyle,
+        /// Bytes the upstream sent while the connection was idle (a 408, say).
+        unsolicited: usize,
+    },
+    /// Still open at the deadline.
+    Open { unsolicited: usize },
+}
+
+pub struct Conn {
+    stream: TcpStream,
+    buf: BytesMut,
+    target: Target,
+    timeout: Duration,
+    /// When the last response ended: the start of the idle period.
+    pub idle_since: Instant,
+}
+
+impl Conn {
+    /// # Errors
+    /// The connect failed or took longer than `timeout`.
+    pub async fn open(
+        target: &Target,
+        addr: SocketAddr,
+        timeout: Duration,
+    ) -> Result<Conn, ProbeError> {
+        let stream = match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => return Err(ProbeError::Connect(addr, e)),
+            Err(_) => {
+                return Err(ProbeError::Connect(
+                    addr,
+                    io::Error::new(io::ErrorKind::TimedOut, "connect timed out"),
+                ));
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        Ok(Conn {
+            stream,
+            buf: BytesMut::with_capacity(8 * 1024),
+            target: target.clone(),
+            timeout,
+            idle_since: Instant::now(),
+        })
+    }
+
+    /// Sends one request and reads its whole response.
+    ///
+    /// # Errors
+    /// A response that is not HTTP (or FastCGI), too large, or too slow.
+    pub async fn exchange(&mut self) -> Result<Answer, ProbeError> {
+        let deadline = Instant::now() + self.timeout;
+        let request = match &self.target.fastcgi_script {
+            None => self.http_request(),
+            Some(script) => fastcgi_request(&self.target, script)?,
+        };
+        if let Err(e) = self.stream.write_all(&request).await {
+            // A write fails only once the upstream has reset the connection.
+            return match e.kind() {
+                io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset => {
+                    Ok(Answer::Closed(CloseStyle::Rst))
+                }
+                _ => Err(ProbeError::Io(e)),
+            };
+        }
+        let answer = match self.target.fastcgi_script {
+            None => self.read_http(deadline).await?,
+            Some(_) => self.read_fastcgi(deadline).await?,
+        };
+        self.idle_since = Instant::now();
+        Ok(answer)
+    }
+
+    fn http_request(&self) -> Vec<u8> {
+        format!(
+            "GET {} HTTP/1.1\r\nHost: {}\r\nUser-Agent: holdfast-probe/{}\r\nAccept: */*\r\n\r\n",
+            self.target.path,
+            self.target.host_header,
+            env!("CARGO_PKG_VERSION")
+        )
+        .into_bytes()
+    }
+
+    /// Reads more bytes; `Ok(0)` is a FIN.
+    async fn fill(&mut self, deadline: Instant) -> Result<usize, ProbeError> {
+        match tokio::time::timeout_at(deadline, self.stream.read_buf(&mut self.buf)).await {
+            Ok(Ok(n)) => Ok(n),
+            Ok(Err(e)) => Err(ProbeError::Io(e)),
+            Err(_) => Err(ProbeError::Timeout(self.timeout)),
+        }
+    }
+
+    /// Like `fill`, but a close before any byte of a response is an answer.
+    async fn fill_first(&mut self, deadline: Instant) -> Result<Option<CloseStyle>, ProbeError> {
+        match self.fill(deadline).await {
+            Ok(0) => Ok(Some(CloseStyle::Fin)),
+            Ok(_) => Ok(None),
+            Err(ProbeError::Io(e)) if e.kind() == io::ErrorKind::ConnectionReset => {
+                Ok(Some(CloseStyle::Rst))
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn fill_more(&mut self, deadline: Instant, what: &str) -> Result<(), ProbeError> {
+        match self.fill(deadline).await? {
+            0 => Err(ProbeError::Protocol(format!(
+                "the upstream closed the connection in the middle of {what}"
+            ))),
+            _ => Ok(()),
+        }
+    }
+
+    async fn read_http(&mut self, deadline: Instant) -> Result<Answer, ProbeError> {
+        if self.buf.is_empty()
+            && let Some(style) = self.fill_first(deadline).await?
+        {
+            return Ok(Answer::Closed(style));
+        }
+        // Bounded: each round reads bytes or ends; 1xx responses are skipped.
+        loop {
+            let mut headers = [httparse::EMPTY_HEADER; 100];
+            let mut resp = httparse::Response::new(&mut headers);
+            let parsed = resp
+                .parse(&self.buf)
+                .map_err(|e| ProbeError::Protocol(format!("not an HTTP response: {e}")))?;
+            let httparse::Status::Complete(head_len) = parsed else {
+                if self.buf.len() > MAX_HEAD {
+                    return Err(ProbeError::Protocol("response head over 64 KiB".into()));
+                }
+                self.fill_more(deadline, "a response head").await?;
+                continue;
+            };
+            let status = resp.code.unwrap_or(0);
+            let minor = resp.version.unwrap_or(1);
+            let header = |name: &str| {
+                let values: Vec<String> = resp
+                    .headers
+                    .iter()
+                    .filter(|h| h.name.eq_ignore_ascii_case(name))
+                    .map(|h| String::from_utf8_lossy(h.value).trim().to_owned())
+                    .collect();
+                (!values.is_empty()).then(|| values.join(", "))
+            };
+            let connection = header("connection");
+            let keep_alive = header("keep-alive");
+            let chunked = header("transfer-encoding")
+                .is_some_and(|te| te.to_ascii_lowercase().trim_end().ends_with("chunked"));
+            let length = header("content-length").and_then(|v| v.parse::<u64>().ok());
+            self.buf.advance(head_len);
+            if (100..200).contains(&status) && status != 101 {
+                continue;
+            }
+            let has_token = |t: &str| {
+                connection
+                    .as_deref()
+                    .is_some_and(|c| c.split(',').any(|x| x.trim().eq_ignore_ascii_case(t)))
+            };
+            let mut closes = has_token("close") || (minor == 0 && !has_token("keep-alive"));
+            let no_body = status < 200 || status == 204 || status == 304;
+            if no_body {
+            } else if chunked {
+                self.skip_chunked(deadline).await?;
+            } else if let Some(n) = length {
+                self.skip(n, deadline).await?;
+            } else {
+                // Delimited by the close (RFC 9112 6.3 rule 8).
+                self.skip_to_eof(deadline).await?;
+                closes = true;
+            }
+            return Ok(Answer::Response(Facts {
+                status,
+                version: if minor == 0 { "HTTP/1.0" } else { "HTTP/1.1" },
+                connection,
+                keep_alive,
+                closes,
+            }));
+        }
+    }
+
+    async fn skip(&mut self, mut n: u64, deadline: Instant) -> Result<(), ProbeError> {
+        if n > MAX_BODY {
+            return Err(ProbeError::Protocol(format!(
+                "response body of {n} bytes: probe a smaller path"
+            )));
+        }
+        // Bounded by `n`: every round consumes bytes.
+        loop {
+            let take = n.min(self.buf.len() as u64);
+            self.buf.advance(take as usize);
+            n -= take;
+            if n == 0 {
+                return Ok(());
+            }
+            self.fill_more(deadline, "a response body").await?;
+        }
+    }
+
+    async fn skip_to_eof(&mut self, deadline: Instant) -> Result<(), ProbeError> {
+        let mut total = self.buf.len() as u64;
+        self.buf.clear();
+        // Bounded by MAX_BODY and the deadline.
+        while self.fill(deadline).await? > 0 {
+            total += self.buf.len() as u64;
+            self.buf.clear();
+            if total > MAX_BODY {
+                return Err(ProbeError::Protocol(
+                    "response body over 16 MiB: probe a smaller path".into(),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    async fn line(&mut self, deadline: Instant) -> Result<String, ProbeError> {
+        // Bounded by MAX_HEAD and the deadline.
+        loop {
+            if let Some(i) = self.buf.windows(2).position(|w| w == b"\r\n") {
+                let line = String::from_utf8_lossy(&self.buf[..i]).into_owned();
+                self.buf.advance(i + 2);
+                return Ok(line);
+            }
+            if self.buf.len() > MAX_HEAD {
+                return Err(ProbeError::Protocol("chunk line over 64 KiB".into()));
+            }
+            self.fill_more(deadline, "a chunked body").await?;
+        }
+    }
+
+    async fn skip_chunked(&mut self, deadline: Instant) -> Result<(), ProbeError> {
+        let mut total = 0u64;
+        // Bounded by MAX_BODY: every chunk adds to `total`, the last one is 0.
+        loop {
+            let line = self.line(deadline).await?;
+            let size = line.split(';').next().unwrap_or("").trim();
+            let size = u64::from_str_radix(size, 16)
+                .map_err(|_| ProbeError::Protocol(format!("bad chunk size {line:?}")))?;
+            if size == 0 {
+                // Trailers, until an empty line.
+                while !self.line(deadline).await?.is_empty() {}
+                return Ok(());
+            }
+            total += size;
+            if total > MAX_BODY {
+                return Err(ProbeError::Protocol(
+                    "response body over 16 MiB: probe a smaller path".into(),
+                ));
+            }
+            self.skip(size, deadline).await?;
+            if !self.line(deadline).await?.is_empty() {
+                return Err(ProbeError::Protocol("chunk without its CRLF".into()));
+            }
+        }
+    }
+
+    async fn read_fastcgi(&mut self, deadline: Instant) -> Result<Answer, ProbeError> {
+        if self.buf.is_empty()
+            && let Some(style) = self.fill_first(deadline).await?
+        {
+            return Ok(Answer::Closed(style));
+        }
+        let mut decoder = RecordDecoder::new();
+        let mut head = Some(HeadParser::new());
+        let mut status = 0;
+        // Bounded by the deadline: every round decodes a record or reads bytes.
+        loop {
+            let rec = decoder
+                .decode(&mut self.buf)
+                .map_err(|e| ProbeError::Protocol(format!("not FastCGI: {e}")))?;
+            let Some(rec) = rec else {
+                self.fill_more(deadline, "a FastCGI response").await?;
+                continue;
+            };
+            match rec.kind {
+                RecordType::Stdout if !rec.content.is_empty() => {
+                    if let Some(p) = head.take() {
+                        match p.feed(&rec.content) {
+                            Ok(Progress::Partial(p)) => head = Some(p),
+                            Ok(Progress::Complete(h)) => status = h.status.code(),
+                            Err(e) => {
+                                return Err(ProbeError::Protocol(format!(
+                                    "bad CGI response head: {e}"
+                                )));
+                            }
+                        }
+                    }
+                }
+                RecordType::EndRequest => {
+                    let end = EndRequest::parse(&rec.content)
+                        .map_err(|e| ProbeError::Protocol(format!("bad END_REQUEST: {e}")))?;
+                    if status == 0 {
+                        return Err(ProbeError::Protocol(format!(
+                            "the application ended the request without a response ({:?})",
+                            end.protocol_status
+                        )));
+                    }
+                    return Ok(Answer::Response(Facts {
+                        status,
+                        version: "FastCGI",
+                        ..Facts::default()
+                    }));
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// Waits until the upstream closes this idle connection or `until` passes.
+    pub async fn watch_close(&mut self, until: Instant) -> Watch {
+        let mut unsolicited = self.buf.len();
+        self.buf.clear();
+        // Bounded by `until`: every round ends, or reads bytes the upstream sent.
+        loop {
+            let read = tokio::time::timeout_at(until, self.stream.read_buf(&mut self.buf)).await;
+            let after = self.idle_since.elapsed();
+            let style = match read {
+                Err(_) => return Watch::Open { unsolicited },
+                Ok(Ok(0)) => CloseStyle::Fin,
+                Ok(Ok(n)) => {
+                    unsolicited += n;
+                    self.buf.clear();
+                    continue;
+                }
+                Ok(Err(_)) => CloseStyle::Rst,
+            };
+            return Watch::Closed {
+                after,
+                style,
+                unsolicited,
+            };
+        }
+    }
+}
+
+/// A FastCGI GET for `script` with `FCGI_KEEP_CONN`, as a web server sends it.
+fn fastcgi_request(target: &Target, script: &str) -> Result<Vec<u8>, ProbeError> {
+    let mut out = BytesMut::new();
+    record::encode_begin_request(&mut out, 1, Role::Responder, true);
+    let port = target.port.to_string();
+    let params: [(&str, &str); 11] = [
+        ("GATEWAY_INTERFACE", "CGI/1.1"),
+        ("SERVER_SOFTWARE", "holdfast-probe"),
+        ("SERVER_PROTOCOL", "HTTP/1.1"),
+        ("REQUEST_METHOD", "GET"),
+        ("SCRIPT_FILENAME", script),
+        ("SCRIPT_NAME", script),
+        ("REQUEST_URI", script),
+        ("QUERY_STRING", ""),
+        ("SERVER_NAME", &target.host),
+        ("SERVER_PORT", &port),
+        ("REMOTE_ADDR", "127.0.0.1"),
+    ];
+    record::encode_params(
+        &mut out,
+        1,
+        params.iter().map(|(k, v)| (k.as_bytes(), v.as_bytes())),
+    )
+    .map_err(|e| ProbeError::Protocol(format!("cannot encode FastCGI params: {e}")))?;
+    record::encode_stdin(&mut out, 1, b"");
+    Ok(out.to_vec())
+}
+
+/// Asks a FastCGI application what it accepts (GET_VALUES), on a connection of its own.
+///
+/// # Errors
+/// The connection failed, or the answer was not FastCGI.
+pub async fn fastcgi_values(
+    addr: SocketAddr,
+    timeout: Duration,
+) -> Result<Option<ServerValues>, ProbeError> {
+    let mut stream = match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => return Err(ProbeError::Connect(addr, e)),
+        Err(_) => return Err(ProbeError::Timeout(timeout)),
+    };
+    let mut out = BytesMut::new();
+    record::encode_get_values(&mut out, ServerValues::NAMES.iter().copied())
+        .map_err(|e| ProbeError::Protocol(format!("cannot encode GET_VALUES: {e}")))?;
+    let exchange = async {
+        stream.write_all(&out).await.map_err(ProbeError::Io)?;
+        let mut buf = BytesMut::new();
+        let mut decoder = RecordDecoder::new();
+        // Bounded by the timeout around it.
+        loop {
+            match decoder.decode(&mut buf) {
+                Ok(Some(r)) if r.kind == RecordType::GetValuesResult => {
+                    return Ok(ServerValues::parse(&r.content).ok());
+                }
+                Ok(Some(_)) => continue,
+                Ok(None) => {}
+                Err(e) => return Err(ProbeError::Protocol(format!("not FastCGI: {e}"))),
+            }
+            if stream.read_buf(&mut buf).await.map_err(ProbeError::Io)? == 0 {
+                return Ok(None);
+            }
+        }
+    };
+    match tokio::time::timeout(timeout, exchange).await {
+        Ok(r) => r,
+        Err(_) => Err(ProbeError::Timeout(timeout)),
+    }
+}

@@ -1,0 +1,372 @@
+//! `holdfast probe` against upstreams whose keep-alive behaviour is known: the scripted
+//! misbehaving upstreams, a real nginx (`keepalive_timeout 3s; keepalive_requests 7;`),
+//! a raw server that resets idle connections, and a FastCGI application that closes
+//! after a number of requests, as php-fpm's `pm.max_requests` does.
+//!
+//! Probe limits are small (`max_idle` a few seconds) so the file runs in seconds; the
+//! measured idle timeouts must be within the probe's stated precision, ±0.5 s.
+
+use std::net::SocketAddr;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use holdfast::probe::{CloseStyle, ProbeOptions, ProbeReport};
+use holdfast_test::{Behaviour, Nginx, TestUpstream};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+
+const PRECISION: f64 = 0.5;
+
+fn options(url: &str, max_idle: Duration) -> ProbeOptions {
+    let mut o = ProbeOptions::new(url);
+    o.max_idle = max_idle;
+    o.max_requests = 20;
+    o.timeout = Duration::from_secs(5);
+    o
+}
+
+/// Runs a probe, keeping its progress lines.
+async fn probe(o: &ProbeOptions) -> (ProbeReport, Vec<String>) {
+    let lines = Mutex::new(Vec::new());
+    let progress = |l: String| lines.lock().unwrap().push(l);
+    let report = holdfast::probe::run(o, &progress)
+        .await
+        .unwrap_or_else(|e| panic!("probe {}: {e}", o.url));
+    (report, lines.into_inner().unwrap())
+}
+
+fn assert_near(measured: f64, expected: f64, what: &str) {
+    assert!(
+        (measured - expected).abs() <= PRECISION,
+        "{what}: measured {measured:.3} s, expected {expected} s ±{PRECISION}"
+    );
+}
+
+#[tokio::test]
+async fn an_unannounced_idle_timeout_is_measured_within_half_a_second() {
+    let up = TestUpstream::start(Behaviour::CloseIdleAfter(Duration::from_secs(2))).await;
+    let (r, progress) = probe(&options(&up.url(), Duration::from_secs(6))).await;
+
+    assert_eq!(r.idle.closes_secs.len(), 3, "{:?}", r.idle);
+    for s in &r.idle.closes_secs {
+        assert_near(*s, 2.0, "each idle close");
+    }
+    assert_near(r.idle.timeout_secs.expect("measured"), 2.0, "idle timeout");
+    assert_eq!(r.idle.close, Some(CloseStyle::Fin));
+    assert!(!r.idle.closes_after_every_response);
+    assert_eq!(r.requests_per_connection.limit, None, "no request limit");
+    assert_eq!(r.requests_per_connection.sent, 20);
+    assert_eq!(r.verdict.keeps_its_word, None, "it announced nothing");
+    assert_eq!(r.recommended.idle_timeout.as_deref(), Some("1500ms"));
+    assert!(
+        r.recommended
+            .toml
+            .contains("[upstream.NAME.pool]\nidle_timeout = \"1500ms\""),
+        "{}",
+        r.recommended.toml
+    );
+    // Polite: one connection for the request count, three watched.
+    assert_eq!(r.connections_opened, 4);
+    assert_eq!(up.connections_accepted(), 4);
+    assert_eq!(r.requests_sent, 23);
+    assert!(
+        progress
+            .iter()
+            .filter(|l| l.contains("closed by the upstream after"))
+            .count()
+            == 3,
+        "{progress:#?}"
+    );
+}
+
+#[tokio::test]
+async fn a_silent_request_limit_is_counted() {
+    let up = TestUpstream::start(Behaviour::CloseAfterRequests(5)).await;
+    let mut o = options(&up.url(), Duration::from_millis(500));
+    o.connections = 1;
+    let (r, _) = probe(&o).await;
+
+    assert_eq!(r.requests_per_connection.limit, Some(5));
+    assert_eq!(r.requests_per_connection.close, Some(CloseStyle::Fin));
+    assert_eq!(
+        r.requests_per_connection.sent, 6,
+        "the sixth found it closed"
+    );
+    assert_eq!(r.first_response.connection, None);
+    assert_eq!(r.verdict.keeps_its_word, None);
+    assert!(
+        r.verdict.findings[0].contains("after 5 request(s) silently (FIN)"),
+        "{:?}",
+        r.verdict.findings
+    );
+    assert_eq!(r.recommended.max_requests, Some(4));
+    // The idle connection was still open at max_idle, and still answered.
+    assert_eq!(r.idle.still_open, 1);
+    assert_eq!(r.idle.usable_after_max_idle, [true]);
+    assert_eq!(r.idle.timeout_secs, None);
+}
+
+#[tokio::test]
+async fn announcing_keep_alive_and_closing_anyway_is_a_broken_word() {
+    let up = TestUpstream::start(Behaviour::AnnounceKeepAliveThenClose { timeout_secs: 5 }).await;
+    let (r, _) = probe(&options(&up.url(), Duration::from_secs(3))).await;
+
+    assert_eq!(r.first_response.connection.as_deref(), Some("keep-alive"));
+    assert_eq!(r.first_response.keep_alive.as_deref(), Some("timeout=5"));
+    assert_eq!(r.first_response.announced_timeout_secs, Some(5));
+    assert_eq!(r.verdict.keeps_its_word, Some(false));
+    assert!(
+        r.verdict.findings[0].starts_with("announces keep-alive but closed the connection after 1"),
+        "{:?}",
+        r.verdict.findings
+    );
+    assert_eq!(r.requests_per_connection.limit, Some(1));
+    assert!(r.idle.closes_after_every_response, "{:?}", r.idle);
+    assert_eq!(r.recommended.max_requests, Some(1));
+    assert_eq!(r.recommended.idle_timeout, None);
+    assert!(r.elapsed_secs < 3.0, "no idle wait when nothing stays open");
+}
+
+#[tokio::test]
+async fn nginx_with_keepalive_timeout_3s_and_keepalive_requests_7() {
+    let nginx = Nginx::start(
+        r#"
+    server {
+        listen 127.0.0.1:{port};
+        keepalive_timeout 3s;
+        keepalive_requests 7;
+        location / { return 200 "ok\n"; }
+    }
+"#,
+    )
+    .await;
+    let mut o = options(&format!("{}/", nginx.url()), Duration::from_secs(8));
+    o.name = "nginx".into();
+    let (r, _) = probe(&o).await;
+
+    assert_eq!(r.requests_per_connection.limit, Some(7));
+    assert_eq!(
+        r.requests_per_connection.close,
+        Some(CloseStyle::ConnectionClose),
+        "nginx says Connection: close on the last one"
+    );
+    assert_near(
+        r.idle.timeout_secs.expect("measured"),
+        3.0,
+        "nginx idle timeout",
+    );
+    assert_eq!(r.idle.close, Some(CloseStyle::Fin));
+    assert_eq!(r.recommended.idle_timeout.as_deref(), Some("2500ms"));
+    assert_eq!(r.recommended.max_requests, Some(6));
+    assert!(
+        r.recommended.toml.starts_with(&format!(
+            "# holdfast probe {}/\n[upstream.nginx.pool]\nidle_timeout = \"2500ms\"",
+            nginx.url()
+        )),
+        "{}",
+        r.recommended.toml
+    );
+    eprintln!("{}", r.render());
+}
+
+#[tokio::test]
+async fn an_idle_reset_is_told_from_a_fin() {
+    let up = ResetWhenIdle::start(Duration::from_millis(700)).await;
+    let mut o = options(&format!("http://{}/", up.addr), Duration::from_secs(3));
+    o.max_requests = 3;
+    let (r, _) = probe(&o).await;
+
+    assert_eq!(r.idle.close, Some(CloseStyle::Rst));
+    assert_near(r.idle.timeout_secs.expect("measured"), 0.7, "idle reset");
+    assert!(
+        r.verdict
+            .findings
+            .iter()
+            .any(|f| f.contains("resets idle connections")),
+        "{:?}",
+        r.verdict.findings
+    );
+}
+
+#[tokio::test]
+async fn a_fastcgi_application_that_closes_after_n_requests() {
+    let app = FastCgiApp::start(4).await;
+    let mut o = options(
+        &format!("fastcgi://{}", app.addr),
+        Duration::from_millis(500),
+    );
+    o.script = Some("/srv/www/index.php".into());
+    o.connections = 1;
+    let (r, _) = probe(&o).await;
+
+    assert_eq!(r.protocol, "fastcgi");
+    assert_eq!(r.first_response.status, 200);
+    let v = r.fastcgi.as_ref().expect("GET_VALUES asked");
+    assert_eq!(v.max_conns, Some(8));
+    assert_eq!(r.requests_per_connection.limit, Some(4));
+    assert_eq!(r.requests_per_connection.close, Some(CloseStyle::Fin));
+    assert_eq!(r.recommended.max_requests, Some(3));
+    assert_eq!(r.idle.usable_after_max_idle, [true]);
+}
+
+#[tokio::test]
+async fn the_binary_prints_json_on_stdout_and_progress_on_stderr() {
+    let up = TestUpstream::start(Behaviour::CloseAfterRequests(3)).await;
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_holdfast"))
+        .args([
+            "probe",
+            "--json",
+            "--max-idle",
+            "300ms",
+            "--connections",
+            "1",
+        ])
+        .arg(up.url())
+        .output()
+        .await
+        .expect("run holdfast probe");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stdout)));
+    assert_eq!(json["requests_per_connection"]["limit"], 3);
+    assert_eq!(json["requests_per_connection"]["close"], "fin");
+    assert_eq!(json["recommended"]["max_requests"], 2);
+    assert!(
+        stderr.contains("probe: requests per connection: closed after 3"),
+        "{stderr}"
+    );
+
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_holdfast"))
+        .args(["probe", "https://127.0.0.1:1/"])
+        .output()
+        .await
+        .expect("run holdfast probe");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("TLS"));
+}
+
+// === fixtures ===
+
+/// Answers each request with a small 200 and resets (SO_LINGER 0) a connection idle
+/// for `after`.
+struct ResetWhenIdle {
+    addr: SocketAddr,
+    task: JoinHandle<()>,
+}
+
+impl Drop for ResetWhenIdle {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl ResetWhenIdle {
+    async fn start(after: Duration) -> ResetWhenIdle {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let task = tokio::spawn(async move {
+            while let Ok((mut s, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    // Ends at the idle reset, or when the peer goes.
+                    loop {
+                        let mut chunk = [0u8; 4096];
+                        let n = match tokio::time::timeout(after, s.read(&mut chunk)).await {
+                            Err(_) => {
+                                let _ = socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO));
+                                return;
+                            }
+                            Ok(Ok(0) | Err(_)) => return,
+                            Ok(Ok(n)) => n,
+                        };
+                        buf.extend_from_slice(&chunk[..n]);
+                        // Bounded by what the peer sent: one answer per request head.
+                        while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                            buf.drain(..end + 4);
+                            let ok = b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\n\r\nok\n";
+                            if s.write_all(ok).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        ResetWhenIdle { addr, task }
+    }
+}
+
+/// A FastCGI application that says `FCGI_MAX_CONNS=8`, answers `200 ok` with the
+/// connection kept, and closes a connection after `max_requests` requests.
+struct FastCgiApp {
+    addr: SocketAddr,
+    task: JoinHandle<()>,
+}
+
+impl Drop for FastCgiApp {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl FastCgiApp {
+    async fn start(max_requests: u32) -> FastCgiApp {
+        use holdfast_fastcgi::record::{self, RecordType};
+        use holdfast_fastcgi::{EndRequest, ProtocolStatus, RecordDecoder, ServerValues};
+
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let task = tokio::spawn(async move {
+            while let Ok((mut s, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let mut buf = BytesMut::new();
+                    let mut dec = RecordDecoder::new();
+                    let mut served = 0;
+                    // Ends when the peer closes, after max_requests, or on garbage.
+                    loop {
+                        let r = match dec.decode(&mut buf) {
+                            Ok(Some(r)) => r,
+                            Ok(None) => match s.read_buf(&mut buf).await {
+                                Ok(n) if n > 0 => continue,
+                                _ => return,
+                            },
+                            Err(_) => return,
+                        };
+                        let mut out = BytesMut::new();
+                        match r.kind {
+                            RecordType::GetValues => {
+                                let values = ServerValues {
+                                    max_conns: Some(8),
+                                    max_reqs: Some(8),
+                                    mpxs_conns: Some(false),
+                                };
+                                record::encode_get_values_result(&mut out, &values);
+                            }
+                            RecordType::Stdin if r.content.is_empty() => {
+                                let body = Bytes::from_static(
+                                    b"Status: 200 OK\r\nContent-Type: text/plain\r\n\r\nok",
+                                );
+                                record::encode_stream(&mut out, RecordType::Stdout, 1, &body);
+                                record::encode_stream(&mut out, RecordType::Stdout, 1, b"");
+                                let end = EndRequest {
+                                    app_status: 0,
+                                    protocol_status: ProtocolStatus::RequestComplete,
+                                };
+                                record::encode_end_request(&mut out, 1, &end);
+                                served += 1;
+                            }
+                            _ => continue,
+                        }
+                        if s.write_all(&out).await.is_err() || served == max_requests {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        FastCgiApp { addr, task }
+    }
+}
