@@ -61,7 +61,10 @@ def parse_args(argv=None):
     ap.add_argument("--proxy-port", type=int, help="default: a new ephemeral port per run")
     ap.add_argument("--wait-quiet", type=float, default=0, metavar="S",
                     help="before each run, wait up to S seconds for the machine to "
-                         "be quiet (other CPU use under 10%% of one CPU); default 0")
+                         "be quiet (CPU use under --quiet-below); default 0")
+    ap.add_argument("--quiet-below", type=float, default=10, metavar="PCT",
+                    help="what --wait-quiet calls quiet: machine CPU use, in %% of "
+                         "one CPU, sampled over 1 s (default 10)")
     ap.add_argument("--out", help="results dir (default bench/results/<timestamp>)")
     args = ap.parse_args(argv)
     args.duration = args.duration or (3.0 if args.quick else 10.0)
@@ -310,7 +313,7 @@ def main():
                 H.log(f"{wl_name} round {rnd}/{args.rounds}: {t.name}")
                 quiet = None
                 if args.wait_quiet > 0:
-                    pct, waited = H.wait_quiet(args.wait_quiet)
+                    pct, waited = H.wait_quiet(args.wait_quiet, args.quiet_below)
                     quiet = {"busy_pct_before": pct, "waited_s": waited}
                     if waited > 1.5:
                         H.log(f"  waited {waited:.0f}s for quiet; now {pct:.0f}% busy")
