@@ -301,11 +301,20 @@ pub async fn run(
         still_open: 0,
         usable_after_max_idle: Vec::new(),
         unsolicited_bytes: 0,
+        errors: Vec::new(),
     };
     let mut prompt = 0;
-    for w in watches {
-        let w = w?;
+    for (i, w) in watches.into_iter().enumerate() {
         connections += 1;
+        let w = match w {
+            Ok(w) => w,
+            Err(e) => {
+                // One failed watch is a finding; the others still measured.
+                progress(format!("connection {}: {e}", i + 1));
+                idle.errors.push(e.to_string());
+                continue;
+            }
+        };
         requests += w.requests;
         idle.unsolicited_bytes += w.unsolicited;
         match w.outcome {
@@ -323,7 +332,7 @@ pub async fn run(
             }
         }
     }
-    idle.closes_after_every_response = prompt == k;
+    idle.closes_after_every_response = prompt > 0 && prompt == k - idle.errors.len();
     idle.timeout_secs = idle
         .closes_secs
         .iter()

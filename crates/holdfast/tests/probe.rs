@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use holdfast::probe::{CloseStyle, ProbeOptions, ProbeReport};
-use holdfast_test::{Behaviour, Nginx, TestUpstream};
+use holdfast_test::{Behaviour, Nginx, Reply, TestUpstream};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
@@ -209,6 +209,33 @@ async fn a_fastcgi_application_that_closes_after_n_requests() {
     assert_eq!(r.requests_per_connection.close, Some(CloseStyle::Fin));
     assert_eq!(r.recommended.max_requests, Some(3));
     assert_eq!(r.idle.usable_after_max_idle, [true]);
+}
+
+#[tokio::test]
+async fn a_failed_watch_is_a_finding_and_the_others_still_measure() {
+    // Connections 1 (request count) and 2 answer; 3 and 4 answer something not HTTP.
+    let up = TestUpstream::start(
+        Behaviour::respond(|r| Reply::new(if r.conn >= 3 { 0 } else { 200 }).body("ok"))
+            .and(Behaviour::CloseIdleAfter(Duration::from_secs(1))),
+    )
+    .await;
+    let mut o = options(&up.url(), Duration::from_secs(3));
+    o.max_requests = 2;
+    let (r, _) = probe(&o).await;
+
+    assert_eq!(r.idle.errors.len(), 2, "{:?}", r.idle);
+    assert_eq!(r.idle.closes_secs.len(), 1);
+    assert_near(r.idle.timeout_secs.expect("measured"), 1.0, "idle close");
+    assert!(!r.idle.closes_after_every_response);
+    assert!(
+        r.verdict
+            .findings
+            .iter()
+            .any(|f| f.starts_with("an idle-watch connection failed: not an HTTP response")),
+        "{:?}",
+        r.verdict.findings
+    );
+    assert_eq!(r.connections_opened, 4);
 }
 
 #[tokio::test]

@@ -97,6 +97,8 @@ pub struct IdleReport {
     pub usable_after_max_idle: Vec<bool>,
     /// Bytes sent on idle connections without a request (a 408, say).
     pub unsolicited_bytes: usize,
+    /// Watched connections that failed (connect or first request).
+    pub errors: Vec<String>,
 }
 
 impl IdleReport {
@@ -181,6 +183,9 @@ pub fn verdict(first: &FirstResponse, limit: &RequestLimit, idle: &IdleReport) -
             "resets idle connections: a request racing the close gets a reset, not a clean EOF"
                 .into(),
         );
+    }
+    for e in &idle.errors {
+        notes.push(format!("an idle-watch connection failed: {e}"));
     }
     if idle.unsolicited_bytes > 0 {
         notes.push(format!(

@@ -39,6 +39,7 @@ fn idle(closes: &[f64], style: Option<CloseStyle>) -> IdleReport {
         still_open: 3 - closes.len(),
         usable_after_max_idle: vec![true; 3 - closes.len()],
         unsolicited_bytes: 0,
+        errors: Vec::new(),
     }
 }
 
