@@ -1,7 +1,7 @@
 //! The request path: route, rewrite headers, forward through the upstream, and turn
 //! the outcome into the client's response.
 //!
-//! Every failure ends as a response here ([`rescue`]): 404 without a route, 413/400
+//! Every failure ends as a response here (`Proxy::rescue`): 404 without a route, 413/400
 //! for bad request bodies, 502/503/504 from the upstream with an RFC 9209
 //! `Proxy-Status` saying whether the request reached it.
 
