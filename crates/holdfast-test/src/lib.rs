@@ -12,6 +12,8 @@
 //!   [`KeepAliveClient`] (persistent connection, precise [`TransportError`]s).
 //! - [`load`]: [`Load`] / [`run_load`], N keep-alive connections for at most D.
 //! - [`nginx`]: [`Nginx`], a real nginx on an ephemeral port with a generated config.
+//! - [`php`]: [`PhpFpm`], a real php-fpm on an ephemeral port and a unix socket, with a
+//!   document root for the test's scripts.
 //! - [`process`]: [`HoldfastProcess`], plus [`wait_until`] and [`read_pid_file`].
 //! - [`sys`]: signals by PID ([`sys::send_signal`]) and the signal numbers.
 //!
@@ -19,11 +21,12 @@
 //! real sockets, so the timeouts here fire at once under it: use these fixtures with real
 //! time, and paused time for in-process logic only.
 //!
-//! Not here: TLS, HTTP/2 clients, php-fpm (see the FastCGI crate's tests).
+//! Not here: TLS, HTTP/2 clients.
 
 pub mod client;
 pub mod load;
 pub mod nginx;
+pub mod php;
 pub mod process;
 pub mod sys;
 pub mod upstream;
@@ -39,6 +42,7 @@ pub use crate::client::{
 };
 pub use crate::load::{Load, LoadConfig, LoadReport, RequestSlot, run_load};
 pub use crate::nginx::{Nginx, NginxOptions};
+pub use crate::php::{PhpFpm, PhpFpmOptions};
 pub use crate::process::{HoldfastProcess, read_pid_file, wait_until, wait_until_async};
 pub use crate::upstream::{
     Behaviour, CloseCause, Event, Framing, Reply, Request, Stats, TestUpstream, WaitTimeout,
