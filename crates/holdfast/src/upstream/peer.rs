@@ -106,6 +106,15 @@ impl Peer {
     }
 
     async fn connect(&self) -> Result<Connected, UpstreamError> {
+        if self.protocol == Protocol::FastCgi {
+            // Before opening this request's connection: php-fpm gives every open
+            // connection a worker, so with all workers holding connections opened by
+            // concurrent first requests the question would wait for one in its
+            // accept queue until the connect timeout.
+            self.fastcgi_values
+                .get_or_init(|| self.query_fastcgi_values())
+                .await;
+        }
         let stream =
             match tokio::time::timeout(self.timeouts.connect.get(), self.open_stream()).await {
                 Err(_) => return Err(UpstreamError::new(Kind::ConnectTimeout, Delivery::NotSent)),
@@ -120,16 +129,11 @@ impl Peer {
             };
         match self.protocol {
             Protocol::Http1 => http1::handshake(stream, self.timeouts.write.get()).await,
-            Protocol::FastCgi => {
-                self.fastcgi_values
-                    .get_or_init(|| self.query_fastcgi_values())
-                    .await;
-                Ok(fastcgi::connected(
-                    stream,
-                    self.timeouts.write.get(),
-                    self.label.clone(),
-                ))
-            }
+            Protocol::FastCgi => Ok(fastcgi::connected(
+                stream,
+                self.timeouts.write.get(),
+                self.label.clone(),
+            )),
         }
     }
 
