@@ -289,7 +289,10 @@ impl FastCgiConn {
                         )
                     })
                     .await
-                    .map_err(|e| self.broken(Kind::Io, e))?;
+                    .map_err(|e| {
+                        let kind = if is_reset(&e) { Kind::Closed } else { Kind::Io };
+                        self.broken(kind, e)
+                    })?;
                     if n == 0 {
                         return Ok(None);
                     }
@@ -340,10 +343,25 @@ impl Drop for FastCgiConn {
 fn write_error(e: std::io::Error) -> UpstreamError {
     let kind = if e.kind() == std::io::ErrorKind::TimedOut {
         Kind::WriteTimeout
+    } else if is_reset(&e) {
+        Kind::Closed
     } else {
         Kind::Io
     };
     UpstreamError::new(kind, Delivery::MaybeSent).with_cause(e)
+}
+
+/// A reset before the response began is the application closing the connection:
+/// php-fpm's worker closes a kept connection when it exits (a restart, `pm.max_requests`)
+/// and, with a request it never read in the socket, the close is a reset, not a FIN.
+/// Classed with a FIN as [`Kind::Closed`], so a reused connection counts as stale.
+fn is_reset(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::ConnectionReset
+            | std::io::ErrorKind::BrokenPipe
+            | std::io::ErrorKind::ConnectionAborted
+    )
 }
 
 fn end_without_head(end: EndRequest) -> UpstreamError {
