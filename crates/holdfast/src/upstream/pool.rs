@@ -21,6 +21,7 @@
 pub mod idle;
 pub mod learn;
 
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
@@ -88,10 +89,11 @@ pub struct PoolSettings {
     pub queue_size: usize,
     pub queue_timeout: Duration,
     pub learn: bool,
-    /// The upstream gives each open connection a worker of its own (php-fpm): an idle
-    /// connection is closed rather than pooled while a new connection waits for its
-    /// first response, since that one may be waiting for a worker an idle
-    /// connection holds.
+    /// The upstream gives each open connection a worker of its own (php-fpm): once a
+    /// new connection has waited [`WORKER_WAIT`] for its first response, it may be
+    /// waiting for a worker that an idle connection holds, so one idle connection is
+    /// closed at once and finished ones are closed rather than pooled until it is
+    /// answered.
     pub free_workers: bool,
 }
 
@@ -145,6 +147,9 @@ struct State {
     learner: Learner,
     /// When the reaper will wake next, so a push only wakes it when it must.
     reaper_target: Option<Instant>,
+    /// With `free_workers`: new connections waiting for their first response, by id,
+    /// with the time each was opened.
+    fresh: BTreeMap<u64, Instant>,
 }
 
 pub struct Pool {
@@ -155,8 +160,6 @@ pub struct Pool {
     limit: AtomicUsize,
     idle_limit: AtomicUsize,
     waiting: AtomicUsize,
-    /// New connections still waiting for their first response (with `free_workers`).
-    fresh_pending: AtomicUsize,
     open: Arc<AtomicUsize>,
     state: Mutex<State>,
     reaper: Arc<Notify>,
@@ -165,6 +168,13 @@ pub struct Pool {
 }
 
 static NEXT_CONN_ID: AtomicU64 = AtomicU64::new(1);
+
+/// With `free_workers`, how long a new connection waits for its first response before
+/// it counts as waiting for a worker. Closing idle connections as soon as any new one
+/// is pending would also close them while the application has workers to spare: two
+/// clients on two php-fpm workers would then open a connection per request, each one
+/// closing the other's.
+pub const WORKER_WAIT: Duration = Duration::from_millis(50);
 
 impl Pool {
     /// Creates a pool and starts its reaper. Must be called inside a Tokio runtime.
@@ -175,12 +185,12 @@ impl Pool {
             limit: AtomicUsize::new(settings.max_connections),
             idle_limit: AtomicUsize::new(settings.max_idle),
             waiting: AtomicUsize::new(0),
-            fresh_pending: AtomicUsize::new(0),
             open: Arc::new(AtomicUsize::new(0)),
             state: Mutex::new(State {
                 idle: IdleList::default(),
                 learner: Learner::new(settings.idle_timeout, settings.learn),
                 reaper_target: None,
+                fresh: BTreeMap::new(),
             }),
             reaper: Arc::new(Notify::new()),
             draining: AtomicBool::new(false),
@@ -265,10 +275,12 @@ impl Pool {
             killed,
             Arc::downgrade(self),
         ));
+        let id = conn.id;
         let mut pooled = PooledConn::new(conn, self.clone(), permit, None);
         if self.settings.free_workers {
-            self.fresh_pending.fetch_add(1, Relaxed);
-            pooled.first_response_pending = true;
+            self.lock().fresh.insert(id, Instant::now());
+            pooled.first_response_pending = Some(id);
+            tokio::spawn(free_worker_if_unanswered(Arc::downgrade(self), id));
         }
         Ok(pooled)
     }
@@ -414,7 +426,7 @@ impl Pool {
         {
             return Some(CloseReason::Lifetime);
         }
-        if self.settings.free_workers && self.fresh_pending.load(Relaxed) > 0 {
+        if self.settings.free_workers && self.waits_for_worker(now) {
             return Some(CloseReason::Evicted);
         }
         if self.draining.load(Relaxed) {
@@ -424,6 +436,15 @@ impl Pool {
             return Some(CloseReason::ClosedByUpstreamIdle);
         }
         None
+    }
+
+    /// Whether a new connection has waited so long for its first response that it may
+    /// be waiting for a worker an idle connection holds (`free_workers`).
+    fn waits_for_worker(&self, now: Instant) -> bool {
+        self.lock()
+            .fresh
+            .values()
+            .any(|opened| now.saturating_duration_since(*opened) >= WORKER_WAIT)
     }
 
     fn checkin(&self, mut conn: Conn, hint: ResponseHint) {
@@ -551,6 +572,27 @@ async fn drive(
     }
 }
 
+/// With `free_workers`: if new connection `id` is still unanswered after
+/// [`WORKER_WAIT`], closes the oldest idle connection, freeing the worker it holds. A
+/// request that declined the idle connections (a POST avoids old ones) would otherwise
+/// wait for that worker until their idle timeout; without idle ones, the next
+/// connection to finish is closed instead (see `retire_reason`).
+async fn free_worker_if_unanswered(pool: Weak<Pool>, id: u64) {
+    tokio::time::sleep(WORKER_WAIT).await;
+    let Some(pool) = pool.upgrade() else { return };
+    let oldest = {
+        let mut st = pool.lock();
+        if !st.fresh.contains_key(&id) {
+            return;
+        }
+        st.idle.pop_oldest()
+    };
+    if let Some(conn) = oldest {
+        pool.figures.closed(CloseReason::Evicted);
+        drop(conn);
+    }
+}
+
 /// Closes idle connections at their expiry, so none stays open past it.
 async fn reap(pool: Weak<Pool>, wake: Arc<Notify>) {
     loop {
@@ -594,7 +636,8 @@ pub struct PooledConn {
     idle_since: Option<Instant>,
     hint: ResponseHint,
     close_reason: CloseReason,
-    first_response_pending: bool,
+    /// With `free_workers`: this new connection's id until its first response.
+    first_response_pending: Option<u64>,
 }
 
 impl PooledConn {
@@ -611,14 +654,14 @@ impl PooledConn {
             idle_since,
             hint: ResponseHint::default(),
             close_reason: CloseReason::Abandoned,
-            first_response_pending: false,
+            first_response_pending: None,
         }
     }
 
     /// The response head arrived.
     pub fn responded(&mut self) {
-        if std::mem::take(&mut self.first_response_pending) {
-            self.pool.fresh_pending.fetch_sub(1, Relaxed);
+        if let Some(id) = self.first_response_pending.take() {
+            self.pool.lock().fresh.remove(&id);
         }
     }
 
