@@ -1,0 +1,911 @@
+//! FastCGI through holdfast to a real php-fpm (story 4 in PROBLEMS.md): with
+//! FCGI_KEEP_CONN php-fpm keeps a connection after FCGI_END_REQUEST, and holdfast pools
+//! those connections under the same lifecycle rules as HTTP ones.
+//!
+//! Every test starts its own php-fpm (`holdfast_test::PhpFpm`: a loopback port and a
+//! unix socket, a static pool, a temp document root), writes the PHP scripts it needs
+//! and starts holdfast in-process on `127.0.0.1:0` (`support::start`); both stop when
+//! the test ends. php-fpm is installed by the README's test command (`scripts/test`).
+//! `HOLDFAST_TEST_LOG=holdfast=debug` shows holdfast's logs.
+
+mod support;
+
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::time::Duration;
+
+use holdfast_test::{
+    ClientRequest, HoldfastProcess, KeepAliveClient, Load, LoadConfig, PeerClose, PhpFpm,
+    PhpFpmOptions, RawClient, Response, is_pattern, pattern, wait_until_async,
+};
+use support::Gateway;
+use tokio::time::Instant;
+
+/// Per-response bound for the clients.
+const RESPONSE_TIMEOUT: Duration = Duration::from_secs(10);
+
+// === fixtures ===
+
+/// The config of a holdfast with one catch-all route to the FastCGI upstream `php`.
+struct Site<'a> {
+    /// `fastcgi://...` or `fastcgi+unix://...`.
+    upstream: String,
+    root: &'a Path,
+    /// Lines under `[route.fastcgi]`.
+    route: &'a str,
+    /// Tables after `[upstream.php]` (`[upstream.php.pool]`, ...).
+    tables: &'a str,
+}
+
+impl<'a> Site<'a> {
+    fn tcp(fpm: &'a PhpFpm) -> Site<'a> {
+        Site {
+            upstream: format!("fastcgi://{}", fpm.addr()),
+            root: fpm.www(),
+            route: "",
+            tables: "",
+        }
+    }
+
+    fn unix(fpm: &'a PhpFpm) -> Site<'a> {
+        Site {
+            upstream: format!("fastcgi+unix://{}", fpm.socket_path().display()),
+            ..Site::tcp(fpm)
+        }
+    }
+
+    fn route(mut self, lines: &'a str) -> Self {
+        self.route = lines;
+        self
+    }
+
+    fn tables(mut self, tables: &'a str) -> Self {
+        self.tables = tables;
+        self
+    }
+
+    fn toml(&self) -> String {
+        format!(
+            "[[route]]\nupstream = \"php\"\n\n[route.fastcgi]\nroot = \"{root}\"\n{route}\n\n\
+             [upstream.php]\naddresses = [\"{upstream}\"]\n{tables}\n",
+            root = self.root.display(),
+            route = self.route,
+            upstream = self.upstream,
+            tables = self.tables,
+        )
+    }
+
+    async fn start(&self) -> Gateway {
+        support::start(&self.toml()).await
+    }
+}
+
+fn client(gw: &Gateway) -> KeepAliveClient {
+    KeepAliveClient::new(gw.addr).with_timeout(RESPONSE_TIMEOUT)
+}
+
+async fn send(gw: &Gateway, req: &ClientRequest) -> Response {
+    client(gw)
+        .send(req)
+        .await
+        .unwrap_or_else(|e| panic!("{} {}: {e}", req.method, req.target))
+}
+
+async fn get(gw: &Gateway, target: &str) -> Response {
+    send(gw, &ClientRequest::get(target)).await
+}
+
+/// `/pools` for upstream `php`: the upstream's figures and its one address's.
+async fn pools(gw: &Gateway) -> (serde_json::Value, serde_json::Value) {
+    let resp = KeepAliveClient::new(gw.admin)
+        .get("/pools")
+        .await
+        .expect("GET /pools");
+    let all: serde_json::Value = serde_json::from_slice(&resp.body).expect("/pools is JSON");
+    let up = all
+        .as_array()
+        .and_then(|ups| ups.iter().find(|u| u["name"] == "php"))
+        .cloned()
+        .expect("upstream php in /pools");
+    let address = up["addresses"][0].clone();
+    (up, address)
+}
+
+fn figure(v: &serde_json::Value) -> u64 {
+    v.as_u64().unwrap_or_else(|| panic!("not a count: {v}"))
+}
+
+/// Drops PHP's own output buffers so `flush()` reaches php-fpm's socket.
+const NO_OB: &str = "while (ob_get_level()) { ob_end_flush(); }";
+
+/// Prints the worker's PID and the inode of its FastCGI connection: the socket among
+/// its fds that its master does not have (the master holds the listening sockets,
+/// which the worker inherited; their fd numbers vary).
+const WHOAMI_PHP: &str = r#"<?php
+function sockets($pid) {
+    $s = [];
+    foreach (scandir("/proc/$pid/fd") as $fd) {
+        $l = @readlink("/proc/$pid/fd/$fd");
+        if ($l !== false && preg_match('/^socket:\[(\d+)\]$/', $l, $m)) { $s[$m[1]] = true; }
+    }
+    return $s;
+}
+usleep((int) ($_GET['us'] ?? 0));
+$stat = file_get_contents('/proc/self/stat');
+$ppid = explode(' ', substr($stat, strrpos($stat, ')') + 2))[1];
+echo getmypid(), ' ', implode(',', array_keys(array_diff_key(sockets('self'), sockets($ppid))));
+"#;
+
+/// (worker PID, connection inode) from a [`WHOAMI_PHP`] response.
+fn whoami(resp: &Response) -> (u32, String) {
+    assert_eq!(resp.status, 200, "whoami: {}", resp.text());
+    let text = resp.text();
+    let (pid, inodes) = text.split_once(' ').expect("pid and inode");
+    let inodes: Vec<&str> = inodes.split(',').filter(|s| !s.is_empty()).collect();
+    assert_eq!(inodes.len(), 1, "exactly one connected socket: {text}");
+    (pid.parse().expect("pid"), inodes[0].to_owned())
+}
+
+// === the basics ===
+
+#[tokio::test]
+async fn hello_php() {
+    let fpm = PhpFpm::start(PhpFpmOptions::default()).await;
+    fpm.script("hello.php", "<?php echo 'Hello from PHP ', PHP_VERSION;");
+    fpm.script("index.php", "<?php echo 'index';");
+    let gw = Site::tcp(&fpm).start().await;
+
+    let resp = get(&gw, "/hello.php").await;
+    assert_eq!(resp.status, 200);
+    assert!(
+        resp.text().starts_with("Hello from PHP 8."),
+        "{}",
+        resp.text()
+    );
+    assert_eq!(
+        resp.header("content-type"),
+        Some("text/html; charset=UTF-8")
+    );
+    assert_eq!(
+        get(&gw, "/").await.text(),
+        "index",
+        "index file for a path ending in /"
+    );
+    assert_eq!(get(&gw, "/style.css").await.status, 404, "not a script");
+    assert_eq!(get(&gw, "/missing.php").await.status, 404, "no such file");
+}
+
+/// 10 MiB up as FastCGI STDIN and back as STDOUT, byte for byte, with PHP writing its
+/// output while holdfast is still sending the body.
+#[tokio::test]
+async fn post_echo_of_10_mib() {
+    let fpm = PhpFpm::start(PhpFpmOptions {
+        pool_directives: "php_admin_value[post_max_size] = 64M".into(),
+        ..PhpFpmOptions::default()
+    })
+    .await;
+    fpm.script(
+        "echo.php",
+        "<?php header('Content-Type: application/octet-stream');\n\
+         echo $_SERVER['CONTENT_LENGTH'], \"\\n\";\n\
+         stream_copy_to_stream(fopen('php://input', 'rb'), fopen('php://output', 'wb'));",
+    );
+    let gw = Site::tcp(&fpm).start().await;
+    let body = pattern(0, 10 << 20);
+    let req = ClientRequest::post("/echo.php", body.clone())
+        .header("content-type", "application/octet-stream");
+    let resp = send(&gw, &req).await;
+    assert_eq!(
+        resp.status,
+        200,
+        "{}",
+        String::from_utf8_lossy(&resp.body[..200.min(resp.body.len())])
+    );
+    let prefix = format!("{}\n", 10 << 20);
+    assert!(
+        resp.body.starts_with(prefix.as_bytes()),
+        "CONTENT_LENGTH first"
+    );
+    let echoed = &resp.body[prefix.len()..];
+    assert_eq!(echoed.len(), body.len(), "length");
+    assert!(is_pattern(0, echoed), "byte for byte");
+}
+
+#[tokio::test]
+async fn php_sets_status_and_headers() {
+    let fpm = PhpFpm::start(PhpFpmOptions::default()).await;
+    fpm.script(
+        "teapot.php",
+        "<?php header('X-From-Php: yes'); header('Set-Cookie: a=1');\n\
+         header('Set-Cookie: b=2', false); http_response_code(418); echo 'short and stout';",
+    );
+    fpm.script(
+        "created.php",
+        "<?php header('Status: 201 Created'); echo 'made';",
+    );
+    fpm.script(
+        "gone.php",
+        "<?php header('HTTP/1.1 410 Gone'); echo 'gone';",
+    );
+    let gw = Site::tcp(&fpm).start().await;
+
+    let resp = get(&gw, "/teapot.php").await;
+    assert_eq!(resp.status, 418);
+    assert_eq!(resp.text(), "short and stout");
+    assert_eq!(resp.header("x-from-php"), Some("yes"));
+    let cookies: Vec<&[u8]> = resp.headers.get_all("set-cookie").collect();
+    assert_eq!(cookies, [&b"a=1"[..], &b"b=2"[..]]);
+    assert!(
+        resp.header("status").is_none(),
+        "CGI Status is not an HTTP header"
+    );
+
+    let resp = get(&gw, "/created.php").await;
+    assert_eq!((resp.status, resp.text().as_ref()), (201, "made"));
+    let resp = get(&gw, "/gone.php").await;
+    assert_eq!((resp.status, resp.text().as_ref()), (410, "gone"));
+}
+
+/// PHP adds `Status: 302` to a `Location` header by itself; a script that then sets 200
+/// sends a bare CGI redirect: a local path (RFC 3875 6.2.2) is sent to the client as a
+/// 302, as nginx does and as `into_response` documents, and so is an absolute URL
+/// (6.2.3).
+#[tokio::test]
+async fn redirects() {
+    let fpm = PhpFpm::start(PhpFpmOptions::default()).await;
+    fpm.script(
+        "abs.php",
+        "<?php header('Location: https://example.com/next');",
+    );
+    fpm.script(
+        "moved.php",
+        "<?php header('Location: /new-home', true, 301);",
+    );
+    fpm.script(
+        "local.php",
+        "<?php header('Location: /local/target?x=1'); http_response_code(200);",
+    );
+    fpm.script(
+        "client.php",
+        "<?php header('Location: https://example.com/elsewhere'); http_response_code(200);",
+    );
+    let gw = Site::tcp(&fpm).start().await;
+
+    for (script, status, location) in [
+        ("/abs.php", 302, "https://example.com/next"),
+        ("/moved.php", 301, "/new-home"),
+        ("/local.php", 302, "/local/target?x=1"),
+        ("/client.php", 302, "https://example.com/elsewhere"),
+    ] {
+        let resp = get(&gw, script).await;
+        assert_eq!(resp.status, status, "{script}");
+        assert_eq!(resp.header("location"), Some(location), "{script}");
+    }
+}
+
+/// 1 MiB of STDOUT reaches the client as it is produced: the script sends 512 KiB,
+/// then waits (bounded) for the test to say it received them before sending the rest.
+/// A proxy that held the response until END_REQUEST would only ever deliver half.
+#[tokio::test]
+async fn a_1_mib_response_is_streamed() {
+    let fpm = PhpFpm::start(PhpFpmOptions::default()).await;
+    let gate = fpm.www().join("gate");
+    fpm.script(
+        "stream.php",
+        &format!(
+            "<?php {NO_OB}\n\
+             $half = str_repeat(implode('', array_map('chr', range(0, 255))), 2048);\n\
+             echo $half; flush();\n\
+             for ($i = 0; $i < 1000 && !file_exists('{gate}'); $i++) {{ usleep(10000); clearstatcache(); }}\n\
+             if (file_exists('{gate}')) {{ echo $half; }}",
+            gate = gate.display()
+        ),
+    );
+    let gw = Site::tcp(&fpm).start().await;
+
+    let mut conn = RawClient::connect(gw.addr).await.expect("connect");
+    conn.send_request(&ClientRequest::get("/stream.php"))
+        .await
+        .expect("send");
+    let mut received = 0usize;
+    let mut in_order = true;
+    let resp = conn
+        .read_response_streaming("GET", Duration::from_secs(20), |chunk| {
+            in_order &= chunk
+                .iter()
+                .enumerate()
+                .all(|(i, b)| *b == ((received + i) % 256) as u8);
+            received += chunk.len();
+            if received >= 512 * 1024 && !gate.exists() {
+                std::fs::write(&gate, b"go").expect("open the gate");
+            }
+        })
+        .await
+        .expect("response");
+    assert_eq!(resp.status, 200);
+    assert_eq!(
+        resp.body_len,
+        1 << 20,
+        "the whole MiB: the first half came before the end"
+    );
+    assert!(in_order, "bytes in order");
+}
+
+// === timeouts and aborts ===
+
+/// Story 2 for FastCGI: the deadline answers 504 and frees the connection; the one
+/// worker comes back when its script ends, and the next request gets it.
+#[tokio::test]
+async fn slow_script_times_out_with_504_and_the_worker_comes_back() {
+    let fpm = PhpFpm::start(PhpFpmOptions {
+        max_children: 1,
+        ..PhpFpmOptions::default()
+    })
+    .await;
+    fpm.script("pid.php", "<?php echo getmypid();");
+    fpm.script("slow.php", "<?php sleep(2); echo 'too late';");
+    let gw = Site::tcp(&fpm)
+        .tables(
+            "[upstream.php.timeouts]\nresponse_headers = \"500ms\"\n\
+             [upstream.php.pool]\nmax_connections = 1\nmax_idle = 1\nqueue_timeout = \"10s\"\n",
+        )
+        .start()
+        .await;
+
+    let worker = get(&gw, "/pid.php").await.text().into_owned();
+    let started = Instant::now();
+    let resp = get(&gw, "/slow.php").await;
+    assert_eq!(resp.status, 504, "{}", resp.text());
+    assert!(
+        started.elapsed() < Duration::from_millis(1800),
+        "answered at the deadline, not when the script ended: {:?}",
+        started.elapsed()
+    );
+    // Until the script ends the one worker is busy and requests time out too; then
+    // it serves again: neither the worker nor holdfast's one slot was lost.
+    let deadline = Instant::now() + Duration::from_secs(8);
+    let mut back = get(&gw, "/pid.php").await;
+    // Bounded by the deadline; each try ends within the 500 ms timeout.
+    while back.status != 200 && Instant::now() < deadline {
+        assert_eq!(back.status, 504, "{}", back.text());
+        back = get(&gw, "/pid.php").await;
+    }
+    assert_eq!(
+        (back.status, back.text().into_owned()),
+        (200, worker),
+        "the same worker, back from its script within 8 s"
+    );
+    let (_, pool) = pools(&gw).await;
+    assert!(figure(&pool["closed"]["timeout"]) >= 1, "{pool}");
+}
+
+/// A request that cannot be retried (POST) does not take a connection that has been idle
+/// for a while (it may be about to close) and opens a new one. php-fpm's only worker is
+/// still bound to the idle connection, so the new one waits in php-fpm's accept queue
+/// until holdfast closes the idle one: promptly, not at its idle timeout (60 s here).
+#[tokio::test]
+async fn post_is_not_starved_by_an_idle_connection_holding_the_worker() {
+    let fpm = PhpFpm::start(PhpFpmOptions {
+        max_children: 1,
+        ..PhpFpmOptions::default()
+    })
+    .await;
+    fpm.script("pid.php", "<?php echo getmypid();");
+    let gw = Site::tcp(&fpm)
+        .tables("[upstream.php.pool]\nidle_timeout = \"60s\"\n")
+        .start()
+        .await;
+    let worker = get(&gw, "/pid.php").await.text().into_owned();
+    // Older than the idle age a POST accepts on a reused connection (1 s at most).
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let started = Instant::now();
+    let resp = KeepAliveClient::new(gw.addr)
+        .with_timeout(Duration::from_secs(5))
+        .send(&ClientRequest::post("/pid.php", "x"))
+        .await
+        .expect("POST");
+    assert_eq!((resp.status, resp.text().into_owned()), (200, worker));
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "waited {:?} for the worker",
+        started.elapsed()
+    );
+}
+
+/// The client goes away while PHP streams its response: holdfast closes the FastCGI
+/// connection (after ABORT_REQUEST), PHP's next flush fails and, with
+/// `ignore_user_abort(false)`, the script is stopped. Its shutdown function says so.
+#[tokio::test]
+async fn client_gone_mid_response_aborts_the_script() {
+    let fpm = PhpFpm::start(PhpFpmOptions::default()).await;
+    let state = fpm.www().join("state");
+    fpm.script(
+        "long.php",
+        &format!(
+            "<?php {NO_OB} ignore_user_abort(false);\n\
+             register_shutdown_function(function () {{\n\
+                 file_put_contents('{state}', connection_aborted() ? 'aborted' : 'finished');\n\
+             }});\n\
+             for ($i = 0; $i < 200; $i++) {{ echo str_repeat('x', 1024), \"\\n\"; flush(); usleep(50000); }}",
+            state = state.display()
+        ),
+    );
+    let gw = Site::tcp(&fpm).start().await;
+
+    let mut conn = RawClient::connect(gw.addr).await.expect("connect");
+    conn.send_request(&ClientRequest::get("/long.php"))
+        .await
+        .expect("send");
+    // The head and the first line mean the script is running.
+    let mut head = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    // Bounded by the deadline.
+    while !head.windows(4).any(|w| w == b"xxxx") && Instant::now() < deadline {
+        match conn.wait_close(Duration::from_secs(1)).await {
+            PeerClose::Data(d) => head.extend_from_slice(&d),
+            PeerClose::StillOpen => {}
+            other => panic!("holdfast closed the client connection: {other:?}"),
+        }
+    }
+    assert!(
+        String::from_utf8_lossy(&head).starts_with("HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&head)
+    );
+    conn.reset();
+
+    let ended = holdfast_test::wait_until(Duration::from_secs(5), || state.exists()).await;
+    assert!(
+        ended,
+        "the script still runs 5 s after its client left (it would for 10 s)"
+    );
+    assert_eq!(std::fs::read_to_string(&state).unwrap(), "aborted");
+}
+
+/// The client goes away before the response head, while PHP works without output:
+/// holdfast closes the FastCGI connection, so PHP's first output fails and
+/// `connection_aborted()` says so.
+#[tokio::test]
+async fn client_gone_before_the_head_closes_the_fastcgi_connection() {
+    let fpm = PhpFpm::start(PhpFpmOptions::default()).await;
+    let started = fpm.www().join("started");
+    let state = fpm.www().join("state");
+    fpm.script(
+        "work.php",
+        &format!(
+            "<?php {NO_OB} ignore_user_abort(true);\n\
+             touch('{started}');\n\
+             for ($i = 0; $i < 100 && file_exists('{started}'); $i++) {{ usleep(10000); clearstatcache(); }}\n\
+             for ($i = 0; $i < 5; $i++) {{ echo str_repeat('y', 8192); flush(); usleep(20000); }}\n\
+             file_put_contents('{state}', connection_aborted() ? 'aborted' : 'finished');",
+            started = started.display(),
+            state = state.display()
+        ),
+    );
+    let gw = Site::tcp(&fpm).start().await;
+
+    let mut conn = RawClient::connect(gw.addr).await.expect("connect");
+    conn.send_request(&ClientRequest::get("/work.php"))
+        .await
+        .expect("send");
+    assert!(
+        holdfast_test::wait_until(Duration::from_secs(10), || started.exists()).await,
+        "the script started"
+    );
+    drop(conn);
+    // Once holdfast has let go of the request, let the script produce output.
+    assert!(
+        wait_until_async(Duration::from_secs(5), || async {
+            figure(&pools(&gw).await.1["closed"]["abandoned"]) == 1
+        })
+        .await,
+        "holdfast dropped the request and its connection"
+    );
+    std::fs::remove_file(&started).expect("release the script");
+    assert!(
+        holdfast_test::wait_until(Duration::from_secs(5), || state.exists()).await,
+        "the script ended"
+    );
+    assert_eq!(std::fs::read_to_string(&state).unwrap(), "aborted");
+}
+
+// === php-fpm going away ===
+
+/// php-fpm stopped and started again (a new master on the same port): it closes every
+/// kept connection, and the pool notices while they are idle, before any request needs
+/// them: no stale connection is caught at checkout and nothing is retried.
+#[tokio::test]
+async fn restarted_php_fpm_closes_idle_connections_and_the_pool_notices() {
+    let mut fpm = PhpFpm::start(PhpFpmOptions {
+        process_control_timeout: Duration::from_secs(1),
+        ..PhpFpmOptions::default()
+    })
+    .await;
+    fpm.script("whoami.php", WHOAMI_PHP);
+    let gw = Site::tcp(&fpm)
+        .tables("[upstream.php.pool]\nidle_timeout = \"60s\"\n")
+        .start()
+        .await;
+    let mut c = client(&gw);
+    let (old_worker, _) = whoami(&c.get("/whoami.php").await.expect("before"));
+    let (_, pool) = pools(&gw).await;
+    assert_eq!(figure(&pool["idle"]), 1, "{pool}");
+
+    fpm.restart().await;
+    assert!(
+        wait_until_async(Duration::from_secs(5), || async {
+            figure(&pools(&gw).await.1["closed"]["closed_by_upstream_idle"]) == 1
+        })
+        .await,
+        "the pool noticed that php-fpm closed its idle connection: {}",
+        pools(&gw).await.1
+    );
+    // A POST may not be retried: it only succeeds on a connection that works.
+    let resp = c
+        .send(&ClientRequest::post("/whoami.php", "x"))
+        .await
+        .expect("after");
+    let (new_worker, _) = whoami(&resp);
+    assert_ne!(new_worker, old_worker, "served by the new php-fpm");
+    let (up, pool) = pools(&gw).await;
+    assert_eq!(figure(&pool["stale_caught"]), 0, "{pool}");
+    assert_eq!(figure(&up["retries"]["stale_connection"]), 0, "{up}");
+    assert_eq!(figure(&pool["created"]), 2, "{pool}");
+}
+
+/// php-fpm's graceful restart (SIGUSR2) three times under keep-alive GET load: every
+/// worker exits and closes its kept connection, some while idle in the pool, some just
+/// as a request goes out on them (php-fpm then resets it, the request unread). No
+/// client sees an error: idle closes are noticed, the race is retried on a new
+/// connection.
+#[tokio::test]
+async fn php_fpm_restarted_under_get_load_no_client_errors() {
+    let mut fpm = PhpFpm::start(PhpFpmOptions {
+        max_children: 4,
+        process_control_timeout: Duration::from_secs(2),
+        ..PhpFpmOptions::default()
+    })
+    .await;
+    fpm.script("hello.php", "<?php echo 'hello';");
+    let gw = Site::tcp(&fpm).start().await;
+    let load = Load::spawn(
+        gw.addr,
+        LoadConfig {
+            connections: 3,
+            max_duration: Duration::from_secs(40),
+            max_requests: 1_000_000,
+            request_timeout: RESPONSE_TIMEOUT,
+            think_time: Duration::from_millis(1),
+        },
+        |_| ClientRequest::get("/hello.php"),
+    );
+    for _ in 0..3 {
+        let next = load.completed() + 300;
+        assert!(
+            load.wait_for_completed(next, Duration::from_secs(10)).await,
+            "load runs"
+        );
+        fpm.reload().await;
+    }
+    let next = load.completed() + 300;
+    assert!(
+        load.wait_for_completed(next, Duration::from_secs(10)).await,
+        "load runs after"
+    );
+    let report = load.stop().await;
+    report.assert_clean();
+    let (up, pool) = pools(&gw).await;
+    let closed_under_us = figure(&pool["closed"]["closed_by_upstream_idle"])
+        + figure(&pool["stale_caught"])
+        + figure(&up["retries"]["stale_connection"]);
+    assert!(
+        closed_under_us > 0,
+        "php-fpm closed pooled connections: {up}"
+    );
+}
+
+// === security ===
+
+/// `/uploads/evil.jpg/x.php` names the script `x.php` under `evil.jpg/`, which does not
+/// exist: 404, even with a php-fpm that would run `.jpg` files (its default
+/// `security.limit_extensions` would refuse) and with `cgi.fix_pathinfo` on (PHP's
+/// default), which walks up to the file that exists. A proxy that split at `.jpg` or
+/// left the file check to php-fpm would run the upload.
+#[tokio::test]
+async fn path_info_trap_never_runs_an_upload() {
+    let fpm = PhpFpm::start(PhpFpmOptions {
+        pool_directives: "security.limit_extensions = .php .jpg".into(),
+        ..PhpFpmOptions::default()
+    })
+    .await;
+    fpm.script("uploads/evil.jpg", "<?php echo 'EVIL CODE RAN';");
+    fpm.script(
+        "info.php",
+        "<?php echo 'info:', $_SERVER['PATH_INFO'] ?? '-';",
+    );
+    let gw = Site::tcp(&fpm).start().await;
+
+    for target in [
+        "/uploads/evil.jpg/x.php",
+        "/uploads/evil.jpg/.php",
+        "/uploads/evil.jpg%2fx.php",
+        "/uploads/evil.jpg",
+        "/uploads/evil.jpg/",
+    ] {
+        let resp = get(&gw, target).await;
+        assert!(!resp.text().contains("EVIL"), "{target} ran the upload");
+        assert!(
+            matches!(resp.status, 400 | 404),
+            "{target}: {} {}",
+            resp.status,
+            resp.text()
+        );
+    }
+    // The split itself still works for a real script.
+    assert_eq!(get(&gw, "/info.php/a/b").await.text(), "info:/a/b");
+}
+
+/// httpoxy: a client's `Proxy` header must never become `HTTP_PROXY`, which libraries
+/// read as the outgoing proxy. The fixture removes HTTP_PROXY from php-fpm's own
+/// environment, so anything a script sees came from the request.
+#[tokio::test]
+async fn proxy_header_never_becomes_http_proxy() {
+    let fpm = PhpFpm::start(PhpFpmOptions::default()).await;
+    fpm.script(
+        "env.php",
+        "<?php echo json_encode([getenv('HTTP_PROXY'), $_SERVER['HTTP_PROXY'] ?? null,\n\
+         $_SERVER['HTTP_X_OTHER'] ?? null]);",
+    );
+    let gw = Site::tcp(&fpm).start().await;
+    let req = ClientRequest::get("/env.php")
+        .header("Proxy", "http://attacker.example:3128")
+        .header("X-Other", "kept");
+    let resp = send(&gw, &req).await;
+    assert_eq!(resp.text(), r#"[false,null,"kept"]"#);
+}
+
+// === CGI params ===
+
+#[tokio::test]
+async fn cgi_params_as_php_sees_them() {
+    let fpm = PhpFpm::start(PhpFpmOptions::default()).await;
+    fpm.script(
+        "app/params.php",
+        "<?php $k = ['SCRIPT_NAME', 'SCRIPT_FILENAME', 'PATH_INFO', 'QUERY_STRING',\n\
+         'REQUEST_URI', 'DOCUMENT_URI', 'DOCUMENT_ROOT', 'REQUEST_METHOD', 'CONTENT_TYPE',\n\
+         'CONTENT_LENGTH', 'REMOTE_ADDR', 'REMOTE_PORT', 'SERVER_ADDR', 'SERVER_PORT',\n\
+         'SERVER_NAME', 'SERVER_PROTOCOL', 'GATEWAY_INTERFACE', 'HTTP_HOST', 'HTTP_X_TRACE',\n\
+         'APP_ENV', 'HTTPS'];\n\
+         $out = []; foreach ($k as $n) { $out[$n] = $_SERVER[$n] ?? null; }\n\
+         $out['body'] = file_get_contents('php://input'); $out['get'] = $_GET;\n\
+         echo json_encode($out);",
+    );
+    let gw = Site::tcp(&fpm)
+        .route("params = { APP_ENV = \"test\", SERVER_NAME = \"site.example\" }")
+        .start()
+        .await;
+
+    let mut conn = RawClient::connect(gw.addr).await.expect("connect");
+    let client_port = conn.local_addr().expect("local addr").port();
+    let req = ClientRequest::post("/app/params.php/extra/path?a=1&b=two%20words", "k=v")
+        .header("Host", "shop.test")
+        .header("Content-Type", "application/x-www-form-urlencoded")
+        .header("X-Trace", "t1");
+    conn.send_request(&req).await.expect("send");
+    let resp = conn
+        .read_response_for("POST", RESPONSE_TIMEOUT)
+        .await
+        .expect("response");
+    assert_eq!(resp.status, 200, "{}", resp.text());
+    let p: serde_json::Value = serde_json::from_slice(&resp.body).expect("JSON");
+    let root = fpm.www().display().to_string();
+    let expect = serde_json::json!({
+        "SCRIPT_NAME": "/app/params.php",
+        "SCRIPT_FILENAME": format!("{root}/app/params.php"),
+        "PATH_INFO": "/extra/path",
+        "QUERY_STRING": "a=1&b=two%20words",
+        "REQUEST_URI": "/app/params.php/extra/path?a=1&b=two%20words",
+        "DOCUMENT_URI": "/app/params.php/extra/path",
+        "DOCUMENT_ROOT": root,
+        "REQUEST_METHOD": "POST",
+        "CONTENT_TYPE": "application/x-www-form-urlencoded",
+        "CONTENT_LENGTH": "3",
+        "REMOTE_ADDR": "127.0.0.1",
+        "REMOTE_PORT": client_port.to_string(),
+        "SERVER_ADDR": "127.0.0.1",
+        "SERVER_PORT": gw.addr.port().to_string(),
+        "SERVER_NAME": "site.example",
+        "SERVER_PROTOCOL": "HTTP/1.1",
+        "GATEWAY_INTERFACE": "CGI/1.1",
+        "HTTP_HOST": "shop.test",
+        "HTTP_X_TRACE": "t1",
+        "APP_ENV": "test",
+        "HTTPS": null,
+        "body": "k=v",
+        "get": { "a": "1", "b": "two words" },
+    });
+    assert_eq!(p, expect);
+}
+
+// === connections ===
+
+#[tokio::test]
+async fn unix_socket_upstream() {
+    let fpm = PhpFpm::start(PhpFpmOptions::default()).await;
+    fpm.script("whoami.php", WHOAMI_PHP);
+    let gw = Site::unix(&fpm).start().await;
+    let mut c = client(&gw);
+    let first = whoami(&c.get("/whoami.php").await.expect("first"));
+    for _ in 0..20 {
+        let next = whoami(&c.get("/whoami.php").await.expect("next"));
+        assert_eq!(next, first, "one kept unix connection, one worker");
+    }
+    let (_, pool) = pools(&gw).await;
+    assert!(
+        pool["address"].as_str().unwrap().starts_with("unix:"),
+        "{pool}"
+    );
+    assert_eq!(figure(&pool["created"]), 1, "{pool}");
+}
+
+/// Story 4 itself: with FCGI_KEEP_CONN, 300 requests travel on a handful of
+/// connections. php-fpm's own "accepted conn" counts requests, so PHP reports the
+/// inode of the socket it was served on; the pool's `created` figure agrees.
+#[tokio::test]
+async fn connections_are_reused() {
+    let fpm = PhpFpm::start(PhpFpmOptions {
+        max_children: 2,
+        ..PhpFpmOptions::default()
+    })
+    .await;
+    fpm.script("whoami.php", WHOAMI_PHP);
+    let gw = Site::tcp(&fpm).start().await;
+
+    // One client after another, then two at once (no more than php-fpm's workers).
+    let mut seen = BTreeSet::new();
+    let mut c = client(&gw);
+    for _ in 0..100 {
+        seen.insert(whoami(&c.get("/whoami.php").await.expect("sequential")));
+    }
+    let tasks: Vec<_> = (0..2)
+        .map(|_| {
+            let mut c = client(&gw);
+            tokio::spawn(async move {
+                let mut seen = Vec::new();
+                for _ in 0..100 {
+                    let resp = c.get("/whoami.php?us=5000").await.expect("concurrent");
+                    seen.push(whoami(&resp));
+                }
+                seen
+            })
+        })
+        .collect();
+    for t in tasks {
+        seen.extend(t.await.expect("client task"));
+    }
+    let connections: BTreeSet<&String> = seen.iter().map(|(_, inode)| inode).collect();
+    assert!(
+        connections.len() <= 4,
+        "300 requests on {} FastCGI connections: {seen:?}",
+        connections.len()
+    );
+    let (_, pool) = pools(&gw).await;
+    assert_eq!(
+        figure(&pool["created"]),
+        connections.len() as u64,
+        "the pool's count agrees with PHP's: {pool}"
+    );
+    assert_eq!(
+        figure(&pool["reused"]) + figure(&pool["created"]),
+        300,
+        "{pool}"
+    );
+}
+
+/// A pool allowed 16 connections in front of 2 php-fpm workers. php-fpm gives each
+/// open connection a worker until it closes, so 14 new connections wait in its accept
+/// queue while 2 kept ones hold the workers; pooling those idle would starve the queue
+/// until the idle timeout (60 s here). holdfast closes a connection instead of pooling
+/// it while a new one waits for its first response, so a burst of 48 requests is
+/// served promptly.
+#[tokio::test]
+async fn pool_larger_than_max_children_serves_a_burst() {
+    let fpm = PhpFpm::start(PhpFpmOptions {
+        max_children: 2,
+        ..PhpFpmOptions::default()
+    })
+    .await;
+    fpm.script("work.php", "<?php usleep(10000); echo 'done';");
+    let gw = Site::tcp(&fpm)
+        .tables(
+            "[upstream.php.pool]\nmax_connections = 16\nmax_idle = 16\n\
+             idle_timeout = \"60s\"\nqueue_timeout = \"20s\"\n\
+             [upstream.php.timeouts]\nconnect = \"30s\"\n",
+        )
+        .start()
+        .await;
+
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..48)
+        .map(|_| {
+            let mut c = KeepAliveClient::new(gw.addr).with_timeout(Duration::from_secs(20));
+            tokio::spawn(async move {
+                let mut statuses = Vec::new();
+                for _ in 0..2 {
+                    statuses.push(c.get("/work.php").await.map(|r| r.status));
+                }
+                statuses
+            })
+        })
+        .collect();
+    let mut ok = 0;
+    for t in tasks {
+        for s in t.await.expect("client task") {
+            assert_eq!(s.as_ref().ok(), Some(&200), "{s:?}");
+            ok += 1;
+        }
+    }
+    assert_eq!(ok, 96);
+    assert!(
+        started.elapsed() < Duration::from_secs(8),
+        "96 requests of 10 ms on 2 workers took {:?}",
+        started.elapsed()
+    );
+}
+
+// === logging ===
+
+/// What PHP writes to FastCGI STDERR (`error_log()` without an error_log file) is
+/// logged by holdfast with the address it came from. The binary runs as a child so
+/// its real log output is checked.
+#[tokio::test]
+async fn fastcgi_stderr_goes_to_the_log() {
+    let fpm = PhpFpm::start(PhpFpmOptions::default()).await;
+    fpm.script(
+        "warn.php",
+        "<?php error_log('disk almost full: marker-7f3a'); echo 'ok';",
+    );
+    let port = holdfast_test::free_port();
+    let config = format!(
+        "[admin]\nenabled = false\n\n[[listener]]\nlisten = \"127.0.0.1:{port}\"\n\n{}",
+        Site::tcp(&fpm).toml()
+    );
+    let hf = HoldfastProcess::spawn(
+        Path::new(env!("CARGO_BIN_EXE_holdfast")),
+        &["run"],
+        Some(&config),
+    );
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    assert!(
+        wait_until_async(Duration::from_secs(10), || async {
+            tokio::net::TcpStream::connect(addr).await.is_ok()
+        })
+        .await,
+        "holdfast listens: {}",
+        hf.logs()
+    );
+    let resp = KeepAliveClient::new(addr)
+        .get("/warn.php")
+        .await
+        .expect("GET");
+    assert_eq!((resp.status, resp.text().as_ref()), (200, "ok"));
+    assert!(
+        hf.wait_for_log(
+            "FastCGI stderr: PHP message: disk almost full: marker-7f3a",
+            Duration::from_secs(5)
+        )
+        .await,
+        "{}",
+        hf.logs()
+    );
+    let line = hf
+        .logs()
+        .lines()
+        .find(|l| l.contains("marker-7f3a"))
+        .map(str::to_owned)
+        .unwrap_or_default();
+    assert!(
+        line.contains(&fpm.addr().to_string()),
+        "names the address: {line}"
+    );
+}
