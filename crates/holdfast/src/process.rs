@@ -172,7 +172,7 @@ async fn upgrade(
                 pid = successor.child.id(),
                 "new binary is ready; draining this one"
             );
-            Some(Control::Drain)
+            Some(Control::HandedOver)
         }
         Err(why) => {
             state.upgrade_failures.fetch_add(1, Relaxed);

@@ -31,6 +31,11 @@ pub enum Control {
     Reload(Box<Config>),
     /// Drain and return.
     Drain,
+    /// A successor adopted our sockets and serves on them: drain and return, but skip
+    /// `drain.pre_delay` (the sockets stay open, so there is nothing for a load
+    /// balancer to notice) and stop answering on the admin socket at once, so `/ready`
+    /// there comes from the successor alone.
+    HandedOver,
     /// Stop at once, cutting what is open (a second SIGINT).
     Exit,
 }
@@ -43,6 +48,14 @@ pub struct ServerState {
     pub reload_failures: AtomicU64,
     pub upgrades: AtomicU64,
     pub upgrade_failures: AtomicU64,
+}
+
+/// Why [`Server::run`] stopped serving.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stop {
+    Drain,
+    HandedOver,
+    Exit,
 }
 
 /// How the drain went.
@@ -76,14 +89,20 @@ impl Server {
             };
             listeners.push(TcpListener::from_std(std)?);
         }
-        for (addr, _) in inherited {
-            tracing::info!(%addr, "inherited listener is no longer configured; closing it");
-        }
+        // The admin socket is handed on too: the predecessor holds it until it drains,
+        // so binding it again would fail.
         let admin = if config.admin.enabled {
-            Some(TcpListener::from_std(bind_tcp(config.admin.listen)?)?)
+            let std = match inherited.remove(&config.admin.listen) {
+                Some(s) => s,
+                None => bind_tcp(config.admin.listen)?,
+            };
+            Some(TcpListener::from_std(std)?)
         } else {
             None
         };
+        for (addr, _) in inherited {
+            tracing::info!(%addr, "inherited listener is no longer configured; closing it");
+        }
         let config = Arc::new(config);
         let routing = Routing::build(config.clone(), None).await;
         Ok(Server {
@@ -106,13 +125,19 @@ impl Server {
         self.admin.as_ref().and_then(|l| l.local_addr().ok())
     }
 
-    /// The listening sockets, by configured address, for handing to a successor.
+    /// The listening sockets (the admin one included), by configured address, for
+    /// handing to a successor.
     pub fn listener_fds(&self) -> Vec<(SocketAddr, RawFd)> {
+        let admin = self
+            .admin
+            .as_ref()
+            .map(|l| (self.config.admin.listen, l.as_raw_fd()));
         self.config
             .listeners
             .iter()
             .zip(&self.listeners)
             .map(|(c, l)| (c.listen, l.as_raw_fd()))
+            .chain(admin)
             .collect()
     }
 
@@ -120,7 +145,8 @@ impl Server {
         &self.proxy
     }
 
-    /// Serves until `Control::Drain` (or the channel closes), then drains.
+    /// Serves until `Control::Drain` or `HandedOver` (or the channel closes), then
+    /// drains; `Control::Exit` cuts the drain short.
     pub async fn run(self, mut control: mpsc::Receiver<Control>) -> DrainReport {
         let Server {
             proxy,
@@ -131,48 +157,65 @@ impl Server {
         } = self;
         let (signal, watch) = drain::channel();
         let tracker = Tracker::default();
-        let admin_task = admin.map(|l| tokio::spawn(admin::serve(l, proxy.clone(), state.clone())));
+        let mut admin_task =
+            admin.map(|l| tokio::spawn(admin::serve(l, proxy.clone(), state.clone())));
+        let mut accepting = Vec::new();
         for (listener, lc) in listeners.into_iter().zip(&config.listeners) {
             let shared = Arc::new(ListenerShared::new(
                 proxy.clone(),
                 lc.clone(),
                 config.drain.clone(),
             ));
-            tokio::spawn(listener::accept_loop(
+            accepting.push(tokio::spawn(listener::accept_loop(
                 listener,
                 shared,
                 watch.clone(),
                 tracker.clone(),
-            ));
+            )));
         }
 
-        let mut exit_now = false;
-        while let Some(cmd) = control.recv().await {
-            match cmd {
-                Control::Reload(new) => reload(&proxy, &config, *new, &state).await,
-                Control::Drain => break,
-                Control::Exit => {
-                    exit_now = true;
-                    break;
-                }
+        let mut stop = loop {
+            match control.recv().await {
+                Some(Control::Reload(new)) => reload(&proxy, &config, *new, &state).await,
+                Some(Control::Drain) | None => break Stop::Drain,
+                Some(Control::HandedOver) => break Stop::HandedOver,
+                Some(Control::Exit) => break Stop::Exit,
             }
-        }
+        };
 
         // The drain, in order: /ready fails; a pause for load balancers; listeners
         // stop; responses carry `Connection: close` and idle connections close once
         // quiet; upstream pools close idle connections; exit when nothing is open.
-        state.draining.store(true, Relaxed);
+        // After a hand-over the successor serves on the same sockets, so neither the
+        // readiness change nor the pause applies.
+        if stop == Stop::HandedOver {
+            // The successor answers on the admin socket now; `/ready` stays true there.
+            if let Some(t) = admin_task.take() {
+                t.abort();
+            }
+        } else {
+            state.draining.store(true, Relaxed);
+        }
         let drain_cfg = proxy.routing().config.drain.clone();
         tracing::info!(open = tracker.open(), timeout = %drain_cfg.timeout, "draining");
-        if !exit_now && !drain_cfg.pre_delay.get().is_zero() {
+        if stop == Stop::Drain && !drain_cfg.pre_delay.get().is_zero() {
             tokio::select! {
                 () = tokio::time::sleep(drain_cfg.pre_delay.get()) => {}
-                Some(Control::Exit) = control.recv() => exit_now = true,
+                Some(Control::Exit) = control.recv() => stop = Stop::Exit,
             }
         }
         signal.start();
+        // Once every accept loop has returned, no listener of ours is open: a new
+        // connection is refused, or (after an upgrade) goes to the successor.
+        for task in accepting {
+            let _ = task.await;
+        }
+        tracing::info!(
+            open = tracker.open(),
+            "listeners closed; closing client connections as their requests end"
+        );
         proxy.routing().upstreams.drain();
-        let cut = if exit_now {
+        let cut = if stop == Stop::Exit {
             tracker.open()
         } else {
             let deadline = tokio::time::sleep(drain_cfg.timeout.get());
