@@ -6,7 +6,7 @@
 //! | SIGTERM, SIGQUIT, first SIGINT | graceful drain, then exit |
 //! | second SIGINT | exit at once |
 //! | SIGHUP | reload the config file; a bad one is logged and the old one kept |
-//! | SIGUSR2 | start the binary at our path, hand it the listeners, drain once it is ready |
+//! | SIGUSR2 | start the binary at our path, hand it the listeners, drain once it is ready; ignored while draining |
 
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
@@ -16,6 +16,7 @@ use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::mpsc;
 
 use crate::config::Config;
+use crate::server::drain::Phase;
 use crate::server::{Control, Server, inherit};
 
 /// Where the running config came from, so it can be read again and handed on.
@@ -104,6 +105,7 @@ async fn handle_signals(
         return;
     };
     let mut interrupts = 0;
+    let mut phase = Phase::Running;
     loop {
         let cmd = tokio::select! {
             _ = term.recv() => { tracing::info!("SIGTERM: draining"); Some(Control::Drain) }
@@ -119,11 +121,21 @@ async fn handle_signals(
                 }
             }
             _ = hup.recv() => reload(&origin, &state),
-            _ = usr2.recv() => upgrade(&origin, &listeners, ready_timeout, &state).await,
+            _ = usr2.recv() => match phase {
+                Phase::Running => upgrade(&origin, &listeners, ready_timeout, &state).await,
+                // Our listeners are closed (or handed over) by now: a successor would
+                // inherit dead descriptor numbers, or ones reused by client sockets.
+                Phase::Draining => {
+                    tracing::warn!("SIGUSR2 ignored: this process is draining; signal the process in the PID file");
+                    None
+                }
+            },
         };
-        if let Some(cmd) = cmd
-            && tx.send(cmd).await.is_err()
-        {
+        let Some(cmd) = cmd else { continue };
+        if !matches!(cmd, Control::Reload(_)) {
+            phase = Phase::Draining;
+        }
+        if tx.send(cmd).await.is_err() {
             return;
         }
     }
