@@ -1,12 +1,14 @@
 //! Handing listening sockets to a new binary (SIGUSR2) and adopting them in it.
 //!
-//! The old process starts the binary at its path with the listening sockets
-//! inherited (their close-on-exec flag cleared in the child only) and their numbers
-//! in `HOLDFAST_LISTEN_FDS`, plus the write end of a pipe in `HOLDFAST_READY_FD`.
-//! The new process adopts the sockets instead of binding, so they are never closed
-//! and nothing in the accept queue is lost; once it serves, it writes `ready` to the
-//! pipe and the old process drains. The only module allowed `unsafe`: adopting a file
-//! descriptor and clearing flags between fork and exec cannot be done without it.
+//! The old process starts the binary at its path with the listening sockets (the
+//! admin one too) inherited (their close-on-exec flag cleared in the child only) and
+//! their numbers in `HOLDFAST_LISTEN_FDS`, plus the write end of a pipe in
+//! `HOLDFAST_READY_FD`. The new process adopts the sockets instead of binding, so they
+//! are never closed and nothing in the accept queue is lost; it adopts only a socket
+//! that really listens on the configured address. Once it serves, it writes `ready`
+//! to the pipe and the old process drains. The only module allowed `unsafe`: adopting
+//! a file descriptor and clearing flags between fork and exec cannot be done without
+//! it.
 
 #![allow(unsafe_code)]
 
@@ -14,7 +16,7 @@ use std::collections::HashMap;
 use std::ffi::OsString;
 use std::io;
 use std::net::SocketAddr;
-use std::os::fd::{FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -47,8 +49,15 @@ pub fn take_inherited() -> HashMap<SocketAddr, std::net::TcpListener> {
             tracing::warn!(%addr, fd, "inherited listener fd is not open");
             continue;
         }
+        // SAFETY: the fd is open (checked above) and only borrowed for this check.
+        if !is_listener_on(unsafe { BorrowedFd::borrow_raw(fd) }, addr) {
+            // Not ours to close: leave the descriptor alone and bind afresh.
+            tracing::warn!(%addr, fd, "inherited fd is not a socket listening on that address; ignoring it");
+            continue;
+        }
         // SAFETY: the fd was passed to us by our predecessor for exactly this use, is
-        // open (checked above) and is adopted once (the TAKEN flag).
+        // a listening socket on `addr` (checked above) and is adopted once (the TAKEN
+        // flag).
         let listener = unsafe { std::net::TcpListener::from_raw_fd(fd) };
         if listener.set_nonblocking(true).is_ok() {
             set_cloexec(fd, true);
@@ -56,6 +65,18 @@ pub fn take_inherited() -> HashMap<SocketAddr, std::net::TcpListener> {
         }
     }
     out
+}
+
+/// Whether `fd` is a TCP socket listening on `addr` (any port if `addr`'s is 0): a
+/// predecessor that handed on a closed descriptor whose number was reused must not make
+/// us accept on a pipe or a client connection.
+fn is_listener_on(fd: BorrowedFd<'_>, addr: SocketAddr) -> bool {
+    let sock = socket2::SockRef::from(&fd);
+    let bound = sock.local_addr().ok().and_then(|a| a.as_socket());
+    matches!(sock.r#type(), Ok(socket2::Type::STREAM))
+        && matches!(sock.is_listener(), Ok(true))
+        && bound
+            .is_some_and(|b| b.ip() == addr.ip() && (addr.port() == 0 || b.port() == addr.port()))
 }
 
 /// Tells the predecessor, if any, that this process serves now.
@@ -158,14 +179,30 @@ impl Successor {
                 }
             }
         };
-        tokio::select! {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let outcome = tokio::select! {
             r = read => r,
-            status = self.child.wait() => Err(match status {
-                Ok(s) => format!("the new process exited before it was ready ({s})"),
-                Err(e) => format!("waiting for the new process: {e}"),
-            }),
-            () = tokio::time::sleep(timeout) => Err(format!("the new process was not ready within {timeout:?}")),
+            status = self.child.wait() => return Err(exited(status)),
+            () = tokio::time::sleep_until(deadline) => {
+                return Err(format!("the new process was not ready within {timeout:?}"));
+            }
+        };
+        match outcome {
+            Ok(()) => Ok(()),
+            // A closed pipe usually means the process is exiting: say how it ended,
+            // which is what the operator needs (e.g. 64 for a config it rejected).
+            Err(pipe) => match tokio::time::timeout_at(deadline, self.child.wait()).await {
+                Ok(status) => Err(exited(status)),
+                Err(_) => Err(pipe),
+            },
         }
+    }
+}
+
+fn exited(status: io::Result<std::process::ExitStatus>) -> String {
+    match status {
+        Ok(s) => format!("the new process exited before it was ready ({s})"),
+        Err(e) => format!("waiting for the new process: {e}"),
     }
 }
 
