@@ -1,0 +1,899 @@
+//! Drain, reload and binary upgrade, end to end: the real binary, real signals, loopback
+//! upstreams and clients.
+//!
+//! Story 1b (`../shared/PROBLEMS.md`): a keep-alive client, busy or quiet, must not keep
+//! a draining process alive, and a slow request must not be cut. Story 3: five binary
+//! upgrades (SIGUSR2) under keep-alive load must cost no client a single request.
+//!
+//! Every test starts its own gateway on free loopback ports with a generated config, and
+//! stops every process it started (successors included) by PID. Set
+//! `HOLDFAST_UPGRADE_ROUNDS=N` to repeat the upgrade-under-load scenario N times
+//! (`scripts/upgrade-stress` does, with 10).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use holdfast_test::{
+    Behaviour, ClientRequest, ErrorKind, HoldfastProcess, KeepAliveClient, Load, LoadConfig,
+    LoadReport, PeerClose, RequestSlot, Response, TestUpstream, TransportError, free_addr,
+    read_pid_file, sys, wait_until, wait_until_async,
+};
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+const BIN: &str = env!("CARGO_BIN_EXE_holdfast");
+
+/// How long a started gateway may take to answer `/ready`.
+const START: Duration = Duration::from_secs(15);
+/// Bound for waits on a log line or a request that should come at once.
+const SOON: Duration = Duration::from_secs(10);
+/// How long holdfast keeps reading a closed connection (`server::conn::LINGER`): a quiet
+/// client that never reads holds its connection open for this long after the FIN.
+const LINGER: Duration = Duration::from_secs(2);
+/// Timer and scheduling slack on a busy machine.
+const SLACK: Duration = Duration::from_millis(1500);
+
+/// Logged once listeners stop accepting, after `drain.pre_delay`.
+const STOPPED_ACCEPTING: &str = "listeners closed";
+
+// === fixtures ===
+
+/// A holdfast process with its listener and admin addresses.
+struct Gateway {
+    proc: HoldfastProcess,
+    listen: SocketAddr,
+    admin: SocketAddr,
+    /// Processes that took over by SIGUSR2, in order.
+    successors: Vec<u32>,
+}
+
+/// What a test's config holds besides listener, admin and routes.
+#[derive(Default)]
+struct Setup<'a> {
+    /// `(path prefix, upstream)`: one `[[route]]` and `[upstream.uN]` each.
+    routes: Vec<(&'a str, SocketAddr)>,
+    /// Extra tables (`[drain]`, `[upgrade]`), written before the listener.
+    extra: &'a str,
+    /// Run this binary instead of the one cargo built.
+    binary: Option<PathBuf>,
+    /// Extra environment; `{listen}` in a value becomes the listener's address.
+    env: Vec<(&'a str, &'a str)>,
+}
+
+impl Gateway {
+    async fn start(setup: Setup<'_>) -> Gateway {
+        let listen = free_addr();
+        let admin = free_addr();
+        let toml = config_toml(listen, admin, &setup.routes, setup.extra);
+        let binary = setup.binary.unwrap_or_else(|| PathBuf::from(BIN));
+        let env: Vec<(&str, String)> = setup
+            .env
+            .iter()
+            .map(|(k, v)| (*k, v.replace("{listen}", &listen.to_string())))
+            // Plain log lines (no ANSI colours), so the tests can match fields too.
+            .chain([("NO_COLOR", "1".to_owned())])
+            .collect();
+        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        let proc = HoldfastProcess::spawn_with_env(
+            &binary,
+            &["run", "--pid-file", "{dir}/holdfast.pid"],
+            Some(&toml),
+            &env,
+        );
+        let mut gw = Gateway {
+            proc,
+            listen,
+            admin,
+            successors: Vec::new(),
+        };
+        let pid = gw.proc.pid();
+        // Stop waiting early if it exits (a config it rejects, a port taken).
+        let ready = wait_until_async(START, || async move {
+            !sys::is_running(pid) || ready_status(admin).await
+        })
+        .await;
+        assert!(
+            ready && gw.proc.exited().is_none(),
+            "holdfast did not become ready; logs:\n{}",
+            gw.proc.logs()
+        );
+        gw
+    }
+
+    /// Records a successor, so it is stopped by PID with the rest.
+    fn adopt(&mut self, pid: u32) {
+        self.proc.kill_on_drop(pid);
+        self.successors.push(pid);
+    }
+
+    fn pid_file(&self) -> PathBuf {
+        self.proc.dir().join("holdfast.pid")
+    }
+
+    fn config_path(&self) -> &Path {
+        self.proc.config_path().expect("started with a config")
+    }
+
+    /// Rewrites the config file (the path SIGHUP and a successor read).
+    fn rewrite_config(&self, toml: &str) {
+        std::fs::write(self.config_path(), toml).expect("rewrite the config");
+    }
+
+    fn config_with(&self, routes: &[(&str, SocketAddr)], extra: &str) -> String {
+        config_toml(self.listen, self.admin, routes, extra)
+    }
+
+    fn signal(&mut self, signal: sys::c_int) {
+        self.proc
+            .signal(signal)
+            .unwrap_or_else(|e| panic!("signal {signal}: {e}\nlogs:\n{}", self.proc.logs()));
+    }
+
+    async fn wait_for_log(&self, needle: &str) {
+        assert!(
+            self.proc.wait_for_log(needle, SOON).await,
+            "no {needle:?} in the logs within {SOON:?}:\n{}",
+            self.proc.logs()
+        );
+    }
+
+    fn count_in_logs(&self, needle: &str) -> usize {
+        self.proc.logs().matches(needle).count()
+    }
+
+    /// Asserts that a new connection gets a 2xx for `GET target`.
+    async fn assert_serves(&self, target: &str) -> Response {
+        let resp = KeepAliveClient::new(self.listen)
+            .get(target)
+            .await
+            .unwrap_or_else(|e| panic!("GET {target}: {e}\nlogs:\n{}", self.proc.logs()));
+        assert!(resp.is_success(), "GET {target}: {}", resp.status);
+        resp
+    }
+}
+
+impl Drop for Gateway {
+    /// A test that fails half-way may leave a successor it never learned the PID of:
+    /// kill every child (a successor it started) of every generation still running, by
+    /// PID; the fixture then kills the generations themselves.
+    fn drop(&mut self) {
+        let first = self.proc.exited().is_none().then(|| self.proc.pid());
+        let running = first.into_iter().chain(
+            self.successors
+                .iter()
+                .copied()
+                .filter(|p| sys::is_running(*p)),
+        );
+        for pid in running.collect::<Vec<_>>() {
+            for child in sys::children_of(pid) {
+                let _ = sys::send_signal(child, sys::SIGKILL);
+            }
+        }
+    }
+}
+
+fn config_toml(
+    listen: SocketAddr,
+    admin: SocketAddr,
+    routes: &[(&str, SocketAddr)],
+    extra: &str,
+) -> String {
+    let mut toml = format!(
+        "[log]\naccess_log = false\n\n[admin]\nlisten = \"{admin}\"\n\n{extra}\n\n\
+         [[listener]]\nlisten = \"{listen}\"\n"
+    );
+    for (i, (path, _)) in routes.iter().enumerate() {
+        toml.push_str(&format!(
+            "\n[[route]]\npath = \"{path}\"\nupstream = \"u{i}\"\n"
+        ));
+    }
+    for (i, (_, addr)) in routes.iter().enumerate() {
+        toml.push_str(&format!(
+            "\n[upstream.u{i}]\naddresses = [\"http://{addr}\"]\n"
+        ));
+    }
+    toml
+}
+
+/// Whether `GET /ready` on the admin port answers 200.
+async fn ready_status(admin: SocketAddr) -> bool {
+    matches!(admin_status(admin, "/ready").await, Some(200))
+}
+
+async fn admin_status(admin: SocketAddr, path: &str) -> Option<u16> {
+    let mut client = KeepAliveClient::new(admin).with_timeout(Duration::from_secs(2));
+    client.get(path).await.ok().map(|r| r.status)
+}
+
+fn has_connection_close(resp: &Response) -> bool {
+    resp.headers.has_token("connection", "close")
+}
+
+/// Every request of a client that sends `GET /tick` on one keep-alive connection every
+/// `period` until told to stop (at most 60 requests).
+async fn periodic_client(
+    addr: SocketAddr,
+    period: Duration,
+    mut stop: watch::Receiver<bool>,
+) -> Vec<(Instant, Result<u16, TransportError>)> {
+    let mut client = KeepAliveClient::new(addr).with_timeout(SOON);
+    let mut sent = Vec::new();
+    for _ in 0..60 {
+        if *stop.borrow() {
+            break;
+        }
+        let at = Instant::now();
+        sent.push((at, client.get("/tick").await.map(|r| r.status)));
+        tokio::select! {
+            () = tokio::time::sleep_until(at + period) => {}
+            _ = stop.changed() => break,
+        }
+    }
+    sent
+}
+
+// === drain ===
+
+/// Story 1b: one client sends every second on a keep-alive connection, another sent once
+/// and went quiet. Neither may keep the process alive after SIGTERM, and no request sent
+/// before it may fail.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keep_alive_clients_do_not_keep_a_draining_process_alive() {
+    let up = TestUpstream::start(Behaviour::Echo).await;
+    // idle_close_after stays at its default, 1 s; drain.timeout at 30 s, far beyond.
+    let mut gw = Gateway::start(Setup {
+        routes: vec![("/", up.addr())],
+        ..Setup::default()
+    })
+    .await;
+    let idle_close_after = Duration::from_secs(1);
+
+    let mut quiet = KeepAliveClient::new(gw.listen);
+    let first = quiet
+        .get("/once")
+        .await
+        .expect("the quiet client's request");
+    assert!(first.is_success() && first.keeps_alive(), "{first:?}");
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let busy = tokio::spawn(periodic_client(gw.listen, Duration::from_secs(1), stop_rx));
+    up.wait_for_requests(1 + 3, SOON)
+        .await
+        .expect("the periodic client got going");
+
+    let stopped_at = Instant::now();
+    gw.signal(sys::SIGTERM);
+    let bound = idle_close_after + LINGER + SLACK;
+    let status = gw.proc.wait_exit(bound + SOON).await;
+    let took = stopped_at.elapsed();
+    let _ = stop_tx.send(true);
+    let sent = busy.await.expect("periodic client");
+
+    let status = status.unwrap_or_else(|| panic!("still running; logs:\n{}", gw.proc.logs()));
+    assert!(status.success(), "{status}; logs:\n{}", gw.proc.logs());
+    assert!(
+        took <= bound,
+        "exit took {took:?}, more than {bound:?}; logs:\n{}",
+        gw.proc.logs()
+    );
+    let before: Vec<_> = sent.iter().filter(|(at, _)| *at < stopped_at).collect();
+    assert!(before.len() >= 3, "{sent:?}");
+    for (_, outcome) in &before {
+        assert!(
+            matches!(outcome, Ok(200)),
+            "a request sent before SIGTERM failed: {outcome:?}"
+        );
+    }
+    // The quiet client's connection was closed with a FIN, not a reset.
+    let conn = quiet.connection().expect("still holds its connection");
+    assert_eq!(conn.wait_close(SOON).await, PeerClose::Eof);
+}
+
+/// A request in flight when the drain starts is not cut: it completes with 200, tells
+/// the client to close, and the process exits right after it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_request_in_flight_completes_during_a_drain() {
+    let delay = Duration::from_secs(2);
+    let slow = TestUpstream::start(Behaviour::Delay(delay)).await;
+    let mut gw = Gateway::start(Setup {
+        routes: vec![("/", slow.addr())],
+        ..Setup::default()
+    })
+    .await;
+
+    let addr = gw.listen;
+    let in_flight = tokio::spawn(async move {
+        let mut client = KeepAliveClient::new(addr).with_timeout(SOON);
+        client.get("/slow").await
+    });
+    slow.wait_for_requests(1, SOON)
+        .await
+        .expect("the slow request reached the upstream");
+    let stopped_at = Instant::now();
+    gw.signal(sys::SIGTERM);
+
+    let resp = in_flight
+        .await
+        .expect("client task")
+        .unwrap_or_else(|e| panic!("in-flight request failed: {e}\nlogs:\n{}", gw.proc.logs()));
+    assert_eq!(resp.status, 200);
+    assert!(
+        has_connection_close(&resp),
+        "a response during the drain must carry Connection: close: {:?}",
+        resp.headers
+    );
+    let status = gw.proc.wait_exit(delay + SOON).await;
+    let took = stopped_at.elapsed();
+    let status = status.unwrap_or_else(|| panic!("still running; logs:\n{}", gw.proc.logs()));
+    assert!(status.success(), "{status}; logs:\n{}", gw.proc.logs());
+    assert!(
+        took <= delay + SLACK,
+        "exit took {took:?} after SIGTERM; the only request took {delay:?}"
+    );
+}
+
+/// The drain's order: `/ready` fails first; during `pre_delay` new connections are still
+/// served; then listeners close, and the next request on an idle keep-alive connection is
+/// served with `Connection: close`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ready_fails_first_then_responses_carry_connection_close() {
+    let up = TestUpstream::start(Behaviour::Echo).await;
+    let mut gw = Gateway::start(Setup {
+        routes: vec![("/", up.addr())],
+        extra: "[drain]\npre_delay = \"2s\"\nidle_close_after = \"8s\"\n",
+        ..Setup::default()
+    })
+    .await;
+
+    let mut kept = KeepAliveClient::new(gw.listen);
+    let resp = kept.get("/before").await.expect("request before the drain");
+    assert!(resp.keeps_alive() && !has_connection_close(&resp));
+    assert_eq!(admin_status(gw.admin, "/ready").await, Some(200));
+
+    gw.signal(sys::SIGTERM);
+    let not_ready = wait_until_async(SOON, || async {
+        admin_status(gw.admin, "/ready").await == Some(503)
+    })
+    .await;
+    assert!(
+        not_ready,
+        "/ready never turned 503; logs:\n{}",
+        gw.proc.logs()
+    );
+
+    // Still in pre_delay: a new connection is accepted and served normally.
+    let mut late = KeepAliveClient::new(gw.listen);
+    let resp = late
+        .get("/during-pre-delay")
+        .await
+        .expect("served in pre_delay");
+    assert!(resp.is_success());
+    assert!(
+        !gw.proc.logs().contains(STOPPED_ACCEPTING),
+        "pre_delay ended before the request; it is 2 s"
+    );
+    late.disconnect();
+
+    gw.wait_for_log(STOPPED_ACCEPTING).await;
+    let resp = kept
+        .get("/during-drain")
+        .await
+        .expect("the idle connection's next request is served");
+    assert_eq!(resp.status, 200);
+    assert!(
+        has_connection_close(&resp),
+        "a response during the drain must carry Connection: close: {:?}",
+        resp.headers
+    );
+    let refused = KeepAliveClient::new(gw.listen).get("/after").await;
+    assert!(
+        matches!(&refused, Err(e) if e.kind == ErrorKind::Refused),
+        "the listener should be closed: {refused:?}"
+    );
+
+    let status = gw.proc.wait_exit(SOON).await.expect("exits");
+    assert!(status.success(), "{status}; logs:\n{}", gw.proc.logs());
+}
+
+/// A first SIGINT drains (and waits for the request in flight); a second one exits at
+/// once, cutting it, and says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn second_sigint_exits_at_once() {
+    let hang = TestUpstream::start(Behaviour::Hang).await;
+    let mut gw = Gateway::start(Setup {
+        routes: vec![("/", hang.addr())],
+        extra: "[drain]\ntimeout = \"60s\"\n",
+        ..Setup::default()
+    })
+    .await;
+    let addr = gw.listen;
+    let in_flight = tokio::spawn(async move {
+        let mut client = KeepAliveClient::new(addr).with_timeout(Duration::from_secs(30));
+        client.get("/hang").await
+    });
+    hang.wait_for_requests(1, SOON)
+        .await
+        .expect("the request reached the upstream");
+
+    gw.signal(sys::SIGINT);
+    gw.wait_for_log(STOPPED_ACCEPTING).await;
+    assert!(
+        gw.proc.exited().is_none(),
+        "a first SIGINT must drain, not exit"
+    );
+
+    let second = Instant::now();
+    gw.signal(sys::SIGINT);
+    let status = gw.proc.wait_exit(SOON).await;
+    let took = second.elapsed();
+    let status = status.unwrap_or_else(|| panic!("still running; logs:\n{}", gw.proc.logs()));
+    assert!(took <= SLACK, "second SIGINT took {took:?} to exit");
+    assert_eq!(status.code(), Some(2), "cut work exits 2: {status}");
+    assert!(
+        gw.proc.logs().contains("cutting them"),
+        "{}",
+        gw.proc.logs()
+    );
+    let cut = in_flight.await.expect("client task");
+    assert!(cut.is_err(), "the hung request was cut: {cut:?}");
+}
+
+/// SIGUSR2 to a process that is already draining is ignored and logged: its listening
+/// sockets are closed by then, so there is nothing left to hand on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigusr2_during_a_drain_is_ignored() {
+    let slow = TestUpstream::start(Behaviour::Delay(Duration::from_secs(2))).await;
+    let mut gw = Gateway::start(Setup {
+        routes: vec![("/", slow.addr())],
+        ..Setup::default()
+    })
+    .await;
+    let addr = gw.listen;
+    let in_flight = tokio::spawn(async move {
+        let mut client = KeepAliveClient::new(addr).with_timeout(SOON);
+        client.get("/slow").await
+    });
+    slow.wait_for_requests(1, SOON)
+        .await
+        .expect("the slow request reached the upstream");
+
+    gw.signal(sys::SIGTERM);
+    gw.wait_for_log(STOPPED_ACCEPTING).await;
+    gw.signal(sys::SIGUSR2);
+    // Either "SIGUSR2 ignored" or "SIGUSR2: starting the new binary".
+    gw.wait_for_log("SIGUSR2").await;
+    assert_eq!(
+        gw.count_in_logs("starting the new binary"),
+        0,
+        "{}",
+        gw.proc.logs()
+    );
+    gw.wait_for_log("SIGUSR2 ignored").await;
+    assert!(sys::children_of(gw.proc.pid()).is_empty());
+
+    let resp = in_flight
+        .await
+        .expect("client task")
+        .expect("in-flight request");
+    assert_eq!(resp.status, 200);
+    let status = gw.proc.wait_exit(SOON).await.expect("exits");
+    assert!(status.success(), "{status}; logs:\n{}", gw.proc.logs());
+}
+
+// === reload ===
+
+/// SIGHUP: a changed route applies to new requests (on open connections too) while the
+/// request in flight finishes on the old route; a bad config is rejected, logged, and
+/// the running one kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_changes_routes_for_new_requests_and_keeps_in_flight_ones() {
+    let old = TestUpstream::start(Behaviour::Delay(Duration::from_secs(2))).await;
+    let new = TestUpstream::start(Behaviour::Echo).await;
+    let mut gw = Gateway::start(Setup {
+        routes: vec![("/", old.addr())],
+        ..Setup::default()
+    })
+    .await;
+
+    let addr = gw.listen;
+    let in_flight = tokio::spawn(async move {
+        let mut client = KeepAliveClient::new(addr).with_timeout(SOON);
+        let first = client.get("/in-flight").await;
+        let second = client.get("/next-on-same-connection").await;
+        (first, second, client.connections_opened())
+    });
+    old.wait_for_requests(1, SOON)
+        .await
+        .expect("the slow request reached the old upstream");
+
+    gw.rewrite_config(&gw.config_with(&[("/", new.addr())], ""));
+    gw.signal(sys::SIGHUP);
+    gw.wait_for_log("config reloaded").await;
+    gw.assert_serves("/after-reload").await;
+    assert_eq!(
+        new.requests_seen(),
+        1,
+        "a new request must use the new route"
+    );
+
+    let (first, second, opened) = in_flight.await.expect("client task");
+    let first = first.expect("the in-flight request finishes");
+    assert_eq!(first.status, 200);
+    assert!(
+        !has_connection_close(&first),
+        "reload must not close connections"
+    );
+    assert!(second.expect("next request").is_success());
+    assert_eq!(opened, 1, "the open connection was kept");
+    assert_eq!(old.requests_seen(), 1);
+    assert_eq!(new.requests_seen(), 2);
+
+    gw.rewrite_config("this is = not [ a config\n");
+    gw.signal(sys::SIGHUP);
+    gw.wait_for_log("config rejected").await;
+    gw.assert_serves("/after-bad-reload").await;
+    assert_eq!(new.requests_seen(), 3, "the running config was kept");
+    assert_eq!(gw.count_in_logs("config reloaded"), 1);
+    assert!(gw.proc.exited().is_none());
+
+    gw.signal(sys::SIGTERM);
+    let status = gw.proc.wait_exit(SOON).await.expect("exits");
+    assert!(status.success(), "{status}");
+}
+
+// === upgrade ===
+
+/// Story 3: under 50 keep-alive connections (GET and POST) for about 15 s, five SIGUSR2
+/// upgrades in a row cost no request: no transport error, no non-2xx. Each new process
+/// rewrites the PID file, and each old one drains and exits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigusr2_upgrades_under_load_lose_no_request() {
+    let rounds: usize = std::env::var("HOLDFAST_UPGRADE_ROUNDS")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(1)
+        .clamp(1, 50);
+    let mut dirty = Vec::new();
+    let mut requests = 0;
+    for round in 1..=rounds {
+        // A round that panics (a broken upgrade) is reported too, and the next one runs;
+        // the round's processes are killed as its fixtures unwind.
+        let outcome = tokio::spawn(upgrades_under_load(5, Duration::from_secs(15))).await;
+        let line = match outcome {
+            Ok(report) => {
+                requests += report.requests();
+                let line = format!("round {round}/{rounds}: {report}");
+                if !report.is_clean() {
+                    dirty.push(line.clone());
+                }
+                line
+            }
+            Err(e) => {
+                let why = match e.try_into_panic() {
+                    Ok(p) => p
+                        .downcast_ref::<String>()
+                        .cloned()
+                        .or_else(|| p.downcast_ref::<&str>().map(|s| (*s).to_owned()))
+                        .unwrap_or_default(),
+                    Err(e) => e.to_string(),
+                };
+                let line = format!("round {round}/{rounds}: the upgrade broke: {why}");
+                dirty.push(line.clone());
+                line
+            }
+        };
+        println!("{line}");
+    }
+    println!(
+        "{rounds} rounds x 5 upgrades: {requests} requests, {} rounds with errors",
+        dirty.len()
+    );
+    assert!(
+        dirty.is_empty(),
+        "rounds with errors:\n{}",
+        dirty.join("\n")
+    );
+}
+
+/// What the clients of one upgrade-under-load round saw.
+struct RoundReport {
+    /// 40 connections sending back to back.
+    busy: LoadReport,
+    /// 10 connections pausing between requests, so a drain finds them idle.
+    paced: LoadReport,
+    /// `GET /ready` on the admin port, a new connection each time: what was not 200.
+    probes: Vec<Result<u16, TransportError>>,
+    probes_sent: usize,
+}
+
+impl RoundReport {
+    fn requests(&self) -> u64 {
+        self.busy.requests + self.paced.requests
+    }
+
+    fn is_clean(&self) -> bool {
+        [&self.busy, &self.paced]
+            .iter()
+            .all(|r| r.ok > 0 && r.error_count() == 0 && r.non_2xx_count() == 0)
+            && self.probes.is_empty()
+    }
+}
+
+impl std::fmt::Display for RoundReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "busy: {}\n  paced: {}\n  /ready: {} probes, not 200: {:?}",
+            self.busy, self.paced, self.probes_sent, self.probes
+        )
+    }
+}
+
+/// Half GET, half POST with a small body.
+fn get_or_post(slot: RequestSlot) -> ClientRequest {
+    if slot.global.is_multiple_of(2) {
+        ClientRequest::get(format!("/get/{}", slot.global))
+    } else {
+        ClientRequest::post(format!("/post/{}", slot.global), vec![b'x'; 512])
+    }
+}
+
+/// Asks the admin port for `/ready` every 20 ms (at most 5000 times) until told to
+/// stop; returns how many probes were sent and every one that did not get 200.
+async fn probe_ready(
+    admin: SocketAddr,
+    mut stop: watch::Receiver<bool>,
+) -> (usize, Vec<Result<u16, TransportError>>) {
+    let mut failed = Vec::new();
+    let mut sent = 0;
+    while sent < 5000 && !*stop.borrow() {
+        sent += 1;
+        let mut client = KeepAliveClient::new(admin).with_timeout(SOON);
+        match client.get("/ready").await.map(|r| r.status) {
+            Ok(200) => {}
+            other => failed.push(other),
+        }
+        tokio::select! {
+            () = tokio::time::sleep(Duration::from_millis(20)) => {}
+            _ = stop.changed() => {}
+        }
+    }
+    (sent, failed)
+}
+
+/// One run of the upgrade-under-load scenario; panics on a broken upgrade, returns the
+/// clients' outcomes.
+async fn upgrades_under_load(upgrades: u32, duration: Duration) -> RoundReport {
+    let up = TestUpstream::start(Behaviour::Echo).await;
+    let mut gw = Gateway::start(Setup {
+        routes: vec![("/", up.addr())],
+        ..Setup::default()
+    })
+    .await;
+    let pid_file = gw.pid_file();
+    assert_eq!(read_pid_file(&pid_file), Some(gw.proc.pid()));
+
+    let load = |connections, think_time| LoadConfig {
+        connections,
+        max_duration: duration + Duration::from_secs(30),
+        max_requests: u64::MAX,
+        request_timeout: SOON,
+        think_time,
+    };
+    let busy = Load::spawn(gw.listen, load(40, Duration::ZERO), get_or_post);
+    // Idle for less than keepalive_min_idle (1 s) at a time: a drain must serve their
+    // next request (with `Connection: close`), not close under them.
+    let paced = Load::spawn(gw.listen, load(10, Duration::from_millis(250)), get_or_post);
+    assert!(
+        busy.wait_for_completed(500, SOON).await,
+        "the load got going"
+    );
+    // The admin socket is handed on too: /ready must answer 200 throughout.
+    let (stop_probes, stopped) = watch::channel(false);
+    let prober = tokio::spawn(probe_ready(gw.admin, stopped));
+
+    let started = Instant::now();
+    let mut current = gw.proc.pid();
+    for i in 1..=upgrades {
+        // Spread the upgrades over the run, the last one well before its end.
+        tokio::time::sleep_until(started + duration * i / (upgrades + 2)).await;
+        sys::send_signal(current, sys::SIGUSR2).expect("SIGUSR2");
+        let mut new = None;
+        let rewritten = wait_until(SOON * 2, || {
+            new = read_pid_file(&pid_file).filter(|p| *p != current);
+            new.is_some()
+        })
+        .await;
+        let Some(new) = new.filter(|_| rewritten) else {
+            panic!(
+                "upgrade {i}: the PID file still says {current}; logs:\n{}",
+                gw.proc.logs()
+            )
+        };
+        gw.adopt(new);
+        gw.wait_for_log(&format!(
+            "new binary is ready; draining this one pid={new}\n"
+        ))
+        .await;
+        let exited = if current == gw.proc.pid() {
+            let status = gw.proc.wait_exit(SOON * 2).await;
+            assert!(
+                status.is_none_or(|s| s.success()),
+                "upgrade {i}: the old process failed: {status:?}"
+            );
+            status.is_some()
+        } else {
+            wait_until(SOON * 2, || !sys::is_running(current)).await
+        };
+        assert!(
+            exited,
+            "upgrade {i}: old process {current} is still running; logs:\n{}",
+            gw.proc.logs()
+        );
+        assert!(sys::is_running(new), "upgrade {i}: new process {new} died");
+        assert_eq!(read_pid_file(&pid_file), Some(new), "upgrade {i}");
+        let done = busy.completed();
+        assert!(
+            busy.wait_for_completed(done + 200, SOON).await,
+            "upgrade {i}: no requests served after it"
+        );
+        current = new;
+    }
+    assert_eq!(
+        gw.count_in_logs("drained: no connection left open"),
+        upgrades as usize
+    );
+    assert_eq!(gw.count_in_logs("cutting them"), 0, "{}", gw.proc.logs());
+    tokio::time::sleep_until(started + duration).await;
+    let _ = stop_probes.send(true);
+    let (probes_sent, probes) = prober.await.expect("prober");
+    let report = RoundReport {
+        busy: busy.stop().await,
+        paced: paced.stop().await,
+        probes,
+        probes_sent,
+    };
+
+    // The last generation drains on SIGTERM and removes its PID file.
+    sys::send_signal(current, sys::SIGTERM).expect("SIGTERM");
+    assert!(
+        wait_until(SOON, || !sys::is_running(current)).await,
+        "the last generation did not exit"
+    );
+    assert!(
+        wait_until(SOON, || !pid_file.exists()).await,
+        "the PID file was left behind"
+    );
+    report
+}
+
+/// A successor that cannot take over (its config became invalid, the binary at our
+/// path exits at once, or it never says ready) leaves the old process serving, with the
+/// PID file unchanged and the reason logged; no half-started successor is left running.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_upgrade_leaves_the_old_process_serving() {
+    let up = TestUpstream::start(Behaviour::Echo).await;
+    // Run a link to the binary, so the file at "our path" can be replaced.
+    let bin_dir = holdfast_test::tempdir();
+    let binary = bin_dir.path().join("holdfast");
+    if std::fs::hard_link(BIN, &binary).is_err() {
+        std::fs::copy(BIN, &binary).expect("copy the binary");
+    }
+    let mut gw = Gateway::start(Setup {
+        routes: vec![("/", up.addr())],
+        extra: "[upgrade]\nready_timeout = \"2s\"\n",
+        binary: Some(binary.clone()),
+        ..Setup::default()
+    })
+    .await;
+    let pid = gw.proc.pid();
+    let good_config = std::fs::read_to_string(gw.config_path()).expect("read config");
+
+    let mut kept = KeepAliveClient::new(gw.listen);
+    assert!(kept.get("/before").await.expect("served").is_success());
+
+    // 1. The config the successor would read is garbage: it exits (64) before ready.
+    gw.rewrite_config("listener = [ garbage\n");
+    gw.signal(sys::SIGUSR2);
+    gw.wait_for_log("upgrade failed").await;
+    assert!(
+        gw.proc
+            .logs()
+            .contains("exited before it was ready (exit status: 64)"),
+        "{}",
+        gw.proc.logs()
+    );
+    gw.rewrite_config(&good_config);
+    assert_still_serving(&mut gw, &mut kept, pid, 1).await;
+
+    // 2. The binary at our path now exits at once.
+    replace_file(&binary, "#!/bin/sh\nexit 3\n");
+    gw.signal(sys::SIGUSR2);
+    assert!(
+        gw.proc.wait_for_log("exit status: 3", SOON).await,
+        "{}",
+        gw.proc.logs()
+    );
+    assert_still_serving(&mut gw, &mut kept, pid, 2).await;
+
+    // 3. The binary at our path starts and never says ready: killed after ready_timeout.
+    replace_file(&binary, "#!/bin/sh\nexec sleep 60\n");
+    gw.signal(sys::SIGUSR2);
+    assert!(
+        gw.proc.wait_for_log("not ready within", SOON).await,
+        "{}",
+        gw.proc.logs()
+    );
+    assert_still_serving(&mut gw, &mut kept, pid, 3).await;
+
+    gw.signal(sys::SIGTERM);
+    let status = gw.proc.wait_exit(SOON).await.expect("exits");
+    assert!(status.success(), "{status}");
+}
+
+/// A successor adopts only a socket that listens on the configured address: a stale
+/// descriptor number in the hand-off (here stdin, /dev/null) is ignored with a warning,
+/// not accepted on, and the address is bound afresh.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inherited_descriptor_that_is_not_a_listener_is_not_adopted() {
+    let up = TestUpstream::start(Behaviour::Echo).await;
+    let mut gw = Gateway::start(Setup {
+        routes: vec![("/", up.addr())],
+        env: vec![("HOLDFAST_LISTEN_FDS", "{listen}=0;")],
+        ..Setup::default()
+    })
+    .await;
+    assert!(
+        gw.proc
+            .logs()
+            .contains("inherited fd is not a socket listening on that address"),
+        "{}",
+        gw.proc.logs()
+    );
+    gw.assert_serves("/").await;
+    gw.signal(sys::SIGTERM);
+    let status = gw.proc.wait_exit(SOON).await.expect("exits");
+    assert!(status.success(), "{status}");
+}
+
+/// The old process still answers on a kept connection and a new one, still owns the PID
+/// file, and has no successor left running.
+async fn assert_still_serving(
+    gw: &mut Gateway,
+    kept: &mut KeepAliveClient,
+    pid: u32,
+    failures: usize,
+) {
+    assert_eq!(
+        gw.count_in_logs("upgrade failed"),
+        failures,
+        "{}",
+        gw.proc.logs()
+    );
+    assert!(gw.proc.exited().is_none(), "{}", gw.proc.logs());
+    let resp = kept
+        .get("/kept")
+        .await
+        .expect("the kept connection is served");
+    assert!(resp.is_success() && !has_connection_close(&resp));
+    gw.assert_serves("/new").await;
+    assert_eq!(admin_status(gw.admin, "/ready").await, Some(200));
+    assert_eq!(read_pid_file(&gw.pid_file()), Some(pid));
+    let gone = wait_until(SOON, || sys::children_of(pid).is_empty()).await;
+    assert!(
+        gone,
+        "a failed successor is still running: {:?}",
+        sys::children_of(pid)
+    );
+}
+
+/// Replaces `path` with an executable script by rename, so a hard link's other name (the
+/// real binary) is untouched.
+fn replace_file(path: &Path, script: &str) {
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = path.with_extension("new");
+    std::fs::write(&tmp, script).expect("write script");
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    std::fs::rename(&tmp, path).expect("replace the binary");
+}
