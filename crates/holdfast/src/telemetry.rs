@@ -13,8 +13,11 @@ pub fn init(log: &LogConfig) {
     {
         filter = filter.add_directive(d);
     }
+    use std::io::IsTerminal;
+    // Colour only for a person at a terminal, never into log files or pipes.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     let _ = match log.format {
         LogFormat::Text => builder.try_init(),
