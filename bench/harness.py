@@ -18,6 +18,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -110,12 +111,25 @@ def start(name, argv, log_path, cpus=None, cwd=None):
     return proc
 
 
+_WORK_DIR = []
+
+
+def work_dir():
+    """Scratch space (served files, nginx temp dirs), removed at exit."""
+    if not _WORK_DIR:
+        _WORK_DIR.append(Path(tempfile.mkdtemp(prefix="holdfast-bench-")))
+        os.chmod(_WORK_DIR[0], 0o755)
+    return _WORK_DIR[0]
+
+
 def stop_all():
     for proc in list(reversed(STARTED)):
         try:
             proc.stop()
         except Exception as exc:  # keep stopping the others
             log(f"stopping {proc.name}: {exc}")
+    if _WORK_DIR:
+        shutil.rmtree(_WORK_DIR.pop(), ignore_errors=True)
 
 
 def _on_signal(signum, _frame):
@@ -250,7 +264,7 @@ def wait_ready(proc, port, path="/1k", timeout=10.0):
 # === nginx: upstream and proxy ===
 
 def _nginx_common(run_dir, name):
-    tmp = run_dir / "nginx-tmp" / name
+    tmp = work_dir() / "nginx" / name
     tmp.mkdir(parents=True, exist_ok=True)
     user = "user root;\n" if os.geteuid() == 0 else ""
     return tmp, f"""{user}daemon off;
@@ -278,7 +292,7 @@ def write_static_files(www):
 
 def start_upstream(run_dir, port, cpus):
     """The fast origin: nginx, 1 worker, static files, POST /post -> 200."""
-    www = run_dir / "www"
+    www = work_dir() / "www"
     write_static_files(www)
     tmp, head, http_common = _nginx_common(run_dir, "upstream")
     conf = run_dir / "conf" / "upstream.conf"

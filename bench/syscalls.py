@@ -96,7 +96,7 @@ def trace_one(args, run_dir, target, wl, ctx, upstream):
         h2 = ["taskset", "-c", args.load_cpus, H.H2LOAD, "--h1",
               "-c", str(args.connections)]
         if body:
-            data = run_dir / "post-body"
+            data = H.work_dir() / "post-body"
             data.write_bytes(b"x" * body)
             h2 += ["-d", str(data)]
         subprocess.run(h2 + ["-n", str(max(1000, args.connections)), url],
