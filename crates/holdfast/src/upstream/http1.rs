@@ -17,6 +17,9 @@ use super::io::{Stream, UpstreamIo};
 use super::pool::{Client, Connected};
 use crate::body::RequestBody;
 
+/// Largest read buffer of an upstream HTTP/1 connection.
+const UPSTREAM_READ_BUF: usize = 64 * 1024;
+
 /// Performs the HTTP/1 handshake (no I/O: HTTP/1 has none) on a connected socket.
 pub async fn handshake(
     stream: Stream,
@@ -25,6 +28,10 @@ pub async fn handshake(
     let stream = Arc::new(stream);
     let io = TokioIo::new(UpstreamIo::new(stream.clone(), write_timeout));
     let (sender, conn) = hyper::client::conn::http1::Builder::new()
+        // hyper's read buffer grows with the body it reads and is kept for the
+        // connection's life: cap it, so many large responses at once cost 64 KiB per
+        // connection, not hundreds.
+        .max_buf_size(UPSTREAM_READ_BUF)
         .handshake::<_, RequestBody>(io)
         .await
         .map_err(|e| UpstreamError::new(Kind::ConnectFailed, Delivery::NotSent).with_cause(e))?;
