@@ -221,8 +221,10 @@ impl PhpFpm {
     }
 
     /// Stops php-fpm (SIGQUIT: workers finish their request) and starts it again on the
-    /// same port and socket, with a new master PID. Connections arriving in between are
-    /// refused until the new master listens.
+    /// same port and socket, with a new master PID: a cold restart. Connections that
+    /// arrive while the old master exits are reset (they sat in its accept queue), and
+    /// then refused until the new master listens; [`reload`](Self::reload) has
+    /// neither gap.
     ///
     /// # Panics
     ///

@@ -175,8 +175,9 @@ async fn hello_php() {
     assert_eq!(get(&gw, "/missing.php").await.status, 404, "no such file");
 }
 
-/// 10 MiB up as FastCGI STDIN and back as STDOUT, byte for byte, with PHP writing its
-/// output while holdfast is still sending the body.
+/// 10 MiB up as FastCGI STDIN (streamed: larger than the replay buffer) and back as
+/// STDOUT, byte for byte. (PHP reads a POST body whole before the script runs, so
+/// the two directions do not overlap here.)
 #[tokio::test]
 async fn post_echo_of_10_mib() {
     let fpm = PhpFpm::start(PhpFpmOptions {
@@ -553,7 +554,7 @@ async fn restarted_php_fpm_closes_idle_connections_and_the_pool_notices() {
     assert_eq!(figure(&pool["created"]), 2, "{pool}");
 }
 
-/// php-fpm's graceful restart (SIGUSR2) three times under keep-alive GET load: every
+/// php-fpm's graceful restart (SIGUSR2) four times under keep-alive GET load: every
 /// worker exits and closes its kept connection, some while idle in the pool, some just
 /// as a request goes out on them (php-fpm then resets it, the request unread). No
 /// client sees an error: idle closes are noticed, the race is retried on a new
@@ -571,15 +572,15 @@ async fn php_fpm_restarted_under_get_load_no_client_errors() {
     let load = Load::spawn(
         gw.addr,
         LoadConfig {
-            connections: 3,
+            connections: 4,
             max_duration: Duration::from_secs(40),
             max_requests: 1_000_000,
             request_timeout: RESPONSE_TIMEOUT,
-            think_time: Duration::from_millis(1),
+            think_time: Duration::ZERO,
         },
         |_| ClientRequest::get("/hello.php"),
     );
-    for _ in 0..3 {
+    for _ in 0..4 {
         let next = load.completed() + 300;
         assert!(
             load.wait_for_completed(next, Duration::from_secs(10)).await,
@@ -646,10 +647,16 @@ async fn path_info_trap_never_runs_an_upload() {
 }
 
 /// httpoxy: a client's `Proxy` header must never become `HTTP_PROXY`, which libraries
-/// read as the outgoing proxy. The fixture removes HTTP_PROXY from php-fpm's own
-/// environment, so anything a script sees came from the request.
+/// read as the outgoing proxy. PHP (since 5.6.24 / 7.0.9) also drops it itself, so
+/// what a script sees cannot tell whether holdfast sent it: the params holdfast writes
+/// are checked on the wire too, with a one-request FastCGI application standing in
+/// for php-fpm (other FastCGI applications do not protect themselves).
 #[tokio::test]
 async fn proxy_header_never_becomes_http_proxy() {
+    let req = ClientRequest::get("/env.php")
+        .header("Proxy", "http://attacker.example:3128")
+        .header("X-Other", "kept");
+
     let fpm = PhpFpm::start(PhpFpmOptions::default()).await;
     fpm.script(
         "env.php",
@@ -657,11 +664,83 @@ async fn proxy_header_never_becomes_http_proxy() {
          $_SERVER['HTTP_X_OTHER'] ?? null]);",
     );
     let gw = Site::tcp(&fpm).start().await;
-    let req = ClientRequest::get("/env.php")
-        .header("Proxy", "http://attacker.example:3128")
-        .header("X-Other", "kept");
     let resp = send(&gw, &req).await;
     assert_eq!(resp.text(), r#"[false,null,"kept"]"#);
+
+    let app = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let site = Site {
+        upstream: format!("fastcgi://{}", app.local_addr().expect("addr")),
+        ..Site::tcp(&fpm)
+    };
+    let gw = site.start().await;
+    let params = tokio::spawn(params_of_one_request(app));
+    assert_eq!(send(&gw, &req).await.text(), "recorded");
+    let params = params.await.expect("the application saw the request");
+    let names: Vec<&str> = params.iter().map(|(n, _)| n.as_str()).collect();
+    assert!(names.contains(&"HTTP_X_OTHER"), "{names:?}");
+    assert!(!names.contains(&"HTTP_PROXY"), "{params:?}");
+}
+
+/// A FastCGI application for one request: answers "recorded" and returns the params it
+/// received. A connection asking GET_VALUES is closed unanswered.
+async fn params_of_one_request(listener: tokio::net::TcpListener) -> Vec<(String, String)> {
+    use bytes::BytesMut;
+    use holdfast_fastcgi::record::{self, RecordType};
+    use holdfast_fastcgi::{EndRequest, ProtocolStatus, RecordDecoder};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    // Bounded: GET_VALUES and the request, or a few stray connections at most.
+    for _ in 0..4 {
+        let (mut sock, _) = listener.accept().await.expect("accept");
+        let mut buf = BytesMut::new();
+        let mut decoder = RecordDecoder::new();
+        let mut content = Vec::new();
+        loop {
+            match decoder.decode(&mut buf).expect("valid records") {
+                Some(r) if r.kind == RecordType::Params && r.content.is_empty() => break,
+                Some(r) if r.kind == RecordType::Params => content.extend_from_slice(&r.content),
+                Some(r) if r.kind == RecordType::BeginRequest => {}
+                Some(_) => {
+                    content.clear();
+                    break;
+                }
+                None => {
+                    if sock.read_buf(&mut buf).await.unwrap_or(0) == 0 {
+                        break;
+                    }
+                }
+            }
+        }
+        if content.is_empty() {
+            continue;
+        }
+        let mut out = BytesMut::new();
+        record::encode_stream(
+            &mut out,
+            RecordType::Stdout,
+            1,
+            b"Content-Type: text/plain\r\n\r\nrecorded",
+        );
+        record::encode_stream(&mut out, RecordType::Stdout, 1, b"");
+        let end = EndRequest {
+            app_status: 0,
+            protocol_status: ProtocolStatus::RequestComplete,
+        };
+        record::encode_end_request(&mut out, 1, &end);
+        sock.write_all(&out).await.expect("reply");
+        return holdfast_fastcgi::params::decode_pairs(&content)
+            .map(|pair| {
+                let (n, v) = pair.expect("valid params");
+                (
+                    String::from_utf8_lossy(n).into_owned(),
+                    String::from_utf8_lossy(v).into_owned(),
+                )
+            })
+            .collect();
+    }
+    panic!("no FastCGI request arrived");
 }
 
 // === CGI params ===
