@@ -158,8 +158,14 @@ fn refine_io(err: &(dyn std::error::Error + 'static)) -> Option<Kind> {
     let mut cur = err.source();
     while let Some(e) = cur {
         if let Some(io) = e.downcast_ref::<std::io::Error>() {
+            use std::io::ErrorKind as E;
             return Some(match io.kind() {
-                std::io::ErrorKind::TimedOut => Kind::WriteTimeout,
+                E::TimedOut => Kind::WriteTimeout,
+                // Before the response head, a reset is the upstream closing the
+                // connection, like a FIN: a stale pooled connection when it was reused.
+                E::ConnectionReset | E::BrokenPipe | E::ConnectionAborted | E::UnexpectedEof => {
+                    Kind::Closed
+                }
                 _ => Kind::Io,
             });
         }
