@@ -254,10 +254,11 @@ impl Pool {
                 self.upstream_closed_idle(conn, now.saturating_duration_since(idle_since));
             }
         }
-        self.make_room();
+        // Counted before it exists, so that concurrent checkouts cannot together open
+        // more than `max_connections`; a failed connect gives the count back.
+        let open = self.reserve_open();
         let connected = connect().await?;
         let (kill, killed) = oneshot::channel();
-        self.open.fetch_add(1, Relaxed);
         let conn = Conn {
             id: NEXT_CONN_ID.fetch_add(1, Relaxed),
             created: Instant::now(),
@@ -266,7 +267,7 @@ impl Pool {
             stream: connected.stream,
             client: connected.client,
             _kill: kill,
-            _open: OpenGuard(self.open.clone()),
+            _open: open,
         };
         self.figures.created.fetch_add(1, Relaxed);
         tokio::spawn(drive(
@@ -328,16 +329,21 @@ impl Pool {
         got.map(|e| (e.conn, e.idle_since))
     }
 
-    /// Closes the oldest idle connection when opening one more would pass the cap.
-    fn make_room(&self) {
-        if self.open.load(Relaxed) < self.limit.load(Relaxed) {
-            return;
-        }
-        let oldest = self.lock().idle.pop_oldest();
-        if let Some(conn) = oldest {
+    /// Counts a connection about to be opened, first closing the oldest idle ones while
+    /// open connections (idle, busy and being opened) are over `max_connections`. Busy
+    /// and opening ones each hold a slot, so while over the cap an idle one exists.
+    fn reserve_open(&self) -> OpenGuard {
+        self.open.fetch_add(1, Relaxed);
+        let guard = OpenGuard(self.open.clone());
+        // Bounded: each round closes an idle connection or stops.
+        while self.open.load(Relaxed) > self.limit.load(Relaxed) {
+            let Some(conn) = self.lock().idle.pop_oldest() else {
+                break;
+            };
             self.figures.closed(CloseReason::Evicted);
             drop(conn);
         }
+        guard
     }
 
     fn close_all(&self, conns: Vec<Conn>, reason: CloseReason) {
