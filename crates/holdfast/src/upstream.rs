@@ -197,6 +197,9 @@ impl Upstream {
                     peer.health.on_success();
                     let ttfb = sent_at.elapsed();
                     conn.responded();
+                    if response.status() == http::StatusCode::SWITCHING_PROTOCOLS {
+                        conn.hand_over();
+                    }
                     if let Payload::Http(_) = response.body() {
                         conn.on_response_head(response.headers(), response.version());
                     }

@@ -144,6 +144,14 @@ impl Stream {
         }
     }
 
+    /// Shuts both directions down now (FIN), whoever else still holds the socket.
+    pub fn shutdown_both(&self) {
+        let _ = match self {
+            Stream::Tcp(s) => SockRef::from(s).shutdown(std::net::Shutdown::Both),
+            Stream::Unix(s) => SockRef::from(s).shutdown(std::net::Shutdown::Both),
+        };
+    }
+
     fn shutdown_write(&self) -> io::Result<()> {
         let res = match self {
             Stream::Tcp(s) => SockRef::from(s).shutdown(std::net::Shutdown::Write),

@@ -123,9 +123,22 @@ pub struct Conn {
     remaining: Option<u64>,
     stream: Arc<Stream>,
     client: Client,
+    /// The protocol handed the socket to an upgraded stream (`101`): it outlives us.
+    handed_over: bool,
     /// Dropping this ends the driver task, closing the socket.
     _kill: oneshot::Sender<()>,
     _open: OpenGuard,
+}
+
+impl Drop for Conn {
+    fn drop(&mut self) {
+        // The driver task holds the socket too and closes it only when it next runs:
+        // shut it down now, so the upstream sees the close before the slot this
+        // connection held can open another one (never more than `max_connections`).
+        if !self.handed_over {
+            self.stream.shutdown_both();
+        }
+    }
 }
 
 impl Keyed for Conn {
@@ -266,6 +279,7 @@ impl Pool {
             remaining: None,
             stream: connected.stream,
             client: connected.client,
+            handed_over: false,
             _kill: kill,
             _open: open,
         };
@@ -723,6 +737,14 @@ impl PooledConn {
             connection_close,
             keep_alive,
         };
+    }
+
+    /// The protocol handed the socket over to an upgraded stream (`101 Switching
+    /// Protocols`): dropping this must leave the socket open for it.
+    pub fn hand_over(&mut self) {
+        if let Some(conn) = self.conn.as_mut() {
+            conn.handed_over = true;
+        }
     }
 
     /// The response was read to its end: the connection goes back to the pool unless
