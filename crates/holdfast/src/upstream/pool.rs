@@ -476,7 +476,13 @@ impl Pool {
         };
         let now = Instant::now();
         if let Some(reason) = self.retire_reason(&conn, &hint, now) {
-            self.figures.closed(reason);
+            if reason == CloseReason::ClosedByUpstreamIdle {
+                // Closed as its response ended: evidence of a request limit per
+                // connection that the upstream does not announce.
+                self.upstream_closed_idle(conn, Duration::ZERO);
+            } else {
+                self.figures.closed(reason);
+            }
             return;
         }
         let mut st = self.lock();
