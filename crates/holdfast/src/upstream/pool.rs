@@ -710,6 +710,11 @@ impl PooledConn {
         self.idle_since.is_some()
     }
 
+    /// Which connection this is, for tests and logs.
+    pub fn conn_id(&self) -> u64 {
+        self.conn.as_ref().map_or(0, |c| c.id)
+    }
+
     pub fn requests(&self) -> u64 {
         self.conn.as_ref().map_or(0, |c| c.requests)
     }
@@ -771,3 +776,6 @@ impl Drop for PooledConn {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,152 @@
+//! The pool's state machine under random sequences of checkouts, releases, drops and
+//! the passing of time, on real (in-process) connections.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use proptest::prelude::*;
+use tokio::net::UnixStream;
+
+use super::idle::Take;
+use super::*;
+use crate::upstream::http1;
+
+#[derive(Debug, Clone)]
+enum Op {
+    Checkout(u8),
+    Release(usize),
+    Drop(usize),
+    Advance(u64),
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        4 => (0u8..3).prop_map(Op::Checkout),
+        3 => (0usize..8).prop_map(Op::Release),
+        1 => (0usize..8).prop_map(Op::Drop),
+        2 => (0u64..1500).prop_map(Op::Advance),
+    ]
+}
+
+const MAX: usize = 4;
+const MAX_IDLE: usize = 3;
+const IDLE: Duration = Duration::from_millis(1000);
+
+fn settings() -> PoolSettings {
+    PoolSettings {
+        max_connections: MAX,
+        max_idle: MAX_IDLE,
+        idle_timeout: IDLE,
+        max_requests: None,
+        max_lifetime: None,
+        // A full pool answers at once, so no step of the test waits.
+        queue_size: 0,
+        queue_timeout: Duration::from_millis(1),
+        learn: true,
+        free_workers: false,
+    }
+}
+
+/// An HTTP/1 connection over a socket pair; the far ends are kept open (and never
+/// written), so connections only close when the pool closes them.
+async fn connect(far_ends: Arc<Mutex<Vec<UnixStream>>>) -> Result<Connected, UpstreamError> {
+    let (near, far) = UnixStream::pair()
+        .map_err(|e| UpstreamError::new(Kind::ConnectFailed, Delivery::NotSent).with_cause(e))?;
+    far_ends.lock().unwrap().push(far);
+    http1::handshake(Stream::Unix(near), Duration::from_secs(5)).await
+}
+
+async fn settle() {
+    for _ in 0..4 {
+        tokio::task::yield_now().await;
+    }
+}
+
+fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .start_paused(true)
+        .build()
+        .unwrap();
+    rt.block_on(async move {
+        let pool = Pool::new("test".into(), settings());
+        let far_ends = Arc::new(Mutex::new(Vec::new()));
+        let mut held: Vec<PooledConn> = Vec::new();
+        for op in ops {
+            match op {
+                Op::Checkout(kind) => {
+                    let want = match kind {
+                        0 => Want::Idle(Take::MostRecent),
+                        1 => Want::Idle(Take::IdleAtMost(Duration::from_millis(300))),
+                        _ => Want::Fresh,
+                    };
+                    let full = held.len() == MAX;
+                    let got = pool
+                        .checkout(want, kind == 1, || connect(far_ends.clone()))
+                        .await;
+                    match got {
+                        Ok(c) => {
+                            prop_assert!(!full, "a slot was handed out beyond max_connections");
+                            let id = c.conn_id();
+                            prop_assert!(
+                                held.iter().all(|h| h.conn_id() != id),
+                                "connection {id} used twice"
+                            );
+                            if let Some(since) = c.reused_since() {
+                                prop_assert!(since.elapsed() < IDLE, "handed out past its expiry");
+                                if kind == 1 {
+                                    prop_assert!(since.elapsed() <= Duration::from_millis(300));
+                                }
+                                prop_assert!(kind != 2, "Want::Fresh got a reused connection");
+                            }
+                            held.push(c);
+                        }
+                        Err(e) => {
+                            prop_assert!(full, "checkout failed with room: {e}");
+                            prop_assert_eq!(e.kind(), Kind::QueueFull);
+                        }
+                    }
+                }
+                Op::Release(i) if !held.is_empty() => held.remove(i % held.len()).release(),
+                Op::Drop(i) if !held.is_empty() => drop(held.remove(i % held.len())),
+                Op::Advance(ms) => tokio::time::advance(Duration::from_millis(ms)).await,
+                _ => {}
+            }
+            settle().await;
+            let snap = pool.snapshot();
+            prop_assert_eq!(snap.in_use, held.len(), "slots leaked or double-freed");
+            prop_assert_eq!(
+                snap.open,
+                held.len() + snap.idle,
+                "an open connection is neither held nor idle"
+            );
+            prop_assert!(snap.open <= MAX);
+            prop_assert!(snap.idle <= MAX_IDLE);
+            let ids: HashSet<u64> = held.iter().map(PooledConn::conn_id).collect();
+            prop_assert_eq!(ids.len(), held.len());
+        }
+        held.clear();
+        settle().await;
+        let snap = pool.snapshot();
+        prop_assert_eq!(snap.in_use, 0);
+        prop_assert_eq!(pool.slots.available_permits(), MAX, "a slot leaked");
+        // Everything idle expires in the background.
+        tokio::time::advance(IDLE + Duration::from_millis(1)).await;
+        settle().await;
+        prop_assert_eq!(
+            pool.snapshot().open,
+            0,
+            "an idle connection outlived its expiry"
+        );
+        Ok(())
+    })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+
+    #[test]
+    fn pool_state_machine_holds_its_invariants(ops in proptest::collection::vec(op(), 1..60)) {
+        run(ops)?;
+    }
+}
