@@ -17,12 +17,9 @@
 //! which would cut idle keep-alive connections; holdfast times the head itself.
 
 use std::convert::Infallible;
-use std::io;
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, OnceLock};
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use http::HeaderValue;
@@ -30,17 +27,19 @@ use http::header;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
+mod io;
+
+use self::io::ClientIo;
 use super::drain::{DrainWatch, Tracked};
 use crate::config::{DrainConfig, ListenerConfig};
 use crate::proxy::{ConnContext, Proxy};
 
 /// How long a closing connection keeps reading (and discarding) what the client
 /// still sends, so the close is a FIN and never a reset.
-const LINGER: Duration = Duration::from_secs(2);
+pub(super) const LINGER: Duration = Duration::from_secs(2);
 
 /// Settings and shared parts of one listener, built once.
 pub struct ListenerShared {
@@ -89,7 +88,7 @@ fn advertised_timeout(real: Duration) -> Option<Duration> {
 /// Where the connection is between requests.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]
-enum ConnPhase {
+pub(super) enum ConnPhase {
     /// Waiting for (the rest of) a request head.
     Reading = 0,
     /// A request is being served.
@@ -294,111 +293,6 @@ fn log_conn_error(e: &hyper::Error, remote: SocketAddr) {
     } else {
         tracing::debug!(client = %remote, error = %e, "client connection ended with an error");
     }
-}
-
-/// The client socket: notes when a request starts arriving, and lingers on close.
-struct ClientIo {
-    stream: Option<TcpStream>,
-    state: Arc<ConnState>,
-    read_eof: bool,
-    tracked: Option<Tracked>,
-}
-
-impl ClientIo {
-    fn stream(&mut self) -> io::Result<&mut TcpStream> {
-        self.stream
-            .as_mut()
-            .ok_or_else(|| io::Error::from(io::ErrorKind::NotConnected))
-    }
-}
-
-impl AsyncRead for ClientIo {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        let before = buf.filled().len();
-        let res = Pin::new(this.stream()?).poll_read(cx, buf);
-        if let Poll::Ready(Ok(())) = res {
-            let n = buf.filled().len() - before;
-            if n == 0 {
-                this.read_eof = true;
-            } else if this.state.phase.load(Relaxed) == ConnPhase::Idle as u8 {
-                this.state.set(ConnPhase::Reading);
-            }
-        }
-        res
-    }
-}
-
-impl AsyncWrite for ClientIo {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(self.get_mut().stream()?).poll_write(cx, buf)
-    }
-
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(self.get_mut().stream()?).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        true
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(self.get_mut().stream()?).poll_flush(cx)
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(self.get_mut().stream()?).poll_shutdown(cx)
-    }
-}
-
-impl Drop for ClientIo {
-    fn drop(&mut self) {
-        let Some(stream) = self.stream.take() else {
-            return;
-        };
-        if self.read_eof {
-            return;
-        }
-        // Anything unread makes close() send a reset; see whether the client is
-        // already gone before paying for a linger task.
-        let mut probe = [0u8; 1];
-        match stream.try_read(&mut probe) {
-            Ok(0) => return,
-            Err(e) if e.kind() != io::ErrorKind::WouldBlock => return,
-            _ => {}
-        }
-        let tracked = self.tracked.take();
-        if tokio::runtime::Handle::try_current().is_ok() {
-            tokio::spawn(linger(stream, tracked));
-        }
-    }
-}
-
-/// Half-closes, then discards what the client still sends until it closes too or
-/// the linger time runs out.
-async fn linger(mut stream: TcpStream, tracked: Option<Tracked>) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let _ = stream.shutdown().await;
-    let deadline = Instant::now() + LINGER;
-    let mut buf = [0u8; 4096];
-    while let Ok(Ok(n)) = tokio::time::timeout_at(deadline, stream.read(&mut buf)).await {
-        if n == 0 {
-            break;
-        }
-    }
-    drop(tracked);
 }
 
 #[cfg(test)]
