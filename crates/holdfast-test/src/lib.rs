@@ -16,14 +16,17 @@
 //!   document root for the test's scripts.
 //! - [`process`]: [`HoldfastProcess`], plus [`wait_until`] and [`read_pid_file`].
 //! - [`sys`]: signals by PID ([`sys::send_signal`]) and the signal numbers.
+//! - [`h2`]: raw HTTP/2 frames, for scripted clients that must send (and see) exact
+//!   frames.
 //!
 //! Paused tokio time (`tokio::time::pause`) auto-advances whenever the runtime waits on
 //! real sockets, so the timeouts here fire at once under it: use these fixtures with real
 //! time, and paused time for in-process logic only.
 //!
-//! Not here: TLS, HTTP/2 clients.
+//! Not here: TLS and real HTTP/2 clients (tests use tokio-rustls and hyper's client).
 
 pub mod client;
+pub mod h2;
 pub mod load;
 pub mod nginx;
 pub mod php;

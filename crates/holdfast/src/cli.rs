@@ -5,8 +5,8 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use holdfast::config::{
-    Config, Dur, FastCgiRoute, ListenerConfig, LogFormat, Protocol, RouteConfig, UpstreamAddr,
-    UpstreamConfig,
+    Config, Dur, FastCgiRoute, ListenerConfig, LogFormat, Protocol, RouteConfig, TlsConfig,
+    UpstreamAddr, UpstreamConfig,
 };
 use holdfast::probe::ProbeOptions;
 
@@ -146,6 +146,13 @@ pub struct ProxyArgs {
     /// Front controller for paths that name no script, e.g. /index.php.
     #[arg(long)]
     pub fallback: Option<String>,
+    /// Serve HTTPS (HTTP/2 and HTTP/1.1) with this PEM certificate chain, leaf first.
+    /// Read again on SIGHUP.
+    #[arg(long, requires = "tls_key", value_name = "FILE")]
+    pub tls_cert: Option<PathBuf>,
+    /// The PEM private key of --tls-cert.
+    #[arg(long, requires = "tls_cert", value_name = "FILE")]
+    pub tls_key: Option<PathBuf>,
 }
 
 impl ProxyArgs {
@@ -169,7 +176,20 @@ impl ProxyArgs {
                     .map_err(|_| format!("--admin: {a:?} is not an address or `off`"))?
             }
         }
-        c.listeners.push(ListenerConfig::new(self.listen));
+        let mut listener = ListenerConfig::new(self.listen);
+        if let (Some(cert), Some(key)) = (self.tls_cert, self.tls_key) {
+            let tls = TlsConfig::new(cert, key);
+            if let Some((key, msg)) = holdfast::server::tls::check(&tls).into_iter().next() {
+                let flag = if key == "cert" {
+                    "--tls-cert"
+                } else {
+                    "--tls-key"
+                };
+                return Err(format!("{flag}: {msg}"));
+            }
+            listener.tls = Some(tls);
+        }
+        c.listeners.push(listener);
         let mut route = RouteConfig::new("/", "default");
         let up = UpstreamConfig::new(self.to);
         match (up.protocol(), self.root) {

@@ -7,6 +7,7 @@
 
 mod addr;
 mod error;
+mod listener;
 mod units;
 
 use std::collections::BTreeMap;
@@ -18,6 +19,7 @@ use serde::{Deserialize, Serialize};
 
 pub use self::addr::{Endpoint, Protocol, UpstreamAddr};
 pub use self::error::{ConfigError, ConfigErrors};
+pub use self::listener::{Http2Config, TlsCertificate, TlsConfig};
 pub use self::units::{ByteSize, Dur};
 
 /// The whole config file.
@@ -173,6 +175,23 @@ pub struct ListenerConfig {
     /// they are replaced. Default: none.
     #[serde(default)]
     pub trusted_proxies: Vec<IpNet>,
+    /// Also accept HTTP/2 with prior knowledge (h2c, RFC 9113 3.3) on this plain
+    /// listener, told apart from HTTP/1.1 by its first bytes. Default false.
+    #[serde(default)]
+    pub h2c: bool,
+    /// Answer every request with `308 Permanent Redirect` to the same host and path
+    /// over https instead of proxying it. Plain listeners only. Default false.
+    #[serde(default)]
+    pub redirect_https: bool,
+    /// The port those redirects name; 443 is left out of the URL. Default 443.
+    #[serde(default = "defaults::https_port")]
+    pub redirect_https_port: u16,
+    /// `[listener.http2]`: HTTP/2 limits.
+    #[serde(default)]
+    pub http2: Http2Config,
+    /// `[listener.tls]`: terminate TLS here. Default: none (plain TCP).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<TlsConfig>,
 }
 
 /// One `[[route]]`: requests whose Host and path match go to `upstream`.
@@ -451,6 +470,9 @@ mod defaults {
     pub fn max_requests_per_connection() -> u64 {
         10_000
     }
+    pub fn https_port() -> u16 {
+        443
+    }
     pub fn path() -> String {
         "/".into()
     }
@@ -484,6 +506,11 @@ impl ListenerConfig {
             max_body_bytes: defaults::max_body_bytes(),
             max_requests_per_connection: defaults::max_requests_per_connection(),
             trusted_proxies: Vec::new(),
+            h2c: false,
+            redirect_https: false,
+            redirect_https_port: defaults::https_port(),
+            http2: Http2Config::default(),
+            tls: None,
         }
     }
 }
@@ -590,6 +617,29 @@ impl Config {
                     format!("listener[{i}].max_header_bytes"),
                     "must be at least 1KiB".into(),
                 );
+            }
+            for (key, msg) in l.http2.problems() {
+                bad(format!("listener[{i}].http2.{key}"), msg);
+            }
+            if let Some(tls) = &l.tls {
+                if l.h2c {
+                    bad(
+                        format!("listener[{i}].h2c"),
+                        "h2c is for plain listeners; with [listener.tls] HTTP/2 is offered by ALPN"
+                            .into(),
+                    );
+                }
+                if l.redirect_https {
+                    bad(
+                        format!("listener[{i}].redirect_https"),
+                        "redirect_https is for a plain listener in front of a TLS one".into(),
+                    );
+                }
+                // The certificates are read here too, so `holdfast check` and a reload
+                // catch a bad file before anything is swapped.
+                for (key, msg) in crate::server::tls::check(tls) {
+                    bad(format!("listener[{i}].tls.{key}"), msg);
+                }
             }
         }
         for (i, r) in self.routes.iter().enumerate() {

@@ -5,7 +5,7 @@
 //! |---|---|
 //! | SIGTERM, SIGQUIT, first SIGINT | graceful drain, then exit |
 //! | second SIGINT | exit at once |
-//! | SIGHUP | reload the config file; a bad one is logged and the old one kept |
+//! | SIGHUP | reload the config file (or, started from flags, the certificate files); a bad one is logged and the old one kept |
 //! | SIGUSR2 | start the binary at our path, hand it the listeners, drain once it is ready; ignored while draining |
 
 use std::ffi::OsString;
@@ -44,6 +44,9 @@ impl Origin {
 pub async fn run(config: Config, origin: Origin) -> i32 {
     let pid_file = config.pid_file.clone();
     let ready_timeout = config.upgrade.ready_timeout.get();
+    // Started from flags: SIGHUP applies the same config again, which reads the
+    // certificate files again.
+    let fixed = origin.config_path.is_none().then(|| config.clone());
     let server = match Server::bind(config).await {
         Ok(s) => s,
         Err(e) => {
@@ -75,7 +78,13 @@ pub async fn run(config: Config, origin: Origin) -> i32 {
     let (tx, rx) = mpsc::channel(8);
     let listeners = server.listener_fds();
     let state = server.state.clone();
-    let signals = tokio::spawn(handle_signals(tx, origin, listeners, ready_timeout, state));
+    let signals = tokio::spawn(handle_signals(
+        tx,
+        (origin, fixed),
+        listeners,
+        ready_timeout,
+        state,
+    ));
     let report = server.run(rx).await;
     signals.abort();
     if let Some(path) = &pid_file {
@@ -89,7 +98,7 @@ pub async fn run(config: Config, origin: Origin) -> i32 {
 
 async fn handle_signals(
     tx: mpsc::Sender<Control>,
-    origin: Origin,
+    (origin, fixed): (Origin, Option<Config>),
     listeners: Vec<(std::net::SocketAddr, std::os::fd::RawFd)>,
     ready_timeout: std::time::Duration,
     state: std::sync::Arc<crate::server::ServerState>,
@@ -120,7 +129,7 @@ async fn handle_signals(
                     Some(Control::Exit)
                 }
             }
-            _ = hup.recv() => reload(&origin, &state),
+            _ = hup.recv() => reload(&origin, fixed.as_ref(), &state),
             _ = usr2.recv() => match phase {
                 Phase::Running => upgrade(&origin, &listeners, ready_timeout, &state).await,
                 // Our listeners are closed (or handed over) by now: a successor would
@@ -141,10 +150,22 @@ async fn handle_signals(
     }
 }
 
-fn reload(origin: &Origin, state: &crate::server::ServerState) -> Option<Control> {
+fn reload(
+    origin: &Origin,
+    fixed: Option<&Config>,
+    state: &crate::server::ServerState,
+) -> Option<Control> {
     let Some(path) = &origin.config_path else {
-        tracing::warn!("SIGHUP: no config file to reload (started without --config)");
-        return None;
+        return match fixed {
+            Some(c) if c.listeners.iter().any(|l| l.tls.is_some()) => {
+                tracing::info!("SIGHUP: reading the certificate files again");
+                Some(Control::Reload(Box::new(c.clone())))
+            }
+            _ => {
+                tracing::warn!("SIGHUP: no config file to reload (started without --config)");
+                None
+            }
+        };
     };
     match Config::load(path) {
         Ok(c) => {

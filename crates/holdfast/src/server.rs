@@ -1,4 +1,5 @@
-//! The running gateway: listeners, client connections, admin, reload and drain.
+//! The running gateway: listeners, client connections (TLS, HTTP/1.1 and HTTP/2),
+//! admin, reload and drain.
 //!
 //! [`Server::bind`] opens (or adopts, after an upgrade) the listening sockets;
 //! [`Server::run`] serves until told to drain, then drains in the documented order
@@ -9,6 +10,8 @@ pub mod conn;
 pub mod drain;
 pub mod inherit;
 pub mod listener;
+pub mod redirect;
+pub mod tls;
 
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, RawFd};
@@ -21,7 +24,7 @@ use tokio::sync::mpsc;
 use self::conn::ListenerShared;
 use self::drain::Tracker;
 use crate::admin;
-use crate::config::Config;
+use crate::config::{Config, TlsConfig};
 use crate::proxy::{Proxy, Routing};
 
 /// What the binary (or a test) tells a running server.
@@ -69,6 +72,8 @@ pub struct Server {
     proxy: Arc<Proxy>,
     config: Arc<Config>,
     listeners: Vec<TcpListener>,
+    /// Settings, TLS and protocol builders of each listener, in `listeners` order.
+    fronts: Vec<Arc<ListenerShared>>,
     admin: Option<TcpListener>,
     pub state: Arc<ServerState>,
 }
@@ -78,7 +83,8 @@ impl Server {
     /// upgrade) and builds routes and upstreams.
     ///
     /// # Errors
-    /// A listener or the admin address cannot be bound.
+    /// A listener or the admin address cannot be bound, or a listener's certificates
+    /// cannot be used.
     pub async fn bind(config: Config) -> std::io::Result<Server> {
         let mut inherited = inherit::take_inherited();
         let mut listeners = Vec::new();
@@ -105,10 +111,21 @@ impl Server {
         }
         let config = Arc::new(config);
         let routing = Routing::build(config.clone(), None).await;
+        let proxy = Arc::new(Proxy::new(routing));
+        let fronts = config
+            .listeners
+            .iter()
+            .map(|lc| {
+                ListenerShared::new(proxy.clone(), lc.clone(), config.drain.clone())
+                    .map(Arc::new)
+                    .map_err(|e| std::io::Error::other(format!("listener {}: {e}", lc.listen)))
+            })
+            .collect::<std::io::Result<Vec<_>>>()?;
         Ok(Server {
-            proxy: Arc::new(Proxy::new(routing)),
+            proxy,
             config,
             listeners,
+            fronts,
             admin,
             state: Arc::new(ServerState::default()),
         })
@@ -152,6 +169,7 @@ impl Server {
             proxy,
             config,
             listeners,
+            fronts,
             admin,
             state,
         } = self;
@@ -160,15 +178,10 @@ impl Server {
         let mut admin_task =
             admin.map(|l| tokio::spawn(admin::serve(l, proxy.clone(), state.clone())));
         let mut accepting = Vec::new();
-        for (listener, lc) in listeners.into_iter().zip(&config.listeners) {
-            let shared = Arc::new(ListenerShared::new(
-                proxy.clone(),
-                lc.clone(),
-                config.drain.clone(),
-            ));
+        for (listener, shared) in listeners.into_iter().zip(&fronts) {
             accepting.push(tokio::spawn(listener::accept_loop(
                 listener,
-                shared,
+                shared.clone(),
                 watch.clone(),
                 tracker.clone(),
             )));
@@ -176,7 +189,9 @@ impl Server {
 
         let mut stop = loop {
             match control.recv().await {
-                Some(Control::Reload(new)) => reload(&proxy, &config, *new, &state).await,
+                Some(Control::Reload(new)) => {
+                    reload(&proxy, &config, &fronts, *new, &state).await;
+                }
                 Some(Control::Drain) | None => break Stop::Drain,
                 Some(Control::HandedOver) => break Stop::HandedOver,
                 Some(Control::Exit) => break Stop::Exit,
@@ -253,12 +268,48 @@ impl Server {
     }
 }
 
-async fn reload(proxy: &Proxy, running: &Config, new: Config, state: &ServerState) {
+async fn reload(
+    proxy: &Proxy,
+    running: &Config,
+    fronts: &[Arc<ListenerShared>],
+    new: Config,
+    state: &ServerState,
+) {
     let old = proxy.routing();
-    if new.listeners != running.listeners || new.admin != running.admin {
+    // Certificates are the one listener setting a reload applies: their files are read
+    // again even when the config names the same ones (a renewal rewrites them).
+    let without_certs = |c: &Config| {
+        let mut ls = c.listeners.clone();
+        for l in &mut ls {
+            l.tls = l.tls.as_ref().map(|_| TlsConfig::new("", ""));
+        }
+        ls
+    };
+    if without_certs(&new) != without_certs(running) || new.admin != running.admin {
         tracing::warn!(
             "listener and admin changes take effect on the next upgrade (SIGUSR2), not on reload"
         );
+    }
+    for (front, listen) in fronts
+        .iter()
+        .zip(running.listeners.iter().map(|l| l.listen))
+    {
+        let Some(tls) = new
+            .listeners
+            .iter()
+            .find(|l| l.listen == listen)
+            .and_then(|l| l.tls.as_ref())
+        else {
+            continue;
+        };
+        match front.reload_certificates(tls) {
+            Some(Ok(n)) => tracing::info!(%listen, certificates = n, "certificates reloaded"),
+            Some(Err(e)) => {
+                state.reload_failures.fetch_add(1, Relaxed);
+                tracing::error!(%listen, "certificates not reloaded, the ones in force stay: {e}");
+            }
+            None => {}
+        }
     }
     let routing = Routing::build(Arc::new(new), Some(&old)).await;
     proxy.replace(routing);

@@ -126,3 +126,63 @@ fn missing_file_is_an_error_naming_it() {
         "{errs}"
     );
 }
+
+/// GOOD with `[listener.tls]` (and `extra` lines in the listener) for a certificate
+/// written into `dir`.
+fn with_tls(dir: &Path, extra: &str) -> String {
+    let c = rcgen::generate_simple_self_signed(vec!["a.test".to_owned()]).unwrap();
+    let (cert, key) = (dir.join("a.pem"), dir.join("a.key"));
+    std::fs::write(&cert, c.cert.pem()).unwrap();
+    std::fs::write(&key, c.signing_key.serialize_pem()).unwrap();
+    GOOD.replace(
+        "listen = \"127.0.0.1:8080\"\n",
+        &format!(
+            "listen = \"127.0.0.1:8080\"\n{extra}\n[listener.tls]\ncert = {:?}\nkey = {:?}\n",
+            cert.display().to_string(),
+            key.display().to_string()
+        ),
+    )
+}
+
+#[test]
+fn tls_and_http2_settings_round_trip() {
+    let dir = holdfast_test::tempdir();
+    let text = with_tls(dir.path(), "[listener.http2]\nmax_concurrent_streams = 9\n");
+    let c = parse(&text).unwrap();
+    let l = &c.listeners[0];
+    assert!(l.tls.is_some());
+    assert_eq!(l.http2.max_concurrent_streams, 9);
+    assert_eq!(l.http2.max_pending_accept_reset_streams, 20);
+    assert_eq!(parse(&c.to_effective_toml()).unwrap(), c);
+}
+
+#[test]
+fn unusable_certificate_files_name_file_line_and_key() {
+    let dir = holdfast_test::tempdir();
+    let text = with_tls(dir.path(), "").replace("a.key", "missing.key");
+    let e = only_error(&text);
+    assert_eq!(e.key.as_deref(), Some("listener[0].tls.key"), "{e}");
+    assert_eq!(e.line, 7, "{e}");
+    assert!(e.message.contains("missing.key"), "{e}");
+}
+
+#[test]
+fn h2c_and_redirect_are_for_plain_listeners() {
+    let dir = holdfast_test::tempdir();
+    let errs = parse(&with_tls(dir.path(), "h2c = true\nredirect_https = true\n")).unwrap_err();
+    let keys: Vec<_> = errs.0.iter().filter_map(|e| e.key.as_deref()).collect();
+    assert_eq!(
+        keys,
+        ["listener[0].h2c", "listener[0].redirect_https"],
+        "{errs}"
+    );
+    let e = only_error(&GOOD.replace(
+        "listen = \"127.0.0.1:8080\"\n",
+        "listen = \"127.0.0.1:8080\"\n[listener.http2]\ninitial_stream_window = \"4GiB\"\n",
+    ));
+    assert_eq!(
+        e.key.as_deref(),
+        Some("listener[0].http2.initial_stream_window"),
+        "{e}"
+    );
+}

@@ -1,5 +1,5 @@
-//! One client connection: HTTP/1.1 by hyper, and holdfast's own rules for when the
-//! connection may end.
+//! One client connection: TLS when the listener has it, then HTTP/1.1 or HTTP/2 by
+//! hyper, and holdfast's own rules for when the connection may end.
 //!
 //! An HTTP/1.1 server that closes an idle connection races a client that is just
 //! sending on it (RFC 9112 9.5). holdfast narrows that race:
@@ -15,26 +15,47 @@
 //! idle is closed after `drain.idle_close_after` (or the advertised timeout if
 //! shorter). hyper's own header-read timer is off: it also runs between requests,
 //! which would cut idle keep-alive connections; holdfast times the head itself.
+//!
+//! HTTP/2 (ALPN `h2`, or the prior-knowledge preface when `h2c = true`) ends
+//! connections with GOAWAY, which does not race: h2's graceful shutdown first sends
+//! GOAWAY with the highest possible stream id and a PING, and only once the PING is
+//! answered the final GOAWAY naming the last stream it took. Streams the client opened
+//! before it saw that are served; streams above it were never processed, and the
+//! client knows it may send them again on a new connection (RFC 9113 6.8). So an
+//! HTTP/2 connection with no open stream for `keepalive_timeout` gets GOAWAY, and in a
+//! drain every HTTP/2 connection gets it at once: its open streams finish, then it
+//! closes. One that neither finishes closing nor has a stream open `header_timeout`
+//! after the GOAWAY is cut. HTTP/2 responses carry no `Connection` or `Keep-Alive`
+//! (connection-specific fields are malformed there, RFC 9113 8.2.2).
+//!
+//! The TLS handshake (and the h2c sniff) must end within `header_timeout`.
 
 use std::convert::Infallible;
+use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering::Relaxed};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use http::HeaderValue;
-use http::header;
+use bytes::Bytes;
+use http::header::{self, HeaderName};
+use http::{HeaderValue, Version};
 use hyper::body::Incoming;
+use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpStream;
+use tokio::sync::Notify;
 use tokio::time::Instant;
 
 mod io;
 
-use self::io::ClientIo;
+use self::io::{ClientIo, Transport};
 use super::drain::{DrainWatch, Tracked};
-use crate::config::{DrainConfig, ListenerConfig};
+use super::redirect;
+use super::tls::{self, TlsFront};
+use crate::config::{DrainConfig, ListenerConfig, TlsConfig};
 use crate::proxy::{ConnContext, Proxy};
 
 /// How long a closing connection keeps reading (and discarding) what the client
@@ -46,15 +67,27 @@ pub struct ListenerShared {
     pub proxy: Arc<Proxy>,
     pub config: Arc<ListenerConfig>,
     pub drain: DrainConfig,
-    http1: hyper::server::conn::http1::Builder,
+    tls: Option<TlsFront>,
+    http1: http1::Builder,
+    http2: http2::Builder<TokioExecutor>,
     /// `Keep-Alive: timeout=N` sent on responses, N a margin below the real timeout.
     keep_alive: Option<HeaderValue>,
     advertised: Option<Duration>,
 }
 
 impl ListenerShared {
-    pub fn new(proxy: Arc<Proxy>, config: ListenerConfig, drain: DrainConfig) -> Self {
-        let mut http1 = hyper::server::conn::http1::Builder::new();
+    /// Reads the listener's certificates (if it has TLS) and sets up hyper's HTTP/1
+    /// and HTTP/2 servers with its limits.
+    ///
+    /// # Errors
+    /// The listener's certificates cannot be read or used.
+    pub fn new(
+        proxy: Arc<Proxy>,
+        config: ListenerConfig,
+        drain: DrainConfig,
+    ) -> Result<Self, String> {
+        let tls = config.tls.as_ref().map(TlsFront::new).transpose()?;
+        let mut http1 = http1::Builder::new();
         let max_head = config.max_header_bytes.as_usize();
         http1
             .keep_alive(true)
@@ -66,14 +99,38 @@ impl ListenerShared {
         let advertised = advertised_timeout(config.keepalive_timeout.get());
         let keep_alive =
             advertised.and_then(|d| HeaderValue::try_from(format!("timeout={}", d.as_secs())).ok());
-        ListenerShared {
+        let h = &config.http2;
+        // Validation keeps these within u32 (windows within 2^31-1).
+        let u32_of = |b: crate::config::ByteSize| u32::try_from(b.get()).unwrap_or(u32::MAX);
+        let mut http2 = http2::Builder::new(TokioExecutor::new());
+        http2
+            .max_concurrent_streams(h.max_concurrent_streams)
+            .max_header_list_size(u32_of(h.max_header_list_size))
+            .initial_stream_window_size(u32_of(h.initial_stream_window))
+            .initial_connection_window_size(u32_of(h.initial_connection_window))
+            // Rapid reset (CVE-2023-44487) and its server-side twin: past these
+            // counts the connection gets GOAWAY ENHANCE_YOUR_CALM.
+            .max_pending_accept_reset_streams(h.max_pending_accept_reset_streams)
+            .max_local_error_reset_streams(h.max_local_error_reset_streams);
+        Ok(ListenerShared {
             proxy,
             config: Arc::new(config),
             drain,
+            tls,
             http1,
+            http2,
             keep_alive,
             advertised,
-        }
+        })
+    }
+
+    /// Reads this listener's certificate files again for new handshakes (SIGHUP).
+    /// Returns how many certificates are in force, or `None` for a plain listener.
+    ///
+    /// # Errors
+    /// A file cannot be used; the certificates in force stay.
+    pub fn reload_certificates(&self, config: &TlsConfig) -> Option<Result<usize, String>> {
+        self.tls.as_ref().map(|t| t.reload(config))
     }
 }
 
@@ -104,6 +161,12 @@ pub struct ConnState {
     since_ms: AtomicU64,
     draining: AtomicBool,
     requests: AtomicU64,
+    /// Requests whose response is not written yet (at most one on HTTP/1).
+    active: AtomicU32,
+    /// HTTP/2: `max_requests_per_connection` reached; send GOAWAY.
+    close_soon: AtomicBool,
+    /// Makes the connection task look again at once.
+    wake: Notify,
 }
 
 fn clock_base() -> Instant {
@@ -124,6 +187,9 @@ impl ConnState {
             since_ms: AtomicU64::new(now_ms()),
             draining: AtomicBool::new(false),
             requests: AtomicU64::new(0),
+            active: AtomicU32::new(0),
+            close_soon: AtomicBool::new(false),
+            wake: Notify::new(),
         }
     }
 
@@ -145,13 +211,32 @@ impl ConnState {
     }
 }
 
-/// Held by a response body: the connection is busy until the response is written.
+/// Held from the moment a request reaches the service until its response is written
+/// (it travels in the response body); dropped early if the request is cancelled (an
+/// HTTP/2 stream reset). The connection is idle when none is held.
 pub struct InFlight(Arc<ConnState>);
+
+impl InFlight {
+    fn start(state: &Arc<ConnState>) -> InFlight {
+        state.active.fetch_add(1, Relaxed);
+        state.set(ConnPhase::Busy);
+        InFlight(state.clone())
+    }
+}
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.0.set(ConnPhase::Idle);
+        if self.0.active.fetch_sub(1, Relaxed) == 1 {
+            self.0.set(ConnPhase::Idle);
+        }
     }
+}
+
+/// Which HTTP the connection speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Proto {
+    Http1,
+    Http2,
 }
 
 /// Serves one client connection until it ends.
@@ -159,58 +244,161 @@ pub async fn serve(
     stream: TcpStream,
     remote: SocketAddr,
     shared: Arc<ListenerShared>,
-    mut drain: DrainWatch,
+    drain: DrainWatch,
     tracked: Tracked,
 ) {
     let local = stream.local_addr().unwrap_or_else(|_| shared.config.listen);
     let state = Arc::new(ConnState::new());
+    let handshake = shared.config.header_timeout.get();
+    let (transport, replay, proto) = match &shared.tls {
+        Some(front) => match tokio::time::timeout(handshake, front.accept(stream)).await {
+            Ok(Ok(s)) => {
+                let proto = if tls::negotiated_h2(&s) {
+                    Proto::Http2
+                } else {
+                    Proto::Http1
+                };
+                (Transport::Tls(Box::new(s)), Bytes::new(), proto)
+            }
+            Ok(Err(e)) => {
+                tracing::debug!(client = %remote, error = %e, "TLS handshake failed");
+                return;
+            }
+            Err(_) => {
+                tracing::info!(client = %remote, timeout = ?handshake, "TLS handshake not done in time; closing");
+                return;
+            }
+        },
+        None if shared.config.h2c => {
+            let mut stream = stream;
+            match io::sniff_h2_preface(&mut stream, handshake).await {
+                Ok((h2, replay)) => {
+                    let proto = if h2 { Proto::Http2 } else { Proto::Http1 };
+                    (Transport::Plain(stream), replay, proto)
+                }
+                Err(e) => {
+                    tracing::debug!(client = %remote, error = %e, "no request on a new connection");
+                    return;
+                }
+            }
+        }
+        None => (Transport::Plain(stream), Bytes::new(), Proto::Http1),
+    };
     let ctx = Arc::new(ConnContext {
         remote,
         local,
-        tls: false,
+        tls: matches!(transport, Transport::Tls(_)),
         listener: shared.config.clone(),
     });
+    let io = ClientIo::new(
+        transport,
+        replay,
+        state.clone(),
+        proto == Proto::Http1,
+        tracked,
+    );
+    let io = TokioIo::new(io);
     let svc = {
         let shared = shared.clone();
         let state = state.clone();
         service_fn(move |req: http::Request<Incoming>| {
-            state.set(ConnPhase::Busy);
+            let in_flight = InFlight::start(&state);
             let n = state.requests.fetch_add(1, Relaxed) + 1;
+            let max = shared.config.max_requests_per_connection;
+            let last = max > 0 && n >= max;
+            if last && req.version() == Version::HTTP_2 {
+                state.close_soon.store(true, Relaxed);
+                state.wake.notify_one();
+            }
             let shared = shared.clone();
             let state = state.clone();
             let ctx = ctx.clone();
             async move {
-                let mut resp = shared.proxy.handle(req, &ctx).await;
+                let version = req.version();
+                let mut resp = if shared.config.redirect_https {
+                    redirect::respond(&req, shared.config.redirect_https_port)
+                } else {
+                    shared.proxy.handle(req, &ctx).await
+                };
                 if resp.status() != http::StatusCode::SWITCHING_PROTOCOLS {
-                    let max = shared.config.max_requests_per_connection;
-                    let h = resp.headers_mut();
-                    if state.draining.load(Relaxed) || (max > 0 && n >= max) {
-                        h.insert(header::CONNECTION, HeaderValue::from_static("close"));
-                    } else if let Some(ka) = &shared.keep_alive {
-                        h.insert("keep-alive", ka.clone());
+                    let closing = state.draining.load(Relaxed) || last;
+                    if let Some((name, value)) =
+                        connection_field(version, closing, shared.keep_alive.as_ref())
+                    {
+                        resp.headers_mut().insert(name, value);
                     }
                 }
-                resp.body_mut().in_flight = Some(InFlight(state));
+                resp.body_mut().in_flight = Some(in_flight);
                 Ok::<_, Infallible>(resp)
             }
         })
     };
-    let io = ClientIo {
-        stream: Some(stream),
-        state: state.clone(),
-        read_eof: false,
-        tracked: Some(tracked),
-    };
-    let conn = shared
-        .http1
-        .serve_connection(TokioIo::new(io), svc)
-        .with_upgrades();
-    tokio::pin!(conn);
+    match proto {
+        Proto::Http1 => {
+            let conn = shared.http1.serve_connection(io, svc).with_upgrades();
+            drive(
+                conn,
+                |c| c.graceful_shutdown(),
+                proto,
+                &state,
+                &shared,
+                drain,
+                remote,
+            )
+            .await;
+        }
+        Proto::Http2 => {
+            // Until its first stream an HTTP/2 connection is idle, not reading a head.
+            state.set(ConnPhase::Idle);
+            let conn = shared.http2.serve_connection(io, svc);
+            drive(
+                conn,
+                |c| c.graceful_shutdown(),
+                proto,
+                &state,
+                &shared,
+                drain,
+                remote,
+            )
+            .await;
+        }
+    }
+}
 
+/// The connection-management field a response gets: HTTP/1 only, since HTTP/2 has
+/// no such fields (RFC 9113 8.2.2) and ends connections with GOAWAY instead.
+fn connection_field(
+    version: Version,
+    closing: bool,
+    keep_alive: Option<&HeaderValue>,
+) -> Option<(HeaderName, HeaderValue)> {
+    if version >= Version::HTTP_2 {
+        None
+    } else if closing {
+        Some((header::CONNECTION, HeaderValue::from_static("close")))
+    } else {
+        keep_alive.map(|ka| (HeaderName::from_static("keep-alive"), ka.clone()))
+    }
+}
+
+/// Runs a hyper connection under holdfast's rules until it ends.
+async fn drive<C>(
+    conn: C,
+    shutdown: impl Fn(Pin<&mut C>),
+    proto: Proto,
+    state: &ConnState,
+    shared: &ListenerShared,
+    mut drain: DrainWatch,
+    remote: SocketAddr,
+) where
+    C: Future<Output = hyper::Result<()>>,
+{
+    tokio::pin!(conn);
     // The first verdict at once: it picks the nearer of the head and idle deadlines.
     let check = tokio::time::sleep_until(Instant::now());
     tokio::pin!(check);
-    let mut closing = false;
+    // When holdfast began closing (HTTP/1: no more verdicts; HTTP/2: GOAWAY sent).
+    let mut closing: Option<Instant> = None;
     loop {
         tokio::select! {
             res = conn.as_mut() => {
@@ -219,14 +407,20 @@ pub async fn serve(
                 }
                 return;
             }
-            () = check.as_mut(), if !closing => {
-                match verdict(&state, &shared, Instant::now()) {
+            () = check.as_mut(), if closing.is_none() || proto == Proto::Http2 => {
+                let now = Instant::now();
+                let v = match proto {
+                    Proto::Http1 => verdict(state, shared, now),
+                    Proto::Http2 => verdict_h2(state, shared, now, closing),
+                };
+                match v {
                     Verdict::Close => {
-                        conn.as_mut().graceful_shutdown();
-                        closing = true;
+                        shutdown(conn.as_mut());
+                        closing = Some(now);
+                        check.as_mut().reset(now);
                     }
-                    Verdict::Abort => {
-                        tracing::info!(client = %remote, timeout = ?shared.config.header_timeout.get(), "client did not send a complete request head in time; closing");
+                    Verdict::Abort(why) => {
+                        tracing::info!(client = %remote, timeout = ?shared.config.header_timeout.get(), "{why}; closing");
                         return;
                     }
                     Verdict::RecheckAt(at) => check.as_mut().reset(at),
@@ -236,15 +430,20 @@ pub async fn serve(
                 state.draining.store(true, Relaxed);
                 check.as_mut().reset(Instant::now());
             }
+            () = state.wake.notified() => check.as_mut().reset(Instant::now()),
         }
     }
 }
 
 enum Verdict {
     Close,
-    Abort,
+    /// Cut the connection now, saying why.
+    Abort(&'static str),
     RecheckAt(Instant),
 }
+
+/// How often a connection with a request in flight is looked at again.
+const BUSY_RECHECK: Duration = Duration::from_millis(250);
 
 fn verdict(state: &ConnState, shared: &ListenerShared, now: Instant) -> Verdict {
     let (phase, since) = state.phase();
@@ -263,7 +462,7 @@ fn verdict(state: &ConnState, shared: &ListenerShared, now: Instant) -> Verdict 
         ConnPhase::Reading => {
             let at = since + shared.config.header_timeout.get();
             if now >= at {
-                Verdict::Abort
+                Verdict::Abort("client did not send a complete request head in time")
             } else {
                 // The request may be served and the connection go idle before `at`;
                 // look again in time for a shorter idle deadline.
@@ -272,7 +471,7 @@ fn verdict(state: &ConnState, shared: &ListenerShared, now: Instant) -> Verdict 
         }
         // Busy connections get `Connection: close` on their response; look again
         // when the request may be over.
-        ConnPhase::Busy => Verdict::RecheckAt(now + Duration::from_millis(250)),
+        ConnPhase::Busy => Verdict::RecheckAt(now + BUSY_RECHECK),
         ConnPhase::Idle => {
             let at = since + idle_limit;
             if now >= at {
@@ -284,8 +483,53 @@ fn verdict(state: &ConnState, shared: &ListenerShared, now: Instant) -> Verdict 
     }
 }
 
+fn verdict_h2(
+    state: &ConnState,
+    shared: &ListenerShared,
+    now: Instant,
+    closing: Option<Instant>,
+) -> Verdict {
+    let active = state.active.load(Relaxed);
+    let (_, since) = state.phase();
+    if let Some(goaway) = closing {
+        // h2 finishes the open streams, then closes; a client that goes quiet
+        // instead of answering the PING is not waited for past `header_timeout`.
+        if active > 0 {
+            return Verdict::RecheckAt(now + BUSY_RECHECK);
+        }
+        let at = goaway.max(since) + shared.config.header_timeout.get();
+        return if now >= at {
+            Verdict::Abort("HTTP/2 client did not finish closing after GOAWAY")
+        } else {
+            Verdict::RecheckAt(at)
+        };
+    }
+    if state.draining.load(Relaxed) || state.close_soon.load(Relaxed) {
+        return Verdict::Close;
+    }
+    if active > 0 {
+        return Verdict::RecheckAt(now + BUSY_RECHECK);
+    }
+    let idle_limit = shared
+        .config
+        .keepalive_timeout
+        .get()
+        .max(shared.config.keepalive_min_idle.get());
+    let at = since + idle_limit;
+    if now >= at {
+        Verdict::Close
+    } else {
+        Verdict::RecheckAt(at)
+    }
+}
+
 fn log_conn_error(e: &hyper::Error, remote: SocketAddr) {
-    if e.is_parse() || e.is_parse_too_large() || e.is_parse_status() {
+    let h2_reason = std::error::Error::source(e)
+        .and_then(|s| s.downcast_ref::<h2::Error>())
+        .and_then(h2::Error::reason);
+    if h2_reason == Some(h2::Reason::ENHANCE_YOUR_CALM) {
+        tracing::warn!(client = %remote, error = %e, "HTTP/2 client reset or broke too many streams (rapid reset); closed with GOAWAY ENHANCE_YOUR_CALM");
+    } else if e.is_parse() || e.is_parse_too_large() || e.is_parse_status() {
         // hyper has already answered 400/431 where it could.
         tracing::info!(client = %remote, error = %e, "malformed request; answered and closed");
     } else if e.is_timeout() {
@@ -314,5 +558,24 @@ mod tests {
             Some(Duration::from_secs(1))
         );
         assert_eq!(advertised_timeout(Duration::from_millis(1500)), None);
+    }
+
+    #[test]
+    fn connection_fields_only_on_http1() {
+        let ka = HeaderValue::from_static("timeout=54");
+        let field = |v, closing| {
+            connection_field(v, closing, Some(&ka)).map(|(n, v)| format!("{n}: {v:?}"))
+        };
+        assert_eq!(
+            field(Version::HTTP_11, false).as_deref(),
+            Some("keep-alive: \"timeout=54\"")
+        );
+        assert_eq!(
+            field(Version::HTTP_11, true).as_deref(),
+            Some("connection: \"close\"")
+        );
+        assert_eq!(field(Version::HTTP_2, false), None);
+        assert_eq!(field(Version::HTTP_2, true), None);
+        assert_eq!(connection_field(Version::HTTP_11, false, None), None);
     }
 }

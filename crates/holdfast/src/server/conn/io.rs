@@ -1,34 +1,88 @@
-//! The client socket under hyper: notes when a request starts arriving (so the
-//! connection's phase leaves `Idle`), and closes with a half-close and a linger.
+//! The client socket under hyper: plain TCP or TLS over it, bytes already read while
+//! telling HTTP/2 from HTTP/1.1 replayed first, a note when an HTTP/1 request starts
+//! arriving (so the connection's phase leaves `Idle`), and a close with a half-close
+//! and a linger.
 
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use bytes::{Buf, Bytes, BytesMut};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
+use tokio_rustls::server::TlsStream;
 
 use super::super::drain::Tracked;
 use super::{ConnPhase, ConnState, LINGER};
 
-/// The client socket: notes when a request starts arriving, and lingers on close.
+/// What the client connection runs over.
+pub(super) enum Transport {
+    Plain(TcpStream),
+    Tls(Box<TlsStream<TcpStream>>),
+}
+
+impl Transport {
+    fn tcp(&self) -> &TcpStream {
+        match self {
+            Transport::Plain(s) => s,
+            Transport::Tls(s) => s.get_ref().0,
+        }
+    }
+
+    fn into_tcp(self) -> TcpStream {
+        match self {
+            Transport::Plain(s) => s,
+            Transport::Tls(s) => s.into_inner().0,
+        }
+    }
+}
+
+/// The client socket as hyper sees it.
 pub(super) struct ClientIo {
-    pub(super) stream: Option<TcpStream>,
-    pub(super) state: Arc<ConnState>,
-    pub(super) read_eof: bool,
-    pub(super) tracked: Option<Tracked>,
+    stream: Option<Transport>,
+    /// Bytes read before hyper took over (the h2c sniff), handed out first.
+    replay: Bytes,
+    state: Arc<ConnState>,
+    /// HTTP/1 only: bytes arriving on an idle connection start the next request. On
+    /// HTTP/2 they may be a PING or a WINDOW_UPDATE; requests are counted by stream.
+    mark_reading: bool,
+    read_eof: bool,
+    tracked: Option<Tracked>,
 }
 
 impl ClientIo {
-    fn stream(&mut self) -> io::Result<&mut TcpStream> {
-        self.stream
-            .as_mut()
-            .ok_or_else(|| io::Error::from(io::ErrorKind::NotConnected))
+    pub(super) fn new(
+        stream: Transport,
+        replay: Bytes,
+        state: Arc<ConnState>,
+        mark_reading: bool,
+        tracked: Tracked,
+    ) -> Self {
+        ClientIo {
+            stream: Some(stream),
+            replay,
+            state,
+            mark_reading,
+            read_eof: false,
+            tracked: Some(tracked),
+        }
+    }
+
+    fn stream(&mut self) -> io::Result<Pin<&mut (dyn AsyncReadWrite + Unpin)>> {
+        match self.stream.as_mut() {
+            Some(Transport::Plain(s)) => Ok(Pin::new(s)),
+            Some(Transport::Tls(s)) => Ok(Pin::new(s.as_mut())),
+            None => Err(io::Error::from(io::ErrorKind::NotConnected)),
+        }
     }
 }
+
+trait AsyncReadWrite: AsyncRead + AsyncWrite {}
+impl<T: AsyncRead + AsyncWrite> AsyncReadWrite for T {}
 
 impl AsyncRead for ClientIo {
     fn poll_read(
@@ -37,13 +91,19 @@ impl AsyncRead for ClientIo {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
+        if !this.replay.is_empty() {
+            let n = this.replay.len().min(buf.remaining());
+            buf.put_slice(&this.replay[..n]);
+            this.replay.advance(n);
+            return Poll::Ready(Ok(()));
+        }
         let before = buf.filled().len();
-        let res = Pin::new(this.stream()?).poll_read(cx, buf);
+        let res = this.stream()?.poll_read(cx, buf);
         if let Poll::Ready(Ok(())) = res {
             let n = buf.filled().len() - before;
             if n == 0 {
                 this.read_eof = true;
-            } else if this.state.phase.load(Relaxed) == ConnPhase::Idle as u8 {
+            } else if this.mark_reading && this.state.phase.load(Relaxed) == ConnPhase::Idle as u8 {
                 this.state.set(ConnPhase::Reading);
             }
         }
@@ -57,7 +117,7 @@ impl AsyncWrite for ClientIo {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(self.get_mut().stream()?).poll_write(cx, buf)
+        self.get_mut().stream()?.poll_write(cx, buf)
     }
 
     fn poll_write_vectored(
@@ -65,19 +125,24 @@ impl AsyncWrite for ClientIo {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(self.get_mut().stream()?).poll_write_vectored(cx, bufs)
+        self.get_mut().stream()?.poll_write_vectored(cx, bufs)
     }
 
     fn is_write_vectored(&self) -> bool {
-        true
+        match &self.stream {
+            Some(Transport::Plain(s)) => s.is_write_vectored(),
+            Some(Transport::Tls(s)) => s.is_write_vectored(),
+            None => false,
+        }
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(self.get_mut().stream()?).poll_flush(cx)
+        self.get_mut().stream()?.poll_flush(cx)
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(self.get_mut().stream()?).poll_shutdown(cx)
+        // TLS: close_notify, then the TCP half-close.
+        self.get_mut().stream()?.poll_shutdown(cx)
     }
 }
 
@@ -92,14 +157,14 @@ impl Drop for ClientIo {
         // Anything unread makes close() send a reset; see whether the client is
         // already gone before paying for a linger task.
         let mut probe = [0u8; 1];
-        match stream.try_read(&mut probe) {
+        match stream.tcp().try_read(&mut probe) {
             Ok(0) => return,
             Err(e) if e.kind() != io::ErrorKind::WouldBlock => return,
             _ => {}
         }
         let tracked = self.tracked.take();
         if tokio::runtime::Handle::try_current().is_ok() {
-            tokio::spawn(linger(stream, tracked));
+            tokio::spawn(linger(stream.into_tcp(), tracked));
         }
     }
 }
@@ -107,7 +172,7 @@ impl Drop for ClientIo {
 /// Half-closes, then discards what the client still sends until it closes too or
 /// the linger time runs out.
 async fn linger(mut stream: TcpStream, tracked: Option<Tracked>) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncWriteExt;
     let _ = stream.shutdown().await;
     let deadline = Instant::now() + LINGER;
     let mut buf = [0u8; 4096];
@@ -117,4 +182,37 @@ async fn linger(mut stream: TcpStream, tracked: Option<Tracked>) {
         }
     }
     drop(tracked);
+}
+
+/// The HTTP/2 connection preface (RFC 9113 3.4).
+const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Reads until the first bytes either are the HTTP/2 preface (`true`) or cannot be
+/// (`false`, at the first byte that differs); returns them for replay.
+///
+/// # Errors
+/// The client closed, or sent too little within `timeout`.
+pub(super) async fn sniff_h2_preface(
+    stream: &mut TcpStream,
+    timeout: Duration,
+) -> io::Result<(bool, Bytes)> {
+    let mut buf = BytesMut::with_capacity(PREFACE.len());
+    let read = async {
+        loop {
+            let n = buf.len().min(PREFACE.len());
+            if buf[..n] != PREFACE[..n] {
+                return Ok(false);
+            }
+            if n == PREFACE.len() {
+                return Ok(true);
+            }
+            if stream.read_buf(&mut buf).await? == 0 {
+                return Err(io::Error::from(io::ErrorKind::UnexpectedEof));
+            }
+        }
+    };
+    let is_h2 = tokio::time::timeout(timeout, read)
+        .await
+        .map_err(|_| io::Error::from(io::ErrorKind::TimedOut))??;
+    Ok((is_h2, buf.freeze()))
 }

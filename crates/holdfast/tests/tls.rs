@@ -1,0 +1,1160 @@
+//! TLS and HTTP/2 in front, end to end: certificates made at test time (rcgen) under a
+//! test CA, rustls and hyper clients that trust it, raw HTTP/2 frames where a test must
+//! see exact frames, and curl and h2load against the real binary.
+//!
+//! Covered: HTTPS over HTTP/1.1 and HTTP/2 (ALPN), SNI, session resumption, TLS 1.1
+//! refused, h2c with prior knowledge, the redirect listener, certificate reload
+//! (in-process and by SIGHUP), rapid-reset abuse cut off while another client is
+//! served, and HTTP/2 connections in drains and upgrades: two-phase GOAWAY, streams in
+//! flight finish, idle connections close, no client request fails.
+
+mod support;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::time::Duration;
+
+use bytes::Bytes;
+use holdfast::config::Config;
+use holdfast::server::Control;
+use holdfast_test::h2::{self as frames, Frame, code, flag, kind};
+use holdfast_test::{
+    Behaviour, HoldfastProcess, RawClient, TempDir, TestUpstream, free_addr, read_pid_file, sys,
+    wait_until, wait_until_async,
+};
+use http::{Method, Request, StatusCode, Version};
+use http_body_util::{BodyExt, Full};
+use hyper::client::conn::{http1, http2};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, ServerName};
+use rustls::{ClientConfig, RootCertStore};
+use support::{Gateway, proxy_to, start};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpStream;
+use tokio::task::JoinHandle;
+use tokio::time::{Instant, timeout};
+use tokio_rustls::TlsConnector;
+use tokio_rustls::client::TlsStream;
+
+const BIN: &str = env!("CARGO_BIN_EXE_holdfast");
+/// Bound for anything that should happen at once.
+const SOON: Duration = Duration::from_secs(10);
+
+// === fixtures: certificates ===
+
+/// A test CA and the leaf certificates it signs, as PEM files in a temp dir.
+struct Pki {
+    dir: TempDir,
+    ca: CertifiedIssuer<'static, KeyPair>,
+}
+
+impl Pki {
+    fn new() -> Pki {
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "holdfast test CA");
+        let ca = CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap();
+        let dir = holdfast_test::tempdir();
+        std::fs::write(dir.path().join("ca.pem"), ca.pem()).unwrap();
+        Pki { dir, ca }
+    }
+
+    fn ca_file(&self) -> PathBuf {
+        self.dir.path().join("ca.pem")
+    }
+
+    /// Writes a leaf for `names`, signed by the CA, as `stem.pem` and `stem.key`
+    /// (replacing what was there).
+    fn leaf(&self, stem: &str, names: &[&str]) -> (PathBuf, PathBuf) {
+        let key = KeyPair::generate().unwrap();
+        let names: Vec<String> = names.iter().map(|s| (*s).to_owned()).collect();
+        let cert = CertificateParams::new(names)
+            .unwrap()
+            .signed_by(&key, &self.ca)
+            .unwrap();
+        let (c, k) = self.paths(stem);
+        std::fs::write(&c, cert.pem()).unwrap();
+        std::fs::write(&k, key.serialize_pem()).unwrap();
+        (c, k)
+    }
+
+    fn paths(&self, stem: &str) -> (PathBuf, PathBuf) {
+        (
+            self.dir.path().join(format!("{stem}.pem")),
+            self.dir.path().join(format!("{stem}.key")),
+        )
+    }
+
+    /// A client that trusts the CA, offering `alpn` (TLS 1.3 and 1.2).
+    fn client(&self, alpn: &[&str]) -> Arc<ClientConfig> {
+        self.client_with(alpn, &[&rustls::version::TLS13, &rustls::version::TLS12])
+    }
+
+    fn client_with(
+        &self,
+        alpn: &[&str],
+        versions: &[&'static rustls::SupportedProtocolVersion],
+    ) -> Arc<ClientConfig> {
+        let mut roots = RootCertStore::empty();
+        roots.add(self.ca.der().clone()).unwrap();
+        let mut c =
+            ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+                .with_protocol_versions(versions)
+                .unwrap()
+                .with_root_certificates(roots)
+                .with_no_client_auth();
+        c.alpn_protocols = alpn.iter().map(|p| p.as_bytes().to_vec()).collect();
+        Arc::new(c)
+    }
+}
+
+/// The DER of the first certificate in a PEM file.
+fn leaf_der(path: &Path) -> Vec<u8> {
+    CertificateDer::from_pem_file(path).unwrap().to_vec()
+}
+
+/// A path as a TOML string.
+fn toml_path(p: &Path) -> String {
+    format!("{:?}", p.display().to_string())
+}
+
+/// `[[listener]]` with `[listener.tls]` for one certificate, then `extra` lines.
+fn tls_listener(listen: &str, cert: &Path, key: &Path, extra: &str) -> String {
+    format!(
+        "\n[[listener]]\nlisten = \"{listen}\"\n{extra}\n[listener.tls]\ncert = {}\nkey = {}\n",
+        toml_path(cert),
+        toml_path(key)
+    )
+}
+
+// === fixtures: clients ===
+
+async fn tls_connect(
+    addr: SocketAddr,
+    name: &str,
+    config: Arc<ClientConfig>,
+) -> TlsStream<TcpStream> {
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let name = ServerName::try_from(name.to_owned()).unwrap();
+    timeout(SOON, TlsConnector::from(config).connect(name, tcp))
+        .await
+        .expect("TLS handshake in time")
+        .expect("TLS handshake")
+}
+
+fn served_leaf(s: &TlsStream<TcpStream>) -> Vec<u8> {
+    s.get_ref().1.peer_certificates().unwrap()[0].to_vec()
+}
+
+/// One HTTP connection driven by hyper's client.
+enum Client {
+    H1(http1::SendRequest<Full<Bytes>>),
+    H2(http2::SendRequest<Full<Bytes>>),
+}
+
+/// What a request got back.
+struct Answer {
+    status: StatusCode,
+    version: Version,
+    headers: http::HeaderMap,
+    body: String,
+}
+
+impl Client {
+    /// Hyper's HTTP/1.1 or HTTP/2 client over `io`; the connection task's handle says
+    /// how the connection ended.
+    async fn over<IO>(io: IO, h2: bool) -> (Client, JoinHandle<hyper::Result<()>>)
+    where
+        IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let io = TokioIo::new(io);
+        if h2 {
+            let (send, conn) = http2::handshake(TokioExecutor::new(), io).await.unwrap();
+            (Client::H2(send), tokio::spawn(conn))
+        } else {
+            let (send, conn) = http1::handshake(io).await.unwrap();
+            (Client::H1(send), tokio::spawn(conn))
+        }
+    }
+
+    async fn tls(
+        addr: SocketAddr,
+        pki: &Pki,
+        alpn: &[&str],
+    ) -> (Client, JoinHandle<hyper::Result<()>>) {
+        let s = tls_connect(addr, "localhost", pki.client(alpn)).await;
+        let h2 = s.get_ref().1.alpn_protocol() == Some(b"h2");
+        Client::over(s, h2).await
+    }
+
+    fn request(
+        &self,
+        method: Method,
+        scheme: &str,
+        path: &str,
+        body: &str,
+    ) -> Request<Full<Bytes>> {
+        let b = Request::builder().method(method);
+        let b = match self {
+            // HTTP/2 takes :scheme and :authority from an absolute URI.
+            Client::H2(_) => b.uri(format!("{scheme}://localhost{path}")),
+            Client::H1(_) => b.uri(path).header("host", "localhost"),
+        };
+        b.body(Full::new(Bytes::from(body.to_owned()))).unwrap()
+    }
+
+    /// Sends a request; `Err(Some(req))` when it was not sent (the connection is
+    /// closing), `Err(None)` when it failed after being sent.
+    async fn try_send(
+        &mut self,
+        req: Request<Full<Bytes>>,
+    ) -> Result<Answer, Option<Request<Full<Bytes>>>> {
+        let res = match self {
+            Client::H1(s) => s.try_send_request(req).await,
+            Client::H2(s) => s.try_send_request(req).await,
+        };
+        let resp = res.map_err(|mut e| e.take_message())?;
+        let (parts, body) = resp.into_parts();
+        let body = body.collect().await.map_err(|_| None)?.to_bytes();
+        Ok(Answer {
+            status: parts.status,
+            version: parts.version,
+            headers: parts.headers,
+            body: String::from_utf8_lossy(&body).into_owned(),
+        })
+    }
+
+    async fn send(&mut self, method: Method, scheme: &str, path: &str, body: &str) -> Answer {
+        let req = self.request(method, scheme, path, body);
+        match timeout(SOON, self.try_send(req)).await {
+            Ok(Ok(a)) => a,
+            Ok(Err(e)) => panic!("{path}: request failed (returned unsent: {})", e.is_some()),
+            Err(_) => panic!("{path}: no answer in time"),
+        }
+    }
+}
+
+/// Reads frames until `stop` says so or the stream ends; answers the server's
+/// SETTINGS. Returns every frame read.
+async fn read_frames<R>(s: &mut R, mut stop: impl FnMut(&Frame) -> bool) -> Vec<Frame>
+where
+    R: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut seen = Vec::new();
+    let deadline = Instant::now() + SOON;
+    loop {
+        let f = match tokio::time::timeout_at(deadline, frames::read_frame(s)).await {
+            Ok(Ok(Some(f))) => f,
+            Ok(Ok(None) | Err(_)) => return seen,
+            Err(_) => panic!("no end to the frames within {SOON:?}; seen: {seen:?}"),
+        };
+        if f.is(kind::SETTINGS) && !f.has(flag::ACK) {
+            let _ = frames::send(s, &[frames::settings_ack()]).await;
+        }
+        let done = stop(&f);
+        seen.push(f);
+        if done {
+            return seen;
+        }
+    }
+}
+
+// === HTTPS, ALPN, SNI, TLS versions ===
+
+#[tokio::test]
+async fn https_get_and_post_over_http1_and_http2_by_alpn() {
+    let pki = Pki::new();
+    let (cert, key) = pki.leaf("site", &["localhost"]);
+    let up = TestUpstream::start(Behaviour::Echo).await;
+    let gw = start(&format!(
+        "{}{}",
+        proxy_to(&up.url()),
+        tls_listener("127.0.0.1:0", &cert, &key, "")
+    ))
+    .await;
+    for (alpn, want) in [
+        (&["http/1.1"][..], "http/1.1"),
+        (&["h2"][..], "h2"),
+        (&["h2", "http/1.1"][..], "h2"),
+        (&["http/1.1", "h2"][..], "h2"),
+    ] {
+        let s = tls_connect(gw.addr, "localhost", pki.client(alpn)).await;
+        let got = s
+            .get_ref()
+            .1
+            .alpn_protocol()
+            .map(|p| String::from_utf8_lossy(p).into_owned());
+        assert_eq!(got.as_deref(), Some(want), "ALPN offered {alpn:?}");
+        let h2 = want == "h2";
+        let (mut c, _conn) = Client::over(s, h2).await;
+        let a = c.send(Method::GET, "https", "/hello?x=1", "").await;
+        assert_eq!(a.status, StatusCode::OK);
+        assert_eq!(
+            a.version,
+            if h2 {
+                Version::HTTP_2
+            } else {
+                Version::HTTP_11
+            }
+        );
+        assert!(a.body.starts_with("GET /hello?x=1\n"), "{}", a.body);
+        assert!(
+            a.body
+                .to_ascii_lowercase()
+                .contains("x-forwarded-proto: https\n"),
+            "the upstream is told the client used https: {}",
+            a.body
+        );
+        if h2 {
+            assert!(!a.headers.contains_key("keep-alive"), "{:?}", a.headers);
+            assert!(!a.headers.contains_key("connection"), "{:?}", a.headers);
+        } else {
+            assert!(a.headers.contains_key("keep-alive"), "{:?}", a.headers);
+        }
+        let a = c.send(Method::POST, "https", "/submit", "payload=42").await;
+        assert_eq!(a.status, StatusCode::OK);
+        assert!(a.body.starts_with("POST /submit\n"), "{}", a.body);
+        assert!(a.body.ends_with("\n\npayload=42"), "{}", a.body);
+    }
+}
+
+#[tokio::test]
+async fn sni_picks_the_certificate() {
+    let pki = Pki::new();
+    let (dc, dk) = pki.leaf("default", &["default.test", "unlisted.test"]);
+    let (ac, ak) = pki.leaf("a", &["a.test"]);
+    let (wc, wk) = pki.leaf("w", &["*.w.test"]);
+    let up = TestUpstream::start(Behaviour::Echo).await;
+    let gw = start(&format!(
+        "{}{}\n[[listener.tls.certificates]]\ncert = {}\nkey = {}\n\
+         \n[[listener.tls.certificates]]\ncert = {}\nkey = {}\nnames = [\"*.w.test\"]\n",
+        proxy_to(&up.url()),
+        tls_listener("127.0.0.1:0", &dc, &dk, ""),
+        toml_path(&ac),
+        toml_path(&ak),
+        toml_path(&wc),
+        toml_path(&wk),
+    ))
+    .await;
+    for (name, want) in [
+        ("a.test", &ac),
+        ("one.w.test", &wc),
+        ("unlisted.test", &dc),
+        ("default.test", &dc),
+    ] {
+        let s = tls_connect(gw.addr, name, pki.client(&["http/1.1"])).await;
+        assert_eq!(served_leaf(&s), leaf_der(want), "SNI {name}");
+    }
+    // No SNI at all: the default.
+    let mut no_sni = (*pki.client(&["http/1.1"])).clone();
+    no_sni.enable_sni = false;
+    let s = tls_connect(gw.addr, "default.test", Arc::new(no_sni)).await;
+    assert_eq!(served_leaf(&s), leaf_der(&dc));
+}
+
+#[tokio::test]
+async fn sessions_resume_on_tls13_and_tls12() {
+    let pki = Pki::new();
+    let (cert, key) = pki.leaf("site", &["localhost"]);
+    let up = TestUpstream::start(Behaviour::Echo).await;
+    let gw = start(&format!(
+        "{}{}",
+        proxy_to(&up.url()),
+        tls_listener("127.0.0.1:0", &cert, &key, "")
+    ))
+    .await;
+    for version in [&rustls::version::TLS13, &rustls::version::TLS12] {
+        // One client config holds the session it was given.
+        let client = pki.client_with(&["http/1.1"], &[version]);
+        let mut kinds = Vec::new();
+        for _ in 0..2 {
+            let s = tls_connect(gw.addr, "localhost", client.clone()).await;
+            kinds.push(s.get_ref().1.handshake_kind());
+            // TLS 1.3 tickets arrive after the handshake: read a response first.
+            let (mut c, conn) = Client::over(s, false).await;
+            assert_eq!(c.send(Method::GET, "https", "/", "").await.status, 200);
+            drop(c);
+            let _ = conn.await;
+        }
+        assert_eq!(
+            kinds,
+            [
+                Some(rustls::HandshakeKind::Full),
+                Some(rustls::HandshakeKind::Resumed)
+            ],
+            "{version:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn tls_1_1_is_refused_with_a_protocol_version_alert() {
+    let pki = Pki::new();
+    let (cert, key) = pki.leaf("site", &["localhost"]);
+    let gw = start(&format!(
+        "{}{}",
+        proxy_to("http://127.0.0.1:9"),
+        tls_listener("127.0.0.1:0", &cert, &key, "")
+    ))
+    .await;
+    let mut raw = RawClient::connect(gw.addr).await.unwrap();
+    raw.send(client_hello(0x0302)).await.unwrap();
+    let mut got = Vec::new();
+    let deadline = Instant::now() + SOON;
+    use tokio::io::AsyncReadExt;
+    let mut buf = [0u8; 64];
+    while got.len() < 7 {
+        match tokio::time::timeout_at(deadline, raw.stream().read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => break,
+            Ok(Ok(n)) => got.extend_from_slice(&buf[..n]),
+            Err(_) => panic!("no answer to a TLS 1.1 ClientHello"),
+        }
+    }
+    // An alert record: fatal (2), protocol_version (70).
+    assert!(got.len() >= 7, "{got:?}");
+    assert_eq!(got[0], 0x15, "alert record: {got:?}");
+    assert_eq!(&got[5..7], &[2, 70], "fatal protocol_version: {got:?}");
+}
+
+/// A ClientHello offering only `version` (0x0302 = TLS 1.1): no supported_versions
+/// extension; everything else a TLS 1.2 server could accept, so only the version
+/// stands in the way.
+fn client_hello(version: u16) -> Vec<u8> {
+    let mut body = Vec::new();
+    body.extend_from_slice(&version.to_be_bytes());
+    body.extend_from_slice(&[7u8; 32]); // random
+    body.push(0); // session id
+    let suites: [u16; 3] = [0xc02b, 0xc02f, 0xc013];
+    body.extend_from_slice(&((suites.len() * 2) as u16).to_be_bytes());
+    for s in suites {
+        body.extend_from_slice(&s.to_be_bytes());
+    }
+    body.extend_from_slice(&[1, 0]); // compression: null
+    let name = b"localhost";
+    let mut sni = Vec::new();
+    sni.extend_from_slice(&((name.len() + 3) as u16).to_be_bytes());
+    sni.push(0);
+    sni.extend_from_slice(&(name.len() as u16).to_be_bytes());
+    sni.extend_from_slice(name);
+    let mut ext = Vec::new();
+    let mut extension = |kind: u16, data: &[u8]| {
+        ext.extend_from_slice(&kind.to_be_bytes());
+        ext.extend_from_slice(&(data.len() as u16).to_be_bytes());
+        ext.extend_from_slice(data);
+    };
+    extension(0x0000, &sni); // server_name
+    extension(0x000a, &[0, 2, 0x00, 0x17]); // supported_groups: secp256r1
+    extension(0x000b, &[1, 0]); // ec_point_formats: uncompressed
+    extension(0x000d, &[0, 4, 0x04, 0x03, 0x04, 0x01]); // signature_algorithms
+    body.extend_from_slice(&(ext.len() as u16).to_be_bytes());
+    body.extend_from_slice(&ext);
+    let mut hs = vec![1]; // client_hello
+    hs.extend_from_slice(&(body.len() as u32).to_be_bytes()[1..]);
+    hs.extend_from_slice(&body);
+    let mut rec = vec![0x16, 0x03, 0x01];
+    rec.extend_from_slice(&(hs.len() as u16).to_be_bytes());
+    rec.extend_from_slice(&hs);
+    rec
+}
+
+// === plain listeners: h2c and the redirect ===
+
+#[tokio::test]
+async fn h2c_with_prior_knowledge_beside_http1_only_where_enabled() {
+    let up = TestUpstream::start(Behaviour::Echo).await;
+    let gw = start(&format!(
+        "{}\n[[listener]]\nlisten = \"127.0.0.1:0\"\nh2c = true\n\n[[listener]]\nlisten = \"127.0.0.1:0\"\n",
+        proxy_to(&up.url())
+    ))
+    .await;
+    let (h2c, plain) = (gw.listeners[0], gw.listeners[1]);
+    for h2 in [true, false] {
+        let (mut c, _conn) = Client::over(TcpStream::connect(h2c).await.unwrap(), h2).await;
+        let a = c.send(Method::GET, "http", "/p", "").await;
+        assert_eq!(a.status, StatusCode::OK);
+        assert_eq!(
+            a.version,
+            if h2 {
+                Version::HTTP_2
+            } else {
+                Version::HTTP_11
+            }
+        );
+        assert!(
+            a.body
+                .to_ascii_lowercase()
+                .contains("x-forwarded-proto: http\n"),
+            "{}",
+            a.body
+        );
+    }
+    // Without h2c, the preface is a malformed HTTP/1 request.
+    let (mut c, conn) = Client::over(TcpStream::connect(plain).await.unwrap(), true).await;
+    let req = c.request(Method::GET, "http", "/p", "");
+    let sent = timeout(SOON, c.try_send(req))
+        .await
+        .expect("an answer or an error");
+    assert!(
+        sent.is_err(),
+        "HTTP/2 without h2c = true must not be served"
+    );
+    let _ = timeout(SOON, conn).await.expect("the connection ends");
+}
+
+#[tokio::test]
+async fn redirect_listener_answers_308_to_the_https_listener() {
+    let pki = Pki::new();
+    let (cert, key) = pki.leaf("site", &["localhost"]);
+    let up = TestUpstream::start(Behaviour::Echo).await;
+    let https = free_addr();
+    let gw = start(&format!(
+        "{}{}\n[[listener]]\nlisten = \"127.0.0.1:0\"\nredirect_https = true\nredirect_https_port = {}\n",
+        proxy_to(&up.url()),
+        tls_listener(&https.to_string(), &cert, &key, ""),
+        https.port()
+    ))
+    .await;
+    let redirect = gw.listeners[1];
+    let mut raw = RawClient::connect(redirect).await.unwrap();
+    for method in ["GET", "POST"] {
+        raw.send(format!(
+            "{method} /shop/cart?item=7 HTTP/1.1\r\nHost: localhost:{}\r\nContent-Length: 0\r\n\r\n",
+            redirect.port()
+        ))
+        .await
+        .unwrap();
+        let r = raw.read_response(SOON).await.unwrap();
+        assert_eq!(r.status, 308, "{method}");
+        let location = r.headers.get("location").unwrap().to_owned();
+        assert_eq!(
+            location,
+            format!("https://localhost:{}/shop/cart?item=7", https.port())
+        );
+    }
+    assert_eq!(up.requests_seen(), 0, "a redirect listener proxies nothing");
+    // Following it works.
+    let (mut c, _conn) = Client::tls(https, &pki, &["http/1.1"]).await;
+    let a = c.send(Method::GET, "https", "/shop/cart?item=7", "").await;
+    assert_eq!(a.status, StatusCode::OK);
+    assert_eq!(up.requests_seen(), 1);
+}
+
+// === reload ===
+
+#[tokio::test]
+async fn reload_swaps_certificates_for_new_connections_and_keeps_open_ones() {
+    let pki = Pki::new();
+    let (cert, key) = pki.leaf("site", &["localhost"]);
+    let v1 = leaf_der(&cert);
+    let up = TestUpstream::start(Behaviour::Echo).await;
+    let text = format!(
+        "{}{}\n[admin]\nlisten = \"127.0.0.1:0\"\n",
+        proxy_to(&up.url()),
+        tls_listener("127.0.0.1:0", &cert, &key, "")
+    );
+    let gw = start(&text).await;
+    // Validation reads the files, so the config is parsed while they are good; the
+    // server reads them again on reload.
+    let parsed = Config::from_toml(&text, Path::new("test.toml")).unwrap();
+    let config = || Box::new(parsed.clone());
+
+    let s = tls_connect(gw.addr, "localhost", pki.client(&["h2"])).await;
+    assert_eq!(served_leaf(&s), v1);
+    let (mut open_h2, _c1) = Client::over(s, true).await;
+    let (mut open_h1, _c2) = Client::tls(gw.addr, &pki, &["http/1.1"]).await;
+    assert_eq!(
+        open_h2.send(Method::GET, "https", "/", "").await.status,
+        200
+    );
+    assert_eq!(
+        open_h1.send(Method::GET, "https", "/", "").await.status,
+        200
+    );
+
+    // A renewal rewrites the files; the config is the same.
+    pki.leaf("site", &["localhost"]);
+    let v2 = leaf_der(&cert);
+    assert_ne!(v1, v2);
+    gw.send(Control::Reload(config())).await;
+    let swapped = wait_until_async(SOON, || async {
+        served_leaf(&tls_connect(gw.addr, "localhost", pki.client(&["h2"])).await) == v2
+    })
+    .await;
+    assert!(swapped, "new connections get the new certificate");
+    assert_eq!(
+        open_h2.send(Method::GET, "https", "/", "").await.status,
+        200
+    );
+    assert_eq!(
+        open_h1.send(Method::GET, "https", "/", "").await.status,
+        200
+    );
+
+    // A broken file keeps the certificates in force.
+    std::fs::write(&cert, "-----BEGIN CERTIFICATE-----\ngarbage\n").unwrap();
+    let failures = gw.state.reload_failures.load(Relaxed);
+    gw.send(Control::Reload(config())).await;
+    assert!(
+        wait_until(SOON, || gw.state.reload_failures.load(Relaxed) > failures).await,
+        "the failed reload is counted"
+    );
+    let s = tls_connect(gw.addr, "localhost", pki.client(&["h2"])).await;
+    assert_eq!(served_leaf(&s), v2);
+    assert_eq!(
+        open_h2.send(Method::GET, "https", "/", "").await.status,
+        200
+    );
+}
+
+// === HTTP/2 limits ===
+
+/// Opens a TLS connection with ALPN h2 and sends `n` requests each reset at once, in
+/// one write; returns the frames read until the connection ends, or until a response
+/// to the request sent after them arrives.
+async fn rapid_reset(gw: &Gateway, pki: &Pki, n: u32) -> Vec<Frame> {
+    let mut s = tls_connect(gw.addr, "localhost", pki.client(&["h2"])).await;
+    frames::start(&mut s).await.unwrap();
+    let mut burst = Vec::new();
+    for i in 0..n {
+        let id = 2 * i + 1;
+        burst.push(frames::get(id, "https", "localhost", "/"));
+        burst.push(frames::rst_stream(id, code::CANCEL));
+    }
+    let probe = 2 * n + 1;
+    burst.push(frames::get(probe, "https", "localhost", "/probe"));
+    frames::send(&mut s, &burst).await.unwrap();
+    read_frames(&mut s, |f| f.is(kind::HEADERS) && f.stream == probe).await
+}
+
+#[tokio::test]
+async fn rapid_reset_abuser_gets_goaway_and_is_cut_off_while_others_are_served() {
+    let pki = Pki::new();
+    let (cert, key) = pki.leaf("site", &["localhost"]);
+    let up = TestUpstream::start(Behaviour::Echo).await;
+    let gw = start(&format!(
+        "{}{}\n[listener.http2]\nmax_pending_accept_reset_streams = 50\n",
+        proxy_to(&up.url()),
+        tls_listener("127.0.0.1:0", &cert, &key, ""),
+    ))
+    .await;
+    let (mut good, good_conn) = Client::tls(gw.addr, &pki, &["h2"]).await;
+    assert_eq!(good.send(Method::GET, "https", "/", "").await.status, 200);
+
+    let seen = rapid_reset(&gw, &pki, 1000).await;
+    let goaway = seen
+        .iter()
+        .find(|f| f.is(kind::GOAWAY))
+        .unwrap_or_else(|| panic!("no GOAWAY; frames: {seen:?}"));
+    assert_eq!(goaway.goaway().1, code::ENHANCE_YOUR_CALM, "{goaway:?}");
+    assert!(
+        !seen.iter().any(|f| f.is(kind::HEADERS) && f.stream == 2001),
+        "the abuser's last request is not served"
+    );
+    // The stream ended: read_frames returned without the probe's answer.
+
+    // The other client never noticed.
+    for _ in 0..5 {
+        assert_eq!(good.send(Method::GET, "https", "/", "").await.status, 200);
+    }
+    assert!(!good_conn.is_finished());
+    let (mut fresh, _c) = Client::tls(gw.addr, &pki, &["h2"]).await;
+    assert_eq!(fresh.send(Method::GET, "https", "/", "").await.status, 200);
+}
+
+#[tokio::test]
+async fn the_reset_limit_is_the_configured_one() {
+    // The same burst under a limit above it is served: the setting reaches h2.
+    let pki = Pki::new();
+    let (cert, key) = pki.leaf("site", &["localhost"]);
+    let up = TestUpstream::start(Behaviour::Echo).await;
+    let gw = start(&format!(
+        "{}{}\n[listener.http2]\nmax_pending_accept_reset_streams = 5000\n",
+        proxy_to(&up.url()),
+        tls_listener("127.0.0.1:0", &cert, &key, ""),
+    ))
+    .await;
+    let seen = rapid_reset(&gw, &pki, 1000).await;
+    assert!(!seen.iter().any(|f| f.is(kind::GOAWAY)), "{seen:?}");
+    let answer = seen.last().unwrap();
+    assert!(
+        answer.is(kind::HEADERS) && answer.stream == 2001,
+        "{answer:?}"
+    );
+    assert_eq!(answer.indexed_status(), Some(200));
+}
+
+#[tokio::test]
+async fn http2_limits_are_announced_to_the_client() {
+    let up = TestUpstream::start(Behaviour::Echo).await;
+    let gw = start(&format!(
+        "{}\n[[listener]]\nlisten = \"127.0.0.1:0\"\nh2c = true\n\n[listener.http2]\n\
+         max_concurrent_streams = 7\nmax_header_list_size = \"8KiB\"\n\
+         initial_stream_window = \"300000\"\ninitial_connection_window = \"3MiB\"\n",
+        proxy_to(&up.url())
+    ))
+    .await;
+    let mut s = TcpStream::connect(gw.addr).await.unwrap();
+    frames::start(&mut s).await.unwrap();
+    let seen = read_frames(&mut s, |f| f.is(kind::WINDOW_UPDATE) && f.stream == 0).await;
+    let settings = seen
+        .iter()
+        .find(|f| f.is(kind::SETTINGS) && !f.has(flag::ACK))
+        .unwrap_or_else(|| panic!("no SETTINGS: {seen:?}"));
+    let values: Vec<(u16, u32)> = settings
+        .payload
+        .chunks_exact(6)
+        .map(|c| {
+            (
+                u16::from_be_bytes([c[0], c[1]]),
+                u32::from_be_bytes([c[2], c[3], c[4], c[5]]),
+            )
+        })
+        .collect();
+    // SETTINGS_MAX_CONCURRENT_STREAMS, SETTINGS_INITIAL_WINDOW_SIZE,
+    // SETTINGS_MAX_HEADER_LIST_SIZE (RFC 9113 6.5.2).
+    for want in [(0x3, 7), (0x4, 300_000), (0x6, 8192)] {
+        assert!(values.contains(&want), "{want:?} in {values:?}");
+    }
+    // The connection window opens from 65535 with a WINDOW_UPDATE on stream 0.
+    let update = seen.last().unwrap();
+    let increment = u32::from_be_bytes(update.payload[..4].try_into().unwrap());
+    assert_eq!(65_535 + increment, 3 << 20);
+}
+
+#[tokio::test]
+async fn http2_connection_idle_past_keepalive_timeout_gets_goaway_and_closes() {
+    let up = TestUpstream::start(Behaviour::Echo).await;
+    let gw = start(&format!(
+        "{}\n[[listener]]\nlisten = \"127.0.0.1:0\"\nh2c = true\nkeepalive_timeout = \"1s\"\n\
+         keepalive_min_idle = \"0s\"\nheader_timeout = \"2s\"\n",
+        proxy_to(&up.url())
+    ))
+    .await;
+    // One client answers the PING of the graceful shutdown, one stays silent.
+    for answers in [true, false] {
+        let mut s = TcpStream::connect(gw.addr).await.unwrap();
+        frames::start(&mut s).await.unwrap();
+        frames::send(&mut s, &[frames::get(1, "http", "localhost", "/")])
+            .await
+            .unwrap();
+        let mut ping = None;
+        let mut seen = read_frames(&mut s, |f| {
+            if f.is(kind::PING) && !f.has(flag::ACK) {
+                ping = Some(f.payload.clone());
+            }
+            ping.is_some()
+        })
+        .await;
+        let first_goaway = Instant::now();
+        assert!(
+            seen.iter()
+                .any(|f| f.is(kind::DATA) && f.stream == 1 && f.has(flag::END_STREAM)),
+            "the request was answered: {seen:?}"
+        );
+        if answers {
+            frames::send(&mut s, &[frames::ping_ack(&ping.unwrap())])
+                .await
+                .unwrap();
+        }
+        seen.extend(read_frames(&mut s, |_| false).await);
+        let goaways: Vec<(u32, u32)> = seen
+            .iter()
+            .filter(|f| f.is(kind::GOAWAY))
+            .map(Frame::goaway)
+            .collect();
+        if answers {
+            assert_eq!(
+                goaways,
+                [(0x7fff_ffff, code::NO_ERROR), (1, code::NO_ERROR)],
+                "{seen:?}"
+            );
+            assert!(first_goaway.elapsed() < Duration::from_secs(1));
+        } else {
+            // Cut once quiet for header_timeout after the GOAWAY.
+            assert_eq!(goaways, [(0x7fff_ffff, code::NO_ERROR)], "{seen:?}");
+            assert!(first_goaway.elapsed() >= Duration::from_millis(1500));
+        }
+    }
+}
+
+#[tokio::test]
+async fn http2_max_requests_per_connection_ends_with_goaway() {
+    let up = TestUpstream::start(Behaviour::Echo).await;
+    let gw = start(&format!(
+        "{}\n[[listener]]\nlisten = \"127.0.0.1:0\"\nh2c = true\nmax_requests_per_connection = 2\n",
+        proxy_to(&up.url())
+    ))
+    .await;
+    let (mut c, conn) = Client::over(TcpStream::connect(gw.addr).await.unwrap(), true).await;
+    assert_eq!(c.send(Method::GET, "http", "/1", "").await.status, 200);
+    assert_eq!(c.send(Method::GET, "http", "/2", "").await.status, 200);
+    let ended = timeout(SOON, conn)
+        .await
+        .expect("GOAWAY ends the connection");
+    assert!(ended.unwrap().is_ok(), "a graceful end");
+    let req = c.request(Method::GET, "http", "/3", "");
+    assert!(
+        matches!(c.try_send(req).await, Err(Some(_))),
+        "a third request is handed back unsent"
+    );
+}
+
+// === drain ===
+
+#[tokio::test]
+async fn drain_sends_two_goaways_and_serves_every_stream_below_the_last() {
+    let up = TestUpstream::start(Behaviour::Delay(Duration::from_millis(300))).await;
+    let gw = start(&format!(
+        "{}\n[[listener]]\nlisten = \"127.0.0.1:0\"\nh2c = true\n",
+        proxy_to(&up.url())
+    ))
+    .await;
+    let mut s = TcpStream::connect(gw.addr).await.unwrap();
+    frames::start(&mut s).await.unwrap();
+    frames::send(&mut s, &[frames::get(1, "http", "localhost", "/one")])
+        .await
+        .unwrap();
+    up.wait_for_requests(1, SOON).await.unwrap();
+    let drained = tokio::spawn(gw.drain());
+
+    // Phase one: GOAWAY with the highest stream id, and a PING.
+    let mut ping = None;
+    let mut first = None;
+    let mut seen = read_frames(&mut s, |f| {
+        if f.is(kind::PING) && !f.has(flag::ACK) {
+            ping = Some(f.payload.clone());
+        }
+        if f.is(kind::GOAWAY) {
+            first = Some(f.goaway());
+        }
+        ping.is_some() && first.is_some()
+    })
+    .await;
+    assert_eq!(first, Some((0x7fff_ffff, code::NO_ERROR)), "{seen:?}");
+    // A request the client sends before it has seen GOAWAY is still taken...
+    frames::send(
+        &mut s,
+        &[
+            frames::get(3, "http", "localhost", "/two"),
+            frames::ping_ack(&ping.unwrap()),
+        ],
+    )
+    .await
+    .unwrap();
+    // ...phase two names it as the last one...
+    let mut last = None;
+    seen.extend(
+        read_frames(&mut s, |f| {
+            if f.is(kind::GOAWAY) {
+                last = Some(f.goaway());
+            }
+            last.is_some()
+        })
+        .await,
+    );
+    assert_eq!(last, Some((3, code::NO_ERROR)), "{seen:?}");
+    // ...and one after the final GOAWAY is not processed.
+    frames::send(&mut s, &[frames::get(5, "http", "localhost", "/three")])
+        .await
+        .unwrap();
+    seen.extend(read_frames(&mut s, |_| false).await);
+
+    for stream in [1, 3] {
+        let head = seen
+            .iter()
+            .find(|f| f.is(kind::HEADERS) && f.stream == stream)
+            .unwrap_or_else(|| panic!("no response on stream {stream}: {seen:?}"));
+        assert_eq!(head.indexed_status(), Some(200));
+        assert!(
+            seen.iter()
+                .any(|f| f.stream == stream && f.has(flag::END_STREAM) && !f.is(kind::SETTINGS)),
+            "stream {stream} completed"
+        );
+    }
+    assert!(!seen.iter().any(|f| f.stream == 5), "{seen:?}");
+    assert_eq!(up.requests_seen(), 2);
+    let report = timeout(SOON, drained).await.unwrap().unwrap();
+    assert_eq!(report.cut, 0);
+}
+
+#[tokio::test]
+async fn drain_with_http2_clients_in_flight_fails_no_request() {
+    let pki = Pki::new();
+    let (cert, key) = pki.leaf("site", &["localhost"]);
+    let up = TestUpstream::start(Behaviour::Delay(Duration::from_millis(500))).await;
+    let gw = start(&format!(
+        "{}{}\n[drain]\ntimeout = \"30s\"\n",
+        proxy_to(&up.url()),
+        tls_listener("127.0.0.1:0", &cert, &key, ""),
+    ))
+    .await;
+    // Three busy connections with four requests each, and one idle connection.
+    let mut clients = Vec::new();
+    for _ in 0..4 {
+        clients.push(Client::tls(gw.addr, &pki, &["h2"]).await);
+    }
+    let mut in_flight = Vec::new();
+    for (c, _) in &clients[..3] {
+        let Client::H2(send) = c else { unreachable!() };
+        for i in 0..4 {
+            let mut c = Client::H2(send.clone());
+            let req = c.request(Method::GET, "https", &format!("/slow/{i}"), "");
+            in_flight.push(tokio::spawn(async move {
+                c.try_send(req).await.map(|a| a.status)
+            }));
+        }
+    }
+    up.wait_for_requests(12, SOON).await.unwrap();
+    let started = Instant::now();
+    let report = timeout(SOON, gw.drain()).await.expect("the drain ends");
+    assert_eq!(report.cut, 0);
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    for r in in_flight {
+        let status = r.await.unwrap().unwrap_or_else(|unsent| {
+            panic!(
+                "a request in flight failed (returned unsent: {})",
+                unsent.is_some()
+            )
+        });
+        assert_eq!(status, StatusCode::OK);
+    }
+    // Every connection, the idle one too, ended with GOAWAY, not an error; a request
+    // after it is handed back unsent, for the client to send elsewhere.
+    for (mut c, conn) in clients {
+        let ended = timeout(SOON, conn).await.expect("closed").unwrap();
+        assert!(ended.is_ok(), "{ended:?}");
+        let req = c.request(Method::GET, "https", "/late", "");
+        assert!(matches!(c.try_send(req).await, Err(Some(_))));
+    }
+}
+
+// === the binary: curl, h2load, SIGHUP, upgrade ===
+
+/// `holdfast proxy` with a TLS front, started and ready.
+async fn proxy_process(pki: &Pki, up: &TestUpstream) -> (HoldfastProcess, SocketAddr) {
+    let (cert, key) = pki.paths("site");
+    let listen = free_addr();
+    let args = [
+        "proxy",
+        "--listen",
+        &listen.to_string(),
+        "--to",
+        &up.url(),
+        "--admin",
+        "off",
+        "--access-log",
+        "off",
+        "--tls-cert",
+        cert.to_str().unwrap(),
+        "--tls-key",
+        key.to_str().unwrap(),
+    ];
+    let proc = HoldfastProcess::spawn_with_env(Path::new(BIN), &args, None, &[("NO_COLOR", "1")]);
+    assert!(
+        proc.wait_for_log("listening", SOON).await,
+        "holdfast did not start: {}",
+        proc.logs()
+    );
+    (proc, listen)
+}
+
+fn have(tool: &str) -> bool {
+    std::process::Command::new(tool)
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+#[tokio::test]
+async fn curl_and_h2load_through_the_tls_front() {
+    assert!(
+        have("curl") && have("h2load"),
+        "curl and h2load (nghttp2-client) are needed; scripts/test installs them"
+    );
+    let pki = Pki::new();
+    pki.leaf("site", &["localhost"]);
+    let up = TestUpstream::start(Behaviour::Echo).await;
+    let (proc, listen) = proxy_process(&pki, &up).await;
+    let url = format!("https://localhost:{}/curl", listen.port());
+    let out = tokio::process::Command::new("curl")
+        .args(["-sS", "--http2", "--cacert"])
+        .arg(pki.ca_file())
+        .args([
+            "--resolve",
+            &format!("localhost:{}:127.0.0.1", listen.port()),
+        ])
+        .args([
+            "-w",
+            "\n%{http_version} %{http_code}",
+            "-d",
+            "from=curl",
+            &url,
+        ])
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "curl: {}{}",
+        stdout,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.starts_with("POST /curl\n"), "{stdout}");
+    assert!(stdout.ends_with("\n2 200"), "{stdout}");
+
+    let out = tokio::process::Command::new("h2load")
+        .args(["-n", "400", "-c", "4", "-m", "8"])
+        .arg(format!("https://127.0.0.1:{}/load", listen.port()))
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "h2load: {stdout}");
+    assert!(stdout.contains("Application protocol: h2"), "{stdout}");
+    assert!(
+        stdout.contains("400 succeeded, 0 failed, 0 errored, 0 timeout"),
+        "{stdout}\n{}",
+        proc.logs()
+    );
+    assert!(stdout.contains("status codes: 400 2xx"), "{stdout}");
+}
+
+#[tokio::test]
+async fn sighup_reloads_the_certificate_files_of_a_proxy_command() {
+    let pki = Pki::new();
+    let (cert, _) = pki.leaf("site", &["localhost"]);
+    let v1 = leaf_der(&cert);
+    let up = TestUpstream::start(Behaviour::Echo).await;
+    let (mut proc, listen) = proxy_process(&pki, &up).await;
+    let s = tls_connect(listen, "localhost", pki.client(&["h2"])).await;
+    assert_eq!(served_leaf(&s), v1);
+    let (mut open, _conn) = Client::over(s, true).await;
+    assert_eq!(open.send(Method::GET, "https", "/", "").await.status, 200);
+
+    pki.leaf("site", &["localhost"]);
+    let v2 = leaf_der(&cert);
+    proc.signal(sys::SIGHUP).unwrap();
+    assert!(
+        proc.wait_for_log("certificates reloaded", SOON).await,
+        "{}",
+        proc.logs()
+    );
+    let s = tls_connect(listen, "localhost", pki.client(&["h2"])).await;
+    assert_eq!(served_leaf(&s), v2);
+    assert_eq!(open.send(Method::GET, "https", "/", "").await.status, 200);
+}
+
+#[tokio::test]
+async fn upgrade_under_http2_load_fails_no_request() {
+    let pki = Pki::new();
+    let (cert, key) = pki.leaf("site", &["localhost"]);
+    let up = TestUpstream::start(Behaviour::Delay(Duration::from_millis(20))).await;
+    let listen = free_addr();
+    let admin = free_addr();
+    let toml = format!(
+        "[log]\naccess_log = false\n\n[admin]\nlisten = \"{admin}\"\n\n{}{}",
+        proxy_to(&up.url()),
+        tls_listener(&listen.to_string(), &cert, &key, "")
+    );
+    let mut proc = HoldfastProcess::spawn_with_env(
+        Path::new(BIN),
+        &["run", "--pid-file", "{dir}/holdfast.pid"],
+        Some(&toml),
+        &[("NO_COLOR", "1")],
+    );
+    assert!(
+        proc.wait_for_log("admin listening", SOON).await,
+        "{}",
+        proc.logs()
+    );
+    let pid_file = proc.dir().join("holdfast.pid");
+
+    // Four HTTP/2 clients send back to back; on GOAWAY they connect again, as
+    // clients do, and count any request that failed after it was sent.
+    let stop = Arc::new(tokio::sync::Notify::new());
+    let ok = Arc::new(AtomicU64::new(0));
+    let failed = Arc::new(AtomicU64::new(0));
+    let connections = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    for _ in 0..4 {
+        let (pki_client, stop, ok, failed, connections) = (
+            pki.client(&["h2"]),
+            stop.clone(),
+            ok.clone(),
+            failed.clone(),
+            connections.clone(),
+        );
+        tasks.push(tokio::spawn(async move {
+            let deadline = Instant::now() + Duration::from_secs(60);
+            let mut stopped = std::pin::pin!(stop.notified());
+            'connect: while Instant::now() < deadline {
+                let s = tls_connect(listen, "localhost", pki_client.clone()).await;
+                connections.fetch_add(1, Relaxed);
+                let (mut c, _conn) = Client::over(s, true).await;
+                let mut req = c.request(Method::GET, "https", "/", "");
+                loop {
+                    tokio::select! {
+                        () = &mut stopped => break 'connect,
+                        r = c.try_send(req) => match r {
+                            Ok(a) if a.status == 200 => {
+                                ok.fetch_add(1, Relaxed);
+                                req = c.request(Method::GET, "https", "/", "");
+                            }
+                            Ok(_) | Err(None) => {
+                                failed.fetch_add(1, Relaxed);
+                                continue 'connect;
+                            }
+                            // Not sent: the connection is going away.
+                            Err(Some(_)) => continue 'connect,
+                        },
+                    }
+                }
+            }
+        }));
+    }
+    assert!(wait_until(SOON, || ok.load(Relaxed) > 50).await);
+    let before = connections.load(Relaxed);
+    proc.signal(sys::SIGUSR2).unwrap();
+    assert!(
+        proc.wait_for_log("new binary is ready", SOON).await,
+        "{}",
+        proc.logs()
+    );
+    let successor = read_pid_file(&pid_file).expect("the successor wrote the pid file");
+    proc.kill_on_drop(successor);
+    assert!(
+        proc.wait_exit(SOON).await.is_some(),
+        "the old process drained: {}",
+        proc.logs()
+    );
+    let served = ok.load(Relaxed);
+    assert!(wait_until(SOON, || ok.load(Relaxed) > served + 50).await);
+    stop.notify_waiters();
+    for t in tasks {
+        let _ = timeout(SOON, t).await;
+    }
+    eprintln!(
+        "upgrade under HTTP/2 load: {} requests over {} connections ({before} before SIGUSR2), {} failed",
+        ok.load(Relaxed),
+        connections.load(Relaxed),
+        failed.load(Relaxed)
+    );
+    assert_eq!(failed.load(Relaxed), 0, "{}", proc.logs());
+    assert!(
+        connections.load(Relaxed) > before,
+        "the clients moved to the successor"
+    );
+    let _ = sys::send_signal(successor, sys::SIGTERM);
+    let _ = wait_until(SOON, || !sys::is_running(successor)).await;
+}
