@@ -120,6 +120,8 @@ pub struct AddressView {
     pub created: u64,
     pub reused: u64,
     pub stale_caught: u64,
+    pub tls_handshakes: u64,
+    pub tls_resumed: u64,
     pub queue_timeouts: u64,
     pub queue_full: u64,
     pub closed: std::collections::BTreeMap<&'static str, u64>,
@@ -153,6 +155,8 @@ pub fn pools(proxy: &Proxy) -> Vec<UpstreamView> {
                         created: f.created.load(Relaxed),
                         reused: f.reused.load(Relaxed),
                         stale_caught: f.stale_caught.load(Relaxed),
+                        tls_handshakes: f.tls_handshakes.load(Relaxed),
+                        tls_resumed: f.tls_resumed.load(Relaxed),
                         queue_timeouts: f.queue_timeouts.load(Relaxed),
                         queue_full: f.queue_full.load(Relaxed),
                         closed: CloseReason::ALL

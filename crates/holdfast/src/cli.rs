@@ -201,10 +201,10 @@ impl ProxyArgs {
             (Protocol::FastCgi, None) => {
                 return Err("--root is required with a fastcgi:// upstream".into());
             }
-            (Protocol::Http1, Some(_)) => {
+            (Protocol::Http1 | Protocol::Http2, Some(_)) => {
                 return Err("--root only applies to fastcgi:// upstreams".into());
             }
-            (Protocol::Http1, None) => {}
+            (Protocol::Http1 | Protocol::Http2, None) => {}
         }
         c.routes.push(route);
         let mut up = up;

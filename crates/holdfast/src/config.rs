@@ -8,6 +8,7 @@
 mod addr;
 mod error;
 mod listener;
+mod transport;
 mod units;
 
 use std::collections::BTreeMap;
@@ -20,6 +21,7 @@ use serde::{Deserialize, Serialize};
 pub use self::addr::{Endpoint, Protocol, UpstreamAddr};
 pub use self::error::{ConfigError, ConfigErrors};
 pub use self::listener::{Http2Config, TlsCertificate, TlsConfig};
+pub use self::transport::{HttpVersion, UpstreamHttp2Config, UpstreamTlsConfig};
 pub use self::units::{ByteSize, Dur};
 
 /// The whole config file.
@@ -271,6 +273,11 @@ pub enum Balance {
 pub struct UpstreamConfig {
     /// One or more addresses, all of one protocol.
     pub addresses: Vec<UpstreamAddr>,
+    /// `auto` (default: over TLS, HTTP/2 or HTTP/1.1 as ALPN picks; HTTP/1.1 over
+    /// plain TCP), `"1.1"` or `"2"` (over plain TCP: HTTP/2 with prior knowledge, as
+    /// `h2c://` addresses).
+    #[serde(default)]
+    pub http_version: HttpVersion,
     /// `round_robin` (default) or `least_outstanding`.
     #[serde(default)]
     pub balance: Balance,
@@ -291,6 +298,12 @@ pub struct UpstreamConfig {
     pub retry: RetryConfig,
     #[serde(default)]
     pub health: HealthConfig,
+    /// `[upstream.NAME.tls]`: for `https://` addresses. Default: the system's trust
+    /// store, the address's host as the name, no client certificate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<UpstreamTlsConfig>,
+    #[serde(default)]
+    pub http2: UpstreamHttp2Config,
 }
 
 /// `[upstream.NAME.pool]`: connection reuse, per upstream address.
@@ -528,6 +541,9 @@ impl UpstreamConfig {
             tcp: TcpConfig::default(),
             retry: RetryConfig::default(),
             health: HealthConfig::default(),
+            http_version: HttpVersion::default(),
+            tls: None,
+            http2: UpstreamHttp2Config::default(),
         }
     }
 
@@ -535,6 +551,20 @@ impl UpstreamConfig {
         self.addresses
             .first()
             .map_or(Protocol::Http1, |a| a.protocol)
+    }
+
+    /// Whether the addresses are `https://`.
+    pub fn uses_tls(&self) -> bool {
+        self.addresses.first().is_some_and(|a| a.tls)
+    }
+
+    /// The HTTP version spoken, after `h2c://` and `http_version` are combined.
+    pub fn effective_http_version(&self) -> HttpVersion {
+        match (self.protocol(), self.http_version, self.uses_tls()) {
+            (Protocol::Http2, _, _) => HttpVersion::Http2,
+            (_, HttpVersion::Auto, false) => HttpVersion::Http1,
+            (_, v, _) => v,
+        }
     }
 }
 
@@ -658,7 +688,7 @@ impl Config {
                     format!("route[{i}].upstream"),
                     "this upstream speaks FastCGI: the route needs [route.fastcgi] with at least `root`".into(),
                 ),
-                (Some(Protocol::Http1), Some(_)) => bad(
+                (Some(Protocol::Http1 | Protocol::Http2), Some(_)) => bad(
                     format!("route[{i}].fastcgi"),
                     "[route.fastcgi] only applies to routes whose upstream is fastcgi:// or fastcgi+unix://".into(),
                 ),
@@ -708,7 +738,10 @@ impl Config {
             if u.addresses.is_empty() {
                 bad(key("addresses"), "at least one address is required".into());
             }
-            if u.addresses.iter().any(|a| a.protocol != u.protocol()) {
+            if u.addresses
+                .iter()
+                .any(|a| a.protocol != u.protocol() || a.tls != u.uses_tls())
+            {
                 bad(
                     key("addresses"),
                     "all addresses of one upstream must use one protocol".into(),
@@ -740,6 +773,44 @@ impl Config {
             }
             if u.timeouts.connect.get().is_zero() {
                 bad(key("timeouts.connect"), "must be more than 0s".into());
+            }
+            if u.protocol() == Protocol::Http2 && u.http_version == HttpVersion::Http1 {
+                bad(
+                    key("http_version"),
+                    "h2c:// addresses speak HTTP/2; write http:// for HTTP/1.1".into(),
+                );
+            }
+            if u.protocol() == Protocol::FastCgi && u.http_version != HttpVersion::Auto {
+                bad(
+                    key("http_version"),
+                    "does not apply to fastcgi:// upstreams".into(),
+                );
+            }
+            if u.http2.connections == 0 {
+                bad(key("http2.connections"), "must be at least 1".into());
+            }
+            if u.http2.ping_interval.non_zero().is_some() && u.http2.ping_timeout.get().is_zero() {
+                bad(
+                    key("http2.ping_timeout"),
+                    "must be more than 0s while PINGs are on".into(),
+                );
+            }
+            match &u.tls {
+                Some(_) if !u.uses_tls() => bad(
+                    key("tls"),
+                    "[upstream.NAME.tls] applies to https:// addresses".into(),
+                ),
+                Some(tls) => {
+                    for (k, msg) in tls.problems() {
+                        bad(key(&format!("tls.{k}")), msg);
+                    }
+                    // The files are read here too, so `holdfast check` and a reload
+                    // catch a bad one before anything is swapped.
+                    if let Err((k, msg)) = crate::upstream::tls::check(tls) {
+                        bad(key(&format!("tls.{k}")), msg);
+                    }
+                }
+                None => {}
             }
         }
         problems

@@ -6,16 +6,20 @@
 //! aware: a request that cannot be retried only takes a connection that went idle
 //! moments ago, after a peek at its socket), sends, and on failure decides from
 //! [`retry::Replay`], the failure's [`Delivery`] and the retry budget whether to go
-//! again on a new connection.
+//! again on a new connection. An HTTP/2 address shares its connections: a request
+//! takes a stream, and one the upstream refused (GOAWAY, `REFUSED_STREAM`) is retried
+//! like one never sent, whatever its method.
 
 pub mod error;
 pub mod fastcgi;
 pub mod figures;
 pub mod http1;
+pub mod http2;
 pub mod io;
 pub mod peer;
 pub mod pool;
 pub mod retry;
+pub mod tls;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -29,7 +33,7 @@ use tokio::time::Instant;
 
 use self::error::{Delivery, Kind, UpstreamError};
 use self::figures::{CloseReason, RetryReason, UpstreamFigures};
-use self::peer::{Outstanding, Peer, PeerAddr};
+use self::peer::{Outstanding, Peer, PeerAddr, TlsSetup};
 use self::pool::idle::Take;
 use self::pool::{Client, PooledConn, Want};
 use self::retry::{Replay, RetryBudget};
@@ -43,6 +47,10 @@ pub struct Upstream {
     peers: ArcSwap<Vec<Arc<Peer>>>,
     next: AtomicUsize,
     budget: RetryBudget,
+    /// The TLS client shared by every address (and so its session cache).
+    tls: TlsSetup,
+    /// What the TLS files held when this upstream was built.
+    tls_fingerprint: u64,
     pub figures: UpstreamFigures,
 }
 
@@ -82,14 +90,28 @@ pub struct Failure {
 impl Upstream {
     /// Builds an upstream, resolving its addresses. Must run inside a Tokio runtime.
     pub async fn new(name: &str, config: &UpstreamConfig) -> Arc<Upstream> {
+        let tls: TlsSetup = config.uses_tls().then(|| {
+            let settings = config.tls.clone().unwrap_or_default();
+            tls::TlsClient::new(&settings, config.http_version)
+                .map(Arc::new)
+                .map_err(|e| {
+                    tracing::error!(upstream = name, error = %e, "cannot set up TLS; requests to this upstream will fail");
+                    Arc::from(e)
+                })
+        });
         let addrs = resolve_all(name, config).await;
-        let peers = addrs.into_iter().map(|a| Peer::new(a, config)).collect();
+        let peers = addrs
+            .into_iter()
+            .map(|(a, host)| Peer::new(a, host, config, tls.clone()))
+            .collect();
         let up = Arc::new(Upstream {
             name: name.to_owned(),
             config: config.clone(),
             peers: ArcSwap::from_pointee(peers),
             next: AtomicUsize::new(0),
             budget: RetryBudget::new(&config.retry),
+            tls,
+            tls_fingerprint: tls::fingerprint(config.tls.as_ref()),
             figures: UpstreamFigures::default(),
         });
         if needs_resolving(config) {
@@ -146,11 +168,7 @@ impl Upstream {
                     if error.counts_against_health() {
                         self.note_failure(&peer, &error);
                     }
-                    let retriable = matches!(
-                        error.kind(),
-                        Kind::ConnectRefused | Kind::ConnectTimeout | Kind::ConnectFailed
-                    );
-                    if retriable && !last_try && self.allow_retry(RetryReason::NotSent) {
+                    if error.is_connect() && !last_try && self.allow_retry(RetryReason::NotSent) {
                         avoid = Some(peer);
                         continue;
                     }
@@ -217,6 +235,7 @@ impl Upstream {
                         body = returned;
                     }
                     let requests = conn.requests();
+                    let shared = conn.is_shared();
                     conn.set_close_reason(if error.is_timeout() {
                         CloseReason::Timeout
                     } else {
@@ -224,13 +243,16 @@ impl Upstream {
                     });
                     drop(conn);
                     let stale = reused_since.is_some() && error.kind() == Kind::Closed;
-                    if let Some(since) = reused_since.filter(|_| stale) {
+                    if let Some(since) = reused_since.filter(|_| stale && !shared) {
                         // The pool's own matter, not the address's health.
                         peer.pool.on_stale(since, since.elapsed(), requests);
                     } else if error.counts_against_health() {
                         self.note_failure(&peer, &error);
                     }
                     let reason = match (error.delivery(), stale, replay) {
+                        (Delivery::NotSent, _, _) if error.kind() == Kind::Refused => {
+                            Some(RetryReason::Refused)
+                        }
                         (Delivery::NotSent, _, _) => Some(RetryReason::NotSent),
                         (Delivery::MaybeSent, true, Replay::Safe) => {
                             Some(RetryReason::StaleConnection)
@@ -342,6 +364,10 @@ async fn send(conn: &mut PooledConn, req: Request<RequestBody>) -> SendResult {
             Ok(resp) => Ok(resp.map(Payload::Http)),
             Err((e, returned)) => Err((e, returned.map(Request::into_body))),
         },
+        Client::Http2(client) => match http2::send(client, req).await {
+            Ok(resp) => Ok(resp.map(Payload::Http)),
+            Err((e, returned)) => Err((e, returned.map(Request::into_body))),
+        },
         Client::FastCgi(c) => {
             let Some(params) = req.extensions().get::<FastCgiParams>().cloned() else {
                 let e = UpstreamError::new(Kind::Protocol, Delivery::NotSent)
@@ -373,24 +399,28 @@ fn needs_resolving(config: &UpstreamConfig) -> bool {
     })
 }
 
-/// Every address of an upstream; names that fail to resolve are logged and skipped.
-async fn resolve_all(name: &str, config: &UpstreamConfig) -> Vec<PeerAddr> {
+/// Every address of an upstream, each with the host it was configured with (the TLS
+/// name); names that fail to resolve are logged and skipped.
+async fn resolve_all(name: &str, config: &UpstreamConfig) -> Vec<(PeerAddr, Arc<str>)> {
     let mut out = Vec::new();
     for a in &config.addresses {
         match &a.endpoint {
-            Endpoint::Unix(p) => out.push(PeerAddr::Unix(p.clone())),
-            Endpoint::Tcp { host, port } => match host.parse::<std::net::IpAddr>() {
-                Ok(ip) => out.push(PeerAddr::Tcp((ip, *port).into())),
-                Err(_) => match tokio::net::lookup_host((host.as_str(), *port)).await {
-                    Ok(addrs) => out.extend(addrs.map(PeerAddr::Tcp)),
-                    Err(e) => {
-                        tracing::warn!(upstream = name, %host, error = %e, "cannot resolve upstream host")
-                    }
-                },
-            },
+            Endpoint::Unix(p) => out.push((PeerAddr::Unix(p.clone()), Arc::from("localhost"))),
+            Endpoint::Tcp { host, port } => {
+                let named: Arc<str> = Arc::from(host.as_str());
+                match host.parse::<std::net::IpAddr>() {
+                    Ok(ip) => out.push((PeerAddr::Tcp((ip, *port).into()), named)),
+                    Err(_) => match tokio::net::lookup_host((host.as_str(), *port)).await {
+                        Ok(addrs) => out.extend(addrs.map(|a| (PeerAddr::Tcp(a), named.clone()))),
+                        Err(e) => {
+                            tracing::warn!(upstream = name, %host, error = %e, "cannot resolve upstream host")
+                        }
+                    },
+                }
+            }
         }
     }
-    out.dedup();
+    out.dedup_by(|a, b| a.0 == b.0);
     out
 }
 
@@ -407,20 +437,29 @@ async fn re_resolve(up: std::sync::Weak<Upstream>, every: Duration) {
             continue; // Keep what works rather than empty the upstream on a DNS blip.
         }
         let current = up.peers.load_full();
-        if current.iter().map(|p| &p.addr).eq(addrs.iter()) {
+        if current
+            .iter()
+            .map(|p| &p.addr)
+            .eq(addrs.iter().map(|(a, _)| a))
+        {
             continue;
         }
         let next: Vec<Arc<Peer>> = addrs
             .iter()
-            .map(|a| {
+            .map(|(a, host)| {
                 current
                     .iter()
                     .find(|p| &p.addr == a)
                     .cloned()
-                    .unwrap_or_else(|| Peer::new(a.clone(), &up.config))
+                    .unwrap_or_else(|| {
+                        Peer::new(a.clone(), host.clone(), &up.config, up.tls.clone())
+                    })
             })
             .collect();
-        for gone in current.iter().filter(|p| !addrs.contains(&p.addr)) {
+        for gone in current
+            .iter()
+            .filter(|p| !addrs.iter().any(|(a, _)| a == &p.addr))
+        {
             tracing::info!(upstream = %up.name, address = %gone.label, "address no longer resolves; draining it");
             gone.remove();
         }
@@ -442,9 +481,12 @@ impl Upstreams {
     ) -> Upstreams {
         let mut by_name = BTreeMap::new();
         for (name, config) in configs {
+            // A renewed certificate or CA file under the same path builds a new
+            // upstream too: its connections must not outlive the identity they used.
             let kept = previous
                 .and_then(|p| p.by_name.get(name))
                 .filter(|u| &u.config == config)
+                .filter(|u| u.tls_fingerprint == tls::fingerprint(config.tls.as_ref()))
                 .cloned();
             let up = match kept {
                 Some(u) => u,

@@ -20,7 +20,7 @@ use std::sync::atomic::Ordering::Relaxed;
 
 use tokio::time::Instant;
 
-use crate::config::Protocol;
+use crate::config::{HttpVersion, Protocol};
 use crate::proxy::Proxy;
 use crate::proxy::figures::{RouteCell, STATUS_CLASSES};
 use crate::server::ServerState;
@@ -159,9 +159,11 @@ pub fn render(proxy: &Proxy, state: &ServerState) -> String {
         "Always 1; each upstream's protocol.",
     );
     for u in &upstreams {
-        let protocol = match u.config.protocol() {
-            Protocol::Http1 => "http1",
-            Protocol::FastCgi => "fastcgi",
+        let protocol = match (u.config.protocol(), u.config.effective_http_version()) {
+            (Protocol::FastCgi, _) => "fastcgi",
+            (_, HttpVersion::Http2) => "http2",
+            (_, HttpVersion::Auto) => "http_alpn",
+            (_, HttpVersion::Http1) => "http1",
         };
         t.sample(
             "holdfast_upstream_info",

@@ -1,5 +1,7 @@
 //! Upstream addresses as written in the config: `http://127.0.0.1:9000`,
-//! `http://backend.internal:8080`, `http+unix:///run/app.sock`, `fastcgi://127.0.0.1:9000`,
+//! `http://backend.internal:8080`, `http+unix:///run/app.sock`, `https://api.example.com`
+//! (TLS; HTTP/2 or HTTP/1.1 by ALPN), `h2c://127.0.0.1:50051` and
+//! `h2c+unix:///run/grpc.sock` (HTTP/2 with prior knowledge), `fastcgi://127.0.0.1:9000`,
 //! `fastcgi+unix:///run/php/php-fpm.sock`.
 //!
 //! Parsing only; resolving host names is the upstream module's job.
@@ -14,7 +16,10 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Protocol {
+    /// HTTP/1.1, or over TLS whatever ALPN picks (see `UpstreamConfig::http_version`).
     Http1,
+    /// HTTP/2 with prior knowledge (`h2c://`, RFC 9113 3.3).
+    Http2,
     FastCgi,
 }
 
@@ -33,6 +38,8 @@ pub enum Endpoint {
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct UpstreamAddr {
     pub protocol: Protocol,
+    /// `https://`: TLS to the upstream.
+    pub tls: bool,
     pub endpoint: Endpoint,
     original: String,
 }
@@ -40,8 +47,9 @@ pub struct UpstreamAddr {
 impl UpstreamAddr {
     /// The value of the `Host` header when the upstream asks for its own name.
     pub fn authority(&self) -> String {
+        let default_port = if self.tls { 443 } else { 80 };
         match &self.endpoint {
-            Endpoint::Tcp { host, port } if *port == 80 => host.clone(),
+            Endpoint::Tcp { host, port } if *port == default_port => host.clone(),
             Endpoint::Tcp { host, port } if host.contains(':') => format!("[{host}]:{port}"),
             Endpoint::Tcp { host, port } => format!("{host}:{port}"),
             Endpoint::Unix(_) => "localhost".to_owned(),
@@ -56,19 +64,22 @@ impl FromStr for UpstreamAddr {
         let (scheme, rest) = s.split_once("://").ok_or_else(|| {
             format!("invalid upstream address {s:?}: expected a URL like http://127.0.0.1:9000")
         })?;
-        let (protocol, unix) = match scheme {
-            "http" => (Protocol::Http1, false),
-            "http+unix" | "unix" => (Protocol::Http1, true),
-            "fastcgi" => (Protocol::FastCgi, false),
-            "fastcgi+unix" => (Protocol::FastCgi, true),
-            "https" | "h2" | "h2c" => {
+        let (protocol, tls, unix) = match scheme {
+            "http" => (Protocol::Http1, false, false),
+            "http+unix" | "unix" => (Protocol::Http1, false, true),
+            "https" => (Protocol::Http1, true, false),
+            "h2c" => (Protocol::Http2, false, false),
+            "h2c+unix" => (Protocol::Http2, false, true),
+            "fastcgi" => (Protocol::FastCgi, false, false),
+            "fastcgi+unix" => (Protocol::FastCgi, false, true),
+            "h2" => {
                 return Err(format!(
-                    "upstream scheme {scheme:?} is not supported yet; use http://, http+unix://, fastcgi:// or fastcgi+unix://"
+                    "{s:?}: for HTTP/2 over TLS write https:// (ALPN picks h2) and, to insist on it, http_version = \"2\""
                 ));
             }
             other => {
                 return Err(format!(
-                    "unknown upstream scheme {other:?}; expected http, http+unix, fastcgi or fastcgi+unix"
+                    "unknown upstream scheme {other:?}; expected http, http+unix, https, h2c, h2c+unix, fastcgi or fastcgi+unix"
                 ));
             }
         };
@@ -87,7 +98,8 @@ impl FromStr for UpstreamAddr {
                 ));
             }
             let default_port = match protocol {
-                Protocol::Http1 => 80,
+                Protocol::Http1 if tls => 443,
+                Protocol::Http1 | Protocol::Http2 => 80,
                 Protocol::FastCgi => 9000,
             };
             let (host, port) = split_host_port(authority, default_port)
@@ -96,6 +108,7 @@ impl FromStr for UpstreamAddr {
         };
         Ok(UpstreamAddr {
             protocol,
+            tls,
             endpoint,
             original: s.to_owned(),
         })
@@ -174,6 +187,22 @@ mod tests {
                 port: 80
             }
         );
+        let a: UpstreamAddr = "https://api.example.com".parse().unwrap();
+        assert!(a.tls);
+        assert_eq!(a.protocol, Protocol::Http1);
+        assert_eq!(
+            a.endpoint,
+            Endpoint::Tcp {
+                host: "api.example.com".into(),
+                port: 443
+            }
+        );
+        assert_eq!(a.authority(), "api.example.com");
+        let a: UpstreamAddr = "h2c://127.0.0.1:50051".parse().unwrap();
+        assert_eq!((a.protocol, a.tls), (Protocol::Http2, false));
+        let a: UpstreamAddr = "h2c+unix:///run/grpc.sock".parse().unwrap();
+        assert_eq!(a.endpoint, Endpoint::Unix("/run/grpc.sock".into()));
+        assert_eq!(a.protocol, Protocol::Http2);
     }
 
     #[test]
@@ -184,6 +213,7 @@ mod tests {
             "http://h:99999",
             "http://h/api",
             "http+unix://rel",
+            "h2://h:443",
         ] {
             assert!(bad.parse::<UpstreamAddr>().is_err(), "{bad} parsed");
         }

@@ -25,6 +25,14 @@ pub enum Kind {
     ConnectRefused,
     ConnectTimeout,
     ConnectFailed,
+    /// The upstream's TLS certificate was rejected (expired, wrong name, unknown issuer).
+    TlsCertificate,
+    /// The TLS handshake failed otherwise (an alert, no common version or ALPN
+    /// protocol, not TLS at all).
+    TlsHandshake,
+    /// HTTP/2: the upstream refused the stream (GOAWAY with a lower last-stream-id, or
+    /// `REFUSED_STREAM`), which proves it did not process it (RFC 9113 8.7).
+    Refused,
     /// The connection closed before any byte of the response arrived.
     Closed,
     /// A reset or other I/O error while exchanging.
@@ -91,7 +99,24 @@ impl UpstreamError {
     pub fn counts_against_health(&self) -> bool {
         matches!(
             self.kind,
-            Kind::ConnectRefused | Kind::ConnectTimeout | Kind::ConnectFailed | Kind::Protocol
+            Kind::ConnectRefused
+                | Kind::ConnectTimeout
+                | Kind::ConnectFailed
+                | Kind::TlsCertificate
+                | Kind::TlsHandshake
+                | Kind::Protocol
+        )
+    }
+
+    /// Opening a connection failed: nothing was sent, another address may do.
+    pub fn is_connect(&self) -> bool {
+        matches!(
+            self.kind,
+            Kind::ConnectRefused
+                | Kind::ConnectTimeout
+                | Kind::ConnectFailed
+                | Kind::TlsCertificate
+                | Kind::TlsHandshake
         )
     }
 
@@ -117,7 +142,9 @@ impl UpstreamError {
             Kind::ConnectRefused => "connection_refused",
             Kind::ConnectTimeout => "connection_timeout",
             Kind::ConnectFailed => "destination_unavailable",
-            Kind::Closed | Kind::Io => "connection_terminated",
+            Kind::TlsCertificate => "tls_certificate_error",
+            Kind::TlsHandshake => "tls_protocol_error",
+            Kind::Refused | Kind::Closed | Kind::Io => "connection_terminated",
             Kind::WriteTimeout => "connection_write_timeout",
             Kind::ResponseHeadersTimeout | Kind::TotalTimeout => "http_response_timeout",
             Kind::ReadTimeout => "connection_read_timeout",
@@ -137,6 +164,9 @@ impl UpstreamError {
 
     /// Classifies a hyper client error from `send_request`.
     pub fn from_hyper(err: hyper::Error) -> Self {
+        if refused_by_http2(&err) {
+            return UpstreamError::new(Kind::Refused, Delivery::NotSent).with_cause(err);
+        }
         let kind = if err.is_incomplete_message() || err.is_canceled() && !err.is_closed() {
             Kind::Closed
         } else if err.is_parse() || err.is_parse_status() || err.is_parse_too_large() {
@@ -151,6 +181,22 @@ impl UpstreamError {
         let kind = refine_io(&err).unwrap_or(kind);
         UpstreamError::new(kind, Delivery::MaybeSent).with_cause(err)
     }
+}
+
+/// Whether an HTTP/2 peer said it did not process the request: a GOAWAY whose
+/// last-stream-id is below the request's stream (h2 gives only those streams, and
+/// requests sent after it, the GOAWAY as their error; streams below it that the
+/// connection then loses see an I/O error) or `REFUSED_STREAM` (RFC 9113 8.7).
+fn refused_by_http2(err: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(err);
+    while let Some(e) = cur {
+        if let Some(h2) = e.downcast_ref::<h2::Error>() {
+            return h2.is_remote()
+                && (h2.is_go_away() || h2.reason() == Some(h2::Reason::REFUSED_STREAM));
+        }
+        cur = e.source();
+    }
+    false
 }
 
 /// Looks through hyper's error chain for an I/O error that says more.
@@ -189,6 +235,9 @@ impl fmt::Display for UpstreamError {
             Kind::ConnectRefused => "connection refused",
             Kind::ConnectTimeout => "connect timed out",
             Kind::ConnectFailed => "connect failed",
+            Kind::TlsCertificate => "upstream TLS certificate rejected",
+            Kind::TlsHandshake => "TLS handshake with the upstream failed",
+            Kind::Refused => "upstream refused the HTTP/2 stream (not processed)",
             Kind::Closed => "upstream closed the connection before responding",
             Kind::Io => "connection error",
             Kind::WriteTimeout => "writing the request timed out",

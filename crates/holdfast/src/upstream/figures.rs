@@ -30,10 +30,12 @@ pub enum CloseReason {
     /// Evicted: idle list full, room needed for a new connection, evidence that
     /// older connections are stale, or the pool is draining.
     Evicted,
+    /// HTTP/2: the upstream sent GOAWAY; the connection took no new stream after it.
+    GoAway,
 }
 
 impl CloseReason {
-    pub const ALL: [CloseReason; 10] = [
+    pub const ALL: [CloseReason; 11] = [
         CloseReason::IdleExpired,
         CloseReason::ClosedByUpstreamIdle,
         CloseReason::UpstreamConnectionClose,
@@ -44,6 +46,7 @@ impl CloseReason {
         CloseReason::Timeout,
         CloseReason::Abandoned,
         CloseReason::Evicted,
+        CloseReason::GoAway,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -58,6 +61,7 @@ impl CloseReason {
             CloseReason::Timeout => "timeout",
             CloseReason::Abandoned => "abandoned",
             CloseReason::Evicted => "evicted",
+            CloseReason::GoAway => "goaway",
         }
     }
 }
@@ -69,15 +73,22 @@ pub enum RetryReason {
     StaleConnection,
     /// Never sent: connect refused or failed, or the connection was found closed first.
     NotSent,
+    /// HTTP/2: the upstream refused the stream (GOAWAY or `REFUSED_STREAM`).
+    Refused,
 }
 
 impl RetryReason {
-    pub const ALL: [RetryReason; 2] = [RetryReason::StaleConnection, RetryReason::NotSent];
+    pub const ALL: [RetryReason; 3] = [
+        RetryReason::StaleConnection,
+        RetryReason::NotSent,
+        RetryReason::Refused,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
             RetryReason::StaleConnection => "stale_connection",
             RetryReason::NotSent => "not_sent",
+            RetryReason::Refused => "refused_stream",
         }
     }
 }
@@ -152,6 +163,9 @@ pub struct PoolFigures {
     pub queue_full: AtomicU64,
     /// Stale connections caught by the pre-use check, before any request was written.
     pub stale_caught: AtomicU64,
+    /// TLS handshakes completed, and how many of them resumed an earlier session.
+    pub tls_handshakes: AtomicU64,
+    pub tls_resumed: AtomicU64,
     pub idle_age_at_reuse: Histogram,
     pub idle_age_at_upstream_close: Histogram,
 }

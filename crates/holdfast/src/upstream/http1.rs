@@ -11,6 +11,7 @@ use std::time::Duration;
 use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::error::{Delivery, Kind, UpstreamError};
 use super::io::{Stream, UpstreamIo};
@@ -26,7 +27,16 @@ pub async fn handshake(
     write_timeout: Duration,
 ) -> Result<Connected, UpstreamError> {
     let stream = Arc::new(stream);
-    let io = TokioIo::new(UpstreamIo::new(stream.clone(), write_timeout));
+    let io = UpstreamIo::new(stream.clone(), write_timeout);
+    handshake_on(io, stream).await
+}
+
+/// [`handshake`] on I/O layered over the socket (TLS).
+pub async fn handshake_on<IO>(io: IO, stream: Arc<Stream>) -> Result<Connected, UpstreamError>
+where
+    IO: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+{
+    let io = TokioIo::new(io);
     let (sender, conn) = hyper::client::conn::http1::Builder::new()
         // hyper's read buffer grows with the body it reads and is kept for the
         // connection's life: cap it, so many large responses at once cost 64 KiB per

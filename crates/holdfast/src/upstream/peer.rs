@@ -1,4 +1,11 @@
-//! One upstream address ("peer"): its pool, passive health, and outstanding requests.
+//! One upstream address ("peer"): its pool, passive health, outstanding requests, and
+//! how a connection to it is opened (TCP or unix socket, then TLS, then HTTP/1.1,
+//! HTTP/2 or FastCGI).
+//!
+//! A peer is one (address, TLS settings) pair: the TLS client config belongs to the
+//! upstream, so two upstreams naming one address with different certificates or
+//! names have two pools, and a connection is only reused under the identity it was
+//! opened with.
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -11,10 +18,18 @@ use holdfast_fastcgi::ServerValues;
 use tokio::time::Instant;
 
 use super::error::{Delivery, Kind, UpstreamError};
-use super::io::Stream;
+use super::io::{Stream, UpstreamIo};
 use super::pool::{Connected, Pool, PoolSettings, PooledConn, Want};
-use super::{fastcgi, http1};
-use crate::config::{HealthConfig, Protocol, TcpConfig, TimeoutConfig, UpstreamConfig};
+use super::tls::TlsClient;
+use super::{fastcgi, http1, http2};
+use crate::config::{
+    HealthConfig, HttpVersion, Protocol, TcpConfig, TimeoutConfig, UpstreamConfig,
+    UpstreamHttp2Config,
+};
+
+/// An upstream's TLS client, shared by its peers, or why it could not be built (its
+/// files changed after the config was checked): connections then fail saying so.
+pub type TlsSetup = Option<Result<Arc<TlsClient>, Arc<str>>>;
 
 /// A resolved address.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -37,6 +52,15 @@ pub struct Peer {
     pub label: Arc<str>,
     pub pool: Arc<Pool>,
     protocol: Protocol,
+    /// The address's host as configured: the TLS name unless `tls.server_name` says
+    /// otherwise.
+    host: Arc<str>,
+    tls: TlsSetup,
+    version: HttpVersion,
+    http2: UpstreamHttp2Config,
+    /// `http_version = "auto"` over TLS: the last handshake's ALPN picked `h2`, so
+    /// requests take streams on shared connections.
+    alpn_h2: AtomicBool,
     tcp: TcpConfig,
     timeouts: TimeoutConfig,
     pub health: Health,
@@ -49,15 +73,26 @@ pub struct Peer {
 }
 
 impl Peer {
-    pub fn new(addr: PeerAddr, config: &UpstreamConfig) -> Arc<Peer> {
+    pub fn new(
+        addr: PeerAddr,
+        host: Arc<str>,
+        config: &UpstreamConfig,
+        tls: TlsSetup,
+    ) -> Arc<Peer> {
         let label: Arc<str> = addr.to_string().into();
         let mut settings = PoolSettings::from(&config.pool);
         settings.free_workers = config.protocol() == Protocol::FastCgi;
+        settings.h2_connections = config.http2.connections.max(1);
         Arc::new(Peer {
             pool: Pool::new(label.clone(), settings),
             label,
             addr,
             protocol: config.protocol(),
+            host,
+            tls,
+            version: config.effective_http_version(),
+            http2: config.http2.clone(),
+            alpn_h2: AtomicBool::new(false),
             tcp: config.tcp.clone(),
             timeouts: config.timeouts.clone(),
             health: Health::new(config.health.clone()),
@@ -100,9 +135,21 @@ impl Peer {
         want: Want,
         check_idle: bool,
     ) -> Result<PooledConn, UpstreamError> {
+        if self.shares_connections() {
+            return self.pool.checkout_shared(|| self.connect()).await;
+        }
         self.pool
             .checkout(want, check_idle, || self.connect())
             .await
+    }
+
+    /// Whether requests take streams on shared HTTP/2 connections.
+    fn shares_connections(&self) -> bool {
+        match self.version {
+            HttpVersion::Http2 => self.protocol != Protocol::FastCgi,
+            HttpVersion::Auto => self.tls.is_some() && self.alpn_h2.load(Relaxed),
+            HttpVersion::Http1 => false,
+        }
     }
 
     async fn connect(&self) -> Result<Connected, UpstreamError> {
@@ -127,13 +174,53 @@ impl Peer {
                 }
                 Ok(Ok(s)) => s,
             };
-        match self.protocol {
-            Protocol::Http1 => http1::handshake(stream, self.timeouts.write.get()).await,
-            Protocol::FastCgi => Ok(fastcgi::connected(
+        match (self.protocol, &self.tls) {
+            (Protocol::FastCgi, _) => Ok(fastcgi::connected(
                 stream,
                 self.timeouts.write.get(),
                 self.label.clone(),
             )),
+            (_, Some(tls)) => self.connect_tls(stream, tls).await,
+            (_, None) if self.version == HttpVersion::Http2 => {
+                let stream = Arc::new(stream);
+                let io = UpstreamIo::new(stream.clone(), self.timeouts.write.get());
+                let wait = self.timeouts.connect.get();
+                http2::handshake(io, stream, false, &self.http2, wait).await
+            }
+            (_, None) => http1::handshake(stream, self.timeouts.write.get()).await,
+        }
+    }
+
+    /// TLS, then HTTP/2 if ALPN picked it (or `http_version = "2"`), else HTTP/1.1.
+    async fn connect_tls(
+        &self,
+        stream: Stream,
+        tls: &Result<Arc<TlsClient>, Arc<str>>,
+    ) -> Result<Connected, UpstreamError> {
+        let tls = tls.as_ref().map_err(|why| {
+            UpstreamError::new(Kind::TlsHandshake, Delivery::NotSent).with_cause(why.to_string())
+        })?;
+        let name = tls.server_name(&self.host)?;
+        let stream = Arc::new(stream);
+        let io = UpstreamIo::new(stream.clone(), self.timeouts.write.get());
+        let wait = self.timeouts.connect.get();
+        let (io, done) = match tokio::time::timeout(wait, tls.connect(name, io)).await {
+            Ok(r) => r?,
+            Err(_) => {
+                return Err(UpstreamError::new(Kind::ConnectTimeout, Delivery::NotSent)
+                    .with_cause("TLS handshake timed out"));
+            }
+        };
+        self.pool.figures.tls_handshakes.fetch_add(1, Relaxed);
+        if done.resumed {
+            self.pool.figures.tls_resumed.fetch_add(1, Relaxed);
+        }
+        let h2 = done.h2 || self.version == HttpVersion::Http2;
+        self.alpn_h2.store(h2, Relaxed);
+        if h2 {
+            http2::handshake(io, stream, true, &self.http2, wait).await
+        } else {
+            http1::handshake_on(io, stream).await
         }
     }
 

@@ -15,11 +15,18 @@
 //!   bytes and the connection leaves the idle list at once; a reaper closes each one at
 //!   its expiry.
 //!
+//! HTTP/2 connections follow other rules: many requests share one, each holding a
+//! stream on it rather than the connection (`shared.rs`, with its own list and the
+//! same FIFO queue settings). A checkout of an HTTP/2 address goes there
+//! ([`Pool::checkout_shared`]); a connection opened here that turns out HTTP/2 (ALPN)
+//! is handed over to it. Neither list ever holds the other's connections.
+//!
 //! This module does not know HTTP: protocol clients plug in through [`Client`] and a
 //! connect function.
 
 pub mod idle;
 pub mod learn;
+pub mod shared;
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -33,6 +40,7 @@ use tokio::time::Instant;
 
 use self::idle::{IdleList, Keyed, Take};
 use self::learn::{IdleSource, KeepAliveHint, Learned, Learner, PROMPT_CLOSE};
+use self::shared::{Lease, SharedState};
 use super::error::{Delivery, Kind, UpstreamError};
 use super::figures::{CloseReason, PoolFigures};
 use super::io::{IdleProbe, Stream};
@@ -41,6 +49,8 @@ use crate::config::PoolConfig;
 /// A protocol's handle on one connection.
 pub enum Client {
     Http1(hyper::client::conn::http1::SendRequest<crate::body::RequestBody>),
+    /// A handle on a shared HTTP/2 connection (a clone per request).
+    Http2(super::http2::Http2Client),
     FastCgi(Box<super::fastcgi::FastCgiConn>),
 }
 
@@ -48,6 +58,7 @@ impl Client {
     fn is_closed(&self) -> bool {
         match self {
             Client::Http1(s) => s.is_closed(),
+            Client::Http2(c) => c.is_closed(),
             Client::FastCgi(c) => c.is_closed(),
         }
     }
@@ -56,6 +67,7 @@ impl Client {
     async fn ready(&mut self) -> bool {
         match self {
             Client::Http1(s) => s.ready().await.is_ok(),
+            Client::Http2(c) => !c.is_closed(),
             Client::FastCgi(c) => !c.is_closed(),
         }
     }
@@ -95,6 +107,8 @@ pub struct PoolSettings {
     /// closed at once and finished ones are closed rather than pooled until it is
     /// answered.
     pub free_workers: bool,
+    /// HTTP/2 connections per address (`http2.connections`).
+    pub h2_connections: usize,
 }
 
 impl From<&PoolConfig> for PoolSettings {
@@ -109,6 +123,7 @@ impl From<&PoolConfig> for PoolSettings {
             queue_timeout: c.queue_timeout.get(),
             learn: c.learn,
             free_workers: false,
+            h2_connections: 1,
         }
     }
 }
@@ -149,6 +164,13 @@ impl Keyed for Conn {
 
 struct OpenGuard(Arc<AtomicUsize>);
 
+impl OpenGuard {
+    fn count(open: &Arc<AtomicUsize>) -> OpenGuard {
+        open.fetch_add(1, Relaxed);
+        OpenGuard(open.clone())
+    }
+}
+
 impl Drop for OpenGuard {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Relaxed);
@@ -163,9 +185,12 @@ struct State {
     /// With `free_workers`: new connections waiting for their first response, by id,
     /// with the time each was opened.
     fresh: BTreeMap<u64, Instant>,
+    /// HTTP/2: shared connections and requests waiting for a stream.
+    shared: SharedState,
 }
 
 pub struct Pool {
+    me: Weak<Pool>,
     label: Arc<str>,
     settings: PoolSettings,
     slots: Arc<Semaphore>,
@@ -192,7 +217,8 @@ pub const WORKER_WAIT: Duration = Duration::from_millis(50);
 impl Pool {
     /// Creates a pool and starts its reaper. Must be called inside a Tokio runtime.
     pub fn new(label: Arc<str>, settings: PoolSettings) -> Arc<Pool> {
-        let pool = Arc::new(Pool {
+        let pool = Arc::new_cyclic(|me| Pool {
+            me: me.clone(),
             label,
             slots: Arc::new(Semaphore::new(settings.max_connections)),
             limit: AtomicUsize::new(settings.max_connections),
@@ -204,6 +230,7 @@ impl Pool {
                 learner: Learner::new(settings.idle_timeout, settings.learn),
                 reaper_target: None,
                 fresh: BTreeMap::new(),
+                shared: SharedState::default(),
             }),
             reaper: Arc::new(Notify::new()),
             draining: AtomicBool::new(false),
@@ -271,6 +298,24 @@ impl Pool {
         // more than `max_connections`; a failed connect gives the count back.
         let open = self.reserve_open();
         let connected = connect().await?;
+        if let Client::Http2(_) = connected.client {
+            // ALPN picked HTTP/2: the connection is shared, and needs no slot.
+            drop(permit);
+            return match self.adopt_shared(connected, open, None) {
+                Ok(pooled) => Ok(pooled),
+                Err(_) => unreachable!("an HTTP/2 client is adopted"),
+            };
+        }
+        Ok(self.new_exclusive(connected, open, permit))
+    }
+
+    /// Wraps a new connection for the one request that opened it.
+    fn new_exclusive(
+        self: &Arc<Self>,
+        connected: Connected,
+        open: OpenGuard,
+        permit: OwnedSemaphorePermit,
+    ) -> PooledConn {
         let (kill, killed) = oneshot::channel();
         let conn = Conn {
             id: NEXT_CONN_ID.fetch_add(1, Relaxed),
@@ -297,7 +342,7 @@ impl Pool {
             pooled.first_response_pending = Some(id);
             tokio::spawn(free_worker_if_unanswered(Arc::downgrade(self), id));
         }
-        Ok(pooled)
+        pooled
     }
 
     async fn acquire_slot(&self) -> Result<OwnedSemaphorePermit, UpstreamError> {
@@ -347,8 +392,7 @@ impl Pool {
     /// open connections (idle, busy and being opened) are over `max_connections`. Busy
     /// and opening ones each hold a slot, so while over the cap an idle one exists.
     fn reserve_open(&self) -> OpenGuard {
-        self.open.fetch_add(1, Relaxed);
-        let guard = OpenGuard(self.open.clone());
+        let guard = OpenGuard::count(&self.open);
         // Bounded: each round closes an idle connection or stops.
         while self.open.load(Relaxed) > self.limit.load(Relaxed) {
             let Some(conn) = self.lock().idle.pop_oldest() else {
@@ -528,6 +572,7 @@ impl Pool {
         self.draining.store(true, Relaxed);
         let idle = self.lock().idle.drain_all();
         self.close_all(idle, CloseReason::Evicted);
+        self.drain_shared();
     }
 
     /// How long a connection may have been idle and still carry a request that
@@ -540,18 +585,27 @@ impl Pool {
     pub fn snapshot(&self) -> PoolSnapshot {
         let st = self.lock();
         let (idle_timeout, source) = st.learner.effective_idle();
+        let (connections, streams, max_streams, stream_waiters) = st.shared.figures();
+        let http2 =
+            (connections > 0 || streams > 0 || stream_waiters > 0).then_some(Http2Snapshot {
+                connections,
+                streams,
+                max_streams,
+            });
         PoolSnapshot {
             open: self.open.load(Relaxed),
             idle: st.idle.len(),
             in_use: self
                 .limit
                 .load(Relaxed)
-                .saturating_sub(self.slots.available_permits()),
-            waiting: self.waiting.load(Relaxed),
+                .saturating_sub(self.slots.available_permits())
+                + streams,
+            waiting: self.waiting.load(Relaxed) + stream_waiters,
             max_connections: self.limit.load(Relaxed),
             effective_idle_timeout: idle_timeout,
             idle_timeout_source: source,
             learned_max_requests: st.learner.learned_max_requests(),
+            http2,
         }
     }
 }
@@ -575,6 +629,21 @@ pub struct PoolSnapshot {
     pub effective_idle_timeout: Duration,
     pub idle_timeout_source: IdleSource,
     pub learned_max_requests: Option<u64>,
+    /// HTTP/2 addresses: the shared connections taking new streams.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub http2: Option<Http2Snapshot>,
+}
+
+/// The shared HTTP/2 connections of one pool (`in_use` and `waiting` count their
+/// streams and waiters too).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Http2Snapshot {
+    /// Connections taking new streams (not those going away).
+    pub connections: usize,
+    /// Streams in flight on them.
+    pub streams: usize,
+    /// Streams they take at once (the upstream's `SETTINGS_MAX_CONCURRENT_STREAMS`).
+    pub max_streams: usize,
 }
 
 fn ser_secs<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
@@ -657,8 +726,10 @@ pub struct ResponseHint {
 /// [`PooledConn::release`] is the only way back to the pool.
 pub struct PooledConn {
     conn: Option<Conn>,
+    /// HTTP/2: a stream on a shared connection instead of `conn`.
+    lease: Option<Lease>,
     pool: Arc<Pool>,
-    _slot: OwnedSemaphorePermit,
+    _slot: Option<OwnedSemaphorePermit>,
     idle_since: Option<Instant>,
     hint: ResponseHint,
     close_reason: CloseReason,
@@ -675,13 +746,33 @@ impl PooledConn {
     ) -> Self {
         PooledConn {
             conn: Some(conn),
+            lease: None,
             pool,
-            _slot: slot,
+            _slot: Some(slot),
             idle_since,
             hint: ResponseHint::default(),
             close_reason: CloseReason::Abandoned,
             first_response_pending: None,
         }
+    }
+
+    fn shared(lease: Lease, pool: Arc<Pool>) -> Self {
+        PooledConn {
+            conn: None,
+            idle_since: lease.reused.then(|| lease.created()),
+            lease: Some(lease),
+            pool,
+            _slot: None,
+            hint: ResponseHint::default(),
+            close_reason: CloseReason::Abandoned,
+            first_response_pending: None,
+        }
+    }
+
+    /// A stream on a shared (HTTP/2) connection: failures and timeouts end the stream,
+    /// not the connection, and say nothing about idle connections.
+    pub fn is_shared(&self) -> bool {
+        self.lease.is_some()
     }
 
     /// The response head arrived.
@@ -693,7 +784,11 @@ impl PooledConn {
 
     /// The protocol handle.
     pub fn client(&mut self) -> &mut Client {
-        // `conn` is only `None` after `release` or in `drop`, both of which consume us.
+        if let Some(lease) = self.lease.as_mut() {
+            return &mut lease.client;
+        }
+        // `conn` is only `None` after `release` or in `drop`, both of which consume
+        // us, or for a lease, handled above.
         &mut self
             .conn
             .as_mut()
@@ -716,7 +811,10 @@ impl PooledConn {
     }
 
     pub fn requests(&self) -> u64 {
-        self.conn.as_ref().map_or(0, |c| c.requests)
+        match &self.lease {
+            Some(lease) => lease.served(),
+            None => self.conn.as_ref().map_or(0, |c| c.requests),
+        }
     }
 
     pub fn pool(&self) -> &Arc<Pool> {
@@ -731,6 +829,9 @@ impl PooledConn {
     /// Records what the response head says about reuse, and learns the upstream's
     /// announced idle timeout.
     pub fn on_response_head(&mut self, headers: &http::HeaderMap, version: http::Version) {
+        if self.is_shared() {
+            return; // HTTP/2 has no Connection or Keep-Alive (RFC 9113 8.2.2).
+        }
         let connection_close = headers.get_all(http::header::CONNECTION).iter().any(|v| {
             v.as_bytes()
                 .split(|&b| b == b',')
@@ -764,6 +865,7 @@ impl PooledConn {
         if let Some(conn) = self.conn.take() {
             self.pool.checkin(conn, self.hint);
         }
+        // A lease gives its stream back as it drops.
     }
 }
 

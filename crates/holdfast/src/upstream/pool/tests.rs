@@ -44,6 +44,7 @@ fn settings() -> PoolSettings {
         queue_timeout: Duration::from_millis(1),
         learn: true,
         free_workers: false,
+        h2_connections: 1,
     }
 }
 

@@ -1,0 +1,102 @@
+//! How holdfast talks to an HTTP upstream: the HTTP version, `[upstream.NAME.tls]` and
+//! `[upstream.NAME.http2]`.
+//!
+//! Parsing and checks that need no files; reading the certificate files is
+//! `upstream::tls`'s job (called from `Config::validate`, so `holdfast check` and a
+//! reload see a bad file before anything is swapped).
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use super::Dur;
+
+/// Which HTTP version holdfast speaks to an `http://` or `https://` upstream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
+pub enum HttpVersion {
+    /// `https://`: offer `h2` and `http/1.1` by ALPN and speak what the upstream picks;
+    /// `http://`: HTTP/1.1. `h2c://` addresses: HTTP/2.
+    #[default]
+    #[serde(rename = "auto")]
+    Auto,
+    /// HTTP/1.1 only (ALPN offers only `http/1.1`).
+    #[serde(rename = "1.1")]
+    Http1,
+    /// HTTP/2 only: ALPN `h2` over TLS, prior knowledge (h2c) without.
+    #[serde(rename = "2")]
+    Http2,
+}
+
+/// `[upstream.NAME.tls]`: how an `https://` upstream is verified and whom holdfast
+/// says it is. One rustls client config per upstream, shared by its addresses, so TLS
+/// sessions are resumed across connections.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct UpstreamTlsConfig {
+    /// PEM file of the CA certificates the upstream's certificate must chain to.
+    /// Default: the system's trust store.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<PathBuf>,
+    /// Name sent as SNI and checked against the upstream's certificate. Default: the
+    /// address's host; an IP address is checked against the certificate's IP
+    /// addresses, and no SNI is sent.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub server_name: Option<String>,
+    /// PEM certificate chain holdfast presents when the upstream asks for one (mutual
+    /// TLS); needs `client_key`. Default: none.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub client_cert: Option<PathBuf>,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1) of `client_cert`. Default: none.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub client_key: Option<PathBuf>,
+}
+
+/// `[upstream.NAME.http2]`: HTTP/2 connections to an upstream address, shared by
+/// concurrent requests.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct UpstreamHttp2Config {
+    /// HTTP/2 connections per address. A request takes a stream on the least busy one
+    /// that has a free stream (below the upstream's `SETTINGS_MAX_CONCURRENT_STREAMS`);
+    /// another connection opens when all are busy and fewer than this are open; when
+    /// none has a free stream, requests wait in the pool's queue (`pool.queue_size`,
+    /// `pool.queue_timeout`). Default 1.
+    pub connections: usize,
+    /// How often a PING checks that the upstream still answers, busy or idle; `0s`
+    /// turns PINGs off. Default `10s`.
+    pub ping_interval: Dur,
+    /// How long a PING may go unanswered before the connection is closed and its
+    /// requests fail (the address's other connections are unaffected). Default `5s`.
+    pub ping_timeout: Dur,
+}
+
+impl Default for UpstreamHttp2Config {
+    fn default() -> Self {
+        UpstreamHttp2Config {
+            connections: 1,
+            ping_interval: Dur::secs(10),
+            ping_timeout: Dur::secs(5),
+        }
+    }
+}
+
+impl UpstreamTlsConfig {
+    /// Cross-key problems that need no files, as (key below `tls.`, message).
+    pub fn problems(&self) -> Vec<(&'static str, String)> {
+        let mut out = Vec::new();
+        match (&self.client_cert, &self.client_key) {
+            (Some(_), None) => out.push(("client_key", "client_cert needs client_key".into())),
+            (None, Some(_)) => out.push(("client_cert", "client_key needs client_cert".into())),
+            _ => {}
+        }
+        if let Some(name) = &self.server_name
+            && rustls::pki_types::ServerName::try_from(name.as_str()).is_err()
+        {
+            out.push((
+                "server_name",
+                format!("{name:?} is not a DNS name or IP address"),
+            ));
+        }
+        out
+    }
+}

@@ -1,0 +1,453 @@
+//! HTTP/2 connections shared by many requests: the pool's second mode, beside the
+//! one-request-per-connection rules of HTTP/1 and FastCGI in `pool.rs`.
+//!
+//! - A checkout takes a *stream* on a listed connection, not the connection: a
+//!   [`Lease`] holds a clone of hyper's sender and counts one stream in flight on
+//!   that connection until it is released or dropped. Dropping a lease never closes
+//!   the connection (hyper resets that one stream).
+//! - A request takes the least busy listed connection whose streams in flight are
+//!   below the upstream's `SETTINGS_MAX_CONCURRENT_STREAMS`. When every listed one is
+//!   busy and fewer than `http2.connections` are open or opening, it opens another;
+//!   when none has a free stream and none may open, it waits in a FIFO queue
+//!   (`queue_size`, `queue_timeout`). A freed stream, a new connection or a raised
+//!   limit is handed to the first waiter directly ([`Grant`]), so nobody overtakes.
+//! - A connection leaves the list, and takes no new stream, the moment it is known
+//!   to be finished: a GOAWAY read off the wire, a failed request, an unanswered
+//!   PING, its end. Its streams in flight go on; the socket closes when the last
+//!   lease is gone. Requests the GOAWAY refused are retried by `Upstream::forward`.
+//!
+//! Everything here runs under the pool's one lock; grants are sent while holding it
+//! and defused if the waiter is gone, so no drop re-enters the lock.
+
+use std::collections::VecDeque;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::{Arc, Weak};
+
+use tokio::sync::oneshot;
+use tokio::time::Instant;
+
+use super::{Client, Connected, NEXT_CONN_ID, OpenGuard, Pool, PooledConn, State};
+use crate::upstream::error::{Delivery, Kind, UpstreamError};
+use crate::upstream::figures::CloseReason;
+use crate::upstream::http2::{Http2Client, Signals};
+use crate::upstream::io::Stream;
+
+/// The shared connections of one pool and the requests waiting for a stream.
+#[derive(Default)]
+pub(super) struct SharedState {
+    /// Connections taking new streams.
+    conns: Vec<Arc<SharedConn>>,
+    /// Connections being opened by a request that will take their first stream.
+    opening: usize,
+    waiters: VecDeque<oneshot::Sender<Grant>>,
+}
+
+/// One HTTP/2 connection, owned by the list and by the leases on it.
+pub(super) struct SharedConn {
+    id: u64,
+    created: Instant,
+    client: Http2Client,
+    stream: Arc<Stream>,
+    /// Streams in flight; changed only under the pool lock.
+    in_flight: AtomicUsize,
+    /// Streams finished on this connection.
+    served: AtomicU64,
+    /// Dropping this ends the connection's drive task.
+    _kill: oneshot::Sender<()>,
+    _open: OpenGuard,
+}
+
+impl Drop for SharedConn {
+    fn drop(&mut self) {
+        // No lease is left, so no stream of ours is open: close now rather than when
+        // hyper's task next runs.
+        self.stream.shutdown_both();
+    }
+}
+
+impl SharedConn {
+    fn signals(&self) -> &Signals {
+        &self.client.signals
+    }
+
+    fn has_free_stream(&self) -> bool {
+        !self.signals().is_going_away()
+            && self.in_flight.load(Relaxed) < self.signals().max_streams()
+    }
+}
+
+/// A stream on a shared connection, for one request.
+///
+/// # Drop behavior
+/// Gives the stream back to the pool, which hands it to the first waiter.
+pub struct Lease {
+    conn: Arc<SharedConn>,
+    pool: Weak<Pool>,
+    pub(super) client: Client,
+    /// The connection served other requests before this one.
+    pub(super) reused: bool,
+    armed: bool,
+}
+
+impl Lease {
+    fn new(conn: Arc<SharedConn>, pool: Weak<Pool>, reused: bool) -> Lease {
+        Lease {
+            client: Client::Http2(conn.client.clone()),
+            conn,
+            pool,
+            reused,
+            armed: true,
+        }
+    }
+
+    pub(super) fn created(&self) -> Instant {
+        self.conn.created
+    }
+
+    pub(super) fn served(&self) -> u64 {
+        self.conn.served.load(Relaxed)
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        if self.armed
+            && let Some(pool) = self.pool.upgrade()
+        {
+            pool.release_stream(&self.conn);
+        }
+    }
+}
+
+/// The right to open a connection, counted in `opening` until used or dropped.
+pub(super) struct OpenTicket {
+    pool: Weak<Pool>,
+    armed: bool,
+}
+
+impl Drop for OpenTicket {
+    fn drop(&mut self) {
+        if self.armed
+            && let Some(pool) = self.pool.upgrade()
+        {
+            let mut st = pool.lock();
+            st.shared.opening -= 1;
+            pool.dispatch(&mut st);
+        }
+    }
+}
+
+/// What a waiter is handed.
+pub(super) enum Grant {
+    Stream(Lease),
+    Open(OpenTicket),
+}
+
+impl Grant {
+    /// For a grant that never reached its waiter: the caller undoes the counts.
+    fn defuse(self) {
+        match self {
+            Grant::Stream(mut l) => l.armed = false,
+            Grant::Open(mut t) => t.armed = false,
+        }
+    }
+}
+
+enum Choice {
+    Stream(Arc<SharedConn>),
+    Open,
+    Wait,
+}
+
+impl SharedState {
+    fn choose(&self, limit: usize) -> Choice {
+        let best = self
+            .conns
+            .iter()
+            .filter(|c| c.has_free_stream())
+            .min_by_key(|c| c.in_flight.load(Relaxed));
+        let all_busy = best.is_none_or(|c| c.in_flight.load(Relaxed) > 0);
+        match best {
+            _ if all_busy && self.conns.len() + self.opening < limit => Choice::Open,
+            Some(c) => Choice::Stream(c.clone()),
+            None => Choice::Wait,
+        }
+    }
+
+    /// Streams in flight and the streams the listed connections take, for `/pools`.
+    pub(super) fn figures(&self) -> (usize, usize, usize, usize) {
+        let streams = self.conns.iter().map(|c| c.in_flight.load(Relaxed)).sum();
+        let max = self
+            .conns
+            .iter()
+            .map(|c| c.signals().max_streams())
+            .fold(0usize, usize::saturating_add);
+        (self.conns.len(), streams, max, self.waiters.len())
+    }
+}
+
+type Driver = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+impl Pool {
+    /// A stream on a shared HTTP/2 connection: the least busy one with a free stream,
+    /// a new one, or a wait in the queue (see the module docs). `connect` opens an
+    /// HTTP/2 connection; if it turns out HTTP/1.1 (ALPN), it is used as an exclusive
+    /// one.
+    ///
+    /// # Errors
+    /// A full queue or `queue_timeout` (503), or `connect` failed.
+    ///
+    /// # Cancel safety
+    /// Dropping the future gives back the place in the queue, a stream handed to it,
+    /// or the right to open a connection.
+    pub async fn checkout_shared<F, Fut>(
+        self: &Arc<Self>,
+        connect: F,
+    ) -> Result<PooledConn, UpstreamError>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<Connected, UpstreamError>>,
+    {
+        let waiting = {
+            let mut st = self.lock();
+            let limit = self.settings.h2_connections;
+            st.shared.waiters.retain(|w| !w.is_closed());
+            let choice = if st.shared.waiters.is_empty() {
+                st.shared.choose(limit)
+            } else {
+                Choice::Wait
+            };
+            match choice {
+                Choice::Stream(conn) => {
+                    conn.in_flight.fetch_add(1, Relaxed);
+                    self.figures.reused.fetch_add(1, Relaxed);
+                    return Ok(PooledConn::shared(
+                        Lease::new(conn, Arc::downgrade(self), true),
+                        self.clone(),
+                    ));
+                }
+                Choice::Open => {
+                    st.shared.opening += 1;
+                    Err(OpenTicket {
+                        pool: Arc::downgrade(self),
+                        armed: true,
+                    })
+                }
+                Choice::Wait => {
+                    if st.shared.waiters.len() >= self.settings.queue_size {
+                        self.figures.queue_full.fetch_add(1, Relaxed);
+                        return Err(UpstreamError::new(Kind::QueueFull, Delivery::NotSent));
+                    }
+                    let (tx, rx) = oneshot::channel();
+                    st.shared.waiters.push_back(tx);
+                    Ok(rx)
+                }
+            }
+        };
+        let ticket = match waiting {
+            Err(ticket) => ticket,
+            Ok(rx) => match tokio::time::timeout(self.settings.queue_timeout, rx).await {
+                Ok(Ok(Grant::Stream(lease))) => {
+                    self.figures.reused.fetch_add(1, Relaxed);
+                    return Ok(PooledConn::shared(lease, self.clone()));
+                }
+                Ok(Ok(Grant::Open(ticket))) => ticket,
+                Ok(Err(_)) => return Err(UpstreamError::new(Kind::NoPeer, Delivery::NotSent)),
+                Err(_) => {
+                    self.figures.queue_timeouts.fetch_add(1, Relaxed);
+                    return Err(UpstreamError::new(Kind::QueueTimeout, Delivery::NotSent));
+                }
+            },
+        };
+        let open = OpenGuard::count(&self.open);
+        let connected = connect().await?;
+        match self.adopt_shared(connected, open, Some(ticket)) {
+            Ok(pooled) => Ok(pooled),
+            Err((connected, open)) => {
+                // HTTP/1.1 after all (the upstream's ALPN changed): exclusive.
+                let slot = self.acquire_slot().await?;
+                Ok(self.new_exclusive(connected, open, slot))
+            }
+        }
+    }
+
+    /// Lists a new HTTP/2 connection and leases its first stream; gives `connected`
+    /// back if it is not HTTP/2.
+    pub(super) fn adopt_shared(
+        self: &Arc<Self>,
+        connected: Connected,
+        open: OpenGuard,
+        ticket: Option<OpenTicket>,
+    ) -> Result<PooledConn, (Connected, OpenGuard)> {
+        let Connected {
+            stream,
+            client,
+            driver,
+        } = connected;
+        let client = match client {
+            Client::Http2(c) => c,
+            other => {
+                return Err((
+                    Connected {
+                        stream,
+                        client: other,
+                        driver,
+                    },
+                    open,
+                ));
+            }
+        };
+        let (kill, killed) = oneshot::channel();
+        let signals = client.signals.clone();
+        let conn = Arc::new(SharedConn {
+            id: NEXT_CONN_ID.fetch_add(1, Relaxed),
+            created: Instant::now(),
+            client,
+            stream,
+            in_flight: AtomicUsize::new(1),
+            served: AtomicU64::new(0),
+            _kill: kill,
+            _open: open,
+        });
+        self.figures.created.fetch_add(1, Relaxed);
+        tokio::spawn(drive_shared(
+            conn.id,
+            driver,
+            killed,
+            signals,
+            Arc::downgrade(self),
+        ));
+        {
+            let mut st = self.lock();
+            if let Some(mut t) = ticket {
+                t.armed = false;
+                st.shared.opening -= 1;
+            }
+            let room = st.shared.conns.len() < self.settings.h2_connections;
+            if room && !conn.signals().is_going_away() {
+                st.shared.conns.push(conn.clone());
+            }
+            self.dispatch(&mut st);
+        }
+        let lease = Lease::new(conn, Arc::downgrade(self), false);
+        Ok(PooledConn::shared(lease, self.clone()))
+    }
+
+    /// A lease ended: its stream goes to the first waiter, or back to the connection.
+    fn release_stream(&self, conn: &Arc<SharedConn>) {
+        let mut st = self.lock();
+        conn.in_flight.fetch_sub(1, Relaxed);
+        conn.served.fetch_add(1, Relaxed);
+        self.dispatch(&mut st);
+    }
+
+    /// Hands free streams, and the right to open connections, to waiters in order.
+    pub(super) fn dispatch(&self, st: &mut State) {
+        let limit = self.settings.h2_connections;
+        // Bounded: each round removes a waiter or stops.
+        loop {
+            while st.shared.waiters.front().is_some_and(|w| w.is_closed()) {
+                st.shared.waiters.pop_front();
+            }
+            if st.shared.waiters.is_empty() {
+                return;
+            }
+            let grant = match st.shared.choose(limit) {
+                Choice::Wait => return,
+                Choice::Stream(conn) => {
+                    conn.in_flight.fetch_add(1, Relaxed);
+                    Grant::Stream(Lease::new(conn, self.me.clone(), true))
+                }
+                Choice::Open => {
+                    st.shared.opening += 1;
+                    Grant::Open(OpenTicket {
+                        pool: self.me.clone(),
+                        armed: true,
+                    })
+                }
+            };
+            let Some(waiter) = st.shared.waiters.pop_front() else {
+                return;
+            };
+            if let Err(grant) = waiter.send(grant) {
+                match &grant {
+                    Grant::Stream(l) => {
+                        l.conn.in_flight.fetch_sub(1, Relaxed);
+                    }
+                    Grant::Open(_) => st.shared.opening -= 1,
+                }
+                grant.defuse();
+            }
+        }
+    }
+
+    /// A shared connection's signals changed: delist it if it takes no more streams,
+    /// and hand out what changed (a raised limit).
+    fn shared_changed(&self) {
+        let mut gone = Vec::new();
+        {
+            let mut st = self.lock();
+            st.shared.conns.retain(|c| {
+                let keep = !c.signals().is_going_away();
+                if !keep {
+                    gone.push(c.clone());
+                }
+                keep
+            });
+            self.dispatch(&mut st);
+        }
+        for conn in gone {
+            let reason = match conn.signals().goaway_last_stream_id() {
+                Some(last) => {
+                    tracing::debug!(address = %self.label, last_stream_id = last, in_flight = conn.in_flight.load(Relaxed), "upstream sent GOAWAY; no new streams on this connection");
+                    CloseReason::GoAway
+                }
+                None => CloseReason::Error,
+            };
+            self.figures.closed(reason);
+        }
+    }
+
+    /// Delists every shared connection; each closes when its last stream ends.
+    pub(super) fn drain_shared(&self) {
+        let gone = {
+            let mut st = self.lock();
+            let gone = std::mem::take(&mut st.shared.conns);
+            self.dispatch(&mut st);
+            gone
+        };
+        for _ in &gone {
+            self.figures.closed(CloseReason::Evicted);
+        }
+    }
+}
+
+/// Runs a shared connection's dispatcher until it ends or the connection is dropped,
+/// telling the pool whenever its signals change.
+async fn drive_shared(
+    id: u64,
+    mut driver: Driver,
+    mut killed: oneshot::Receiver<()>,
+    signals: Arc<Signals>,
+    pool: Weak<Pool>,
+) {
+    loop {
+        tokio::select! {
+            () = &mut driver => {
+                signals.fail();
+                if let Some(pool) = pool.upgrade() {
+                    pool.shared_changed();
+                }
+                tracing::trace!(conn = id, "HTTP/2 dispatcher ended");
+                return;
+            }
+            _ = &mut killed => return,
+            () = signals.changed.notified() => {
+                let Some(pool) = pool.upgrade() else { return };
+                pool.shared_changed();
+            }
+        }
+    }
+}

@@ -1,0 +1,788 @@
+//! TLS and HTTP/2 to upstreams, end to end: certificates made at test time (rcgen)
+//! under a test CA, a real nginx over TLS (mutual TLS, session resumption, ALPN h2),
+//! hyper HTTP/2 servers holdfast shares connections with, and a raw HTTP/2 server that
+//! sends exactly the GOAWAY a test needs.
+//!
+//! Covered: GET over TLS with a client certificate and connection reuse; resumed TLS
+//! sessions on new connections; a wrong-name and an expired certificate give 502 naming
+//! the cause; many concurrent requests on one HTTP/2 connection (ALPN and h2c); the
+//! upstream's max-concurrent-streams respected (the rest wait in the pool's queue, or
+//! go to another connection); GOAWAY in the middle of a load (graceful, and one below
+//! streams in flight) with no failed request, POSTs included; a silent connection
+//! found by PING and replaced.
+
+mod support;
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+use std::time::Duration;
+
+use bytes::Bytes;
+use holdfast_test::h2::{self as frames, Frame, flag, kind};
+use holdfast_test::{ClientRequest, KeepAliveClient, Nginx, Response, TempDir, wait_until_async};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+use support::{Gateway, proxy_to, start};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Notify, watch};
+
+/// Bound for anything that should happen at once.
+const SOON: Duration = Duration::from_secs(10);
+
+// === fixtures: certificates ===
+
+/// A test CA and what it signs, as PEM files in a temp dir.
+struct Pki {
+    dir: TempDir,
+    ca: CertifiedIssuer<'static, KeyPair>,
+}
+
+impl Pki {
+    fn new() -> Pki {
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "holdfast upstream test CA");
+        let ca = CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap();
+        let dir = holdfast_test::tempdir();
+        std::fs::write(dir.path().join("ca.pem"), ca.pem()).unwrap();
+        Pki { dir, ca }
+    }
+
+    fn ca_file(&self) -> PathBuf {
+        self.dir.path().join("ca.pem")
+    }
+
+    /// A certificate for `names` (CN `stem`), optionally expired, as `stem.pem` and
+    /// `stem.key`.
+    fn issue(&self, stem: &str, names: &[&str], expired: bool) -> (PathBuf, PathBuf) {
+        let key = KeyPair::generate().unwrap();
+        let mut params =
+            CertificateParams::new(names.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>())
+                .unwrap();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, stem);
+        if expired {
+            params.not_before = rcgen::date_time_ymd(2020, 1, 1);
+            params.not_after = rcgen::date_time_ymd(2021, 1, 1);
+        }
+        let cert = params.signed_by(&key, &self.ca).unwrap();
+        let c = self.dir.path().join(format!("{stem}.pem"));
+        let k = self.dir.path().join(format!("{stem}.key"));
+        std::fs::write(&c, cert.pem()).unwrap();
+        std::fs::write(&k, key.serialize_pem()).unwrap();
+        (c, k)
+    }
+}
+
+fn toml_path(p: &Path) -> String {
+    format!("{:?}", p.display().to_string())
+}
+
+/// nginx serving `location_body` over TLS with `cert`, asking for a client certificate
+/// from the test CA when `mutual`.
+async fn nginx_tls(pki: &Pki, cert: &(PathBuf, PathBuf), extra: &str, body: &str) -> Nginx {
+    Nginx::start(&format!(
+        "log_format tls '$request $ssl_session_reused $ssl_protocol $server_protocol';\n\
+         server {{\n\
+         \x20   listen 127.0.0.1:{{port}} ssl {extra};\n\
+         \x20   access_log {{dir}}/access.log tls;\n\
+         \x20   ssl_protocols TLSv1.2 TLSv1.3;\n\
+         \x20   ssl_certificate {};\n\
+         \x20   ssl_certificate_key {};\n\
+         \x20   ssl_client_certificate {};\n\
+         \x20   ssl_verify_client optional;\n\
+         \x20   location / {{ {body} }}\n\
+         }}\n",
+        cert.0.display(),
+        cert.1.display(),
+        pki.ca_file().display(),
+    ))
+    .await
+}
+
+// === fixtures: holdfast ===
+
+async fn https_gateway(url: &str, tls: &str, extra: &str) -> Gateway {
+    start(&format!(
+        "{}{extra}\n[upstream.up.tls]\n{tls}\n",
+        proxy_to(url)
+    ))
+    .await
+}
+
+async fn send(gw: &Gateway, req: &ClientRequest) -> Response {
+    KeepAliveClient::new(gw.addr)
+        .with_timeout(SOON)
+        .send(req)
+        .await
+        .unwrap_or_else(|e| panic!("{} {}: {e}", req.method, req.target))
+}
+
+/// `/pools` for upstream `up`: the upstream and its one address.
+async fn pools(gw: &Gateway) -> (serde_json::Value, serde_json::Value) {
+    let resp = KeepAliveClient::new(gw.admin)
+        .with_timeout(SOON)
+        .get("/pools")
+        .await
+        .expect("GET /pools");
+    let all: serde_json::Value = serde_json::from_slice(&resp.body).expect("/pools is JSON");
+    let up = all
+        .as_array()
+        .and_then(|ups| ups.iter().find(|u| u["name"] == "up"))
+        .cloned()
+        .expect("upstream up in /pools");
+    let address = up["addresses"][0].clone();
+    (up, address)
+}
+
+fn count(v: &serde_json::Value) -> u64 {
+    v.as_u64().unwrap_or_else(|| panic!("not a count: {v}"))
+}
+
+/// Sends `requests` from `clients` concurrent clients (one connection each), POSTs
+/// without an idempotency key every other time; returns the failures.
+async fn load(gw: &Gateway, clients: usize, per_client: usize) -> Vec<String> {
+    let mut tasks = Vec::new();
+    for c in 0..clients {
+        let addr = gw.addr;
+        tasks.push(tokio::spawn(async move {
+            let mut client = KeepAliveClient::new(addr).with_timeout(SOON);
+            let mut failed = Vec::new();
+            for i in 0..per_client {
+                let req = if i % 2 == 0 {
+                    ClientRequest::get(format!("/get/{c}/{i}"))
+                } else {
+                    ClientRequest::post(format!("/post/{c}/{i}"), format!("body {c} {i}"))
+                };
+                match client.send(&req).await {
+                    Ok(r) if r.status == 200 => {}
+                    Ok(r) => failed.push(format!(
+                        "{} {}: {} {:?} {}",
+                        req.method,
+                        req.target,
+                        r.status,
+                        r.header("proxy-status"),
+                        r.text()
+                    )),
+                    Err(e) => failed.push(format!("{} {}: {e}", req.method, req.target)),
+                }
+            }
+            failed
+        }));
+    }
+    let mut failed = Vec::new();
+    for t in tasks {
+        failed.extend(t.await.expect("client task"));
+    }
+    failed
+}
+
+// === fixtures: a hyper HTTP/2 server ===
+
+/// What a test HTTP/2 upstream saw, and the switches a test holds.
+#[derive(Default)]
+struct H2State {
+    connections: AtomicUsize,
+    in_flight: AtomicUsize,
+    max_in_flight: AtomicUsize,
+    served: AtomicUsize,
+    /// Per connection, streams in flight and the most at once.
+    per_conn: std::sync::Mutex<Vec<(Arc<AtomicUsize>, Arc<AtomicUsize>)>>,
+    /// Requests wait while this is false (when the server is gated).
+    gate: Option<watch::Sender<bool>>,
+    /// Notified: every open connection starts a graceful shutdown (GOAWAY).
+    goaway: Notify,
+}
+
+struct H2Server {
+    addr: SocketAddr,
+    state: Arc<H2State>,
+}
+
+impl H2Server {
+    /// An h2c server advertising `max_streams`; with `gated`, requests wait for
+    /// [`H2Server::open_gate`].
+    async fn start(max_streams: u32, gated: bool) -> H2Server {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let state = Arc::new(H2State {
+            gate: gated.then(|| watch::channel(false).0),
+            ..H2State::default()
+        });
+        let st = state.clone();
+        tokio::spawn(async move {
+            while let Ok((sock, _)) = listener.accept().await {
+                st.connections.fetch_add(1, Relaxed);
+                let conn_counts = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+                st.per_conn.lock().unwrap().push(conn_counts.clone());
+                let st = st.clone();
+                tokio::spawn(async move {
+                    let svc_state = st.clone();
+                    let svc =
+                        service_fn(move |req| handle(req, svc_state.clone(), conn_counts.clone()));
+                    let mut builder =
+                        hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+                    builder.max_concurrent_streams(max_streams);
+                    let conn = builder.serve_connection(TokioIo::new(sock), svc);
+                    tokio::pin!(conn);
+                    tokio::select! {
+                        _ = conn.as_mut() => {}
+                        () = st.goaway.notified() => {
+                            conn.as_mut().graceful_shutdown();
+                            let _ = conn.await;
+                        }
+                    }
+                });
+            }
+        });
+        H2Server { addr, state }
+    }
+
+    fn open_gate(&self) {
+        if let Some(g) = &self.state.gate {
+            g.send_replace(true);
+        }
+    }
+}
+
+/// Counts itself in and out of the in-flight figures.
+struct InFlight(Vec<Arc<AtomicUsize>>);
+
+impl InFlight {
+    fn enter(counters: Vec<(Arc<AtomicUsize>, Arc<AtomicUsize>)>) -> InFlight {
+        let mut held = Vec::new();
+        for (now, max) in counters {
+            let n = now.fetch_add(1, Relaxed) + 1;
+            max.fetch_max(n, Relaxed);
+            held.push(now);
+        }
+        InFlight(held)
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        for c in &self.0 {
+            c.fetch_sub(1, Relaxed);
+        }
+    }
+}
+
+async fn handle(
+    req: hyper::Request<Incoming>,
+    st: Arc<H2State>,
+    conn: (Arc<AtomicUsize>, Arc<AtomicUsize>),
+) -> Result<hyper::Response<Full<Bytes>>, Infallible> {
+    let _in = InFlightGlobal::enter(&st, conn);
+    if let Some(g) = &st.gate {
+        let mut rx = g.subscribe();
+        let _ = rx.wait_for(|open| *open).await;
+    }
+    let method = req.method().clone();
+    let version = req.version();
+    let body = req.into_body().collect().await.map(|b| b.to_bytes());
+    st.served.fetch_add(1, Relaxed);
+    let text = format!(
+        "{method} {version:?} {} bytes\n",
+        body.map_or(0, |b| b.len())
+    );
+    Ok(hyper::Response::new(Full::new(Bytes::from(text))))
+}
+
+/// The server-wide and per-connection in-flight counts of one request.
+struct InFlightGlobal<'a> {
+    st: &'a H2State,
+    _conn: InFlight,
+}
+
+impl<'a> InFlightGlobal<'a> {
+    fn enter(st: &'a H2State, conn: (Arc<AtomicUsize>, Arc<AtomicUsize>)) -> Self {
+        let n = st.in_flight.fetch_add(1, Relaxed) + 1;
+        st.max_in_flight.fetch_max(n, Relaxed);
+        InFlightGlobal {
+            st,
+            _conn: InFlight::enter(vec![conn]),
+        }
+    }
+}
+
+impl Drop for InFlightGlobal<'_> {
+    fn drop(&mut self) {
+        self.st.in_flight.fetch_sub(1, Relaxed);
+    }
+}
+
+// === TLS to nginx ===
+
+/// holdfast → nginx over TLS with a client certificate (mutual TLS) and a name other
+/// than the address: GETs work, the connection is reused, nginx saw the certificate.
+#[tokio::test]
+async fn https_to_nginx_with_a_client_certificate_reuses_its_connection() {
+    let pki = Pki::new();
+    let server = pki.issue("nginx", &["upstream.test"], false);
+    let client = pki.issue("holdfast-client", &[], false);
+    let nginx = nginx_tls(
+        &pki,
+        &server,
+        "",
+        "if ($ssl_client_verify != SUCCESS) { return 403 \"no client certificate: $ssl_client_verify\\n\"; }\n\
+         return 200 \"client $ssl_client_s_dn over $ssl_protocol\\n\";",
+    )
+    .await;
+    let gw = https_gateway(
+        &format!("https://127.0.0.1:{}", nginx.port()),
+        &format!(
+            "ca_file = {}\nserver_name = \"upstream.test\"\nclient_cert = {}\nclient_key = {}",
+            toml_path(&pki.ca_file()),
+            toml_path(&client.0),
+            toml_path(&client.1)
+        ),
+        "",
+    )
+    .await;
+    let mut c = KeepAliveClient::new(gw.addr).with_timeout(SOON);
+    for i in 0..3 {
+        let r = c
+            .get(&format!("/r{i}"))
+            .await
+            .expect("GET through holdfast");
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert!(
+            r.text().contains("CN=holdfast-client"),
+            "nginx saw holdfast's client certificate: {}",
+            r.text()
+        );
+    }
+    let (_, address) = pools(&gw).await;
+    assert_eq!(count(&address["created"]), 1, "{address}");
+    assert_eq!(count(&address["reused"]), 2, "{address}");
+    assert_eq!(count(&address["tls_handshakes"]), 1, "{address}");
+}
+
+/// A new connection resumes the TLS session of an earlier one (nginx closes each
+/// connection after one request), as both sides see it.
+#[tokio::test]
+async fn new_connections_resume_the_tls_session() {
+    let pki = Pki::new();
+    let server = pki.issue("nginx", &["localhost"], false);
+    let nginx = nginx_tls(
+        &pki,
+        &server,
+        "",
+        "keepalive_requests 1; return 200 \"resumed=$ssl_session_reused\\n\";",
+    )
+    .await;
+    let gw = https_gateway(
+        &format!("https://localhost:{}", nginx.port()),
+        &format!("ca_file = {}", toml_path(&pki.ca_file())),
+        "",
+    )
+    .await;
+    let mut seen = Vec::new();
+    for i in 0..3 {
+        let r = send(&gw, &ClientRequest::get(format!("/s{i}"))).await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        seen.push(r.text().trim().to_owned());
+    }
+    let (_, address) = pools(&gw).await;
+    assert_eq!(count(&address["tls_handshakes"]), 3, "{address}");
+    assert!(
+        count(&address["tls_resumed"]) >= 1,
+        "a later handshake resumed: {address}"
+    );
+    assert!(
+        seen[1..].iter().any(|s| s == "resumed=r"),
+        "nginx saw a resumed session: {seen:?}"
+    );
+}
+
+/// A certificate for another name, or an expired one: 502 naming the cause, nothing
+/// sent to nginx.
+#[tokio::test]
+async fn wrong_name_or_expired_certificate_is_a_502_naming_the_cause() {
+    let pki = Pki::new();
+    for (case, names, expired, cause) in [
+        (
+            "wrong name",
+            &["other.test"][..],
+            false,
+            "not valid for name",
+        ),
+        ("expired", &["upstream.test"][..], true, "expired"),
+    ] {
+        let server = pki.issue(&format!("nginx-{}", case.replace(' ', "-")), names, expired);
+        let nginx = nginx_tls(&pki, &server, "", "return 200 \"reached\\n\";").await;
+        let gw = https_gateway(
+            &format!("https://127.0.0.1:{}", nginx.port()),
+            &format!(
+                "ca_file = {}\nserver_name = \"upstream.test\"",
+                toml_path(&pki.ca_file())
+            ),
+            "",
+        )
+        .await;
+        let r = send(&gw, &ClientRequest::post("/pay", "x")).await;
+        assert_eq!(r.status, 502, "{case}: {}", r.text());
+        let ps = r.header("proxy-status").unwrap_or_default().to_owned();
+        assert!(
+            ps.contains("error=tls_certificate_error") && ps.contains(cause),
+            "{case}: Proxy-Status names the cause: {ps}"
+        );
+        assert!(
+            ps.contains("request not sent"),
+            "{case}: says the request was not sent: {ps}"
+        );
+        assert!(
+            nginx.access_log().is_empty(),
+            "{case}: nothing reached nginx: {}",
+            nginx.access_log()
+        );
+    }
+}
+
+// === HTTP/2 ===
+
+/// nginx with `http2` over TLS: ALPN picks h2 and fifty concurrent requests share one
+/// connection.
+#[tokio::test]
+async fn alpn_h2_to_nginx_carries_concurrent_requests_on_one_connection() {
+    let pki = Pki::new();
+    let server = pki.issue("nginx", &["localhost"], false);
+    let nginx = nginx_tls(
+        &pki,
+        &server,
+        "http2",
+        "return 200 \"$server_protocol\\n\";",
+    )
+    .await;
+    let gw = https_gateway(
+        &format!("https://localhost:{}", nginx.port()),
+        &format!("ca_file = {}", toml_path(&pki.ca_file())),
+        "",
+    )
+    .await;
+    // The first request learns (ALPN) that the address speaks HTTP/2.
+    let r = send(&gw, &ClientRequest::get("/first")).await;
+    assert_eq!(r.text().trim(), "HTTP/2.0");
+    let failed = load(&gw, 50, 4).await;
+    assert!(failed.is_empty(), "failed: {failed:?}");
+    let (_, address) = pools(&gw).await;
+    assert_eq!(count(&address["created"]), 1, "one connection: {address}");
+    assert_eq!(count(&address["reused"]), 200, "{address}");
+    assert_eq!(address["http2"]["connections"], 1, "{address}");
+    let log = nginx.access_log();
+    let h2_lines = log.lines().filter(|l| l.ends_with(" HTTP/2.0")).count();
+    assert_eq!(h2_lines, 201, "{log}");
+}
+
+/// The upstream advertises 2 streams: of 10 concurrent requests, 2 are in flight at
+/// the upstream and 8 wait in holdfast's queue; all succeed, on one connection.
+#[tokio::test]
+async fn max_concurrent_streams_is_respected_and_the_rest_wait_in_the_queue() {
+    let server = H2Server::start(2, true).await;
+    let gw = start(&proxy_to(&format!("h2c://{}", server.addr))).await;
+    let addr = gw.addr;
+    let clients: Vec<_> = (0..10)
+        .map(|i| {
+            tokio::spawn(async move {
+                KeepAliveClient::new(addr)
+                    .with_timeout(SOON)
+                    .send(&ClientRequest::post(format!("/q{i}"), "x"))
+                    .await
+            })
+        })
+        .collect();
+    let queued = wait_until_async(SOON, || async {
+        let (_, a) = pools(&gw).await;
+        server.state.in_flight.load(Relaxed) == 2 && a["waiting"] == 8
+    })
+    .await;
+    let (_, address) = pools(&gw).await;
+    assert!(
+        queued,
+        "2 in flight at the upstream ({}), 8 waiting: {address}",
+        server.state.in_flight.load(Relaxed)
+    );
+    assert_eq!(address["http2"]["max_streams"], 2, "{address}");
+    server.open_gate();
+    for c in clients {
+        let r = c.await.unwrap().expect("response");
+        assert_eq!(r.status, 200, "{}", r.text());
+    }
+    assert_eq!(server.state.max_in_flight.load(Relaxed), 2);
+    assert_eq!(server.state.connections.load(Relaxed), 1);
+    let (_, address) = pools(&gw).await;
+    assert_eq!(count(&address["created"]), 1, "{address}");
+}
+
+/// With `http2.connections = 2`, requests beyond one connection's streams go to a
+/// second connection instead of waiting.
+#[tokio::test]
+async fn requests_beyond_a_connections_streams_go_to_another_connection() {
+    let server = H2Server::start(2, true).await;
+    let gw = start(&format!(
+        "{}\n[upstream.up.http2]\nconnections = 2\n",
+        proxy_to(&format!("h2c://{}", server.addr))
+    ))
+    .await;
+    let addr = gw.addr;
+    let clients: Vec<_> = (0..4)
+        .map(|i| {
+            tokio::spawn(async move {
+                KeepAliveClient::new(addr)
+                    .with_timeout(SOON)
+                    .send(&ClientRequest::get(format!("/c{i}")))
+                    .await
+            })
+        })
+        .collect();
+    let spread =
+        wait_until_async(SOON, || async { server.state.in_flight.load(Relaxed) == 4 }).await;
+    assert!(
+        spread,
+        "4 in flight at once: {}",
+        server.state.in_flight.load(Relaxed)
+    );
+    server.open_gate();
+    for c in clients {
+        assert_eq!(c.await.unwrap().expect("response").status, 200);
+    }
+    assert_eq!(server.state.connections.load(Relaxed), 2);
+    let per_conn: Vec<usize> = server
+        .state
+        .per_conn
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(_, max)| max.load(Relaxed))
+        .collect();
+    assert_eq!(per_conn, vec![2, 2], "2 streams on each connection");
+}
+
+/// The upstream shuts its connection down gracefully (GOAWAY) in the middle of a load
+/// of GETs and POSTs without idempotency keys: no request fails, later ones go to a
+/// new connection.
+#[tokio::test]
+async fn graceful_goaway_in_the_middle_of_a_load_fails_no_request() {
+    let server = H2Server::start(100, false).await;
+    let gw = start(&proxy_to(&format!("h2c://{}", server.addr))).await;
+    let state = server.state.clone();
+    let trigger = tokio::spawn(async move {
+        let started = wait_until_async(SOON, || async { state.served.load(Relaxed) >= 150 }).await;
+        state.goaway.notify_waiters();
+        started
+    });
+    let failed = load(&gw, 16, 40).await;
+    assert!(trigger.await.unwrap(), "the load reached the GOAWAY point");
+    assert!(failed.is_empty(), "failed: {failed:?}");
+    assert!(server.state.connections.load(Relaxed) >= 2);
+    let (_, address) = pools(&gw).await;
+    assert!(
+        count(&address["closed"]["goaway"]) >= 1,
+        "the GOAWAY was seen: {address}"
+    );
+}
+
+/// A raw HTTP/2 upstream takes four POSTs (no idempotency key) on one connection, then
+/// sends GOAWAY with the first one's stream as the last it processes, answers it and
+/// closes. The other three were refused, so holdfast sends them again on a new
+/// connection: every client gets 200.
+#[tokio::test]
+async fn posts_above_the_goaway_last_stream_id_are_retried_on_a_new_connection() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let second_conn_requests = Arc::new(AtomicUsize::new(0));
+    let seen = second_conn_requests.clone();
+    tokio::spawn(async move {
+        let (first, _) = listener.accept().await.unwrap();
+        tokio::spawn(goaway_after(first, 4));
+        while let Ok((sock, _)) = listener.accept().await {
+            tokio::spawn(answer_all(sock, seen.clone()));
+        }
+    });
+    let gw = start(&proxy_to(&format!("h2c://{addr}"))).await;
+    let clients: Vec<_> = (0..4)
+        .map(|i| {
+            let addr = gw.addr;
+            tokio::spawn(async move {
+                KeepAliveClient::new(addr)
+                    .with_timeout(SOON)
+                    .send(&ClientRequest::post(format!("/pay/{i}"), "charge"))
+                    .await
+            })
+        })
+        .collect();
+    for c in clients {
+        let r = c.await.unwrap().expect("response");
+        assert_eq!(r.status, 200, "{} {:?}", r.text(), r.header("proxy-status"));
+    }
+    assert_eq!(second_conn_requests.load(Relaxed), 3, "three sent again");
+    let (up, address) = pools(&gw).await;
+    assert_eq!(count(&up["retries"]["refused_stream"]), 3, "{up}");
+    assert_eq!(count(&address["created"]), 2, "{address}");
+}
+
+/// Reads the client preface; answers SETTINGS and PING; yields each HEADERS frame.
+async fn h2_server_frames(sock: &mut TcpStream) -> Option<Frame> {
+    loop {
+        let f = frames::read_frame(sock).await.ok()??;
+        if f.is(kind::SETTINGS) && !f.has(flag::ACK) {
+            frames::send(sock, &[frames::settings_ack()]).await.ok()?;
+        } else if f.is(kind::PING) && !f.has(flag::ACK) {
+            frames::send(sock, &[frames::ping_ack(&f.payload)])
+                .await
+                .ok()?;
+        } else if f.is(kind::HEADERS) {
+            return Some(f);
+        }
+    }
+}
+
+async fn server_preface(sock: &mut TcpStream) -> Option<()> {
+    let mut preface = [0u8; 24];
+    sock.read_exact(&mut preface).await.ok()?;
+    assert_eq!(&preface[..], frames::PREFACE);
+    frames::send(sock, &[frames::settings()]).await.ok()
+}
+
+/// `:status: 200` (static table index 8), ending the stream.
+fn ok_200(stream: u32) -> Frame {
+    Frame {
+        kind: kind::HEADERS,
+        flags: flag::END_HEADERS | flag::END_STREAM,
+        stream,
+        payload: vec![0x88],
+    }
+}
+
+async fn goaway_after(mut sock: TcpStream, n: usize) -> Option<()> {
+    server_preface(&mut sock).await?;
+    let mut streams = Vec::new();
+    while streams.len() < n {
+        streams.push(h2_server_frames(&mut sock).await?.stream);
+    }
+    let last = streams[0];
+    let mut goaway = last.to_be_bytes().to_vec();
+    goaway.extend(0u32.to_be_bytes());
+    let goaway = Frame {
+        kind: kind::GOAWAY,
+        flags: 0,
+        stream: 0,
+        payload: goaway,
+    };
+    frames::send(&mut sock, &[goaway, ok_200(last)])
+        .await
+        .ok()?;
+    // Let the client see both before the close.
+    let mut rest = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_millis(500), sock.read_to_end(&mut rest)).await;
+    sock.shutdown().await.ok()
+}
+
+async fn answer_all(mut sock: TcpStream, seen: Arc<AtomicUsize>) -> Option<()> {
+    server_preface(&mut sock).await?;
+    loop {
+        let f = h2_server_frames(&mut sock).await?;
+        seen.fetch_add(1, Relaxed);
+        frames::send(&mut sock, &[ok_200(f.stream)]).await.ok()?;
+    }
+}
+
+/// A connection that stops answering (every byte held by a frozen relay) is found by
+/// PING and closed; the next request opens a new connection and succeeds.
+#[tokio::test]
+async fn an_unanswered_ping_closes_the_connection_and_the_next_request_opens_another() {
+    let server = H2Server::start(100, false).await;
+    let relay = Relay::start(server.addr).await;
+    let gw = start(&format!(
+        "{}\n[upstream.up.http2]\nping_interval = \"200ms\"\nping_timeout = \"300ms\"\n\
+         [upstream.up.timeouts]\nresponse_headers = \"3s\"\n",
+        proxy_to(&format!("h2c://{}", relay.addr))
+    ))
+    .await;
+    assert_eq!(send(&gw, &ClientRequest::get("/one")).await.status, 200);
+    relay.freeze_existing();
+    let closed = wait_until_async(SOON, || async {
+        let (_, a) = pools(&gw).await;
+        a["closed"]["error"] == 1 && a["http2"].is_null()
+    })
+    .await;
+    let (_, address) = pools(&gw).await;
+    assert!(closed, "the silent connection left the pool: {address}");
+    let r = send(&gw, &ClientRequest::post("/two", "x")).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let (_, address) = pools(&gw).await;
+    assert_eq!(count(&address["created"]), 2, "{address}");
+}
+
+/// A TCP relay whose existing connections can be frozen: bytes stop in both
+/// directions, sockets stay open.
+struct Relay {
+    addr: SocketAddr,
+    frozen: Arc<std::sync::Mutex<Vec<watch::Sender<bool>>>>,
+}
+
+impl Relay {
+    async fn start(target: SocketAddr) -> Relay {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let frozen = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let list = frozen.clone();
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let Ok(upstream) = TcpStream::connect(target).await else {
+                    continue;
+                };
+                let (tx, rx) = watch::channel(false);
+                list.lock().unwrap().push(tx);
+                let (cr, cw) = client.into_split();
+                let (ur, uw) = upstream.into_split();
+                tokio::spawn(pump(cr, uw, rx.clone()));
+                tokio::spawn(pump(ur, cw, rx));
+            }
+        });
+        Relay { addr, frozen }
+    }
+
+    fn freeze_existing(&self) {
+        for f in self.frozen.lock().unwrap().iter() {
+            f.send_replace(true);
+        }
+    }
+}
+
+async fn pump(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    mut frozen: watch::Receiver<bool>,
+) {
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        let n = tokio::select! {
+            r = from.read(&mut buf) => match r {
+                Ok(0) | Err(_) => return,
+                Ok(n) => n,
+            },
+            _ = frozen.wait_for(|f| *f) => break,
+        };
+        if *frozen.borrow() {
+            break;
+        }
+        if to.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
+    }
+    // Frozen: hold both halves open, moving nothing, until the test ends.
+    std::future::pending::<()>().await;
+    drop((from, to));
+}
