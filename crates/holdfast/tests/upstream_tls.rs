@@ -569,6 +569,44 @@ async fn requests_beyond_a_connections_streams_go_to_another_connection() {
     assert_eq!(per_conn, vec![2, 2], "2 streams on each connection");
 }
 
+/// With `http2.connections = 2`, a request finding the one open connection busy opens
+/// the second rather than pile onto the first, even with streams to spare.
+#[tokio::test]
+async fn busy_connections_spread_over_the_configured_count() {
+    let server = H2Server::start(100, true).await;
+    let gw = start(&format!(
+        "{}\n[upstream.up.http2]\nconnections = 2\n",
+        proxy_to(&format!("h2c://{}", server.addr))
+    ))
+    .await;
+    let addr = gw.addr;
+    let first = tokio::spawn(async move {
+        KeepAliveClient::new(addr)
+            .with_timeout(SOON)
+            .send(&ClientRequest::get("/a"))
+            .await
+    });
+    let started =
+        wait_until_async(SOON, || async { server.state.in_flight.load(Relaxed) == 1 }).await;
+    assert!(started, "the first request reached the upstream");
+    let second = tokio::spawn(async move {
+        KeepAliveClient::new(addr)
+            .with_timeout(SOON)
+            .send(&ClientRequest::get("/b"))
+            .await
+    });
+    let both = wait_until_async(SOON, || async { server.state.in_flight.load(Relaxed) == 2 }).await;
+    assert!(both, "the second request reached the upstream");
+    server.open_gate();
+    assert_eq!(first.await.unwrap().expect("response").status, 200);
+    assert_eq!(second.await.unwrap().expect("response").status, 200);
+    assert_eq!(
+        server.state.connections.load(Relaxed),
+        2,
+        "one request on each"
+    );
+}
+
 /// The upstream shuts its connection down gracefully (GOAWAY) in the middle of a load
 /// of GETs and POSTs without idempotency keys: no request fails, later ones go to a
 /// new connection.

@@ -100,3 +100,126 @@ impl UpstreamTlsConfig {
         out
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use crate::config::{Config, HttpVersion, Protocol};
+
+    fn config(upstream: &str) -> String {
+        format!(
+            "[[listener]]\nlisten = \"127.0.0.1:8080\"\n\n[[route]]\nupstream = \"up\"\n\n[upstream.up]\n{upstream}\n"
+        )
+    }
+
+    /// Every problem, as (key, message).
+    fn problems(upstream: &str) -> Vec<(String, String)> {
+        match Config::from_toml(&config(upstream), Path::new("t.toml")) {
+            Ok(_) => Vec::new(),
+            Err(e) => {
+                e.0.into_iter()
+                    .map(|e| (e.key.unwrap_or_default(), e.message))
+                    .collect()
+            }
+        }
+    }
+
+    #[test]
+    fn https_h2c_and_the_http_version_combine() {
+        for (upstream, tls, version) in [
+            (
+                "addresses = [\"https://api.test\"]",
+                true,
+                HttpVersion::Auto,
+            ),
+            (
+                "addresses = [\"https://api.test\"]\nhttp_version = \"1.1\"",
+                true,
+                HttpVersion::Http1,
+            ),
+            (
+                "addresses = [\"http://127.0.0.1:81\"]",
+                false,
+                HttpVersion::Http1,
+            ),
+            (
+                "addresses = [\"http://127.0.0.1:81\"]\nhttp_version = \"2\"",
+                false,
+                HttpVersion::Http2,
+            ),
+            (
+                "addresses = [\"h2c://127.0.0.1:81\"]",
+                false,
+                HttpVersion::Http2,
+            ),
+        ] {
+            let c = Config::from_toml(&config(upstream), Path::new("t.toml"))
+                .unwrap_or_else(|e| panic!("{upstream}: {e}"));
+            let up = &c.upstreams["up"];
+            assert_eq!(up.uses_tls(), tls, "{upstream}");
+            assert_eq!(up.effective_http_version(), version, "{upstream}");
+        }
+        let c = Config::from_toml(
+            &config(
+                "addresses = [\"https://10.0.0.1\"]\n[upstream.up.tls]\nserver_name = \"api.test\"\n[upstream.up.http2]\nconnections = 3",
+            ),
+            Path::new("t.toml"),
+        )
+        .unwrap();
+        let up = &c.upstreams["up"];
+        assert_eq!(up.protocol(), Protocol::Http1);
+        assert_eq!(
+            up.tls.as_ref().unwrap().server_name.as_deref(),
+            Some("api.test")
+        );
+        assert_eq!(up.http2.connections, 3);
+    }
+
+    #[test]
+    fn tls_settings_that_cannot_work_are_rejected_naming_the_key() {
+        for (upstream, key, says) in [
+            (
+                "addresses = [\"http://127.0.0.1:81\"]\n[upstream.up.tls]\nserver_name = \"a.test\"",
+                "upstream.up.tls",
+                "https://",
+            ),
+            (
+                "addresses = [\"https://a.test\"]\n[upstream.up.tls]\nclient_cert = \"/c.pem\"",
+                "upstream.up.tls.client_key",
+                "needs client_key",
+            ),
+            (
+                "addresses = [\"https://a.test\"]\n[upstream.up.tls]\nca_file = \"/nonexistent/ca.pem\"",
+                "upstream.up.tls.ca_file",
+                "/nonexistent/ca.pem",
+            ),
+            (
+                "addresses = [\"https://a.test\"]\n[upstream.up.tls]\nserver_name = \"not a name\"",
+                "upstream.up.tls.server_name",
+                "not a DNS name",
+            ),
+            (
+                "addresses = [\"h2c://127.0.0.1:81\"]\nhttp_version = \"1.1\"",
+                "upstream.up.http_version",
+                "HTTP/2",
+            ),
+            (
+                "addresses = [\"https://a.test\", \"http://b.test\"]",
+                "upstream.up.addresses",
+                "one protocol",
+            ),
+            (
+                "addresses = [\"h2c://127.0.0.1:81\"]\n[upstream.up.http2]\nconnections = 0",
+                "upstream.up.http2.connections",
+                "at least 1",
+            ),
+        ] {
+            let found = problems(upstream);
+            assert!(
+                found.iter().any(|(k, m)| k == key && m.contains(says)),
+                "{upstream}: expected {key}: …{says}…, got {found:?}"
+            );
+        }
+    }
+}
