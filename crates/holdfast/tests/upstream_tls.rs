@@ -369,6 +369,43 @@ async fn https_to_nginx_with_a_client_certificate_reuses_its_connection() {
     assert_eq!(count(&address["tls_handshakes"]), 1, "{address}");
 }
 
+/// A renewed client certificate written over the same files: a reload with the same
+/// config builds a new upstream, so the next request presents the new certificate
+/// (not the pooled connection made with the old one).
+#[tokio::test]
+async fn a_reload_after_the_client_certificate_files_changed_uses_the_new_one() {
+    let pki = Pki::new();
+    let server = pki.issue("nginx", &["upstream.test"], false);
+    let client = pki.issue("client-one", &[], false);
+    let nginx = nginx_tls(&pki, &server, "", "return 200 \"$ssl_client_s_dn\\n\";").await;
+    let text = format!(
+        "{}\n[upstream.up.tls]\nca_file = {}\nserver_name = \"upstream.test\"\n\
+         client_cert = {}\nclient_key = {}\n",
+        proxy_to(&format!("https://127.0.0.1:{}", nginx.port())),
+        toml_path(&pki.ca_file()),
+        toml_path(&client.0),
+        toml_path(&client.1)
+    );
+    let gw = start(&text).await;
+    let mut c = KeepAliveClient::new(gw.addr).with_timeout(SOON);
+    let r = c.get("/before").await.expect("GET");
+    assert_eq!(r.text().trim(), "CN=client-one");
+
+    let renewed = pki.issue("client-two", &[], false);
+    std::fs::copy(&renewed.0, &client.0).unwrap();
+    std::fs::copy(&renewed.1, &client.1).unwrap();
+    let full = format!(
+        "{text}\n[[listener]]\nlisten = \"127.0.0.1:0\"\n\n[admin]\nlisten = \"127.0.0.1:0\"\n"
+    );
+    let config = holdfast::config::Config::from_toml(&full, Path::new("test.toml")).unwrap();
+    gw.send(holdfast::server::Control::Reload(Box::new(config)))
+        .await;
+    let reloaded = wait_until_async(SOON, || async { gw.state.reloads.load(Relaxed) == 1 }).await;
+    assert!(reloaded);
+    let r = c.get("/after").await.expect("GET");
+    assert_eq!(r.text().trim(), "CN=client-two", "the renewed certificate");
+}
+
 /// A new connection resumes the TLS session of an earlier one (nginx closes each
 /// connection after one request), as both sides see it.
 #[tokio::test]
