@@ -60,6 +60,15 @@ pub async fn run(config: Config, origin: Origin) -> i32 {
     if let Some(addr) = server.admin_addr() {
         tracing::info!(%addr, "admin listening");
     }
+    // Handlers go in before anyone can know we run (PID file, readiness): a signal
+    // that arrived before them would take the default action and kill the process.
+    let signals = match Signals::install() {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot install signal handlers");
+            return 1;
+        }
+    };
     let pid = std::process::id();
     if let Some(path) = &pid_file
         && let Err(e) = write_pid_file(path, pid)
@@ -79,6 +88,7 @@ pub async fn run(config: Config, origin: Origin) -> i32 {
     let listeners = server.listener_fds();
     let state = server.state.clone();
     let signals = tokio::spawn(handle_signals(
+        signals,
         tx,
         (origin, fixed),
         listeners,
@@ -96,23 +106,42 @@ pub async fn run(config: Config, origin: Origin) -> i32 {
     if report.cut > 0 { 2 } else { 0 }
 }
 
+/// The signals holdfast acts on, registered with the runtime.
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    quit: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
+    usr2: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn install() -> std::io::Result<Signals> {
+        Ok(Signals {
+            term: signal(SignalKind::terminate())?,
+            quit: signal(SignalKind::quit())?,
+            int: signal(SignalKind::interrupt())?,
+            hup: signal(SignalKind::hangup())?,
+            usr2: signal(SignalKind::user_defined2())?,
+        })
+    }
+}
+
 async fn handle_signals(
+    signals: Signals,
     tx: mpsc::Sender<Control>,
     (origin, fixed): (Origin, Option<Config>),
     listeners: Vec<(std::net::SocketAddr, std::os::fd::RawFd)>,
     ready_timeout: std::time::Duration,
     state: std::sync::Arc<crate::server::ServerState>,
 ) {
-    let (Ok(mut term), Ok(mut quit), Ok(mut int), Ok(mut hup), Ok(mut usr2)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::quit()),
-        signal(SignalKind::interrupt()),
-        signal(SignalKind::hangup()),
-        signal(SignalKind::user_defined2()),
-    ) else {
-        tracing::error!("cannot install signal handlers");
-        return;
-    };
+    let Signals {
+        mut term,
+        mut quit,
+        mut int,
+        mut hup,
+        mut usr2,
+    } = signals;
     let mut interrupts = 0;
     let mut phase = Phase::Running;
     loop {
