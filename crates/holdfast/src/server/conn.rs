@@ -167,7 +167,21 @@ pub struct ConnState {
     close_soon: AtomicBool,
     /// Makes the connection task look again at once.
     wake: Notify,
+    /// Plain HTTP/1 connections may park while idle (see [`park`]).
+    parkable: bool,
+    /// `PARK_NONE`, `PARK_REQUESTED` or `PARK_PARKED`.
+    park: AtomicU8,
 }
+
+/// An idle plain HTTP/1 connection parks after this long: hyper's per-connection
+/// buffers (16 KiB) are freed and only the socket and a small task remain, until the
+/// client sends again. Busier connections never park, so they pay nothing for it.
+const PARK_AFTER: Duration = Duration::from_millis(100);
+const PARK_NONE: u8 = 0;
+/// The connection task asked `ClientIo` to end hyper's connection at its next idle read.
+const PARK_REQUESTED: u8 = 1;
+/// `ClientIo` told hyper "end of input"; the socket is still open and ours.
+const PARK_PARKED: u8 = 2;
 
 fn clock_base() -> Instant {
     static BASE: OnceLock<Instant> = OnceLock::new();
@@ -181,8 +195,10 @@ fn now_ms() -> u64 {
 }
 
 impl ConnState {
-    fn new() -> Self {
+    fn new(parkable: bool) -> Self {
         ConnState {
+            parkable,
+            park: AtomicU8::new(PARK_NONE),
             phase: AtomicU8::new(ConnPhase::Reading as u8),
             since_ms: AtomicU64::new(now_ms()),
             draining: AtomicBool::new(false),
@@ -248,30 +264,35 @@ pub async fn serve(
     tracked: Tracked,
 ) {
     let local = stream.local_addr().unwrap_or_else(|_| shared.config.listen);
-    let state = Arc::new(ConnState::new());
+    let state = Arc::new(ConnState::new(shared.tls.is_none() && !shared.config.h2c));
     let handshake = shared.config.header_timeout.get();
     let (transport, replay, proto) = match &shared.tls {
-        Some(front) => match tokio::time::timeout(handshake, front.accept(stream)).await {
-            Ok(Ok(s)) => {
-                let proto = if tls::negotiated_h2(&s) {
-                    Proto::Http2
-                } else {
-                    Proto::Http1
-                };
-                (Transport::Tls(Box::new(s)), Bytes::new(), proto)
+        // Boxed here and below: the task of every connection is as large as its
+        // largest state, and an idle (parked) plain connection should not carry the
+        // space of a TLS handshake or an HTTP/2 connection.
+        Some(front) => {
+            match Box::pin(tokio::time::timeout(handshake, front.accept(stream))).await {
+                Ok(Ok(s)) => {
+                    let proto = if tls::negotiated_h2(&s) {
+                        Proto::Http2
+                    } else {
+                        Proto::Http1
+                    };
+                    (Transport::Tls(Box::new(s)), Bytes::new(), proto)
+                }
+                Ok(Err(e)) => {
+                    tracing::debug!(client = %remote, error = %e, "TLS handshake failed");
+                    return;
+                }
+                Err(_) => {
+                    tracing::info!(client = %remote, timeout = ?handshake, "TLS handshake not done in time; closing");
+                    return;
+                }
             }
-            Ok(Err(e)) => {
-                tracing::debug!(client = %remote, error = %e, "TLS handshake failed");
-                return;
-            }
-            Err(_) => {
-                tracing::info!(client = %remote, timeout = ?handshake, "TLS handshake not done in time; closing");
-                return;
-            }
-        },
+        }
         None if shared.config.h2c => {
             let mut stream = stream;
-            match io::sniff_h2_preface(&mut stream, handshake).await {
+            match Box::pin(io::sniff_h2_preface(&mut stream, handshake)).await {
                 Ok((h2, replay)) => {
                     let proto = if h2 { Proto::Http2 } else { Proto::Http1 };
                     (Transport::Plain(stream), replay, proto)
@@ -333,34 +354,90 @@ pub async fn serve(
             }
         })
     };
+    let mut drain = drain;
     match proto {
         Proto::Http1 => {
-            let conn = shared.http1.serve_connection(io, svc).with_upgrades();
-            drive(
-                conn,
-                |c| c.graceful_shutdown(),
-                proto,
-                &state,
-                &shared,
-                drain,
-                remote,
-            )
-            .await;
+            let mut conn = Box::pin(
+                shared
+                    .http1
+                    .serve_connection(io, svc.clone())
+                    .with_upgrades(),
+            );
+            loop {
+                let shutdown = |c: Pin<&mut _>| {
+                    hyper::server::conn::http1::UpgradeableConnection::graceful_shutdown(c)
+                };
+                Box::pin(drive(
+                    conn.as_mut(),
+                    shutdown,
+                    proto,
+                    &state,
+                    &shared,
+                    &mut drain,
+                    remote,
+                ))
+                .await;
+                if state.park.load(Relaxed) != PARK_PARKED {
+                    return;
+                }
+                // hyper saw "end of input" and ended cleanly without shutting the
+                // socket: take it back, with anything hyper had read but not used.
+                let Some(parts) = Pin::into_inner(conn).into_parts() else {
+                    return;
+                };
+                tracing::trace!(client = %remote, "idle connection parked");
+                let mut client_io = parts.io.into_inner();
+                client_io.unread(parts.read_buf);
+                if !Box::pin(park(&client_io, &state, &shared, &mut drain)).await {
+                    return; // dropping the socket closes it, with a linger
+                }
+                state.park.store(PARK_NONE, Relaxed);
+                conn = Box::pin(
+                    shared
+                        .http1
+                        .serve_connection(TokioIo::new(client_io), svc.clone())
+                        .with_upgrades(),
+                );
+            }
         }
         Proto::Http2 => {
             // Until its first stream an HTTP/2 connection is idle, not reading a head.
             state.set(ConnPhase::Idle);
-            let conn = shared.http2.serve_connection(io, svc);
-            drive(
-                conn,
+            let mut conn = Box::pin(shared.http2.serve_connection(io, svc));
+            Box::pin(drive(
+                conn.as_mut(),
                 |c| c.graceful_shutdown(),
                 proto,
                 &state,
                 &shared,
-                drain,
+                &mut drain,
                 remote,
-            )
+            ))
             .await;
+        }
+    }
+}
+
+/// Waits, with no hyper state, until a parked connection's client sends again
+/// (`true`: serve it) or the connection should close (`false`).
+async fn park(
+    io: &ClientIo,
+    state: &ConnState,
+    shared: &ListenerShared,
+    drain: &mut DrainWatch,
+) -> bool {
+    loop {
+        let at = match verdict(state, shared, Instant::now()) {
+            Verdict::RecheckAt(at) | Verdict::Park(at) => at,
+            Verdict::Close | Verdict::Abort(_) => return false,
+        };
+        tokio::select! {
+            // Data or EOF: a new hyper connection handles either.
+            r = io.readable() => return r.is_ok(),
+            () = tokio::time::sleep_until(at) => {}
+            () = drain.draining(), if !state.draining.load(Relaxed) => {
+                state.draining.store(true, Relaxed);
+            }
         }
     }
 }
@@ -383,17 +460,16 @@ fn connection_field(
 
 /// Runs a hyper connection under holdfast's rules until it ends.
 async fn drive<C>(
-    conn: C,
+    mut conn: Pin<&mut C>,
     shutdown: impl Fn(Pin<&mut C>),
     proto: Proto,
     state: &ConnState,
     shared: &ListenerShared,
-    mut drain: DrainWatch,
+    drain: &mut DrainWatch,
     remote: SocketAddr,
 ) where
     C: Future<Output = hyper::Result<()>>,
 {
-    tokio::pin!(conn);
     // The first verdict at once: it picks the nearer of the head and idle deadlines.
     let check = tokio::time::sleep_until(Instant::now());
     tokio::pin!(check);
@@ -424,6 +500,12 @@ async fn drive<C>(
                         return;
                     }
                     Verdict::RecheckAt(at) => check.as_mut().reset(at),
+                    Verdict::Park(at) => {
+                        // hyper reads the idle socket when polled next (this loop
+                        // polls `conn` again at once) and ends at the "end of input".
+                        state.park.store(PARK_REQUESTED, Relaxed);
+                        check.as_mut().reset(at);
+                    }
                 }
             }
             () = drain.draining(), if !state.draining.load(Relaxed) => {
@@ -437,6 +519,8 @@ async fn drive<C>(
 
 enum Verdict {
     Close,
+    /// Idle long enough to park; look again at the given time.
+    Park(Instant),
     /// Cut the connection now, saying why.
     Abort(&'static str),
     RecheckAt(Instant),
@@ -465,8 +549,12 @@ fn verdict(state: &ConnState, shared: &ListenerShared, now: Instant) -> Verdict 
                 Verdict::Abort("client did not send a complete request head in time")
             } else {
                 // The request may be served and the connection go idle before `at`;
-                // look again in time for a shorter idle deadline.
-                Verdict::RecheckAt(at.min(now + idle_limit))
+                // look again in time for a shorter idle deadline, or to park.
+                let mut next = at.min(now + idle_limit);
+                if state.parkable && state.park.load(Relaxed) == PARK_NONE {
+                    next = next.min(now + PARK_AFTER);
+                }
+                Verdict::RecheckAt(next)
             }
         }
         // Busy connections get `Connection: close` on their response; look again
@@ -474,10 +562,15 @@ fn verdict(state: &ConnState, shared: &ListenerShared, now: Instant) -> Verdict 
         ConnPhase::Busy => Verdict::RecheckAt(now + BUSY_RECHECK),
         ConnPhase::Idle => {
             let at = since + idle_limit;
+            let park_at = since + PARK_AFTER;
             if now >= at {
                 Verdict::Close
-            } else {
+            } else if !state.parkable || state.park.load(Relaxed) != PARK_NONE {
                 Verdict::RecheckAt(at)
+            } else if now >= park_at {
+                Verdict::Park(at)
+            } else {
+                Verdict::RecheckAt(at.min(park_at))
             }
         }
     }

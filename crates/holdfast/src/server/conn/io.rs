@@ -17,7 +17,7 @@ use tokio::time::Instant;
 use tokio_rustls::server::TlsStream;
 
 use super::super::drain::Tracked;
-use super::{ConnPhase, ConnState, LINGER};
+use super::{ConnPhase, ConnState, LINGER, PARK_NONE, PARK_PARKED, PARK_REQUESTED};
 
 /// What the client connection runs over.
 pub(super) enum Transport {
@@ -55,6 +55,23 @@ pub(super) struct ClientIo {
 }
 
 impl ClientIo {
+    /// Waits until the socket has something to read (or is closed).
+    pub(super) async fn readable(&self) -> io::Result<()> {
+        match &self.stream {
+            Some(s) => s.tcp().readable().await,
+            None => Err(io::Error::from(io::ErrorKind::NotConnected)),
+        }
+    }
+
+    /// Puts back bytes hyper had read but not used, to be read first.
+    pub(super) fn unread(&mut self, bytes: Bytes) {
+        if !bytes.is_empty() {
+            let mut joined = BytesMut::from(&bytes[..]);
+            joined.extend_from_slice(&self.replay);
+            self.replay = joined.freeze();
+        }
+    }
+
     pub(super) fn new(
         stream: Transport,
         replay: Bytes,
@@ -99,13 +116,29 @@ impl AsyncRead for ClientIo {
         }
         let before = buf.filled().len();
         let res = this.stream()?.poll_read(cx, buf);
-        if let Poll::Ready(Ok(())) = res {
-            let n = buf.filled().len() - before;
-            if n == 0 {
-                this.read_eof = true;
-            } else if this.mark_reading && this.state.phase.load(Relaxed) == ConnPhase::Idle as u8 {
-                this.state.set(ConnPhase::Reading);
+        match res {
+            Poll::Ready(Ok(())) => {
+                let n = buf.filled().len() - before;
+                if n == 0 {
+                    this.read_eof = true;
+                } else if this.mark_reading
+                    && this.state.phase.load(Relaxed) == ConnPhase::Idle as u8
+                {
+                    this.state.set(ConnPhase::Reading);
+                    // A request arrived: no parking this time.
+                    this.state.park.store(PARK_NONE, Relaxed);
+                }
             }
+            // Parking: nothing to read on an idle connection, so tell hyper the
+            // input ended; it ends the connection cleanly and the socket stays open.
+            Poll::Pending
+                if this.state.park.load(Relaxed) == PARK_REQUESTED
+                    && this.state.phase.load(Relaxed) == ConnPhase::Idle as u8 =>
+            {
+                this.state.park.store(PARK_PARKED, Relaxed);
+                return Poll::Ready(Ok(()));
+            }
+            _ => {}
         }
         res
     }
@@ -141,8 +174,13 @@ impl AsyncWrite for ClientIo {
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if this.state.park.load(Relaxed) == PARK_PARKED {
+            // hyper ends a parked connection; the socket is not closing.
+            return Poll::Ready(Ok(()));
+        }
         // TLS: close_notify, then the TCP half-close.
-        self.get_mut().stream()?.poll_shutdown(cx)
+        this.stream()?.poll_shutdown(cx)
     }
 }
 
