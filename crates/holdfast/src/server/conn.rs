@@ -165,6 +165,9 @@ pub struct ConnState {
     active: AtomicU32,
     /// HTTP/2: `max_requests_per_connection` reached; send GOAWAY.
     close_soon: AtomicBool,
+    /// The client asked to close after this request (`Connection: close`, or
+    /// HTTP/1.0 without keep-alive): it sends nothing more, so no linger is needed.
+    pub(super) client_closes: AtomicBool,
     /// Makes the connection task look again at once.
     wake: Notify,
     /// Plain HTTP/1 connections may park while idle (see [`park`]).
@@ -205,6 +208,7 @@ impl ConnState {
             requests: AtomicU64::new(0),
             active: AtomicU32::new(0),
             close_soon: AtomicBool::new(false),
+            client_closes: AtomicBool::new(false),
             wake: Notify::new(),
         }
     }
@@ -263,7 +267,13 @@ pub async fn serve(
     drain: DrainWatch,
     tracked: Tracked,
 ) {
-    let local = stream.local_addr().unwrap_or_else(|_| shared.config.listen);
+    // A listener bound to one address and port needs no getsockname per connection.
+    let bound = shared.config.listen;
+    let local = if bound.ip().is_unspecified() || bound.port() == 0 {
+        stream.local_addr().unwrap_or(bound)
+    } else {
+        bound
+    };
     let state = Arc::new(ConnState::new(shared.tls.is_none() && !shared.config.h2c));
     let handshake = shared.config.header_timeout.get();
     let (transport, replay, proto) = match &shared.tls {
@@ -324,6 +334,13 @@ pub async fn serve(
         let state = state.clone();
         service_fn(move |req: http::Request<Incoming>| {
             let in_flight = InFlight::start(&state);
+            if req.version() == Version::HTTP_10
+                && !crate::proxy::headers::connection_has(req.headers(), "keep-alive")
+                || req.version() == Version::HTTP_11
+                    && crate::proxy::headers::connection_has(req.headers(), "close")
+            {
+                state.client_closes.store(true, Relaxed);
+            }
             let n = state.requests.fetch_add(1, Relaxed) + 1;
             let max = shared.config.max_requests_per_connection;
             let last = max > 0 && n >= max;
@@ -470,8 +487,16 @@ async fn drive<C>(
 ) where
     C: Future<Output = hyper::Result<()>>,
 {
-    // The first verdict at once: it picks the nearer of the head and idle deadlines.
-    let check = tokio::time::sleep_until(Instant::now());
+    // The first verdict now, without a timer round trip: it picks the nearer of the
+    // head and idle deadlines.
+    let first = match proto {
+        Proto::Http1 => match verdict(state, shared, Instant::now()) {
+            Verdict::RecheckAt(at) => at,
+            _ => Instant::now(),
+        },
+        Proto::Http2 => Instant::now(),
+    };
+    let check = tokio::time::sleep_until(first);
     tokio::pin!(check);
     // When holdfast began closing (HTTP/1: no more verdicts; HTTP/2: GOAWAY sent).
     let mut closing: Option<Instant> = None;

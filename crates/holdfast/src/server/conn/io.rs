@@ -189,7 +189,7 @@ impl Drop for ClientIo {
         let Some(stream) = self.stream.take() else {
             return;
         };
-        if self.read_eof {
+        if self.read_eof || self.state.client_closes.load(Relaxed) {
             return;
         }
         // Anything unread makes close() send a reset; see whether the client is
