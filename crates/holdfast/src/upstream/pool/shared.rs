@@ -10,7 +10,7 @@
 //!   busy and fewer than `http2.connections` are open or opening, it opens another;
 //!   when none has a free stream and none may open, it waits in a FIFO queue
 //!   (`queue_size`, `queue_timeout`). A freed stream, a new connection or a raised
-//!   limit is handed to the first waiter directly ([`Grant`]), so nobody overtakes.
+//!   limit is handed to the first waiter directly (`Grant`), so nobody overtakes.
 //! - A connection leaves the list, and takes no new stream, the moment it is known
 //!   to be finished: a GOAWAY read off the wire, a failed request, an unanswered
 //!   PING, its end. Its streams in flight go on; the socket closes when the last
