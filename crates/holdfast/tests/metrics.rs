@@ -6,16 +6,16 @@
 //! Figures are recorded when a response ends, a moment after the client has its last
 //! byte, so each check polls the endpoint until the expected value shows (bounded).
 
+mod support;
+
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
 use holdfast::server::{Control, DrainReport, Server};
 use holdfast_test::{Behaviour, KeepAliveClient, Reply, TestUpstream};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpListener;
+use support::fastcgi_app::FastCgiApp;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
@@ -550,7 +550,7 @@ addresses = ["{}"]
 
 #[tokio::test]
 async fn config_hides_secrets_and_fastcgi_upstreams_show_what_the_application_said() {
-    let app = FakeFastCgi::start(7).await;
+    let app = FastCgiApp::start(7, None).await;
     let root = holdfast_test::tempdir();
     let gw = start(&format!(
         r#"
@@ -611,74 +611,4 @@ addresses = ["fastcgi://{}"]
         1.0,
         "FCGI_KEEP_CONN: the second request reused the connection"
     );
-}
-
-/// A FastCGI application that answers GET_VALUES with `FCGI_MAX_CONNS` and every
-/// request with `200 ok`, keeping its connections.
-struct FakeFastCgi {
-    addr: SocketAddr,
-    task: JoinHandle<()>,
-}
-
-impl Drop for FakeFastCgi {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
-impl FakeFastCgi {
-    async fn start(max_conns: u32) -> FakeFastCgi {
-        use holdfast_fastcgi::record::{self, RecordType};
-        use holdfast_fastcgi::{EndRequest, ProtocolStatus, RecordDecoder, ServerValues};
-
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let addr = listener.local_addr().expect("addr");
-        let task = tokio::spawn(async move {
-            while let Ok((mut s, _)) = listener.accept().await {
-                tokio::spawn(async move {
-                    let mut buf = BytesMut::new();
-                    let mut dec = RecordDecoder::new();
-                    // Ends when the peer closes or sends something undecodable.
-                    loop {
-                        let r = match dec.decode(&mut buf) {
-                            Ok(Some(r)) => r,
-                            Ok(None) => match s.read_buf(&mut buf).await {
-                                Ok(n) if n > 0 => continue,
-                                _ => return,
-                            },
-                            Err(_) => return,
-                        };
-                        let mut out = BytesMut::new();
-                        match r.kind {
-                            RecordType::GetValues => {
-                                let values = ServerValues {
-                                    max_conns: Some(max_conns),
-                                    max_reqs: Some(max_conns),
-                                    mpxs_conns: Some(false),
-                                };
-                                record::encode_get_values_result(&mut out, &values);
-                            }
-                            RecordType::Stdin if r.content.is_empty() => {
-                                let body = Bytes::from_static(
-                                    b"Status: 200 OK\r\nContent-Type: text/plain\r\n\r\nok",
-                                );
-                                record::encode_stream(&mut out, RecordType::Stdout, 1, &body);
-                                record::encode_stream(&mut out, RecordType::Stdout, 1, b"");
-                                let end = EndRequest {
-                                    app_status: 0,
-                                    protocol_status: ProtocolStatus::RequestComplete,
-                                };
-                                record::encode_end_request(&mut out, 1, &end);
-                            }
-                            _ => continue,
-                        }
-                        if s.write_all(&out).await.is_err() {
-                            return;
-                        }
-                    }
-                });
-            }
-        });
-        FakeFastCgi { addr, task }
-    }
 }

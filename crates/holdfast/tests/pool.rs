@@ -323,14 +323,7 @@ async fn upstream_connection_close_closes_after_that_response() {
     let hf = Holdfast::single(&[up.addr()], "").await;
     let resp = hf.client().get("/").await.expect("request");
     assert_eq!(resp.status, 200);
-    let v = hf
-        .wait_view("up", 0, WAIT, "connection closed", |a| n(a, "open") == 0)
-        .await;
-    assert_eq!(n(&v, "closed.upstream_connection_close"), 1, "{v:#}");
-    assert_eq!(n(&v, "idle"), 0);
-    up.wait_for_closed(1, WAIT)
-        .await
-        .expect("upstream sees the close");
+    expect_one_close(&hf, &up, "upstream_connection_close", "idle").await;
 }
 
 /// `pool.max_requests = 2` retires a connection after two requests; the upstream's
@@ -703,14 +696,7 @@ async fn read_idle_timeout_between_body_chunks_closes_the_connection() {
     let took = start.elapsed();
     assert_eq!(err.phase, holdfast_test::Phase::MidResponse, "{err}");
     assert!(took >= ms(280) && took < ms(1500), "took {took:?}");
-    let v = hf
-        .wait_view("up", 0, WAIT, "connection closed", |a| n(a, "open") == 0)
-        .await;
-    assert_eq!(n(&v, "closed.timeout"), 1, "{v:#}");
-    assert_eq!(n(&v, "in_use"), 0);
-    up.wait_for_closed(1, WAIT)
-        .await
-        .expect("upstream sees the close");
+    expect_one_close(&hf, &up, "timeout", "in_use").await;
 }
 
 /// Total timeout (400 ms) at an upstream that never answers: 504, the connection is
@@ -1494,6 +1480,19 @@ impl Holdfast {
 }
 
 /// A number in a `/pools` view, by dotted path (`closed.idle_expired`, `addresses.0.open`).
+/// Waits for the one connection to `up` to close, then checks it closed for `reason`
+/// (`closed.{reason}` is 1), `state` counts none, and the upstream saw the close.
+async fn expect_one_close(hf: &Holdfast, up: &TestUpstream, reason: &str, state: &str) {
+    let v = hf
+        .wait_view("up", 0, WAIT, "connection closed", |a| n(a, "open") == 0)
+        .await;
+    assert_eq!(n(&v, &format!("closed.{reason}")), 1, "{v:#}");
+    assert_eq!(n(&v, state), 0);
+    up.wait_for_closed(1, WAIT)
+        .await
+        .expect("upstream sees the close");
+}
+
 fn n(v: &Value, path: &str) -> u64 {
     at(v, path)
         .as_u64()

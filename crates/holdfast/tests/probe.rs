@@ -6,13 +6,15 @@
 //! Probe limits are small (`max_idle` a few seconds) so the file runs in seconds; the
 //! measured idle timeouts must be within the probe's stated precision, ±0.5 s.
 
+mod support;
+
 use std::net::SocketAddr;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
 use holdfast::probe::{CloseStyle, ProbeOptions, ProbeReport};
 use holdfast_test::{Behaviour, Nginx, Reply, TestUpstream};
+use support::fastcgi_app::FastCgiApp;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
@@ -192,7 +194,7 @@ async fn an_idle_reset_is_told_from_a_fin() {
 
 #[tokio::test]
 async fn a_fastcgi_application_that_closes_after_n_requests() {
-    let app = FastCgiApp::start(4).await;
+    let app = FastCgiApp::start(8, Some(4)).await;
     let mut o = options(
         &format!("fastcgi://{}", app.addr),
         Duration::from_millis(500),
@@ -323,77 +325,5 @@ impl ResetWhenIdle {
             }
         });
         ResetWhenIdle { addr, task }
-    }
-}
-
-/// A FastCGI application that says `FCGI_MAX_CONNS=8`, answers `200 ok` with the
-/// connection kept, and closes a connection after `max_requests` requests.
-struct FastCgiApp {
-    addr: SocketAddr,
-    task: JoinHandle<()>,
-}
-
-impl Drop for FastCgiApp {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
-impl FastCgiApp {
-    async fn start(max_requests: u32) -> FastCgiApp {
-        use holdfast_fastcgi::record::{self, RecordType};
-        use holdfast_fastcgi::{EndRequest, ProtocolStatus, RecordDecoder, ServerValues};
-
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let addr = listener.local_addr().expect("addr");
-        let task = tokio::spawn(async move {
-            while let Ok((mut s, _)) = listener.accept().await {
-                tokio::spawn(async move {
-                    let mut buf = BytesMut::new();
-                    let mut dec = RecordDecoder::new();
-                    let mut served = 0;
-                    // Ends when the peer closes, after max_requests, or on garbage.
-                    loop {
-                        let r = match dec.decode(&mut buf) {
-                            Ok(Some(r)) => r,
-                            Ok(None) => match s.read_buf(&mut buf).await {
-                                Ok(n) if n > 0 => continue,
-                                _ => return,
-                            },
-                            Err(_) => return,
-                        };
-                        let mut out = BytesMut::new();
-                        match r.kind {
-                            RecordType::GetValues => {
-                                let values = ServerValues {
-                                    max_conns: Some(8),
-                                    max_reqs: Some(8),
-                                    mpxs_conns: Some(false),
-                                };
-                                record::encode_get_values_result(&mut out, &values);
-                            }
-                            RecordType::Stdin if r.content.is_empty() => {
-                                let body = Bytes::from_static(
-                                    b"Status: 200 OK\r\nContent-Type: text/plain\r\n\r\nok",
-                                );
-                                record::encode_stream(&mut out, RecordType::Stdout, 1, &body);
-                                record::encode_stream(&mut out, RecordType::Stdout, 1, b"");
-                                let end = EndRequest {
-                                    app_status: 0,
-                                    protocol_status: ProtocolStatus::RequestComplete,
-                                };
-                                record::encode_end_request(&mut out, 1, &end);
-                                served += 1;
-                            }
-                            _ => continue,
-                        }
-                        if s.write_all(&out).await.is_err() || served == max_requests {
-                            return;
-                        }
-                    }
-                });
-            }
-        });
-        FastCgiApp { addr, task }
     }
 }

@@ -11,7 +11,7 @@
 mod support;
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
@@ -21,17 +21,17 @@ use holdfast::config::Config;
 use holdfast::server::Control;
 use holdfast_test::h2::{self as frames, Frame, code, flag, kind};
 use holdfast_test::{
-    Behaviour, HoldfastProcess, RawClient, TempDir, TestUpstream, free_addr, read_pid_file, sys,
-    wait_until, wait_until_async,
+    Behaviour, HoldfastProcess, RawClient, TestUpstream, free_addr, read_pid_file, sys, wait_until,
+    wait_until_async,
 };
 use http::{Method, Request, StatusCode, Version};
 use http_body_util::{BodyExt, Full};
 use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+use rustls::ClientConfig;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName};
-use rustls::{ClientConfig, RootCertStore};
+use support::pki::TestCa;
 use support::{Gateway, proxy_to, start};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
@@ -45,74 +45,6 @@ const BIN: &str = env!("CARGO_BIN_EXE_holdfast");
 const SOON: Duration = Duration::from_secs(10);
 
 // === fixtures: certificates ===
-
-/// A test CA and the leaf certificates it signs, as PEM files in a temp dir.
-struct Pki {
-    dir: TempDir,
-    ca: CertifiedIssuer<'static, KeyPair>,
-}
-
-impl Pki {
-    fn new() -> Pki {
-        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params
-            .distinguished_name
-            .push(rcgen::DnType::CommonName, "holdfast test CA");
-        let ca = CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap();
-        let dir = holdfast_test::tempdir();
-        std::fs::write(dir.path().join("ca.pem"), ca.pem()).unwrap();
-        Pki { dir, ca }
-    }
-
-    fn ca_file(&self) -> PathBuf {
-        self.dir.path().join("ca.pem")
-    }
-
-    /// Writes a leaf for `names`, signed by the CA, as `stem.pem` and `stem.key`
-    /// (replacing what was there).
-    fn leaf(&self, stem: &str, names: &[&str]) -> (PathBuf, PathBuf) {
-        let key = KeyPair::generate().unwrap();
-        let names: Vec<String> = names.iter().map(|s| (*s).to_owned()).collect();
-        let cert = CertificateParams::new(names)
-            .unwrap()
-            .signed_by(&key, &self.ca)
-            .unwrap();
-        let (c, k) = self.paths(stem);
-        std::fs::write(&c, cert.pem()).unwrap();
-        std::fs::write(&k, key.serialize_pem()).unwrap();
-        (c, k)
-    }
-
-    fn paths(&self, stem: &str) -> (PathBuf, PathBuf) {
-        (
-            self.dir.path().join(format!("{stem}.pem")),
-            self.dir.path().join(format!("{stem}.key")),
-        )
-    }
-
-    /// A client that trusts the CA, offering `alpn` (TLS 1.3 and 1.2).
-    fn client(&self, alpn: &[&str]) -> Arc<ClientConfig> {
-        self.client_with(alpn, &[&rustls::version::TLS13, &rustls::version::TLS12])
-    }
-
-    fn client_with(
-        &self,
-        alpn: &[&str],
-        versions: &[&'static rustls::SupportedProtocolVersion],
-    ) -> Arc<ClientConfig> {
-        let mut roots = RootCertStore::empty();
-        roots.add(self.ca.der().clone()).unwrap();
-        let mut c =
-            ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-                .with_protocol_versions(versions)
-                .unwrap()
-                .with_root_certificates(roots)
-                .with_no_client_auth();
-        c.alpn_protocols = alpn.iter().map(|p| p.as_bytes().to_vec()).collect();
-        Arc::new(c)
-    }
-}
 
 /// The DER of the first certificate in a PEM file.
 fn leaf_der(path: &Path) -> Vec<u8> {
@@ -185,7 +117,7 @@ impl Client {
 
     async fn tls(
         addr: SocketAddr,
-        pki: &Pki,
+        pki: &TestCa,
         alpn: &[&str],
     ) -> (Client, JoinHandle<hyper::Result<()>>) {
         let s = tls_connect(addr, "localhost", pki.client(alpn)).await;
@@ -269,7 +201,7 @@ where
 
 #[tokio::test]
 async fn https_get_and_post_over_http1_and_http2_by_alpn() {
-    let pki = Pki::new();
+    let pki = TestCa::new("holdfast test CA");
     let (cert, key) = pki.leaf("site", &["localhost"]);
     let up = TestUpstream::start(Behaviour::Echo).await;
     let gw = start(&format!(
@@ -326,7 +258,7 @@ async fn https_get_and_post_over_http1_and_http2_by_alpn() {
 
 #[tokio::test]
 async fn sni_picks_the_certificate() {
-    let pki = Pki::new();
+    let pki = TestCa::new("holdfast test CA");
     let (dc, dk) = pki.leaf("default", &["default.test", "unlisted.test"]);
     let (ac, ak) = pki.leaf("a", &["a.test"]);
     let (wc, wk) = pki.leaf("w", &["*.w.test"]);
@@ -360,7 +292,7 @@ async fn sni_picks_the_certificate() {
 
 #[tokio::test]
 async fn sessions_resume_on_tls13_and_tls12() {
-    let pki = Pki::new();
+    let pki = TestCa::new("holdfast test CA");
     let (cert, key) = pki.leaf("site", &["localhost"]);
     let up = TestUpstream::start(Behaviour::Echo).await;
     let gw = start(&format!(
@@ -395,7 +327,7 @@ async fn sessions_resume_on_tls13_and_tls12() {
 
 #[tokio::test]
 async fn tls_1_1_is_refused_with_a_protocol_version_alert() {
-    let pki = Pki::new();
+    let pki = TestCa::new("holdfast test CA");
     let (cert, key) = pki.leaf("site", &["localhost"]);
     let gw = start(&format!(
         "{}{}",
@@ -509,7 +441,7 @@ async fn h2c_with_prior_knowledge_beside_http1_only_where_enabled() {
 
 #[tokio::test]
 async fn redirect_listener_answers_308_to_the_https_listener() {
-    let pki = Pki::new();
+    let pki = TestCa::new("holdfast test CA");
     let (cert, key) = pki.leaf("site", &["localhost"]);
     let up = TestUpstream::start(Behaviour::Echo).await;
     let https = free_addr();
@@ -549,7 +481,7 @@ async fn redirect_listener_answers_308_to_the_https_listener() {
 
 #[tokio::test]
 async fn reload_swaps_certificates_for_new_connections_and_keeps_open_ones() {
-    let pki = Pki::new();
+    let pki = TestCa::new("holdfast test CA");
     let (cert, key) = pki.leaf("site", &["localhost"]);
     let v1 = leaf_der(&cert);
     let up = TestUpstream::start(Behaviour::Echo).await;
@@ -617,7 +549,7 @@ async fn reload_swaps_certificates_for_new_connections_and_keeps_open_ones() {
 /// Opens a TLS connection with ALPN h2 and sends `n` requests each reset at once, in
 /// one write; returns the frames read until the connection ends, or until a response
 /// to the request sent after them arrives.
-async fn rapid_reset(gw: &Gateway, pki: &Pki, n: u32) -> Vec<Frame> {
+async fn rapid_reset(gw: &Gateway, pki: &TestCa, n: u32) -> Vec<Frame> {
     let mut s = tls_connect(gw.addr, "localhost", pki.client(&["h2"])).await;
     frames::start(&mut s).await.unwrap();
     let mut burst = Vec::new();
@@ -634,7 +566,7 @@ async fn rapid_reset(gw: &Gateway, pki: &Pki, n: u32) -> Vec<Frame> {
 
 #[tokio::test]
 async fn rapid_reset_abuser_gets_goaway_and_is_cut_off_while_others_are_served() {
-    let pki = Pki::new();
+    let pki = TestCa::new("holdfast test CA");
     let (cert, key) = pki.leaf("site", &["localhost"]);
     let up = TestUpstream::start(Behaviour::Echo).await;
     let gw = start(&format!(
@@ -670,7 +602,7 @@ async fn rapid_reset_abuser_gets_goaway_and_is_cut_off_while_others_are_served()
 #[tokio::test]
 async fn the_reset_limit_is_the_configured_one() {
     // The same burst under a limit above it is served: the setting reaches h2.
-    let pki = Pki::new();
+    let pki = TestCa::new("holdfast test CA");
     let (cert, key) = pki.leaf("site", &["localhost"]);
     let up = TestUpstream::start(Behaviour::Echo).await;
     let gw = start(&format!(
@@ -885,7 +817,7 @@ async fn drain_sends_two_goaways_and_serves_every_stream_below_the_last() {
 
 #[tokio::test]
 async fn drain_with_http2_clients_in_flight_fails_no_request() {
-    let pki = Pki::new();
+    let pki = TestCa::new("holdfast test CA");
     let (cert, key) = pki.leaf("site", &["localhost"]);
     let up = TestUpstream::start(Behaviour::Delay(Duration::from_millis(500))).await;
     let gw = start(&format!(
@@ -941,7 +873,7 @@ async fn drain_with_http2_clients_in_flight_fails_no_request() {
 // === the binary: curl, h2load, SIGHUP, upgrade ===
 
 /// `holdfast proxy` with a TLS front, started and ready.
-async fn proxy_process(pki: &Pki, up: &TestUpstream) -> (HoldfastProcess, SocketAddr) {
+async fn proxy_process(pki: &TestCa, up: &TestUpstream) -> (HoldfastProcess, SocketAddr) {
     let (cert, key) = pki.paths("site");
     let listen = free_addr();
     let args = [
@@ -981,7 +913,7 @@ async fn curl_and_h2load_through_the_tls_front() {
         have("curl") && have("h2load"),
         "curl and h2load (nghttp2-client) are needed; scripts/test installs them"
     );
-    let pki = Pki::new();
+    let pki = TestCa::new("holdfast test CA");
     pki.leaf("site", &["localhost"]);
     let up = TestUpstream::start(Behaviour::Echo).await;
     let (proc, listen) = proxy_process(&pki, &up).await;
@@ -1032,7 +964,7 @@ async fn curl_and_h2load_through_the_tls_front() {
 
 #[tokio::test]
 async fn sighup_reloads_the_certificate_files_of_a_proxy_command() {
-    let pki = Pki::new();
+    let pki = TestCa::new("holdfast test CA");
     let (cert, _) = pki.leaf("site", &["localhost"]);
     let v1 = leaf_der(&cert);
     let up = TestUpstream::start(Behaviour::Echo).await;
@@ -1057,7 +989,7 @@ async fn sighup_reloads_the_certificate_files_of_a_proxy_command() {
 
 #[tokio::test]
 async fn upgrade_under_http2_load_fails_no_request() {
-    let pki = Pki::new();
+    let pki = TestCa::new("holdfast test CA");
     let (cert, key) = pki.leaf("site", &["localhost"]);
     let up = TestUpstream::start(Behaviour::Delay(Duration::from_millis(20))).await;
     let listen = free_addr();

@@ -22,12 +22,12 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use holdfast_test::h2::{self as frames, Frame, flag, kind};
-use holdfast_test::{ClientRequest, KeepAliveClient, Nginx, Response, TempDir, wait_until_async};
+use holdfast_test::{ClientRequest, KeepAliveClient, Nginx, Response, wait_until_async};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+use support::pki::TestCa;
 use support::{Gateway, proxy_to, start};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -38,59 +38,13 @@ const SOON: Duration = Duration::from_secs(10);
 
 // === fixtures: certificates ===
 
-/// A test CA and what it signs, as PEM files in a temp dir.
-struct Pki {
-    dir: TempDir,
-    ca: CertifiedIssuer<'static, KeyPair>,
-}
-
-impl Pki {
-    fn new() -> Pki {
-        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params
-            .distinguished_name
-            .push(rcgen::DnType::CommonName, "holdfast upstream test CA");
-        let ca = CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap();
-        let dir = holdfast_test::tempdir();
-        std::fs::write(dir.path().join("ca.pem"), ca.pem()).unwrap();
-        Pki { dir, ca }
-    }
-
-    fn ca_file(&self) -> PathBuf {
-        self.dir.path().join("ca.pem")
-    }
-
-    /// A certificate for `names` (CN `stem`), optionally expired, as `stem.pem` and
-    /// `stem.key`.
-    fn issue(&self, stem: &str, names: &[&str], expired: bool) -> (PathBuf, PathBuf) {
-        let key = KeyPair::generate().unwrap();
-        let mut params =
-            CertificateParams::new(names.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>())
-                .unwrap();
-        params
-            .distinguished_name
-            .push(rcgen::DnType::CommonName, stem);
-        if expired {
-            params.not_before = rcgen::date_time_ymd(2020, 1, 1);
-            params.not_after = rcgen::date_time_ymd(2021, 1, 1);
-        }
-        let cert = params.signed_by(&key, &self.ca).unwrap();
-        let c = self.dir.path().join(format!("{stem}.pem"));
-        let k = self.dir.path().join(format!("{stem}.key"));
-        std::fs::write(&c, cert.pem()).unwrap();
-        std::fs::write(&k, key.serialize_pem()).unwrap();
-        (c, k)
-    }
-}
-
 fn toml_path(p: &Path) -> String {
     format!("{:?}", p.display().to_string())
 }
 
 /// nginx serving `location_body` over TLS with `cert`, asking for a client certificate
 /// from the test CA when `mutual`.
-async fn nginx_tls(pki: &Pki, cert: &(PathBuf, PathBuf), extra: &str, body: &str) -> Nginx {
+async fn nginx_tls(pki: &TestCa, cert: &(PathBuf, PathBuf), extra: &str, body: &str) -> Nginx {
     Nginx::start(&format!(
         "log_format tls '$request $ssl_session_reused $ssl_protocol $server_protocol';\n\
          server {{\n\
@@ -328,7 +282,7 @@ impl Drop for InFlightGlobal<'_> {
 /// than the address: GETs work, the connection is reused, nginx saw the certificate.
 #[tokio::test]
 async fn https_to_nginx_with_a_client_certificate_reuses_its_connection() {
-    let pki = Pki::new();
+    let pki = TestCa::new("holdfast upstream test CA");
     let server = pki.issue("nginx", &["upstream.test"], false);
     let client = pki.issue("holdfast-client", &[], false);
     let nginx = nginx_tls(
@@ -374,7 +328,7 @@ async fn https_to_nginx_with_a_client_certificate_reuses_its_connection() {
 /// (not the pooled connection made with the old one).
 #[tokio::test]
 async fn a_reload_after_the_client_certificate_files_changed_uses_the_new_one() {
-    let pki = Pki::new();
+    let pki = TestCa::new("holdfast upstream test CA");
     let server = pki.issue("nginx", &["upstream.test"], false);
     let client = pki.issue("client-one", &[], false);
     let nginx = nginx_tls(&pki, &server, "", "return 200 \"$ssl_client_s_dn\\n\";").await;
@@ -410,7 +364,7 @@ async fn a_reload_after_the_client_certificate_files_changed_uses_the_new_one() 
 /// connection after one request), as both sides see it.
 #[tokio::test]
 async fn new_connections_resume_the_tls_session() {
-    let pki = Pki::new();
+    let pki = TestCa::new("holdfast upstream test CA");
     let server = pki.issue("nginx", &["localhost"], false);
     let nginx = nginx_tls(
         &pki,
@@ -447,7 +401,7 @@ async fn new_connections_resume_the_tls_session() {
 /// sent to nginx.
 #[tokio::test]
 async fn wrong_name_or_expired_certificate_is_a_502_naming_the_cause() {
-    let pki = Pki::new();
+    let pki = TestCa::new("holdfast upstream test CA");
     for (case, names, expired, cause) in [
         (
             "wrong name",
@@ -493,7 +447,7 @@ async fn wrong_name_or_expired_certificate_is_a_502_naming_the_cause() {
 /// connection.
 #[tokio::test]
 async fn alpn_h2_to_nginx_carries_concurrent_requests_on_one_connection() {
-    let pki = Pki::new();
+    let pki = TestCa::new("holdfast upstream test CA");
     let server = pki.issue("nginx", &["localhost"], false);
     let nginx = nginx_tls(
         &pki,

@@ -7,6 +7,9 @@
 
 #![allow(dead_code)] // Each test target uses its own subset.
 
+pub mod fastcgi_app;
+pub mod pki;
+
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::{Arc, Once};
