@@ -327,29 +327,23 @@ pub fn render(proxy: &Proxy, state: &ServerState) -> String {
             );
         }
     }
-    t.family(
-        "holdfast_pool_idle_age_at_reuse_seconds",
-        Kind::Histogram,
-        "How long a connection had been idle when a request reused it.",
-    );
-    for a in &addresses {
-        t.histogram(
+    let histograms: [PerAddressHistogram; 2] = [
+        (
             "holdfast_pool_idle_age_at_reuse_seconds",
-            &a.labels(),
-            &a.peer.pool.figures.idle_age_at_reuse.snapshot(),
-        );
-    }
-    t.family(
-        "holdfast_pool_idle_age_at_upstream_close_seconds",
-        Kind::Histogram,
-        "How long a connection had been idle when the upstream closed it.",
-    );
-    for a in &addresses {
-        t.histogram(
+            "How long a connection had been idle when a request reused it.",
+            |a| &a.peer.pool.figures.idle_age_at_reuse,
+        ),
+        (
             "holdfast_pool_idle_age_at_upstream_close_seconds",
-            &a.labels(),
-            &a.peer.pool.figures.idle_age_at_upstream_close.snapshot(),
-        );
+            "How long a connection had been idle when the upstream closed it.",
+            |a| &a.peer.pool.figures.idle_age_at_upstream_close,
+        ),
+    ];
+    for (name, help, get) in histograms {
+        t.family(name, Kind::Histogram, help);
+        for a in &addresses {
+            t.histogram(name, &a.labels(), &get(a).snapshot());
+        }
     }
     t.family(
         "holdfast_pool_idle_timeout_seconds",
@@ -401,6 +395,11 @@ pub fn render(proxy: &Proxy, state: &ServerState) -> String {
 
 /// A per-address family: name, help, and how to read its value.
 type PerAddress = (&'static str, &'static str, fn(&Address) -> u64);
+type PerAddressHistogram = (
+    &'static str,
+    &'static str,
+    fn(&Address) -> &crate::upstream::figures::Histogram,
+);
 /// A FastCGI family: name, help, and which announced value it shows.
 type PerFastCgi = (
     &'static str,
