@@ -51,7 +51,8 @@ pub enum RequestBody {
     /// Held whole, so a retry can send it again.
     Buffered {
         data: Option<Bytes>,
-        trailers: Option<HeaderMap>,
+        /// Boxed: rare, and a `HeaderMap` inline would triple the size of every body.
+        trailers: Option<Box<HeaderMap>>,
     },
     /// Streamed from the client; cannot be replayed. `prefix` holds what was read while
     /// deciding whether the body fits the replay buffer.
@@ -106,7 +107,7 @@ impl RequestBody {
                     }
                     Err(frame) => {
                         // Trailers end the body.
-                        let trailers = frame.into_trailers().ok();
+                        let trailers = frame.into_trailers().ok().map(Box::new);
                         return Ok(RequestBody::Buffered {
                             data: Some(buf.freeze()),
                             trailers,
@@ -172,7 +173,7 @@ impl Body for RequestBody {
                 if let Some(d) = data.take().filter(|d| !d.is_empty()) {
                     return Poll::Ready(Some(Ok(Frame::data(d))));
                 }
-                Poll::Ready(trailers.take().map(|t| Ok(Frame::trailers(t))))
+                Poll::Ready(trailers.take().map(|t| Ok(Frame::trailers(*t))))
             }
             RequestBody::Streaming(s) => {
                 if let Some(p) = s.prefix.take().filter(|p| !p.is_empty()) {

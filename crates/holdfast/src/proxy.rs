@@ -74,6 +74,28 @@ pub struct ConnContext {
     pub local: SocketAddr,
     pub tls: bool,
     pub listener: Arc<ListenerConfig>,
+    /// The client's address as an `X-Forwarded-For` value, formatted once per
+    /// connection rather than once per request.
+    remote_ip_value: HeaderValue,
+}
+
+impl ConnContext {
+    pub fn new(
+        remote: SocketAddr,
+        local: SocketAddr,
+        tls: bool,
+        listener: Arc<ListenerConfig>,
+    ) -> ConnContext {
+        let remote_ip_value = HeaderValue::try_from(remote.ip().to_string())
+            .unwrap_or_else(|_| HeaderValue::from_static("unknown"));
+        ConnContext {
+            remote,
+            local,
+            tls,
+            listener,
+            remote_ip_value,
+        }
+    }
 }
 
 impl Proxy {
@@ -211,7 +233,10 @@ impl Proxy {
         let body = match keep {
             _ if upgrade => RequestBody::Empty,
             None => RequestBody::stream(body, max_body),
-            Some(limit) => match RequestBody::prepare(body, limit, max_body).await {
+            // Boxed: only requests with a body get here, and the read loop's state
+            // would otherwise sit in every request's future.
+            Some(_) if http_body::Body::is_end_stream(&body) => RequestBody::Empty,
+            Some(limit) => match Box::pin(RequestBody::prepare(body, limit, max_body)).await {
                 Ok(b) => b,
                 Err(e) => {
                     let error = if e.is::<crate::body::BodyTooLarge>() {
@@ -232,7 +257,15 @@ impl Proxy {
         if let (Some(original_target), Some(fcgi)) = (original_target, route.fastcgi.as_deref()) {
             let length = http_body::Body::size_hint(&body).exact();
             let length = length.filter(|&n| n > 0 || has_length);
-            match fastcgi::params(&parts, &original_target, fcgi, conn, length).await {
+            match Box::pin(fastcgi::params(
+                &parts,
+                &original_target,
+                fcgi,
+                conn,
+                length,
+            ))
+            .await
+            {
                 Ok(p) => {
                     parts.extensions.insert(FastCgiParams(Arc::new(p)));
                 }
@@ -256,7 +289,9 @@ impl Proxy {
 
         let total = upstream.config.timeouts.total.non_zero();
         let deadline = total.map(|t| start + t);
+        // Pinned here so that both arms below share one copy of its (large) state.
         let forwarded = upstream.forward(parts, body);
+        tokio::pin!(forwarded);
         let result = match deadline {
             None => forwarded.await,
             Some(at) => match tokio::time::timeout_at(at, forwarded).await {
@@ -464,6 +499,7 @@ fn prepare_request_headers(
         h,
         ClientFacts {
             ip: conn.remote.ip(),
+            ip_value: &conn.remote_ip_value,
             tls: conn.tls,
         },
         &conn.listener.trusted_proxies,

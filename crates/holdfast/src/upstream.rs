@@ -191,8 +191,8 @@ impl Upstream {
             let reused_since = conn.reused_since();
             let req = Request::from_parts(clone_parts(&parts), attempt_body);
             let sent_at = Instant::now();
-            let result = match tokio::time::timeout(
-                self.config.timeouts.response_headers.get(),
+            let result = match tokio::time::timeout_at(
+                sent_at + self.config.timeouts.response_headers.get(),
                 send(&mut conn, req),
             )
             .await
@@ -358,7 +358,32 @@ impl Upstream {
 /// never left, its body for another attempt.
 type SendResult = Result<Response<Payload>, (UpstreamError, Option<RequestBody>)>;
 
-async fn send(conn: &mut PooledConn, req: Request<RequestBody>) -> SendResult {
+/// Starts one attempt. On HTTP/1 the request is queued to the connection right here
+/// and only hyper's small response future is awaited: every layer of `async fn`
+/// between the request and the connection would copy the request again and add its
+/// size to every request's future. The other protocols' futures are boxed for the
+/// same reason.
+fn send(
+    conn: &mut PooledConn,
+    req: Request<RequestBody>,
+) -> impl Future<Output = SendResult> + Send + '_ {
+    use futures_util::future::Either;
+    match conn.client() {
+        Client::Http1(sender) => {
+            let response = http1::send(sender, req);
+            Either::Left(async move {
+                match response.await {
+                    Ok(resp) => Ok(resp.map(Payload::Http)),
+                    Err((e, returned)) => Err((e, returned.map(Request::into_body))),
+                }
+            })
+        }
+        _ => Either::Right(Box::pin(send_other(conn, req))),
+    }
+}
+
+/// [`send`] on HTTP/2 and FastCGI.
+async fn send_other(conn: &mut PooledConn, req: Request<RequestBody>) -> SendResult {
     match conn.client() {
         Client::Http1(sender) => match http1::send(sender, req).await {
             Ok(resp) => Ok(resp.map(Payload::Http)),

@@ -257,12 +257,12 @@ mod tests {
     }
 
     fn ctx() -> ConnContext {
-        ConnContext {
-            remote: "10.1.2.3:5555".parse().unwrap(),
-            local: "127.0.0.1:8080".parse().unwrap(),
-            tls: false,
-            listener: Arc::new(ListenerConfig::new("127.0.0.1:8080".parse().unwrap())),
-        }
+        ConnContext::new(
+            "10.1.2.3:5555".parse().unwrap(),
+            "127.0.0.1:8080".parse().unwrap(),
+            false,
+            Arc::new(ListenerConfig::new("127.0.0.1:8080".parse().unwrap())),
+        )
     }
 
     fn get(params: &[(Bytes, Bytes)], k: &str) -> Option<String> {

@@ -39,12 +39,27 @@ pub fn is_upgrade_request(headers: &HeaderMap) -> bool {
 /// Removes hop-by-hop headers. With `keep_upgrade`, `Upgrade` survives and
 /// `Connection: upgrade` is set again, for a protocol switch passed through.
 pub fn remove_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
-    if headers.contains_key(header::CONNECTION) {
+    // One pass over the (few) names instead of a hash lookup per hop-by-hop name:
+    // most messages carry none or one of them.
+    let mut present = 0u16;
+    for name in headers.keys() {
+        if let Some(i) = HOP_BY_HOP.iter().position(|h| h == name) {
+            present |= 1 << i;
+        }
+    }
+    if present == 0 {
+        return;
+    }
+    // `HOP_BY_HOP[0]` is `Connection`.
+    if present & 1 != 0 {
+        // The usual tokens name no field (`close`) or one removed below anyway.
         let listed: Vec<HeaderName> = headers
             .get_all(header::CONNECTION)
             .iter()
-            .flat_map(|v| v.to_str().unwrap_or("").split(','))
-            .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+            .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+            .map(<[u8]>::trim_ascii)
+            .filter(|t| !t.eq_ignore_ascii_case(b"close") && !t.eq_ignore_ascii_case(b"keep-alive"))
+            .filter_map(|t| HeaderName::from_bytes(t).ok())
             .collect();
         for name in listed {
             if !(keep_upgrade && name == header::UPGRADE) {
@@ -55,9 +70,10 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     let upgrade = keep_upgrade
         .then(|| headers.remove(header::UPGRADE))
         .flatten();
-    for name in &HOP_BY_HOP {
-        // `remove` on an absent header is a cheap hash lookup; most requests have none.
-        headers.remove(name);
+    for (i, name) in HOP_BY_HOP.iter().enumerate() {
+        if present & (1 << i) != 0 {
+            headers.remove(name);
+        }
     }
     if let Some(u) = upgrade {
         headers.insert(header::UPGRADE, u);
@@ -94,8 +110,10 @@ pub fn add_via(headers: &mut HeaderMap) {
 
 /// What the proxy knows about the client connection a request came on.
 #[derive(Debug, Clone, Copy)]
-pub struct ClientFacts {
+pub struct ClientFacts<'a> {
     pub ip: IpAddr,
+    /// `ip` as a header value.
+    pub ip_value: &'a HeaderValue,
     pub tls: bool,
 }
 
@@ -104,7 +122,7 @@ pub struct ClientFacts {
 /// forge its address.
 pub fn set_forwarded(
     headers: &mut HeaderMap,
-    client: ClientFacts,
+    client: ClientFacts<'_>,
     trusted: &[IpNet],
     host: Option<&HeaderValue>,
 ) {
@@ -112,7 +130,6 @@ pub fn set_forwarded(
     const XFP: HeaderName = HeaderName::from_static("x-forwarded-proto");
     const XFH: HeaderName = HeaderName::from_static("x-forwarded-host");
     let trusted = !trusted.is_empty() && trusted.iter().any(|n| n.contains(&client.ip));
-    let ip = client.ip.to_string();
     let prior: Option<String> = if trusted {
         let parts: Vec<&str> = headers
             .get_all(&XFF)
@@ -124,10 +141,10 @@ pub fn set_forwarded(
         None
     };
     let xff = match prior {
-        Some(p) => format!("{p}, {ip}"),
-        None => ip,
+        Some(p) => HeaderValue::try_from(format!("{p}, {}", client.ip)).ok(),
+        None => Some(client.ip_value.clone()),
     };
-    if let Ok(v) = HeaderValue::try_from(xff) {
+    if let Some(v) = xff {
         headers.insert(XFF, v);
     }
     if !(trusted && headers.contains_key(&XFP)) {
@@ -199,8 +216,10 @@ mod tests {
 
     #[test]
     fn forwarded_headers_trust_only_trusted_proxies() {
+        let ip_value = HeaderValue::from_static("10.0.0.5");
         let client = ClientFacts {
             ip: "10.0.0.5".parse().unwrap(),
+            ip_value: &ip_value,
             tls: false,
         };
         let host = HeaderValue::from_static("shop.test");

@@ -315,12 +315,12 @@ pub async fn serve(
         }
         None => (Transport::Plain(stream), Bytes::new(), Proto::Http1),
     };
-    let ctx = Arc::new(ConnContext {
+    let ctx = Arc::new(ConnContext::new(
         remote,
         local,
-        tls: matches!(transport, Transport::Tls(_)),
-        listener: shared.config.clone(),
-    });
+        matches!(transport, Transport::Tls(_)),
+        shared.config.clone(),
+    ));
     let io = ClientIo::new(
         transport,
         replay,
@@ -500,8 +500,15 @@ async fn drive<C>(
     tokio::pin!(check);
     // When holdfast began closing (HTTP/1: no more verdicts; HTTP/2: GOAWAY sent).
     let mut closing: Option<Instant> = None;
+    // Made once, not per wake-up: each new one registers with its `Notify` again.
+    let draining = drain.draining();
+    tokio::pin!(draining);
+    let wake = state.wake.notified();
+    tokio::pin!(wake);
     loop {
         tokio::select! {
+            // The connection first: it is what wakes this task almost every time.
+            biased;
             res = conn.as_mut() => {
                 if let Err(e) = res {
                     log_conn_error(&e, remote);
@@ -533,11 +540,14 @@ async fn drive<C>(
                     }
                 }
             }
-            () = drain.draining(), if !state.draining.load(Relaxed) => {
+            () = draining.as_mut(), if !state.draining.load(Relaxed) => {
                 state.draining.store(true, Relaxed);
                 check.as_mut().reset(Instant::now());
             }
-            () = state.wake.notified() => check.as_mut().reset(Instant::now()),
+            () = wake.as_mut() => {
+                wake.set(state.wake.notified());
+                check.as_mut().reset(Instant::now());
+            }
         }
     }
 }

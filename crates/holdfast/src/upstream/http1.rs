@@ -62,18 +62,23 @@ where
 /// never left, the request itself for another attempt.
 pub type SendResult = Result<Response<Incoming>, (UpstreamError, Option<Request<RequestBody>>)>;
 
-pub async fn send(
+/// Queues `req` on the connection now (no `await` needed for that) and returns the
+/// future of its response.
+pub fn send(
     sender: &mut hyper::client::conn::http1::SendRequest<RequestBody>,
     req: Request<RequestBody>,
-) -> SendResult {
-    match sender.try_send_request(req).await {
-        Ok(resp) => Ok(resp),
-        Err(mut e) => match e.take_message() {
-            Some(req) => Err((
-                UpstreamError::new(Kind::Closed, Delivery::NotSent).with_cause(e.into_error()),
-                Some(req),
-            )),
-            None => Err((UpstreamError::from_hyper(e.into_error()), None)),
-        },
+) -> impl Future<Output = SendResult> + Send + use<> {
+    let response = sender.try_send_request(req);
+    async move {
+        match response.await {
+            Ok(resp) => Ok(resp),
+            Err(mut e) => match e.take_message() {
+                Some(req) => Err((
+                    UpstreamError::new(Kind::Closed, Delivery::NotSent).with_cause(e.into_error()),
+                    Some(req),
+                )),
+                None => Err((UpstreamError::from_hyper(e.into_error()), None)),
+            },
+        }
     }
 }

@@ -116,10 +116,25 @@ impl Stream {
         }
     }
 
+    /// Reads what is there without waiting. A read that leaves room in `buf` drained
+    /// the socket (epoll is edge-triggered), so readiness is cleared then, as tokio's
+    /// own `poll_read` does: without that the next read is a syscall that only says
+    /// `EAGAIN`, one per response.
     fn try_read_buf(&self, buf: &mut ReadBuf<'_>) -> io::Result<usize> {
-        match self {
-            Stream::Tcp(s) => s.try_read_buf(buf),
-            Stream::Unix(s) => s.try_read_buf(buf),
+        let want = buf.remaining();
+        let mut read = 0;
+        let res = match self {
+            Stream::Tcp(s) => s.try_io(tokio::io::Interest::READABLE, || {
+                partial_as_would_block(s.try_read_buf(buf), want, &mut read)
+            }),
+            Stream::Unix(s) => s.try_io(tokio::io::Interest::READABLE, || {
+                partial_as_would_block(s.try_read_buf(buf), want, &mut read)
+            }),
+        };
+        match res {
+            // The "would block" that cleared readiness after a partial read.
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock && read > 0 => Ok(read),
+            other => other,
         }
     }
 
@@ -162,6 +177,21 @@ impl Stream {
             other => other,
         }
     }
+}
+
+/// Reports a partial read as `WouldBlock` (the count stays in `read`) so that the
+/// enclosing `try_io` clears the socket's readiness.
+fn partial_as_would_block(
+    n: io::Result<usize>,
+    want: usize,
+    read: &mut usize,
+) -> io::Result<usize> {
+    let n = n?;
+    *read = n;
+    if n > 0 && n < want {
+        return Err(io::ErrorKind::WouldBlock.into());
+    }
+    Ok(n)
 }
 
 /// The I/O handed to a protocol client: the shared socket plus a write-stall deadline.

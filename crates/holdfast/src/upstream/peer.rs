@@ -135,11 +135,13 @@ impl Peer {
         want: Want,
         check_idle: bool,
     ) -> Result<PooledConn, UpstreamError> {
+        // The connect future is boxed: it is large (TLS and HTTP/2 handshakes) and
+        // rarely run, and every request's future would otherwise carry its size.
         if self.shares_connections() {
-            return self.pool.checkout_shared(|| self.connect()).await;
+            return self.pool.checkout_shared(|| Box::pin(self.connect())).await;
         }
         self.pool
-            .checkout(want, check_idle, || self.connect())
+            .checkout(want, check_idle, || Box::pin(self.connect()))
             .await
     }
 

@@ -269,8 +269,8 @@ impl Pool {
     {
         let permit = self.acquire_slot().await?;
         if let Want::Idle(take) = want {
-            while let Some((mut conn, idle_since)) = self.take_idle(take) {
-                let now = Instant::now();
+            let now = Instant::now();
+            while let Some((mut conn, idle_since)) = self.take_idle(take, now) {
                 let probe = if conn.client.is_closed() {
                     IdleProbe::Closed
                 } else if check_idle {
@@ -347,12 +347,17 @@ impl Pool {
 
     async fn acquire_slot(&self) -> Result<OwnedSemaphorePermit, UpstreamError> {
         match self.slots.clone().try_acquire_owned() {
-            Ok(p) => return Ok(p),
-            Err(TryAcquireError::NoPermits) => {}
+            Ok(p) => Ok(p),
+            Err(TryAcquireError::NoPermits) => Box::pin(self.wait_for_slot()).await,
             Err(TryAcquireError::Closed) => {
-                return Err(UpstreamError::new(Kind::NoPeer, Delivery::NotSent));
+                Err(UpstreamError::new(Kind::NoPeer, Delivery::NotSent))
             }
         }
+    }
+
+    /// Queues for a slot (FIFO). Boxed by the caller: rare, and its timer would
+    /// otherwise sit in every request's future.
+    async fn wait_for_slot(&self) -> Result<OwnedSemaphorePermit, UpstreamError> {
         if self.waiting.fetch_add(1, Relaxed) >= self.settings.queue_size {
             self.waiting.fetch_sub(1, Relaxed);
             self.figures.queue_full.fetch_add(1, Relaxed);
@@ -381,9 +386,9 @@ impl Pool {
         }
     }
 
-    fn take_idle(&self, take: Take) -> Option<(Conn, Instant)> {
+    fn take_idle(&self, take: Take, now: Instant) -> Option<(Conn, Instant)> {
         let mut expired = Vec::new();
-        let got = self.lock().idle.take(Instant::now(), take, &mut expired);
+        let got = self.lock().idle.take(now, take, &mut expired);
         self.close_all(expired, CloseReason::IdleExpired);
         got.map(|e| (e.conn, e.idle_since))
     }
