@@ -44,6 +44,36 @@ impl std::error::Error for ClientBodyError {
     }
 }
 
+/// The part of a body read so far. A body that arrives in one piece (most small
+/// ones) is kept as hyper's `Bytes`, without a copy.
+#[derive(Default)]
+struct Kept {
+    first: Option<Bytes>,
+    more: BytesMut,
+}
+
+impl Kept {
+    fn push(&mut self, data: Bytes) {
+        match self.first.take() {
+            None if self.more.is_empty() => self.first = Some(data),
+            first => {
+                if let Some(f) = first {
+                    self.more.extend_from_slice(&f);
+                }
+                self.more.extend_from_slice(&data);
+            }
+        }
+    }
+
+    fn len(&self) -> u64 {
+        (self.first.as_ref().map_or(0, Bytes::len) + self.more.len()) as u64
+    }
+
+    fn into_bytes(self) -> Bytes {
+        self.first.unwrap_or_else(|| self.more.freeze())
+    }
+}
+
 /// A request body as holdfast sends it upstream.
 #[derive(Debug)]
 pub enum RequestBody {
@@ -88,20 +118,20 @@ impl RequestBody {
         {
             return Err(Box::new(BodyTooLarge));
         }
-        let mut buf = BytesMut::new();
-        while (buf.len() as u64) <= replay_limit {
+        let mut kept = Kept::default();
+        while kept.len() <= replay_limit {
             match incoming.frame().await {
                 None => {
                     return Ok(RequestBody::Buffered {
-                        data: Some(buf.freeze()),
+                        data: Some(kept.into_bytes()),
                         trailers: None,
                     });
                 }
                 Some(Err(e)) => return Err(Box::new(ClientBodyError(e))),
                 Some(Ok(frame)) => match frame.into_data() {
                     Ok(data) => {
-                        buf.extend_from_slice(&data);
-                        if buf.len() as u64 > limit {
+                        kept.push(data);
+                        if kept.len() > limit {
                             return Err(Box::new(BodyTooLarge));
                         }
                     }
@@ -109,16 +139,16 @@ impl RequestBody {
                         // Trailers end the body.
                         let trailers = frame.into_trailers().ok().map(Box::new);
                         return Ok(RequestBody::Buffered {
-                            data: Some(buf.freeze()),
+                            data: Some(kept.into_bytes()),
                             trailers,
                         });
                     }
                 },
             }
         }
-        let received = buf.len() as u64;
+        let received = kept.len();
         Ok(RequestBody::Streaming(Box::new(Streaming {
-            prefix: Some(buf.freeze()),
+            prefix: Some(kept.into_bytes()),
             incoming,
             received,
             limit,
@@ -234,5 +264,31 @@ impl Body for RequestBody {
                 hint
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_body_in_one_piece_is_kept_without_a_copy() {
+        let data = Bytes::from(vec![7u8; 4096]);
+        let mut kept = Kept::default();
+        kept.push(data.clone());
+        assert_eq!(kept.len(), 4096);
+        let out = kept.into_bytes();
+        assert_eq!(out.as_ptr(), data.as_ptr(), "the same buffer, not a copy");
+    }
+
+    #[test]
+    fn a_body_in_pieces_is_joined_in_order() {
+        let mut kept = Kept::default();
+        for part in [&b"ab"[..], b"", b"cde", b"f"] {
+            kept.push(Bytes::copy_from_slice(part));
+        }
+        assert_eq!(kept.len(), 6);
+        assert_eq!(kept.into_bytes(), Bytes::from_static(b"abcdef"));
+        assert!(Kept::default().into_bytes().is_empty());
     }
 }

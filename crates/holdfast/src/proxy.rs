@@ -86,8 +86,7 @@ impl ConnContext {
         tls: bool,
         listener: Arc<ListenerConfig>,
     ) -> ConnContext {
-        let remote_ip_value = HeaderValue::try_from(remote.ip().to_string())
-            .unwrap_or_else(|_| HeaderValue::from_static("unknown"));
+        let remote_ip_value = headers::ip_value(remote.ip());
         ConnContext {
             remote,
             local,
@@ -453,6 +452,8 @@ fn respond(
         }
         (false, _) => {
             let (mut parts, body) = response.into_parts();
+            // Via and the connection's Keep-Alive field, with one rehash at most.
+            parts.headers.reserve(2);
             let trailer = headers::declared_trailers(&parts.headers);
             headers::remove_hop_by_hop(&mut parts.headers, false);
             headers::restore_trailers(&mut parts.headers, trailer);
@@ -482,6 +483,9 @@ fn prepare_request_headers(
     upgrade: bool,
 ) {
     let h = &mut parts.headers;
+    // Room for X-Forwarded-For/-Proto/-Host, Via and Host at once, rather than a
+    // rehash each time the map fills up.
+    h.reserve(5);
     // `TE: trailers` is the one TE value worth passing on (RFC 9110 10.1.4).
     let te_trailers = h
         .get(header::TE)

@@ -179,6 +179,14 @@ impl AsyncWrite for ClientIo {
             // hyper ends a parked connection; the socket is not closing.
             return Poll::Ready(Ok(()));
         }
+        if this.state.client_closes.load(Relaxed)
+            && matches!(this.stream, Some(Transport::Plain(_)))
+        {
+            // The client asked to close and sends nothing more: dropping the socket
+            // right after this sends the FIN; a half-close first would be one more
+            // syscall per connection.
+            return Poll::Ready(Ok(()));
+        }
         // TLS: close_notify, then the TCP half-close.
         this.stream()?.poll_shutdown(cx)
     }
