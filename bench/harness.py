@@ -2,7 +2,8 @@
 
 Scope: starting and stopping the upstream nginx, the proxies under test
 (holdfast, nginx) and reading their CPU time and RSS from /proc. Not here:
-load generation and reporting (run.py), syscall counting (syscalls.py).
+load generation and reporting (run.py), syscall counting (syscalls.py),
+instruction counting (instructions.py).
 
 Every process is started with subprocess.Popen, remembered in `STARTED`, and
 stopped by its PID (SIGTERM, then SIGKILL) when the harness exits, however it
@@ -263,12 +264,12 @@ def wait_ready(proc, port, path="/1k", timeout=10.0):
 
 # === nginx: upstream and proxy ===
 
-def _nginx_common(run_dir, name):
+def _nginx_common(run_dir, name, master=True):
     tmp = work_dir() / "nginx" / name
     tmp.mkdir(parents=True, exist_ok=True)
     user = "user root;\n" if os.geteuid() == 0 else ""
     return tmp, f"""{user}daemon off;
-master_process on;
+master_process {"on" if master else "off"};
 pid {tmp}/nginx.pid;
 error_log {run_dir}/logs/{name}-error.log warn;
 worker_rlimit_nofile 20000;
@@ -315,8 +316,10 @@ http {{
     return proc
 
 
-def start_nginx_proxy(run_dir, port, upstream_port, cpus, workers=1, tag="nginx"):
-    tmp, head, http_common = _nginx_common(run_dir, tag)
+def start_nginx_proxy(run_dir, port, upstream_port, cpus, workers=1, tag="nginx",
+                      master=True, wrap=()):
+    """master=False: one process that is the worker; wrap: argv prefix (valgrind)."""
+    tmp, head, http_common = _nginx_common(run_dir, tag, master)
     conf = run_dir / "conf" / f"{tag}.conf"
     conf.write_text(f"""{head}worker_processes {workers};
 http {{
@@ -337,7 +340,7 @@ http {{
     }}
 }}
 """)
-    return start(tag, [NGINX, "-p", str(tmp), "-c", str(conf)],
+    return start(tag, [*wrap, NGINX, "-p", str(tmp), "-c", str(conf)],
                  run_dir / "logs" / f"{tag}.out", cpus=cpus)
 
 
@@ -386,8 +389,8 @@ def check_holdfast(explicit=None):
 HOLDFAST_ADMIN_OFF = False
 
 
-def start_holdfast(binary, run_dir, port, upstream_port, cpus, workers, tag):
-    argv = [str(binary), "proxy", "--listen", f"127.0.0.1:{port}",
+def start_holdfast(binary, run_dir, port, upstream_port, cpus, workers, tag, wrap=()):
+    argv = [*wrap, str(binary), "proxy", "--listen", f"127.0.0.1:{port}",
             "--to", f"http://127.0.0.1:{upstream_port}",
             "--workers", str(workers), "--access-log", "off"]
     if HOLDFAST_ADMIN_OFF:

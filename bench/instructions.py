@@ -1,0 +1,269 @@
+#!/usr/bin/env python3
+"""User-space instructions and heap allocations per request, under callgrind.
+
+For each proxy (default nginx and holdfast) and each workload: start the
+proxy under `valgrind --tool=callgrind` (nginx: `master_process off`, so the
+one process is the worker; holdfast: `--workers 1`), warm it up, zero the
+counters (`callgrind_control -z`), send exactly N requests over C keep-alive
+connections with `h2load --h1 -n N -c C` pinned to CPU 1, dump the counters
+(`callgrind_control -d`), stop the proxy, and print instructions (Ir) per
+request and calls into the allocator per request.
+
+The counts are deterministic: they do not depend on what else runs on the
+machine, unlike CPU time. They cover the proxy's user space only (no kernel
+time, no cache misses). valgrind makes the proxy ~50x slower. See
+bench/README.md.
+"""
+
+import argparse
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.dont_write_bytecode = True  # keep bench/ free of __pycache__
+import harness as H  # noqa: E402
+
+WORKLOADS = {
+    "get-1k": ("/1k", None),
+    "get-16k": ("/16k", None),
+    "post-4k": ("/post", 4096),
+}
+
+# Allocation entry points, per target. holdfast's global allocator is
+# mimalloc (the Rust crate calls the *_aligned ones); nginx uses glibc.
+ALLOC_FUNCS = {
+    "holdfast": {"mi_malloc_aligned", "mi_malloc", "mi_zalloc_aligned", "mi_zalloc",
+                 "mi_realloc_aligned", "mi_realloc"},
+    "nginx": {"malloc", "calloc", "realloc", "posix_memalign", "memalign",
+              # glibc's other names for the same functions, in case valgrind
+              # picks one of them for the address
+              "__libc_malloc", "__libc_calloc", "__libc_realloc", "__libc_memalign",
+              "__posix_memalign"},
+}
+# Callers inside the allocator itself (one entry point calling another, or
+# an internal helper calling back): not an allocation by the program.
+ALLOCATOR_INTERNAL = ("mi_", "_mi_", "_int_", "_mid_")
+
+START_TIMEOUT = 30.0  # s; valgrind takes a few seconds to start a program
+
+
+def parse_args():
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("-n", "--requests", type=int, default=20000,
+                    help="requests per measurement (default 20000)")
+    ap.add_argument("-c", "--connections", type=int, default=16,
+                    help="keep-alive connections (default 16)")
+    ap.add_argument("--warmup", type=int, default=2000,
+                    help="requests before the counters are zeroed (default 2000)")
+    ap.add_argument("--targets", default="nginx,holdfast",
+                    help="comma list: nginx, holdfast (default nginx,holdfast)")
+    ap.add_argument("--workloads", default="get-1k,post-4k",
+                    help=f"comma list of {', '.join(WORKLOADS)} (default get-1k,post-4k)")
+    ap.add_argument("--holdfast", help="holdfast binary (default: see README)")
+    ap.add_argument("--proxy-cpus", default="0")
+    ap.add_argument("--load-cpus", default="1")
+    ap.add_argument("--out", help="results dir (default bench/results/<timestamp>-instructions)")
+    args = ap.parse_args()
+    args.targets = [t for t in args.targets.split(",") if t]
+    args.workloads = [w for w in args.workloads.split(",") if w]
+    for t in args.targets:
+        if t not in ALLOC_FUNCS:
+            ap.error(f"unknown target {t!r}; known: {', '.join(ALLOC_FUNCS)}")
+    for w in args.workloads:
+        if w not in WORKLOADS:
+            ap.error(f"unknown workload {w!r}")
+    return args
+
+
+def dump_total(path):
+    """Total Ir of a callgrind dump: its `summary:` line, else `totals:`."""
+    found = {}
+    for line in path.read_text(errors="replace").splitlines():
+        for key in ("summary:", "totals:"):
+            if line.startswith(key) and key not in found:
+                found[key] = int(line.split()[1])
+    return found.get("summary:", found.get("totals:"))
+
+
+# "  260,272 ( 0.03%)  < file:function (20,000x) [object]"; the callee line
+# has `*` instead of `<`, and no call count.
+ANNOTATE_LINE = re.compile(r"^\s*([\d,]+) \(\s*[\d.]+%\)\s+([<*>])\s+(.*?)"
+                           r"(?: \(([\d,]+)x\))?(?: \[(/[^\]]*)\])?\s*$")
+
+
+def count_allocs(annotate_text, funcs):
+    """Calls into `funcs` from outside the allocator, from the output of
+    `callgrind_annotate --tree=caller`: entries are separated by blank
+    lines; in each, the `*` line is the function and the `<` lines above it
+    its callers, each with a call count. A function split over several
+    source files (inlined code) has several entries; a call lands in exactly
+    one of them, so summing over all entries counts each call once.
+    Returns {function: calls}."""
+    calls = {}
+    for entry in re.split(r"\n[ \t]*\n", annotate_text):
+        rows = [m for m in map(ANNOTATE_LINE.match, entry.splitlines()) if m]
+        callee = [m for m in rows if m.group(2) == "*"]
+        if not callee:
+            continue
+        fn = callee[0].group(3).split(":", 1)[-1]
+        if fn not in funcs:
+            continue
+        for m in rows:
+            if m.group(2) != "<" or not m.group(4):
+                continue
+            caller = m.group(3).split(":", 1)[-1]
+            if caller in funcs or caller.startswith(ALLOCATOR_INTERNAL):
+                continue
+            calls[fn] = calls.get(fn, 0) + int(m.group(4).replace(",", ""))
+    return calls
+
+
+def wait_dump(run_dir, stem, timeout=60.0):
+    """The newest part file (`<stem>.<pid>.callgrind.N`) once it is complete."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        parts = [p for p in (run_dir / "raw").glob(f"{stem}.*.callgrind.*")
+                 if p.suffix[1:].isdigit()]
+        if parts:
+            newest = max(parts, key=lambda p: p.stat().st_mtime)
+            if "\ntotals:" in newest.read_text(errors="replace"):
+                return newest
+        time.sleep(0.2)
+    return None
+
+
+def measure_one(args, run_dir, target, wl, ctx):
+    path, body = WORKLOADS[wl]
+    n = max(args.requests, args.connections)
+    stem = f"{wl}-{target}"
+    port = H.free_port()
+    wrap = ["valgrind", "--tool=callgrind",
+            f"--callgrind-out-file={run_dir}/raw/{stem}.%p.callgrind"]
+    if target == "nginx":
+        proc = H.start_nginx_proxy(run_dir, port, ctx["upstream_port"], args.proxy_cpus,
+                                   1, "nginx", master=False, wrap=wrap)
+    else:
+        proc = H.start_holdfast(ctx["holdfast"], run_dir, port, ctx["upstream_port"],
+                                args.proxy_cpus, 1, "holdfast", wrap=wrap)
+    try:
+        err = H.wait_ready(proc, port, timeout=START_TIMEOUT)
+        if err:
+            return f"failed to start under valgrind: {err}"
+        url = f"http://127.0.0.1:{port}{path}"
+        h2 = ["taskset", "-c", args.load_cpus, H.H2LOAD, "--h1",
+              "-c", str(args.connections)]
+        if body:
+            data = H.work_dir() / "post-body"
+            data.write_bytes(b"x" * body)
+            h2 += ["-d", str(data)]
+        r = subprocess.run(h2 + ["-n", str(max(args.warmup, args.connections)), url],
+                           capture_output=True, text=True, timeout=600)
+        (run_dir / "raw" / f"{stem}.warmup.h2load.txt").write_text(r.stdout + r.stderr)
+        z = subprocess.run(["callgrind_control", "-z", str(proc.pid)],
+                           capture_output=True, text=True, timeout=60)
+        if z.returncode != 0:
+            return f"callgrind_control -z failed: {(z.stdout + z.stderr).strip()}"
+        r = subprocess.run(h2 + ["-n", str(n), url], capture_output=True, text=True,
+                           timeout=1800)
+        (run_dir / "raw" / f"{stem}.h2load.txt").write_text(r.stdout + r.stderr)
+        d = subprocess.run(["callgrind_control", "-d", str(proc.pid)],
+                           capture_output=True, text=True, timeout=120)
+        if d.returncode != 0:
+            return f"callgrind_control -d failed: {(d.stdout + d.stderr).strip()}"
+        dump = wait_dump(run_dir, stem)
+        proc.stop(timeout=30)  # valgrind writes its final dump on the way out
+        if dump is None:
+            return f"no callgrind dump {stem}.*.callgrind.N in {run_dir}/raw"
+        total = dump_total(dump)
+        a = subprocess.run(["callgrind_annotate", "--tree=caller", "--threshold=100",
+                            "--auto=no", str(dump)], capture_output=True, text=True,
+                           timeout=300)
+        (run_dir / "raw" / f"{stem}.annotate.txt").write_text(a.stdout + a.stderr)
+        allocs = count_allocs(a.stdout, ALLOC_FUNCS[target])
+        m = re.search(r"requests: (\d+) total, (\d+) started, (\d+) done, (\d+) succeeded, "
+                      r"(\d+) failed, (\d+) errored", r.stdout)
+        status_2xx = re.search(r"status codes: (\d+) 2xx", r.stdout)
+        return {"requests": n, "succeeded": int(m.group(4)) if m else None,
+                "ok_2xx": int(status_2xx.group(1)) if status_2xx else None,
+                "total": total, "allocs": allocs, "dump": dump}
+    finally:
+        proc.stop(timeout=30)
+
+
+def main():
+    args = parse_args()
+    missing = H.tool_missing(H.NGINX, H.H2LOAD, "valgrind", "callgrind_control",
+                             "callgrind_annotate", "taskset")
+    if missing:
+        sys.exit(f"missing: {', '.join(missing)} (apt-get install nginx nghttp2-client valgrind)")
+    H.install_cleanup()
+    H.raise_nofile()
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    run_dir = Path(args.out) if args.out else H.BENCH_DIR / "results" / f"{stamp}-instructions"
+    for sub in ("conf", "logs", "raw"):
+        (run_dir / sub).mkdir(parents=True, exist_ok=True)
+    H.log(f"results in {run_dir}")
+
+    skip = {}
+    holdfast = None
+    if "holdfast" in args.targets:
+        holdfast, why = H.check_holdfast(args.holdfast)
+        if why:
+            skip["holdfast"] = why
+            H.log(f"holdfast SKIPPED: {why}")
+
+    upstream_port = H.free_port()
+    upstream = H.start_upstream(run_dir, upstream_port, args.load_cpus)
+    err = H.wait_ready(upstream, upstream_port)
+    if err:
+        sys.exit(f"upstream nginx did not start: {err}")
+    ctx = {"upstream_port": upstream_port, "holdfast": holdfast}
+
+    lines = [f"User-space instructions and allocations per request (callgrind, "
+             f"h2load --h1 -c {args.connections}; nginx: master_process off, "
+             f"holdfast: --workers 1)", "",
+             "| workload | target | requests | instructions/req | ratio to nginx "
+             "| allocations/req |",
+             "|---|---|---|---|---|---|"]
+    for wl in args.workloads:
+        rows = {}  # target -> (requests, Ir/req, allocations/req, note)
+        for t in args.targets:
+            if t in skip:
+                continue
+            H.log(f"{wl}: {t} under callgrind")
+            res = measure_one(args, run_dir, t, wl, ctx)
+            if isinstance(res, str):
+                skip[t] = res
+                H.log(f"{t} SKIPPED: {res}")
+                continue
+            n = res["succeeded"] or res["requests"]
+            ir = res["total"] / n
+            allocs = sum(res["allocs"].values()) / n
+            bad = ""
+            if res["succeeded"] != res["requests"] or res["ok_2xx"] != res["requests"]:
+                bad = (f" — only {res['succeeded']} of {res['requests']} succeeded, "
+                       f"{res['ok_2xx']} 2xx")
+            rows[t] = (n, ir, allocs, bad)
+            H.log(f"  {ir:,.0f} instructions/req, {allocs:.2f} allocations/req "
+                  f"({res['dump'].name}){bad}")
+        base = rows["nginx"][1] if "nginx" in rows else None
+        for t in args.targets:
+            if t not in rows:
+                lines.append(f"| {wl} | {t} | — | skipped | — | see below |")
+                continue
+            n, ir, allocs, bad = rows[t]
+            ratio = f"×{ir / base:.2f}" if base else "—"
+            lines.append(f"| {wl} | {t} | {n:,} | {ir:,.0f} | {ratio} | {allocs:.2f}{bad} |")
+    lines.append("")
+    lines += [f"- **{t} skipped**: {why}" for t, why in skip.items()]
+    table = "\n".join(lines) + "\n"
+    (run_dir / "instructions.md").write_text(table)
+    print(table)
+    H.log(f"callgrind dumps, annotations and h2load output: {run_dir}/raw")
+
+
+if __name__ == "__main__":
+    main()
