@@ -289,7 +289,7 @@ impl Proxy {
         let total = upstream.config.timeouts.total.non_zero();
         let deadline = total.map(|t| start + t);
         // Pinned here so that both arms below share one copy of its (large) state.
-        let forwarded = upstream.forward(parts, body);
+        let forwarded = upstream.forward(parts, body, deadline);
         tokio::pin!(forwarded);
         let result = match deadline {
             None => forwarded.await,

@@ -128,10 +128,13 @@ impl Upstream {
     ///
     /// # Errors
     /// The last attempt's failure, with whether the request reached the upstream.
+    /// `total_deadline` is the request's `timeouts.total`, if any; the caller bounds
+    /// the whole call by it as well.
     pub async fn forward(
         &self,
         parts: http::request::Parts,
         body: RequestBody,
+        total_deadline: Option<Instant>,
     ) -> Result<Exchange, Failure> {
         let replay = Replay::classify(&parts.method, &parts.headers);
         let max_attempts = self.config.retry.attempts.max(1);
@@ -191,17 +194,19 @@ impl Upstream {
             let reused_since = conn.reused_since();
             let req = Request::from_parts(clone_parts(&parts), attempt_body);
             let sent_at = Instant::now();
-            let result = match tokio::time::timeout_at(
-                sent_at + self.config.timeouts.response_headers.get(),
-                send(&mut conn, req),
-            )
-            .await
-            {
+            // The request's total deadline is enforced here too while a connection is
+            // held, so that the connection it closes counts as a timeout, not as
+            // abandoned by a cancelled request.
+            let headers_by = sent_at + self.config.timeouts.response_headers.get();
+            let (by, kind) = match total_deadline {
+                Some(t) if t < headers_by => (t, Kind::TotalTimeout),
+                _ => (headers_by, Kind::ResponseHeadersTimeout),
+            };
+            let result = match tokio::time::timeout_at(by, send(&mut conn, req)).await {
                 Ok(r) => r,
                 Err(_) => {
                     conn.set_close_reason(CloseReason::Timeout);
-                    let error =
-                        UpstreamError::new(Kind::ResponseHeadersTimeout, Delivery::MaybeSent);
+                    let error = UpstreamError::new(kind, Delivery::MaybeSent);
                     return Err(Failure {
                         error,
                         peer: Some(peer),
