@@ -51,6 +51,8 @@ pub struct ServerState {
     pub reload_failures: AtomicU64,
     pub upgrades: AtomicU64,
     pub upgrade_failures: AtomicU64,
+    /// Client connections: open ones, and their figures.
+    pub clients: Tracker,
 }
 
 /// Why [`Server::run`] stopped serving.
@@ -174,7 +176,7 @@ impl Server {
             state,
         } = self;
         let (signal, watch) = drain::channel();
-        let tracker = Tracker::default();
+        let tracker = state.clients.clone();
         let mut admin_task =
             admin.map(|l| tokio::spawn(admin::serve(l, proxy.clone(), state.clone())));
         let mut accepting = Vec::new();

@@ -16,6 +16,8 @@ use std::time::Duration;
 use holdfast::server::{Control, DrainReport, Server};
 use holdfast_test::{Behaviour, KeepAliveClient, Reply, TestUpstream};
 use support::fastcgi_app::FastCgiApp;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
@@ -546,6 +548,84 @@ addresses = ["{}"]
         .send(Control::Exit)
         .await
         .expect("server listens");
+}
+
+/// Client connections: the open gauge, the accepted count, and the two usual ways a
+/// client fails (a malformed request; a head that never completes).
+#[tokio::test]
+async fn client_connections_and_their_errors_are_counted() {
+    let up = TestUpstream::start(Behaviour::Echo).await;
+    let gw = start(&format!(
+        r#"header_timeout = "300ms"
+
+[[route]]
+upstream = "e"
+
+[upstream.e]
+addresses = ["{}"]
+"#,
+        up.url()
+    ))
+    .await;
+    // A good request on a connection that stays open.
+    let mut held = KeepAliveClient::new(gw.addr).with_timeout(RESPONSE_TIMEOUT);
+    assert_eq!(held.get("/").await.expect("GET").status, 200);
+
+    // A malformed request: answered 400 and closed.
+    let mut bad = TcpStream::connect(gw.addr).await.expect("connect");
+    bad.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nno colon here\r\n\r\n")
+        .await
+        .expect("write");
+    let mut answer = Vec::new();
+    tokio::time::timeout(RESPONSE_TIMEOUT, bad.read_to_end(&mut answer))
+        .await
+        .expect("closed in time")
+        .expect("read");
+    assert!(
+        answer.starts_with(b"HTTP/1.1 400"),
+        "{}",
+        String::from_utf8_lossy(&answer)
+    );
+
+    // A head that never completes: closed after header_timeout.
+    let mut slow = TcpStream::connect(gw.addr).await.expect("connect");
+    slow.write_all(b"GET / HTTP/1.1\r\n").await.expect("write");
+    let mut rest = Vec::new();
+    tokio::time::timeout(RESPONSE_TIMEOUT, slow.read_to_end(&mut rest))
+        .await
+        .expect("closed in time")
+        .expect("read");
+
+    let errors = |kind| [("kind", kind)];
+    let m = gw
+        .metrics_once(|m| {
+            m.get("holdfast_client_errors_total", &errors("head_timeout")) == Some(1.0)
+                && m.get("holdfast_client_connections", &[]) == Some(1.0)
+        })
+        .await;
+    assert_eq!(m.value("holdfast_client_connections_total", &[]), 3.0);
+    assert_eq!(
+        m.value("holdfast_client_connections", &[]),
+        1.0,
+        "the held one"
+    );
+    assert_eq!(
+        m.value("holdfast_client_errors_total", &errors("malformed")),
+        1.0
+    );
+    assert_eq!(
+        m.value("holdfast_client_errors_total", &errors("head_timeout")),
+        1.0
+    );
+    assert_eq!(
+        m.value("holdfast_client_errors_total", &errors("tls_handshake")),
+        0.0
+    );
+    assert_eq!(
+        m.value("holdfast_client_errors_total", &errors("http2_abuse")),
+        0.0
+    );
+    drop(held);
 }
 
 #[tokio::test]

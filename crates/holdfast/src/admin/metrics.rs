@@ -86,6 +86,40 @@ pub fn render(proxy: &Proxy, state: &ServerState) -> String {
         state.upgrade_failures.load(Relaxed),
     );
 
+    // === client connections ===
+    t.single(
+        "holdfast_client_connections",
+        Kind::Gauge,
+        "Client connections open now (including ones being closed).",
+        state.clients.open() as u64,
+    );
+    let clients = state.clients.figures();
+    t.single(
+        "holdfast_client_connections_total",
+        Kind::Counter,
+        "Client connections accepted.",
+        clients.accepted.load(Relaxed),
+    );
+    t.family(
+        "holdfast_client_errors_total",
+        Kind::Counter,
+        "Client connections ended for the client's fault: malformed (a request refused \
+         with 400 or 431), head_timeout (no complete request head within header_timeout), \
+         tls_handshake (failed or too slow), http2_abuse (GOAWAY ENHANCE_YOUR_CALM).",
+    );
+    for (kind, n) in [
+        ("malformed", &clients.malformed),
+        ("head_timeout", &clients.head_timeout),
+        ("tls_handshake", &clients.tls_handshake),
+        ("http2_abuse", &clients.http2_abuse),
+    ] {
+        t.sample(
+            "holdfast_client_errors_total",
+            &[("kind", kind)],
+            n.load(Relaxed),
+        );
+    }
+
     // === routes ===
     let mut routes: Vec<(String, &RouteCell)> = routing
         .figures

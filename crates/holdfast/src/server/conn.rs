@@ -52,7 +52,7 @@ use tokio::time::Instant;
 mod io;
 
 use self::io::{ClientIo, Transport};
-use super::drain::{DrainWatch, Tracked};
+use super::drain::{ClientFigures, DrainWatch, Tracked};
 use super::redirect;
 use super::tls::{self, TlsFront};
 use crate::config::{DrainConfig, ListenerConfig, TlsConfig};
@@ -174,6 +174,8 @@ pub struct ConnState {
     parkable: bool,
     /// `PARK_NONE`, `PARK_REQUESTED` or `PARK_PARKED`.
     park: AtomicU8,
+    /// The server's client figures, for what goes wrong on this connection.
+    figures: Arc<ClientFigures>,
 }
 
 /// An idle plain HTTP/1 connection parks after this long: hyper's per-connection
@@ -198,9 +200,10 @@ fn now_ms() -> u64 {
 }
 
 impl ConnState {
-    fn new(parkable: bool) -> Self {
+    fn new(parkable: bool, figures: Arc<ClientFigures>) -> Self {
         ConnState {
             parkable,
+            figures,
             park: AtomicU8::new(PARK_NONE),
             phase: AtomicU8::new(ConnPhase::Reading as u8),
             since_ms: AtomicU64::new(now_ms()),
@@ -267,6 +270,7 @@ pub async fn serve(
     drain: DrainWatch,
     tracked: Tracked,
 ) {
+    let figures = tracked.figures();
     // A listener bound to one address and port needs no getsockname per connection.
     let bound = shared.config.listen;
     let local = if bound.ip().is_unspecified() || bound.port() == 0 {
@@ -274,7 +278,8 @@ pub async fn serve(
     } else {
         bound
     };
-    let state = Arc::new(ConnState::new(shared.tls.is_none() && !shared.config.h2c));
+    let parkable = shared.tls.is_none() && !shared.config.h2c;
+    let state = Arc::new(ConnState::new(parkable, figures.clone()));
     let handshake = shared.config.header_timeout.get();
     let (transport, replay, proto) = match &shared.tls {
         // Boxed here and below: the task of every connection is as large as its
@@ -291,10 +296,12 @@ pub async fn serve(
                     (Transport::Tls(Box::new(s)), Bytes::new(), proto)
                 }
                 Ok(Err(e)) => {
+                    figures.tls_handshake.fetch_add(1, Relaxed);
                     tracing::debug!(client = %remote, error = %e, "TLS handshake failed");
                     return;
                 }
                 Err(_) => {
+                    figures.tls_handshake.fetch_add(1, Relaxed);
                     tracing::info!(client = %remote, timeout = ?handshake, "TLS handshake not done in time; closing");
                     return;
                 }
@@ -511,7 +518,7 @@ async fn drive<C>(
             biased;
             res = conn.as_mut() => {
                 if let Err(e) = res {
-                    log_conn_error(&e, remote);
+                    log_conn_error(&e, remote, &state.figures);
                 }
                 return;
             }
@@ -528,6 +535,7 @@ async fn drive<C>(
                         check.as_mut().reset(now);
                     }
                     Verdict::Abort(why) => {
+                        state.figures.head_timeout.fetch_add(1, Relaxed);
                         tracing::info!(client = %remote, timeout = ?shared.config.header_timeout.get(), "{why}; closing");
                         return;
                     }
@@ -651,16 +659,19 @@ fn verdict_h2(
     }
 }
 
-fn log_conn_error(e: &hyper::Error, remote: SocketAddr) {
+fn log_conn_error(e: &hyper::Error, remote: SocketAddr, figures: &ClientFigures) {
     let h2_reason = std::error::Error::source(e)
         .and_then(|s| s.downcast_ref::<h2::Error>())
         .and_then(h2::Error::reason);
     if h2_reason == Some(h2::Reason::ENHANCE_YOUR_CALM) {
+        figures.http2_abuse.fetch_add(1, Relaxed);
         tracing::warn!(client = %remote, error = %e, "HTTP/2 client reset or broke too many streams (rapid reset); closed with GOAWAY ENHANCE_YOUR_CALM");
     } else if e.is_parse() || e.is_parse_too_large() || e.is_parse_status() {
+        figures.malformed.fetch_add(1, Relaxed);
         // hyper has already answered 400/431 where it could.
         tracing::info!(client = %remote, error = %e, "malformed request; answered and closed");
     } else if e.is_timeout() {
+        figures.head_timeout.fetch_add(1, Relaxed);
         tracing::info!(client = %remote, error = %e, "client connection timed out");
     } else {
         tracing::debug!(client = %remote, error = %e, "client connection ended with an error");

@@ -2,7 +2,7 @@
 //! open client connections the process waits on before it exits.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use tokio::sync::{Notify, watch};
 
@@ -49,7 +49,8 @@ impl DrainWatch {
     }
 }
 
-/// Counts open client connections (including lingering closes).
+/// Counts open client connections (including lingering closes), and keeps the
+/// figures about client connections that `/metrics` shows.
 #[derive(Debug, Clone, Default)]
 pub struct Tracker {
     inner: Arc<TrackerInner>,
@@ -59,6 +60,23 @@ pub struct Tracker {
 struct TrackerInner {
     open: AtomicUsize,
     zero: Notify,
+    figures: Arc<ClientFigures>,
+}
+
+/// Client connections accepted, and ended by the client's fault (each kind is also a
+/// log line, see `server/conn.rs`).
+#[derive(Debug, Default)]
+pub struct ClientFigures {
+    pub accepted: AtomicU64,
+    /// A request hyper refused (answered 400 or 431 where it could).
+    pub malformed: AtomicU64,
+    /// No complete request head within `header_timeout` (also: an HTTP/2 client that
+    /// did not finish closing after GOAWAY).
+    pub head_timeout: AtomicU64,
+    /// A TLS handshake that failed or did not finish within `header_timeout`.
+    pub tls_handshake: AtomicU64,
+    /// An HTTP/2 client closed with GOAWAY `ENHANCE_YOUR_CALM` (rapid reset).
+    pub http2_abuse: AtomicU64,
 }
 
 /// One open connection; dropping it counts the connection closed.
@@ -68,7 +86,12 @@ pub struct Tracked(Arc<TrackerInner>);
 impl Tracker {
     pub fn track(&self) -> Tracked {
         self.inner.open.fetch_add(1, Ordering::Relaxed);
+        self.inner.figures.accepted.fetch_add(1, Ordering::Relaxed);
         Tracked(self.inner.clone())
+    }
+
+    pub fn figures(&self) -> &ClientFigures {
+        &self.inner.figures
     }
 
     pub fn open(&self) -> usize {
@@ -86,6 +109,12 @@ impl Tracker {
             }
             notified.await;
         }
+    }
+}
+
+impl Tracked {
+    pub fn figures(&self) -> Arc<ClientFigures> {
+        self.0.figures.clone()
     }
 }
 
