@@ -145,7 +145,9 @@ impl Proxy {
 
         let host = request_host(&req);
         let path = req.uri().path();
-        let route = routing.routes.find(host.as_deref(), path);
+        let route = routing
+            .routes
+            .find(host.as_ref().and_then(|h| h.to_str().ok()), path);
         let tally = Tally::new(routing.figures.cell(route.map(|r| r.index)), start);
         let Some(route) = route else {
             return finish_local(
@@ -198,7 +200,7 @@ impl Proxy {
                 }
             }
         }
-        prepare_request_headers(&mut parts, conn, &upstream, host.as_deref(), upgrade);
+        prepare_request_headers(&mut parts, conn, &upstream, host, upgrade);
         parts.version = http::Version::HTTP_11;
 
         let max_body = conn.listener.max_body_bytes.get();
@@ -464,22 +466,23 @@ fn respond(
     }
 }
 
-/// The host a request is for: the absolute-form authority, or the `Host` header.
-fn request_host(req: &Request<Incoming>) -> Option<String> {
+/// The host a request is for: the absolute-form authority, or the `Host` header (a
+/// shared handle on hyper's buffer, not a copy).
+fn request_host(req: &Request<Incoming>) -> Option<HeaderValue> {
     if let Some(a) = req.uri().authority() {
-        return Some(a.as_str().to_owned());
+        return HeaderValue::try_from(a.as_str()).ok();
     }
     req.headers()
         .get(header::HOST)
-        .and_then(|h| h.to_str().ok())
-        .map(str::to_owned)
+        .filter(|h| h.to_str().is_ok())
+        .cloned()
 }
 
 fn prepare_request_headers(
     parts: &mut http::request::Parts,
     conn: &ConnContext,
     upstream: &Upstream,
-    host: Option<&str>,
+    original_host: Option<HeaderValue>,
     upgrade: bool,
 ) {
     let h = &mut parts.headers;
@@ -498,7 +501,6 @@ fn prepare_request_headers(
     }
     // holdfast answered `Expect: 100-continue` itself when it began reading the body.
     h.remove(header::EXPECT);
-    let original_host = host.and_then(|s| HeaderValue::try_from(s).ok());
     headers::set_forwarded(
         h,
         ClientFacts {

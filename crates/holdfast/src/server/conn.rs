@@ -168,7 +168,7 @@ pub struct ConnState {
     /// The client asked to close after this request (`Connection: close`, or
     /// HTTP/1.0 without keep-alive): it sends nothing more, so no linger is needed.
     pub(super) client_closes: AtomicBool,
-    /// Makes the connection task look again at once.
+    /// Makes an HTTP/2 connection task look again at once.
     wake: Notify,
     /// Plain HTTP/1 connections may park while idle (see [`park`]).
     parkable: bool,
@@ -552,7 +552,8 @@ async fn drive<C>(
                 state.draining.store(true, Relaxed);
                 check.as_mut().reset(Instant::now());
             }
-            () = wake.as_mut() => {
+            // Only HTTP/2 is woken this way (`max_requests_per_connection` reached).
+            () = wake.as_mut(), if proto == Proto::Http2 => {
                 wake.set(state.wake.notified());
                 check.as_mut().reset(Instant::now());
             }

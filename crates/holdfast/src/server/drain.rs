@@ -1,10 +1,14 @@
 //! The drain signal every listener and client connection watches, and the count of
 //! open client connections the process waits on before it exits.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, Waker};
 
-use tokio::sync::{Notify, watch};
+use tokio::sync::Notify;
 
 /// The process's phase, as client connections see it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -15,38 +19,110 @@ pub enum Phase {
     Draining,
 }
 
-/// Sends the drain to everyone holding a [`DrainWatch`].
+/// Sends the drain to everyone holding a [`DrainWatch`]. Dropping it starts the drain
+/// too: without a sender there is no server left to run.
 #[derive(Debug)]
-pub struct DrainSignal(watch::Sender<Phase>);
+pub struct DrainSignal(Arc<DrainShared>);
 
 /// Watches for the drain.
 #[derive(Debug, Clone)]
-pub struct DrainWatch(watch::Receiver<Phase>);
+pub struct DrainWatch(Arc<DrainShared>);
+
+/// Written by hand rather than with `tokio::sync::watch`: every client connection's
+/// task polls the drain each time it wakes (several times per request), and a
+/// `watch` (or `Notify`) future takes a lock on every poll. Here a poll is an atomic
+/// load while the task's waker is already registered.
+#[derive(Debug, Default)]
+struct DrainShared {
+    draining: AtomicBool,
+    next_key: AtomicU64,
+    waiters: Mutex<HashMap<u64, Waker>>,
+}
 
 pub fn channel() -> (DrainSignal, DrainWatch) {
-    let (tx, rx) = watch::channel(Phase::Running);
-    (DrainSignal(tx), DrainWatch(rx))
+    let shared = Arc::new(DrainShared::default());
+    (DrainSignal(shared.clone()), DrainWatch(shared))
 }
 
 impl DrainSignal {
     pub fn start(&self) {
-        self.0.send_replace(Phase::Draining);
+        self.0.draining.store(true, Ordering::Release);
+        let waiters = std::mem::take(&mut *lock(&self.0.waiters));
+        for (_, w) in waiters {
+            w.wake();
+        }
+    }
+}
+
+impl Drop for DrainSignal {
+    fn drop(&mut self) {
+        self.start();
     }
 }
 
 impl DrainWatch {
     pub fn is_draining(&self) -> bool {
-        *self.0.borrow() == Phase::Draining
+        self.0.draining.load(Ordering::Acquire)
     }
 
     /// Resolves once the drain has started (at once if it already has).
     ///
     /// # Cancel safety
     /// Cancel safe: it only observes.
-    pub async fn draining(&mut self) {
-        // The sender lives as long as the server; if it is gone, so is the server.
-        let _ = self.0.wait_for(|p| *p == Phase::Draining).await;
+    pub fn draining(&mut self) -> Draining<'_> {
+        Draining {
+            shared: &self.0,
+            key: None,
+            waker: None,
+        }
     }
+}
+
+/// The future of [`DrainWatch::draining`].
+#[derive(Debug)]
+pub struct Draining<'a> {
+    shared: &'a DrainShared,
+    /// This future's entry in `waiters`, once registered.
+    key: Option<u64>,
+    /// A copy of the registered waker, to see without the lock that it still fits.
+    waker: Option<Waker>,
+}
+
+impl Future for Draining<'_> {
+    type Output = ();
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let this = &mut *self;
+        if this.shared.draining.load(Ordering::Acquire) {
+            return Poll::Ready(());
+        }
+        if this.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+            return Poll::Pending;
+        }
+        let key = *this
+            .key
+            .get_or_insert_with(|| this.shared.next_key.fetch_add(1, Ordering::Relaxed));
+        lock(&this.shared.waiters).insert(key, cx.waker().clone());
+        this.waker = Some(cx.waker().clone());
+        // The drain may have started, and taken the waiters, just before the insert.
+        if this.shared.draining.load(Ordering::Acquire) {
+            return Poll::Ready(());
+        }
+        Poll::Pending
+    }
+}
+
+impl Drop for Draining<'_> {
+    fn drop(&mut self) {
+        if let Some(key) = self.key {
+            lock(&self.shared.waiters).remove(&key);
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // Nothing here can panic while holding the lock; a poisoned map is still sound.
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// Counts open client connections (including lingering closes), and keeps the
@@ -145,6 +221,49 @@ mod tests {
         drop(b);
         waiter.await.unwrap();
         assert_eq!(t.open(), 0);
+    }
+
+    #[tokio::test]
+    async fn the_drain_wakes_every_watcher_already_waiting() {
+        let (signal, watch) = channel();
+        let waiters: Vec<_> = (0..3)
+            .map(|_| {
+                let mut w = watch.clone();
+                tokio::spawn(async move { w.draining().await })
+            })
+            .collect();
+        // Every watcher is registered (polled once, pending) before the signal.
+        let registered = || lock(&watch.0.waiters).len();
+        while registered() < 3 {
+            tokio::task::yield_now().await;
+        }
+        signal.start();
+        for w in waiters {
+            tokio::time::timeout(std::time::Duration::from_secs(5), w)
+                .await
+                .expect("woken")
+                .unwrap();
+        }
+        assert!(watch.is_draining());
+        assert_eq!(registered(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_dropped_signal_ends_the_wait_and_a_dropped_wait_leaves_nothing() {
+        let (signal, mut watch) = channel();
+        {
+            let mut w = watch.clone();
+            let mut fut = std::pin::pin!(w.draining());
+            let mut cx = Context::from_waker(Waker::noop());
+            assert!(fut.as_mut().poll(&mut cx).is_pending());
+            assert!(fut.as_mut().poll(&mut cx).is_pending());
+            assert_eq!(lock(&watch.0.waiters).len(), 1, "registered once");
+        }
+        assert_eq!(lock(&watch.0.waiters).len(), 0, "removed when dropped");
+        drop(signal);
+        tokio::time::timeout(std::time::Duration::from_secs(5), watch.draining())
+            .await
+            .expect("resolved");
     }
 
     #[tokio::test]
