@@ -160,7 +160,26 @@ async fn handle_signals(
             }
             _ = hup.recv() => reload(&origin, fixed.as_ref(), &state),
             _ = usr2.recv() => match phase {
-                Phase::Running => upgrade(&origin, &listeners, ready_timeout, &state).await,
+                Phase::Running => {
+                    // A stop signal while the successor starts is not left waiting
+                    // for it: the successor is stopped and this process drains.
+                    let stop = async {
+                        tokio::select! {
+                            _ = term.recv() => "SIGTERM",
+                            _ = quit.recv() => "SIGQUIT",
+                            _ = int.recv() => "SIGINT",
+                        }
+                    };
+                    match upgrade(&origin, &listeners, ready_timeout, &state, stop).await {
+                        Ok(cmd) => cmd,
+                        Err(signal) => {
+                            if signal == "SIGINT" {
+                                interrupts += 1;
+                            }
+                            Some(Control::Drain)
+                        }
+                    }
+                }
                 // Our listeners are closed (or handed over) by now: a successor would
                 // inherit dead descriptor numbers, or ones reused by client sockets.
                 Phase::Draining => {
@@ -212,29 +231,45 @@ fn reload(
     }
 }
 
+/// Starts the new binary and waits until it is ready. `Err(signal)`: a stop signal
+/// came first; the successor was stopped, and the caller drains.
 async fn upgrade(
     origin: &Origin,
     listeners: &[(std::net::SocketAddr, std::os::fd::RawFd)],
     ready_timeout: std::time::Duration,
     state: &crate::server::ServerState,
-) -> Option<Control> {
+    stop: impl std::future::Future<Output = &'static str>,
+) -> Result<Option<Control>, &'static str> {
     tracing::info!(exe = %origin.exe.display(), "SIGUSR2: starting the new binary");
     let mut successor = match inherit::spawn_successor(&origin.exe, &origin.args, listeners) {
         Ok(s) => s,
         Err(e) => {
             state.upgrade_failures.fetch_add(1, Relaxed);
             tracing::error!(error = %e, "upgrade failed: cannot start the new binary; still serving");
-            return None;
+            return Ok(None);
         }
     };
-    match successor.wait_ready(ready_timeout).await {
+    let ready = tokio::select! {
+        r = successor.wait_ready(ready_timeout) => r,
+        signal = stop => {
+            state.upgrade_failures.fetch_add(1, Relaxed);
+            tracing::warn!(
+                pid = successor.child.id(),
+                "{signal} while the new binary was starting: stopping it, and draining this process"
+            );
+            let _ = successor.child.start_kill();
+            let _ = successor.child.wait().await;
+            return Err(signal);
+        }
+    };
+    match ready {
         Ok(()) => {
             state.upgrades.fetch_add(1, Relaxed);
             tracing::info!(
                 pid = successor.child.id(),
                 "new binary is ready; draining this one"
             );
-            Some(Control::HandedOver)
+            Ok(Some(Control::HandedOver))
         }
         Err(why) => {
             state.upgrade_failures.fetch_add(1, Relaxed);
@@ -242,7 +277,7 @@ async fn upgrade(
             // Never leave a half-started successor sharing our sockets.
             let _ = successor.child.start_kill();
             let _ = successor.child.wait().await;
-            None
+            Ok(None)
         }
     }
 }

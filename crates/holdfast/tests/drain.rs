@@ -832,6 +832,52 @@ async fn failed_upgrade_leaves_the_old_process_serving() {
     assert!(status.success(), "{status}");
 }
 
+/// SIGTERM while a new binary is starting (one that never says ready, with a
+/// ready_timeout longer than the test) is not held up behind it: the successor is
+/// stopped, and this process drains and exits at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_during_an_upgrade_stops_the_successor_and_drains() {
+    let up = TestUpstream::start(Behaviour::Echo).await;
+    let bin_dir = holdfast_test::tempdir();
+    let binary = bin_dir.path().join("holdfast");
+    if std::fs::hard_link(BIN, &binary).is_err() {
+        std::fs::copy(BIN, &binary).expect("copy the binary");
+    }
+    let mut gw = Gateway::start(Setup {
+        routes: vec![("/", up.addr())],
+        extra: "[upgrade]\nready_timeout = \"60s\"\n",
+        binary: Some(binary.clone()),
+        ..Setup::default()
+    })
+    .await;
+    replace_file(&binary, "#!/bin/sh\nexec sleep 60\n");
+    gw.signal(sys::SIGUSR2);
+    gw.wait_for_log("SIGUSR2: starting the new binary").await;
+    gw.signal(sys::SIGTERM);
+    let status = gw
+        .proc
+        .wait_exit(SOON)
+        .await
+        .unwrap_or_else(|| panic!("still waiting for the successor\n{}", gw.proc.logs()));
+    let logs = gw.proc.logs();
+    assert!(status.success(), "{status}\n{logs}");
+    let line = logs
+        .lines()
+        .find(|l| l.contains("SIGTERM while the new binary was starting"))
+        .unwrap_or_else(|| panic!("no log line about it\n{logs}"));
+    let successor: u32 = line
+        .split("pid=")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|pid| pid.parse().ok())
+        .unwrap_or_else(|| panic!("no pid in {line}"));
+    gw.adopt(successor);
+    assert!(
+        !sys::is_running(successor),
+        "the successor was left running"
+    );
+}
+
 /// A successor adopts only a socket that listens on the configured address: a stale
 /// descriptor number in the hand-off (here stdin, /dev/null) is ignored with a warning,
 /// not accepted on, and the address is bound afresh.
