@@ -372,17 +372,13 @@ fn send(
     conn: &mut PooledConn,
     req: Request<RequestBody>,
 ) -> impl Future<Output = SendResult> + Send + '_ {
+    use futures_util::FutureExt;
     use futures_util::future::Either;
     match conn.client() {
-        Client::Http1(sender) => {
-            let response = http1::send(sender, req);
-            Either::Left(async move {
-                match response.await {
-                    Ok(resp) => Ok(resp.map(Payload::Http)),
-                    Err((e, returned)) => Err((e, returned.map(Request::into_body))),
-                }
-            })
-        }
+        Client::Http1(sender) => Either::Left(http1::send(sender, req).map(|r| match r {
+            Ok(resp) => Ok(resp.map(Payload::Http)),
+            Err((e, returned)) => Err((e, returned.map(Request::into_body))),
+        })),
         _ => Either::Right(Box::pin(send_other(conn, req))),
     }
 }
