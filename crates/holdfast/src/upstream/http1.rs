@@ -65,6 +65,10 @@ pub type SendResult = Result<Response<Incoming>, (UpstreamError, Option<Request<
 /// Queues `req` on the connection now (no `await` needed for that) and returns the
 /// future of its response: hyper's own, mapped (an `async` block around it would
 /// double its size, and it sits in every request's future).
+#[expect(
+    clippy::result_large_err,
+    reason = "the error carries the unsent request back for another attempt, by design"
+)]
 pub fn send(
     sender: &mut hyper::client::conn::http1::SendRequest<RequestBody>,
     req: Request<RequestBody>,
