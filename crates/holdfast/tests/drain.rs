@@ -435,8 +435,13 @@ async fn second_sigint_exits_at_once() {
         "{}",
         gw.proc.logs()
     );
+    // Cut: the connection drops, or, if the request's task runs once more as the
+    // upstream connection's task goes, it answers 502 (never a 400 blaming the client).
     let cut = in_flight.await.expect("client task");
-    assert!(cut.is_err(), "the hung request was cut: {cut:?}");
+    assert!(
+        cut.as_ref().map_or(true, |r| r.status == 502),
+        "the hung request was cut: {cut:?}"
+    );
 }
 
 /// SIGUSR2 to a process that is already draining is ignored and logged: its listening

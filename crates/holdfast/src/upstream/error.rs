@@ -173,9 +173,13 @@ impl UpstreamError {
             Kind::Protocol
         } else if err.is_timeout() {
             Kind::WriteTimeout
-        } else if err.is_body_write_aborted() || err.is_user() {
+        } else if err.is_body_write_aborted() {
             Kind::ClientBody
         } else {
+            // Including hyper's other "user" errors, such as "dispatch task is gone"
+            // (the connection's task ended under the request, as when the process is
+            // cut short): not the client's fault. A failed client body is found below,
+            // by its type in the error chain.
             Kind::Io
         };
         let kind = refine_io(&err).unwrap_or(kind);
