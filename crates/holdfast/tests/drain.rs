@@ -779,12 +779,7 @@ async fn upgrades_under_load(upgrades: u32, duration: Duration) -> RoundReport {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failed_upgrade_leaves_the_old_process_serving() {
     let up = TestUpstream::start(Behaviour::Echo).await;
-    // Run a link to the binary, so the file at "our path" can be replaced.
-    let bin_dir = holdfast_test::tempdir();
-    let binary = bin_dir.path().join("holdfast");
-    if std::fs::hard_link(BIN, &binary).is_err() {
-        std::fs::copy(BIN, &binary).expect("copy the binary");
-    }
+    let (_bin_dir, binary) = replaceable_binary();
     let mut gw = Gateway::start(Setup {
         routes: vec![("/", up.addr())],
         extra: "[upgrade]\nready_timeout = \"2s\"\n",
@@ -843,11 +838,7 @@ async fn failed_upgrade_leaves_the_old_process_serving() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_during_an_upgrade_stops_the_successor_and_drains() {
     let up = TestUpstream::start(Behaviour::Echo).await;
-    let bin_dir = holdfast_test::tempdir();
-    let binary = bin_dir.path().join("holdfast");
-    if std::fs::hard_link(BIN, &binary).is_err() {
-        std::fs::copy(BIN, &binary).expect("copy the binary");
-    }
+    let (_bin_dir, binary) = replaceable_binary();
     let mut gw = Gateway::start(Setup {
         routes: vec![("/", up.addr())],
         extra: "[upgrade]\nready_timeout = \"60s\"\n",
@@ -941,6 +932,18 @@ async fn assert_still_serving(
 
 /// Replaces `path` with an executable script by rename, so a hard link's other name (the
 /// real binary) is untouched.
+/// A link to (or copy of) the binary in a new directory, so a test can replace the
+/// file at "holdfast's path" that SIGUSR2 starts; the directory lives as long as the
+/// returned guard.
+fn replaceable_binary() -> (holdfast_test::TempDir, PathBuf) {
+    let dir = holdfast_test::tempdir();
+    let binary = dir.path().join("holdfast");
+    if std::fs::hard_link(BIN, &binary).is_err() {
+        std::fs::copy(BIN, &binary).expect("copy the binary");
+    }
+    (dir, binary)
+}
+
 fn replace_file(path: &Path, script: &str) {
     use std::os::unix::fs::PermissionsExt;
     let tmp = path.with_extension("new");
