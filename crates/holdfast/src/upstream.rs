@@ -383,7 +383,8 @@ fn send(
     }
 }
 
-/// [`send`] on HTTP/2 and FastCGI.
+/// The boxed side of [`send`]: HTTP/2 and FastCGI (and HTTP/1, which `send` handles
+/// itself, so that this stays complete).
 async fn send_other(conn: &mut PooledConn, req: Request<RequestBody>) -> SendResult {
     match conn.client() {
         Client::Http1(sender) => match http1::send(sender, req).await {
