@@ -141,6 +141,7 @@ impl Upstream {
         self.figures.requests.fetch_add(1, Relaxed);
         self.budget.deposit();
 
+        let mut parts = Some(parts);
         let mut body = Some(body);
         let mut attempts = 0;
         let mut fresh_only = false;
@@ -192,7 +193,18 @@ impl Upstream {
                 None => body.take().unwrap_or(RequestBody::Empty),
             };
             let reused_since = conn.reused_since();
-            let req = Request::from_parts(clone_parts(&parts), attempt_body);
+            // The head is copied only when a retry could need it after hyper took the
+            // request: a stale reused connection (idempotent requests) or a refused
+            // HTTP/2 stream. A request that never left comes back whole from hyper.
+            let keep_head =
+                !last_try && (conn.is_shared() || replay == Replay::Safe && reused_since.is_some());
+            let Some(head) = parts.take() else {
+                unreachable!("every attempt starts with the request head")
+            };
+            if keep_head {
+                parts = Some(clone_parts(&head));
+            }
+            let req = Request::from_parts(head, attempt_body);
             let sent_at = Instant::now();
             // The request's total deadline is enforced here too while a connection is
             // held, so that the connection it closes counts as a timeout, not as
@@ -236,8 +248,10 @@ impl Upstream {
                     });
                 }
                 Err((error, returned)) => {
-                    if returned.is_some() {
-                        body = returned;
+                    if let Some(req) = returned {
+                        let (head, returned_body) = req.into_parts();
+                        parts = Some(head);
+                        body = Some(returned_body);
                     }
                     let requests = conn.requests();
                     let shared = conn.is_shared();
@@ -264,7 +278,7 @@ impl Upstream {
                         }
                         _ => None,
                     };
-                    let can = reason.is_some() && !last_try && body.is_some();
+                    let can = reason.is_some() && !last_try && body.is_some() && parts.is_some();
                     if let Some(reason) = reason.filter(|_| can)
                         && self.allow_retry(reason)
                     {
@@ -360,14 +374,18 @@ impl Upstream {
 }
 
 /// The outcome of one attempt: a response, or an error and, if the request provably
-/// never left, its body for another attempt.
-type SendResult = Result<Response<Payload>, (UpstreamError, Option<RequestBody>)>;
+/// never left, the request itself for another attempt.
+type SendResult = Result<Response<Payload>, (UpstreamError, Option<Request<RequestBody>>)>;
 
 /// Starts one attempt. On HTTP/1 the request is queued to the connection right here
 /// and only hyper's small response future is awaited: every layer of `async fn`
 /// between the request and the connection would copy the request again and add its
 /// size to every request's future. The other protocols' futures are boxed for the
 /// same reason.
+#[expect(
+    clippy::result_large_err,
+    reason = "the error carries the unsent request back for another attempt, by design"
+)]
 fn send(
     conn: &mut PooledConn,
     req: Request<RequestBody>,
@@ -375,10 +393,9 @@ fn send(
     use futures_util::FutureExt;
     use futures_util::future::Either;
     match conn.client() {
-        Client::Http1(sender) => Either::Left(http1::send(sender, req).map(|r| match r {
-            Ok(resp) => Ok(resp.map(Payload::Http)),
-            Err((e, returned)) => Err((e, returned.map(Request::into_body))),
-        })),
+        Client::Http1(sender) => {
+            Either::Left(http1::send(sender, req).map(|r| r.map(|resp| resp.map(Payload::Http))))
+        }
         _ => Either::Right(Box::pin(send_other(conn, req))),
     }
 }
@@ -387,22 +404,23 @@ fn send(
 /// itself, so that this stays complete).
 async fn send_other(conn: &mut PooledConn, req: Request<RequestBody>) -> SendResult {
     match conn.client() {
-        Client::Http1(sender) => match http1::send(sender, req).await {
-            Ok(resp) => Ok(resp.map(Payload::Http)),
-            Err((e, returned)) => Err((e, returned.map(Request::into_body))),
-        },
-        Client::Http2(client) => match http2::send(client, req).await {
-            Ok(resp) => Ok(resp.map(Payload::Http)),
-            Err((e, returned)) => Err((e, returned.map(Request::into_body))),
-        },
+        Client::Http1(sender) => http1::send(sender, req)
+            .await
+            .map(|resp| resp.map(Payload::Http)),
+        Client::Http2(client) => http2::send(client, req)
+            .await
+            .map(|resp| resp.map(Payload::Http)),
         Client::FastCgi(c) => {
             let Some(params) = req.extensions().get::<FastCgiParams>().cloned() else {
                 let e = UpstreamError::new(Kind::Protocol, Delivery::NotSent)
                     .with_cause("a FastCGI upstream needs a route with [route.fastcgi] settings");
-                return Err((e, Some(req.into_body())));
+                return Err((e, Some(req)));
             };
-            let head = c.send(&params.0, req.into_body()).await?;
-            fastcgi::into_response(head).map_err(|e| (e, None))
+            let (head, body) = req.into_parts();
+            match c.send(&params.0, body).await {
+                Ok(response) => fastcgi::into_response(response).map_err(|e| (e, None)),
+                Err((e, returned)) => Err((e, returned.map(|b| Request::from_parts(head, b)))),
+            }
         }
     }
 }
