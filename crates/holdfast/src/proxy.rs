@@ -116,12 +116,13 @@ impl Proxy {
     }
 
     /// Serves one request. Never fails: every error becomes a response.
+    /// `start`: when the request arrived (its latency and deadlines count from then).
     pub async fn handle(
         &self,
         mut req: Request<Incoming>,
         conn: &ConnContext,
+        start: Instant,
     ) -> Response<ResponseBody> {
-        let start = Instant::now();
         let routing = self.routing.load_full();
         let mut log = (self.access_log
             && tracing::enabled!(target: "holdfast::access", tracing::Level::INFO))

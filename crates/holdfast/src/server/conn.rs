@@ -217,7 +217,12 @@ impl ConnState {
     }
 
     fn set(&self, phase: ConnPhase) {
-        self.since_ms.store(now_ms(), Relaxed);
+        self.set_at(phase, Instant::now());
+    }
+
+    fn set_at(&self, phase: ConnPhase, now: Instant) {
+        let since = now.saturating_duration_since(clock_base()).as_millis() as u64;
+        self.since_ms.store(since, Relaxed);
         self.phase.store(phase as u8, Relaxed);
     }
 
@@ -240,9 +245,9 @@ impl ConnState {
 pub struct InFlight(Arc<ConnState>);
 
 impl InFlight {
-    fn start(state: &Arc<ConnState>) -> InFlight {
+    fn start(state: &Arc<ConnState>, now: Instant) -> InFlight {
         state.active.fetch_add(1, Relaxed);
-        state.set(ConnPhase::Busy);
+        state.set_at(ConnPhase::Busy, now);
         InFlight(state.clone())
     }
 }
@@ -340,7 +345,9 @@ pub async fn serve(
         let shared = shared.clone();
         let state = state.clone();
         service_fn(move |req: http::Request<Incoming>| {
-            let in_flight = InFlight::start(&state);
+            // One clock reading for the connection's state and the request's timing.
+            let arrived = Instant::now();
+            let in_flight = InFlight::start(&state, arrived);
             if req.version() == Version::HTTP_10
                 && !crate::proxy::headers::connection_has(req.headers(), "keep-alive")
                 || req.version() == Version::HTTP_11
@@ -363,7 +370,7 @@ pub async fn serve(
                 let mut resp = if shared.config.redirect_https {
                     redirect::respond(&req, shared.config.redirect_https_port)
                 } else {
-                    shared.proxy.handle(req, &ctx).await
+                    shared.proxy.handle(req, &ctx, arrived).await
                 };
                 if resp.status() != http::StatusCode::SWITCHING_PROTOCOLS {
                     let closing = state.draining.load(Relaxed) || last;

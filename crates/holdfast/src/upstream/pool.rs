@@ -842,8 +842,9 @@ impl PooledConn {
                 .split(|&b| b == b',')
                 .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"close"))
         }) || version == http::Version::HTTP_10;
+        const KEEP_ALIVE: http::HeaderName = http::HeaderName::from_static("keep-alive");
         let keep_alive = headers
-            .get("keep-alive")
+            .get(&KEEP_ALIVE)
             .map(|v| KeepAliveHint::parse(v.as_bytes()))
             .unwrap_or_default();
         if let Some(secs) = keep_alive.timeout_secs {

@@ -7,7 +7,7 @@
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicI64, Ordering::Relaxed};
 
-use http::{HeaderMap, Method};
+use http::{HeaderMap, HeaderName, Method};
 use tokio::time::Instant;
 
 use crate::config::RetryConfig;
@@ -33,10 +33,10 @@ impl Replay {
                 | Method::PUT
                 | Method::DELETE
         );
-        if idempotent
-            || headers.contains_key("idempotency-key")
-            || headers.contains_key("x-idempotency-key")
-        {
+        // Names as constants: a `&str` key is parsed and validated on every lookup.
+        const KEY: HeaderName = HeaderName::from_static("idempotency-key");
+        const X_KEY: HeaderName = HeaderName::from_static("x-idempotency-key");
+        if idempotent || headers.contains_key(&KEY) || headers.contains_key(&X_KEY) {
             Replay::Safe
         } else {
             Replay::NotSentOnly
