@@ -455,8 +455,6 @@ fn respond(
         }
         (false, _) => {
             let (mut parts, body) = response.into_parts();
-            // Via and the connection's Keep-Alive field, with one rehash at most.
-            parts.headers.reserve(2);
             let trailer = headers::declared_trailers(&parts.headers);
             headers::remove_hop_by_hop(&mut parts.headers, false);
             headers::restore_trailers(&mut parts.headers, trailer);
