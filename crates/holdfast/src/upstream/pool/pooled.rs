@@ -1,0 +1,178 @@
+//! A connection checked out for one request ([`PooledConn`]): what the request
+//! learns about the connection on the way (its response head, how it ended), and the
+//! one way back to the pool, [`PooledConn::release`]. Anything else closes it.
+
+use std::sync::Arc;
+
+use tokio::sync::OwnedSemaphorePermit;
+use tokio::time::Instant;
+
+use super::learn::KeepAliveHint;
+use super::shared::Lease;
+use super::{Client, Conn, Pool};
+use crate::upstream::figures::CloseReason;
+
+/// What the response head said about the connection's future.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ResponseHint {
+    pub connection_close: bool,
+    pub keep_alive: KeepAliveHint,
+}
+
+/// A connection checked out for one request. Dropping it closes the connection;
+/// [`PooledConn::release`] is the only way back to the pool.
+pub struct PooledConn {
+    conn: Option<Conn>,
+    /// HTTP/2: a stream on a shared connection instead of `conn`.
+    lease: Option<Lease>,
+    pool: Arc<Pool>,
+    _slot: Option<OwnedSemaphorePermit>,
+    idle_since: Option<Instant>,
+    hint: ResponseHint,
+    close_reason: CloseReason,
+    /// With `free_workers`: this new connection's id until its first response.
+    pub(super) first_response_pending: Option<u64>,
+}
+
+impl PooledConn {
+    pub(super) fn new(
+        conn: Conn,
+        pool: Arc<Pool>,
+        slot: OwnedSemaphorePermit,
+        idle_since: Option<Instant>,
+    ) -> Self {
+        PooledConn {
+            conn: Some(conn),
+            lease: None,
+            pool,
+            _slot: Some(slot),
+            idle_since,
+            hint: ResponseHint::default(),
+            close_reason: CloseReason::Abandoned,
+            first_response_pending: None,
+        }
+    }
+
+    pub(super) fn shared(lease: Lease, pool: Arc<Pool>) -> Self {
+        PooledConn {
+            conn: None,
+            idle_since: lease.reused.then(|| lease.created()),
+            lease: Some(lease),
+            pool,
+            _slot: None,
+            hint: ResponseHint::default(),
+            close_reason: CloseReason::Abandoned,
+            first_response_pending: None,
+        }
+    }
+
+    /// A stream on a shared (HTTP/2) connection: failures and timeouts end the stream,
+    /// not the connection, and say nothing about idle connections.
+    pub fn is_shared(&self) -> bool {
+        self.lease.is_some()
+    }
+
+    /// The response head arrived.
+    pub fn responded(&mut self) {
+        if let Some(id) = self.first_response_pending.take() {
+            self.pool.lock().fresh.remove(&id);
+        }
+    }
+
+    /// The protocol handle.
+    pub fn client(&mut self) -> &mut Client {
+        if let Some(lease) = self.lease.as_mut() {
+            return &mut lease.client;
+        }
+        // `conn` is only `None` after `release` or in `drop`, both of which consume
+        // us, or for a lease, handled above.
+        &mut self
+            .conn
+            .as_mut()
+            .expect("connection present until release")
+            .client
+    }
+
+    /// `Some(idle_since)` when this connection served an earlier request.
+    pub fn reused_since(&self) -> Option<Instant> {
+        self.idle_since
+    }
+
+    pub fn is_reused(&self) -> bool {
+        self.idle_since.is_some()
+    }
+
+    /// Which connection this is, for tests and logs.
+    pub fn conn_id(&self) -> u64 {
+        self.conn.as_ref().map_or(0, |c| c.id)
+    }
+
+    pub fn requests(&self) -> u64 {
+        match &self.lease {
+            Some(lease) => lease.served(),
+            None => self.conn.as_ref().map_or(0, |c| c.requests),
+        }
+    }
+
+    pub fn pool(&self) -> &Arc<Pool> {
+        &self.pool
+    }
+
+    /// Why the connection will be closed if dropped now.
+    pub fn set_close_reason(&mut self, reason: CloseReason) {
+        self.close_reason = reason;
+    }
+
+    /// Records what the response head says about reuse, and learns the upstream's
+    /// announced idle timeout.
+    pub fn on_response_head(&mut self, headers: &http::HeaderMap, version: http::Version) {
+        if self.is_shared() {
+            return; // HTTP/2 has no Connection or Keep-Alive (RFC 9113 8.2.2).
+        }
+        let connection_close = headers.get_all(http::header::CONNECTION).iter().any(|v| {
+            v.as_bytes()
+                .split(|&b| b == b',')
+                .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"close"))
+        }) || version == http::Version::HTTP_10;
+        const KEEP_ALIVE: http::HeaderName = http::HeaderName::from_static("keep-alive");
+        let keep_alive = headers
+            .get(&KEEP_ALIVE)
+            .map(|v| KeepAliveHint::parse(v.as_bytes()))
+            .unwrap_or_default();
+        if let Some(secs) = keep_alive.timeout_secs {
+            let learned = self.pool.lock().learner.on_announced_timeout(secs);
+            self.pool.apply_learned(learned);
+        }
+        self.hint = ResponseHint {
+            connection_close,
+            keep_alive,
+        };
+    }
+
+    /// The protocol handed the socket over to an upgraded stream (`101 Switching
+    /// Protocols`): dropping this must leave the socket open for it.
+    pub fn hand_over(&mut self) {
+        if let Some(conn) = self.conn.as_mut() {
+            conn.handed_over = true;
+        }
+    }
+
+    /// The response was read to its end: the connection goes back to the pool unless
+    /// a rule retires it.
+    pub fn release(mut self) {
+        if let Some(conn) = self.conn.take() {
+            self.pool.checkin(conn, self.hint);
+        }
+        // A lease gives its stream back as it drops.
+    }
+}
+
+impl Drop for PooledConn {
+    fn drop(&mut self) {
+        self.responded();
+        if let Some(conn) = self.conn.take() {
+            self.pool.figures.closed(self.close_reason);
+            drop(conn);
+        }
+    }
+}
