@@ -514,7 +514,7 @@ async fn drive<C>(
     tokio::pin!(check);
     // When holdfast began closing (HTTP/1: no more verdicts; HTTP/2: GOAWAY sent).
     let mut closing: Option<Instant> = None;
-    // Made once, not per wake-up: each new one registers with its `Notify` again.
+    // Made once, not per wake-up, which would register the task's waker again each time.
     let draining = drain.draining();
     tokio::pin!(draining);
     let wake = state.wake.notified();
