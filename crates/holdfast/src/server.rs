@@ -95,6 +95,8 @@ impl Server {
                 Some(s) => s,
                 None => bind_tcp(l.listen)?,
             };
+            // Also on an inherited socket: a predecessor may not have set it.
+            socket2::SockRef::from(&std).set_tcp_nodelay(true)?;
             listeners.push(TcpListener::from_std(std)?);
         }
         // The admin socket is handed on too: the predecessor holds it until it drains,
@@ -320,11 +322,14 @@ async fn reload(
 }
 
 /// Binds a listening socket the way a server should: SO_REUSEADDR (restart while old
-/// connections sit in TIME_WAIT), a deep accept queue, non-blocking.
+/// connections sit in TIME_WAIT), TCP_NODELAY (Linux gives accepted connections the
+/// listener's, which saves a setsockopt per connection), a deep accept queue,
+/// non-blocking.
 pub fn bind_tcp(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
     use socket2::{Domain, Socket, Type};
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
     socket.set_reuse_address(true)?;
+    socket.set_tcp_nodelay(true)?;
     if addr.is_ipv6() {
         socket.set_only_v6(true)?;
     }
@@ -334,4 +339,26 @@ pub fn bind_tcp(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
     socket.listen(1024)?;
     socket.set_nonblocking(true)?;
     Ok(socket.into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Accepted connections get TCP_NODELAY from the listener (Linux), with no
+    /// setsockopt of their own.
+    #[cfg(target_os = "linux")]
+    #[tokio::test]
+    async fn accepted_connections_inherit_nodelay_from_the_listener() {
+        let listener =
+            TcpListener::from_std(bind_tcp("127.0.0.1:0".parse().unwrap()).unwrap()).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let client = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let (accepted, _) = listener.accept().await.unwrap();
+        assert!(
+            accepted.nodelay().unwrap(),
+            "the accepted socket has TCP_NODELAY"
+        );
+        drop(client);
+    }
 }

@@ -39,6 +39,9 @@ pub async fn accept_loop(
                 continue;
             }
         };
+        // Linux copies TCP_NODELAY from the listening socket (set in `bind_tcp` and
+        // `Server::bind`); elsewhere each connection needs it.
+        #[cfg(not(target_os = "linux"))]
         let _ = stream.set_nodelay(true);
         let tracked = tracker.track();
         let shared = shared.clone();
