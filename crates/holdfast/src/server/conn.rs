@@ -419,6 +419,9 @@ pub async fn serve(
                 tracing::trace!(client = %remote, "idle connection parked");
                 let mut client_io = parts.io.into_inner();
                 client_io.unread(parts.read_buf);
+                // The rest of hyper's parts (a clone of the service) is not kept while
+                // parked: the task of every idle connection would carry it.
+                drop(parts.service);
                 if !Box::pin(park(&client_io, &state, &shared, &mut drain)).await {
                     return; // dropping the socket closes it, with a linger
                 }
