@@ -262,6 +262,29 @@ def wait_ready(proc, port, path="/1k", timeout=10.0):
     return f"not ready after {timeout:.0f}s ({last}): {proc.stderr_tail() if proc else ''}"
 
 
+# === h2load: a fixed number of requests (syscalls.py, instructions.py) ===
+
+# name -> (path, POST body size or None)
+H2LOAD_WORKLOADS = {
+    "get-1k": ("/1k", None),
+    "get-16k": ("/16k", None),
+    "get-1m": ("/1m", None),
+    "post-4k": ("/post", 4096),
+}
+
+
+def h2load_argv(workload, connections, load_cpus):
+    """h2load over HTTP/1.1 keep-alive connections, pinned to `load_cpus`, with the
+    workload's POST body if it has one; append `-n N URL`."""
+    _, body = H2LOAD_WORKLOADS[workload]
+    argv = ["taskset", "-c", load_cpus, H2LOAD, "--h1", "-c", str(connections)]
+    if body:
+        data = work_dir() / f"post-body-{body}"
+        data.write_bytes(b"x" * body)
+        argv += ["-d", str(data)]
+    return argv
+
+
 # === nginx: upstream and proxy ===
 
 def _nginx_common(run_dir, name, master=True):

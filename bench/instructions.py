@@ -25,11 +25,7 @@ from pathlib import Path
 sys.dont_write_bytecode = True  # keep bench/ free of __pycache__
 import harness as H  # noqa: E402
 
-WORKLOADS = {
-    "get-1k": ("/1k", None),
-    "get-16k": ("/16k", None),
-    "post-4k": ("/post", 4096),
-}
+WORKLOADS = H.H2LOAD_WORKLOADS
 
 # Allocation entry points, per target. holdfast's global allocator is
 # mimalloc (the Rust crate calls the *_aligned ones); nginx uses glibc.
@@ -136,7 +132,7 @@ def wait_dump(run_dir, stem, timeout=60.0):
 
 
 def measure_one(args, run_dir, target, wl, ctx):
-    path, body = WORKLOADS[wl]
+    path, _ = WORKLOADS[wl]
     n = max(args.requests, args.connections)
     stem = f"{wl}-{target}"
     port = H.free_port()
@@ -153,12 +149,7 @@ def measure_one(args, run_dir, target, wl, ctx):
         if err:
             return f"failed to start under valgrind: {err}"
         url = f"http://127.0.0.1:{port}{path}"
-        h2 = ["taskset", "-c", args.load_cpus, H.H2LOAD, "--h1",
-              "-c", str(args.connections)]
-        if body:
-            data = H.work_dir() / "post-body"
-            data.write_bytes(b"x" * body)
-            h2 += ["-d", str(data)]
+        h2 = H.h2load_argv(wl, args.connections, args.load_cpus)
         r = subprocess.run(h2 + ["-n", str(max(args.warmup, args.connections)), url],
                            capture_output=True, text=True, timeout=600)
         (run_dir / "raw" / f"{stem}.warmup.h2load.txt").write_text(r.stdout + r.stderr)

@@ -22,12 +22,7 @@ from pathlib import Path
 sys.dont_write_bytecode = True  # keep bench/ free of __pycache__
 import harness as H  # noqa: E402
 
-WORKLOADS = {
-    "get-1k": ("/1k", None),
-    "get-16k": ("/16k", None),
-    "get-1m": ("/1m", None),
-    "post-4k": ("/post", 4096),
-}
+WORKLOADS = H.H2LOAD_WORKLOADS
 
 
 def parse_args():
@@ -78,7 +73,7 @@ def parse_strace_c(text):
 
 
 def trace_one(args, run_dir, target, wl, ctx, upstream):
-    path, body = WORKLOADS[wl]
+    path, _ = WORKLOADS[wl]
     n = args.requests // 10 if wl == "get-1m" else args.requests
     n = max(n, args.connections)
     stem = f"{wl}-{target.name}"
@@ -93,12 +88,7 @@ def trace_one(args, run_dir, target, wl, ctx, upstream):
             target.skip = f"failed to start: {err}"
             return None
         url = f"http://127.0.0.1:{port}{path}"
-        h2 = ["taskset", "-c", args.load_cpus, H.H2LOAD, "--h1",
-              "-c", str(args.connections)]
-        if body:
-            data = H.work_dir() / "post-body"
-            data.write_bytes(b"x" * body)
-            h2 += ["-d", str(data)]
+        h2 = H.h2load_argv(wl, args.connections, args.load_cpus)
         subprocess.run(h2 + ["-n", str(max(1000, args.connections)), url],
                        capture_output=True, timeout=120)  # warm-up: pools, caches
         traced = proc if proc else upstream
