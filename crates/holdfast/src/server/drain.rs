@@ -234,9 +234,13 @@ mod tests {
             .collect();
         // Every watcher is registered (polled once, pending) before the signal.
         let registered = || lock(&watch.0.waiters).len();
-        while registered() < 3 {
-            tokio::task::yield_now().await;
-        }
+        tokio::time::timeout(std::time::Duration::from_secs(5), async {
+            while registered() < 3 {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .expect("every watcher registered");
         signal.start();
         for w in waiters {
             tokio::time::timeout(std::time::Duration::from_secs(5), w)
