@@ -1,5 +1,6 @@
 //! The `holdfast` binary: parse, load, run. No logic lives here.
 
+mod allocator;
 mod cli;
 
 use std::process::ExitCode;
@@ -12,7 +13,7 @@ use holdfast::process::{self, Origin};
 // mimalloc's thread-local free lists make that markedly cheaper than glibc malloc
 // (see the benchmark section of the README).
 #[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static GLOBAL: allocator::MiMalloc = allocator::MiMalloc;
 
 /// Exit status for a config that cannot be used (sysexits EX_USAGE).
 const EX_USAGE: u8 = 64;
