@@ -28,6 +28,7 @@ use crate::config::{Config, ListenerConfig, Protocol};
 use crate::route::RouteTable;
 use crate::upstream::error::{Delivery, Kind, UpstreamError};
 use crate::upstream::figures::CloseReason;
+use crate::upstream::pool::Client;
 use crate::upstream::{Exchange, Failure, FastCgiParams, Upstream, Upstreams};
 
 /// Routes and upstreams in force; replaced whole on reload.
@@ -419,19 +420,40 @@ fn respond(
     let switching = status == StatusCode::SWITCHING_PROTOCOLS;
     match (switching, client_upgrade) {
         (true, Some(client)) => {
-            let upstream_side = hyper::upgrade::on(&mut response);
             conn.set_close_reason(CloseReason::Abandoned);
-            tokio::spawn(async move {
-                // The pooled connection is held until hyper has handed over the socket.
-                let (client, upstream_side) = tokio::join!(client, upstream_side);
-                drop(conn);
-                drop(outstanding);
-                if let (Ok(c), Ok(u)) = (client, upstream_side) {
-                    let _ =
-                        tokio::io::copy_bidirectional(&mut TokioIo::new(c), &mut TokioIo::new(u))
+            match conn.client() {
+                Client::Http1(c) => {
+                    let mut upstream_side = c.take_upgraded();
+                    drop(conn);
+                    tokio::spawn(async move {
+                        let _outstanding = outstanding;
+                        if let Ok(c) = client.await {
+                            let _ = tokio::io::copy_bidirectional(
+                                &mut TokioIo::new(c),
+                                &mut upstream_side,
+                            )
                             .await;
+                        }
+                    });
                 }
-            });
+                _ => {
+                    let upstream_side = hyper::upgrade::on(&mut response);
+                    tokio::spawn(async move {
+                        // The pooled connection is held until hyper has handed over
+                        // the socket.
+                        let (client, upstream_side) = tokio::join!(client, upstream_side);
+                        drop(conn);
+                        drop(outstanding);
+                        if let (Ok(c), Ok(u)) = (client, upstream_side) {
+                            let _ = tokio::io::copy_bidirectional(
+                                &mut TokioIo::new(c),
+                                &mut TokioIo::new(u),
+                            )
+                            .await;
+                        }
+                    });
+                }
+            }
             let (mut parts, _) = response.into_parts();
             headers::remove_hop_by_hop(&mut parts.headers, true);
             headers::add_via(&mut parts.headers);

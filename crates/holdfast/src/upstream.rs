@@ -56,7 +56,11 @@ pub struct Upstream {
 
 /// A response body as the upstream protocol delivers it.
 pub enum Payload {
+    /// hyper's body (HTTP/2, HTTP/1.1 over TLS).
     Http(Incoming),
+    /// Plain HTTP/1.1: read from the connection as the body is polled; `empty` when
+    /// the response has no body at all.
+    Http1 { empty: bool },
     /// FastCGI STDOUT: what arrived with the CGI head; the rest is read from the
     /// connection as the body is polled.
     FastCgi(bytes::Bytes),
@@ -235,7 +239,7 @@ impl Upstream {
                     if response.status() == http::StatusCode::SWITCHING_PROTOCOLS {
                         conn.hand_over();
                     }
-                    if let Payload::Http(_) = response.body() {
+                    if let Payload::Http(_) | Payload::Http1 { .. } = response.body() {
                         conn.on_response_head(response.headers(), response.version());
                     }
                     return Ok(Exchange {
@@ -392,11 +396,23 @@ fn send(
 ) -> impl Future<Output = SendResult> + Send + '_ {
     use futures_util::FutureExt;
     use futures_util::future::Either;
+    if let Client::Http1(_) = conn.client() {
+        let Client::Http1(c) = conn.client() else {
+            unreachable!("matched above")
+        };
+        return Either::Left(match c.begin(req) {
+            Ok(()) => Either::Left(
+                std::future::poll_fn(move |cx| c.poll_response(cx))
+                    .map(|r| r.map_err(|e| (e, None))),
+            ),
+            Err((e, req)) => Either::Right(std::future::ready(Err((e, Some(req))))),
+        });
+    }
     match conn.client() {
-        Client::Http1(sender) => {
-            Either::Left(http1::send(sender, req).map(|r| r.map(|resp| resp.map(Payload::Http))))
-        }
-        _ => Either::Right(Box::pin(send_other(conn, req))),
+        Client::Http1Tls(sender) => Either::Right(Either::Left(
+            http1::send(sender, req).map(|r| r.map(|resp| resp.map(Payload::Http))),
+        )),
+        _ => Either::Right(Either::Right(Box::pin(send_other(conn, req)))),
     }
 }
 
@@ -404,7 +420,13 @@ fn send(
 /// itself, so that this stays complete).
 async fn send_other(conn: &mut PooledConn, req: Request<RequestBody>) -> SendResult {
     match conn.client() {
-        Client::Http1(sender) => http1::send(sender, req)
+        Client::Http1(c) => {
+            c.begin(req).map_err(|(e, req)| (e, Some(req)))?;
+            std::future::poll_fn(|cx| c.poll_response(cx))
+                .await
+                .map_err(|e| (e, None))
+        }
+        Client::Http1Tls(sender) => http1::send(sender, req)
             .await
             .map(|resp| resp.map(Payload::Http)),
         Client::Http2(client) => http2::send(client, req)

@@ -96,6 +96,10 @@ impl Body for ResponseBody {
 
 enum Source {
     Http(Incoming),
+    /// Plain HTTP/1.1: read from the connection.
+    Http1 {
+        ended: bool,
+    },
     /// FastCGI STDOUT: the part that came with the head, then the connection.
     FastCgi {
         first: Option<Bytes>,
@@ -107,14 +111,15 @@ impl Source {
     fn is_end_stream(&self) -> bool {
         match self {
             Source::Http(b) => b.is_end_stream(),
-            Source::FastCgi { ended, .. } => *ended,
+            Source::Http1 { ended } | Source::FastCgi { ended, .. } => *ended,
         }
     }
 
     fn size_hint(&self) -> SizeHint {
         match self {
             Source::Http(b) => b.size_hint(),
-            Source::FastCgi { .. } => SizeHint::default(),
+            Source::Http1 { ended: true } => SizeHint::with_exact(0),
+            Source::Http1 { .. } | Source::FastCgi { .. } => SizeHint::default(),
         }
     }
 }
@@ -151,6 +156,7 @@ impl UpstreamBody {
     ) -> Self {
         let body = match payload {
             Payload::Http(b) => Source::Http(b),
+            Payload::Http1 { empty } => Source::Http1 { ended: empty },
             Payload::FastCgi(first) => Source::FastCgi {
                 first: Some(first).filter(|b| !b.is_empty()),
                 ended: false,
@@ -228,6 +234,17 @@ impl UpstreamBody {
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match &mut self.body {
             Source::Http(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
+            Source::Http1 { ended } => {
+                let Some(conn) = self.conn.as_mut() else {
+                    return Poll::Ready(None);
+                };
+                let Client::Http1(c) = conn.client() else {
+                    return Poll::Ready(None);
+                };
+                let frame = c.poll_body(cx);
+                *ended = c.body_done();
+                frame.map_err(Into::into)
+            }
             Source::FastCgi { first, ended } => {
                 if let Some(data) = first.take() {
                     return Poll::Ready(Some(Ok(Frame::data(data))));

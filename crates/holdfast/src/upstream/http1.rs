@@ -1,9 +1,16 @@
 //! HTTP/1.1 to an upstream: opening a connection and sending one request on it.
 //!
-//! hyper's connection-level client (`client::conn::http1`) does the protocol; the pool
-//! owns the connection. hyper's driver keeps reading an idle connection, so a FIN,
-//! reset or stray bytes end the driver at once and the pool drops the connection
-//! before anyone can take it (verified by `tests/pool.rs`).
+//! Over a plain socket holdfast speaks HTTP/1.1 itself: [`codec`] turns heads and
+//! bodies into bytes and back, [`conn`] drives one connection from the request that
+//! holds it and watches it while it is idle. Over TLS, hyper's connection-level
+//! client (`client::conn::http1`) does the protocol, because watching an idle TLS
+//! connection means reading through TLS (session tickets may arrive), which hyper's
+//! driver does. Either way the pool owns the connection, and a FIN, reset or stray
+//! bytes on an idle one end it before anyone can take it (verified by
+//! `tests/pool.rs`).
+
+pub mod codec;
+pub mod conn;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -14,24 +21,25 @@ use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::error::{Delivery, Kind, UpstreamError};
-use super::io::{Stream, UpstreamIo};
+use super::io::Stream;
 use super::pool::{Client, Connected};
 use crate::body::RequestBody;
 
 /// Largest read buffer of an upstream HTTP/1 connection.
 const UPSTREAM_READ_BUF: usize = 64 * 1024;
 
-/// Performs the HTTP/1 handshake (no I/O: HTTP/1 has none) on a connected socket.
-pub async fn handshake(
-    stream: Stream,
-    write_timeout: Duration,
-) -> Result<Connected, UpstreamError> {
+/// Sets up HTTP/1.1 on a connected plain socket (HTTP/1 has no handshake).
+pub fn connected(stream: Stream, write_timeout: Duration) -> Connected {
     let stream = Arc::new(stream);
-    let io = UpstreamIo::new(stream.clone(), write_timeout);
-    handshake_on(io, stream).await
+    let (conn, driver) = conn::connect(stream.clone(), write_timeout);
+    Connected {
+        stream,
+        client: Client::Http1(Box::new(conn)),
+        driver: Box::pin(driver),
+    }
 }
 
-/// [`handshake`] on I/O layered over the socket (TLS).
+/// hyper's HTTP/1.1 client on I/O layered over the socket (TLS).
 pub async fn handshake_on<IO>(io: IO, stream: Arc<Stream>) -> Result<Connected, UpstreamError>
 where
     IO: AsyncRead + AsyncWrite + Send + Unpin + 'static,
@@ -47,7 +55,7 @@ where
         .map_err(|e| UpstreamError::new(Kind::ConnectFailed, Delivery::NotSent).with_cause(e))?;
     Ok(Connected {
         stream,
-        client: Client::Http1(sender),
+        client: Client::Http1Tls(sender),
         driver: Box::pin(async move {
             // Errors here (reset, stray bytes) end the connection; the request that
             // was using it, if any, gets the error from its response future.

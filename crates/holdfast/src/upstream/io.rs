@@ -104,6 +104,35 @@ impl Stream {
         }
     }
 
+    /// [`Stream::idle_event`] as a poll: `Pending` registers `cx`'s waker for the
+    /// socket's next event. A connection parks by registering its driver's waker
+    /// here, so no task runs for it until something happens.
+    pub fn poll_idle(&self, cx: &mut Context<'_>) -> Poll<IdleProbe> {
+        let mut byte = [std::mem::MaybeUninit::<u8>::uninit(); 1];
+        loop {
+            match self.poll_read_ready(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Err(_)) => return Poll::Ready(IdleProbe::Failed),
+                Poll::Ready(Ok(())) => {}
+            }
+            let res = match self {
+                Stream::Tcp(s) => s.try_io(tokio::io::Interest::READABLE, || {
+                    SockRef::from(s).peek(&mut byte)
+                }),
+                Stream::Unix(s) => s.try_io(tokio::io::Interest::READABLE, || {
+                    SockRef::from(s).peek(&mut byte)
+                }),
+            };
+            return Poll::Ready(match res {
+                Ok(0) => IdleProbe::Closed,
+                Ok(_) => IdleProbe::UnexpectedBytes,
+                // Readiness left over from the last exchange, now cleared.
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(_) => IdleProbe::Failed,
+            });
+        }
+    }
+
     /// Writes what fits right now without waiting (a last word before closing).
     pub fn try_write_now(&self, buf: &[u8]) -> io::Result<usize> {
         self.try_write(buf)

@@ -189,7 +189,7 @@ impl Peer {
                 let wait = self.timeouts.connect.get();
                 http2::handshake(io, stream, false, &self.http2, wait).await
             }
-            (_, None) => http1::handshake(stream, self.timeouts.write.get()).await,
+            (_, None) => Ok(http1::connected(stream, self.timeouts.write.get())),
         }
     }
 

@@ -50,7 +50,10 @@ use crate::config::PoolConfig;
 
 /// A protocol's handle on one connection.
 pub enum Client {
-    Http1(hyper::client::conn::http1::SendRequest<crate::body::RequestBody>),
+    /// Plain HTTP/1.1: holdfast's own client, driven by the request holding it.
+    Http1(Box<super::http1::conn::Http1Conn>),
+    /// HTTP/1.1 over TLS: hyper's client.
+    Http1Tls(hyper::client::conn::http1::SendRequest<crate::body::RequestBody>),
     /// A handle on a shared HTTP/2 connection (a clone per request).
     Http2(super::http2::Http2Client),
     FastCgi(Box<super::fastcgi::FastCgiConn>),
@@ -59,16 +62,26 @@ pub enum Client {
 impl Client {
     fn is_closed(&self) -> bool {
         match self {
-            Client::Http1(s) => s.is_closed(),
+            Client::Http1(c) => c.is_closed(),
+            Client::Http1Tls(s) => s.is_closed(),
             Client::Http2(c) => c.is_closed(),
             Client::FastCgi(c) => c.is_closed(),
+        }
+    }
+
+    /// The connection goes idle: hands its watching to the driver (HTTP/1).
+    fn park(&mut self) -> Result<(), CloseReason> {
+        match self {
+            Client::Http1(c) => c.park(),
+            _ => Ok(()),
         }
     }
 
     /// Waits until the protocol can take a request; `false` if the connection ended.
     async fn ready(&mut self) -> bool {
         match self {
-            Client::Http1(s) => s.ready().await.is_ok(),
+            Client::Http1(c) => !c.is_closed(),
+            Client::Http1Tls(s) => s.ready().await.is_ok(),
             Client::Http2(c) => !c.is_closed(),
             Client::FastCgi(c) => !c.is_closed(),
         }
@@ -530,6 +543,14 @@ impl Pool {
             if reason == CloseReason::ClosedByUpstreamIdle {
                 // Closed as its response ended: evidence of a request limit per
                 // connection that the upstream does not announce.
+                self.upstream_closed_idle(conn, Duration::ZERO);
+            } else {
+                self.figures.closed(reason);
+            }
+            return;
+        }
+        if let Err(reason) = conn.client.park() {
+            if reason == CloseReason::ClosedByUpstreamIdle {
                 self.upstream_closed_idle(conn, Duration::ZERO);
             } else {
                 self.figures.closed(reason);

@@ -133,7 +133,8 @@ impl PooledConn {
             v.as_bytes()
                 .split(|&b| b == b',')
                 .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"close"))
-        }) || version == http::Version::HTTP_10;
+        }) || version == http::Version::HTTP_10
+            || matches!(&self.conn, Some(Conn { client: Client::Http1(c), .. }) if c.must_close());
         const KEEP_ALIVE: http::HeaderName = http::HeaderName::from_static("keep-alive");
         let keep_alive = headers
             .get(&KEEP_ALIVE)

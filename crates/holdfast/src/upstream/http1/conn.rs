@@ -1,0 +1,672 @@
+//! One plain HTTP/1.1 upstream connection, driven by the request that holds it.
+//!
+//! The request's own task writes the request and reads the response head
+//! ([`Http1Conn::begin`], then [`Http1Conn::poll_response`]), and the client
+//! connection's task reads the body as hyper's server asks for it
+//! ([`Http1Conn::poll_body`]). Nothing is handed between tasks: no channel, no
+//! wake-up of a connection task per request (hyper's client runs the connection on
+//! a task of its own, which costs about a third of a small request's user-space
+//! instructions in hand-offs).
+//!
+//! While the connection is idle in the pool, its driver task ([`watch_idle`]) is
+//! the one registered for the socket's readability, so a FIN, a reset or stray
+//! bytes end the connection at once, as hyper's driver did. The hand-over costs no
+//! wake-up: parking ([`Http1Conn::park`]) registers the driver's waker with the
+//! socket directly. A mutex orders the driver's look at the socket against a
+//! request taking the connection, which may run on another worker thread; both
+//! sides only ever take it uncontended.
+
+use std::collections::VecDeque;
+use std::io;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll, Waker, ready};
+
+use bytes::{Buf, Bytes, BytesMut};
+use http::{HeaderMap, Method, Response};
+use http_body::{Body as _, Frame, SizeHint};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+use super::codec::{self, ChunkedDecoder, Framing, RequestFraming, ResponseHead};
+use crate::body::{BodyTooLarge, RequestBody};
+use crate::upstream::error::{Delivery, Kind, UpstreamError};
+use crate::upstream::figures::CloseReason;
+use crate::upstream::io::{Stream, UpstreamIo};
+
+/// Read buffer allocation. A new one is taken only when less than
+/// [`MIN_READ_ROOM`] is left, so several small responses share one.
+const READ_CHUNK: usize = 8 * 1024;
+const MIN_READ_ROOM: usize = 1024;
+/// Largest read buffer: a response body is handed on as it arrives, so only a
+/// head (at most [`codec::MAX_HEAD`]) or a chunk-size line needs to accumulate.
+const MAX_READ_BUF: usize = codec::MAX_HEAD + READ_CHUNK;
+/// Most request pieces written in one `writev`.
+const MAX_IOVECS: usize = 8;
+
+/// How the response body is being read.
+#[derive(Debug)]
+enum Decoding {
+    Length(u64),
+    Chunked(ChunkedDecoder),
+    UntilClose,
+}
+
+/// One HTTP/1.1 connection over a plain (TCP or Unix) socket.
+pub struct Http1Conn {
+    io: UpstreamIo,
+    stream: Arc<Stream>,
+    write_timeout: std::time::Duration,
+    read_buf: BytesMut,
+    /// Request bytes not yet written, in order (head, body pieces, chunk framing).
+    queue: VecDeque<Bytes>,
+    scratch: BytesMut,
+    /// The request body still to send, when it is not sent whole from `queue`.
+    body: Option<RequestBody>,
+    chunked: bool,
+    /// The request was written completely (or there is none in flight).
+    request_done: bool,
+    /// Some byte of the current request was written.
+    sent_any: bool,
+    head_request: bool,
+    /// `None` once the response body ended (or before a response).
+    decoding: Option<Decoding>,
+    response_started: bool,
+    /// The response said this connection carries no further request.
+    must_close: bool,
+    /// Something went wrong mid-exchange: never reuse.
+    broken: bool,
+    /// A body failure not reported yet (see [`Http1Conn::fail_body`]).
+    failed_body: Option<UpstreamError>,
+    watch: Arc<IdleWatch>,
+}
+
+/// Sets up a connection on a connected plain socket (HTTP/1 has no handshake) and
+/// returns it with its idle watcher.
+pub fn connect(
+    stream: Arc<Stream>,
+    write_timeout: std::time::Duration,
+) -> (Http1Conn, impl Future<Output = ()> + Send + 'static) {
+    let watch = Arc::new(IdleWatch::default());
+    let conn = Http1Conn {
+        io: UpstreamIo::new(stream.clone(), write_timeout),
+        stream: stream.clone(),
+        write_timeout,
+        read_buf: BytesMut::new(),
+        queue: VecDeque::with_capacity(4),
+        scratch: BytesMut::new(),
+        body: None,
+        chunked: false,
+        request_done: true,
+        sent_any: false,
+        head_request: false,
+        decoding: None,
+        response_started: false,
+        must_close: false,
+        broken: false,
+        failed_body: None,
+        watch: watch.clone(),
+    };
+    (conn, watch_idle(stream, watch))
+}
+
+impl Http1Conn {
+    /// The connection cannot take a request: its exchange failed, or the upstream
+    /// closed it (or sent something) while it was idle.
+    pub fn is_closed(&self) -> bool {
+        self.broken || self.watch.lock().ended
+    }
+
+    /// The response head or its framing said the connection ends with it.
+    pub fn must_close(&self) -> bool {
+        self.must_close
+    }
+
+    /// Takes the connection for `req`: encodes the head and queues it (and a body
+    /// held whole) to be written by [`Http1Conn::poll_response`].
+    ///
+    /// # Errors
+    /// The connection was found closed: nothing was sent, and the request comes back
+    /// for another attempt.
+    #[expect(
+        clippy::result_large_err,
+        reason = "the unsent request comes back for another attempt, by design"
+    )]
+    pub fn begin(
+        &mut self,
+        req: http::Request<RequestBody>,
+    ) -> Result<(), (UpstreamError, http::Request<RequestBody>)> {
+        if self.broken || !self.watch.begin() {
+            let e = UpstreamError::new(Kind::Closed, Delivery::NotSent)
+                .with_cause("connection closed while idle");
+            return Err((e, req));
+        }
+        let (parts, body) = req.into_parts();
+        let framing = request_framing(&parts.headers, &body);
+        let target = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+        codec::encode_request_head(
+            &mut self.scratch,
+            &parts.method,
+            target,
+            &parts.headers,
+            framing,
+        );
+        self.queue.push_back(self.scratch.split().freeze());
+        self.chunked = framing == RequestFraming::Chunked;
+        self.body = match body {
+            RequestBody::Empty => None,
+            // A body held whole goes out with the head, in one write.
+            RequestBody::Buffered {
+                data,
+                trailers: None,
+            } if !self.chunked => {
+                self.queue.extend(data.filter(|d| !d.is_empty()));
+                None
+            }
+            other => Some(other),
+        };
+        self.head_request = parts.method == Method::HEAD;
+        self.request_done = false;
+        self.sent_any = false;
+        self.response_started = false;
+        self.must_close = false;
+        self.decoding = None;
+        Ok(())
+    }
+
+    /// Writes the request and reads until its final response head (informational
+    /// responses other than `101` are skipped).
+    pub fn poll_response(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Result<Response<super::super::Payload>, UpstreamError>> {
+        loop {
+            if !self.request_done
+                && let Poll::Ready(Err(e)) = self.poll_write_request(cx)
+            {
+                self.broken = true;
+                return Poll::Ready(Err(e));
+            }
+            let method = self.method_for_framing();
+            match codec::parse_response_head(&mut self.read_buf, &method) {
+                Ok(Some(head)) if head.status.is_informational() && head.status.as_u16() != 101 => {
+                    continue;
+                }
+                Ok(Some(head)) => return Poll::Ready(Ok(self.start_body(head))),
+                Ok(None) => {}
+                Err(e) => {
+                    self.broken = true;
+                    return Poll::Ready(Err(UpstreamError::new(
+                        Kind::Protocol,
+                        Delivery::MaybeSent,
+                    )
+                    .with_cause(e)));
+                }
+            }
+            match ready!(self.poll_fill(cx)) {
+                Ok(0) => {
+                    self.broken = true;
+                    let delivery = if self.sent_any {
+                        Delivery::MaybeSent
+                    } else {
+                        Delivery::NotSent
+                    };
+                    let what = if self.read_buf.is_empty() {
+                        "connection closed before any response byte"
+                    } else {
+                        "connection closed in the middle of the response head"
+                    };
+                    return Poll::Ready(Err(
+                        UpstreamError::new(Kind::Closed, delivery).with_cause(what)
+                    ));
+                }
+                Ok(_) => self.response_started = true,
+                Err(e) => {
+                    self.broken = true;
+                    return Poll::Ready(Err(self.io_error(e)));
+                }
+            }
+        }
+    }
+
+    fn method_for_framing(&self) -> Method {
+        if self.head_request {
+            Method::HEAD
+        } else {
+            Method::GET
+        }
+    }
+
+    fn start_body(&mut self, head: ResponseHead) -> Response<super::super::Payload> {
+        self.must_close |= head.must_close;
+        self.decoding = match head.framing {
+            Framing::None | Framing::Length(0) => None,
+            Framing::Length(n) => Some(Decoding::Length(n)),
+            Framing::Chunked => Some(Decoding::Chunked(ChunkedDecoder::new())),
+            Framing::UntilClose => Some(Decoding::UntilClose),
+        };
+        let mut resp = Response::new(super::super::Payload::Http1 {
+            empty: self.decoding.is_none(),
+        });
+        *resp.status_mut() = head.status;
+        *resp.version_mut() = head.version;
+        *resp.headers_mut() = head.headers;
+        if let Some(reason) = head
+            .reason
+            .and_then(|r| hyper::ext::ReasonPhrase::try_from(r).ok())
+        {
+            resp.extensions_mut().insert(reason);
+        }
+        resp
+    }
+
+    /// The response body ended (or there is none).
+    pub fn body_done(&self) -> bool {
+        self.decoding.is_none()
+    }
+
+    /// What is left of the response body, when known.
+    pub fn body_size_hint(&self) -> SizeHint {
+        match &self.decoding {
+            None => SizeHint::with_exact(0),
+            Some(Decoding::Length(n)) => SizeHint::with_exact(*n),
+            Some(_) => SizeHint::default(),
+        }
+    }
+
+    /// The next piece of the response body; `None` at its end. A request body still
+    /// being sent goes on being sent meanwhile.
+    pub fn poll_body(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, UpstreamError>>> {
+        if let Some(e) = self.failed_body.take() {
+            return Poll::Ready(Some(Err(e)));
+        }
+        if !self.request_done {
+            // `Ready` without `request_done` is a failed write: the upstream stopped
+            // taking the request (it answered early). Its response is still read to
+            // the end, but the connection cannot be reused.
+            let wrote = self.poll_write_request(cx);
+            if wrote.is_ready() && !self.request_done {
+                self.abandon_request();
+            }
+        }
+        loop {
+            let Some(decoding) = self.decoding.as_mut() else {
+                return Poll::Ready(None);
+            };
+            match decoding {
+                Decoding::Length(left) => {
+                    if let Some(data) = codec::take_length(&mut self.read_buf, left) {
+                        if *left == 0 {
+                            self.end_body();
+                        }
+                        return Poll::Ready(Some(Ok(Frame::data(data))));
+                    }
+                }
+                Decoding::Chunked(decoder) => match decoder.decode(&mut self.read_buf) {
+                    Ok(codec::Chunk::Data(data)) => {
+                        return Poll::Ready(Some(Ok(Frame::data(data))));
+                    }
+                    Ok(codec::Chunk::Trailers(t)) => {
+                        return Poll::Ready(Some(Ok(Frame::trailers(t))));
+                    }
+                    Ok(codec::Chunk::End) => {
+                        self.end_body();
+                        return Poll::Ready(None);
+                    }
+                    Ok(codec::Chunk::More) => {}
+                    Err(e) => {
+                        let e =
+                            UpstreamError::new(Kind::Protocol, Delivery::MaybeSent).with_cause(e);
+                        return self.fail_body(cx, e);
+                    }
+                },
+                Decoding::UntilClose => {
+                    if !self.read_buf.is_empty() {
+                        return Poll::Ready(Some(Ok(Frame::data(self.read_buf.split().freeze()))));
+                    }
+                }
+            }
+            match ready!(self.poll_fill(cx)) {
+                Ok(0) => {
+                    if matches!(self.decoding, Some(Decoding::UntilClose)) {
+                        self.end_body();
+                        return Poll::Ready(None);
+                    }
+                    let e = UpstreamError::new(Kind::Io, Delivery::MaybeSent)
+                        .with_cause("upstream closed the connection in the middle of the body");
+                    return self.fail_body(cx, e);
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    let e = UpstreamError::new(Kind::Io, Delivery::MaybeSent).with_cause(e);
+                    return self.fail_body(cx, e);
+                }
+            }
+        }
+    }
+
+    /// Reports a failed body one poll late: hyper's server writes out what it has
+    /// buffered (the head, earlier chunks) when the body says `Pending`, but drops it
+    /// when the body fails, and the client must see the response cut short, not
+    /// missing.
+    fn fail_body(
+        &mut self,
+        cx: &mut Context<'_>,
+        error: UpstreamError,
+    ) -> Poll<Option<Result<Frame<Bytes>, UpstreamError>>> {
+        self.broken = true;
+        self.failed_body = Some(error);
+        cx.waker().wake_by_ref();
+        Poll::Pending
+    }
+
+    fn end_body(&mut self) {
+        self.decoding = None;
+        if !self.request_done {
+            self.abandon_request();
+        }
+    }
+
+    fn abandon_request(&mut self) {
+        self.body = None;
+        self.queue.clear();
+        self.request_done = true;
+        self.broken = true;
+    }
+
+    /// Writes queued request bytes, then pulls the request body, until it is all
+    /// written (`Ready(Ok)`) or something blocks (`Pending`, with a waker registered
+    /// on the socket or on the client's body).
+    fn poll_write_request(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), UpstreamError>> {
+        loop {
+            while !self.queue.is_empty() {
+                let mut slices = [io::IoSlice::new(&[]); MAX_IOVECS];
+                let mut n = 0;
+                for (slot, piece) in slices.iter_mut().zip(self.queue.iter()) {
+                    *slot = io::IoSlice::new(piece);
+                    n += 1;
+                }
+                let written =
+                    match ready!(Pin::new(&mut self.io).poll_write_vectored(cx, &slices[..n])) {
+                        Ok(0) => {
+                            return Poll::Ready(Err(
+                                self.write_error(io::ErrorKind::WriteZero.into())
+                            ));
+                        }
+                        Ok(w) => w,
+                        Err(e) => return Poll::Ready(Err(self.write_error(e))),
+                    };
+                self.sent_any = true;
+                advance(&mut self.queue, written);
+            }
+            let Some(body) = self.body.as_mut() else {
+                self.request_done = true;
+                return Poll::Ready(Ok(()));
+            };
+            match ready!(Pin::new(body).poll_frame(cx)) {
+                None => {
+                    self.body = None;
+                    if self.chunked {
+                        codec::encode_last_chunk(&mut self.scratch, None);
+                        self.queue.push_back(self.scratch.split().freeze());
+                    }
+                }
+                Some(Ok(frame)) => match frame.into_data() {
+                    Ok(data) if data.is_empty() => {}
+                    Ok(data) if self.chunked => {
+                        codec::chunk_prefix(&mut self.scratch, data.len());
+                        self.queue.push_back(self.scratch.split().freeze());
+                        self.queue.push_back(data);
+                        self.queue
+                            .push_back(Bytes::from_static(codec::CHUNK_SUFFIX));
+                    }
+                    Ok(data) => self.queue.push_back(data),
+                    Err(frame) => {
+                        // Trailers end the body; without chunked framing they have
+                        // no place and are dropped (the client sent a length).
+                        if let (true, Ok(trailers)) = (self.chunked, frame.into_trailers()) {
+                            codec::encode_last_chunk(&mut self.scratch, Some(&trailers));
+                            self.queue.push_back(self.scratch.split().freeze());
+                        } else if self.chunked {
+                            codec::encode_last_chunk(&mut self.scratch, None);
+                            self.queue.push_back(self.scratch.split().freeze());
+                        }
+                        self.body = None;
+                    }
+                },
+                Some(Err(e)) => {
+                    let kind = if e.is::<BodyTooLarge>() {
+                        Kind::BodyTooLarge
+                    } else {
+                        Kind::ClientBody
+                    };
+                    return Poll::Ready(Err(
+                        UpstreamError::new(kind, Delivery::MaybeSent).with_cause(e)
+                    ));
+                }
+            }
+        }
+    }
+
+    fn write_error(&self, e: io::Error) -> UpstreamError {
+        let delivery = if self.sent_any {
+            Delivery::MaybeSent
+        } else {
+            Delivery::NotSent
+        };
+        let kind = match e.kind() {
+            io::ErrorKind::TimedOut => Kind::WriteTimeout,
+            io::ErrorKind::BrokenPipe
+            | io::ErrorKind::ConnectionReset
+            | io::ErrorKind::ConnectionAborted => Kind::Closed,
+            _ => Kind::Io,
+        };
+        UpstreamError::new(kind, delivery).with_cause(e)
+    }
+
+    fn io_error(&self, e: io::Error) -> UpstreamError {
+        let kind = match e.kind() {
+            // Before the response head, a reset is the upstream closing the
+            // connection, like a FIN: a stale pooled connection when it was reused.
+            io::ErrorKind::ConnectionReset
+            | io::ErrorKind::BrokenPipe
+            | io::ErrorKind::ConnectionAborted
+                if !self.response_started =>
+            {
+                Kind::Closed
+            }
+            io::ErrorKind::TimedOut => Kind::WriteTimeout,
+            _ => Kind::Io,
+        };
+        UpstreamError::new(kind, Delivery::MaybeSent).with_cause(e)
+    }
+
+    /// Reads more of the response into `read_buf`: `Ok(0)` at end of input.
+    fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+        if self.read_buf.len() >= MAX_READ_BUF {
+            // Only a head or a chunk-size line accumulates, and the codec refuses
+            // those long before this: never reached with a working codec.
+            return Poll::Ready(Err(io::Error::other("response head too large")));
+        }
+        if self.read_buf.capacity() - self.read_buf.len() < MIN_READ_ROOM {
+            self.read_buf.reserve(READ_CHUNK);
+        }
+        tokio_util::io::poll_read_buf(Pin::new(&mut self.io), cx, &mut self.read_buf)
+    }
+
+    /// Makes the connection idle after a complete exchange: the driver watches the
+    /// socket from now on.
+    ///
+    /// # Errors
+    /// Why the connection cannot be pooled: the exchange did not end cleanly, or the
+    /// upstream already closed it or sent bytes nobody asked for.
+    pub fn park(&mut self) -> Result<(), CloseReason> {
+        if self.broken || !self.request_done || self.decoding.is_some() || self.must_close {
+            return Err(CloseReason::Error);
+        }
+        if !self.read_buf.is_empty() {
+            // Bytes beyond the response: a confused or hostile upstream.
+            return Err(CloseReason::Error);
+        }
+        let mut st = self.watch.lock();
+        st.busy = false;
+        if let Some(waker) = st.driver.clone() {
+            // Registers the driver for the socket's next event, without running it.
+            if self
+                .stream
+                .poll_idle(&mut Context::from_waker(&waker))
+                .is_ready()
+            {
+                st.ended = true;
+                return Err(CloseReason::ClosedByUpstreamIdle);
+            }
+        }
+        Ok(())
+    }
+
+    /// After a `101 Switching Protocols`: the socket, with what was read past the
+    /// response head, for the tunnel. The connection is not used again.
+    pub fn take_upgraded(&mut self) -> Upgraded {
+        self.broken = true;
+        self.decoding = None;
+        Upgraded {
+            io: UpstreamIo::new(self.stream.clone(), self.write_timeout),
+            leftover: std::mem::take(&mut self.read_buf).freeze(),
+        }
+    }
+}
+
+/// Request framing: a length when the body's size is known, chunked otherwise.
+fn request_framing(headers: &HeaderMap, body: &RequestBody) -> RequestFraming {
+    match body.size_hint().exact() {
+        // As hyper does: an empty body gets a length only if the client gave one.
+        Some(0) if !headers.contains_key(http::header::CONTENT_LENGTH) => RequestFraming::None,
+        Some(n) => RequestFraming::Length(n),
+        None => RequestFraming::Chunked,
+    }
+}
+
+/// Drops `n` written bytes from the front of the queue.
+fn advance(queue: &mut VecDeque<Bytes>, mut n: usize) {
+    while n > 0 {
+        let Some(front) = queue.front_mut() else {
+            return;
+        };
+        if n < front.len() {
+            front.advance(n);
+            return;
+        }
+        n -= front.len();
+        queue.pop_front();
+    }
+}
+
+/// What the connection and its driver share.
+#[derive(Default)]
+struct IdleWatch {
+    state: Mutex<WatchState>,
+}
+
+#[derive(Default)]
+struct WatchState {
+    /// A request holds the connection: the driver must not touch the socket.
+    busy: bool,
+    /// The upstream closed the connection (or sent something) while it was idle.
+    ended: bool,
+    /// The driver task's waker, once it has run.
+    driver: Option<Waker>,
+}
+
+impl IdleWatch {
+    fn lock(&self) -> MutexGuard<'_, WatchState> {
+        // Nothing panics while holding it; a poisoned lock still holds valid flags.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A request takes the connection; `false` if it already ended.
+    fn begin(&self) -> bool {
+        let mut st = self.lock();
+        if st.ended {
+            return false;
+        }
+        st.busy = true;
+        true
+    }
+}
+
+/// The driver of an idle connection: ends when the socket shows anything while no
+/// request holds the connection. The pool then forgets it (`on_driver_end`).
+async fn watch_idle(stream: Arc<Stream>, watch: Arc<IdleWatch>) {
+    std::future::poll_fn(|cx| {
+        let mut st = watch.lock();
+        if !st.driver.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+            st.driver = Some(cx.waker().clone());
+        }
+        if st.busy {
+            return Poll::Pending;
+        }
+        match stream.poll_idle(cx) {
+            Poll::Ready(probe) => {
+                tracing::debug!(?probe, "idle upstream connection ended");
+                st.ended = true;
+                Poll::Ready(())
+            }
+            Poll::Pending => Poll::Pending,
+        }
+    })
+    .await;
+}
+
+/// The upstream side of a protocol switch: the socket, after the bytes that came
+/// with the `101` response.
+pub struct Upgraded {
+    io: UpstreamIo,
+    leftover: Bytes,
+}
+
+impl AsyncRead for Upgraded {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        if !self.leftover.is_empty() {
+            let n = self.leftover.len().min(buf.remaining());
+            buf.put_slice(&self.leftover[..n]);
+            self.leftover.advance(n);
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Upgraded {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
+impl std::fmt::Debug for Http1Conn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Http1Conn")
+            .field("request_done", &self.request_done)
+            .field("decoding", &self.decoding)
+            .field("must_close", &self.must_close)
+            .field("broken", &self.broken)
+            .finish_non_exhaustive()
+    }
+}
