@@ -197,18 +197,6 @@ impl Upstream {
                 None => body.take().unwrap_or(RequestBody::Empty),
             };
             let reused_since = conn.reused_since();
-            // The head is copied only when a retry could need it after hyper took the
-            // request: a stale reused connection (idempotent requests) or a refused
-            // HTTP/2 stream. A request that never left comes back whole from hyper.
-            let keep_head =
-                !last_try && (conn.is_shared() || replay == Replay::Safe && reused_since.is_some());
-            let Some(head) = parts.take() else {
-                unreachable!("every attempt starts with the request head")
-            };
-            if keep_head {
-                parts = Some(clone_parts(&head));
-            }
-            let req = Request::from_parts(head, attempt_body);
             let sent_at = Instant::now();
             // The request's total deadline is enforced here too while a connection is
             // held, so that the connection it closes counts as a timeout, not as
@@ -218,7 +206,34 @@ impl Upstream {
                 Some(t) if t < headers_by => (t, Kind::TotalTimeout),
                 _ => (headers_by, Kind::ResponseHeadersTimeout),
             };
-            let result = match tokio::time::timeout_at(by, send(&mut conn, req)).await {
+            let sent = if let Some(head) = parts.as_ref().filter(|_| conn.is_plain_http1()) {
+                // Sent from the borrowed head, which stays for another attempt.
+                let sent = tokio::time::timeout_at(by, send_http1(&mut conn, head, attempt_body));
+                match sent.await {
+                    Ok(Err((e, returned))) => {
+                        body = returned.or(body);
+                        Ok(Err((e, None)))
+                    }
+                    Ok(Ok(response)) => Ok(Ok(response)),
+                    Err(elapsed) => Err(elapsed),
+                }
+            } else {
+                // hyper takes the request: the head is copied only when a retry could
+                // need it after that, a stale reused connection (idempotent requests)
+                // or a refused HTTP/2 stream. A request that never left comes back
+                // whole from hyper.
+                let keep_head = !last_try
+                    && (conn.is_shared() || replay == Replay::Safe && reused_since.is_some());
+                let Some(head) = parts.take() else {
+                    unreachable!("every attempt starts with the request head")
+                };
+                if keep_head {
+                    parts = Some(clone_parts(&head));
+                }
+                let req = Request::from_parts(head, attempt_body);
+                tokio::time::timeout_at(by, send(&mut conn, req)).await
+            };
+            let result = match sent {
                 Ok(r) => r,
                 Err(_) => {
                     conn.set_close_reason(CloseReason::Timeout);
@@ -381,8 +396,8 @@ impl Upstream {
 /// never left, the request itself for another attempt.
 type SendResult = Result<Response<Payload>, (UpstreamError, Option<Request<RequestBody>>)>;
 
-/// Starts one attempt. On HTTP/1 the request is queued to the connection right here
-/// and only hyper's small response future is awaited: every layer of `async fn`
+/// Starts one attempt on hyper's clients. On HTTP/1 over TLS the request is queued to
+/// the connection right here and only hyper's small response future is awaited: every layer of `async fn`
 /// between the request and the connection would copy the request again and add its
 /// size to every request's future. The other protocols' futures are boxed for the
 /// same reason.
@@ -396,23 +411,32 @@ fn send(
 ) -> impl Future<Output = SendResult> + Send + '_ {
     use futures_util::FutureExt;
     use futures_util::future::Either;
-    if let Client::Http1(_) = conn.client() {
-        let Client::Http1(c) = conn.client() else {
-            unreachable!("matched above")
-        };
-        return Either::Left(match c.begin(req) {
-            Ok(()) => Either::Left(
-                std::future::poll_fn(move |cx| c.poll_response(cx))
-                    .map(|r| r.map_err(|e| (e, None))),
-            ),
-            Err((e, req)) => Either::Right(std::future::ready(Err((e, Some(req))))),
-        });
-    }
     match conn.client() {
-        Client::Http1Tls(sender) => Either::Right(Either::Left(
-            http1::send(sender, req).map(|r| r.map(|resp| resp.map(Payload::Http))),
-        )),
-        _ => Either::Right(Either::Right(Box::pin(send_other(conn, req)))),
+        Client::Http1Tls(sender) => {
+            Either::Left(http1::send(sender, req).map(|r| r.map(|resp| resp.map(Payload::Http))))
+        }
+        _ => Either::Right(Box::pin(send_other(conn, req))),
+    }
+}
+
+/// One attempt on a plain HTTP/1.1 connection: the head is encoded from a borrow
+/// and queued now; only a small poll of the connection is awaited. On failure the
+/// body comes back if nothing was sent.
+fn send_http1<'a>(
+    conn: &'a mut PooledConn,
+    head: &http::request::Parts,
+    body: RequestBody,
+) -> impl Future<Output = Result<Response<Payload>, (UpstreamError, Option<RequestBody>)>> + Send + 'a
+{
+    use futures_util::future::Either;
+    let Client::Http1(c) = conn.client() else {
+        unreachable!("send_http1 is only called for plain HTTP/1.1")
+    };
+    match c.begin(head, body) {
+        Ok(()) => Either::Left(std::future::poll_fn(move |cx| {
+            c.poll_response(cx).map_err(|e| (e, None))
+        })),
+        Err((e, body)) => Either::Right(std::future::ready(Err((e, Some(body))))),
     }
 }
 
@@ -421,7 +445,10 @@ fn send(
 async fn send_other(conn: &mut PooledConn, req: Request<RequestBody>) -> SendResult {
     match conn.client() {
         Client::Http1(c) => {
-            c.begin(req).map_err(|(e, req)| (e, Some(req)))?;
+            let (head, body) = req.into_parts();
+            if let Err((e, body)) = c.begin(&head, body) {
+                return Err((e, Some(Request::from_parts(head, body))));
+            }
             std::future::poll_fn(|cx| c.poll_response(cx))
                 .await
                 .map_err(|e| (e, None))

@@ -121,26 +121,23 @@ impl Http1Conn {
         self.must_close
     }
 
-    /// Takes the connection for `req`: encodes the head and queues it (and a body
-    /// held whole) to be written by [`Http1Conn::poll_response`].
+    /// Takes the connection for a request: encodes the head and queues it (and a
+    /// body held whole) to be written by [`Http1Conn::poll_response`].
     ///
     /// # Errors
-    /// The connection was found closed: nothing was sent, and the request comes back
+    /// The connection was found closed: nothing was sent, and the body comes back
     /// for another attempt.
-    #[expect(
-        clippy::result_large_err,
-        reason = "the unsent request comes back for another attempt, by design"
-    )]
+    /// The head is only read: the caller keeps it for another attempt.
     pub fn begin(
         &mut self,
-        req: http::Request<RequestBody>,
-    ) -> Result<(), (UpstreamError, http::Request<RequestBody>)> {
+        parts: &http::request::Parts,
+        body: RequestBody,
+    ) -> Result<(), (UpstreamError, RequestBody)> {
         if self.broken || !self.watch.begin() {
             let e = UpstreamError::new(Kind::Closed, Delivery::NotSent)
                 .with_cause("connection closed while idle");
-            return Err((e, req));
+            return Err((e, body));
         }
-        let (parts, body) = req.into_parts();
         let framing = request_framing(&parts.headers, &body);
         let target = parts.uri.path_and_query().map_or("/", |p| p.as_str());
         codec::encode_request_head(

@@ -79,6 +79,18 @@ impl PooledConn {
         }
     }
 
+    /// Plain HTTP/1.1, which holdfast speaks itself: a request is sent from a
+    /// borrowed head, so the head needs no copy for another attempt.
+    pub fn is_plain_http1(&self) -> bool {
+        matches!(
+            &self.conn,
+            Some(Conn {
+                client: Client::Http1(_),
+                ..
+            })
+        )
+    }
+
     /// The protocol handle.
     pub fn client(&mut self) -> &mut Client {
         if let Some(lease) = self.lease.as_mut() {
