@@ -257,22 +257,31 @@ async fn trailers_pass_both_ways() {
     .await;
     let gw = start(&proxy_to(&upstream.url())).await;
     let mut client = RawClient::connect(gw.addr).await.unwrap();
-    client
-        .send(
-            "POST /t HTTP/1.1\r\nhost: x\r\nte: trailers\r\ntrailer: x-req-sum\r\n\
-             transfer-encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\nx-req-sum: 42\r\n\r\n",
-        )
-        .await
-        .unwrap();
-    let resp = client.read_response(WAIT).await.unwrap();
-    assert_eq!(resp.status, 200);
-    assert_eq!(resp.text(), "ok");
-    assert_eq!(resp.trailers.get("x-sum"), Some("abc"), "{resp:?}");
+    // Twice: a response that ends with trailers leaves its upstream connection
+    // reusable like any other.
+    for _ in 0..2 {
+        client
+            .send(
+                "POST /t HTTP/1.1\r\nhost: x\r\nte: trailers\r\ntrailer: x-req-sum\r\n\
+                 transfer-encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\nx-req-sum: 42\r\n\r\n",
+            )
+            .await
+            .unwrap();
+        let resp = client.read_response(WAIT).await.unwrap();
+        assert_eq!(resp.status, 200);
+        assert_eq!(resp.text(), "ok");
+        assert_eq!(resp.trailers.get("x-sum"), Some("abc"), "{resp:?}");
 
-    let seen = upstream.requests().pop().unwrap();
-    assert_eq!(seen.body, "hello");
-    assert_eq!(seen.headers.get("te"), Some("trailers"));
-    assert_eq!(seen.trailers.get("x-req-sum"), Some("42"), "{seen:?}");
+        let seen = upstream.requests().pop().unwrap();
+        assert_eq!(seen.body, "hello");
+        assert_eq!(seen.headers.get("te"), Some("trailers"));
+        assert_eq!(seen.trailers.get("x-req-sum"), Some("42"), "{seen:?}");
+    }
+    assert_eq!(
+        upstream.connections_accepted(),
+        1,
+        "the connection was reused"
+    );
 }
 
 // === header rules ===
@@ -932,6 +941,71 @@ async fn reset_mid_body_is_not_passed_off_as_a_complete_response() {
         assert!(!err.is_timeout(), "{url}: {err}");
         assert_eq!(err.phase, holdfast_test::Phase::MidResponse, "{url}: {err}");
     }
+}
+
+/// An upstream that answers before it has read the request body (a 413 for an
+/// upload) ends the exchange early: the client gets the answer, the connection is
+/// closed, since the request on it was cut short, and that close is holdfast's
+/// doing, not evidence that the upstream limits requests per connection.
+#[tokio::test]
+async fn an_early_response_closes_the_connection_without_teaching_a_request_limit() {
+    const LEN: usize = 16 << 20;
+    let upstream = raw_upstream(|stream| async move {
+        let mut io = BufReader::new(stream);
+        // Never reads a body: answers every head at once.
+        while let Ok(Some(_)) = read_head(&mut io).await {
+            let reply = b"HTTP/1.1 413 Content Too Large\r\ncontent-length: 5\r\n\r\nnope!";
+            if io.get_mut().write_all(reply).await.is_err() {
+                return;
+            }
+        }
+    })
+    .await;
+    let gw = start(&proxy_to(&format!("http://{}", upstream.addr))).await;
+    for _ in 0..2 {
+        let (mut read, mut write) = TcpStream::connect(gw.addr).await.unwrap().into_split();
+        let writer = tokio::spawn(async move {
+            let head = format!("POST /up HTTP/1.1\r\nhost: x\r\ncontent-length: {LEN}\r\n\r\n");
+            write.write_all(head.as_bytes()).await?;
+            let piece = vec![b'a'; 64 * 1024];
+            for _ in 0..LEN / piece.len() {
+                write.write_all(&piece).await?;
+            }
+            std::io::Result::Ok(())
+        });
+        let mut got = Vec::new();
+        let mut buf = [0u8; 1024];
+        while !got.ends_with(b"nope!") {
+            match tokio::time::timeout(WAIT, read.read(&mut buf)).await {
+                Ok(Ok(n)) if n > 0 => got.extend_from_slice(&buf[..n]),
+                other => panic!("no 413 for the client: {other:?}, got {got:?}"),
+            }
+        }
+        assert!(
+            got.starts_with(b"HTTP/1.1 413"),
+            "{}",
+            String::from_utf8_lossy(&got)
+        );
+        writer.abort();
+    }
+    let pools = get_json(gw.admin, "/pools").await;
+    let address = &pools[0]["addresses"][0];
+    assert_eq!(address["closed"]["error"], 2, "{address:#}");
+    assert_eq!(
+        address["closed"]["closed_by_upstream_idle"], 0,
+        "{address:#}"
+    );
+    assert!(address["learned_max_requests"].is_null(), "{address:#}");
+}
+
+async fn get_json(addr: SocketAddr, path: &str) -> serde_json::Value {
+    let mut client = RawClient::connect(addr).await.unwrap();
+    client
+        .send_request(&ClientRequest::get(path))
+        .await
+        .unwrap();
+    let resp = client.read_response(WAIT).await.unwrap();
+    serde_json::from_slice(&resp.body).unwrap()
 }
 
 #[tokio::test]

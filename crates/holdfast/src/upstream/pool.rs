@@ -549,7 +549,11 @@ impl Pool {
             }
             return;
         }
+        let mut st = self.lock();
+        // Under the pool's lock: an event the driver sees from here on finds the
+        // connection listed, so `on_driver_end` removes it.
         if let Err(reason) = conn.client.park() {
+            drop(st);
             if reason == CloseReason::ClosedByUpstreamIdle {
                 self.upstream_closed_idle(conn, Duration::ZERO);
             } else {
@@ -557,7 +561,6 @@ impl Pool {
             }
             return;
         }
-        let mut st = self.lock();
         let (idle_timeout, _) = st.learner.effective_idle();
         let mut expires_at = now + idle_timeout;
         if let Some(lifetime) = self.settings.max_lifetime {

@@ -110,10 +110,11 @@ pub fn connect(
 }
 
 impl Http1Conn {
-    /// The connection cannot take a request: its exchange failed, or the upstream
-    /// closed it (or sent something) while it was idle.
+    /// The upstream closed the connection (or sent something) while it was idle. A
+    /// failed exchange is not this: [`Http1Conn::park`] refuses that connection, as
+    /// an error rather than as evidence of the upstream's keep-alive limits.
     pub fn is_closed(&self) -> bool {
-        self.broken || self.watch.lock().ended
+        self.watch.lock().ended
     }
 
     /// The response head or its framing said the connection ends with it.
@@ -306,6 +307,9 @@ impl Http1Conn {
                         return Poll::Ready(Some(Ok(Frame::data(data))));
                     }
                     Ok(codec::Chunk::Trailers(t)) => {
+                        // The trailer section ends the body, and hyper's server polls
+                        // no further after a trailers frame.
+                        self.end_body();
                         return Poll::Ready(Some(Ok(Frame::trailers(t))));
                     }
                     Ok(codec::Chunk::End) => {
