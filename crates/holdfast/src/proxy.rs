@@ -29,7 +29,7 @@ use crate::route::RouteTable;
 use crate::upstream::error::{Delivery, Kind, UpstreamError};
 use crate::upstream::figures::CloseReason;
 use crate::upstream::pool::Client;
-use crate::upstream::{Exchange, Failure, FastCgiParams, Upstream, Upstreams};
+use crate::upstream::{Exchange, Failure, FastCgiParams, Payload, Upstream, Upstreams};
 
 /// Routes and upstreams in force; replaced whole on reload.
 pub struct Routing {
@@ -477,9 +477,17 @@ fn respond(
         }
         (false, _) => {
             let (mut parts, body) = response.into_parts();
-            let trailer = headers::declared_trailers(&parts.headers);
-            headers::remove_hop_by_hop(&mut parts.headers, false);
-            headers::restore_trailers(&mut parts.headers, trailer);
+            if !matches!(
+                body,
+                Payload::Http1 {
+                    hop_by_hop_removed: true,
+                    ..
+                }
+            ) {
+                let trailer = headers::declared_trailers(&parts.headers);
+                headers::remove_hop_by_hop(&mut parts.headers, false);
+                headers::restore_trailers(&mut parts.headers, trailer);
+            }
             headers::add_via(&mut parts.headers);
             let body = UpstreamBody::new(body, conn, deadlines, (log, tally), outstanding);
             Response::from_parts(parts, ResponseBody::upstream(body))

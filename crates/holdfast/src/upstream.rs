@@ -59,8 +59,12 @@ pub enum Payload {
     /// hyper's body (HTTP/2, HTTP/1.1 over TLS).
     Http(Incoming),
     /// Plain HTTP/1.1: read from the connection as the body is polled; `empty` when
-    /// the response has no body at all.
-    Http1 { empty: bool },
+    /// the response has no body at all, `hop_by_hop_removed` when the codec left the
+    /// hop-by-hop fields out of the head already.
+    Http1 {
+        empty: bool,
+        hop_by_hop_removed: bool,
+    },
     /// FastCGI STDOUT: what arrived with the CGI head; the rest is read from the
     /// connection as the body is polled.
     FastCgi(bytes::Bytes),

@@ -156,7 +156,7 @@ impl UpstreamBody {
     ) -> Self {
         let body = match payload {
             Payload::Http(b) => Source::Http(b),
-            Payload::Http1 { empty } => Source::Http1 { ended: empty },
+            Payload::Http1 { empty, .. } => Source::Http1 { ended: empty },
             Payload::FastCgi(first) => Source::FastCgi {
                 first: Some(first).filter(|b| !b.is_empty()),
                 ended: false,

@@ -18,8 +18,12 @@
 //! - 7.1 and 7.1.2: chunked bodies in both directions, with trailer sections;
 //! - 9.3 and 9.6: whether the connection may carry another request ([`ResponseHead::must_close`]).
 //!
-//! Not in scope: hop-by-hop field removal, `Host`, which trailer fields may be
-//! forwarded, and what to do with 1xx responses; the proxy decides those.
+//! A response head leaves its hop-by-hop fields out of the map where that is all
+//! removing them takes (RFC 9110 7.6.1, [`ResponseHead::hop_by_hop_removed`]): the
+//! fields are seen here anyway, and a field never inserted costs nothing to remove.
+//!
+//! Not in scope: hop-by-hop removal from requests, `Host`, and what to do with 1xx
+//! responses; the proxy decides those.
 
 use std::fmt;
 use std::mem::MaybeUninit;
@@ -70,6 +74,15 @@ pub struct ResponseHead {
     /// Content-Length (RFC 9112 6.3 point 3: TE wins, and the connection must close).
     /// Also set for 101 and for a 2xx to CONNECT: the connection is no longer HTTP.
     pub must_close: bool,
+    /// The hop-by-hop fields (RFC 9110 7.6.1: `Connection`, `Keep-Alive`,
+    /// `Transfer-Encoding`, `TE`, `Upgrade`, `Proxy-Connection`, `Proxy-Authenticate`,
+    /// `Proxy-Authorization`, and `Trailer` unless the body is chunked) were left out
+    /// of `headers`, since a proxy removes them anyway and never building them is the
+    /// cheapest removal. Not done (`false`, every field kept) for a 101, whose
+    /// `Upgrade` passes on, or when `Connection` names other fields to remove.
+    pub hop_by_hop_removed: bool,
+    /// The value of the last `Keep-Alive` field, which the pool reads.
+    pub keep_alive: Option<Bytes>,
 }
 
 /// Why a response head was rejected.
@@ -100,12 +113,49 @@ impl std::error::Error for HeadError {}
 struct Span {
     name: (u32, u32),
     value: (u32, u32),
+    kind: FieldKind,
+}
+
+/// What a field is to a proxy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum FieldKind {
+    EndToEnd,
+    HopByHop,
+    /// `Trailer`: passed on with a chunked body, which can carry the trailers.
+    Trailer,
+}
+
+/// Classifies a field name (lowercase or not) without building a `HeaderName`.
+fn kind_of(name: &[u8]) -> FieldKind {
+    const HOP_BY_HOP: [&[u8]; 8] = [
+        b"connection",
+        b"keep-alive",
+        b"transfer-encoding",
+        b"te",
+        b"upgrade",
+        b"proxy-connection",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+    ];
+    if name.eq_ignore_ascii_case(b"trailer") {
+        return FieldKind::Trailer;
+    }
+    // Lengths first: most names match none of these lengths.
+    if HOP_BY_HOP
+        .iter()
+        .any(|h| h.len() == name.len() && h.eq_ignore_ascii_case(name))
+    {
+        FieldKind::HopByHop
+    } else {
+        FieldKind::EndToEnd
+    }
 }
 
 impl Span {
     const EMPTY: Span = Span {
         name: (0, 0),
         value: (0, 0),
+        kind: FieldKind::EndToEnd,
     };
 }
 
@@ -118,6 +168,8 @@ struct Scanned {
     fields: usize,
     framing: Framing,
     must_close: bool,
+    strip_hop_by_hop: bool,
+    keep_alive: Option<(u32, u32)>,
 }
 
 /// Parses a response head at the start of `buf`.
@@ -141,8 +193,19 @@ pub fn parse_response_head(
     };
     let head = buf.split_to(scanned.len).freeze();
 
+    let strip = scanned.strip_hop_by_hop;
+    let chunked = scanned.framing == Framing::Chunked;
+    let keep_alive = match scanned.keep_alive {
+        Some(span) => Some(slice(&head, span).ok_or(HeadError::Invalid("header value"))?),
+        None => None,
+    };
     let mut headers = HeaderMap::with_capacity(scanned.fields);
     for span in &spans[..scanned.fields] {
+        if strip
+            && (span.kind == FieldKind::HopByHop || span.kind == FieldKind::Trailer && !chunked)
+        {
+            continue;
+        }
         let name = head
             .get(range(span.name))
             .and_then(|name| HeaderName::from_bytes(name).ok())
@@ -163,6 +226,8 @@ pub fn parse_response_head(
         reason,
         framing: scanned.framing,
         must_close: scanned.must_close,
+        hop_by_hop_removed: strip,
+        keep_alive,
     }))
 }
 
@@ -212,20 +277,35 @@ fn scan_head(
     let mut transfer_encoding = false;
     let mut last_coding_chunked = false;
     let mut content_length = ContentLength::Absent;
+    // `Connection` names only `close` / `keep-alive`: no other field to remove.
+    let mut connection_names_fields = false;
+    let mut keep_alive = None;
     for (field, span) in response.headers.iter().zip(spans.iter_mut()) {
         let name = field.name.as_bytes();
+        let kind = kind_of(name);
         *span = Span {
             name: span_of(buf, name).ok_or(HeadError::Invalid("header name"))?,
             value: span_of(buf, field.value).ok_or(HeadError::Invalid("header value"))?,
+            kind,
         };
-        if name.eq_ignore_ascii_case(b"content-length") {
-            content_length.add(field.value);
+        if kind == FieldKind::EndToEnd {
+            if name.eq_ignore_ascii_case(b"content-length") {
+                content_length.add(field.value);
+            }
         } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
             // Only the last coding of the last field decides (RFC 9112 6.3 point 4).
             transfer_encoding = true;
             last_coding_chunked = last_coding_is_chunked(field.value);
-        } else if name.eq_ignore_ascii_case(b"connection") && has_close_token(field.value) {
-            must_close = true;
+        } else if name.eq_ignore_ascii_case(b"connection") {
+            for token in field.value.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
+                if token.eq_ignore_ascii_case(b"close") {
+                    must_close = true;
+                } else if !token.is_empty() && !token.eq_ignore_ascii_case(b"keep-alive") {
+                    connection_names_fields = true;
+                }
+            }
+        } else if name.eq_ignore_ascii_case(b"keep-alive") {
+            keep_alive = Some(span.value);
         }
     }
 
@@ -273,6 +353,8 @@ fn scan_head(
         fields: response.headers.len(),
         framing,
         must_close,
+        strip_hop_by_hop: !connection_names_fields && code != 101,
+        keep_alive,
     }))
 }
 
@@ -317,12 +399,6 @@ fn last_coding_is_chunked(value: &[u8]) -> bool {
         .rsplit(|&b| b == b',')
         .next()
         .is_some_and(|coding| coding.trim_ascii().eq_ignore_ascii_case(b"chunked"))
-}
-
-fn has_close_token(value: &[u8]) -> bool {
-    value
-        .split(|&b| b == b',')
-        .any(|token| token.trim_ascii().eq_ignore_ascii_case(b"close"))
 }
 
 /// Offsets of `part` within `base`; None if it is not inside (httparse guarantees it
@@ -795,6 +871,41 @@ pub fn take_length(buf: &mut BytesMut, remaining: &mut u64) -> Option<Bytes> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn hop_by_hop_fields_are_left_out_of_the_map() {
+        let h = head(
+            b"HTTP/1.1 200 OK\r\nconnection: keep-alive\r\nkeep-alive: timeout=5\r\n\
+              transfer-encoding: chunked\r\ntrailer: x-sum\r\nproxy-connection: x\r\n\
+              te: trailers\r\nx-a: 1\r\n\r\n",
+        );
+        assert!(h.hop_by_hop_removed);
+        assert_eq!(h.keep_alive.as_deref(), Some(&b"timeout=5"[..]));
+        let names: Vec<&str> = h.headers.keys().map(|n| n.as_str()).collect();
+        // `Trailer` stays with a chunked body, which can carry the trailers.
+        assert_eq!(names, ["trailer", "x-a"]);
+        assert_eq!(h.framing, Framing::Chunked);
+        assert!(!h.must_close);
+
+        let h =
+            head(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\ntrailer: x-sum\r\nUpgrade: h2c\r\n\r\n");
+        assert!(h.hop_by_hop_removed);
+        assert_eq!(h.headers.len(), 1, "{:?}", h.headers);
+        assert!(h.headers.contains_key("content-length"));
+    }
+
+    #[test]
+    fn hop_by_hop_fields_stay_when_connection_names_others_or_on_101() {
+        let h = head(b"HTTP/1.1 200 OK\r\nconnection: close, x-private\r\nx-private: 1\r\ncontent-length: 0\r\n\r\n");
+        assert!(!h.hop_by_hop_removed);
+        assert!(h.must_close);
+        assert!(h.headers.contains_key("connection"));
+        assert!(h.headers.contains_key("x-private"));
+
+        let h = head(b"HTTP/1.1 101 Switching Protocols\r\nconnection: upgrade\r\nupgrade: websocket\r\n\r\n");
+        assert!(!h.hop_by_hop_removed);
+        assert_eq!(h.headers["upgrade"], "websocket");
+    }
 
     fn parse(input: &[u8]) -> (Result<Option<ResponseHead>, HeadError>, BytesMut) {
         parse_for(input, &Method::GET)

@@ -73,6 +73,8 @@ pub struct Http1Conn {
     response_started: bool,
     /// The response said this connection carries no further request.
     must_close: bool,
+    /// The last response's `Keep-Alive` field.
+    keep_alive: Option<Bytes>,
     /// Something went wrong mid-exchange: never reuse.
     broken: bool,
     /// A body failure not reported yet (see [`Http1Conn::fail_body`]).
@@ -102,6 +104,7 @@ pub fn connect(
         decoding: None,
         response_started: false,
         must_close: false,
+        keep_alive: None,
         broken: false,
         failed_body: None,
         watch: watch.clone(),
@@ -115,6 +118,11 @@ impl Http1Conn {
     /// an error rather than as evidence of the upstream's keep-alive limits.
     pub fn is_closed(&self) -> bool {
         self.watch.lock().ended
+    }
+
+    /// The last response's `Keep-Alive` value.
+    pub fn keep_alive(&self) -> Option<&[u8]> {
+        self.keep_alive.as_deref()
     }
 
     /// The response head or its framing said the connection ends with it.
@@ -236,6 +244,7 @@ impl Http1Conn {
 
     fn start_body(&mut self, head: ResponseHead) -> Response<super::super::Payload> {
         self.must_close |= head.must_close;
+        self.keep_alive = head.keep_alive;
         self.decoding = match head.framing {
             Framing::None | Framing::Length(0) => None,
             Framing::Length(n) => Some(Decoding::Length(n)),
@@ -244,6 +253,7 @@ impl Http1Conn {
         };
         let mut resp = Response::new(super::super::Payload::Http1 {
             empty: self.decoding.is_none(),
+            hop_by_hop_removed: head.hop_by_hop_removed,
         });
         *resp.status_mut() = head.status;
         *resp.version_mut() = head.version;

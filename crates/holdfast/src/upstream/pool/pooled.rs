@@ -141,17 +141,30 @@ impl PooledConn {
         if self.is_shared() {
             return; // HTTP/2 has no Connection or Keep-Alive (RFC 9113 8.2.2).
         }
-        let connection_close = headers.get_all(http::header::CONNECTION).iter().any(|v| {
-            v.as_bytes()
-                .split(|&b| b == b',')
-                .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"close"))
-        }) || version == http::Version::HTTP_10
-            || matches!(&self.conn, Some(Conn { client: Client::Http1(c), .. }) if c.must_close());
-        const KEEP_ALIVE: http::HeaderName = http::HeaderName::from_static("keep-alive");
-        let keep_alive = headers
-            .get(&KEEP_ALIVE)
-            .map(|v| KeepAliveHint::parse(v.as_bytes()))
-            .unwrap_or_default();
+        let (connection_close, keep_alive) = match &self.conn {
+            // holdfast's own codec read both while parsing (and may have left the
+            // fields out of the map).
+            Some(Conn {
+                client: Client::Http1(c),
+                ..
+            }) => (
+                c.must_close(),
+                c.keep_alive().map(KeepAliveHint::parse).unwrap_or_default(),
+            ),
+            _ => {
+                let close = headers.get_all(http::header::CONNECTION).iter().any(|v| {
+                    v.as_bytes()
+                        .split(|&b| b == b',')
+                        .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"close"))
+                }) || version == http::Version::HTTP_10;
+                const KEEP_ALIVE: http::HeaderName = http::HeaderName::from_static("keep-alive");
+                let keep_alive = headers
+                    .get(&KEEP_ALIVE)
+                    .map(|v| KeepAliveHint::parse(v.as_bytes()))
+                    .unwrap_or_default();
+                (close, keep_alive)
+            }
+        };
         if let Some(secs) = keep_alive.timeout_secs {
             let learned = self.pool.lock().learner.on_announced_timeout(secs);
             self.pool.apply_learned(learned);
