@@ -151,14 +151,6 @@ fn kind_of(name: &[u8]) -> FieldKind {
     }
 }
 
-impl Span {
-    const EMPTY: Span = Span {
-        name: (0, 0),
-        value: (0, 0),
-        kind: FieldKind::EndToEnd,
-    };
-}
-
 /// What the first pass over the head learnt, before the head is split off the buffer.
 struct Scanned {
     len: usize,
@@ -187,8 +179,24 @@ pub fn parse_response_head(
     buf: &mut BytesMut,
     request_method: &Method,
 ) -> Result<Option<ResponseHead>, HeadError> {
-    let mut spans = [Span::EMPTY; MAX_HEADERS];
-    let Some(scanned) = scan_head(buf, request_method, &mut spans)? else {
+    parse_response_head_with(buf, request_method, &mut HeadScratch::default())
+}
+
+/// Room for where each field of a head lies, kept by a connection from one response
+/// to the next: a fresh array of [`MAX_HEADERS`] entries would be zeroed (2 KiB) for
+/// every response.
+#[derive(Debug, Default)]
+pub struct HeadScratch(Vec<Span>);
+
+/// [`parse_response_head`] with the connection's [`HeadScratch`].
+pub fn parse_response_head_with(
+    buf: &mut BytesMut,
+    request_method: &Method,
+    scratch: &mut HeadScratch,
+) -> Result<Option<ResponseHead>, HeadError> {
+    let spans = &mut scratch.0;
+    spans.clear();
+    let Some(scanned) = scan_head(buf, request_method, spans)? else {
         return Ok(None);
     };
     let head = buf.split_to(scanned.len).freeze();
@@ -200,7 +208,7 @@ pub fn parse_response_head(
         None => None,
     };
     let mut headers = HeaderMap::with_capacity(scanned.fields);
-    for span in &spans[..scanned.fields] {
+    for span in spans.iter() {
         if strip
             && (span.kind == FieldKind::HopByHop || span.kind == FieldKind::Trailer && !chunked)
         {
@@ -236,7 +244,7 @@ pub fn parse_response_head(
 fn scan_head(
     buf: &[u8],
     method: &Method,
-    spans: &mut [Span; MAX_HEADERS],
+    spans: &mut Vec<Span>,
 ) -> Result<Option<Scanned>, HeadError> {
     let mut fields = [MaybeUninit::uninit(); MAX_HEADERS];
     let mut response = httparse::Response::new(&mut []);
@@ -280,14 +288,15 @@ fn scan_head(
     // `Connection` names only `close` / `keep-alive`: no other field to remove.
     let mut connection_names_fields = false;
     let mut keep_alive = None;
-    for (field, span) in response.headers.iter().zip(spans.iter_mut()) {
+    for field in response.headers.iter() {
         let name = field.name.as_bytes();
         let kind = kind_of(name);
-        *span = Span {
+        let span = Span {
             name: span_of(buf, name).ok_or(HeadError::Invalid("header name"))?,
             value: span_of(buf, field.value).ok_or(HeadError::Invalid("header value"))?,
             kind,
         };
+        spans.push(span);
         if kind == FieldKind::EndToEnd {
             if name.eq_ignore_ascii_case(b"content-length") {
                 content_length.add(field.value);

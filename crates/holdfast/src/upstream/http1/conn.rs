@@ -57,6 +57,7 @@ pub struct Http1Conn {
     stream: Arc<Stream>,
     write_timeout: std::time::Duration,
     read_buf: BytesMut,
+    head_scratch: codec::HeadScratch,
     /// Request bytes not yet written, in order (head, body pieces, chunk framing).
     queue: VecDeque<Bytes>,
     scratch: BytesMut,
@@ -94,6 +95,7 @@ pub fn connect(
         stream: stream.clone(),
         write_timeout,
         read_buf: BytesMut::new(),
+        head_scratch: codec::HeadScratch::default(),
         queue: VecDeque::with_capacity(4),
         scratch: BytesMut::new(),
         body: None,
@@ -193,7 +195,11 @@ impl Http1Conn {
                 return Poll::Ready(Err(e));
             }
             let method = self.method_for_framing();
-            match codec::parse_response_head(&mut self.read_buf, &method) {
+            match codec::parse_response_head_with(
+                &mut self.read_buf,
+                &method,
+                &mut self.head_scratch,
+            ) {
                 Ok(Some(head)) if head.status.is_informational() && head.status.as_u16() != 101 => {
                     continue;
                 }
