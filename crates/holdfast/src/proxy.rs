@@ -29,7 +29,7 @@ use crate::route::RouteTable;
 use crate::upstream::error::{Delivery, Kind, UpstreamError};
 use crate::upstream::figures::CloseReason;
 use crate::upstream::pool::Client;
-use crate::upstream::{Exchange, Failure, FastCgiParams, Payload, Upstream, Upstreams};
+use crate::upstream::{Exchange, Failure, FastCgiParams, Payload, SetFields, Upstream, Upstreams};
 
 /// Routes and upstreams in force; replaced whole on reload.
 pub struct Routing {
@@ -202,7 +202,15 @@ impl Proxy {
                 }
             }
         }
-        prepare_request_headers(&mut parts, conn, &upstream, host, upgrade);
+        let set = prepare_request_headers(&mut parts, conn, &upstream, host, upgrade);
+        // Plain HTTP/1.1 writes them with the head; anything else needs them in the map
+        // (FastCGI params below read it too).
+        let set = if upstream.speaks_plain_http1() {
+            Some(set)
+        } else {
+            set.apply(&mut parts.headers);
+            None
+        };
         parts.version = http::Version::HTTP_11;
 
         let max_body = conn.listener.max_body_bytes.get();
@@ -293,7 +301,7 @@ impl Proxy {
         let total = upstream.config.timeouts.total.non_zero();
         let deadline = total.map(|t| start + t);
         // Pinned here so that both arms below share one copy of its (large) state.
-        let forwarded = upstream.forward(parts, body, deadline);
+        let forwarded = upstream.forward(parts, set, body, deadline);
         tokio::pin!(forwarded);
         let result = match deadline {
             None => forwarded.await,
@@ -507,17 +515,17 @@ fn request_host(req: &Request<Incoming>) -> Option<HeaderValue> {
         .cloned()
 }
 
+/// Removes what must not pass (hop-by-hop fields, `Expect`) and returns the fields
+/// holdfast sets: `X-Forwarded-*`, `TE: trailers`, `Host` (and `Via`), which
+/// [`SetFields::apply`] or the HTTP/1 encoder puts in.
 fn prepare_request_headers(
     parts: &mut http::request::Parts,
     conn: &ConnContext,
     upstream: &Upstream,
     original_host: Option<HeaderValue>,
     upgrade: bool,
-) {
+) -> SetFields {
     let h = &mut parts.headers;
-    // Room for X-Forwarded-For/-Proto/-Host, Via and Host at once, rather than a
-    // rehash each time the map fills up.
-    h.reserve(5);
     // `TE: trailers` is the one TE value worth passing on (RFC 9110 10.1.4).
     let te_trailers = h
         .get(header::TE)
@@ -525,12 +533,9 @@ fn prepare_request_headers(
     let trailer = headers::declared_trailers(h);
     headers::remove_hop_by_hop(h, upgrade);
     headers::restore_trailers(h, trailer);
-    if te_trailers {
-        h.insert(header::TE, HeaderValue::from_static("trailers"));
-    }
     // holdfast answered `Expect: 100-continue` itself when it began reading the body.
     h.remove(header::EXPECT);
-    headers::set_forwarded(
+    let forwarded = headers::forwarded(
         h,
         ClientFacts {
             ip: conn.remote.ip(),
@@ -540,14 +545,15 @@ fn prepare_request_headers(
         &conn.listener.trusted_proxies,
         original_host.as_ref(),
     );
-    headers::add_via(h);
-    let host_value = match upstream.config.host_header.as_str() {
+    let host = match upstream.config.host_header.as_str() {
         "client" => original_host.or_else(|| upstream_authority(upstream)),
         "upstream" => upstream_authority(upstream),
         literal => HeaderValue::try_from(literal).ok(),
     };
-    if let Some(v) = host_value {
-        h.insert(header::HOST, v);
+    SetFields {
+        forwarded,
+        te_trailers,
+        host,
     }
 }
 

@@ -70,6 +70,96 @@ pub enum Payload {
     FastCgi(bytes::Bytes),
 }
 
+/// Fields the proxy sets on a request, kept beside its head: holdfast's own HTTP/1.1
+/// encoder writes them as it writes the head (no header-map insertions, and no
+/// growth of the map), and [`SetFields::apply`] puts them into the map for every
+/// other protocol.
+#[derive(Debug, Clone, Default)]
+pub struct SetFields {
+    /// `X-Forwarded-For/-Proto/-Host`: see `proxy::headers::forwarded`.
+    pub forwarded: crate::proxy::headers::Forwarded,
+    /// `TE: trailers`, the one `TE` passed on (after hop-by-hop removal took it).
+    pub te_trailers: bool,
+    pub host: Option<http::HeaderValue>,
+}
+
+static TE_TRAILERS: http::HeaderValue = http::HeaderValue::from_static("trailers");
+static VIA: http::HeaderValue = http::HeaderValue::from_static(crate::proxy::headers::VIA_VALUE);
+static VIA_NAME: http::HeaderName = http::header::VIA;
+
+impl SetFields {
+    /// Puts the fields into `headers` (and `Via`).
+    pub fn apply(self, headers: &mut http::HeaderMap) {
+        use crate::proxy::headers::{X_FORWARDED_FOR, X_FORWARDED_HOST, X_FORWARDED_PROTO};
+        // Room for all of them at once, rather than a rehash each time the map fills.
+        headers.reserve(6);
+        if self.te_trailers {
+            headers.insert(http::header::TE, TE_TRAILERS.clone());
+        }
+        let f = self.forwarded;
+        if let Some(v) = f.xff {
+            headers.insert(X_FORWARDED_FOR, v);
+        }
+        if let Some(v) = f.xfp {
+            headers.insert(X_FORWARDED_PROTO, v);
+        }
+        match f.xfh {
+            Some(Some(v)) => {
+                headers.insert(X_FORWARDED_HOST, v);
+            }
+            Some(None) => {
+                headers.remove(X_FORWARDED_HOST);
+            }
+            None => {}
+        }
+        headers.append(http::header::VIA, VIA.clone());
+        if let Some(v) = self.host {
+            headers.insert(http::header::HOST, v);
+        }
+    }
+
+    /// The fields as [`http1::codec::encode_request_head_with`] takes them: replaced
+    /// ones (a `None` value removes); `Via` is [`SetFields::appended`].
+    pub fn replaced(&self) -> ([(&http::HeaderName, Option<&http::HeaderValue>); 5], usize) {
+        use crate::proxy::headers::{X_FORWARDED_FOR, X_FORWARDED_HOST, X_FORWARDED_PROTO};
+        static NAMES: [http::HeaderName; 5] = [
+            X_FORWARDED_FOR,
+            X_FORWARDED_PROTO,
+            X_FORWARDED_HOST,
+            http::header::HOST,
+            http::header::TE,
+        ];
+        let f = &self.forwarded;
+        let mut out = [(&NAMES[0], None); 5];
+        let mut n = 0;
+        let mut push = |name, value| {
+            out[n] = (name, value);
+            n += 1;
+        };
+        if let Some(v) = &f.xff {
+            push(&NAMES[0], Some(v));
+        }
+        if let Some(v) = &f.xfp {
+            push(&NAMES[1], Some(v));
+        }
+        if let Some(v) = &f.xfh {
+            push(&NAMES[2], v.as_ref());
+        }
+        if let Some(v) = &self.host {
+            push(&NAMES[3], Some(v));
+        }
+        if self.te_trailers {
+            push(&NAMES[4], Some(&TE_TRAILERS));
+        }
+        (out, n)
+    }
+
+    /// `Via`, appended after the request's own.
+    pub fn appended() -> [(&'static http::HeaderName, &'static http::HeaderValue); 1] {
+        [(&VIA_NAME, &VIA)]
+    }
+}
+
 /// CGI parameters for a FastCGI upstream, built by the proxy from the route and
 /// carried in the request's extensions.
 #[derive(Clone, Debug)]
@@ -128,6 +218,14 @@ impl Upstream {
         up
     }
 
+    /// Every connection of this upstream is plain HTTP/1.1, which holdfast speaks
+    /// itself (so [`SetFields`] can wait for the encoder).
+    pub fn speaks_plain_http1(&self) -> bool {
+        self.config.protocol() == crate::config::Protocol::Http1
+            && !self.config.uses_tls()
+            && self.config.effective_http_version() == crate::config::HttpVersion::Http1
+    }
+
     pub fn peers(&self) -> Arc<Vec<Arc<Peer>>> {
         self.peers.load_full()
     }
@@ -141,6 +239,7 @@ impl Upstream {
     pub async fn forward(
         &self,
         parts: http::request::Parts,
+        mut set: Option<SetFields>,
         body: RequestBody,
         total_deadline: Option<Instant>,
     ) -> Result<Exchange, Failure> {
@@ -212,7 +311,10 @@ impl Upstream {
             };
             let sent = if let Some(head) = parts.as_ref().filter(|_| conn.is_plain_http1()) {
                 // Sent from the borrowed head, which stays for another attempt.
-                let sent = tokio::time::timeout_at(by, send_http1(&mut conn, head, attempt_body));
+                let sent = tokio::time::timeout_at(
+                    by,
+                    send_http1(&mut conn, head, set.as_ref(), attempt_body),
+                );
                 match sent.await {
                     Ok(Err((e, returned))) => {
                         body = returned.or(body);
@@ -228,9 +330,12 @@ impl Upstream {
                 // whole from hyper.
                 let keep_head = !last_try
                     && (conn.is_shared() || replay == Replay::Safe && reused_since.is_some());
-                let Some(head) = parts.take() else {
+                let Some(mut head) = parts.take() else {
                     unreachable!("every attempt starts with the request head")
                 };
+                if let Some(set) = set.take() {
+                    set.apply(&mut head.headers);
+                }
                 if keep_head {
                     parts = Some(clone_parts(&head));
                 }
@@ -429,6 +534,7 @@ fn send(
 fn send_http1<'a>(
     conn: &'a mut PooledConn,
     head: &http::request::Parts,
+    set: Option<&SetFields>,
     body: RequestBody,
 ) -> impl Future<Output = Result<Response<Payload>, (UpstreamError, Option<RequestBody>)>> + Send + 'a
 {
@@ -436,7 +542,7 @@ fn send_http1<'a>(
     let Client::Http1(c) = conn.client() else {
         unreachable!("send_http1 is only called for plain HTTP/1.1")
     };
-    match c.begin(head, body) {
+    match c.begin(head, set, body) {
         Ok(()) => Either::Left(std::future::poll_fn(move |cx| {
             c.poll_response(cx).map_err(|e| (e, None))
         })),
@@ -450,7 +556,7 @@ async fn send_other(conn: &mut PooledConn, req: Request<RequestBody>) -> SendRes
     match conn.client() {
         Client::Http1(c) => {
             let (head, body) = req.into_parts();
-            if let Err((e, body)) = c.begin(&head, body) {
+            if let Err((e, body)) = c.begin(&head, None, body) {
                 return Err((e, Some(Request::from_parts(head, body))));
             }
             std::future::poll_fn(|cx| c.poll_response(cx))

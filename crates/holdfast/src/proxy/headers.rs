@@ -144,18 +144,56 @@ pub struct ClientFacts<'a> {
     pub tls: bool,
 }
 
-/// Sets `X-Forwarded-For/-Proto/-Host`. From a trusted proxy the incoming values are
-/// kept (and `-For` extended); from anyone else they are replaced, so a client cannot
-/// forge its address.
+pub const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+pub const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+pub const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+
+/// The `X-Forwarded-For/-Proto/-Host` values to set; `None` keeps what the request
+/// has, `Some(None)` (`-Host` only) removes it.
+#[derive(Debug, Clone, Default)]
+pub struct Forwarded {
+    pub xff: Option<HeaderValue>,
+    pub xfp: Option<HeaderValue>,
+    pub xfh: Option<Option<HeaderValue>>,
+}
+
+/// Sets `X-Forwarded-For/-Proto/-Host` (see [`forwarded`]).
 pub fn set_forwarded(
     headers: &mut HeaderMap,
     client: ClientFacts<'_>,
     trusted: &[IpNet],
     host: Option<&HeaderValue>,
 ) {
-    const XFF: HeaderName = HeaderName::from_static("x-forwarded-for");
-    const XFP: HeaderName = HeaderName::from_static("x-forwarded-proto");
-    const XFH: HeaderName = HeaderName::from_static("x-forwarded-host");
+    let f = forwarded(headers, client, trusted, host);
+    if let Some(v) = f.xff {
+        headers.insert(X_FORWARDED_FOR, v);
+    }
+    if let Some(v) = f.xfp {
+        headers.insert(X_FORWARDED_PROTO, v);
+    }
+    match f.xfh {
+        Some(Some(v)) => {
+            headers.insert(X_FORWARDED_HOST, v);
+        }
+        Some(None) => {
+            headers.remove(X_FORWARDED_HOST);
+        }
+        None => {}
+    }
+}
+
+/// `X-Forwarded-For/-Proto/-Host` for a request. From a trusted proxy the incoming
+/// values are kept (and `-For` extended); from anyone else they are replaced, so a
+/// client cannot forge its address.
+pub fn forwarded(
+    headers: &HeaderMap,
+    client: ClientFacts<'_>,
+    trusted: &[IpNet],
+    host: Option<&HeaderValue>,
+) -> Forwarded {
+    const XFF: HeaderName = X_FORWARDED_FOR;
+    const XFP: HeaderName = X_FORWARDED_PROTO;
+    const XFH: HeaderName = X_FORWARDED_HOST;
     let trusted = !trusted.is_empty() && trusted.iter().any(|n| n.contains(&client.ip));
     let prior: Option<String> = if trusted {
         let parts: Vec<&str> = headers
@@ -171,25 +209,10 @@ pub fn set_forwarded(
         Some(p) => HeaderValue::try_from(format!("{p}, {}", client.ip)).ok(),
         None => Some(client.ip_value.clone()),
     };
-    if let Some(v) = xff {
-        headers.insert(XFF, v);
-    }
-    if !(trusted && headers.contains_key(&XFP)) {
-        headers.insert(
-            XFP,
-            HeaderValue::from_static(if client.tls { "https" } else { "http" }),
-        );
-    }
-    if !(trusted && headers.contains_key(&XFH)) {
-        match host {
-            Some(h) => {
-                headers.insert(XFH, h.clone());
-            }
-            None => {
-                headers.remove(XFH);
-            }
-        }
-    }
+    let xfp = (!(trusted && headers.contains_key(&XFP)))
+        .then(|| HeaderValue::from_static(if client.tls { "https" } else { "http" }));
+    let xfh = (!(trusted && headers.contains_key(&XFH))).then(|| host.cloned());
+    Forwarded { xff, xfp, xfh }
 }
 
 #[cfg(test)]

@@ -29,6 +29,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use super::codec::{self, ChunkedDecoder, Framing, RequestFraming, ResponseHead};
 use crate::body::{BodyTooLarge, RequestBody};
+use crate::upstream::SetFields;
 use crate::upstream::error::{Delivery, Kind, UpstreamError};
 use crate::upstream::figures::CloseReason;
 use crate::upstream::io::{Stream, UpstreamIo};
@@ -138,10 +139,12 @@ impl Http1Conn {
     /// # Errors
     /// The connection was found closed: nothing was sent, and the body comes back
     /// for another attempt.
-    /// The head is only read: the caller keeps it for another attempt.
+    /// The head is only read: the caller keeps it for another attempt. `set` are
+    /// fields the proxy sets, written along with the head's own.
     pub fn begin(
         &mut self,
         parts: &http::request::Parts,
+        set: Option<&SetFields>,
         body: RequestBody,
     ) -> Result<(), (UpstreamError, RequestBody)> {
         if self.broken || !self.watch.begin() {
@@ -151,13 +154,27 @@ impl Http1Conn {
         }
         let framing = request_framing(&parts.headers, &body);
         let target = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-        codec::encode_request_head(
-            &mut self.scratch,
-            &parts.method,
-            target,
-            &parts.headers,
-            framing,
-        );
+        match set {
+            Some(set) => {
+                let (replaced, n) = set.replaced();
+                codec::encode_request_head_with(
+                    &mut self.scratch,
+                    &parts.method,
+                    target,
+                    &parts.headers,
+                    framing,
+                    &replaced[..n],
+                    &SetFields::appended(),
+                );
+            }
+            None => codec::encode_request_head(
+                &mut self.scratch,
+                &parts.method,
+                target,
+                &parts.headers,
+                framing,
+            ),
+        }
         self.queue.push_back(self.scratch.split().freeze());
         self.chunked = framing == RequestFraming::Chunked;
         self.body = match body {
