@@ -8,7 +8,7 @@
 //! a task of its own, which costs about a third of a small request's user-space
 //! instructions in hand-offs).
 //!
-//! While the connection is idle in the pool, its driver task ([`watch_idle`]) is
+//! While the connection is idle in the pool, its driver task (`watch_idle`) is
 //! the one registered for the socket's readability, so a FIN, a reset or stray
 //! bytes end the connection at once, as hyper's driver did. The hand-over costs no
 //! wake-up: parking ([`Http1Conn::park`]) registers the driver's waker with the
