@@ -1849,3 +1849,113 @@ mod tests {
         }
     }
 }
+
+/// Upstream bytes are untrusted: whatever arrives, in whatever pieces, the codec
+/// answers without panicking, and how a valid response is cut into reads does not
+/// change what it yields.
+#[cfg(test)]
+mod properties {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    /// Feeds `input` to a chunked decoder in `pieces`; the body and trailers, or the
+    /// first error.
+    fn decode_in_pieces(
+        input: &[u8],
+        cuts: &[usize],
+    ) -> Result<(Vec<u8>, Option<HeaderMap>, bool), ChunkError> {
+        let mut decoder = ChunkedDecoder::new();
+        let mut buf = BytesMut::new();
+        let mut body = Vec::new();
+        let mut trailers = None;
+        let mut at = 0;
+        let mut bounds: Vec<usize> = cuts.iter().map(|c| c % (input.len() + 1)).collect();
+        bounds.sort_unstable();
+        bounds.push(input.len());
+        for end in bounds {
+            if end < at {
+                continue;
+            }
+            buf.extend_from_slice(&input[at..end]);
+            at = end;
+            // Bounded: every step consumes bytes or stops.
+            for _ in 0..input.len() + 2 {
+                match decoder.decode(&mut buf)? {
+                    Chunk::Data(d) => body.extend_from_slice(&d),
+                    Chunk::Trailers(t) => trailers = Some(t),
+                    Chunk::End => return Ok((body, trailers, true)),
+                    Chunk::More => break,
+                }
+            }
+        }
+        Ok((body, trailers, false))
+    }
+
+    fn chunked(data: &[u8], sizes: &[usize], trailer: bool) -> Vec<u8> {
+        let mut out = Vec::new();
+        let mut rest = data;
+        let mut i = 0;
+        while !rest.is_empty() {
+            let n = sizes.get(i).copied().unwrap_or(7).clamp(1, rest.len());
+            out.extend_from_slice(format!("{n:x}\r\n").as_bytes());
+            out.extend_from_slice(&rest[..n]);
+            out.extend_from_slice(b"\r\n");
+            rest = &rest[n..];
+            i += 1;
+        }
+        out.extend_from_slice(b"0\r\n");
+        if trailer {
+            out.extend_from_slice(b"x-sum: 42\r\n");
+        }
+        out.extend_from_slice(b"\r\n");
+        out
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..600)) {
+            let mut buf = BytesMut::from(&bytes[..]);
+            let _ = parse_response_head(&mut buf, &Method::GET);
+            let mut with_head = b"HTTP/1.1 200 OK\r\n".to_vec();
+            with_head.extend_from_slice(&bytes);
+            let _ = parse_response_head(&mut BytesMut::from(&with_head[..]), &Method::GET);
+            let _ = decode_in_pieces(&bytes, &[bytes.len() / 3]);
+        }
+
+        #[test]
+        fn how_a_chunked_body_is_cut_into_reads_changes_nothing(
+            data in proptest::collection::vec(any::<u8>(), 0..300),
+            sizes in proptest::collection::vec(1usize..40, 0..20),
+            cuts in proptest::collection::vec(any::<usize>(), 0..12),
+            trailer in any::<bool>(),
+        ) {
+            let wire = chunked(&data, &sizes, trailer);
+            let (body, trailers, ended) = decode_in_pieces(&wire, &cuts).expect("valid body");
+            prop_assert!(ended);
+            prop_assert_eq!(body, data);
+            prop_assert_eq!(trailers.is_some(), trailer);
+        }
+
+        #[test]
+        fn how_a_head_is_cut_into_reads_changes_nothing(cut in 0usize..200) {
+            let wire: &[u8] = b"HTTP/1.1 200 OK\r\nserver: x\r\ncontent-length: 5\r\n\
+                connection: keep-alive\r\nkeep-alive: timeout=5\r\n\r\nhello";
+            let cut = cut.min(wire.len());
+            let mut buf = BytesMut::from(&wire[..cut]);
+            let mut parsed = parse_response_head(&mut buf, &Method::GET).expect("valid so far");
+            if parsed.is_none() {
+                buf.extend_from_slice(&wire[cut..]);
+                parsed = parse_response_head(&mut buf, &Method::GET).expect("valid");
+            } else {
+                buf.extend_from_slice(&wire[cut..]);
+            }
+            let head = parsed.expect("complete");
+            prop_assert_eq!(head.framing, Framing::Length(5));
+            prop_assert_eq!(head.headers.len(), 2);
+            prop_assert_eq!(&buf[..], b"hello");
+        }
+    }
+}
