@@ -1,13 +1,13 @@
 //! The drain signal every listener and client connection watches, and the count of
 //! open client connections the process waits on before it exits.
 
-use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker};
 
+use slab::Slab;
 use tokio::sync::Notify;
 
 /// The process's phase, as client connections see it.
@@ -35,8 +35,9 @@ pub struct DrainWatch(Arc<DrainShared>);
 #[derive(Debug, Default)]
 struct DrainShared {
     draining: AtomicBool,
-    next_key: AtomicU64,
-    waiters: Mutex<HashMap<u64, Waker>>,
+    /// A slab rather than a map: registering is an index, not a hash, and every new
+    /// client connection registers once.
+    waiters: Mutex<Slab<Waker>>,
 }
 
 pub fn channel() -> (DrainSignal, DrainWatch) {
@@ -83,7 +84,7 @@ impl DrainWatch {
 pub struct Draining<'a> {
     shared: &'a DrainShared,
     /// This future's entry in `waiters`, once registered.
-    key: Option<u64>,
+    key: Option<usize>,
     /// A copy of the registered waker, to see without the lock that it still fits.
     waker: Option<Waker>,
 }
@@ -99,10 +100,13 @@ impl Future for Draining<'_> {
         if this.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
             return Poll::Pending;
         }
-        let key = *this
-            .key
-            .get_or_insert_with(|| this.shared.next_key.fetch_add(1, Ordering::Relaxed));
-        lock(&this.shared.waiters).insert(key, cx.waker().clone());
+        {
+            let mut waiters = lock(&this.shared.waiters);
+            match this.key.and_then(|k| waiters.get_mut(k)) {
+                Some(slot) => slot.clone_from(cx.waker()),
+                None => this.key = Some(waiters.insert(cx.waker().clone())),
+            }
+        }
         this.waker = Some(cx.waker().clone());
         // The drain may have started, and taken the waiters, just before the insert.
         if this.shared.draining.load(Ordering::Acquire) {
@@ -115,7 +119,9 @@ impl Future for Draining<'_> {
 impl Drop for Draining<'_> {
     fn drop(&mut self) {
         if let Some(key) = self.key {
-            lock(&self.shared.waiters).remove(&key);
+            // After a drain took the waiters the key may name someone else's entry:
+            // harmless then, since nobody waits for anything but the drain.
+            lock(&self.shared.waiters).try_remove(key);
         }
     }
 }
