@@ -90,28 +90,12 @@ static VIA_NAME: http::HeaderName = http::header::VIA;
 impl SetFields {
     /// Puts the fields into `headers` (and `Via`).
     pub fn apply(self, headers: &mut http::HeaderMap) {
-        use crate::proxy::headers::{X_FORWARDED_FOR, X_FORWARDED_HOST, X_FORWARDED_PROTO};
         // Room for all of them at once, rather than a rehash each time the map fills.
         headers.reserve(6);
         if self.te_trailers {
             headers.insert(http::header::TE, TE_TRAILERS.clone());
         }
-        let f = self.forwarded;
-        if let Some(v) = f.xff {
-            headers.insert(X_FORWARDED_FOR, v);
-        }
-        if let Some(v) = f.xfp {
-            headers.insert(X_FORWARDED_PROTO, v);
-        }
-        match f.xfh {
-            Some(Some(v)) => {
-                headers.insert(X_FORWARDED_HOST, v);
-            }
-            Some(None) => {
-                headers.remove(X_FORWARDED_HOST);
-            }
-            None => {}
-        }
+        crate::proxy::headers::insert_forwarded(headers, self.forwarded);
         headers.append(http::header::VIA, VIA.clone());
         if let Some(v) = self.host {
             headers.insert(http::header::HOST, v);

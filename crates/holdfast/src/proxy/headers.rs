@@ -165,6 +165,11 @@ pub fn set_forwarded(
     host: Option<&HeaderValue>,
 ) {
     let f = forwarded(headers, client, trusted, host);
+    insert_forwarded(headers, f);
+}
+
+/// Puts [`Forwarded`] values into `headers`.
+pub fn insert_forwarded(headers: &mut HeaderMap, f: Forwarded) {
     if let Some(v) = f.xff {
         headers.insert(X_FORWARDED_FOR, v);
     }
