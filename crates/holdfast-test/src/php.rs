@@ -323,6 +323,9 @@ impl PhpFpm {
         let mut pause = Duration::from_millis(2);
         // Bounded by the startup deadline. php-fpm writes its PID file after binding
         // its sockets: "our PID in the file and both addresses accept" means it is ours.
+        // The kernel accepts before the workers exist, so ready also means every
+        // worker of both static pools is running.
+        let workers = 2 * self.options.max_children.max(1);
         loop {
             if let Some(status) = self.exited() {
                 self.child = None;
@@ -335,12 +338,14 @@ impl PhpFpm {
             if read_pid_file(&pid_file) == Some(self.pid)
                 && TcpStream::connect(self.addr).await.is_ok()
                 && UnixStream::connect(&self.socket_path).await.is_ok()
+                && sys::children_of(self.pid).len() >= workers
             {
                 return Ok(());
             }
             if Instant::now() >= deadline {
                 let why = format!(
-                    "php-fpm did not accept connections on {} and {} within {:?}",
+                    "php-fpm did not accept connections on {} and {} with {workers} workers \
+                     running within {:?}",
                     self.addr,
                     self.socket_path.display(),
                     self.options.startup_timeout
