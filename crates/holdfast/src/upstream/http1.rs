@@ -9,7 +9,8 @@
 //! bytes on an idle one end it before anyone can take it (verified by
 //! `tests/pool.rs`).
 
-pub mod codec;
+/// The sans-I/O codec, in its own crate (`holdfast-http1`) so that it is fuzzed alone.
+pub use holdfast_http1 as codec;
 pub mod conn;
 
 use std::sync::Arc;

@@ -3,9 +3,10 @@
 //!
 //! holdfast speaks HTTP/1.1 to its upstreams itself, so that the task serving a request
 //! reads and writes the pooled connection directly, with no background driver task
-//! between it and the socket; hyper stays the client-facing server. This module is the
+//! between it and the socket; hyper stays the client-facing server. This crate is the
 //! protocol half of that: it does no I/O, keeps no connection state beyond one chunked
-//! body, and never panics on what an upstream sends. The connection type drives it.
+//! body, and never panics on what an upstream sends. holdfast's
+//! `upstream/http1/conn.rs` drives it over the pooled socket.
 //!
 //! What it owns, by RFC 9112 section:
 //! - 3: the request line (origin-form target) and 5: the request's field lines, with the
