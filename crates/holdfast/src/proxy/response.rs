@@ -139,6 +139,8 @@ pub(crate) struct UpstreamBody {
     timer: Option<Pin<Box<Sleep>>>,
     armed: bool,
     done: bool,
+    /// A failure of the upstream body not reported to hyper yet (see `poll_frame`).
+    failed: Option<BoxError>,
     bytes: u64,
     log: Option<AccessRecord>,
     /// Counted in the route's figures when the body ends or is dropped.
@@ -169,6 +171,7 @@ impl UpstreamBody {
             timer: None,
             armed: false,
             done: false,
+            failed: None,
             bytes: 0,
             log,
             tally: Some(tally),
@@ -190,6 +193,12 @@ impl UpstreamBody {
 
     fn fail(&mut self, reason: CloseReason, what: &'static str) {
         self.done = true;
+        self.close(reason, what);
+    }
+
+    /// Closes the connection and records why, leaving `done` (and so
+    /// `is_end_stream`) as it is.
+    fn close(&mut self, reason: CloseReason, what: &'static str) {
         if let Some(mut conn) = self.conn.take() {
             conn.set_close_reason(reason);
         }
@@ -199,6 +208,10 @@ impl UpstreamBody {
     }
 
     fn poll_frame(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        if let Some(e) = self.failed.take() {
+            self.done = true;
+            return Poll::Ready(Some(Err(e)));
+        }
         if self.done && self.conn.is_none() && self.body.is_end_stream() {
             return Poll::Ready(None);
         }
@@ -220,9 +233,16 @@ impl UpstreamBody {
                 Poll::Ready(None)
             }
             Poll::Ready(Some(Err(e))) => {
+                // Reported one poll late: hyper's server writes out what it has
+                // buffered (the head, earlier chunks) when the body says `Pending`,
+                // but drops it when the body fails, and the client must see the
+                // response cut short, not missing. Not `done` meanwhile, so that
+                // `is_end_stream` cannot pass the cut body off as complete.
                 tracing::warn!(error = %e, "upstream response body failed");
-                self.fail(CloseReason::Error, "upstream_body_error");
-                Poll::Ready(Some(Err(e)))
+                self.close(CloseReason::Error, "upstream_body_error");
+                self.failed = Some(e);
+                cx.waker().wake_by_ref();
+                Poll::Pending
             }
             Poll::Pending => self.poll_deadline(cx),
         }
@@ -312,7 +332,7 @@ use std::future::Future as _;
 
 impl Drop for UpstreamBody {
     fn drop(&mut self) {
-        if !self.done {
+        if !self.done && self.failed.is_none() {
             // The client went away mid-body: the connection is dropped (closed), never
             // pooled half-read.
             self.fail(CloseReason::Abandoned, "client_gone");

@@ -85,8 +85,6 @@ pub struct Http1Conn {
     keep_alive: Option<Bytes>,
     /// Something went wrong mid-exchange: never reuse.
     broken: bool,
-    /// A body failure not reported yet (see [`Http1Conn::fail_body`]).
-    failed_body: Option<UpstreamError>,
     watch: Arc<IdleWatch>,
 }
 
@@ -116,7 +114,6 @@ pub fn connect(
         must_close: false,
         keep_alive: None,
         broken: false,
-        failed_body: None,
         watch: watch.clone(),
     };
     (conn, watch_idle(stream, watch))
@@ -317,9 +314,6 @@ impl Http1Conn {
         &mut self,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, UpstreamError>>> {
-        if let Some(e) = self.failed_body.take() {
-            return Poll::Ready(Some(Err(e)));
-        }
         if !self.request_done {
             // `Ready` without `request_done` is a failed write: the upstream stopped
             // taking the request (it answered early). Its response is still read to
@@ -360,7 +354,7 @@ impl Http1Conn {
                     Err(e) => {
                         let e =
                             UpstreamError::new(Kind::Protocol, Delivery::MaybeSent).with_cause(e);
-                        return self.fail_body(cx, e);
+                        return self.fail_body(e);
                     }
                 },
                 Decoding::UntilClose => {
@@ -377,30 +371,24 @@ impl Http1Conn {
                     }
                     let e = UpstreamError::new(Kind::Io, Delivery::MaybeSent)
                         .with_cause("upstream closed the connection in the middle of the body");
-                    return self.fail_body(cx, e);
+                    return self.fail_body(e);
                 }
                 Ok(_) => {}
                 Err(e) => {
                     let e = UpstreamError::new(Kind::Io, Delivery::MaybeSent).with_cause(e);
-                    return self.fail_body(cx, e);
+                    return self.fail_body(e);
                 }
             }
         }
     }
 
-    /// Reports a failed body one poll late: hyper's server writes out what it has
-    /// buffered (the head, earlier chunks) when the body says `Pending`, but drops it
-    /// when the body fails, and the client must see the response cut short, not
-    /// missing.
+    /// The body failed: the connection is never reused.
     fn fail_body(
         &mut self,
-        cx: &mut Context<'_>,
         error: UpstreamError,
     ) -> Poll<Option<Result<Frame<Bytes>, UpstreamError>>> {
         self.broken = true;
-        self.failed_body = Some(error);
-        cx.waker().wake_by_ref();
-        Poll::Pending
+        Poll::Ready(Some(Err(error)))
     }
 
     fn end_body(&mut self) {
