@@ -157,17 +157,6 @@ pub struct Forwarded {
     pub xfh: Option<Option<HeaderValue>>,
 }
 
-/// Sets `X-Forwarded-For/-Proto/-Host` (see [`forwarded`]).
-pub fn set_forwarded(
-    headers: &mut HeaderMap,
-    client: ClientFacts<'_>,
-    trusted: &[IpNet],
-    host: Option<&HeaderValue>,
-) {
-    let f = forwarded(headers, client, trusted, host);
-    insert_forwarded(headers, f);
-}
-
 /// Puts [`Forwarded`] values into `headers`.
 pub fn insert_forwarded(headers: &mut HeaderMap, f: Forwarded) {
     if let Some(v) = f.xff {
@@ -223,6 +212,17 @@ pub fn forwarded(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// What `SetFields::apply` does with the `X-Forwarded-*` fields.
+    fn set_forwarded(
+        headers: &mut HeaderMap,
+        client: ClientFacts<'_>,
+        trusted: &[IpNet],
+        host: Option<&HeaderValue>,
+    ) {
+        let f = forwarded(headers, client, trusted, host);
+        insert_forwarded(headers, f);
+    }
 
     fn map(pairs: &[(&str, &str)]) -> HeaderMap {
         let mut h = HeaderMap::new();

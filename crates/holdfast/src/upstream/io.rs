@@ -65,12 +65,7 @@ impl Stream {
             Stream::Tcp(s) => SockRef::from(s).peek(&mut byte),
             Stream::Unix(s) => SockRef::from(s).peek(&mut byte),
         };
-        match res {
-            Ok(0) => IdleProbe::Closed,
-            Ok(_) => IdleProbe::UnexpectedBytes,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => IdleProbe::Quiet,
-            Err(_) => IdleProbe::Failed,
-        }
+        idle_probe(res).unwrap_or(IdleProbe::Quiet)
     }
 
     /// Waits until an idle connection shows anything: a FIN, bytes, or an error.
@@ -79,28 +74,17 @@ impl Stream {
     /// # Cancel safety
     /// Cancel safe: it consumes nothing.
     pub async fn idle_event(&self) -> IdleProbe {
-        let mut byte = [std::mem::MaybeUninit::<u8>::uninit(); 1];
         loop {
-            let res = match self {
-                Stream::Tcp(s) => match s.readable().await {
-                    Ok(()) => s.try_io(tokio::io::Interest::READABLE, || {
-                        SockRef::from(s).peek(&mut byte)
-                    }),
-                    Err(e) => Err(e),
-                },
-                Stream::Unix(s) => match s.readable().await {
-                    Ok(()) => s.try_io(tokio::io::Interest::READABLE, || {
-                        SockRef::from(s).peek(&mut byte)
-                    }),
-                    Err(e) => Err(e),
-                },
+            let ready = match self {
+                Stream::Tcp(s) => s.readable().await,
+                Stream::Unix(s) => s.readable().await,
             };
-            return match res {
-                Ok(0) => IdleProbe::Closed,
-                Ok(_) => IdleProbe::UnexpectedBytes,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                Err(_) => IdleProbe::Failed,
-            };
+            if ready.is_err() {
+                return IdleProbe::Failed;
+            }
+            if let Some(probe) = self.peek_ready() {
+                return probe;
+            }
         }
     }
 
@@ -108,29 +92,31 @@ impl Stream {
     /// socket's next event. A connection parks by registering its driver's waker
     /// here, so no task runs for it until something happens.
     pub fn poll_idle(&self, cx: &mut Context<'_>) -> Poll<IdleProbe> {
-        let mut byte = [std::mem::MaybeUninit::<u8>::uninit(); 1];
         loop {
             match self.poll_read_ready(cx) {
                 Poll::Pending => return Poll::Pending,
                 Poll::Ready(Err(_)) => return Poll::Ready(IdleProbe::Failed),
                 Poll::Ready(Ok(())) => {}
             }
-            let res = match self {
-                Stream::Tcp(s) => s.try_io(tokio::io::Interest::READABLE, || {
-                    SockRef::from(s).peek(&mut byte)
-                }),
-                Stream::Unix(s) => s.try_io(tokio::io::Interest::READABLE, || {
-                    SockRef::from(s).peek(&mut byte)
-                }),
-            };
-            return Poll::Ready(match res {
-                Ok(0) => IdleProbe::Closed,
-                Ok(_) => IdleProbe::UnexpectedBytes,
-                // Readiness left over from the last exchange, now cleared.
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                Err(_) => IdleProbe::Failed,
-            });
+            if let Some(probe) = self.peek_ready() {
+                return Poll::Ready(probe);
+            }
         }
+    }
+
+    /// Peeks at a socket reported readable; `None` when the readiness was left over
+    /// from the last exchange (the peek would block), which this clears.
+    fn peek_ready(&self) -> Option<IdleProbe> {
+        let mut byte = [std::mem::MaybeUninit::<u8>::uninit(); 1];
+        let res = match self {
+            Stream::Tcp(s) => s.try_io(tokio::io::Interest::READABLE, || {
+                SockRef::from(s).peek(&mut byte)
+            }),
+            Stream::Unix(s) => s.try_io(tokio::io::Interest::READABLE, || {
+                SockRef::from(s).peek(&mut byte)
+            }),
+        };
+        idle_probe(res)
     }
 
     /// Writes what fits right now without waiting (a last word before closing).
@@ -205,6 +191,16 @@ impl Stream {
             Err(e) if e.kind() == io::ErrorKind::NotConnected => Ok(()),
             other => other,
         }
+    }
+}
+
+/// What a one-byte peek at an idle connection says; `None` for "would block".
+fn idle_probe(peeked: io::Result<usize>) -> Option<IdleProbe> {
+    match peeked {
+        Ok(0) => Some(IdleProbe::Closed),
+        Ok(_) => Some(IdleProbe::UnexpectedBytes),
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => None,
+        Err(_) => Some(IdleProbe::Failed),
     }
 }
 
