@@ -1303,47 +1303,25 @@ mod tests {
 
     #[test]
     fn invalid_heads() {
-        assert!(matches!(
-            error(b"HTTP/1.1 099 Low\r\n\r\n"),
-            HeadError::Invalid(_)
-        ));
-        assert!(matches!(
-            error(b"HTTP/1.1 20 OK\r\n\r\n"),
-            HeadError::Invalid(_)
-        ));
-        assert!(matches!(
-            error(b"HTTP/2.0 200 OK\r\n\r\n"),
-            HeadError::Invalid(_)
-        ));
-        assert!(matches!(
-            error(b"HTTP/1.2 200 OK\r\n\r\n"),
-            HeadError::Invalid(_)
-        ));
-        assert!(matches!(
-            error(b"ICY 200 OK\r\n\r\n"),
-            HeadError::Invalid(_)
-        ));
-        assert!(matches!(
-            error(b"HTTP/1.1 200 OK\r\nBad Name: x\r\n\r\n"),
-            HeadError::Invalid(_)
-        ));
-        assert!(matches!(
-            error(b"HTTP/1.1 200 OK\r\nX: a\x00b\r\n\r\n"),
-            HeadError::Invalid(_)
-        ));
-        assert!(matches!(
-            error(b"HTTP/1.1 200 OK\r\nX: a\x7fb\r\n\r\n"),
-            HeadError::Invalid(_)
-        ));
-        // Obsolete line folding.
-        assert!(matches!(
-            error(b"HTTP/1.1 200 OK\r\nX: a\r\n b\r\n\r\n"),
-            HeadError::Invalid(_)
-        ));
-        assert!(matches!(
-            error(b"HTTP/1.1 200 OK\r\n : x\r\n\r\n"),
-            HeadError::Invalid(_)
-        ));
+        for input in [
+            &b"HTTP/1.1 099 Low\r\n\r\n"[..],
+            &b"HTTP/1.1 20 OK\r\n\r\n"[..],
+            &b"HTTP/2.0 200 OK\r\n\r\n"[..],
+            &b"HTTP/1.2 200 OK\r\n\r\n"[..],
+            &b"ICY 200 OK\r\n\r\n"[..],
+            &b"HTTP/1.1 200 OK\r\nBad Name: x\r\n\r\n"[..],
+            &b"HTTP/1.1 200 OK\r\nX: a\x00b\r\n\r\n"[..],
+            &b"HTTP/1.1 200 OK\r\nX: a\x7fb\r\n\r\n"[..],
+            // Obsolete line folding.
+            &b"HTTP/1.1 200 OK\r\nX: a\r\n b\r\n\r\n"[..],
+            &b"HTTP/1.1 200 OK\r\n : x\r\n\r\n"[..],
+        ] {
+            assert!(
+                matches!(error(input), HeadError::Invalid(_)),
+                "{}",
+                String::from_utf8_lossy(input)
+            );
+        }
         assert_eq!(
             error(b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n").to_string(),
             "invalid response head: content-length"
