@@ -273,6 +273,25 @@ H2LOAD_WORKLOADS = {
 }
 
 
+def add_h2load_args(ap, out_suffix):
+    """The flags syscalls.py and instructions.py share (after their own)."""
+    ap.add_argument("--holdfast", help="holdfast binary (default: see README)")
+    ap.add_argument("--proxy-cpus", default="0")
+    ap.add_argument("--load-cpus", default="1")
+    ap.add_argument("--out",
+                    help=f"results dir (default bench/results/<timestamp>-{out_suffix})")
+
+
+def split_h2load_args(ap, args):
+    """Turns --targets and --workloads into lists; unknown workloads are errors."""
+    args.targets = [t for t in args.targets.split(",") if t]
+    args.workloads = [w for w in args.workloads.split(",") if w]
+    for w in args.workloads:
+        if w not in H2LOAD_WORKLOADS:
+            ap.error(f"unknown workload {w!r}")
+    return args
+
+
 def h2load_argv(workload, connections, load_cpus):
     """h2load over HTTP/1.1 keep-alive connections, pinned to `load_cpus`, with the
     workload's POST body if it has one; append `-n N URL`."""

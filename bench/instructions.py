@@ -58,19 +58,11 @@ def parse_args():
                     help="comma list: nginx, holdfast (default nginx,holdfast)")
     ap.add_argument("--workloads", default="get-1k,post-4k",
                     help=f"comma list of {', '.join(WORKLOADS)} (default get-1k,post-4k)")
-    ap.add_argument("--holdfast", help="holdfast binary (default: see README)")
-    ap.add_argument("--proxy-cpus", default="0")
-    ap.add_argument("--load-cpus", default="1")
-    ap.add_argument("--out", help="results dir (default bench/results/<timestamp>-instructions)")
-    args = ap.parse_args()
-    args.targets = [t for t in args.targets.split(",") if t]
-    args.workloads = [w for w in args.workloads.split(",") if w]
+    H.add_h2load_args(ap, "instructions")
+    args = H.split_h2load_args(ap, ap.parse_args())
     for t in args.targets:
         if t not in ALLOC_FUNCS:
             ap.error(f"unknown target {t!r}; known: {', '.join(ALLOC_FUNCS)}")
-    for w in args.workloads:
-        if w not in WORKLOADS:
-            ap.error(f"unknown workload {w!r}")
     return args
 
 

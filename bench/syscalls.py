@@ -38,18 +38,9 @@ def parse_args():
     ap.add_argument("--workloads", default="get-1k,get-1m,post-4k",
                     help=f"comma list of {', '.join(WORKLOADS)} (default get-1k,get-1m,post-4k)")
     ap.add_argument("--top", type=int, default=8, help="syscalls listed per run (8)")
-    ap.add_argument("--holdfast", help="holdfast binary (default: see README)")
-    ap.add_argument("--proxy-cpus", default="0")
-    ap.add_argument("--load-cpus", default="1")
     ap.add_argument("--all-cpus", default="0,1")
-    ap.add_argument("--out", help="results dir (default bench/results/<timestamp>-syscalls)")
-    args = ap.parse_args()
-    args.targets = [t for t in args.targets.split(",") if t]
-    args.workloads = [w for w in args.workloads.split(",") if w]
-    for w in args.workloads:
-        if w not in WORKLOADS:
-            ap.error(f"unknown workload {w!r}")
-    return args
+    H.add_h2load_args(ap, "syscalls")
+    return H.split_h2load_args(ap, ap.parse_args())
 
 
 def parse_strace_c(text):
