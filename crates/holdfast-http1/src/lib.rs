@@ -1608,45 +1608,34 @@ mod tests {
         assert_eq!(decode_error(&line), ChunkError("chunk size line too long"));
 
         // Detected while the line is still arriving, without buffering it.
+        let (error, most_buffered) = feed_until_error(b"5;", MAX_CHUNK_LINE as usize);
+        assert_eq!(error, ChunkError("chunk size line too long"));
+        assert_eq!(most_buffered, 0);
+    }
+
+    /// Feeds `prefix`, then `x` a byte at a time (at most `max` of them) until the
+    /// decoder fails; the error, and the most it held buffered meanwhile.
+    fn feed_until_error(prefix: &[u8], max: usize) -> (ChunkError, usize) {
         let mut decoder = ChunkedDecoder::new();
-        let mut buf = BytesMut::from(&b"5;"[..]);
+        let mut buf = BytesMut::from(prefix);
         assert!(matches!(decoder.decode(&mut buf), Ok(Chunk::More)));
-        let mut failed = false;
-        for _ in 0..MAX_CHUNK_LINE {
+        let mut most_buffered = 0;
+        for _ in 0..max {
             buf.extend_from_slice(b"x");
             match decoder.decode(&mut buf) {
-                Ok(Chunk::More) => assert!(buf.is_empty()),
-                Err(e) => {
-                    assert_eq!(e, ChunkError("chunk size line too long"));
-                    failed = true;
-                    break;
-                }
+                Ok(Chunk::More) => most_buffered = most_buffered.max(buf.len()),
+                Err(e) => return (e, most_buffered),
                 Ok(other) => panic!("unexpected {other:?}"),
             }
         }
-        assert!(failed);
+        panic!("no error after {max} bytes");
     }
 
     #[test]
     fn trailer_limits() {
-        let mut decoder = ChunkedDecoder::new();
-        let mut buf = BytesMut::from(&b"0\r\nX-Big: "[..]);
-        assert!(matches!(decoder.decode(&mut buf), Ok(Chunk::More)));
-        let mut failed = false;
-        for _ in 0..MAX_TRAILERS {
-            buf.extend_from_slice(b"a");
-            match decoder.decode(&mut buf) {
-                Ok(Chunk::More) => {}
-                Err(e) => {
-                    assert_eq!(e, ChunkError("trailer section too large"));
-                    failed = true;
-                    break;
-                }
-                Ok(other) => panic!("unexpected {other:?}"),
-            }
-        }
-        assert!(failed);
-        assert!(buf.len() <= MAX_TRAILERS);
+        let (error, most_buffered) = feed_until_error(b"0\r\nX-Big: ", MAX_TRAILERS);
+        assert_eq!(error, ChunkError("trailer section too large"));
+        assert!(most_buffered <= MAX_TRAILERS);
 
         let mut many = b"0\r\n".to_vec();
         for i in 0..=MAX_HEADERS {
