@@ -696,14 +696,3 @@ impl AsyncWrite for Upgraded {
         Pin::new(&mut self.io).poll_shutdown(cx)
     }
 }
-
-impl std::fmt::Debug for Http1Conn {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Http1Conn")
-            .field("request_done", &self.request_done)
-            .field("decoding", &self.decoding)
-            .field("must_close", &self.must_close)
-            .field("broken", &self.broken)
-            .finish_non_exhaustive()
-    }
-}
