@@ -561,14 +561,17 @@ impl Pool {
             }
             return;
         }
+        // Read under the lock: the idle list is ordered by it (`drain_idle_since`), and
+        // two workers checking in at once must not list a later time first.
+        let idle_since = Instant::now();
         let (idle_timeout, _) = st.learner.effective_idle();
-        let mut expires_at = now + idle_timeout;
+        let mut expires_at = idle_since + idle_timeout;
         if let Some(lifetime) = self.settings.max_lifetime {
             expires_at = expires_at.min(conn.created + lifetime);
         }
         let evicted = st
             .idle
-            .push(conn, now, expires_at, self.idle_limit.load(Relaxed));
+            .push(conn, idle_since, expires_at, self.idle_limit.load(Relaxed));
         let wake = st.reaper_target.is_none_or(|t| expires_at < t);
         drop(st);
         if wake {

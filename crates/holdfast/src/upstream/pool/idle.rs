@@ -63,6 +63,10 @@ impl<C: Keyed> IdleList<C> {
     /// Adds a connection that just finished a request; returns the oldest one if the
     /// list is over `cap`.
     pub fn push(&mut self, conn: C, now: Instant, expires_at: Instant, cap: usize) -> Option<C> {
+        debug_assert!(
+            self.entries.back().is_none_or(|b| b.idle_since <= now),
+            "the idle list is ordered by idle_since"
+        );
         self.entries.push_back(IdleEntry {
             conn,
             idle_since: now,
