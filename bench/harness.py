@@ -265,11 +265,14 @@ def wait_ready(proc, port, path="/1k", timeout=10.0):
 # === h2load: a fixed number of requests (syscalls.py, instructions.py) ===
 
 # name -> (path, POST body size or None)
+# name -> (path, POST body size or None, extra request fields)
 H2LOAD_WORKLOADS = {
-    "get-1k": ("/1k", None),
-    "get-16k": ("/16k", None),
-    "get-1m": ("/1m", None),
-    "post-4k": ("/post", 4096),
+    "get-1k": ("/1k", None, []),
+    "get-16k": ("/16k", None, []),
+    "get-1m": ("/1m", None, []),
+    "post-4k": ("/post", 4096, []),
+    # h2load opens a new connection after each `Connection: close` response
+    "churn-1k": ("/1k", None, ["Connection: close"]),
 }
 
 
@@ -294,9 +297,11 @@ def split_h2load_args(ap, args):
 
 def h2load_argv(workload, connections, load_cpus):
     """h2load over HTTP/1.1 keep-alive connections, pinned to `load_cpus`, with the
-    workload's POST body if it has one; append `-n N URL`."""
-    _, body = H2LOAD_WORKLOADS[workload]
+    workload's POST body and request fields if it has them; append `-n N URL`."""
+    _, body, fields = H2LOAD_WORKLOADS[workload]
     argv = ["taskset", "-c", load_cpus, H2LOAD, "--h1", "-c", str(connections)]
+    for field in fields:
+        argv += ["-H", field]
     if body:
         data = work_dir() / f"post-body-{body}"
         data.write_bytes(b"x" * body)

@@ -124,7 +124,7 @@ def wait_dump(run_dir, stem, timeout=60.0):
 
 
 def measure_one(args, run_dir, target, wl, ctx):
-    path, _ = WORKLOADS[wl]
+    path = WORKLOADS[wl][0]
     n = max(args.requests, args.connections)
     stem = f"{wl}-{target}"
     port = H.free_port()

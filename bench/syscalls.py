@@ -64,7 +64,7 @@ def parse_strace_c(text):
 
 
 def trace_one(args, run_dir, target, wl, ctx, upstream):
-    path, _ = WORKLOADS[wl]
+    path = WORKLOADS[wl][0]
     n = args.requests // 10 if wl == "get-1m" else args.requests
     n = max(n, args.connections)
     stem = f"{wl}-{target.name}"

@@ -36,6 +36,7 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, OnceLock};
+use std::task::Poll;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -492,7 +493,24 @@ fn connection_field(
     }
 }
 
+/// What woke [`drive`].
+enum Wake {
+    Ended(hyper::Result<()>),
+    Check,
+    Drain,
+    Notified,
+}
+
 /// Runs a hyper connection under holdfast's rules until it ends.
+///
+/// HTTP/1 holds a timer only while the connection waits for a head or sits idle.
+/// Its phase changes inside hyper's poll (the head arrives, the response body is
+/// dropped), so each poll of the connection is followed by a look at the phase: a
+/// busy connection needs no timer, and a new connection whose request came with it
+/// (most of them) never registers one. That matters for churn: a timer earlier than
+/// every other one makes tokio wake its own worker through an eventfd, a write and
+/// an extra epoll event per connection. HTTP/2 streams run on tasks of their own, so
+/// HTTP/2 keeps a timer always and looks again every [`BUSY_RECHECK`] while busy.
 async fn drive<C>(
     mut conn: Pin<&mut C>,
     shutdown: impl Fn(Pin<&mut C>),
@@ -504,17 +522,10 @@ async fn drive<C>(
 ) where
     C: Future<Output = hyper::Result<()>>,
 {
-    // The first verdict now, without a timer round trip: it picks the nearer of the
-    // head and idle deadlines.
-    let first = match proto {
-        Proto::Http1 => match verdict(state, shared, Instant::now()) {
-            Verdict::RecheckAt(at) => at,
-            _ => Instant::now(),
-        },
-        Proto::Http2 => Instant::now(),
-    };
-    let check = tokio::time::sleep_until(first);
+    let check = tokio::time::sleep_until(Instant::now());
     tokio::pin!(check);
+    // Whether `check` is set for a time still to be looked at.
+    let mut armed = proto == Proto::Http2;
     // When holdfast began closing (HTTP/1: no more verdicts; HTTP/2: GOAWAY sent).
     let mut closing: Option<Instant> = None;
     // Made once, not per wake-up, which would register the task's waker again each time.
@@ -523,17 +534,41 @@ async fn drive<C>(
     let wake = state.wake.notified();
     tokio::pin!(wake);
     loop {
-        tokio::select! {
+        let woke = std::future::poll_fn(|cx| {
             // The connection first: it is what wakes this task almost every time.
-            biased;
-            res = conn.as_mut() => {
+            if let Poll::Ready(res) = conn.as_mut().poll(cx) {
+                return Poll::Ready(Wake::Ended(res));
+            }
+            if proto == Proto::Http1 && !armed && closing.is_none() {
+                if let Some(at) = http1_next_check(state, shared) {
+                    check.as_mut().reset(at);
+                    armed = true;
+                }
+            }
+            if armed && check.as_mut().poll(cx).is_ready() {
+                armed = false;
+                return Poll::Ready(Wake::Check);
+            }
+            if !state.draining.load(Relaxed) && draining.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Wake::Drain);
+            }
+            // Only HTTP/2 is woken this way (`max_requests_per_connection` reached).
+            if proto == Proto::Http2 && wake.as_mut().poll(cx).is_ready() {
+                wake.set(state.wake.notified());
+                return Poll::Ready(Wake::Notified);
+            }
+            Poll::Pending
+        })
+        .await;
+        let now = Instant::now();
+        match woke {
+            Wake::Ended(res) => {
                 if let Err(e) = res {
                     log_conn_error(&e, remote, &state.figures);
                 }
                 return;
             }
-            () = check.as_mut(), if closing.is_none() || proto == Proto::Http2 => {
-                let now = Instant::now();
+            Wake::Check => {
                 let v = match proto {
                     Proto::Http1 => verdict(state, shared, now),
                     Proto::Http2 => verdict_h2(state, shared, now, closing),
@@ -542,6 +577,8 @@ async fn drive<C>(
                     Verdict::Close => {
                         shutdown(conn.as_mut());
                         closing = Some(now);
+                        // HTTP/2 still watches the client finish closing.
+                        armed = proto == Proto::Http2;
                         check.as_mut().reset(now);
                     }
                     Verdict::Abort(why) => {
@@ -549,26 +586,44 @@ async fn drive<C>(
                         tracing::info!(client = %remote, timeout = ?shared.config.header_timeout.get(), "{why}; closing");
                         return;
                     }
-                    Verdict::RecheckAt(at) => check.as_mut().reset(at),
-                    Verdict::Park(at) => {
+                    // HTTP/1 sets its next time after the connection's next poll.
+                    Verdict::RecheckAt(_) if proto == Proto::Http1 => {}
+                    Verdict::RecheckAt(at) => {
+                        check.as_mut().reset(at);
+                        armed = true;
+                    }
+                    Verdict::Park(_) => {
                         // hyper reads the idle socket when polled next (this loop
                         // polls `conn` again at once) and ends at the "end of input".
                         state.park.store(PARK_REQUESTED, Relaxed);
-                        check.as_mut().reset(at);
                     }
                 }
             }
-            () = draining.as_mut(), if !state.draining.load(Relaxed) => {
-                state.draining.store(true, Relaxed);
-                check.as_mut().reset(Instant::now());
-            }
-            // Only HTTP/2 is woken this way (`max_requests_per_connection` reached).
-            () = wake.as_mut(), if proto == Proto::Http2 => {
-                wake.set(state.wake.notified());
-                check.as_mut().reset(Instant::now());
+            Wake::Drain | Wake::Notified => {
+                if matches!(woke, Wake::Drain) {
+                    state.draining.store(true, Relaxed);
+                }
+                if proto == Proto::Http2 || closing.is_none() {
+                    check.as_mut().reset(now);
+                    armed = true;
+                }
             }
         }
     }
+}
+
+/// When an HTTP/1 connection should be looked at next: `None` while a request is
+/// being served (the phase changes inside hyper's poll, so the next poll sees it).
+fn http1_next_check(state: &ConnState, shared: &ListenerShared) -> Option<Instant> {
+    if state.phase.load(Relaxed) == ConnPhase::Busy as u8 {
+        return None;
+    }
+    let now = Instant::now();
+    Some(match verdict(state, shared, now) {
+        Verdict::RecheckAt(at) => at,
+        // Due now: the timer fires at once, without a wake-up.
+        Verdict::Close | Verdict::Park(_) | Verdict::Abort(_) => now,
+    })
 }
 
 enum Verdict {
