@@ -539,11 +539,13 @@ async fn drive<C>(
             if let Poll::Ready(res) = conn.as_mut().poll(cx) {
                 return Poll::Ready(Wake::Ended(res));
             }
-            if proto == Proto::Http1 && !armed && closing.is_none() {
-                if let Some(at) = http1_next_check(state, shared) {
-                    check.as_mut().reset(at);
-                    armed = true;
-                }
+            if proto == Proto::Http1
+                && !armed
+                && closing.is_none()
+                && let Some(at) = http1_next_check(state, shared)
+            {
+                check.as_mut().reset(at);
+                armed = true;
             }
             if armed && check.as_mut().poll(cx).is_ready() {
                 armed = false;
