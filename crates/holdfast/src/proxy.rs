@@ -118,212 +118,219 @@ impl Proxy {
 
     /// Serves one request. Never fails: every error becomes a response.
     /// `start`: when the request arrived (its latency and deadlines count from then).
-    pub async fn handle(
+    ///
+    /// An async block rather than an `async fn`, which would keep `req` twice in the
+    /// future (see [`Upstream::forward`]): hyper moves this future for every request.
+    #[allow(clippy::manual_async_fn)]
+    pub fn handle(
         &self,
         mut req: Request<Incoming>,
         conn: &ConnContext,
         start: Instant,
-    ) -> Response<ResponseBody> {
-        let routing = self.routing.load_full();
-        let mut log = (self.access_log
-            && tracing::enabled!(target: "holdfast::access", tracing::Level::INFO))
-        .then(|| AccessRecord {
-            start,
-            client: conn.remote.ip(),
-            method: req.method().clone(),
-            path: req
-                .uri()
-                .path_and_query()
-                .map_or_else(|| "/".to_owned(), |p| p.as_str().to_owned()),
-            status: 0,
-            route: None,
-            upstream: None,
-            address: None,
-            reused: None,
-            attempts: 0,
-            ttfb: None,
-            outcome: "ok",
-        });
-
-        let host = request_host(&req);
-        let path = req.uri().path();
-        let route = routing
-            .routes
-            .find(host.as_ref().and_then(|h| h.to_str().ok()), path);
-        let tally = Tally::new(routing.figures.cell(route.map(|r| r.index)), start);
-        let Some(route) = route else {
-            return finish_local(
-                StatusCode::NOT_FOUND,
-                "no route for this host and path\n",
-                None,
-                (log, tally),
-            );
-        };
-        if let Some(l) = &mut log {
-            l.route = routing.route_names.get(route.index).cloned();
-        }
-        let Some(upstream) = routing.upstreams.get(&route.upstream).cloned() else {
-            return finish_local(
-                StatusCode::BAD_GATEWAY,
-                "route names an unknown upstream\n",
-                None,
-                (log, tally),
-            );
-        };
-        if let Some(l) = &mut log {
-            l.upstream = Some(upstream.name.as_str().into());
-        }
-
-        let upgrade = headers::is_upgrade_request(req.headers());
-        let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
-        let (mut parts, body) = req.into_parts();
-        let fastcgi = upstream.config.protocol() == Protocol::FastCgi;
-        // REQUEST_URI is the target as the client sent it, before any rewrite.
-        let original_target = fastcgi.then(|| {
-            parts
-                .uri
-                .path_and_query()
-                .map_or_else(|| "/".to_owned(), |p| p.as_str().to_owned())
-        });
-
-        // Origin-form target with the route's prefix rewrite.
-        let target = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-        let rewritten = route.rewrite(target);
-        if rewritten != target || parts.uri.scheme().is_some() {
-            match Uri::try_from(rewritten.as_ref()) {
-                Ok(u) => parts.uri = u,
-                Err(_) => {
-                    return finish_local(
-                        StatusCode::BAD_REQUEST,
-                        "bad request target\n",
-                        None,
-                        (log, tally),
-                    );
-                }
-            }
-        }
-        let set = prepare_request_headers(&mut parts, conn, &upstream, host, upgrade);
-        // Plain HTTP/1.1 writes them with the head; anything else needs them in the map
-        // (FastCGI params below read it too).
-        let set = if upstream.speaks_plain_http1() {
-            Some(set)
-        } else {
-            set.apply(&mut parts.headers);
-            None
-        };
-        parts.version = http::Version::HTTP_11;
-
-        let max_body = conn.listener.max_body_bytes.get();
-        // A declared length over the limit is refused before anything is sent upstream,
-        // whether the body would be buffered or streamed.
-        if max_body > 0
-            && http_body::Body::size_hint(&body)
-                .exact()
-                .is_some_and(|n| n > max_body)
-        {
-            let failure = Failure {
-                error: UpstreamError::new(Kind::BodyTooLarge, Delivery::NotSent),
-                peer: None,
+    ) -> impl Future<Output = Response<ResponseBody>> {
+        async move {
+            let routing = self.routing.load_full();
+            let mut log = (self.access_log
+                && tracing::enabled!(target: "holdfast::access", tracing::Level::INFO))
+            .then(|| AccessRecord {
+                start,
+                client: conn.remote.ip(),
+                method: req.method().clone(),
+                path: req
+                    .uri()
+                    .path_and_query()
+                    .map_or_else(|| "/".to_owned(), |p| p.as_str().to_owned()),
+                status: 0,
+                route: None,
+                upstream: None,
+                address: None,
+                reused: None,
                 attempts: 0,
-                reused: false,
+                ttfb: None,
+                outcome: "ok",
+            });
+
+            let host = request_host(&req);
+            let path = req.uri().path();
+            let route = routing
+                .routes
+                .find(host.as_ref().and_then(|h| h.to_str().ok()), path);
+            let tally = Tally::new(routing.figures.cell(route.map(|r| r.index)), start);
+            let Some(route) = route else {
+                return finish_local(
+                    StatusCode::NOT_FOUND,
+                    "no route for this host and path\n",
+                    None,
+                    (log, tally),
+                );
             };
-            return self.rescue(failure, &upstream, (log, tally));
-        }
-        let has_length = parts.headers.contains_key(header::CONTENT_LENGTH);
-        // FastCGI needs CONTENT_LENGTH up front: a chunked body is read whole first
-        // (bounded by max_body_bytes), as nginx does.
-        let keep = if upgrade {
-            None
-        } else if fastcgi && !has_length {
-            Some(if max_body == 0 { u64::MAX } else { max_body })
-        } else if upstream.config.retry.attempts > 1 {
-            Some(upstream.config.retry.replay_body_limit.get())
-        } else {
-            None
-        };
-        let body = match keep {
-            _ if upgrade => RequestBody::Empty,
-            None => RequestBody::stream(body, max_body),
-            // Boxed: only requests with a body get here, and the read loop's state
-            // would otherwise sit in every request's future.
-            Some(_) if http_body::Body::is_end_stream(&body) => RequestBody::Empty,
-            Some(limit) => match Box::pin(RequestBody::prepare(body, limit, max_body)).await {
-                Ok(b) => b,
-                Err(e) => {
-                    let error = if e.is::<crate::body::BodyTooLarge>() {
-                        UpstreamError::new(Kind::BodyTooLarge, Delivery::NotSent)
-                    } else {
-                        UpstreamError::new(Kind::ClientBody, Delivery::NotSent).with_cause(e)
-                    };
-                    let failure = Failure {
-                        error,
-                        peer: None,
-                        attempts: 0,
-                        reused: false,
-                    };
-                    return self.rescue(failure, &upstream, (log, tally));
-                }
-            },
-        };
-        if let (Some(original_target), Some(fcgi)) = (original_target, route.fastcgi.as_deref()) {
-            let length = http_body::Body::size_hint(&body).exact();
-            let length = length.filter(|&n| n > 0 || has_length);
-            match Box::pin(fastcgi::params(
-                &parts,
-                &original_target,
-                fcgi,
-                conn,
-                length,
-            ))
-            .await
-            {
-                Ok(p) => {
-                    parts.extensions.insert(FastCgiParams(Arc::new(p)));
-                }
-                Err(status) => {
-                    let msg = if status == StatusCode::NOT_FOUND {
-                        "no such script\n"
-                    } else {
-                        "bad path\n"
-                    };
-                    return finish_local(status, msg, None, (log, tally));
+            if let Some(l) = &mut log {
+                l.route = routing.route_names.get(route.index).cloned();
+            }
+            let Some(upstream) = routing.upstreams.get(&route.upstream).cloned() else {
+                return finish_local(
+                    StatusCode::BAD_GATEWAY,
+                    "route names an unknown upstream\n",
+                    None,
+                    (log, tally),
+                );
+            };
+            if let Some(l) = &mut log {
+                l.upstream = Some(upstream.name.as_str().into());
+            }
+
+            let upgrade = headers::is_upgrade_request(req.headers());
+            let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+            let (mut parts, body) = req.into_parts();
+            let fastcgi = upstream.config.protocol() == Protocol::FastCgi;
+            // REQUEST_URI is the target as the client sent it, before any rewrite.
+            let original_target = fastcgi.then(|| {
+                parts
+                    .uri
+                    .path_and_query()
+                    .map_or_else(|| "/".to_owned(), |p| p.as_str().to_owned())
+            });
+
+            // Origin-form target with the route's prefix rewrite.
+            let target = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+            let rewritten = route.rewrite(target);
+            if rewritten != target || parts.uri.scheme().is_some() {
+                match Uri::try_from(rewritten.as_ref()) {
+                    Ok(u) => parts.uri = u,
+                    Err(_) => {
+                        return finish_local(
+                            StatusCode::BAD_REQUEST,
+                            "bad request target\n",
+                            None,
+                            (log, tally),
+                        );
+                    }
                 }
             }
-        }
-        if matches!(
-            body,
-            RequestBody::Empty | RequestBody::Buffered { trailers: None, .. }
-        ) {
-            // Sent whole with Content-Length: no trailers follow (see `declared_trailers`).
-            parts.headers.remove(header::TRAILER);
-        }
+            let set = prepare_request_headers(&mut parts, conn, &upstream, host, upgrade);
+            // Plain HTTP/1.1 writes them with the head; anything else needs them in the map
+            // (FastCGI params below read it too).
+            let set = if upstream.speaks_plain_http1() {
+                Some(set)
+            } else {
+                set.apply(&mut parts.headers);
+                None
+            };
+            parts.version = http::Version::HTTP_11;
 
-        let total = upstream.config.timeouts.total.non_zero();
-        let deadline = total.map(|t| start + t);
-        // Pinned here so that both arms below share one copy of its (large) state.
-        let forwarded = upstream.forward(parts, set, body, deadline);
-        tokio::pin!(forwarded);
-        let result = match deadline {
-            None => forwarded.await,
-            Some(at) => match tokio::time::timeout_at(at, forwarded).await {
-                Ok(r) => r,
-                Err(_) => Err(Failure {
-                    error: UpstreamError::new(Kind::TotalTimeout, Delivery::MaybeSent),
+            let max_body = conn.listener.max_body_bytes.get();
+            // A declared length over the limit is refused before anything is sent upstream,
+            // whether the body would be buffered or streamed.
+            if max_body > 0
+                && http_body::Body::size_hint(&body)
+                    .exact()
+                    .is_some_and(|n| n > max_body)
+            {
+                let failure = Failure {
+                    error: UpstreamError::new(Kind::BodyTooLarge, Delivery::NotSent),
                     peer: None,
                     attempts: 0,
                     reused: false,
-                }),
-            },
-        };
-        match result {
-            Ok(exchange) => {
-                let deadlines = BodyDeadlines {
-                    read_idle: upstream.config.timeouts.read_idle.non_zero(),
-                    total: deadline,
                 };
-                respond(exchange, client_upgrade, deadlines, (log, tally))
+                return self.rescue(failure, &upstream, (log, tally));
             }
-            Err(failure) => self.rescue(failure, &upstream, (log, tally)),
+            let has_length = parts.headers.contains_key(header::CONTENT_LENGTH);
+            // FastCGI needs CONTENT_LENGTH up front: a chunked body is read whole first
+            // (bounded by max_body_bytes), as nginx does.
+            let keep = if upgrade {
+                None
+            } else if fastcgi && !has_length {
+                Some(if max_body == 0 { u64::MAX } else { max_body })
+            } else if upstream.config.retry.attempts > 1 {
+                Some(upstream.config.retry.replay_body_limit.get())
+            } else {
+                None
+            };
+            let body = match keep {
+                _ if upgrade => RequestBody::Empty,
+                None => RequestBody::stream(body, max_body),
+                // Boxed: only requests with a body get here, and the read loop's state
+                // would otherwise sit in every request's future.
+                Some(_) if http_body::Body::is_end_stream(&body) => RequestBody::Empty,
+                Some(limit) => match Box::pin(RequestBody::prepare(body, limit, max_body)).await {
+                    Ok(b) => b,
+                    Err(e) => {
+                        let error = if e.is::<crate::body::BodyTooLarge>() {
+                            UpstreamError::new(Kind::BodyTooLarge, Delivery::NotSent)
+                        } else {
+                            UpstreamError::new(Kind::ClientBody, Delivery::NotSent).with_cause(e)
+                        };
+                        let failure = Failure {
+                            error,
+                            peer: None,
+                            attempts: 0,
+                            reused: false,
+                        };
+                        return self.rescue(failure, &upstream, (log, tally));
+                    }
+                },
+            };
+            if let (Some(original_target), Some(fcgi)) = (original_target, route.fastcgi.as_deref())
+            {
+                let length = http_body::Body::size_hint(&body).exact();
+                let length = length.filter(|&n| n > 0 || has_length);
+                match Box::pin(fastcgi::params(
+                    &parts,
+                    &original_target,
+                    fcgi,
+                    conn,
+                    length,
+                ))
+                .await
+                {
+                    Ok(p) => {
+                        parts.extensions.insert(FastCgiParams(Arc::new(p)));
+                    }
+                    Err(status) => {
+                        let msg = if status == StatusCode::NOT_FOUND {
+                            "no such script\n"
+                        } else {
+                            "bad path\n"
+                        };
+                        return finish_local(status, msg, None, (log, tally));
+                    }
+                }
+            }
+            if matches!(
+                body,
+                RequestBody::Empty | RequestBody::Buffered { trailers: None, .. }
+            ) {
+                // Sent whole with Content-Length: no trailers follow (see `declared_trailers`).
+                parts.headers.remove(header::TRAILER);
+            }
+
+            let total = upstream.config.timeouts.total.non_zero();
+            let deadline = total.map(|t| start + t);
+            // Pinned here so that both arms below share one copy of its (large) state.
+            let forwarded = upstream.forward(parts, set, body, deadline);
+            tokio::pin!(forwarded);
+            let result = match deadline {
+                None => forwarded.await,
+                Some(at) => match tokio::time::timeout_at(at, forwarded).await {
+                    Ok(r) => r,
+                    Err(_) => Err(Failure {
+                        error: UpstreamError::new(Kind::TotalTimeout, Delivery::MaybeSent),
+                        peer: None,
+                        attempts: 0,
+                        reused: false,
+                    }),
+                },
+            };
+            match result {
+                Ok(exchange) => {
+                    let deadlines = BodyDeadlines {
+                        read_idle: upstream.config.timeouts.read_idle.non_zero(),
+                        total: deadline,
+                    };
+                    respond(exchange, client_upgrade, deadlines, (log, tally))
+                }
+                Err(failure) => self.rescue(failure, &upstream, (log, tally)),
+            }
         }
     }
 

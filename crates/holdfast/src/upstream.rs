@@ -220,190 +220,199 @@ impl Upstream {
     /// The last attempt's failure, with whether the request reached the upstream.
     /// `total_deadline` is the request's `timeouts.total`, if any; the caller bounds
     /// the whole call by it as well.
-    pub async fn forward(
+    ///
+    /// An async block rather than an `async fn`: an `async fn` keeps each argument
+    /// twice in its future (captured, then moved into a local; rust-lang/rust#62958),
+    /// and this future is inside every request's, which is moved as a whole.
+    pub fn forward(
         &self,
         parts: http::request::Parts,
-        mut set: Option<SetFields>,
+        set: Option<SetFields>,
         body: RequestBody,
         total_deadline: Option<Instant>,
-    ) -> Result<Exchange, Failure> {
+    ) -> impl Future<Output = Result<Exchange, Failure>> {
         let replay = Replay::classify(&parts.method, &parts.headers);
-        let max_attempts = self.config.retry.attempts.max(1);
-        self.figures.requests.fetch_add(1, Relaxed);
-        self.budget.deposit();
-
         let mut parts = Some(parts);
         let mut body = Some(body);
-        let mut attempts = 0;
-        let mut fresh_only = false;
-        let mut avoid: Option<Arc<Peer>> = None;
-        loop {
-            attempts += 1;
-            let Some(peer) = self.pick(avoid.as_ref()) else {
-                return Err(Failure {
-                    error: UpstreamError::new(Kind::NoPeer, Delivery::NotSent),
-                    peer: None,
-                    attempts,
-                    reused: false,
-                });
-            };
-            let outstanding = peer.track();
-            let (want, check_idle) = match (fresh_only, replay) {
-                (true, _) => (Want::Fresh, false),
-                (false, Replay::Safe) => (Want::Idle(Take::MostRecent), false),
-                (false, Replay::NotSentOnly) => (
-                    Want::Idle(Take::IdleAtMost(peer.pool.safe_reuse_age())),
-                    true,
-                ),
-            };
-            let last_try = attempts >= max_attempts;
-            let mut conn = match peer.checkout(want, check_idle).await {
-                Ok(c) => c,
-                Err(error) => {
-                    if error.counts_against_health() {
-                        self.note_failure(&peer, &error);
-                    }
-                    if error.is_connect() && !last_try && self.allow_retry(RetryReason::NotSent) {
-                        avoid = Some(peer);
-                        continue;
-                    }
+        let mut set = set;
+        async move {
+            let max_attempts = self.config.retry.attempts.max(1);
+            self.figures.requests.fetch_add(1, Relaxed);
+            self.budget.deposit();
+
+            let mut attempts = 0;
+            let mut fresh_only = false;
+            let mut avoid: Option<Arc<Peer>> = None;
+            loop {
+                attempts += 1;
+                let Some(peer) = self.pick(avoid.as_ref()) else {
                     return Err(Failure {
-                        error,
-                        peer: Some(peer),
+                        error: UpstreamError::new(Kind::NoPeer, Delivery::NotSent),
+                        peer: None,
                         attempts,
                         reused: false,
                     });
-                }
-            };
-            // Keep a copy for another attempt only if one can happen.
-            let attempt_body = match body
-                .as_ref()
-                .and_then(|b| if last_try { None } else { b.try_clone() })
-            {
-                Some(copy) => copy,
-                None => body.take().unwrap_or(RequestBody::Empty),
-            };
-            let reused_since = conn.reused_since();
-            let sent_at = Instant::now();
-            // The request's total deadline is enforced here too while a connection is
-            // held, so that the connection it closes counts as a timeout, not as
-            // abandoned by a cancelled request.
-            let headers_by = sent_at + self.config.timeouts.response_headers.get();
-            let (by, kind) = match total_deadline {
-                Some(t) if t < headers_by => (t, Kind::TotalTimeout),
-                _ => (headers_by, Kind::ResponseHeadersTimeout),
-            };
-            let sent = if let Some(head) = parts.as_ref().filter(|_| conn.is_plain_http1()) {
-                // Sent from the borrowed head, which stays for another attempt.
-                let sent = tokio::time::timeout_at(
-                    by,
-                    send_http1(&mut conn, head, set.as_ref(), attempt_body),
-                );
-                match sent.await {
-                    Ok(Err((e, returned))) => {
-                        body = returned.or(body);
-                        Ok(Err((e, None)))
-                    }
-                    Ok(Ok(response)) => Ok(Ok(response)),
-                    Err(elapsed) => Err(elapsed),
-                }
-            } else {
-                // hyper takes the request: the head is copied only when a retry could
-                // need it after that, a stale reused connection (idempotent requests)
-                // or a refused HTTP/2 stream. A request that never left comes back
-                // whole from hyper.
-                let keep_head = !last_try
-                    && (conn.is_shared() || replay == Replay::Safe && reused_since.is_some());
-                let Some(mut head) = parts.take() else {
-                    unreachable!("every attempt starts with the request head")
                 };
-                if let Some(set) = set.take() {
-                    set.apply(&mut head.headers);
-                }
-                if keep_head {
-                    parts = Some(clone_parts(&head));
-                }
-                let req = Request::from_parts(head, attempt_body);
-                tokio::time::timeout_at(by, send(&mut conn, req)).await
-            };
-            let result = match sent {
-                Ok(r) => r,
-                Err(_) => {
-                    conn.set_close_reason(CloseReason::Timeout);
-                    let error = UpstreamError::new(kind, Delivery::MaybeSent);
-                    return Err(Failure {
-                        error,
-                        peer: Some(peer),
-                        attempts,
-                        reused: reused_since.is_some(),
-                    });
-                }
-            };
-            match result {
-                Ok(response) => {
-                    peer.health.on_success();
-                    let ttfb = sent_at.elapsed();
-                    conn.responded();
-                    if response.status() == http::StatusCode::SWITCHING_PROTOCOLS {
-                        conn.hand_over();
-                    }
-                    if let Payload::Http(_) | Payload::Http1 { .. } = response.body() {
-                        conn.on_response_head(response.headers(), response.version());
-                    }
-                    return Ok(Exchange {
-                        response,
-                        conn,
-                        peer,
-                        attempts,
-                        ttfb,
-                        outstanding,
-                    });
-                }
-                Err((error, returned)) => {
-                    if let Some(req) = returned {
-                        let (head, returned_body) = req.into_parts();
-                        parts = Some(head);
-                        body = Some(returned_body);
-                    }
-                    let requests = conn.requests();
-                    let shared = conn.is_shared();
-                    conn.set_close_reason(if error.is_timeout() {
-                        CloseReason::Timeout
-                    } else {
-                        CloseReason::Error
-                    });
-                    drop(conn);
-                    let stale = reused_since.is_some() && error.kind() == Kind::Closed;
-                    if let Some(since) = reused_since.filter(|_| stale && !shared) {
-                        // The pool's own matter, not the address's health.
-                        peer.pool.on_stale(since, since.elapsed(), requests);
-                    } else if error.counts_against_health() {
-                        self.note_failure(&peer, &error);
-                    }
-                    let reason = match (error.delivery(), stale, replay) {
-                        (Delivery::NotSent, _, _) if error.kind() == Kind::Refused => {
-                            Some(RetryReason::Refused)
+                let outstanding = peer.track();
+                let (want, check_idle) = match (fresh_only, replay) {
+                    (true, _) => (Want::Fresh, false),
+                    (false, Replay::Safe) => (Want::Idle(Take::MostRecent), false),
+                    (false, Replay::NotSentOnly) => (
+                        Want::Idle(Take::IdleAtMost(peer.pool.safe_reuse_age())),
+                        true,
+                    ),
+                };
+                let last_try = attempts >= max_attempts;
+                let mut conn = match peer.checkout(want, check_idle).await {
+                    Ok(c) => c,
+                    Err(error) => {
+                        if error.counts_against_health() {
+                            self.note_failure(&peer, &error);
                         }
-                        (Delivery::NotSent, _, _) => Some(RetryReason::NotSent),
-                        (Delivery::MaybeSent, true, Replay::Safe) => {
-                            Some(RetryReason::StaleConnection)
+                        if error.is_connect() && !last_try && self.allow_retry(RetryReason::NotSent)
+                        {
+                            avoid = Some(peer);
+                            continue;
                         }
-                        _ => None,
+                        return Err(Failure {
+                            error,
+                            peer: Some(peer),
+                            attempts,
+                            reused: false,
+                        });
+                    }
+                };
+                // Keep a copy for another attempt only if one can happen.
+                let attempt_body = match body
+                    .as_ref()
+                    .and_then(|b| if last_try { None } else { b.try_clone() })
+                {
+                    Some(copy) => copy,
+                    None => body.take().unwrap_or(RequestBody::Empty),
+                };
+                let reused_since = conn.reused_since();
+                let sent_at = Instant::now();
+                // The request's total deadline is enforced here too while a connection is
+                // held, so that the connection it closes counts as a timeout, not as
+                // abandoned by a cancelled request.
+                let headers_by = sent_at + self.config.timeouts.response_headers.get();
+                let (by, kind) = match total_deadline {
+                    Some(t) if t < headers_by => (t, Kind::TotalTimeout),
+                    _ => (headers_by, Kind::ResponseHeadersTimeout),
+                };
+                let sent = if let Some(head) = parts.as_ref().filter(|_| conn.is_plain_http1()) {
+                    // Sent from the borrowed head, which stays for another attempt.
+                    let sent = tokio::time::timeout_at(
+                        by,
+                        send_http1(&mut conn, head, set.as_ref(), attempt_body),
+                    );
+                    match sent.await {
+                        Ok(Err((e, returned))) => {
+                            body = returned.or(body);
+                            Ok(Err((e, None)))
+                        }
+                        Ok(Ok(response)) => Ok(Ok(response)),
+                        Err(elapsed) => Err(elapsed),
+                    }
+                } else {
+                    // hyper takes the request: the head is copied only when a retry could
+                    // need it after that, a stale reused connection (idempotent requests)
+                    // or a refused HTTP/2 stream. A request that never left comes back
+                    // whole from hyper.
+                    let keep_head = !last_try
+                        && (conn.is_shared() || replay == Replay::Safe && reused_since.is_some());
+                    let Some(mut head) = parts.take() else {
+                        unreachable!("every attempt starts with the request head")
                     };
-                    let can = reason.is_some() && !last_try && body.is_some() && parts.is_some();
-                    if let Some(reason) = reason.filter(|_| can)
-                        && self.allow_retry(reason)
-                    {
-                        tracing::debug!(upstream = %self.name, address = %peer.label, reason = reason.as_str(), %error, "retrying on a new connection");
-                        fresh_only = true;
-                        continue;
+                    if let Some(set) = set.take() {
+                        set.apply(&mut head.headers);
                     }
-                    return Err(Failure {
-                        error,
-                        peer: Some(peer),
-                        attempts,
-                        reused: reused_since.is_some(),
-                    });
+                    if keep_head {
+                        parts = Some(clone_parts(&head));
+                    }
+                    let req = Request::from_parts(head, attempt_body);
+                    tokio::time::timeout_at(by, send(&mut conn, req)).await
+                };
+                let result = match sent {
+                    Ok(r) => r,
+                    Err(_) => {
+                        conn.set_close_reason(CloseReason::Timeout);
+                        let error = UpstreamError::new(kind, Delivery::MaybeSent);
+                        return Err(Failure {
+                            error,
+                            peer: Some(peer),
+                            attempts,
+                            reused: reused_since.is_some(),
+                        });
+                    }
+                };
+                match result {
+                    Ok(response) => {
+                        peer.health.on_success();
+                        let ttfb = sent_at.elapsed();
+                        conn.responded();
+                        if response.status() == http::StatusCode::SWITCHING_PROTOCOLS {
+                            conn.hand_over();
+                        }
+                        if let Payload::Http(_) | Payload::Http1 { .. } = response.body() {
+                            conn.on_response_head(response.headers(), response.version());
+                        }
+                        return Ok(Exchange {
+                            response,
+                            conn,
+                            peer,
+                            attempts,
+                            ttfb,
+                            outstanding,
+                        });
+                    }
+                    Err((error, returned)) => {
+                        if let Some(req) = returned {
+                            let (head, returned_body) = req.into_parts();
+                            parts = Some(head);
+                            body = Some(returned_body);
+                        }
+                        let requests = conn.requests();
+                        let shared = conn.is_shared();
+                        conn.set_close_reason(if error.is_timeout() {
+                            CloseReason::Timeout
+                        } else {
+                            CloseReason::Error
+                        });
+                        drop(conn);
+                        let stale = reused_since.is_some() && error.kind() == Kind::Closed;
+                        if let Some(since) = reused_since.filter(|_| stale && !shared) {
+                            // The pool's own matter, not the address's health.
+                            peer.pool.on_stale(since, since.elapsed(), requests);
+                        } else if error.counts_against_health() {
+                            self.note_failure(&peer, &error);
+                        }
+                        let reason = match (error.delivery(), stale, replay) {
+                            (Delivery::NotSent, _, _) if error.kind() == Kind::Refused => {
+                                Some(RetryReason::Refused)
+                            }
+                            (Delivery::NotSent, _, _) => Some(RetryReason::NotSent),
+                            (Delivery::MaybeSent, true, Replay::Safe) => {
+                                Some(RetryReason::StaleConnection)
+                            }
+                            _ => None,
+                        };
+                        let can =
+                            reason.is_some() && !last_try && body.is_some() && parts.is_some();
+                        if let Some(reason) = reason.filter(|_| can)
+                            && self.allow_retry(reason)
+                        {
+                            tracing::debug!(upstream = %self.name, address = %peer.label, reason = reason.as_str(), %error, "retrying on a new connection");
+                            fresh_only = true;
+                            continue;
+                        }
+                        return Err(Failure {
+                            error,
+                            peer: Some(peer),
+                            attempts,
+                            reused: reused_since.is_some(),
+                        });
+                    }
                 }
             }
         }
