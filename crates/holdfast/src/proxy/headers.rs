@@ -113,20 +113,28 @@ pub fn add_via(headers: &mut HeaderMap) {
 pub fn ip_value(ip: IpAddr) -> HeaderValue {
     match ip {
         IpAddr::V4(v4) => {
-            let mut out = Vec::with_capacity(15);
+            // On the stack, then moved once into its `Bytes`.
+            let mut out = [0u8; 15];
+            let mut n = 0;
+            let mut push = |b: u8| {
+                out[n] = b;
+                n += 1;
+            };
             for (i, octet) in v4.octets().into_iter().enumerate() {
                 if i > 0 {
-                    out.push(b'.');
+                    push(b'.');
                 }
                 if octet >= 100 {
-                    out.push(b'0' + octet / 100);
+                    push(b'0' + octet / 100);
                 }
                 if octet >= 10 {
-                    out.push(b'0' + octet / 10 % 10);
+                    push(b'0' + octet / 10 % 10);
                 }
-                out.push(b'0' + octet % 10);
+                push(b'0' + octet % 10);
             }
-            HeaderValue::from_maybe_shared(bytes::Bytes::from(out))
+            // `from_owner`: one allocation, and clones (one per request) only count
+            // references; a copied slice would allocate again at its first clone.
+            HeaderValue::from_maybe_shared(bytes::Bytes::from_owner(out).slice(..n))
                 .expect("digits and dots are a valid header value")
         }
         IpAddr::V6(v6) => {

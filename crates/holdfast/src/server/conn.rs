@@ -177,6 +177,9 @@ pub struct ConnState {
     park: AtomicU8,
     /// The server's client figures, for what goes wrong on this connection.
     figures: Arc<ClientFigures>,
+    /// What the proxy knows of the connection (kept here: one allocation per
+    /// connection, one reference per request).
+    ctx: ConnContext,
 }
 
 /// An idle plain HTTP/1 connection parks after this long: hyper's per-connection
@@ -201,10 +204,11 @@ fn now_ms() -> u64 {
 }
 
 impl ConnState {
-    fn new(parkable: bool, figures: Arc<ClientFigures>) -> Self {
+    fn new(parkable: bool, figures: Arc<ClientFigures>, ctx: ConnContext) -> Self {
         ConnState {
             parkable,
             figures,
+            ctx,
             park: AtomicU8::new(PARK_NONE),
             phase: AtomicU8::new(ConnPhase::Reading as u8),
             since_ms: AtomicU64::new(now_ms()),
@@ -285,7 +289,6 @@ pub async fn serve(
         bound
     };
     let parkable = shared.tls.is_none() && !shared.config.h2c;
-    let state = Arc::new(ConnState::new(parkable, figures.clone()));
     let handshake = shared.config.header_timeout.get();
     let (transport, replay, proto) = match &shared.tls {
         // Boxed here and below: the task of every connection is as large as its
@@ -328,12 +331,13 @@ pub async fn serve(
         }
         None => (Transport::Plain(stream), Bytes::new(), Proto::Http1),
     };
-    let ctx = Arc::new(ConnContext::new(
+    let ctx = ConnContext::new(
         remote,
         local,
         matches!(transport, Transport::Tls(_)),
         shared.config.clone(),
-    ));
+    );
+    let state = Arc::new(ConnState::new(parkable, figures.clone(), ctx));
     let io = ClientIo::new(
         transport,
         replay,
@@ -365,13 +369,12 @@ pub async fn serve(
             }
             let shared = shared.clone();
             let state = state.clone();
-            let ctx = ctx.clone();
             async move {
                 let version = req.version();
                 let mut resp = if shared.config.redirect_https {
                     redirect::respond(&req, shared.config.redirect_https_port)
                 } else {
-                    shared.proxy.handle(req, &ctx, arrived).await
+                    shared.proxy.handle(req, &state.ctx, arrived).await
                 };
                 if resp.status() != http::StatusCode::SWITCHING_PROTOCOLS {
                     let closing = state.draining.load(Relaxed) || last;
