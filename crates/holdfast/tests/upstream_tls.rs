@@ -22,7 +22,9 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use holdfast_test::h2::{self as frames, Frame, flag, kind};
-use holdfast_test::{ClientRequest, KeepAliveClient, Nginx, Response, wait_until_async};
+use holdfast_test::{
+    ClientRequest, KeepAliveClient, Nginx, Response, wait_until, wait_until_async,
+};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
@@ -147,6 +149,8 @@ async fn load(gw: &Gateway, clients: usize, per_client: usize) -> Vec<String> {
 #[derive(Default)]
 struct H2State {
     connections: AtomicUsize,
+    /// Connections that have ended.
+    closed: AtomicUsize,
     in_flight: AtomicUsize,
     max_in_flight: AtomicUsize,
     served: AtomicUsize,
@@ -196,6 +200,7 @@ impl H2Server {
                             let _ = conn.await;
                         }
                     }
+                    st.closed.fetch_add(1, Relaxed);
                 });
             }
         });
@@ -596,6 +601,168 @@ async fn busy_connections_spread_over_the_configured_count() {
         2,
         "one request on each"
     );
+}
+
+/// `pool.max_requests = 3` on an HTTP/2 upstream: the connection takes three streams
+/// and no more (a fourth request opens another connection rather than wait for it or
+/// be refused by it), finishes the three, then closes.
+#[tokio::test]
+async fn an_http2_connection_retires_at_max_requests_after_its_streams_finish() {
+    let server = H2Server::start(100, true).await;
+    let gw = start(&format!(
+        "{}
+[upstream.up.pool]
+max_requests = 3
+",
+        proxy_to(&format!("h2c://{}", server.addr))
+    ))
+    .await;
+    let addr = gw.addr;
+    let get = move |i: usize| {
+        tokio::spawn(async move {
+            KeepAliveClient::new(addr)
+                .with_timeout(SOON)
+                .send(&ClientRequest::get(format!("/r{i}")))
+                .await
+        })
+    };
+    let mut clients: Vec<_> = (0..3).map(get).collect();
+    let three =
+        wait_until_async(SOON, || async { server.state.in_flight.load(Relaxed) == 3 }).await;
+    assert!(three, "three requests in flight at the upstream");
+    assert_eq!(server.state.connections.load(Relaxed), 1);
+    clients.push(get(3));
+    let four = wait_until_async(SOON, || async { server.state.in_flight.load(Relaxed) == 4 }).await;
+    assert!(four, "the fourth request reached the upstream");
+    assert_eq!(
+        server.state.connections.load(Relaxed),
+        2,
+        "the fourth request went to a new connection"
+    );
+    assert_eq!(
+        server.state.closed.load(Relaxed),
+        0,
+        "no connection closed yet"
+    );
+    server.open_gate();
+    for c in clients {
+        let r = c.await.unwrap().expect("response");
+        assert_eq!(r.status, 200, "{}", r.text());
+    }
+    let closed = wait_until(SOON, || server.state.closed.load(Relaxed) == 1).await;
+    assert!(
+        closed,
+        "the first connection closed once its three streams ended"
+    );
+    let (_, address) = pools(&gw).await;
+    assert_eq!(count(&address["closed"]["max_requests"]), 1, "{address:#}");
+}
+
+/// `pool.max_lifetime` on an HTTP/2 upstream: a connection past it takes no new
+/// stream, but the one in flight finishes; then it closes and the next request opens
+/// another.
+#[tokio::test]
+async fn an_http2_connection_retires_at_max_lifetime_without_cutting_its_stream() {
+    let server = H2Server::start(100, true).await;
+    let gw = start(&format!(
+        "{}
+[upstream.up.pool]
+max_lifetime = \"300ms\"
+",
+        proxy_to(&format!("h2c://{}", server.addr))
+    ))
+    .await;
+    let addr = gw.addr;
+    let first = tokio::spawn(async move {
+        KeepAliveClient::new(addr)
+            .with_timeout(SOON)
+            .send(&ClientRequest::get("/long"))
+            .await
+    });
+    let started =
+        wait_until_async(SOON, || async { server.state.in_flight.load(Relaxed) == 1 }).await;
+    assert!(started, "the first request reached the upstream");
+    // The reaper takes it off the list at 300 ms, with its stream still in flight.
+    let retired = wait_until_async(SOON, || async {
+        count(&pools(&gw).await.1["closed"]["lifetime"]) == 1
+    })
+    .await;
+    assert!(retired, "retired at max_lifetime: {:#}", pools(&gw).await.1);
+    assert_eq!(
+        server.state.closed.load(Relaxed),
+        0,
+        "its stream is still in flight"
+    );
+    server.open_gate();
+    let r = first.await.unwrap().expect("response");
+    assert_eq!(r.status, 200, "the stream in flight finished: {}", r.text());
+    let closed = wait_until(SOON, || server.state.closed.load(Relaxed) == 1).await;
+    assert!(closed, "the retired connection closed after its stream");
+    let r = send(&gw, &ClientRequest::get("/next")).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(
+        server.state.connections.load(Relaxed),
+        2,
+        "the next request opened another"
+    );
+}
+
+/// `http2.idle_timeout`: an HTTP/2 connection with no stream in flight that long
+/// closes; a busy one does not.
+#[tokio::test]
+async fn an_idle_http2_connection_closes_after_its_idle_timeout() {
+    let server = H2Server::start(100, true).await;
+    let gw = start(&format!(
+        "{}
+[upstream.up.http2]
+idle_timeout = \"300ms\"
+",
+        proxy_to(&format!("h2c://{}", server.addr))
+    ))
+    .await;
+    let addr = gw.addr;
+    let busy = tokio::spawn(async move {
+        KeepAliveClient::new(addr)
+            .with_timeout(SOON)
+            .send(&ClientRequest::get("/busy"))
+            .await
+    });
+    let started =
+        wait_until_async(SOON, || async { server.state.in_flight.load(Relaxed) == 1 }).await;
+    assert!(started, "the request reached the upstream");
+    // Busy for well past the idle timeout: the connection stays.
+    let closed_while_busy = wait_until(Duration::from_millis(900), || {
+        server.state.closed.load(Relaxed) > 0
+    })
+    .await;
+    assert!(
+        !closed_while_busy,
+        "a connection with a stream in flight is not idle"
+    );
+    // Nor retired: a second request takes a stream on it.
+    let second = tokio::spawn(async move {
+        KeepAliveClient::new(addr)
+            .with_timeout(SOON)
+            .send(&ClientRequest::get("/second"))
+            .await
+    });
+    let both = wait_until_async(SOON, || async { server.state.in_flight.load(Relaxed) == 2 }).await;
+    assert!(both, "the second request reached the upstream");
+    assert_eq!(
+        server.state.connections.load(Relaxed),
+        1,
+        "on the busy connection"
+    );
+    server.open_gate();
+    assert_eq!(busy.await.unwrap().expect("response").status, 200);
+    assert_eq!(second.await.unwrap().expect("response").status, 200);
+    let closed = wait_until(SOON, || server.state.closed.load(Relaxed) == 1).await;
+    assert!(closed, "closed once idle for 300 ms");
+    let (_, address) = pools(&gw).await;
+    assert_eq!(count(&address["closed"]["idle_expired"]), 1, "{address:#}");
+    let r = send(&gw, &ClientRequest::get("/again")).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(server.state.connections.load(Relaxed), 2);
 }
 
 /// The upstream shuts its connection down gracefully (GOAWAY) in the middle of a load

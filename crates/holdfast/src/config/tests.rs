@@ -186,3 +186,23 @@ fn h2c_and_redirect_are_for_plain_listeners() {
         "{e}"
     );
 }
+
+#[test]
+fn upstream_http2_idle_timeout_defaults_to_a_minute_and_names_its_key_when_bad() {
+    let c = parse(GOOD).unwrap();
+    assert_eq!(c.upstreams["api"].http2.idle_timeout, Dur::secs(60));
+    let c = parse(&format!(
+        "{GOOD}[upstream.api.http2]\nidle_timeout = \"0s\"\n"
+    ))
+    .unwrap();
+    assert_eq!(c.upstreams["api"].http2.idle_timeout.non_zero(), None);
+    let e = only_error(&format!(
+        "{GOOD}[upstream.api.http2]\nidle_timeout = \"soon\"\n"
+    ));
+    assert_eq!(
+        e.key.as_deref(),
+        Some("upstream.api.http2.idle_timeout"),
+        "{e}"
+    );
+    assert_eq!(e.line, 16, "{e}");
+}

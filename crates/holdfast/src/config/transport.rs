@@ -68,6 +68,13 @@ pub struct UpstreamHttp2Config {
     /// How long a PING may go unanswered before the connection is closed and its
     /// requests fail (the address's other connections are unaffected). Default `5s`.
     pub ping_timeout: Dur,
+    /// A connection with no stream in flight for this long closes; `0s` keeps idle
+    /// connections open while they answer PINGs. Nothing can race the close: the
+    /// connection is taken off the list, so no new stream starts on it, before it
+    /// closes. Default `60s`. (`pool.max_requests` and `pool.max_lifetime` apply to
+    /// HTTP/2 connections too: one that reaches either takes no new stream, finishes
+    /// the ones in flight, then closes.)
+    pub idle_timeout: Dur,
 }
 
 impl Default for UpstreamHttp2Config {
@@ -76,6 +83,7 @@ impl Default for UpstreamHttp2Config {
             connections: 1,
             ping_interval: Dur::secs(10),
             ping_timeout: Dur::secs(5),
+            idle_timeout: Dur::secs(60),
         }
     }
 }

@@ -83,6 +83,7 @@ impl Peer {
         let mut settings = PoolSettings::from(&config.pool);
         settings.free_workers = config.protocol() == Protocol::FastCgi;
         settings.h2_connections = config.http2.connections.max(1);
+        settings.h2_idle_timeout = config.http2.idle_timeout.non_zero();
         Arc::new(Peer {
             pool: Pool::new(label.clone(), settings),
             label,

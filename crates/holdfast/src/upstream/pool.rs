@@ -124,6 +124,9 @@ pub struct PoolSettings {
     pub free_workers: bool,
     /// HTTP/2 connections per address (`http2.connections`).
     pub h2_connections: usize,
+    /// HTTP/2: a connection with no stream in flight this long closes
+    /// (`http2.idle_timeout`; `None`: never).
+    pub h2_idle_timeout: Option<Duration>,
 }
 
 impl From<&PoolConfig> for PoolSettings {
@@ -139,6 +142,7 @@ impl From<&PoolConfig> for PoolSettings {
             learn: c.learn,
             free_workers: false,
             h2_connections: 1,
+            h2_idle_timeout: None,
         }
     }
 }
@@ -722,15 +726,24 @@ async fn free_worker_if_unanswered(pool: Weak<Pool>, id: u64) {
     }
 }
 
-/// Closes idle connections at their expiry, so none stays open past it.
+/// Closes idle connections at their expiry, so none stays open past it, and retires
+/// HTTP/2 connections at their lifetime and idle deadlines.
 async fn reap(pool: Weak<Pool>, wake: Arc<Notify>) {
     loop {
         let next = {
             let Some(pool) = pool.upgrade() else { return };
             let expired = {
                 let mut st = pool.lock();
-                let expired = st.idle.drain_expired(Instant::now());
-                st.reaper_target = st.idle.next_expiry();
+                let now = Instant::now();
+                let expired = st.idle.drain_expired(now);
+                pool.retire_spent(&mut st, now);
+                st.reaper_target = match (
+                    st.idle.next_expiry(),
+                    st.shared.next_deadline(&pool.settings),
+                ) {
+                    (Some(a), Some(b)) => Some(a.min(b)),
+                    (a, b) => a.or(b),
+                };
                 expired
             };
             pool.close_all(expired, CloseReason::IdleExpired);

@@ -15,6 +15,10 @@
 //!   to be finished: a GOAWAY read off the wire, a failed request, an unanswered
 //!   PING, its end. Its streams in flight go on; the socket closes when the last
 //!   lease is gone. Requests the GOAWAY refused are retried by `Upstream::forward`.
+//! - holdfast retires connections the same way, so its own closes cannot race a
+//!   request either: at `pool.max_requests` streams (the moment the last one is
+//!   leased), at `pool.max_lifetime`, and after `http2.idle_timeout` with no stream
+//!   in flight. The pool's reaper wakes for the last two.
 //!
 //! Everything here runs under the pool's one lock; grants are sent while holding it
 //! and defused if the waiter is gone, so no drop re-enters the lock.
@@ -24,11 +28,12 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Weak};
+use std::time::Duration;
 
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 
-use super::{Client, Connected, NEXT_CONN_ID, OpenGuard, Pool, PooledConn, State};
+use super::{Client, Connected, NEXT_CONN_ID, OpenGuard, Pool, PoolSettings, PooledConn, State};
 use crate::upstream::error::{Delivery, Kind, UpstreamError};
 use crate::upstream::figures::CloseReason;
 use crate::upstream::http2::{Http2Client, Signals};
@@ -54,6 +59,11 @@ pub(super) struct SharedConn {
     in_flight: AtomicUsize,
     /// Streams finished on this connection.
     served: AtomicU64,
+    /// Streams leased on this connection, the one in flight included.
+    started: AtomicU64,
+    /// When the last stream in flight ended, in ms after `created`; [`BUSY`] while
+    /// streams are in flight. Changed only under the pool lock.
+    idle_since_ms: AtomicU64,
     /// Dropping this ends the connection's drive task.
     _kill: oneshot::Sender<()>,
     _open: OpenGuard,
@@ -76,7 +86,62 @@ impl SharedConn {
         !self.signals().is_going_away()
             && self.in_flight.load(Relaxed) < self.signals().max_streams()
     }
+
+    /// Why holdfast retires this connection at `now`, if it does: it then takes no
+    /// new stream and closes when those in flight end.
+    fn spent(&self, settings: &PoolSettings, now: Instant) -> Option<CloseReason> {
+        if settings
+            .max_requests
+            .is_some_and(|max| self.started.load(Relaxed) >= max)
+        {
+            return Some(CloseReason::MaxRequests);
+        }
+        if settings
+            .max_lifetime
+            .is_some_and(|life| now >= self.created + life)
+        {
+            return Some(CloseReason::Lifetime);
+        }
+        match self.idle_deadline(settings) {
+            Some(at) if now >= at => Some(CloseReason::IdleExpired),
+            _ => None,
+        }
+    }
+
+    fn idle_deadline(&self, settings: &PoolSettings) -> Option<Instant> {
+        let since = self.idle_since_ms.load(Relaxed);
+        let timeout = settings.h2_idle_timeout?;
+        (since != BUSY).then(|| self.created + Duration::from_millis(since) + timeout)
+    }
+
+    /// The next time [`SharedConn::spent`] may change without a lease or release.
+    fn next_deadline(&self, settings: &PoolSettings) -> Option<Instant> {
+        let lifetime = settings.max_lifetime.map(|life| self.created + life);
+        match (lifetime, self.idle_deadline(settings)) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// One stream more in flight (under the pool lock).
+    fn take_stream(&self) {
+        self.in_flight.fetch_add(1, Relaxed);
+        self.started.fetch_add(1, Relaxed);
+        self.idle_since_ms.store(BUSY, Relaxed);
+    }
+
+    /// One stream fewer in flight (under the pool lock).
+    fn give_back_stream(&self, now: Instant) {
+        if self.in_flight.fetch_sub(1, Relaxed) == 1 {
+            let since = now.saturating_duration_since(self.created).as_millis();
+            self.idle_since_ms
+                .store(u64::try_from(since).unwrap_or(BUSY - 1), Relaxed);
+        }
+    }
 }
+
+/// [`SharedConn::idle_since_ms`] while streams are in flight.
+const BUSY: u64 = u64::MAX;
 
 /// A stream on a shared connection, for one request.
 ///
@@ -176,6 +241,32 @@ impl SharedState {
         }
     }
 
+    /// Takes the connections holdfast retires at `now` off the list (see
+    /// [`SharedConn::spent`]); each closes when its last stream ends.
+    fn retire_spent(
+        &mut self,
+        settings: &PoolSettings,
+        now: Instant,
+    ) -> Vec<(Arc<SharedConn>, CloseReason)> {
+        let mut gone = Vec::new();
+        self.conns.retain(|c| match c.spent(settings, now) {
+            Some(reason) => {
+                gone.push((c.clone(), reason));
+                false
+            }
+            None => true,
+        });
+        gone
+    }
+
+    /// When the reaper must look at the listed connections next.
+    pub(super) fn next_deadline(&self, settings: &PoolSettings) -> Option<Instant> {
+        self.conns
+            .iter()
+            .filter_map(|c| c.next_deadline(settings))
+            .min()
+    }
+
     /// Streams in flight and the streams the listed connections take, for `/pools`.
     pub(super) fn figures(&self) -> (usize, usize, usize, usize) {
         let streams = self.conns.iter().map(|c| c.in_flight.load(Relaxed)).sum();
@@ -213,6 +304,7 @@ impl Pool {
         let waiting = {
             let mut st = self.lock();
             let limit = self.settings.h2_connections;
+            self.retire_spent(&mut st, Instant::now());
             st.shared.waiters.retain(|w| !w.is_closed());
             let choice = if st.shared.waiters.is_empty() {
                 st.shared.choose(limit)
@@ -221,12 +313,9 @@ impl Pool {
             };
             match choice {
                 Choice::Stream(conn) => {
-                    conn.in_flight.fetch_add(1, Relaxed);
                     self.figures.reused.fetch_add(1, Relaxed);
-                    return Ok(PooledConn::shared(
-                        Lease::new(conn, Arc::downgrade(self), true),
-                        self.clone(),
-                    ));
+                    let lease = self.lease(&mut st, conn);
+                    return Ok(PooledConn::shared(lease, self.clone()));
                 }
                 Choice::Open => {
                     st.shared.opening += 1;
@@ -308,6 +397,8 @@ impl Pool {
             stream,
             in_flight: AtomicUsize::new(1),
             served: AtomicU64::new(0),
+            started: AtomicU64::new(1),
+            idle_since_ms: AtomicU64::new(BUSY),
             _kill: kill,
             _open: open,
         });
@@ -327,7 +418,14 @@ impl Pool {
             }
             let room = st.shared.conns.len() < self.settings.h2_connections;
             if room && !conn.signals().is_going_away() {
-                st.shared.conns.push(conn.clone());
+                match conn.spent(&self.settings, conn.created) {
+                    // `max_requests = 1`: this stream is its only one.
+                    Some(reason) => self.figures.closed(reason),
+                    None => {
+                        st.shared.conns.push(conn.clone());
+                        self.wake_reaper_for(&st, conn.next_deadline(&self.settings));
+                    }
+                }
             }
             self.dispatch(&mut st);
         }
@@ -337,10 +435,47 @@ impl Pool {
 
     /// A lease ended: its stream goes to the first waiter, or back to the connection.
     fn release_stream(&self, conn: &Arc<SharedConn>) {
+        let now = Instant::now();
         let mut st = self.lock();
-        conn.in_flight.fetch_sub(1, Relaxed);
+        conn.give_back_stream(now);
         conn.served.fetch_add(1, Relaxed);
         self.dispatch(&mut st);
+        if conn.in_flight.load(Relaxed) == 0 {
+            // Idle now: the reaper closes it at its idle deadline.
+            self.wake_reaper_for(&st, conn.next_deadline(&self.settings));
+        }
+    }
+
+    /// Leases a stream on a listed connection (under the pool lock). A connection
+    /// whose last stream under `max_requests` this is leaves the list at once.
+    fn lease(&self, st: &mut State, conn: Arc<SharedConn>) -> Lease {
+        conn.take_stream();
+        if let Some(reason @ CloseReason::MaxRequests) = conn.spent(&self.settings, conn.created) {
+            st.shared.conns.retain(|c| !Arc::ptr_eq(c, &conn));
+            self.figures.closed(reason);
+        }
+        Lease::new(conn, self.me.clone(), true)
+    }
+
+    /// Takes the connections holdfast retires at `now` off the list (under the pool
+    /// lock); each closes when its last stream ends.
+    pub(super) fn retire_spent(&self, st: &mut State, now: Instant) {
+        let retired = st.shared.retire_spent(&self.settings, now);
+        for (conn, reason) in &retired {
+            tracing::debug!(address = %self.label, in_flight = conn.in_flight.load(Relaxed), reason = reason.as_str(), "HTTP/2 connection retired: no new streams");
+            self.figures.closed(*reason);
+        }
+        if !retired.is_empty() {
+            // Waiters may open a connection in place of a retired one.
+            self.dispatch(st);
+        }
+    }
+
+    /// Wakes the reaper if `at` comes before the time it sleeps until.
+    fn wake_reaper_for(&self, st: &State, at: Option<Instant>) {
+        if at.is_some_and(|at| st.reaper_target.is_none_or(|t| at < t)) {
+            self.reaper.notify_one();
+        }
     }
 
     /// Hands free streams, and the right to open connections, to waiters in order.
@@ -356,10 +491,7 @@ impl Pool {
             }
             let grant = match st.shared.choose(limit) {
                 Choice::Wait => return,
-                Choice::Stream(conn) => {
-                    conn.in_flight.fetch_add(1, Relaxed);
-                    Grant::Stream(Lease::new(conn, self.me.clone(), true))
-                }
+                Choice::Stream(conn) => Grant::Stream(self.lease(st, conn)),
                 Choice::Open => {
                     st.shared.opening += 1;
                     Grant::Open(OpenTicket {
@@ -374,7 +506,10 @@ impl Pool {
             if let Err(grant) = waiter.send(grant) {
                 match &grant {
                     Grant::Stream(l) => {
-                        l.conn.in_flight.fetch_sub(1, Relaxed);
+                        // Not started after all (a connection this retired at
+                        // `max_requests` stays retired: one stream early, no harm).
+                        l.conn.started.fetch_sub(1, Relaxed);
+                        l.conn.give_back_stream(Instant::now());
                     }
                     Grant::Open(_) => st.shared.opening -= 1,
                 }

@@ -45,6 +45,7 @@ fn settings() -> PoolSettings {
         learn: true,
         free_workers: false,
         h2_connections: 1,
+        h2_idle_timeout: None,
     }
 }
 
