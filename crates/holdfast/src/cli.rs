@@ -47,8 +47,8 @@ pub enum Command {
     /// [upstream.NAME.pool] settings that follow. Progress goes to stderr; it takes up
     /// to --max-idle plus a few seconds, with --connections + 1 connections.
     ///
-    /// URLs: http://host[:port]/path, or fastcgi://host:port with --script. https is
-    /// not supported yet: it comes with holdfast's TLS support.
+    /// URLs: http[s]://host[:port]/path, or fastcgi://host:port and
+    /// fastcgi+unix:///path.sock with --script.
     Probe(ProbeArgs),
     /// Show story 1a happening to a naive client and not through holdfast.
     Demo {
@@ -60,8 +60,12 @@ pub enum Command {
 
 #[derive(Debug, clap::Args)]
 pub struct ProbeArgs {
-    /// http://host[:port]/path or fastcgi://host:port (https: not yet, it comes with TLS).
+    /// http[s]://host[:port]/path, fastcgi://host:port or fastcgi+unix:///path.sock.
     pub url: String,
+    /// https: PEM CA certificates to verify the upstream's certificate with
+    /// (default: the system's trust store).
+    #[arg(long)]
+    pub ca_file: Option<std::path::PathBuf>,
     /// FastCGI: the script to run, as the application sees it (SCRIPT_FILENAME).
     #[arg(long)]
     pub script: Option<String>,
@@ -90,6 +94,7 @@ impl ProbeArgs {
     pub fn into_options(self) -> (ProbeOptions, bool) {
         let mut o = ProbeOptions::new(self.url);
         o.script = self.script;
+        o.ca_file = self.ca_file;
         o.max_idle = self.max_idle.get();
         o.max_requests = self.max_requests;
         o.connections = usize::from(self.connections);

@@ -16,27 +16,33 @@
 //!    working connection from one dropped silently on the way.
 //! 3. A verdict (does it keep its word?) and a TOML snippet ([`report`]).
 //!
-//! Not here: https (it comes with TLS support), HTTP/2.
+//! URLs: `http://`, `https://` (TLS verified against `--ca-file` or the system's
+//! roots, ALPN `http/1.1`), `fastcgi://host:port` and `fastcgi+unix:///path.sock`.
+//! Not here: HTTP/2 (which closes with GOAWAY, not a race) and `http+unix`.
 
 pub mod conn;
 pub mod report;
 
-use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use futures_util::future::join_all;
 use tokio::time::Instant;
 
 pub use self::conn::CloseStyle;
-use self::conn::{Answer, Conn, Watch};
+use self::conn::{Answer, Conn, Dialer, Watch};
 pub use self::report::ProbeReport;
 use self::report::{FastCgiValues, FirstResponse, IdleReport, RequestLimit};
 
 /// What to probe and how far to go.
 #[derive(Debug, Clone)]
 pub struct ProbeOptions {
-    /// `http://host[:port]/path` or `fastcgi://host:port`.
+    /// `http[s]://host[:port]/path`, `fastcgi://host:port` or
+    /// `fastcgi+unix:///path.sock`.
     pub url: String,
+    /// `https`: PEM CA certificates to verify the upstream with; default: the
+    /// system's trust store.
+    pub ca_file: Option<PathBuf>,
     /// For FastCGI: the script to run (SCRIPT_FILENAME), as the application sees it.
     pub script: Option<String>,
     /// Longest idle time watched for. Default 120 s.
@@ -55,6 +61,7 @@ impl ProbeOptions {
     pub fn new(url: impl Into<String>) -> Self {
         ProbeOptions {
             url: url.into(),
+            ca_file: None,
             script: None,
             max_idle: Duration::from_secs(120),
             max_requests: 100,
@@ -73,7 +80,9 @@ pub enum ProbeError {
     #[error("cannot resolve {0}: {1}")]
     Resolve(String, std::io::Error),
     #[error("cannot connect to {0}: {1}")]
-    Connect(SocketAddr, std::io::Error),
+    Connect(String, std::io::Error),
+    #[error("{0}")]
+    Tls(String),
     #[error("no response within {0:?}")]
     Timeout(Duration),
     #[error("{0}")]
@@ -93,6 +102,10 @@ pub struct Target {
     pub host_header: String,
     /// `Some` for FastCGI.
     pub fastcgi_script: Option<String>,
+    /// `https`.
+    pub tls: bool,
+    /// `fastcgi+unix`: the socket (then `host` is `localhost`).
+    pub unix: Option<PathBuf>,
 }
 
 impl Target {
@@ -100,18 +113,39 @@ impl Target {
     /// An unsupported scheme or a malformed URL, said plainly.
     pub fn parse(url: &str, script: Option<&str>) -> Result<Target, ProbeError> {
         let bad = |why: &str| ProbeError::Url(format!("{url}: {why}"));
-        let (scheme, rest) = url
-            .split_once("://")
-            .ok_or_else(|| bad("expected http://host[:port]/path or fastcgi://host:port"))?;
-        let (default_port, fastcgi) = match scheme.to_ascii_lowercase().as_str() {
-            "http" => (80, false),
-            "fastcgi" => (9000, true),
-            "https" => {
+        let (scheme, rest) = url.split_once("://").ok_or_else(|| {
+            bad("expected http[s]://host[:port]/path, fastcgi://host:port or fastcgi+unix:///path")
+        })?;
+        let script = |fastcgi: bool| match (fastcgi, script) {
+            (false, _) => Ok(None),
+            (true, Some(s)) => Ok(Some(s.to_owned())),
+            (true, None) => Err(bad(
+                "FastCGI needs --script, the path of a script the application can run",
+            )),
+        };
+        let (default_port, fastcgi, tls) = match scheme.to_ascii_lowercase().as_str() {
+            "http" => (80, false, false),
+            "https" => (443, false, true),
+            "fastcgi" => (9000, true, false),
+            "fastcgi+unix" => {
+                if !rest.starts_with('/') {
+                    return Err(bad("expected fastcgi+unix:///absolute/path.sock"));
+                }
+                return Ok(Target {
+                    host: "localhost".into(),
+                    port: 80,
+                    path: "/".into(),
+                    host_header: "localhost".into(),
+                    fastcgi_script: script(true)?,
+                    tls: false,
+                    unix: Some(PathBuf::from(rest)),
+                });
+            }
+            _ => {
                 return Err(bad(
-                    "https is not supported yet: it comes with holdfast's TLS support",
+                    "the scheme must be http, https, fastcgi or fastcgi+unix",
                 ));
             }
-            _ => return Err(bad("the scheme must be http or fastcgi")),
         };
         let (authority, path) = match rest.find('/') {
             Some(i) => (&rest[..i], &rest[i..]),
@@ -133,20 +167,14 @@ impl Target {
             None => default_port,
             Some(p) => p.parse().map_err(|_| bad("bad port"))?,
         };
-        let fastcgi_script = if fastcgi {
-            let s = script.ok_or_else(|| {
-                bad("FastCGI needs --script, the path of a script the application can run")
-            })?;
-            Some(s.to_owned())
-        } else {
-            None
-        };
         Ok(Target {
             host: host.to_owned(),
             port,
             path: path.to_owned(),
             host_header: authority.to_owned(),
-            fastcgi_script,
+            fastcgi_script: script(fastcgi)?,
+            tls,
+            unix: None,
         })
     }
 }
@@ -162,22 +190,14 @@ pub async fn run(
 ) -> Result<ProbeReport, ProbeError> {
     let started = Instant::now();
     let target = Target::parse(&options.url, options.script.as_deref())?;
-    let addr = tokio::net::lookup_host((target.host.as_str(), target.port))
-        .await
-        .map_err(|e| ProbeError::Resolve(target.host.clone(), e))?
-        .next()
-        .ok_or_else(|| {
-            ProbeError::Resolve(
-                target.host.clone(),
-                std::io::Error::new(std::io::ErrorKind::NotFound, "no address"),
-            )
-        })?;
+    let dialer = Dialer::new(&target, options.ca_file.as_deref()).await?;
+    let addr = dialer.describe();
     let mut connections = 0;
     let mut requests = 0;
 
     let fastcgi = if target.fastcgi_script.is_some() {
         connections += 1;
-        let v = conn::fastcgi_values(addr, options.timeout).await?;
+        let v = conn::fastcgi_values(&dialer, options.timeout).await?;
         progress(match &v {
             Some(v) => format!(
                 "GET_VALUES: FCGI_MAX_CONNS={:?} FCGI_MAX_REQS={:?} FCGI_MPXS_CONNS={:?}",
@@ -202,7 +222,7 @@ pub async fn run(
     };
 
     // 1. Requests on one connection.
-    let mut c = Conn::open(&target, addr, options.timeout).await?;
+    let mut c = Conn::open(&target, &dialer, options.timeout).await?;
     connections += 1;
     progress(format!("connected to {addr}"));
     let mut first: Option<FirstResponse> = None;
@@ -284,10 +304,10 @@ pub async fn run(
     ));
     let stagger = Duration::from_secs(1) / k as u32;
     let watches = join_all((0..k).map(|i| {
-        let target = &target;
+        let (target, dialer) = (&target, &dialer);
         async move {
             tokio::time::sleep(stagger * i as u32).await;
-            watch_one(i + 1, target, addr, options, progress).await
+            watch_one(i + 1, target, dialer, options, progress).await
         }
     }))
     .await;
@@ -344,12 +364,13 @@ pub async fn run(
     let recommended = report::recommend(&options.name, &options.url, &first, &limit, &idle);
     Ok(ProbeReport {
         url: options.url.clone(),
-        address: addr.to_string(),
+        address: addr,
         protocol: if target.fastcgi_script.is_some() {
             "fastcgi"
         } else {
             "http1"
         },
+        tls: target.tls,
         first_response: first,
         requests_per_connection: limit,
         idle,
@@ -382,11 +403,11 @@ struct Watched {
 async fn watch_one(
     n: usize,
     target: &Target,
-    addr: SocketAddr,
+    dialer: &Dialer,
     options: &ProbeOptions,
     progress: &(dyn Fn(String) + Sync),
 ) -> Result<Watched, ProbeError> {
-    let mut c = Conn::open(target, addr, options.timeout).await?;
+    let mut c = Conn::open(target, dialer, options.timeout).await?;
     let closed_by_response = |requests| Watched {
         outcome: IdleOutcome::ClosedByResponse,
         requests,
@@ -498,12 +519,24 @@ mod tests {
         let t = Target::parse("fastcgi://127.0.0.1:9001", Some("/srv/i.php")).unwrap();
         assert_eq!(t.fastcgi_script.as_deref(), Some("/srv/i.php"));
         assert_eq!(t.port, 9001);
+        let t = Target::parse("https://api.example.com/v1", None).unwrap();
+        assert_eq!((t.port, t.tls, t.path.as_str()), (443, true, "/v1"));
+        let t = Target::parse("fastcgi+unix:///run/php/php-fpm.sock", Some("/i.php")).unwrap();
+        assert_eq!(
+            t.unix.as_deref(),
+            Some(std::path::Path::new("/run/php/php-fpm.sock"))
+        );
+        assert!(!t.tls);
     }
 
     #[test]
     fn refuses_what_it_cannot_probe_and_says_why() {
-        let e = Target::parse("https://example.com/", None).unwrap_err();
-        assert!(e.to_string().contains("TLS"), "{e}");
+        let e = Target::parse("h2c://example.com/", None).unwrap_err();
+        assert!(e.to_string().contains("https"), "lists what it takes: {e}");
+        let e = Target::parse("fastcgi+unix://run/php.sock", Some("/i.php")).unwrap_err();
+        assert!(e.to_string().contains("absolute"), "{e}");
+        let e = Target::parse("fastcgi+unix:///run/php.sock", None).unwrap_err();
+        assert!(e.to_string().contains("--script"), "{e}");
         let e = Target::parse("fastcgi://127.0.0.1:9000", None).unwrap_err();
         assert!(e.to_string().contains("--script"), "{e}");
         assert!(Target::parse("example.com", None).is_err());

@@ -1,7 +1,8 @@
 //! `holdfast probe` against upstreams whose keep-alive behaviour is known: the scripted
-//! misbehaving upstreams, a real nginx (`keepalive_timeout 3s; keepalive_requests 7;`),
-//! a raw server that resets idle connections, and a FastCGI application that closes
-//! after a number of requests, as php-fpm's `pm.max_requests` does.
+//! misbehaving upstreams, a real nginx (`keepalive_timeout 3s; keepalive_requests 7;`,
+//! over plain HTTP and over TLS), a raw server that resets idle connections, a FastCGI
+//! application that closes after a number of requests, as php-fpm's `pm.max_requests`
+//! does, and a real php-fpm on its unix socket.
 //!
 //! Probe limits are small (`max_idle` a few seconds) so the file runs in seconds; the
 //! measured idle timeouts must be within the probe's stated precision, ±0.5 s.
@@ -9,12 +10,14 @@
 mod support;
 
 use std::net::SocketAddr;
-use std::sync::Mutex;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use holdfast::probe::{CloseStyle, ProbeOptions, ProbeReport};
-use holdfast_test::{Behaviour, Nginx, Reply, TestUpstream};
+use holdfast_test::{Behaviour, Nginx, PhpFpm, PhpFpmOptions, Reply, TestUpstream};
 use support::fastcgi_app::FastCgiApp;
+use support::pki::TestCa;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
@@ -173,6 +176,106 @@ async fn nginx_with_keepalive_timeout_3s_and_keepalive_requests_7() {
     eprintln!("{}", r.render());
 }
 
+/// The same nginx over TLS: `https://` with the test CA (`--ca-file`) measures the
+/// same figures through TLS; without the CA the certificate is refused, said plainly.
+#[tokio::test]
+async fn https_to_nginx_measures_through_tls_and_refuses_an_unknown_issuer() {
+    let pki = TestCa::new("holdfast probe test CA");
+    let (cert, key) = pki.issue("nginx", &["localhost"], false);
+    let nginx = Nginx::start(&format!(
+        "server {{\n\
+         \x20   listen 127.0.0.1:{{port}} ssl;\n\
+         \x20   ssl_certificate {};\n\
+         \x20   ssl_certificate_key {};\n\
+         \x20   keepalive_timeout 3s;\n\
+         \x20   keepalive_requests 7;\n\
+         \x20   location / {{ return 200 \"ok\\n\"; }}\n\
+         }}\n",
+        cert.display(),
+        key.display(),
+    ))
+    .await;
+    let url = format!("https://localhost:{}/", nginx.port());
+    let mut o = options(&url, Duration::from_secs(8));
+    o.ca_file = Some(pki.ca_file());
+    let (r, _) = probe(&o).await;
+    assert!(r.tls);
+    assert_eq!(r.first_response.status, 200);
+    assert_eq!(r.requests_per_connection.limit, Some(7));
+    assert_near(
+        r.idle.timeout_secs.expect("measured"),
+        3.0,
+        "nginx idle timeout over TLS",
+    );
+    assert_eq!(
+        r.idle.close,
+        Some(CloseStyle::Fin),
+        "close_notify, then FIN"
+    );
+    assert_eq!(r.recommended.max_requests, Some(6));
+
+    let o = options(&url, Duration::from_secs(1));
+    let e = holdfast::probe::run(&o, &|_| {})
+        .await
+        .expect_err("the test CA is not a system root");
+    let msg = e.to_string();
+    assert!(
+        msg.contains("TLS handshake") && msg.contains("certificate"),
+        "{msg}"
+    );
+}
+
+/// A TLS upstream that drops idle connections with a bare FIN, no close_notify (as
+/// many do): the probe reads that as a silent close after the idle time, not as an
+/// error.
+#[tokio::test]
+async fn a_tls_close_without_close_notify_is_a_fin() {
+    let pki = TestCa::new("holdfast probe test CA");
+    let (cert, key) = pki.issue("up", &["localhost"], false);
+    let up = TlsDropsWhenIdle::start(&cert, &key, Duration::from_millis(1500)).await;
+    let mut o = options(
+        &format!("https://localhost:{}/", up.addr.port()),
+        Duration::from_secs(4),
+    );
+    o.ca_file = Some(pki.ca_file());
+    o.connections = 1;
+    o.max_requests = 3;
+    let (r, _) = probe(&o).await;
+    assert!(r.idle.errors.is_empty(), "{:?}", r.idle.errors);
+    assert_near(
+        r.idle.timeout_secs.expect("measured"),
+        1.5,
+        "idle close without close_notify",
+    );
+    assert_eq!(r.idle.close, Some(CloseStyle::Fin));
+}
+
+/// php-fpm on its unix socket (`fastcgi+unix://`), as Debian installs it: the probe
+/// asks GET_VALUES and runs the script there.
+#[tokio::test]
+async fn php_fpm_on_a_unix_socket() {
+    let fpm = PhpFpm::start(PhpFpmOptions::default()).await;
+    let script = fpm.script("probe.php", "<?php echo 'probed';");
+    let mut o = options(
+        &format!("fastcgi+unix://{}", fpm.socket_path().display()),
+        Duration::from_millis(500),
+    );
+    o.script = Some(script.display().to_string());
+    o.connections = 1;
+    o.max_requests = 5;
+    let (r, _) = probe(&o).await;
+    assert_eq!(r.protocol, "fastcgi");
+    assert_eq!(r.address, fpm.socket_path().display().to_string());
+    assert_eq!(r.first_response.status, 200);
+    let v = r.fastcgi.as_ref().expect("GET_VALUES asked");
+    assert!(v.mpxs_conns.is_some(), "php-fpm answers GET_VALUES: {v:?}");
+    assert_eq!(
+        r.requests_per_connection.limit, None,
+        "php-fpm keeps the connection (FCGI_KEEP_CONN)"
+    );
+    assert_eq!(r.idle.usable_after_max_idle, [true]);
+}
+
 #[tokio::test]
 async fn an_idle_reset_is_told_from_a_fin() {
     let up = ResetWhenIdle::start(Duration::from_millis(700)).await;
@@ -269,15 +372,90 @@ async fn the_binary_prints_json_on_stdout_and_progress_on_stderr() {
     );
 
     let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_holdfast"))
-        .args(["probe", "https://127.0.0.1:1/"])
+        .args(["probe", "h2c://127.0.0.1:1/"])
         .output()
         .await
         .expect("run holdfast probe");
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("TLS"));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("the scheme must be http, https, fastcgi or fastcgi+unix"),
+        "{stderr}"
+    );
 }
 
 // === fixtures ===
+
+/// Over TLS, answers each request with a small 200 and closes a connection idle for
+/// `after` at the TCP level only: a FIN with no TLS close_notify before it.
+struct TlsDropsWhenIdle {
+    addr: SocketAddr,
+    task: JoinHandle<()>,
+}
+
+impl Drop for TlsDropsWhenIdle {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl TlsDropsWhenIdle {
+    async fn start(cert: &Path, key: &Path, after: Duration) -> TlsDropsWhenIdle {
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        let certs = CertificateDer::pem_file_iter(cert)
+            .expect("cert file")
+            .collect::<Result<Vec<_>, _>>()
+            .expect("certs");
+        let key = PrivateKeyDer::from_pem_file(key).expect("key");
+        let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .expect("server config");
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let task = tokio::spawn(async move {
+            while let Ok((sock, _)) = listener.accept().await {
+                let acceptor = acceptor.clone();
+                tokio::spawn(async move {
+                    let Ok(mut tls) = acceptor.accept(sock).await else {
+                        return;
+                    };
+                    let mut buf = Vec::new();
+                    // Ends at the idle drop, or when the peer goes.
+                    loop {
+                        let mut chunk = [0u8; 4096];
+                        let n = match tokio::time::timeout(after, tls.read(&mut chunk)).await {
+                            Err(_) => {
+                                // Past TLS: the TCP socket closes, with no close_notify.
+                                let (tcp, _) = tls.into_inner();
+                                drop(tcp);
+                                return;
+                            }
+                            Ok(Ok(0) | Err(_)) => return,
+                            Ok(Ok(n)) => n,
+                        };
+                        buf.extend_from_slice(&chunk[..n]);
+                        // Bounded by what the peer sent: one answer per request head.
+                        while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                            buf.drain(..end + 4);
+                            let ok = b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\n\r\nok\n";
+                            if tls.write_all(ok).await.is_err() || tls.flush().await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        TlsDropsWhenIdle { addr, task }
+    }
+}
 
 /// Answers each request with a small 200 and resets (SO_LINGER 0) a connection idle
 /// for `after`.

@@ -1,5 +1,6 @@
 //! One probe connection: send a request, read its whole response, and watch an idle
-//! connection for the upstream's close.
+//! connection for the upstream's close. [`Dialer`] opens it: TCP or a unix socket,
+//! with TLS for `https` (holdfast's own upstream TLS client, ALPN `http/1.1`).
 //!
 //! Deliberately not hyper: the probe needs to see what a pooled client hides, such as
 //! a FIN that arrives while nothing is being read, an RST rather than a FIN, or bytes
@@ -9,17 +10,119 @@
 
 use std::io;
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use bytes::{Buf, BytesMut};
 use holdfast_fastcgi::record::{self, RecordType};
 use holdfast_fastcgi::{EndRequest, HeadParser, Progress, RecordDecoder, Role, ServerValues};
+use rustls::pki_types::ServerName;
 use serde::Serialize;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpStream, UnixStream};
 use tokio::time::Instant;
 
 use super::{ProbeError, Target};
+use crate::config::{HttpVersion, UpstreamTlsConfig};
+use crate::upstream::tls::TlsClient;
+
+/// A probe connection's bytes: TCP, a unix socket, or TLS over TCP.
+trait ProbeIo: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> ProbeIo for T {}
+
+/// Where the probe connects, and how.
+pub struct Dialer {
+    place: Place,
+    tls: Option<(TlsClient, ServerName<'static>)>,
+}
+
+enum Place {
+    Tcp(SocketAddr),
+    Unix(PathBuf),
+}
+
+impl Dialer {
+    /// Resolves the target's host (once: every connection goes to the same address)
+    /// and, for `https`, sets up TLS verified against `ca_file` or the system's roots.
+    ///
+    /// # Errors
+    /// The host does not resolve, or the CA file cannot be used.
+    pub async fn new(target: &Target, ca_file: Option<&Path>) -> Result<Dialer, ProbeError> {
+        let place = match &target.unix {
+            Some(path) => Place::Unix(path.clone()),
+            None => Place::Tcp(
+                tokio::net::lookup_host((target.host.as_str(), target.port))
+                    .await
+                    .map_err(|e| ProbeError::Resolve(target.host.clone(), e))?
+                    .next()
+                    .ok_or_else(|| {
+                        ProbeError::Resolve(
+                            target.host.clone(),
+                            io::Error::new(io::ErrorKind::NotFound, "no address"),
+                        )
+                    })?,
+            ),
+        };
+        let tls = if target.tls {
+            let config = UpstreamTlsConfig {
+                ca_file: ca_file.map(Path::to_path_buf),
+                ..UpstreamTlsConfig::default()
+            };
+            // The probe speaks HTTP/1.1 only, so ALPN offers only that.
+            let client = TlsClient::new(&config, HttpVersion::Http1)
+                .map_err(|e| ProbeError::Tls(format!("--ca-file: {e}")))?;
+            let name = client
+                .server_name(&target.host)
+                .map_err(|e| ProbeError::Tls(e.to_string()))?;
+            Some((client, name))
+        } else {
+            None
+        };
+        Ok(Dialer { place, tls })
+    }
+
+    /// The address connected to, for the report.
+    pub fn describe(&self) -> String {
+        match &self.place {
+            Place::Tcp(addr) => addr.to_string(),
+            Place::Unix(path) => path.display().to_string(),
+        }
+    }
+
+    /// A connection (and its TLS handshake) within `timeout`.
+    async fn dial(&self, timeout: Duration) -> Result<Box<dyn ProbeIo>, ProbeError> {
+        let timed_out = || io::Error::new(io::ErrorKind::TimedOut, "connect timed out");
+        let connect = async {
+            Ok::<Box<dyn ProbeIo>, io::Error>(match &self.place {
+                Place::Tcp(addr) => {
+                    let s = TcpStream::connect(addr).await?;
+                    let _ = s.set_nodelay(true);
+                    Box::new(s)
+                }
+                Place::Unix(path) => Box::new(UnixStream::connect(path).await?),
+            })
+        };
+        let io = match tokio::time::timeout(timeout, connect).await {
+            Ok(Ok(io)) => io,
+            Ok(Err(e)) => return Err(ProbeError::Connect(self.describe(), e)),
+            Err(_) => return Err(ProbeError::Connect(self.describe(), timed_out())),
+        };
+        let Some((client, name)) = &self.tls else {
+            return Ok(io);
+        };
+        match tokio::time::timeout(timeout, client.connect(name.clone(), io)).await {
+            Ok(Ok((tls, _))) => Ok(Box::new(tls)),
+            Ok(Err(e)) => Err(ProbeError::Tls(format!(
+                "TLS handshake with {}: {e}",
+                self.describe()
+            ))),
+            Err(_) => Err(ProbeError::Tls(format!(
+                "TLS handshake with {} not done within {timeout:?}",
+                self.describe()
+            ))),
+        }
+    }
+}
 
 /// Largest response head the probe reads.
 const MAX_HEAD: usize = 64 * 1024;
@@ -83,7 +186,7 @@ pub enum Watch {
 }
 
 pub struct Conn {
-    stream: TcpStream,
+    stream: Box<dyn ProbeIo>,
     buf: BytesMut,
     target: Target,
     timeout: Duration,
@@ -93,23 +196,13 @@ pub struct Conn {
 
 impl Conn {
     /// # Errors
-    /// The connect failed or took longer than `timeout`.
+    /// The connect (or TLS handshake) failed or took longer than `timeout`.
     pub async fn open(
         target: &Target,
-        addr: SocketAddr,
+        dialer: &Dialer,
         timeout: Duration,
     ) -> Result<Conn, ProbeError> {
-        let stream = match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
-            Ok(Ok(s)) => s,
-            Ok(Err(e)) => return Err(ProbeError::Connect(addr, e)),
-            Err(_) => {
-                return Err(ProbeError::Connect(
-                    addr,
-                    io::Error::new(io::ErrorKind::TimedOut, "connect timed out"),
-                ));
-            }
-        };
-        let _ = stream.set_nodelay(true);
+        let stream = dialer.dial(timeout).await?;
         Ok(Conn {
             stream,
             buf: BytesMut::with_capacity(8 * 1024),
@@ -129,7 +222,12 @@ impl Conn {
             None => self.http_request(),
             Some(script) => fastcgi_request(&self.target, script)?,
         };
-        if let Err(e) = self.stream.write_all(&request).await {
+        // TLS buffers what is written: flush it out.
+        let sent = match self.stream.write_all(&request).await {
+            Ok(()) => self.stream.flush().await,
+            Err(e) => Err(e),
+        };
+        if let Err(e) = sent {
             // A write fails only once the upstream has reset the connection.
             return match e.kind() {
                 io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset => {
@@ -160,6 +258,8 @@ impl Conn {
     async fn fill(&mut self, deadline: Instant) -> Result<usize, ProbeError> {
         match tokio::time::timeout_at(deadline, self.stream.read_buf(&mut self.buf)).await {
             Ok(Ok(n)) => Ok(n),
+            // TLS: a FIN without close_notify first.
+            Ok(Err(e)) if e.kind() == io::ErrorKind::UnexpectedEof => Ok(0),
             Ok(Err(e)) => Err(ProbeError::Io(e)),
             Err(_) => Err(ProbeError::Timeout(self.timeout)),
         }
@@ -396,6 +496,8 @@ impl Conn {
                     self.buf.clear();
                     continue;
                 }
+                // TLS: a FIN without close_notify first.
+                Ok(Err(e)) if e.kind() == io::ErrorKind::UnexpectedEof => CloseStyle::Fin,
                 Ok(Err(_)) => CloseStyle::Rst,
             };
             return Watch::Closed {
@@ -440,14 +542,10 @@ fn fastcgi_request(target: &Target, script: &str) -> Result<Vec<u8>, ProbeError>
 /// # Errors
 /// The connection failed, or the answer was not FastCGI.
 pub async fn fastcgi_values(
-    addr: SocketAddr,
+    dialer: &Dialer,
     timeout: Duration,
 ) -> Result<Option<ServerValues>, ProbeError> {
-    let mut stream = match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
-        Ok(Ok(s)) => s,
-        Ok(Err(e)) => return Err(ProbeError::Connect(addr, e)),
-        Err(_) => return Err(ProbeError::Timeout(timeout)),
-    };
+    let mut stream = dialer.dial(timeout).await?;
     let mut out = BytesMut::new();
     record::encode_get_values(&mut out, ServerValues::NAMES.iter().copied())
         .map_err(|e| ProbeError::Protocol(format!("cannot encode GET_VALUES: {e}")))?;

@@ -22,6 +22,8 @@ pub struct ProbeReport {
     pub address: String,
     /// `http1` or `fastcgi`.
     pub protocol: &'static str,
+    /// Over TLS (`https`).
+    pub tls: bool,
     pub first_response: FirstResponse,
     pub requests_per_connection: RequestLimit,
     pub idle: IdleReport,
@@ -330,7 +332,8 @@ impl ProbeReport {
     pub fn render(&self) -> String {
         let mut t = String::new();
         let f = &self.first_response;
-        let _ = writeln!(t, "{} ({}, {})", self.url, self.address, self.protocol);
+        let tls = if self.tls { " over TLS" } else { "" };
+        let _ = writeln!(t, "{} ({}, {}{tls})", self.url, self.address, self.protocol);
         let _ = writeln!(t, "  first response: {} {}", f.version, f.status);
         let _ = writeln!(
             t,
