@@ -24,6 +24,7 @@ pub mod tls;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+use std::task::{Poll, ready};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -301,18 +302,15 @@ impl Upstream {
                     _ => (headers_by, Kind::ResponseHeadersTimeout),
                 };
                 let sent = if let Some(head) = parts.as_ref().filter(|_| conn.is_plain_http1()) {
-                    // Sent from the borrowed head, which stays for another attempt.
-                    let sent = tokio::time::timeout_at(
-                        by,
-                        send_http1(&mut conn, head, set.as_ref(), attempt_body),
-                    );
-                    match sent.await {
+                    // Sent from the borrowed head, which stays for another attempt;
+                    // `by` is kept by the connection's own timer.
+                    match send_http1(&mut conn, head, set.as_ref(), attempt_body, by).await {
                         Ok(Err((e, returned))) => {
                             body = returned.or(body);
                             Ok(Err((e, None)))
                         }
                         Ok(Ok(response)) => Ok(Ok(response)),
-                        Err(elapsed) => Err(elapsed),
+                        Err(TimedOut) => Err(TimedOut),
                     }
                 } else {
                     // hyper takes the request: the head is copied only when a retry could
@@ -331,7 +329,9 @@ impl Upstream {
                         parts = Some(clone_parts(&head));
                     }
                     let req = Request::from_parts(head, attempt_body);
-                    tokio::time::timeout_at(by, send(&mut conn, req)).await
+                    tokio::time::timeout_at(by, send(&mut conn, req))
+                        .await
+                        .map_err(|_| TimedOut)
                 };
                 let result = match sent {
                     Ok(r) => r,
@@ -521,25 +521,38 @@ fn send(
     }
 }
 
+/// The response head did not come by its deadline.
+struct TimedOut;
+
+/// A response, or the failure with the body if none of it was sent.
+type Http1Sent = Result<Response<Payload>, (UpstreamError, Option<RequestBody>)>;
+
 /// One attempt on a plain HTTP/1.1 connection: the head is encoded from a borrow
-/// and queued now; only a small poll of the connection is awaited. On failure the
-/// body comes back if nothing was sent.
+/// and queued now; only a small poll of the connection is awaited, until `by`. On
+/// failure the body comes back if nothing was sent.
 fn send_http1<'a>(
     conn: &'a mut PooledConn,
     head: &http::request::Parts,
     set: Option<&SetFields>,
     body: RequestBody,
-) -> impl Future<Output = Result<Response<Payload>, (UpstreamError, Option<RequestBody>)>> + Send + 'a
-{
+    by: Instant,
+) -> impl Future<Output = Result<Http1Sent, TimedOut>> + Send + 'a {
     use futures_util::future::Either;
     let Client::Http1(c) = conn.client() else {
         unreachable!("send_http1 is only called for plain HTTP/1.1")
     };
     match c.begin(head, set, body) {
-        Ok(()) => Either::Left(std::future::poll_fn(move |cx| {
-            c.poll_response(cx).map_err(|e| (e, None))
-        })),
-        Err((e, body)) => Either::Right(std::future::ready(Err((e, Some(body))))),
+        Ok(()) => {
+            c.set_deadline(by);
+            Either::Left(std::future::poll_fn(move |cx| {
+                if let Poll::Ready(r) = c.poll_response(cx) {
+                    return Poll::Ready(Ok(r.map_err(|e| (e, None))));
+                }
+                ready!(c.poll_deadline(cx));
+                Poll::Ready(Err(TimedOut))
+            }))
+        }
+        Err((e, body)) => Either::Right(std::future::ready(Ok(Err((e, Some(body)))))),
     }
 }
 

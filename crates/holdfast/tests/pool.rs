@@ -678,6 +678,23 @@ async fn response_headers_timeout_gives_504_closes_the_connection_and_frees_its_
     assert_eq!(n(&v, "queue_timeouts"), 0);
 }
 
+/// Each request on a reused connection gets a full `response_headers` time: with
+/// 600 ms allowed and an upstream taking 400 ms per answer, three requests in a row on
+/// one connection all succeed (the second would time out if the first one's deadline
+/// carried over: the connection keeps one timer and moves it for each request).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_request_on_a_reused_connection_gets_its_own_response_headers_time() {
+    let up = TestUpstream::start(Behaviour::Delay(ms(400))).await;
+    let hf = Holdfast::single(&[up.addr()], "timeouts.response_headers = \"600ms\"").await;
+    let mut client = hf.client();
+    for i in 1..=3 {
+        let r = client.get("/").await.expect("response");
+        assert_eq!(r.status, 200, "request {i}: {}", r.text());
+    }
+    let v = hf.view("up", 0).await;
+    assert_eq!((n(&v, "created"), n(&v, "reused")), (1, 2), "{v:#}");
+}
+
 /// Idle read timeout between body chunks: the upstream sends a head promising 100
 /// bytes, 10 of them, then nothing. After `timeouts.read_idle` (300 ms) the client's
 /// response is cut (its head was already sent, so no 504 is possible) and the upstream

@@ -86,6 +86,12 @@ pub struct Http1Conn {
     /// Something went wrong mid-exchange: never reuse.
     broken: bool,
     watch: Arc<IdleWatch>,
+    /// The response-head deadline, one timer for the connection's life: each request
+    /// moves it later, which tokio does with one compare-and-swap, where a timer per
+    /// request would be registered in the wheel and taken out again (~650
+    /// instructions). Left armed between requests; it only fires if no request moves
+    /// it for a whole `response_headers` timeout, and then wakes nothing that waits.
+    deadline: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
 /// Sets up a connection on a connected plain socket (HTTP/1 has no handshake) and
@@ -115,11 +121,29 @@ pub fn connect(
         keep_alive: None,
         broken: false,
         watch: watch.clone(),
+        deadline: None,
     };
     (conn, watch_idle(stream, watch))
 }
 
 impl Http1Conn {
+    /// Sets the time by which the response head must have come (see
+    /// [`Http1Conn::poll_deadline`]).
+    pub fn set_deadline(&mut self, at: tokio::time::Instant) {
+        match &mut self.deadline {
+            Some(sleep) => sleep.as_mut().reset(at),
+            None => self.deadline = Some(Box::pin(tokio::time::sleep_until(at))),
+        }
+    }
+
+    /// Ready once the time given to [`Http1Conn::set_deadline`] has passed.
+    pub fn poll_deadline(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        match &mut self.deadline {
+            Some(sleep) => sleep.as_mut().poll(cx),
+            None => Poll::Pending,
+        }
+    }
+
     /// The upstream closed the connection (or sent something) while it was idle. A
     /// failed exchange is not this: [`Http1Conn::park`] refuses that connection, as
     /// an error rather than as evidence of the upstream's keep-alive limits.
