@@ -220,9 +220,7 @@ pub fn parse_response_head_with(
             .and_then(|name| HeaderName::from_bytes(name).ok())
             .ok_or(HeadError::Invalid("header name"))?;
         let value = slice(&head, span.value).ok_or(HeadError::Invalid("header value"))?;
-        let value = HeaderValue::from_maybe_shared(value)
-            .map_err(|_| HeadError::Invalid("header value"))?;
-        headers.append(name, value);
+        headers.append(name, checked_value(value));
     }
     let reason = match scanned.reason {
         Some(span) => Some(slice(&head, span).ok_or(HeadError::Invalid("reason phrase"))?),
@@ -414,6 +412,26 @@ fn last_coding_is_chunked(value: &[u8]) -> bool {
 /// Offsets of `part` within `base`; None if it is not inside (httparse guarantees it
 /// is, but a wrong offset must be an error rather than a panic later). Offsets fit
 /// u32 because the head is at most MAX_HEAD bytes.
+/// A field value httparse has accepted, as a `HeaderValue` without checking its bytes
+/// a second time (a tenth of the cost of parsing a response head).
+///
+/// httparse takes a value byte when it is HTAB, or from 0x20 to 0xFF but not DEL
+/// (RFC 9110 5.5: field-vchar, obs-text, SP and HTAB), and `HeaderValue` the same set;
+/// `http_value_bytes_are_header_value_bytes` checks the two agree on every byte. Debug
+/// builds (tests, fuzzing) still check each value and panic on a bad one.
+#[allow(unsafe_code)]
+fn checked_value(value: Bytes) -> HeaderValue {
+    debug_assert!(value.iter().all(|&b| is_field_value_byte(b)));
+    // SAFETY: not a memory-safety contract: `from_maybe_shared_unchecked` requires
+    // valid field-value bytes, which httparse already checked (see above).
+    unsafe { HeaderValue::from_maybe_shared_unchecked(value) }
+}
+
+/// The bytes httparse takes in a field value (and `HeaderValue` accepts).
+fn is_field_value_byte(b: u8) -> bool {
+    b == b'\t' || (b >= 0x20 && b != 0x7f)
+}
+
 fn span_of(base: &[u8], part: &[u8]) -> Option<(u32, u32)> {
     if part.is_empty() {
         return Some((0, 0));
@@ -1880,6 +1898,34 @@ mod properties {
         out
     }
 
+    /// Every byte: `is_field_value_byte` is `HeaderValue`'s rule, and a byte httparse
+    /// keeps in a value passes it (`checked_value` relies on both).
+    #[test]
+    fn field_value_bytes_are_what_httparse_and_header_value_take() {
+        for b in 0..=255u8 {
+            assert_eq!(
+                is_field_value_byte(b),
+                HeaderValue::from_bytes(&[b'a', b, b'a']).is_ok(),
+                "byte {b:#x}"
+            );
+            let wire = [
+                b"HTTP/1.1 200 OK\r\nx: a".as_slice(),
+                &[b, b'a'],
+                b"\r\n\r\n",
+            ]
+            .concat();
+            let mut headers = [httparse::EMPTY_HEADER; 4];
+            let mut resp = httparse::Response::new(&mut headers);
+            if let Ok(httparse::Status::Complete(_)) = resp.parse(&wire) {
+                let v = resp.headers[0].value;
+                assert!(
+                    v.iter().all(|&b| is_field_value_byte(b)),
+                    "byte {b:#x}: {v:?}"
+                );
+            }
+        }
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
 
@@ -1891,6 +1937,29 @@ mod properties {
             with_head.extend_from_slice(&bytes);
             let _ = parse_response_head(&mut BytesMut::from(&with_head[..]), &Method::GET);
             let _ = decode_in_pieces(&bytes, &[bytes.len() / 3]);
+        }
+
+        #[test]
+        fn http_value_bytes_are_header_value_bytes(value in proptest::collection::vec(any::<u8>(), 0..40)) {
+            // Whatever value httparse accepts, `HeaderValue` accepts too: the premise
+            // of `checked_value`.
+            let mut wire = b"HTTP/1.1 200 OK\r\nx: ".to_vec();
+            wire.extend_from_slice(&value);
+            wire.extend_from_slice(b"\r\n\r\n");
+            let mut headers = [httparse::EMPTY_HEADER; 4];
+            let mut resp = httparse::Response::new(&mut headers);
+            if let Ok(httparse::Status::Complete(_)) = resp.parse(&wire) {
+                let v = resp.headers[0].value;
+                prop_assert!(HeaderValue::from_bytes(v).is_ok(), "{:?}", v);
+                prop_assert!(v.iter().all(|&b| is_field_value_byte(b)), "{:?}", v);
+            }
+            for &b in &value {
+                prop_assert_eq!(
+                    is_field_value_byte(b),
+                    HeaderValue::from_bytes(&[b'a', b, b'a']).is_ok(),
+                    "byte {:#x}", b
+                );
+            }
         }
 
         #[test]
