@@ -273,138 +273,185 @@ enum Proto {
 }
 
 /// Serves one client connection until it ends.
-pub async fn serve(
+///
+/// An async block rather than an `async fn`, which would keep every argument twice
+/// (rust-lang/rust#62958): this future is most of the memory an idle connection holds.
+#[allow(clippy::manual_async_fn)]
+pub fn serve(
     stream: TcpStream,
     remote: SocketAddr,
     shared: Arc<ListenerShared>,
     drain: DrainWatch,
     tracked: Tracked,
-) {
-    let figures = tracked.figures();
-    // A listener bound to one address and port needs no getsockname per connection.
-    let bound = shared.config.listen;
-    let local = if bound.ip().is_unspecified() || bound.port() == 0 {
-        stream.local_addr().unwrap_or(bound)
-    } else {
-        bound
-    };
-    let parkable = shared.tls.is_none() && !shared.config.h2c;
-    let handshake = shared.config.header_timeout.get();
-    let (transport, replay, proto) = match &shared.tls {
-        // Boxed here and below: the task of every connection is as large as its
-        // largest state, and an idle (parked) plain connection should not carry the
-        // space of a TLS handshake or an HTTP/2 connection.
-        Some(front) => {
-            match Box::pin(tokio::time::timeout(handshake, front.accept(stream))).await {
-                Ok(Ok(s)) => {
-                    let proto = if tls::negotiated_h2(&s) {
-                        Proto::Http2
-                    } else {
-                        Proto::Http1
-                    };
-                    (Transport::Tls(Box::new(s)), Bytes::new(), proto)
-                }
-                Ok(Err(e)) => {
-                    figures.tls_handshake.fetch_add(1, Relaxed);
-                    tracing::debug!(client = %remote, error = %e, "TLS handshake failed");
-                    return;
-                }
-                Err(_) => {
-                    figures.tls_handshake.fetch_add(1, Relaxed);
-                    tracing::info!(client = %remote, timeout = ?handshake, "TLS handshake not done in time; closing");
-                    return;
-                }
+) -> impl Future<Output = ()> + Send {
+    async move {
+        let figures = tracked.figures();
+        // A listener bound to one address and port needs no getsockname per connection.
+        let local = {
+            let bound = shared.config.listen;
+            if bound.ip().is_unspecified() || bound.port() == 0 {
+                stream.local_addr().unwrap_or(bound)
+            } else {
+                bound
             }
-        }
-        None if shared.config.h2c => {
-            let mut stream = stream;
-            match Box::pin(io::sniff_h2_preface(&mut stream, handshake)).await {
-                Ok((h2, replay)) => {
-                    let proto = if h2 { Proto::Http2 } else { Proto::Http1 };
-                    (Transport::Plain(stream), replay, proto)
-                }
-                Err(e) => {
-                    tracing::debug!(client = %remote, error = %e, "no request on a new connection");
-                    return;
-                }
-            }
-        }
-        None => (Transport::Plain(stream), Bytes::new(), Proto::Http1),
-    };
-    let ctx = ConnContext::new(
-        remote,
-        local,
-        matches!(transport, Transport::Tls(_)),
-        shared.config.clone(),
-    );
-    let state = Arc::new(ConnState::new(parkable, figures.clone(), ctx));
-    let io = ClientIo::new(
-        transport,
-        replay,
-        state.clone(),
-        proto == Proto::Http1,
-        tracked,
-    );
-    let io = TokioIo::new(io);
-    let svc = {
-        let shared = shared.clone();
-        let state = state.clone();
-        service_fn(move |req: http::Request<Incoming>| {
-            // One clock reading for the connection's state and the request's timing.
-            let arrived = Instant::now();
-            let in_flight = InFlight::start(&state, arrived);
-            if req.version() == Version::HTTP_10
-                && !crate::proxy::headers::connection_has(req.headers(), "keep-alive")
-                || req.version() == Version::HTTP_11
-                    && crate::proxy::headers::connection_has(req.headers(), "close")
-            {
-                state.client_closes.store(true, Relaxed);
-            }
-            let n = state.requests.fetch_add(1, Relaxed) + 1;
-            let max = shared.config.max_requests_per_connection;
-            let last = max > 0 && n >= max;
-            if last && req.version() == Version::HTTP_2 {
-                state.close_soon.store(true, Relaxed);
-                state.wake.notify_one();
-            }
-            let shared = shared.clone();
-            let state = state.clone();
-            async move {
-                let version = req.version();
-                let mut resp = if shared.config.redirect_https {
-                    redirect::respond(&req, shared.config.redirect_https_port)
-                } else {
-                    shared.proxy.handle(req, &state.ctx, arrived).await
-                };
-                if resp.status() != http::StatusCode::SWITCHING_PROTOCOLS {
-                    let closing = state.draining.load(Relaxed) || last;
-                    if let Some((name, value)) =
-                        connection_field(version, closing, shared.keep_alive.as_ref())
-                    {
-                        resp.headers_mut().insert(name, value);
+        };
+        let parkable = shared.tls.is_none() && !shared.config.h2c;
+        let handshake = shared.config.header_timeout.get();
+        let (transport, replay, proto) = match &shared.tls {
+            // Boxed here and below: the task of every connection is as large as its
+            // largest state, and an idle (parked) plain connection should not carry the
+            // space of a TLS handshake or an HTTP/2 connection.
+            Some(front) => {
+                match Box::pin(tokio::time::timeout(handshake, front.accept(stream))).await {
+                    Ok(Ok(s)) => {
+                        let proto = if tls::negotiated_h2(&s) {
+                            Proto::Http2
+                        } else {
+                            Proto::Http1
+                        };
+                        (Transport::Tls(Box::new(s)), Bytes::new(), proto)
+                    }
+                    Ok(Err(e)) => {
+                        figures.tls_handshake.fetch_add(1, Relaxed);
+                        tracing::debug!(client = %remote, error = %e, "TLS handshake failed");
+                        return;
+                    }
+                    Err(_) => {
+                        figures.tls_handshake.fetch_add(1, Relaxed);
+                        tracing::info!(client = %remote, timeout = ?handshake, "TLS handshake not done in time; closing");
+                        return;
                     }
                 }
-                resp.body_mut().in_flight = Some(in_flight);
-                Ok::<_, Infallible>(resp)
             }
-        })
-    };
-    let mut drain = drain;
-    match proto {
-        Proto::Http1 => {
-            let mut conn = Box::pin(
-                shared
-                    .http1
-                    .serve_connection(io, svc.clone())
-                    .with_upgrades(),
-            );
-            loop {
-                let shutdown = |c: Pin<&mut _>| {
-                    hyper::server::conn::http1::UpgradeableConnection::graceful_shutdown(c)
-                };
+            None if shared.config.h2c => {
+                let mut stream = stream;
+                match Box::pin(io::sniff_h2_preface(&mut stream, handshake)).await {
+                    Ok((h2, replay)) => {
+                        let proto = if h2 { Proto::Http2 } else { Proto::Http1 };
+                        (Transport::Plain(stream), replay, proto)
+                    }
+                    Err(e) => {
+                        tracing::debug!(client = %remote, error = %e, "no request on a new connection");
+                        return;
+                    }
+                }
+            }
+            None => (Transport::Plain(stream), Bytes::new(), Proto::Http1),
+        };
+        let ctx = ConnContext::new(
+            remote,
+            local,
+            matches!(transport, Transport::Tls(_)),
+            shared.config.clone(),
+        );
+        let state = Arc::new(ConnState::new(parkable, figures.clone(), ctx));
+        let io = ClientIo::new(
+            transport,
+            replay,
+            state.clone(),
+            proto == Proto::Http1,
+            tracked,
+        );
+        let io = TokioIo::new(io);
+        let svc = {
+            let shared = shared.clone();
+            let state = state.clone();
+            service_fn(move |req: http::Request<Incoming>| {
+                // One clock reading for the connection's state and the request's timing.
+                let arrived = Instant::now();
+                let in_flight = InFlight::start(&state, arrived);
+                if req.version() == Version::HTTP_10
+                    && !crate::proxy::headers::connection_has(req.headers(), "keep-alive")
+                    || req.version() == Version::HTTP_11
+                        && crate::proxy::headers::connection_has(req.headers(), "close")
+                {
+                    state.client_closes.store(true, Relaxed);
+                }
+                let n = state.requests.fetch_add(1, Relaxed) + 1;
+                let max = shared.config.max_requests_per_connection;
+                let last = max > 0 && n >= max;
+                if last && req.version() == Version::HTTP_2 {
+                    state.close_soon.store(true, Relaxed);
+                    state.wake.notify_one();
+                }
+                let shared = shared.clone();
+                let state = state.clone();
+                async move {
+                    let version = req.version();
+                    let mut resp = if shared.config.redirect_https {
+                        redirect::respond(&req, shared.config.redirect_https_port)
+                    } else {
+                        shared.proxy.handle(req, &state.ctx, arrived).await
+                    };
+                    if resp.status() != http::StatusCode::SWITCHING_PROTOCOLS {
+                        let closing = state.draining.load(Relaxed) || last;
+                        if let Some((name, value)) =
+                            connection_field(version, closing, shared.keep_alive.as_ref())
+                        {
+                            resp.headers_mut().insert(name, value);
+                        }
+                    }
+                    resp.body_mut().in_flight = Some(in_flight);
+                    Ok::<_, Infallible>(resp)
+                }
+            })
+        };
+        let mut drain = drain;
+        match proto {
+            Proto::Http1 => {
+                let mut conn = Box::pin(
+                    shared
+                        .http1
+                        .serve_connection(io, svc.clone())
+                        .with_upgrades(),
+                );
+                loop {
+                    let shutdown = |c: Pin<&mut _>| {
+                        hyper::server::conn::http1::UpgradeableConnection::graceful_shutdown(c)
+                    };
+                    Box::pin(drive(
+                        conn.as_mut(),
+                        shutdown,
+                        proto,
+                        &state,
+                        &shared,
+                        &mut drain,
+                        remote,
+                    ))
+                    .await;
+                    if state.park.load(Relaxed) != PARK_PARKED {
+                        return;
+                    }
+                    // hyper saw "end of input" and ended cleanly without shutting the
+                    // socket: take it back, with anything hyper had read but not used.
+                    let Some(parts) = Pin::into_inner(conn).into_parts() else {
+                        return;
+                    };
+                    tracing::trace!(client = %remote, "idle connection parked");
+                    let mut client_io = parts.io.into_inner();
+                    client_io.unread(parts.read_buf);
+                    // The rest of hyper's parts (a clone of the service) is not kept while
+                    // parked: the task of every idle connection would carry it.
+                    drop(parts.service);
+                    if !Box::pin(park(&client_io, &state, &shared, &mut drain)).await {
+                        return; // dropping the socket closes it, with a linger
+                    }
+                    state.park.store(PARK_NONE, Relaxed);
+                    conn = Box::pin(
+                        shared
+                            .http1
+                            .serve_connection(TokioIo::new(client_io), svc.clone())
+                            .with_upgrades(),
+                    );
+                }
+            }
+            Proto::Http2 => {
+                // Until its first stream an HTTP/2 connection is idle, not reading a head.
+                state.set(ConnPhase::Idle);
+                let mut conn = Box::pin(shared.http2.serve_connection(io, svc));
                 Box::pin(drive(
                     conn.as_mut(),
-                    shutdown,
+                    |c| c.graceful_shutdown(),
                     proto,
                     &state,
                     &shared,
@@ -412,46 +459,7 @@ pub async fn serve(
                     remote,
                 ))
                 .await;
-                if state.park.load(Relaxed) != PARK_PARKED {
-                    return;
-                }
-                // hyper saw "end of input" and ended cleanly without shutting the
-                // socket: take it back, with anything hyper had read but not used.
-                let Some(parts) = Pin::into_inner(conn).into_parts() else {
-                    return;
-                };
-                tracing::trace!(client = %remote, "idle connection parked");
-                let mut client_io = parts.io.into_inner();
-                client_io.unread(parts.read_buf);
-                // The rest of hyper's parts (a clone of the service) is not kept while
-                // parked: the task of every idle connection would carry it.
-                drop(parts.service);
-                if !Box::pin(park(&client_io, &state, &shared, &mut drain)).await {
-                    return; // dropping the socket closes it, with a linger
-                }
-                state.park.store(PARK_NONE, Relaxed);
-                conn = Box::pin(
-                    shared
-                        .http1
-                        .serve_connection(TokioIo::new(client_io), svc.clone())
-                        .with_upgrades(),
-                );
             }
-        }
-        Proto::Http2 => {
-            // Until its first stream an HTTP/2 connection is idle, not reading a head.
-            state.set(ConnPhase::Idle);
-            let mut conn = Box::pin(shared.http2.serve_connection(io, svc));
-            Box::pin(drive(
-                conn.as_mut(),
-                |c| c.graceful_shutdown(),
-                proto,
-                &state,
-                &shared,
-                &mut drain,
-                remote,
-            ))
-            .await;
         }
     }
 }
