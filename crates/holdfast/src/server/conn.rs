@@ -466,23 +466,43 @@ pub fn serve(
 
 /// Waits, with no hyper state, until a parked connection's client sends again
 /// (`true`: serve it) or the connection should close (`false`).
-async fn park(
-    io: &ClientIo,
-    state: &ConnState,
-    shared: &ListenerShared,
-    drain: &mut DrainWatch,
-) -> bool {
-    loop {
-        let at = match verdict(state, shared, Instant::now()) {
-            Verdict::RecheckAt(at) | Verdict::Park(at) => at,
-            Verdict::Close | Verdict::Abort(_) => return false,
-        };
-        tokio::select! {
-            // Data or EOF: a new hyper connection handles either.
-            r = io.readable() => return r.is_ok(),
-            () = tokio::time::sleep_until(at) => {}
-            () = drain.draining(), if !state.draining.load(Relaxed) => {
-                state.draining.store(true, Relaxed);
+#[allow(clippy::manual_async_fn)] // an async fn would keep its arguments twice
+fn park<'a>(
+    io: &'a ClientIo,
+    state: &'a ConnState,
+    shared: &'a ListenerShared,
+    drain: &'a mut DrainWatch,
+) -> impl Future<Output = bool> + Send + 'a {
+    async move {
+        // Polled by hand, not `select!` over `readable()`: this future is what every
+        // parked connection keeps, and a readiness future is larger than the poll.
+        let check = tokio::time::sleep_until(Instant::now());
+        tokio::pin!(check);
+        let draining = drain.draining();
+        tokio::pin!(draining);
+        loop {
+            let at = match verdict(state, shared, Instant::now()) {
+                Verdict::RecheckAt(at) | Verdict::Park(at) => at,
+                Verdict::Close | Verdict::Abort(_) => return false,
+            };
+            check.as_mut().reset(at);
+            let readable = std::future::poll_fn(|cx| {
+                // Data or EOF: a new hyper connection handles either.
+                if let Poll::Ready(r) = io.poll_readable(cx) {
+                    return Poll::Ready(Some(r.is_ok()));
+                }
+                if check.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(None);
+                }
+                if !state.draining.load(Relaxed) && draining.as_mut().poll(cx).is_ready() {
+                    state.draining.store(true, Relaxed);
+                    return Poll::Ready(None);
+                }
+                Poll::Pending
+            })
+            .await;
+            if let Some(ok) = readable {
+                return ok;
             }
         }
     }

@@ -55,11 +55,11 @@ pub(super) struct ClientIo {
 }
 
 impl ClientIo {
-    /// Waits until the socket has something to read (or is closed).
-    pub(super) async fn readable(&self) -> io::Result<()> {
+    /// Ready when the socket has something to read (or is closed).
+    pub(super) fn poll_readable(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match &self.stream {
-            Some(s) => s.tcp().readable().await,
-            None => Err(io::Error::from(io::ErrorKind::NotConnected)),
+            Some(s) => s.tcp().poll_read_ready(cx),
+            None => Poll::Ready(Err(io::Error::from(io::ErrorKind::NotConnected))),
         }
     }
 
