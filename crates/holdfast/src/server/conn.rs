@@ -399,65 +399,70 @@ pub fn serve(
         let mut drain = drain;
         match proto {
             Proto::Http1 => {
-                let mut conn = Box::pin(
-                    shared
-                        .http1
-                        .serve_connection(io, svc.clone())
-                        .with_upgrades(),
-                );
+                let mut io = io;
                 loop {
-                    let shutdown = |c: Pin<&mut _>| {
-                        hyper::server::conn::http1::UpgradeableConnection::graceful_shutdown(c)
-                    };
-                    Box::pin(drive(
-                        conn.as_mut(),
-                        shutdown,
-                        proto,
-                        &state,
-                        &shared,
-                        &mut drain,
-                        remote,
-                    ))
+                    // hyper's connection and the watch over it in one allocation (kept
+                    // out of the task, which every parked connection holds).
+                    let (state, shared) = (&state, &shared);
+                    let watch = &mut drain;
+                    let svc = svc.clone();
+                    let parked = Box::pin(async move {
+                        let mut conn = shared.http1.serve_connection(io, svc).with_upgrades();
+                        let shutdown = |c: Pin<&mut _>| {
+                            hyper::server::conn::http1::UpgradeableConnection::graceful_shutdown(c)
+                        };
+                        drive(
+                            Pin::new(&mut conn),
+                            shutdown,
+                            proto,
+                            state,
+                            shared,
+                            watch,
+                            remote,
+                        )
+                        .await;
+                        if state.park.load(Relaxed) != PARK_PARKED {
+                            return None;
+                        }
+                        // hyper saw "end of input" and ended cleanly without shutting
+                        // the socket: take it back, with anything hyper had read but
+                        // not used. The rest of hyper's parts (a clone of the service)
+                        // is not kept while parked.
+                        let parts = conn.into_parts()?;
+                        let mut client_io = parts.io.into_inner();
+                        client_io.unread(parts.read_buf);
+                        Some(client_io)
+                    })
                     .await;
-                    if state.park.load(Relaxed) != PARK_PARKED {
-                        return;
-                    }
-                    // hyper saw "end of input" and ended cleanly without shutting the
-                    // socket: take it back, with anything hyper had read but not used.
-                    let Some(parts) = Pin::into_inner(conn).into_parts() else {
+                    let Some(client_io) = parked else {
                         return;
                     };
                     tracing::trace!(client = %remote, "idle connection parked");
-                    let mut client_io = parts.io.into_inner();
-                    client_io.unread(parts.read_buf);
-                    // The rest of hyper's parts (a clone of the service) is not kept while
-                    // parked: the task of every idle connection would carry it.
-                    drop(parts.service);
-                    if !Box::pin(park(&client_io, &state, &shared, &mut drain)).await {
+                    if !Box::pin(park(&client_io, state, shared, &mut drain)).await {
                         return; // dropping the socket closes it, with a linger
                     }
                     state.park.store(PARK_NONE, Relaxed);
-                    conn = Box::pin(
-                        shared
-                            .http1
-                            .serve_connection(TokioIo::new(client_io), svc.clone())
-                            .with_upgrades(),
-                    );
+                    io = TokioIo::new(client_io);
                 }
             }
             Proto::Http2 => {
                 // Until its first stream an HTTP/2 connection is idle, not reading a head.
                 state.set(ConnPhase::Idle);
-                let mut conn = Box::pin(shared.http2.serve_connection(io, svc));
-                Box::pin(drive(
-                    conn.as_mut(),
-                    |c| c.graceful_shutdown(),
-                    proto,
-                    &state,
-                    &shared,
-                    &mut drain,
-                    remote,
-                ))
+                let (state, shared, drain) = (&state, &shared, &mut drain);
+                Box::pin(async move {
+                    let conn = shared.http2.serve_connection(io, svc);
+                    tokio::pin!(conn);
+                    drive(
+                        conn.as_mut(),
+                        |c| c.graceful_shutdown(),
+                        proto,
+                        state,
+                        shared,
+                        drain,
+                        remote,
+                    )
+                    .await;
+                })
                 .await;
             }
         }

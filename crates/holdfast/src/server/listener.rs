@@ -14,21 +14,32 @@ use super::drain::{DrainWatch, Tracker};
 pub async fn accept_loop(
     listener: TcpListener,
     shared: Arc<ListenerShared>,
-    mut drain: DrainWatch,
+    drain: DrainWatch,
     tracker: Tracker,
 ) {
     let limit = Arc::new(Semaphore::new(shared.config.max_connections));
+    // One registration with the drain signal for the loop's whole life, not one per
+    // connection: the accept path is paid by every new client.
+    let mut watch = drain.clone();
+    let draining = watch.draining();
+    tokio::pin!(draining);
     loop {
-        let permit = tokio::select! {
-            p = limit.clone().acquire_owned() => match p {
-                Ok(p) => p,
-                Err(_) => return, // never closed
+        // A free slot is taken without a future; only a full listener waits.
+        let permit = match limit.clone().try_acquire_owned() {
+            Ok(p) => p,
+            Err(_) => tokio::select! {
+                biased;
+                () = draining.as_mut() => return,
+                p = limit.clone().acquire_owned() => match p {
+                    Ok(p) => p,
+                    Err(_) => return, // never closed
+                },
             },
-            () = drain.draining() => return,
         };
         let accepted = tokio::select! {
+            biased;
+            () = draining.as_mut() => return,
             r = listener.accept() => r,
-            () = drain.draining() => return,
         };
         let (stream, remote) = match accepted {
             Ok(a) => a,
