@@ -248,6 +248,7 @@ fn scan_head(
     let mut fields = [MaybeUninit::uninit(); MAX_HEADERS];
     let mut response = httparse::Response::new(&mut []);
     // Defaults: no obs-fold, no spaces after field names, no invalid lines skipped.
+    // `checked_value` relies on no obs-fold: a folded value would hold CR and LF.
     let parsed = httparse::ParserConfig::default().parse_response_with_uninit_headers(
         &mut response,
         buf,
@@ -409,16 +410,14 @@ fn last_coding_is_chunked(value: &[u8]) -> bool {
         .is_some_and(|coding| coding.trim_ascii().eq_ignore_ascii_case(b"chunked"))
 }
 
-/// Offsets of `part` within `base`; None if it is not inside (httparse guarantees it
-/// is, but a wrong offset must be an error rather than a panic later). Offsets fit
-/// u32 because the head is at most MAX_HEAD bytes.
 /// A field value httparse has accepted, as a `HeaderValue` without checking its bytes
 /// a second time (a tenth of the cost of parsing a response head).
 ///
 /// httparse takes a value byte when it is HTAB, or from 0x20 to 0xFF but not DEL
 /// (RFC 9110 5.5: field-vchar, obs-text, SP and HTAB), and `HeaderValue` the same set;
-/// `http_value_bytes_are_header_value_bytes` checks the two agree on every byte. Debug
-/// builds (tests, fuzzing) still check each value and panic on a bad one.
+/// `http_value_bytes_are_header_value_bytes` checks the two agree on every byte. This
+/// holds with obs-fold off, as `scan_head` parses. Debug builds (tests, fuzzing)
+/// still check each value and panic on a bad one.
 #[allow(unsafe_code)]
 fn checked_value(value: Bytes) -> HeaderValue {
     debug_assert!(value.iter().all(|&b| is_field_value_byte(b)));
@@ -432,6 +431,9 @@ fn is_field_value_byte(b: u8) -> bool {
     b == b'\t' || (b >= 0x20 && b != 0x7f)
 }
 
+/// Offsets of `part` within `base`; None if it is not inside (httparse guarantees it
+/// is, but a wrong offset must be an error rather than a panic later). Offsets fit
+/// u32 because the head is at most MAX_HEAD bytes.
 fn span_of(base: &[u8], part: &[u8]) -> Option<(u32, u32)> {
     if part.is_empty() {
         return Some((0, 0));

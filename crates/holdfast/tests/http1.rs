@@ -766,6 +766,99 @@ async fn slowloris_header_is_cut_at_header_timeout() {
     assert_eq!(upstream.stats().connections_accepted, 0);
 }
 
+/// Waits (bounded by `within`) for holdfast to end the connection; a 408 before the
+/// close is fine. Returns how long that took, or `None` if it stayed open.
+async fn closed_within(client: &mut RawClient, within: Duration) -> Option<Duration> {
+    let started = Instant::now();
+    loop {
+        let left = within.checked_sub(started.elapsed())?;
+        match client.wait_close(left).await {
+            PeerClose::StillOpen => return None,
+            PeerClose::Data(d) => assert!(d.starts_with(b"HTTP/1.1 408"), "{d:?}"),
+            PeerClose::Eof | PeerClose::Reset | PeerClose::Error(_) => {
+                return Some(started.elapsed());
+            }
+        }
+    }
+}
+
+/// The first head is due `header_timeout` after accept: time a client spends before
+/// its first byte (here on an h2c listener, which waits for it to tell HTTP/2 from
+/// HTTP/1; a TLS handshake alike) is not given again for the head.
+#[tokio::test]
+async fn first_head_is_due_header_timeout_after_accept() {
+    let upstream = TestUpstream::start(Behaviour::Echo).await;
+    let gw = start(&format!(
+        "{}\n[[listener]]\nlisten = \"127.0.0.1:0\"\nh2c = true\nheader_timeout = \"2s\"\n",
+        proxy_to(&upstream.url())
+    ))
+    .await;
+    let mut client = RawClient::connect(gw.addr).await.unwrap();
+    let accepted = Instant::now();
+    // A slow client: 1.5 s before its first byte, then half a head and nothing more.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    client.send("GET / HTTP/1.1\r\nx-slow: a").await.unwrap();
+    let closed = closed_within(&mut client, Duration::from_secs(5))
+        .await
+        .map(|_| accepted.elapsed())
+        .expect("a head that never completes is cut");
+    assert!(
+        closed >= Duration::from_millis(1800) && closed < Duration::from_secs(3),
+        "header_timeout 2s from accept cut the head after {closed:?}"
+    );
+    assert_eq!(upstream.stats().connections_accepted, 0);
+}
+
+/// On a listener whose idle connections do not park (h2c; TLS alike) the timer of an
+/// idle keep-alive connection is set for the idle timeout; a head that starts
+/// arriving is still due `header_timeout` after its first byte.
+#[tokio::test]
+async fn head_started_on_an_idle_connection_is_cut_at_header_timeout() {
+    let upstream = TestUpstream::start(Behaviour::Echo).await;
+    let gw = start(&format!(
+        "{}\n[[listener]]\nlisten = \"127.0.0.1:0\"\nh2c = true\n\
+         keepalive_timeout = \"30s\"\nheader_timeout = \"500ms\"\n",
+        proxy_to(&upstream.url())
+    ))
+    .await;
+    let mut client = RawClient::connect(gw.addr).await.unwrap();
+    client.send_request(&ClientRequest::get("/")).await.unwrap();
+    let resp = client.read_response(Duration::from_secs(5)).await.unwrap();
+    assert_eq!(resp.status, 200);
+    client.send("GET / HTTP/1.1\r\nx-slow: a").await.unwrap();
+    let closed = closed_within(&mut client, Duration::from_secs(5))
+        .await
+        .expect(
+            "a head begun on an idle connection is cut at header_timeout, not the idle timeout",
+        );
+    assert!(closed >= Duration::from_millis(400), "cut after {closed:?}");
+}
+
+/// A half head that came pipelined behind a request is read while that request is
+/// served, so the connection looks idle afterwards: the idle close must still end
+/// it (hyper has not begun that message), or a client could hold it forever.
+#[tokio::test]
+async fn closing_connection_with_a_half_pipelined_head_still_ends() {
+    let upstream = TestUpstream::start(Behaviour::Echo).await;
+    let gw = start(&format!(
+        "{}\n[[listener]]\nlisten = \"127.0.0.1:0\"\nh2c = true\nkeepalive_timeout = \"1s\"\n\
+         keepalive_min_idle = \"0s\"\nheader_timeout = \"1s\"\n",
+        proxy_to(&upstream.url())
+    ))
+    .await;
+    let mut client = RawClient::connect(gw.addr).await.unwrap();
+    // One write: a whole request, then half of the next one, never finished.
+    client
+        .send("GET / HTTP/1.1\r\nHost: a.test\r\n\r\nGET / HTTP/1.1\r\nx-slow: a")
+        .await
+        .unwrap();
+    let resp = client.read_response(Duration::from_secs(5)).await.unwrap();
+    assert_eq!(resp.status, 200);
+    // Idle close after 1 s.
+    let closed = closed_within(&mut client, Duration::from_secs(6)).await;
+    assert!(closed.is_some(), "the connection never ended");
+}
+
 #[tokio::test]
 async fn oversized_head_gets_431() {
     let upstream = TestUpstream::start(Behaviour::Echo).await;

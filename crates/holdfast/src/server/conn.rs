@@ -88,6 +88,9 @@ impl ListenerShared {
         drain: DrainConfig,
     ) -> Result<Self, String> {
         let tls = config.tls.as_ref().map(TlsFront::new).transpose()?;
+        // Phases are stored relative to this base; set it before any connection's
+        // accept time, which may come before its state is made.
+        clock_base();
         let mut http1 = http1::Builder::new();
         let max_head = config.max_header_bytes.as_usize();
         http1
@@ -197,21 +200,23 @@ fn clock_base() -> Instant {
     *BASE.get_or_init(Instant::now)
 }
 
-fn now_ms() -> u64 {
-    Instant::now()
-        .saturating_duration_since(clock_base())
-        .as_millis() as u64
-}
-
 impl ConnState {
-    fn new(parkable: bool, figures: Arc<ClientFigures>, ctx: ConnContext) -> Self {
+    /// `accepted`: when the connection was accepted; its first head is due
+    /// `header_timeout` after that, a TLS handshake (or h2c sniff) included.
+    fn new(
+        parkable: bool,
+        figures: Arc<ClientFigures>,
+        ctx: ConnContext,
+        accepted: Instant,
+    ) -> Self {
+        let since = accepted.saturating_duration_since(clock_base()).as_millis() as u64;
         ConnState {
             parkable,
             figures,
             ctx,
             park: AtomicU8::new(PARK_NONE),
             phase: AtomicU8::new(ConnPhase::Reading as u8),
-            since_ms: AtomicU64::new(now_ms()),
+            since_ms: AtomicU64::new(since),
             draining: AtomicBool::new(false),
             requests: AtomicU64::new(0),
             active: AtomicU32::new(0),
@@ -285,6 +290,7 @@ pub fn serve(
     tracked: Tracked,
 ) -> impl Future<Output = ()> + Send {
     async move {
+        let accepted = Instant::now();
         let figures = tracked.figures();
         // A listener bound to one address and port needs no getsockname per connection.
         let local = {
@@ -344,7 +350,7 @@ pub fn serve(
             matches!(transport, Transport::Tls(_)),
             shared.config.clone(),
         );
-        let state = Arc::new(ConnState::new(parkable, figures.clone(), ctx));
+        let state = Arc::new(ConnState::new(parkable, figures.clone(), ctx, accepted));
         let io = ClientIo::new(
             transport,
             replay,
@@ -545,8 +551,9 @@ enum Wake {
 /// busy connection needs no timer, and a new connection whose request came with it
 /// (most of them) never registers one. That matters for churn: a timer earlier than
 /// every other one makes tokio wake its own worker through an eventfd, a write and
-/// an extra epoll event per connection. HTTP/2 streams run on tasks of their own, so
-/// HTTP/2 keeps a timer always and looks again every [`BUSY_RECHECK`] while busy.
+/// an extra epoll event per connection. A timer set while idle stays set when the
+/// next head starts arriving, unless the head is due earlier than it fires. HTTP/2 streams run on tasks of their own, so HTTP/2 keeps a timer always and
+/// looks again every [`BUSY_RECHECK`] while busy.
 async fn drive<C>(
     mut conn: Pin<&mut C>,
     shutdown: impl Fn(Pin<&mut C>),
@@ -562,6 +569,7 @@ async fn drive<C>(
     tokio::pin!(check);
     // Whether `check` is set for a time still to be looked at.
     let mut armed = proto == Proto::Http2;
+    let header_timeout = shared.config.header_timeout.get();
     // When holdfast began closing (HTTP/1: no more verdicts; HTTP/2: GOAWAY sent).
     let mut closing: Option<Instant> = None;
     // Made once, not per wake-up, which would register the task's waker again each time.
@@ -575,13 +583,20 @@ async fn drive<C>(
             if let Poll::Ready(res) = conn.as_mut().poll(cx) {
                 return Poll::Ready(Wake::Ended(res));
             }
-            if proto == Proto::Http1
-                && !armed
-                && closing.is_none()
-                && let Some(at) = http1_next_check(state, shared)
-            {
-                check.as_mut().reset(at);
-                armed = true;
+            if proto == Proto::Http1 {
+                if !armed {
+                    if closing.is_none()
+                        && let Some(at) = http1_next_check(state, shared)
+                    {
+                        check.as_mut().reset(at);
+                        armed = true;
+                    }
+                } else if let Some(due) = http1_head_due(state, header_timeout)
+                    && due < check.deadline()
+                {
+                    // Armed while idle, and a head has started arriving since.
+                    check.as_mut().reset(due);
+                }
             }
             if armed && check.as_mut().poll(cx).is_ready() {
                 armed = false;
@@ -659,9 +674,17 @@ fn http1_next_check(state: &ConnState, shared: &ListenerShared) -> Option<Instan
     let now = Instant::now();
     Some(match verdict(state, shared, now) {
         Verdict::RecheckAt(at) => at,
-        // Due now: the timer fires at once, without a wake-up.
+        // Due now: the timer fires at the timer driver's next turn.
         Verdict::Close | Verdict::Park(_) | Verdict::Abort(_) => now,
     })
+}
+
+/// When a head that has started arriving is due, for a connection reading one.
+fn http1_head_due(state: &ConnState, header_timeout: Duration) -> Option<Instant> {
+    if state.phase.load(Relaxed) != ConnPhase::Reading as u8 {
+        return None;
+    }
+    Some(state.phase().1 + header_timeout)
 }
 
 enum Verdict {

@@ -90,7 +90,8 @@ pub struct Http1Conn {
     /// moves it later, which tokio does with one compare-and-swap, where a timer per
     /// request would be registered in the wheel and taken out again (~650
     /// instructions). Left armed between requests; it only fires if no request moves
-    /// it for a whole `response_headers` timeout, and then wakes nothing that waits.
+    /// it for a whole `response_headers` timeout, and then only wakes the task that
+    /// last polled it, once, for nothing.
     deadline: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
