@@ -569,7 +569,6 @@ async fn drive<C>(
     tokio::pin!(check);
     // Whether `check` is set for a time still to be looked at.
     let mut armed = proto == Proto::Http2;
-    let header_timeout = shared.config.header_timeout.get();
     // When holdfast began closing (HTTP/1: no more verdicts; HTTP/2: GOAWAY sent).
     let mut closing: Option<Instant> = None;
     // Made once, not per wake-up, which would register the task's waker again each time.
@@ -591,7 +590,7 @@ async fn drive<C>(
                         check.as_mut().reset(at);
                         armed = true;
                     }
-                } else if let Some(due) = http1_head_due(state, header_timeout)
+                } else if let Some(due) = http1_head_due(state, shared.config.header_timeout.get())
                     && due < check.deadline()
                 {
                     // Armed while idle, and a head has started arriving since.
