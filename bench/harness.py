@@ -99,11 +99,11 @@ class Proc:
         return " | ".join(text[-lines:])
 
 
-def start(name, argv, log_path, cpus=None, cwd=None):
+def start(name, argv, log_path, cpus=None, cwd=None, truncate=False):
     """Start argv pinned to `cpus` (taskset execs, so the PID is the program's)."""
     if cpus is not None:
         argv = ["taskset", "-c", cpus] + list(argv)
-    out = open(log_path, "ab")
+    out = open(log_path, "wb" if truncate else "ab")
     popen = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT,
                              stdin=subprocess.DEVNULL, cwd=cwd)
     out.close()
@@ -436,12 +436,17 @@ def check_holdfast(explicit=None):
 HOLDFAST_ADMIN_OFF = False
 
 
-def start_holdfast(binary, run_dir, port, upstream_port, cpus, workers, tag, wrap=()):
+def start_holdfast(binary, run_dir, port, upstream_port, cpus, workers, tag, wrap=(),
+                   access_log=False):
     argv = [*wrap, str(binary), "proxy", "--listen", f"127.0.0.1:{port}",
             "--to", f"http://127.0.0.1:{upstream_port}",
-            "--workers", str(workers), "--access-log", "off"]
+            "--workers", str(workers), "--access-log", "on" if access_log else "off"]
     if HOLDFAST_ADMIN_OFF:
         argv += ["--admin", "off"]
+    if access_log:
+        # ~150 bytes per request: a real file, but in the scratch directory and
+        # started afresh each run, so a full benchmark does not leave gigabytes.
+        return start(tag, argv, work_dir() / f"{tag}.out", cpus=cpus, truncate=True)
     return start(tag, argv, run_dir / "logs" / f"{tag}.out", cpus=cpus)
 
 
@@ -454,6 +459,7 @@ class Target:
     kind: str          # "direct", "nginx" or "holdfast"
     cpus: str | None   # taskset list for the proxy
     workers: int = 1
+    access_log: bool = False  # holdfast: one text line per request, to its log file
     skip: str | None = None  # reason, once known
 
     def start(self, run_dir, upstream_port, holdfast_bin, fixed_port=None):
@@ -466,7 +472,8 @@ class Target:
                                      self.workers, self.name)
         else:
             proc = start_holdfast(holdfast_bin, run_dir, port, upstream_port,
-                                  self.cpus, self.workers, self.name)
+                                  self.cpus, self.workers, self.name,
+                                  access_log=self.access_log)
         return proc, port
 
 
@@ -476,6 +483,7 @@ def make_targets(names, proxy_cpu, all_cpus):
         "nginx": Target("nginx", "nginx", proxy_cpu, 1),
         "holdfast": Target("holdfast", "holdfast", proxy_cpu, 1),
         "holdfast-w2": Target("holdfast-w2", "holdfast", all_cpus, 2),
+        "holdfast-log": Target("holdfast-log", "holdfast", proxy_cpu, 1, access_log=True),
         "nginx-w2": Target("nginx-w2", "nginx", all_cpus, 2),
     }
     out = []
