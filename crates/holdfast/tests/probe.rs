@@ -386,6 +386,32 @@ async fn the_binary_prints_json_on_stdout_and_progress_on_stderr() {
 
 // === fixtures ===
 
+/// Answers each request head on `stream` with a small 200 until the peer goes
+/// (`false`) or sends nothing for `after` (`true`: the caller closes its way).
+async fn answer_until_idle<S>(stream: &mut S, after: Duration) -> bool
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let mut buf = Vec::new();
+    loop {
+        let mut chunk = [0u8; 4096];
+        let n = match tokio::time::timeout(after, stream.read(&mut chunk)).await {
+            Err(_) => return true,
+            Ok(Ok(0) | Err(_)) => return false,
+            Ok(Ok(n)) => n,
+        };
+        buf.extend_from_slice(&chunk[..n]);
+        // Bounded by what the peer sent: one answer per request head.
+        while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            buf.drain(..end + 4);
+            let ok = b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\n\r\nok\n";
+            if stream.write_all(ok).await.is_err() || stream.flush().await.is_err() {
+                return false;
+            }
+        }
+    }
+}
+
 /// Over TLS, answers each request with a small 200 and closes a connection idle for
 /// `after` at the TCP level only: a FIN with no TLS close_notify before it.
 struct TlsDropsWhenIdle {
@@ -426,29 +452,10 @@ impl TlsDropsWhenIdle {
                     let Ok(mut tls) = acceptor.accept(sock).await else {
                         return;
                     };
-                    let mut buf = Vec::new();
-                    // Ends at the idle drop, or when the peer goes.
-                    loop {
-                        let mut chunk = [0u8; 4096];
-                        let n = match tokio::time::timeout(after, tls.read(&mut chunk)).await {
-                            Err(_) => {
-                                // Past TLS: the TCP socket closes, with no close_notify.
-                                let (tcp, _) = tls.into_inner();
-                                drop(tcp);
-                                return;
-                            }
-                            Ok(Ok(0) | Err(_)) => return,
-                            Ok(Ok(n)) => n,
-                        };
-                        buf.extend_from_slice(&chunk[..n]);
-                        // Bounded by what the peer sent: one answer per request head.
-                        while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                            buf.drain(..end + 4);
-                            let ok = b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\n\r\nok\n";
-                            if tls.write_all(ok).await.is_err() || tls.flush().await.is_err() {
-                                return;
-                            }
-                        }
+                    if answer_until_idle(&mut tls, after).await {
+                        // Past TLS: the TCP socket closes, with no close_notify.
+                        let (tcp, _) = tls.into_inner();
+                        drop(tcp);
                     }
                 });
             }
@@ -477,27 +484,9 @@ impl ResetWhenIdle {
         let task = tokio::spawn(async move {
             while let Ok((mut s, _)) = listener.accept().await {
                 tokio::spawn(async move {
-                    let mut buf = Vec::new();
-                    // Ends at the idle reset, or when the peer goes.
-                    loop {
-                        let mut chunk = [0u8; 4096];
-                        let n = match tokio::time::timeout(after, s.read(&mut chunk)).await {
-                            Err(_) => {
-                                let _ = socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO));
-                                return;
-                            }
-                            Ok(Ok(0) | Err(_)) => return,
-                            Ok(Ok(n)) => n,
-                        };
-                        buf.extend_from_slice(&chunk[..n]);
-                        // Bounded by what the peer sent: one answer per request head.
-                        while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                            buf.drain(..end + 4);
-                            let ok = b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\n\r\nok\n";
-                            if s.write_all(ok).await.is_err() {
-                                return;
-                            }
-                        }
+                    if answer_until_idle(&mut s, after).await {
+                        // Closed with SO_LINGER 0 when dropped: a reset.
+                        let _ = socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO));
                     }
                 });
             }

@@ -23,7 +23,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use holdfast_test::h2::{self as frames, Frame, flag, kind};
 use holdfast_test::{
-    ClientRequest, KeepAliveClient, Nginx, Response, wait_until, wait_until_async,
+    ClientRequest, KeepAliveClient, Nginx, Response, TransportError, wait_until, wait_until_async,
 };
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
@@ -82,6 +82,20 @@ async fn send(gw: &Gateway, req: &ClientRequest) -> Response {
         .send(req)
         .await
         .unwrap_or_else(|e| panic!("{} {}: {e}", req.method, req.target))
+}
+
+/// Sends `req` through the gateway on a task of its own, as a client that may wait
+/// on a gated upstream.
+fn spawn_request(
+    addr: SocketAddr,
+    req: ClientRequest,
+) -> tokio::task::JoinHandle<Result<Response, TransportError>> {
+    tokio::spawn(async move {
+        KeepAliveClient::new(addr)
+            .with_timeout(SOON)
+            .send(&req)
+            .await
+    })
 }
 
 /// `/pools` for upstream `up`: the upstream and its one address.
@@ -205,6 +219,11 @@ impl H2Server {
             }
         });
         H2Server { addr, state }
+    }
+
+    /// Waits (up to `SOON`) until `n` requests are in flight at the server.
+    async fn in_flight_reaches(&self, n: usize) -> bool {
+        wait_until(SOON, || self.state.in_flight.load(Relaxed) == n).await
     }
 
     fn open_gate(&self) {
@@ -489,14 +508,7 @@ async fn max_concurrent_streams_is_respected_and_the_rest_wait_in_the_queue() {
     let gw = start(&proxy_to(&format!("h2c://{}", server.addr))).await;
     let addr = gw.addr;
     let clients: Vec<_> = (0..10)
-        .map(|i| {
-            tokio::spawn(async move {
-                KeepAliveClient::new(addr)
-                    .with_timeout(SOON)
-                    .send(&ClientRequest::post(format!("/q{i}"), "x"))
-                    .await
-            })
-        })
+        .map(|i| spawn_request(addr, ClientRequest::post(format!("/q{i}"), "x")))
         .collect();
     let queued = wait_until_async(SOON, || async {
         let (_, a) = pools(&gw).await;
@@ -533,17 +545,9 @@ async fn requests_beyond_a_connections_streams_go_to_another_connection() {
     .await;
     let addr = gw.addr;
     let clients: Vec<_> = (0..4)
-        .map(|i| {
-            tokio::spawn(async move {
-                KeepAliveClient::new(addr)
-                    .with_timeout(SOON)
-                    .send(&ClientRequest::get(format!("/c{i}")))
-                    .await
-            })
-        })
+        .map(|i| spawn_request(addr, ClientRequest::get(format!("/c{i}"))))
         .collect();
-    let spread =
-        wait_until_async(SOON, || async { server.state.in_flight.load(Relaxed) == 4 }).await;
+    let spread = server.in_flight_reaches(4).await;
     assert!(
         spread,
         "4 in flight at once: {}",
@@ -576,22 +580,11 @@ async fn busy_connections_spread_over_the_configured_count() {
     ))
     .await;
     let addr = gw.addr;
-    let first = tokio::spawn(async move {
-        KeepAliveClient::new(addr)
-            .with_timeout(SOON)
-            .send(&ClientRequest::get("/a"))
-            .await
-    });
-    let started =
-        wait_until_async(SOON, || async { server.state.in_flight.load(Relaxed) == 1 }).await;
+    let first = spawn_request(addr, ClientRequest::get("/a"));
+    let started = server.in_flight_reaches(1).await;
     assert!(started, "the first request reached the upstream");
-    let second = tokio::spawn(async move {
-        KeepAliveClient::new(addr)
-            .with_timeout(SOON)
-            .send(&ClientRequest::get("/b"))
-            .await
-    });
-    let both = wait_until_async(SOON, || async { server.state.in_flight.load(Relaxed) == 2 }).await;
+    let second = spawn_request(addr, ClientRequest::get("/b"));
+    let both = server.in_flight_reaches(2).await;
     assert!(both, "the second request reached the upstream");
     server.open_gate();
     assert_eq!(first.await.unwrap().expect("response").status, 200);
@@ -618,21 +611,13 @@ max_requests = 3
     ))
     .await;
     let addr = gw.addr;
-    let get = move |i: usize| {
-        tokio::spawn(async move {
-            KeepAliveClient::new(addr)
-                .with_timeout(SOON)
-                .send(&ClientRequest::get(format!("/r{i}")))
-                .await
-        })
-    };
+    let get = move |i: usize| spawn_request(addr, ClientRequest::get(format!("/r{i}")));
     let mut clients: Vec<_> = (0..3).map(get).collect();
-    let three =
-        wait_until_async(SOON, || async { server.state.in_flight.load(Relaxed) == 3 }).await;
+    let three = server.in_flight_reaches(3).await;
     assert!(three, "three requests in flight at the upstream");
     assert_eq!(server.state.connections.load(Relaxed), 1);
     clients.push(get(3));
-    let four = wait_until_async(SOON, || async { server.state.in_flight.load(Relaxed) == 4 }).await;
+    let four = server.in_flight_reaches(4).await;
     assert!(four, "the fourth request reached the upstream");
     assert_eq!(
         server.state.connections.load(Relaxed),
@@ -673,14 +658,8 @@ max_lifetime = \"300ms\"
     ))
     .await;
     let addr = gw.addr;
-    let first = tokio::spawn(async move {
-        KeepAliveClient::new(addr)
-            .with_timeout(SOON)
-            .send(&ClientRequest::get("/long"))
-            .await
-    });
-    let started =
-        wait_until_async(SOON, || async { server.state.in_flight.load(Relaxed) == 1 }).await;
+    let first = spawn_request(addr, ClientRequest::get("/long"));
+    let started = server.in_flight_reaches(1).await;
     assert!(started, "the first request reached the upstream");
     // The reaper takes it off the list at 300 ms, with its stream still in flight.
     let retired = wait_until_async(SOON, || async {
@@ -721,14 +700,8 @@ idle_timeout = \"300ms\"
     ))
     .await;
     let addr = gw.addr;
-    let busy = tokio::spawn(async move {
-        KeepAliveClient::new(addr)
-            .with_timeout(SOON)
-            .send(&ClientRequest::get("/busy"))
-            .await
-    });
-    let started =
-        wait_until_async(SOON, || async { server.state.in_flight.load(Relaxed) == 1 }).await;
+    let busy = spawn_request(addr, ClientRequest::get("/busy"));
+    let started = server.in_flight_reaches(1).await;
     assert!(started, "the request reached the upstream");
     // Busy for well past the idle timeout: the connection stays.
     let closed_while_busy = wait_until(Duration::from_millis(900), || {
@@ -740,13 +713,8 @@ idle_timeout = \"300ms\"
         "a connection with a stream in flight is not idle"
     );
     // Nor retired: a second request takes a stream on it.
-    let second = tokio::spawn(async move {
-        KeepAliveClient::new(addr)
-            .with_timeout(SOON)
-            .send(&ClientRequest::get("/second"))
-            .await
-    });
-    let both = wait_until_async(SOON, || async { server.state.in_flight.load(Relaxed) == 2 }).await;
+    let second = spawn_request(addr, ClientRequest::get("/second"));
+    let both = server.in_flight_reaches(2).await;
     assert!(both, "the second request reached the upstream");
     assert_eq!(
         server.state.connections.load(Relaxed),
@@ -810,12 +778,7 @@ async fn posts_above_the_goaway_last_stream_id_are_retried_on_a_new_connection()
     let clients: Vec<_> = (0..4)
         .map(|i| {
             let addr = gw.addr;
-            tokio::spawn(async move {
-                KeepAliveClient::new(addr)
-                    .with_timeout(SOON)
-                    .send(&ClientRequest::post(format!("/pay/{i}"), "charge"))
-                    .await
-            })
+            spawn_request(addr, ClientRequest::post(format!("/pay/{i}"), "charge"))
         })
         .collect();
     for c in clients {
