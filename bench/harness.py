@@ -364,9 +364,15 @@ http {{
 
 
 def start_nginx_proxy(run_dir, port, upstream_port, cpus, workers=1, tag="nginx",
-                      master=True, wrap=()):
-    """master=False: one process that is the worker; wrap: argv prefix (valgrind)."""
+                      master=True, wrap=(), access_log=False):
+    """master=False: one process that is the worker; wrap: argv prefix (valgrind);
+    access_log: nginx's default `combined` log to a file in the scratch directory,
+    emptied at each start (the `holdfast-log` counterpart)."""
     tmp, head, http_common = _nginx_common(run_dir, tag, master)
+    log = ""
+    if access_log:
+        (tmp / "access.log").unlink(missing_ok=True)
+        log = f"        access_log {tmp}/access.log;\n"
     conf = run_dir / "conf" / f"{tag}.conf"
     conf.write_text(f"""{head}worker_processes {workers};
 http {{
@@ -379,7 +385,7 @@ http {{
     }}
     server {{
         listen 127.0.0.1:{port} backlog=4096;
-        location / {{
+{log}        location / {{
             proxy_pass http://backend;
             proxy_http_version 1.1;
             proxy_set_header Connection "";
@@ -459,7 +465,7 @@ class Target:
     kind: str          # "direct", "nginx" or "holdfast"
     cpus: str | None   # taskset list for the proxy
     workers: int = 1
-    access_log: bool = False  # holdfast: one text line per request, to its log file
+    access_log: bool = False  # one line per request, to a file in the scratch directory
     skip: str | None = None  # reason, once known
 
     def start(self, run_dir, upstream_port, holdfast_bin, fixed_port=None):
@@ -469,7 +475,8 @@ class Target:
         port = fixed_port or free_port()
         if self.kind == "nginx":
             proc = start_nginx_proxy(run_dir, port, upstream_port, self.cpus,
-                                     self.workers, self.name)
+                                     self.workers, self.name,
+                                     access_log=self.access_log)
         else:
             proc = start_holdfast(holdfast_bin, run_dir, port, upstream_port,
                                   self.cpus, self.workers, self.name,
@@ -484,6 +491,7 @@ def make_targets(names, proxy_cpu, all_cpus):
         "holdfast": Target("holdfast", "holdfast", proxy_cpu, 1),
         "holdfast-w2": Target("holdfast-w2", "holdfast", all_cpus, 2),
         "holdfast-log": Target("holdfast-log", "holdfast", proxy_cpu, 1, access_log=True),
+        "nginx-log": Target("nginx-log", "nginx", proxy_cpu, 1, access_log=True),
         "nginx-w2": Target("nginx-w2", "nginx", all_cpus, 2),
     }
     out = []

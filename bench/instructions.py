@@ -55,14 +55,16 @@ def parse_args():
     ap.add_argument("--warmup", type=int, default=2000,
                     help="requests before the counters are zeroed (default 2000)")
     ap.add_argument("--targets", default="nginx,holdfast",
-                    help="comma list: nginx, holdfast (default nginx,holdfast)")
+                    help="comma list: nginx, holdfast, and nginx-log, holdfast-log with "
+                         "their access logs on (default nginx,holdfast)")
     ap.add_argument("--workloads", default="get-1k,post-4k",
                     help=f"comma list of {', '.join(WORKLOADS)} (default get-1k,post-4k)")
     H.add_h2load_args(ap, "instructions")
     args = H.split_h2load_args(ap, ap.parse_args())
+    known = [*ALLOC_FUNCS, *(f"{k}-log" for k in ALLOC_FUNCS)]
     for t in args.targets:
-        if t not in ALLOC_FUNCS:
-            ap.error(f"unknown target {t!r}; known: {', '.join(ALLOC_FUNCS)}")
+        if t not in known:
+            ap.error(f"unknown target {t!r}; known: {', '.join(known)}")
     return args
 
 
@@ -130,12 +132,16 @@ def measure_one(args, run_dir, target, wl, ctx):
     port = H.free_port()
     wrap = ["valgrind", "--tool=callgrind",
             f"--callgrind-out-file={run_dir}/raw/{stem}.%p.callgrind"]
-    if target == "nginx":
+    kind = target.removesuffix("-log")
+    access_log = target.endswith("-log")
+    if kind == "nginx":
         proc = H.start_nginx_proxy(run_dir, port, ctx["upstream_port"], args.proxy_cpus,
-                                   1, "nginx", master=False, wrap=wrap)
+                                   1, target, master=False, wrap=wrap,
+                                   access_log=access_log)
     else:
         proc = H.start_holdfast(ctx["holdfast"], run_dir, port, ctx["upstream_port"],
-                                args.proxy_cpus, 1, "holdfast", wrap=wrap)
+                                args.proxy_cpus, 1, target, wrap=wrap,
+                                access_log=access_log)
     try:
         err = H.wait_ready(proc, port, timeout=START_TIMEOUT)
         if err:
@@ -165,7 +171,7 @@ def measure_one(args, run_dir, target, wl, ctx):
                             "--auto=no", str(dump)], capture_output=True, text=True,
                            timeout=300)
         (run_dir / "raw" / f"{stem}.annotate.txt").write_text(a.stdout + a.stderr)
-        allocs = count_allocs(a.stdout, ALLOC_FUNCS[target])
+        allocs = count_allocs(a.stdout, ALLOC_FUNCS[kind])
         m = re.search(r"requests: (\d+) total, (\d+) started, (\d+) done, (\d+) succeeded, "
                       r"(\d+) failed, (\d+) errored", r.stdout)
         status_2xx = re.search(r"status codes: (\d+) 2xx", r.stdout)
@@ -192,10 +198,12 @@ def main():
 
     skip = {}
     holdfast = None
-    if "holdfast" in args.targets:
+    if any(t.startswith("holdfast") for t in args.targets):
         holdfast, why = H.check_holdfast(args.holdfast)
         if why:
-            skip["holdfast"] = why
+            for t in args.targets:
+                if t.startswith("holdfast"):
+                    skip[t] = why
             H.log(f"holdfast SKIPPED: {why}")
 
     upstream_port = H.free_port()

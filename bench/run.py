@@ -44,7 +44,7 @@ def parse_args(argv=None):
     ap.add_argument("--warmup", type=float, help="seconds of unmeasured load first")
     ap.add_argument("--rounds", type=int, default=3, help="rounds (default 3)")
     ap.add_argument("--targets", default=DEFAULT_TARGETS,
-                    help=f"comma list (default {DEFAULT_TARGETS}; also nginx-w2, holdfast-log)")
+                    help=f"comma list (default {DEFAULT_TARGETS}; also nginx-w2, holdfast-log, nginx-log)")
     ap.add_argument("--workloads", default=",".join(WORKLOADS),
                     help=f"comma list (default all: {','.join(WORKLOADS)})")
     ap.add_argument("--connections", type=int, default=64, help="wrk -c (default 64)")

@@ -5,6 +5,7 @@
 //! for bad request bodies, 502/503/504 from the upstream with an RFC 9209
 //! `Proxy-Status` saying whether the request reached it.
 
+pub mod access_log;
 pub mod fastcgi;
 pub mod figures;
 pub mod headers;
@@ -20,9 +21,10 @@ use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use tokio::time::Instant;
 
+use self::access_log::AccessRecord;
 use self::figures::{RouteFigures, Tally};
 use self::headers::ClientFacts;
-use self::response::{AccessRecord, BodyDeadlines, ResponseBody, UpstreamBody};
+use self::response::{BodyDeadlines, ResponseBody, UpstreamBody};
 use crate::body::RequestBody;
 use crate::config::{Config, ListenerConfig, Protocol};
 use crate::route::RouteTable;
@@ -75,8 +77,8 @@ pub struct ConnContext {
     pub local: SocketAddr,
     pub tls: bool,
     pub listener: Arc<ListenerConfig>,
-    /// The client's address as an `X-Forwarded-For` value, formatted once per
-    /// connection rather than once per request.
+    /// The client's address as an `X-Forwarded-For` value (and for the access log),
+    /// formatted once per connection rather than once per request.
     remote_ip_value: HeaderValue,
 }
 
@@ -134,7 +136,7 @@ impl Proxy {
                 && tracing::enabled!(target: "holdfast::access", tracing::Level::INFO))
             .then(|| AccessRecord {
                 start,
-                client: conn.remote.ip(),
+                client: conn.remote_ip_value.clone(),
                 method: req.method().clone(),
                 path: req
                     .uri()

@@ -19,8 +19,12 @@ pub fn init(log: &LogConfig) {
         .with_env_filter(filter)
         .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
-    let _ = match log.format {
+    let installed = match log.format {
         LogFormat::Text => builder.try_init(),
         LogFormat::Json => builder.json().flatten_event(true).try_init(),
     };
+    if installed.is_ok() {
+        // Same shape as this subscriber's lines, without its per-field cost.
+        crate::proxy::access_log::write_directly(log.format);
+    }
 }

@@ -1270,6 +1270,37 @@ async fn access_log_can_be_json() {
     }
 }
 
+/// `access_log = false` (or `holdfast::access=off` in the level) leaves no access
+/// line, while other lines at the same level are still written.
+#[tokio::test]
+async fn access_log_off_writes_no_access_line() {
+    let upstream = TestUpstream::start(Behaviour::Echo).await;
+    for (log, how) in [
+        ("access_log = false\n", "access_log = false"),
+        ("level = \"info,holdfast::access=off\"\n", "level"),
+    ] {
+        let config =
+            binary_config(&upstream.url(), "text").replacen("[log]\n", &format!("[log]\n{log}"), 1);
+        let (mut proxy, addr) = spawn_holdfast(&config, &[]).await;
+        assert_eq!(
+            send_one(addr, &ClientRequest::get("/quiet")).await.status,
+            200
+        );
+        // The drain's info lines come after the request's access line would have.
+        proxy.signal(holdfast_test::sys::SIGTERM).unwrap();
+        assert!(
+            proxy.wait_for_log("drained", WAIT).await,
+            "{how}: {}",
+            proxy.logs()
+        );
+        assert!(
+            !proxy.logs().contains("holdfast::access"),
+            "{how}: {}",
+            proxy.logs()
+        );
+    }
+}
+
 // === helpers ===
 
 /// Sends one request on a new connection and reads its response.

@@ -1,23 +1,21 @@
-//! Response bodies on their way to the client, and the access log line each request
-//! leaves when its response ends.
+//! Response bodies on their way to the client; each ends its request's access-log
+//! line (`access_log.rs`) when it ends.
 //!
 //! An upstream body carries its pooled connection: reading the body to its end hands
 //! the connection back to the pool; an error, a timeout or a client that goes away
 //! drops it, which closes it. Deadlines between body chunks (`read_idle`) and for the
 //! whole exchange (`total`) live here too.
 
-use std::net::IpAddr;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::Method;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use tokio::time::{Instant, Sleep};
 
+use super::access_log::AccessRecord;
 use super::figures::Tally;
 use crate::body::BoxError;
 use crate::server::conn::InFlight;
@@ -343,44 +341,5 @@ impl Drop for UpstreamBody {
         if let Some(tally) = self.tally.take() {
             tally.finish();
         }
-    }
-}
-
-/// One access-log line, emitted when the response ends (or at once for responses
-/// holdfast makes itself).
-pub struct AccessRecord {
-    pub start: Instant,
-    pub client: IpAddr,
-    pub method: Method,
-    pub path: String,
-    pub status: u16,
-    pub route: Option<Arc<str>>,
-    pub upstream: Option<Arc<str>>,
-    pub address: Option<Arc<str>>,
-    pub reused: Option<bool>,
-    pub attempts: u32,
-    pub ttfb: Option<Duration>,
-    pub outcome: &'static str,
-}
-
-impl AccessRecord {
-    pub fn emit(self, bytes: u64) {
-        tracing::info!(
-            target: "holdfast::access",
-            client = %self.client,
-            method = %self.method,
-            path = %self.path,
-            status = self.status,
-            route = self.route.as_deref().unwrap_or("-"),
-            upstream = self.upstream.as_deref().unwrap_or("-"),
-            address = self.address.as_deref().unwrap_or("-"),
-            conn = match self.reused { Some(true) => "reused", Some(false) => "new", None => "-" },
-            attempts = self.attempts,
-            retries = self.attempts.saturating_sub(1),
-            bytes,
-            total_ms = self.start.elapsed().as_secs_f64() * 1000.0,
-            ttfb_ms = self.ttfb.map_or(-1.0, |d| d.as_secs_f64() * 1000.0),
-            outcome = self.outcome,
-        );
     }
 }
