@@ -135,7 +135,7 @@ pub fn pools(proxy: &Proxy) -> Vec<UpstreamView> {
         .upstreams
         .iter()
         .map(|u| UpstreamView {
-            name: u.name.clone(),
+            name: u.name.to_string(),
             requests: u.figures.requests.load(Relaxed),
             retries: RetryReason::ALL
                 .iter()

@@ -16,6 +16,7 @@ use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 use http::header::{self, HeaderValue};
+use http::uri::PathAndQuery;
 use http::{Request, Response, StatusCode, Uri};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
@@ -138,10 +139,12 @@ impl Proxy {
                 start,
                 client: conn.remote_ip_value.clone(),
                 method: req.method().clone(),
+                // A reference to the request's bytes, not a copy.
                 path: req
                     .uri()
                     .path_and_query()
-                    .map_or_else(|| "/".to_owned(), |p| p.as_str().to_owned()),
+                    .cloned()
+                    .unwrap_or_else(|| PathAndQuery::from_static("/")),
                 status: 0,
                 route: None,
                 upstream: None,
@@ -178,7 +181,7 @@ impl Proxy {
                 );
             };
             if let Some(l) = &mut log {
-                l.upstream = Some(upstream.name.as_str().into());
+                l.upstream = Some(upstream.name.clone());
             }
 
             let upgrade = headers::is_upgrade_request(req.headers());

@@ -43,7 +43,7 @@ use crate::config::{Balance, Endpoint, UpstreamConfig};
 
 /// A named upstream from `[upstream.NAME]`.
 pub struct Upstream {
-    pub name: String,
+    pub name: Arc<str>,
     pub config: UpstreamConfig,
     peers: ArcSwap<Vec<Arc<Peer>>>,
     next: AtomicUsize,
@@ -188,7 +188,7 @@ impl Upstream {
             .map(|(a, host)| Peer::new(a, host, config, tls.clone()))
             .collect();
         let up = Arc::new(Upstream {
-            name: name.to_owned(),
+            name: Arc::from(name),
             config: config.clone(),
             peers: ArcSwap::from_pointee(peers),
             next: AtomicUsize::new(0),

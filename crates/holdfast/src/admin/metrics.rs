@@ -252,7 +252,7 @@ pub fn render(proxy: &Proxy, state: &ServerState) -> String {
             u.peers()
                 .iter()
                 .map(|p| Address {
-                    upstream: u.name.clone(),
+                    upstream: u.name.to_string(),
                     peer: p.clone(),
                     pool: p.pool.snapshot(),
                     health: p.health.state(now),

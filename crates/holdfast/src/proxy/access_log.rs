@@ -15,6 +15,7 @@ use std::io::Write;
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime};
 
+use http::uri::PathAndQuery;
 use http::{HeaderValue, Method};
 use tokio::time::Instant;
 
@@ -27,7 +28,7 @@ pub struct AccessRecord {
     /// The client's address, as formatted once per connection.
     pub client: HeaderValue,
     pub method: Method,
-    pub path: String,
+    pub path: PathAndQuery,
     pub status: u16,
     pub route: Option<Arc<str>>,
     pub upstream: Option<Arc<str>>,
@@ -76,7 +77,7 @@ impl AccessRecord {
         out.push_str(" method=");
         out.push_str(self.method.as_str());
         out.push_str(" path=");
-        out.push_str(&self.path);
+        out.push_str(self.path.as_str());
         out.push_str(" status=");
         push_int(out, u64::from(self.status));
         for (name, value) in [
@@ -103,7 +104,7 @@ impl AccessRecord {
         out.push_str(",\"method\":");
         push_quoted(out, self.method.as_str());
         out.push_str(",\"path\":");
-        push_quoted(out, &self.path);
+        push_quoted(out, self.path.as_str());
         out.push_str(",\"status\":");
         push_int(out, u64::from(self.status));
         for (name, value) in [
@@ -248,7 +249,7 @@ mod tests {
             start: Instant::now(),
             client: HeaderValue::from_static("10.0.0.7"),
             method: Method::POST,
-            path: "/a?b=\"c\"".to_owned(),
+            path: PathAndQuery::from_static("/a?b=%22c%22"),
             status: 201,
             route: Some(Arc::from("route[0]")),
             upstream: Some(Arc::from("up\"stream")),
@@ -268,7 +269,7 @@ mod tests {
         assert!(humantime::parse_rfc3339(stamp).is_ok(), "{stamp}");
         assert_eq!(
             rest,
-            "INFO holdfast::access: client=10.0.0.7 method=POST path=/a?b=\"c\" status=201 \
+            "INFO holdfast::access: client=10.0.0.7 method=POST path=/a?b=%22c%22 status=201 \
              route=\"route[0]\" upstream=\"up\\\"stream\" address=\"127.0.0.1:8080\" \
              conn=\"reused\" attempts=2 retries=1 bytes=1234 total_ms=12345.678 \
              ttfb_ms=2.045 outcome=\"ok\"\n"
@@ -289,7 +290,7 @@ mod tests {
         assert_eq!(v["target"], "holdfast::access");
         assert_eq!(v["client"], "10.0.0.7");
         assert_eq!(v["method"], "POST");
-        assert_eq!(v["path"], "/a?b=\"c\"");
+        assert_eq!(v["path"], "/a?b=%22c%22");
         assert_eq!(v["status"], 201);
         assert_eq!(v["route"], "tab\there\u{1}");
         assert_eq!(v["upstream"], "up\"stream");
