@@ -552,8 +552,9 @@ enum Wake {
 /// (most of them) never registers one. That matters for churn: a timer earlier than
 /// every other one makes tokio wake its own worker through an eventfd, a write and
 /// an extra epoll event per connection. A timer set while idle stays set when the
-/// next head starts arriving, unless the head is due earlier than it fires. HTTP/2 streams run on tasks of their own, so HTTP/2 keeps a timer always and
-/// looks again every [`BUSY_RECHECK`] while busy.
+/// next head starts arriving, unless the head is due earlier than it fires. HTTP/2
+/// streams run on tasks of their own, so HTTP/2 keeps a timer always and looks again
+/// every [`BUSY_RECHECK`] while busy.
 async fn drive<C>(
     mut conn: Pin<&mut C>,
     shutdown: impl Fn(Pin<&mut C>),
