@@ -17,6 +17,7 @@ import resource
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -239,8 +240,9 @@ def free_port():
         return s.getsockname()[1]
 
 
-def wait_ready(proc, port, path="/1k", timeout=10.0):
-    """Wait until GET path on port answers 200 with the full body."""
+def wait_ready(proc, port, path="/1k", timeout=10.0, tls=False):
+    """Wait until GET path on port answers 200 with the full body (over TLS, not
+    verifying the certificate, with `tls`)."""
     deadline = time.monotonic() + timeout
     last = "no answer"
     want = STATIC_FILES.get(path)
@@ -248,7 +250,14 @@ def wait_ready(proc, port, path="/1k", timeout=10.0):
         if proc is not None and not proc.alive():
             return f"exited with code {proc.popen.returncode}: {proc.stderr_tail()}"
         try:
-            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+            if tls:
+                ctx = ssl.create_default_context()
+                ctx.check_hostname = False
+                ctx.verify_mode = ssl.CERT_NONE
+                conn = http.client.HTTPSConnection("127.0.0.1", port, timeout=2,
+                                                   context=ctx)
+            else:
+                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
             conn.request("GET", path)
             resp = conn.getresponse()
             body = resp.read()
@@ -256,7 +265,7 @@ def wait_ready(proc, port, path="/1k", timeout=10.0):
             if resp.status == 200 and (want is None or len(body) == want):
                 return None
             last = f"HTTP {resp.status}, {len(body)} bytes"
-        except (OSError, http.client.HTTPException) as exc:
+        except (OSError, http.client.HTTPException, ssl.SSLError) as exc:
             last = str(exc) or type(exc).__name__
         time.sleep(0.05)
     return f"not ready after {timeout:.0f}s ({last}): {proc.stderr_tail() if proc else ''}"
@@ -364,15 +373,21 @@ http {{
 
 
 def start_nginx_proxy(run_dir, port, upstream_port, cpus, workers=1, tag="nginx",
-                      master=True, wrap=(), access_log=False):
+                      master=True, wrap=(), access_log=False, tls=None):
     """master=False: one process that is the worker; wrap: argv prefix (valgrind);
     access_log: nginx's default `combined` log to a file in the scratch directory,
-    emptied at each start (the `holdfast-log` counterpart)."""
+    emptied at each start (the `holdfast-log` counterpart); tls: (cert, key) paths:
+    HTTPS with HTTP/2 (`listen ... ssl http2`, nginx 1.22's form)."""
     tmp, head, http_common = _nginx_common(run_dir, tag, master)
     log = ""
     if access_log:
         (tmp / "access.log").unlink(missing_ok=True)
         log = f"        access_log {tmp}/access.log;\n"
+    listen = f"127.0.0.1:{port} backlog=4096"
+    if tls:
+        listen = f"127.0.0.1:{port} ssl http2 backlog=4096"
+        log += (f"        ssl_certificate {tls[0]};\n"
+                f"        ssl_certificate_key {tls[1]};\n")
     conf = run_dir / "conf" / f"{tag}.conf"
     conf.write_text(f"""{head}worker_processes {workers};
 http {{
@@ -384,7 +399,7 @@ http {{
         keepalive_timeout 300s;
     }}
     server {{
-        listen 127.0.0.1:{port} backlog=4096;
+        listen {listen};
 {log}        location / {{
             proxy_pass http://backend;
             proxy_http_version 1.1;
@@ -443,10 +458,13 @@ HOLDFAST_ADMIN_OFF = False
 
 
 def start_holdfast(binary, run_dir, port, upstream_port, cpus, workers, tag, wrap=(),
-                   access_log=False):
+                   access_log=False, tls=None):
+    """tls: (cert, key) paths: serve HTTPS (HTTP/2 and HTTP/1.1 by ALPN)."""
     argv = [*wrap, str(binary), "proxy", "--listen", f"127.0.0.1:{port}",
             "--to", f"http://127.0.0.1:{upstream_port}",
             "--workers", str(workers), "--access-log", "on" if access_log else "off"]
+    if tls:
+        argv += ["--tls-cert", str(tls[0]), "--tls-key", str(tls[1])]
     if HOLDFAST_ADMIN_OFF:
         argv += ["--admin", "off"]
     if access_log:
@@ -468,19 +486,20 @@ class Target:
     access_log: bool = False  # one line per request, to a file in the scratch directory
     skip: str | None = None  # reason, once known
 
-    def start(self, run_dir, upstream_port, holdfast_bin, fixed_port=None):
-        """Start the proxy; returns (proc, port). direct -> (None, upstream_port)."""
+    def start(self, run_dir, upstream_port, holdfast_bin, fixed_port=None, tls=None):
+        """Start the proxy; returns (proc, port). direct -> (None, upstream_port).
+        tls: (cert, key): the proxy serves HTTPS with HTTP/2."""
         if self.kind == "direct":
             return None, upstream_port
         port = fixed_port or free_port()
         if self.kind == "nginx":
             proc = start_nginx_proxy(run_dir, port, upstream_port, self.cpus,
                                      self.workers, self.name,
-                                     access_log=self.access_log)
+                                     access_log=self.access_log, tls=tls)
         else:
             proc = start_holdfast(holdfast_bin, run_dir, port, upstream_port,
                                   self.cpus, self.workers, self.name,
-                                  access_log=self.access_log)
+                                  access_log=self.access_log, tls=tls)
         return proc, port
 
 
@@ -500,6 +519,20 @@ def make_targets(names, proxy_cpu, all_cpus):
             raise SystemExit(f"unknown target {n!r}; known: {', '.join(known)}")
         out.append(known[n])
     return out
+
+
+def tls_files():
+    """A self-signed ECDSA P-256 certificate for 127.0.0.1, made once per run."""
+    d = work_dir() / "tls"
+    cert, key = d / "cert.pem", d / "key.pem"
+    if not cert.exists():
+        d.mkdir(parents=True, exist_ok=True)
+        subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
+                        "ec_paramgen_curve:prime256v1", "-nodes", "-days", "2",
+                        "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+                        "-keyout", str(key), "-out", str(cert)],
+                       check=True, capture_output=True)
+    return cert, key
 
 
 def tool_missing(*paths):

@@ -12,6 +12,7 @@ HTTP_ROWS = [
     ("rps", "req/s (spread)", max, "{:,.0f}", True, True),
     ("p50_ms", "p50 latency, ms", min, "{:.2f}", False, True),
     ("p99_ms", "p99 latency, ms", min, "{:.2f}", False, True),
+    ("mean_ms", "mean latency, ms (h2load has no percentiles)", min, "{:.2f}", False, True),
     ("cpu_ms_per_1k", "proxy CPU ms per 1k req (spread)", min, "{:.1f}", True, True),
     ("cpu_busy_pct", "proxy CPU busy, % of one CPU", statistics.median, "{:.0f}%",
      False, False),
@@ -87,7 +88,7 @@ def render_table(summary, targets, workloads, specs, skipped, runs, info, args):
         if wl == "idle":
             label = f"{args.idle_conns:,} {label}"
         else:
-            label += f", {args.connections} conns"
+            label += specs[wl].get("conns", f", {args.connections} conns")
         rows = IDLE_ROWS if wl == "idle" else HTTP_ROWS
         first = True
         for key, row_label, _best, fmt, spread, ratio in rows:

@@ -30,6 +30,8 @@ WORKLOADS = {
                      "headers": ["Connection: close"]},
     "post-4k": {"label": "POST 4 KiB", "path": "/post",
                 "script": str(H.BENCH_DIR / "post4k.lua")},
+    "h2-get-1k": {"label": "GET 1 KiB over HTTPS, HTTP/2", "path": "/1k", "h2": True,
+                  "conns": ", h2load 16 conns × 4 streams"},
     "idle": {"label": "idle keep-alive connections", "idle": True},
 }
 DEFAULT_TARGETS = "direct,nginx,holdfast,holdfast-w2"
@@ -123,6 +125,36 @@ def parse_wrk(out):
     return r
 
 
+def run_h2load(args, wl, port, seconds, out_path):
+    """HTTP/2 over TLS (ALPN h2): 16 connections, 4 streams each (64 in flight)."""
+    argv = ["taskset", "-c", args.load_cpus, H.H2LOAD, "-t", "1", "-c", "16", "-m", "4",
+            "-D", f"{max(1, round(seconds))}", f"https://127.0.0.1:{port}{wl['path']}"]
+    p = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 60)
+    out_path.write_text(" ".join(argv) + "\n\n" + p.stdout + p.stderr)
+    return p.stdout + p.stderr, p.returncode
+
+
+def parse_h2load(out):
+    """h2load gives req/s and counts; no latency percentiles (only min/max/mean)."""
+    r = {"requests": None, "rps": None, "p50_ms": None, "p99_ms": None,
+         "socket_errors": 0, "non2xx": 0}
+    m = re.search(r"finished in [\d.]+\w+, ([\d.]+) req/s", out)
+    if m:
+        r["rps"] = float(m.group(1))
+    m = re.search(r"requests: (\d+) total, \d+ started, (\d+) done, (\d+) succeeded, "
+                  r"(\d+) failed, (\d+) errored, (\d+) timeout", out)
+    if m:
+        total, done, ok, failed, errored, timeout = (int(x) for x in m.groups())
+        r["requests"] = done
+        r["socket_errors"] = errored + timeout
+        m2 = re.search(r"status codes: (\d+) 2xx", out)
+        r["non2xx"] = done - int(m2.group(1)) if m2 else failed
+    m = re.search(r"time for request:\s+\S+\s+\S+\s+(\S+)", out)
+    if m:
+        r["mean_ms"] = _ms(m.group(1))
+    return r
+
+
 def run_wrk(args, wl, port, seconds, out_path):
     argv = wrk_argv(args, wl, port, seconds)
     p = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 60)
@@ -137,22 +169,26 @@ def measure_http(args, run_dir, wl_name, target, rnd, upstream, ctx):
     raw = run_dir / "raw" / wl_name
     raw.mkdir(parents=True, exist_ok=True)
     stem = f"{target.name}-r{rnd}"
+    h2 = wl.get("h2", False)
+    if h2 and target.kind == "direct":
+        return {"error": "n/a (the upstream speaks plain HTTP/1.1)"}
+    run_load, parse = (run_h2load, parse_h2load) if h2 else (run_wrk, parse_wrk)
     proc, port = target.start(run_dir, ctx["upstream_port"], ctx["holdfast"],
-                              args.proxy_port)
+                              args.proxy_port, tls=H.tls_files() if h2 else None)
     try:
-        err = H.wait_ready(proc, port)
+        err = H.wait_ready(proc, port, tls=h2)
         if err:
             target.skip = f"failed to start: {err}"
             return {"error": target.skip}
-        run_wrk(args, wl, port, args.warmup, raw / f"{stem}-warmup.txt")
+        run_load(args, wl, port, args.warmup, raw / f"{stem}-warmup.txt")
         pids = proc.pids() if proc else []
         up_pids = upstream.pids()
         before = (H.cpu_ticks(pids), H.cpu_ticks(up_pids), H.system_ticks(),
                   resource.getrusage(resource.RUSAGE_CHILDREN), time.monotonic())
-        out, rc = run_wrk(args, wl, port, args.duration, raw / f"{stem}.txt")
+        out, rc = run_load(args, wl, port, args.duration, raw / f"{stem}.txt")
         after = (H.cpu_ticks(pids), H.cpu_ticks(up_pids), H.system_ticks(),
                  resource.getrusage(resource.RUSAGE_CHILDREN), time.monotonic())
-        res = parse_wrk(out)
+        res = parse(out)
         res["wrk_rc"] = rc
         wall = after[4] - before[4]
         proxy_ticks = after[0] - before[0]
@@ -178,7 +214,7 @@ def measure_http(args, run_dir, wl_name, target, rnd, upstream, ctx):
                                         / (res["requests"] / 1000))
             res["cpu_busy_pct"] = 100 * proxy_ticks / H.CLK_TCK / wall
         if res["rps"] is None:
-            res["error"] = f"wrk output not understood (rc {rc}); see {raw / stem}.txt"
+            res["error"] = f"load output not understood (rc {rc}); see {raw / stem}.txt"
         return res
     finally:
         if proc:
@@ -344,7 +380,11 @@ def brief(res):
         return res["error"]
     parts = []
     if res.get("rps") is not None:
-        parts.append(f"{res['rps']:,.0f} req/s p50 {res['p50_ms'] or 0:.2f} ms p99 {res['p99_ms'] or 0:.2f} ms")
+        if res.get("p99_ms") is not None:
+            parts.append(f"{res['rps']:,.0f} req/s p50 {res['p50_ms'] or 0:.2f} ms "
+                         f"p99 {res['p99_ms']:.2f} ms")
+        else:
+            parts.append(f"{res['rps']:,.0f} req/s mean {res.get('mean_ms') or 0:.2f} ms")
     if res.get("cpu_ms_per_1k") is not None:
         parts.append(f"cpu {res['cpu_ms_per_1k']:.1f} ms/1k ({res['cpu_busy_pct']:.0f}% busy)")
     if res.get("kb_per_conn") is not None:
