@@ -79,20 +79,7 @@ impl AccessRecord {
         out.push_str(self.method.as_str());
         out.push_str(" path=");
         out.push_str(self.path.as_str());
-        out.push_str(" status=");
-        push_int(out, u64::from(self.status));
-        for (name, value) in [
-            (" route=", self.route.as_deref().unwrap_or("-")),
-            (" upstream=", self.upstream.as_deref().unwrap_or("-")),
-            (" address=", self.address.as_deref().unwrap_or("-")),
-            (" conn=", self.conn()),
-        ] {
-            out.push_str(name);
-            push_quoted(out, value);
-        }
-        self.numbers(out, bytes, total, ["=", " "]);
-        out.push_str(" outcome=");
-        push_quoted(out, self.outcome);
+        self.fields(out, bytes, total, Joints::TEXT);
         out.push('\n');
     }
 
@@ -106,42 +93,42 @@ impl AccessRecord {
         push_quoted(out, self.method.as_str());
         out.push_str(",\"path\":");
         push_quoted(out, self.path.as_str());
-        out.push_str(",\"status\":");
-        push_int(out, u64::from(self.status));
-        for (name, value) in [
-            (",\"route\":", self.route.as_deref().unwrap_or("-")),
-            (",\"upstream\":", self.upstream.as_deref().unwrap_or("-")),
-            (",\"address\":", self.address.as_deref().unwrap_or("-")),
-            (",\"conn\":", self.conn()),
-        ] {
-            out.push_str(name);
-            push_quoted(out, value);
-        }
-        self.numbers(out, bytes, total, ["\":", ",\""]);
-        out.push_str(",\"outcome\":");
-        push_quoted(out, self.outcome);
+        self.fields(out, bytes, total, Joints::JSON);
         out.push_str(",\"target\":\"holdfast::access\"}\n");
     }
 
-    /// `attempts`, `retries`, `bytes`, `total_ms`, `ttfb_ms`; `[between name and value,
-    /// before a name]` say how the format joins them.
-    fn numbers(&self, out: &mut String, bytes: u64, total: Duration, [is, next]: [&str; 2]) {
-        for (name, n) in [
+    /// `status` to `outcome`, the fields both formats write alike but for `joints`.
+    fn fields(&self, out: &mut String, bytes: u64, total: Duration, joints: Joints) {
+        let name = |out: &mut String, name: &str| {
+            out.push_str(joints.before);
+            out.push_str(name);
+            out.push_str(joints.is);
+        };
+        name(out, "status");
+        push_int(out, u64::from(self.status));
+        for (n, value) in [
+            ("route", self.route.as_deref().unwrap_or("-")),
+            ("upstream", self.upstream.as_deref().unwrap_or("-")),
+            ("address", self.address.as_deref().unwrap_or("-")),
+            ("conn", self.conn()),
+        ] {
+            name(out, n);
+            push_quoted(out, value);
+        }
+        for (n, value) in [
             ("attempts", u64::from(self.attempts)),
             ("retries", u64::from(self.attempts.saturating_sub(1))),
             ("bytes", bytes),
         ] {
-            out.push_str(next);
-            out.push_str(name);
-            out.push_str(is);
-            push_int(out, n);
+            name(out, n);
+            push_int(out, value);
         }
-        for (name, d) in [("total_ms", Some(total)), ("ttfb_ms", self.ttfb)] {
-            out.push_str(next);
-            out.push_str(name);
-            out.push_str(is);
+        for (n, d) in [("total_ms", Some(total)), ("ttfb_ms", self.ttfb)] {
+            name(out, n);
             push_ms(out, d);
         }
+        name(out, "outcome");
+        push_quoted(out, self.outcome);
     }
 
     fn client(&self) -> &str {
@@ -176,6 +163,24 @@ impl AccessRecord {
             outcome = self.outcome,
         );
     }
+}
+
+/// How a format puts a field on the line: before its name, and between name and value.
+#[derive(Clone, Copy)]
+struct Joints {
+    before: &'static str,
+    is: &'static str,
+}
+
+impl Joints {
+    const TEXT: Joints = Joints {
+        before: " ",
+        is: "=",
+    };
+    const JSON: Joints = Joints {
+        before: ",\"",
+        is: "\":",
+    };
 }
 
 fn push_timestamp(out: &mut String) {
