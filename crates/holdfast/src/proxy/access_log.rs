@@ -79,7 +79,7 @@ impl AccessRecord {
         out.push_str(self.method.as_str());
         out.push_str(" path=");
         out.push_str(self.path.as_str());
-        self.fields(out, bytes, total, Joints::TEXT);
+        self.fields(out, bytes, total, &TEXT_NAMES);
         out.push('\n');
     }
 
@@ -93,41 +93,50 @@ impl AccessRecord {
         push_quoted(out, self.method.as_str());
         out.push_str(",\"path\":");
         push_quoted(out, self.path.as_str());
-        self.fields(out, bytes, total, Joints::JSON);
+        self.fields(out, bytes, total, &JSON_NAMES);
         out.push_str(",\"target\":\"holdfast::access\"}\n");
     }
 
-    /// `status` to `outcome`, the fields both formats write alike but for `joints`.
-    fn fields(&self, out: &mut String, bytes: u64, total: Duration, joints: Joints) {
-        let name = |out: &mut String, name: &str| {
-            out.push_str(joints.before);
-            out.push_str(name);
-            out.push_str(joints.is);
-        };
-        name(out, "status");
+    /// `status` to `outcome`, which both formats write alike but for the `names`
+    /// (each with the format's punctuation, so one `push_str` per name).
+    fn fields(&self, out: &mut String, bytes: u64, total: Duration, names: &FieldNames) {
+        let [
+            status,
+            route,
+            upstream,
+            address,
+            conn,
+            attempts,
+            retries,
+            bytes_name,
+            total_ms,
+            ttfb_ms,
+            outcome,
+        ] = names;
+        out.push_str(status);
         push_int(out, u64::from(self.status));
-        for (n, value) in [
-            ("route", self.route.as_deref().unwrap_or("-")),
-            ("upstream", self.upstream.as_deref().unwrap_or("-")),
-            ("address", self.address.as_deref().unwrap_or("-")),
-            ("conn", self.conn()),
+        for (name, value) in [
+            (route, self.route.as_deref().unwrap_or("-")),
+            (upstream, self.upstream.as_deref().unwrap_or("-")),
+            (address, self.address.as_deref().unwrap_or("-")),
+            (conn, self.conn()),
         ] {
-            name(out, n);
+            out.push_str(name);
             push_quoted(out, value);
         }
-        for (n, value) in [
-            ("attempts", u64::from(self.attempts)),
-            ("retries", u64::from(self.attempts.saturating_sub(1))),
-            ("bytes", bytes),
+        for (name, value) in [
+            (attempts, u64::from(self.attempts)),
+            (retries, u64::from(self.attempts.saturating_sub(1))),
+            (bytes_name, bytes),
         ] {
-            name(out, n);
+            out.push_str(name);
             push_int(out, value);
         }
-        for (n, d) in [("total_ms", Some(total)), ("ttfb_ms", self.ttfb)] {
-            name(out, n);
+        for (name, d) in [(total_ms, Some(total)), (ttfb_ms, self.ttfb)] {
+            out.push_str(name);
             push_ms(out, d);
         }
-        name(out, "outcome");
+        out.push_str(outcome);
         push_quoted(out, self.outcome);
     }
 
@@ -165,23 +174,37 @@ impl AccessRecord {
     }
 }
 
-/// How a format puts a field on the line: before its name, and between name and value.
-#[derive(Clone, Copy)]
-struct Joints {
-    before: &'static str,
-    is: &'static str,
-}
+/// The names of the fields from `status` to `outcome`, in line order, with the
+/// format's punctuation around them.
+type FieldNames = [&'static str; 11];
 
-impl Joints {
-    const TEXT: Joints = Joints {
-        before: " ",
-        is: "=",
-    };
-    const JSON: Joints = Joints {
-        before: ",\"",
-        is: "\":",
-    };
-}
+const TEXT_NAMES: FieldNames = [
+    " status=",
+    " route=",
+    " upstream=",
+    " address=",
+    " conn=",
+    " attempts=",
+    " retries=",
+    " bytes=",
+    " total_ms=",
+    " ttfb_ms=",
+    " outcome=",
+];
+
+const JSON_NAMES: FieldNames = [
+    ",\"status\":",
+    ",\"route\":",
+    ",\"upstream\":",
+    ",\"address\":",
+    ",\"conn\":",
+    ",\"attempts\":",
+    ",\"retries\":",
+    ",\"bytes\":",
+    ",\"total_ms\":",
+    ",\"ttfb_ms\":",
+    ",\"outcome\":",
+];
 
 fn push_timestamp(out: &mut String) {
     use std::fmt::Write as _;
