@@ -6,7 +6,7 @@
 //! the line is formatted here and written to stderr in one `write`, in the same
 //! shape as tracing's text or JSON formatter would give it. Formatting through
 //! tracing's field visitor cost ~21,000 instructions and 2 allocations a line,
-//! nearly as much as proxying the request; this costs ~3,200 and none (nginx's own
+//! nearly as much as proxying the request; this costs ~3,100 and none (nginx's own
 //! log line ~2,600).
 //! Without holdfast's logger (a library user's own subscriber), lines go through
 //! `tracing::info!` as any other event.
