@@ -144,11 +144,11 @@ def parse_h2load(out):
     m = re.search(r"requests: (\d+) total, \d+ started, (\d+) done, (\d+) succeeded, "
                   r"(\d+) failed, (\d+) errored, (\d+) timeout", out)
     if m:
-        total, done, ok, failed, errored, timeout = (int(x) for x in m.groups())
+        _total, done, _ok, failed, errored, timeout = (int(x) for x in m.groups())
         r["requests"] = done
+        # `failed` counts network errors, timeouts and statuses other than 2xx/3xx.
         r["socket_errors"] = errored + timeout
-        m2 = re.search(r"status codes: (\d+) 2xx", out)
-        r["non2xx"] = done - int(m2.group(1)) if m2 else failed
+        r["non2xx"] = max(0, failed - errored - timeout)
     m = re.search(r"time for request:\s+\S+\s+\S+\s+(\S+)", out)
     if m:
         r["mean_ms"] = _ms(m.group(1))
@@ -303,6 +303,12 @@ def main():
     missing = H.tool_missing(H.NGINX, H.WRK, "taskset")
     if missing:
         sys.exit(f"missing: {', '.join(missing)} (apt-get install nginx wrk util-linux)")
+    h2_missing = H.tool_missing(H.H2LOAD, "openssl")
+    h2_workloads = [w for w in args.workloads if WORKLOADS[w].get("h2")]
+    if h2_missing and h2_workloads:
+        H.log(f"skipping {', '.join(h2_workloads)}: missing {', '.join(h2_missing)} "
+              "(apt-get install nghttp2-client openssl)")
+        args.workloads = [w for w in args.workloads if w not in h2_workloads]
     H.install_cleanup()
     nofile = H.raise_nofile()
     if "idle" in args.workloads and nofile < args.idle_conns + 1000:

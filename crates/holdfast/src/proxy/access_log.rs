@@ -156,7 +156,7 @@ impl AccessRecord {
     fn emit_event(&self, bytes: u64, total: Duration) {
         tracing::info!(
             target: "holdfast::access",
-            client = self.client(),
+            client = %self.client(),
             method = %self.method,
             path = %self.path,
             status = self.status,
@@ -208,21 +208,20 @@ const JSON_NAMES: FieldNames = [
 
 fn push_timestamp(out: &mut String) {
     use std::fmt::Write as _;
-    let _ = write!(
-        out,
-        "{}",
-        humantime::format_rfc3339_micros(SystemTime::now())
-    );
+    // humantime panics on a time before 1970 (a clock not yet set at boot).
+    let now = SystemTime::now().max(SystemTime::UNIX_EPOCH);
+    let _ = write!(out, "{}", humantime::format_rfc3339_micros(now));
 }
 
 fn push_int(out: &mut String, n: u64) {
     out.push_str(itoa::Buffer::new().format(n));
 }
 
-/// Milliseconds with three decimals (microseconds); `-1` for none.
+/// Milliseconds with three decimals (microseconds); `-1.000` for none, a float like
+/// every other value of the field.
 fn push_ms(out: &mut String, d: Option<Duration>) {
     let Some(d) = d else {
-        out.push_str("-1");
+        out.push_str("-1.000");
         return;
     };
     let micros = u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
@@ -328,7 +327,8 @@ mod tests {
         assert_eq!(v["retries"], 1);
         assert_eq!(v["bytes"], 7);
         assert_eq!(v["total_ms"], 0.005);
-        assert_eq!(v["ttfb_ms"], -1);
+        assert_eq!(v["ttfb_ms"], -1.0);
+        assert!(line.contains("\"ttfb_ms\":-1.000,"), "{line}");
         assert_eq!(v["outcome"], "ok");
     }
 
