@@ -177,6 +177,9 @@ def measure_http(args, run_dir, wl_name, target, rnd, upstream, ctx):
                               args.proxy_port, tls=H.tls_files() if h2 else None)
     try:
         err = H.wait_ready(proc, port, tls=h2)
+        if err and h2:
+            # Only this workload: the target may still serve plain HTTP.
+            return {"error": f"failed to start with TLS: {err}"}
         if err:
             target.skip = f"failed to start: {err}"
             return {"error": target.skip}
