@@ -291,66 +291,33 @@ pub fn serve(
 ) -> impl Future<Output = ()> + Send {
     async move {
         let accepted = Instant::now();
-        let figures = tracked.figures();
+        let (transport, replay, proto) = if shared.tls.is_none() && !shared.config.h2c {
+            (Transport::Plain(stream), Bytes::new(), Proto::Http1)
+        } else {
+            // Boxed: the task of every connection is as large as its largest state,
+            // and an idle (parked) connection should not carry a TLS handshake's.
+            match Box::pin(establish(stream, &shared, &tracked, remote)).await {
+                Some(established) => established,
+                None => return,
+            }
+        };
         // A listener bound to one address and port needs no getsockname per connection.
         let local = {
             let bound = shared.config.listen;
             if bound.ip().is_unspecified() || bound.port() == 0 {
-                stream.local_addr().unwrap_or(bound)
+                transport.tcp().local_addr().unwrap_or(bound)
             } else {
                 bound
             }
         };
         let parkable = shared.tls.is_none() && !shared.config.h2c;
-        let handshake = shared.config.header_timeout.get();
-        let (transport, replay, proto) = match &shared.tls {
-            // Boxed here and below: the task of every connection is as large as its
-            // largest state, and an idle (parked) plain connection should not carry the
-            // space of a TLS handshake or an HTTP/2 connection.
-            Some(front) => {
-                match Box::pin(tokio::time::timeout(handshake, front.accept(stream))).await {
-                    Ok(Ok(s)) => {
-                        let proto = if tls::negotiated_h2(&s) {
-                            Proto::Http2
-                        } else {
-                            Proto::Http1
-                        };
-                        (Transport::Tls(Box::new(s)), Bytes::new(), proto)
-                    }
-                    Ok(Err(e)) => {
-                        figures.tls_handshake.fetch_add(1, Relaxed);
-                        tracing::debug!(client = %remote, error = %e, "TLS handshake failed");
-                        return;
-                    }
-                    Err(_) => {
-                        figures.tls_handshake.fetch_add(1, Relaxed);
-                        tracing::info!(client = %remote, timeout = ?handshake, "TLS handshake not done in time; closing");
-                        return;
-                    }
-                }
-            }
-            None if shared.config.h2c => {
-                let mut stream = stream;
-                match Box::pin(io::sniff_h2_preface(&mut stream, handshake)).await {
-                    Ok((h2, replay)) => {
-                        let proto = if h2 { Proto::Http2 } else { Proto::Http1 };
-                        (Transport::Plain(stream), replay, proto)
-                    }
-                    Err(e) => {
-                        tracing::debug!(client = %remote, error = %e, "no request on a new connection");
-                        return;
-                    }
-                }
-            }
-            None => (Transport::Plain(stream), Bytes::new(), Proto::Http1),
-        };
         let ctx = ConnContext::new(
             remote,
             local,
             matches!(transport, Transport::Tls(_)),
             shared.config.clone(),
         );
-        let state = Arc::new(ConnState::new(parkable, figures.clone(), ctx, accepted));
+        let state = Arc::new(ConnState::new(parkable, tracked.figures(), ctx, accepted));
         let io = ClientIo::new(
             transport,
             replay,
@@ -412,7 +379,9 @@ pub fn serve(
                     let (state, shared) = (&state, &shared);
                     let watch = &mut drain;
                     let svc = svc.clone();
-                    let parked = Box::pin(async move {
+                    // `let else` straight on the await: a named result would keep its
+                    // own room in the task while parked.
+                    let Some(client_io) = Box::pin(async move {
                         let mut conn = shared.http1.serve_connection(io, svc).with_upgrades();
                         let shutdown = |c: Pin<&mut _>| {
                             hyper::server::conn::http1::UpgradeableConnection::graceful_shutdown(c)
@@ -439,8 +408,8 @@ pub fn serve(
                         client_io.unread(parts.read_buf);
                         Some(client_io)
                     })
-                    .await;
-                    let Some(client_io) = parked else {
+                    .await
+                    else {
                         return;
                     };
                     tracing::trace!(client = %remote, "idle connection parked");
@@ -471,6 +440,51 @@ pub fn serve(
                 })
                 .await;
             }
+        }
+    }
+}
+
+/// The TLS handshake, or the h2c sniff, within `header_timeout`: the transport, the
+/// bytes read to tell HTTP/2 from HTTP/1 (replayed to hyper), and the protocol.
+/// `None`: the connection is over (logged and counted here).
+async fn establish(
+    stream: TcpStream,
+    shared: &ListenerShared,
+    tracked: &Tracked,
+    remote: SocketAddr,
+) -> Option<(Transport, Bytes, Proto)> {
+    let handshake = shared.config.header_timeout.get();
+    if let Some(front) = &shared.tls {
+        return match tokio::time::timeout(handshake, front.accept(stream)).await {
+            Ok(Ok(s)) => {
+                let proto = if tls::negotiated_h2(&s) {
+                    Proto::Http2
+                } else {
+                    Proto::Http1
+                };
+                Some((Transport::Tls(Box::new(s)), Bytes::new(), proto))
+            }
+            Ok(Err(e)) => {
+                tracked.figures().tls_handshake.fetch_add(1, Relaxed);
+                tracing::debug!(client = %remote, error = %e, "TLS handshake failed");
+                None
+            }
+            Err(_) => {
+                tracked.figures().tls_handshake.fetch_add(1, Relaxed);
+                tracing::info!(client = %remote, timeout = ?handshake, "TLS handshake not done in time; closing");
+                None
+            }
+        };
+    }
+    let mut stream = stream;
+    match io::sniff_h2_preface(&mut stream, handshake).await {
+        Ok((h2, replay)) => {
+            let proto = if h2 { Proto::Http2 } else { Proto::Http1 };
+            Some((Transport::Plain(stream), replay, proto))
+        }
+        Err(e) => {
+            tracing::debug!(client = %remote, error = %e, "no request on a new connection");
+            None
         }
     }
 }

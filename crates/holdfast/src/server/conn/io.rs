@@ -26,7 +26,7 @@ pub(super) enum Transport {
 }
 
 impl Transport {
-    fn tcp(&self) -> &TcpStream {
+    pub(super) fn tcp(&self) -> &TcpStream {
         match self {
             Transport::Plain(s) => s,
             Transport::Tls(s) => s.get_ref().0,
