@@ -737,13 +737,12 @@ async fn reap(pool: Weak<Pool>, wake: Arc<Notify>) {
                 let now = Instant::now();
                 let expired = st.idle.drain_expired(now);
                 pool.retire_spent(&mut st, now);
-                st.reaper_target = match (
-                    st.idle.next_expiry(),
-                    st.shared.next_deadline(&pool.settings),
-                ) {
-                    (Some(a), Some(b)) => Some(a.min(b)),
-                    (a, b) => a.or(b),
-                };
+                st.reaper_target = st
+                    .idle
+                    .next_expiry()
+                    .into_iter()
+                    .chain(st.shared.next_deadline(&pool.settings))
+                    .min();
                 expired
             };
             pool.close_all(expired, CloseReason::IdleExpired);

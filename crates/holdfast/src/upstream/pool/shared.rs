@@ -90,10 +90,7 @@ impl SharedConn {
     /// Why holdfast retires this connection at `now`, if it does: it then takes no
     /// new stream and closes when those in flight end.
     fn spent(&self, settings: &PoolSettings, now: Instant) -> Option<CloseReason> {
-        if settings
-            .max_requests
-            .is_some_and(|max| self.started.load(Relaxed) >= max)
-        {
+        if self.at_max_requests(settings) {
             return Some(CloseReason::MaxRequests);
         }
         if settings
@@ -108,6 +105,13 @@ impl SharedConn {
         }
     }
 
+    /// Its last stream under `pool.max_requests` is leased.
+    fn at_max_requests(&self, settings: &PoolSettings) -> bool {
+        settings
+            .max_requests
+            .is_some_and(|max| self.started.load(Relaxed) >= max)
+    }
+
     fn idle_deadline(&self, settings: &PoolSettings) -> Option<Instant> {
         let since = self.idle_since_ms.load(Relaxed);
         let timeout = settings.h2_idle_timeout?;
@@ -117,10 +121,10 @@ impl SharedConn {
     /// The next time [`SharedConn::spent`] may change without a lease or release.
     fn next_deadline(&self, settings: &PoolSettings) -> Option<Instant> {
         let lifetime = settings.max_lifetime.map(|life| self.created + life);
-        match (lifetime, self.idle_deadline(settings)) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+        lifetime
+            .into_iter()
+            .chain(self.idle_deadline(settings))
+            .min()
     }
 
     /// One stream more in flight (under the pool lock).
@@ -418,13 +422,12 @@ impl Pool {
             }
             let room = st.shared.conns.len() < self.settings.h2_connections;
             if room && !conn.signals().is_going_away() {
-                match conn.spent(&self.settings, conn.created) {
+                if conn.at_max_requests(&self.settings) {
                     // `max_requests = 1`: this stream is its only one.
-                    Some(reason) => self.figures.closed(reason),
-                    None => {
-                        st.shared.conns.push(conn.clone());
-                        self.wake_reaper_for(&st, conn.next_deadline(&self.settings));
-                    }
+                    self.figures.closed(CloseReason::MaxRequests);
+                } else {
+                    st.shared.conns.push(conn.clone());
+                    self.wake_reaper_for(&st, conn.next_deadline(&self.settings));
                 }
             }
             self.dispatch(&mut st);
@@ -450,9 +453,9 @@ impl Pool {
     /// whose last stream under `max_requests` this is leaves the list at once.
     fn lease(&self, st: &mut State, conn: Arc<SharedConn>) -> Lease {
         conn.take_stream();
-        if let Some(reason @ CloseReason::MaxRequests) = conn.spent(&self.settings, conn.created) {
+        if conn.at_max_requests(&self.settings) {
             st.shared.conns.retain(|c| !Arc::ptr_eq(c, &conn));
-            self.figures.closed(reason);
+            self.figures.closed(CloseReason::MaxRequests);
         }
         Lease::new(conn, self.me.clone(), true)
     }
