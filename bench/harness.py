@@ -188,14 +188,61 @@ def children_of(pid):
 
 def cpu_ticks(pids):
     """utime + stime of the given processes (all their threads), clock ticks."""
-    total = 0
+    return sum(cpu_split(pids))
+
+
+def cpu_split(pids):
+    """(utime, stime) of the given processes (all their threads), clock ticks:
+    user space against kernel work done for them (syscalls, TCP)."""
+    user = system = 0
     for pid in pids:
         try:
             f = _stat_fields(pid)
         except OSError:
             continue
-        total += int(f[11]) + int(f[12])  # fields 14 and 15 of /proc/PID/stat
-    return total
+        user += int(f[11])  # field 14 of /proc/PID/stat
+        system += int(f[12])  # field 15
+    return user, system
+
+
+PERF_EVENTS = "raw_syscalls:sys_enter,context-switches,page-faults"
+
+
+def start_perf_counts(pids, out_path):
+    """`perf stat` counting software events of `pids` (every thread) until
+    stop_perf_counts. Software events and tracepoints work in a VM without
+    hardware counters. None if perf is missing."""
+    perf = shutil.which("perf")
+    if not perf:
+        log("perf not found: no syscall or context-switch counts (apt-get install linux-perf)")
+        return None
+    argv = [perf, "stat", "-x", ",", "-e", PERF_EVENTS, "-o", str(out_path),
+            "-p", ",".join(str(p) for p in pids)]
+    proc = start("perf", argv, str(out_path) + ".log", truncate=True)
+    time.sleep(0.2)  # perf attaches to each thread before the load starts
+    return proc
+
+
+def stop_perf_counts(proc, out_path):
+    """Stops perf (SIGINT makes it print) and returns {event: count}."""
+    proc.popen.send_signal(signal.SIGINT)
+    try:
+        proc.popen.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.stop()
+    if proc in STARTED:
+        STARTED.remove(proc)
+    counts = {}
+    try:
+        lines = Path(out_path).read_text().splitlines()
+    except OSError:
+        return counts
+    for line in lines:
+        f = line.split(",")
+        # CSV: value, unit, event, ...; "<not counted>" values are skipped
+        if len(f) >= 3 and f[0].replace(".", "").isdigit():
+            counts[f[2]] = float(f[0])
+    return counts
 
 
 def status_kb(pids, key):

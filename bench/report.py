@@ -16,6 +16,17 @@ HTTP_ROWS = [
     ("cpu_ms_per_1k", "proxy CPU ms per 1k req (spread)", min, "{:.1f}", True, True),
     ("cpu_busy_pct", "proxy CPU busy, % of one CPU", statistics.median, "{:.0f}%",
      False, False),
+    # How the proxy's CPU divides: user space (what holdfast's code decides) and the
+    # kernel (syscalls, loopback TCP), which any proxy pays about equally.
+    ("cpu_user_pct", "of which user space, % (rest: kernel)", statistics.median, "{:.0f}%",
+     False, False),
+    # Only with --perf-counts.
+    ("syscalls_per_req", "proxy syscalls per request (perf)", statistics.median, "{:.2f}",
+     False, True),
+    ("cswitch_per_req", "proxy context switches per request (perf)", statistics.median,
+     "{:.3f}", False, True),
+    ("faults_per_req", "proxy page faults per request (perf)", statistics.median,
+     "{:.3f}", False, True),
     ("peak_rss_mib", "proxy peak RSS, MiB", max, "{:.1f}", False, True),
 ]
 IDLE_ROWS = [

@@ -67,6 +67,10 @@ def parse_args(argv=None):
     ap.add_argument("--quiet-below", type=float, default=10, metavar="PCT",
                     help="what --wait-quiet calls quiet: machine CPU use, in %% of "
                          "one CPU, sampled over 1 s (default 10)")
+    ap.add_argument("--perf-counts", action="store_true",
+                    help="count the proxy's syscalls and context switches per request "
+                         "under the real load (perf stat, software events; adds a "
+                         "little overhead to both proxies)")
     ap.add_argument("--out", help="results dir (default bench/results/<timestamp>)")
     args = ap.parse_args(argv)
     args.duration = args.duration or (3.0 if args.quick else 10.0)
@@ -186,15 +190,19 @@ def measure_http(args, run_dir, wl_name, target, rnd, upstream, ctx):
         run_load(args, wl, port, args.warmup, raw / f"{stem}-warmup.txt")
         pids = proc.pids() if proc else []
         up_pids = upstream.pids()
-        before = (H.cpu_ticks(pids), H.cpu_ticks(up_pids), H.system_ticks(),
+        perf = (H.start_perf_counts(pids, raw / f"{stem}.perf.csv")
+                if args.perf_counts and pids else None)
+        before = (H.cpu_split(pids), H.cpu_ticks(up_pids), H.system_ticks(),
                   resource.getrusage(resource.RUSAGE_CHILDREN), time.monotonic())
         out, rc = run_load(args, wl, port, args.duration, raw / f"{stem}.txt")
-        after = (H.cpu_ticks(pids), H.cpu_ticks(up_pids), H.system_ticks(),
+        after = (H.cpu_split(pids), H.cpu_ticks(up_pids), H.system_ticks(),
                  resource.getrusage(resource.RUSAGE_CHILDREN), time.monotonic())
+        counts = H.stop_perf_counts(perf, raw / f"{stem}.perf.csv") if perf else {}
         res = parse(out)
         res["wrk_rc"] = rc
         wall = after[4] - before[4]
-        proxy_ticks = after[0] - before[0]
+        proxy_user_ticks = after[0][0] - before[0][0]
+        proxy_ticks = proxy_user_ticks + after[0][1] - before[0][1]
         up_ticks = after[1] - before[1]
         wrk_ticks = ((after[3].ru_utime + after[3].ru_stime)
                      - (before[3].ru_utime + before[3].ru_stime)) * H.CLK_TCK
@@ -216,6 +224,14 @@ def measure_http(args, run_dir, wl_name, target, rnd, upstream, ctx):
                 res["cpu_ms_per_1k"] = (proxy_ticks * 1000 / H.CLK_TCK
                                         / (res["requests"] / 1000))
             res["cpu_busy_pct"] = 100 * proxy_ticks / H.CLK_TCK / wall
+            if proxy_ticks:
+                res["cpu_user_pct"] = 100 * proxy_user_ticks / proxy_ticks
+            if counts and res["requests"]:
+                for key, event in (("syscalls_per_req", "raw_syscalls:sys_enter"),
+                                   ("cswitch_per_req", "context-switches"),
+                                   ("faults_per_req", "page-faults")):
+                    if event in counts:
+                        res[key] = counts[event] / res["requests"]
         if res["rps"] is None:
             res["error"] = f"load output not understood (rc {rc}); see {raw / stem}.txt"
         return res
