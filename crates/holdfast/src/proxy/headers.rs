@@ -264,6 +264,25 @@ mod tests {
     }
 
     #[test]
+    fn connection_options_remove_only_connection_and_listed_fields_in_later_values() {
+        let mut h = map(&[("connection", "close"), ("x-kept", "yes")]);
+        remove_hop_by_hop(&mut h, false);
+        assert_eq!(h.len(), 1, "{h:?}");
+        assert_eq!(h["x-kept"], "yes");
+
+        // A second `Connection` field still names fields to remove.
+        let mut h = map(&[
+            ("connection", "Close"),
+            ("connection", " , X-Secret "),
+            ("x-secret", "1"),
+            ("x-kept", "yes"),
+        ]);
+        remove_hop_by_hop(&mut h, false);
+        assert_eq!(h.len(), 1, "{h:?}");
+        assert_eq!(h["x-kept"], "yes");
+    }
+
+    #[test]
     fn upgrade_survives_when_passed_through() {
         let mut h = map(&[
             ("connection", "Upgrade"),
