@@ -219,7 +219,9 @@ def start_perf_counts(pids, out_path):
     argv = [perf, "stat", "-x", ",", "-e", PERF_EVENTS, "-o", str(out_path),
             "-p", ",".join(str(p) for p in pids)]
     proc = start("perf", argv, str(out_path) + ".log", truncate=True)
-    time.sleep(0.2)  # perf attaches to each thread before the load starts
+    # perf says nothing when it has attached (its output is written at the end),
+    # so give it a moment before the load starts.
+    time.sleep(0.2)
     return proc
 
 
@@ -229,9 +231,8 @@ def stop_perf_counts(proc, out_path):
     try:
         proc.popen.wait(10)
     except subprocess.TimeoutExpired:
-        proc.stop()
-    if proc in STARTED:
-        STARTED.remove(proc)
+        pass
+    proc.stop()  # SIGTERM only if it is still running; forgets it either way
     counts = {}
     try:
         lines = Path(out_path).read_text().splitlines()
