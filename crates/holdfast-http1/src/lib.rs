@@ -2039,10 +2039,13 @@ mod properties {
         "x-another-long-name-padded-out-to-well-past-the-hundred-bytes-so-that-a-dozen-of-them-are-more-than-the-cache-keeps-xxxxxx",
     ];
 
-    /// Everything a parse result says, comparable.
+    /// Everything a parsed head says, comparable: fields, framing, must_close,
+    /// hop_by_hop_removed, keep_alive.
+    type Summary = (Vec<(String, Bytes)>, Framing, bool, bool, Option<Bytes>);
+
     fn summary(
         parsed: Result<Option<ResponseHead>, HeadError>,
-    ) -> Result<Option<(Vec<(String, Bytes)>, Framing, bool, bool, Option<Bytes>)>, HeadError> {
+    ) -> Result<Option<Summary>, HeadError> {
         parsed.map(|head| {
             head.map(|h| {
                 let fields = h
