@@ -538,15 +538,27 @@ fn prepare_request_headers(
     upgrade: bool,
 ) -> SetFields {
     let h = &mut parts.headers;
-    // `TE: trailers` is the one TE value worth passing on (RFC 9110 10.1.4).
-    let te_trailers = h
-        .get(header::TE)
-        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
-    let trailer = headers::declared_trailers(h);
-    headers::remove_hop_by_hop(h, upgrade);
-    headers::restore_trailers(h, trailer);
-    // holdfast answered `Expect: 100-continue` itself when it began reading the body.
-    h.remove(header::EXPECT);
+    let present = headers::ConnectionFields::of(h);
+    let mut te_trailers = false;
+    if present.any() {
+        // `TE: trailers` is the one TE value worth passing on (RFC 9110 10.1.4).
+        te_trailers = present.has(&header::TE)
+            && h.get(header::TE)
+                .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
+        // Only a chunked body can carry the trailers that `Trailer` declares.
+        let trailer = if present.has(&header::TRANSFER_ENCODING) && present.has(&header::TRAILER) {
+            headers::declared_trailers(h)
+        } else {
+            Vec::new()
+        };
+        headers::remove_present_hop_by_hop(h, upgrade, present);
+        headers::restore_trailers(h, trailer);
+        if present.has(&header::EXPECT) {
+            // holdfast answered `Expect: 100-continue` itself when it began reading
+            // the body.
+            h.remove(header::EXPECT);
+        }
+    }
     let forwarded = headers::forwarded(
         h,
         ClientFacts {

@@ -6,9 +6,11 @@ use std::net::IpAddr;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use ipnet::IpNet;
 
+const HOP_BY_HOP_COUNT: usize = 9;
+
 /// Headers that describe one connection, never forwarded (plus whatever `Connection`
 /// lists).
-const HOP_BY_HOP: [HeaderName; 9] = [
+const HOP_BY_HOP: [HeaderName; HOP_BY_HOP_COUNT] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
     header::TE,
@@ -36,17 +38,57 @@ pub fn is_upgrade_request(headers: &HeaderMap) -> bool {
     headers.contains_key(header::UPGRADE) && connection_has(headers, "upgrade")
 }
 
+/// Which hop-by-hop fields, and `Expect`, a message carries: the fields a proxy acts
+/// on before forwarding it. Found in one pass over the (few) names instead of a hash
+/// lookup for each; most messages carry none or one of them.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnectionFields(u16);
+
+/// `Expect`'s bit, after those of `HOP_BY_HOP`.
+const EXPECT_BIT: u16 = 1 << HOP_BY_HOP_COUNT;
+
+impl ConnectionFields {
+    pub fn of(headers: &HeaderMap) -> ConnectionFields {
+        let mut present = 0u16;
+        for name in headers.keys() {
+            if let Some(i) = HOP_BY_HOP.iter().position(|h| h == name) {
+                present |= 1 << i;
+            } else if name == header::EXPECT {
+                present |= EXPECT_BIT;
+            }
+        }
+        ConnectionFields(present)
+    }
+
+    pub fn any(self) -> bool {
+        self.0 != 0
+    }
+
+    /// `name`: one of the hop-by-hop fields or `Expect` (any other is never present).
+    pub fn has(self, name: &HeaderName) -> bool {
+        let bit = if *name == header::EXPECT {
+            Some(EXPECT_BIT)
+        } else {
+            HOP_BY_HOP.iter().position(|h| h == name).map(|i| 1 << i)
+        };
+        bit.is_some_and(|bit| self.0 & bit != 0)
+    }
+}
+
 /// Removes hop-by-hop headers. With `keep_upgrade`, `Upgrade` survives and
 /// `Connection: upgrade` is set again, for a protocol switch passed through.
 pub fn remove_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
-    // One pass over the (few) names instead of a hash lookup per hop-by-hop name:
-    // most messages carry none or one of them.
-    let mut present = 0u16;
-    for name in headers.keys() {
-        if let Some(i) = HOP_BY_HOP.iter().position(|h| h == name) {
-            present |= 1 << i;
-        }
-    }
+    let present = ConnectionFields::of(headers);
+    remove_present_hop_by_hop(headers, keep_upgrade, present);
+}
+
+/// [`remove_hop_by_hop`] when the caller has already looked for them.
+pub fn remove_present_hop_by_hop(
+    headers: &mut HeaderMap,
+    keep_upgrade: bool,
+    present: ConnectionFields,
+) {
+    let present = present.0 & !EXPECT_BIT;
     if present == 0 {
         return;
     }
@@ -261,6 +303,32 @@ mod tests {
         remove_hop_by_hop(&mut h, false);
         assert_eq!(h.len(), 1, "{h:?}");
         assert_eq!(h["x-kept"], "yes");
+    }
+
+    #[test]
+    fn connection_fields_are_every_hop_by_hop_field_and_expect() {
+        let ordinary = map(&[
+            ("host", "a"),
+            ("accept", "*/*"),
+            ("x-connection", "close"),
+            ("keep-alive-x", "1"),
+        ]);
+        assert!(!ConnectionFields::of(&ordinary).any());
+        let hop_by_hop = HOP_BY_HOP;
+        let names = hop_by_hop.iter().chain([&header::EXPECT]);
+        for name in names.clone() {
+            let h = map(&[("host", "a"), (name.as_str(), "1"), ("accept", "*/*")]);
+            let found = ConnectionFields::of(&h);
+            assert!(found.any(), "{name}");
+            for other in names.clone() {
+                assert_eq!(found.has(other), other == name, "{other} with {name}");
+            }
+        }
+        let h = map(&[("Proxy-Connection", "x"), ("Expect", "100-continue")]);
+        let found = ConnectionFields::of(&h);
+        assert!(found.has(&HeaderName::from_static("proxy-connection")));
+        assert!(found.has(&header::EXPECT));
+        assert!(!found.has(&header::HOST), "not one of them");
     }
 
     #[test]
