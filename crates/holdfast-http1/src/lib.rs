@@ -210,6 +210,26 @@ pub fn parse_response_head(
 pub struct HeadScratch {
     spans: Vec<Span>,
     names: NameCache,
+    /// An emptied map to build the next head's fields in (see [`HeadScratch::recycle`]).
+    spare: Option<HeaderMap>,
+}
+
+/// The largest map [`HeadScratch::recycle`] keeps, in fields it has room for: a usual
+/// head's map, not one that a request with hundreds of fields grew.
+const SPARE_MAP_CAPACITY: usize = 48;
+
+impl HeadScratch {
+    /// Keeps `map`, emptied, for the next response head's fields, so that its two
+    /// allocations are not made again. A proxy hands in the request's map once the
+    /// request is done with: the response's map goes on to hyper's server, which
+    /// parses the client's next request into it, and so on, with no map allocated per
+    /// request. A map with room for more than a usual head's fields is dropped.
+    pub fn recycle(&mut self, mut map: HeaderMap) {
+        if map.capacity() <= SPARE_MAP_CAPACITY {
+            map.clear();
+            self.spare = Some(map);
+        }
+    }
 }
 
 /// The field names of the last head, by position: at most [`CACHED_NAMES`] of them and
@@ -288,7 +308,11 @@ pub fn parse_response_head_with(
     if buf.is_empty() {
         return Ok(None); // the usual case before the first read: nothing to parse
     }
-    let HeadScratch { spans, names } = scratch;
+    let HeadScratch {
+        spans,
+        names,
+        spare,
+    } = scratch;
     spans.clear();
     let Some(scanned) = scan_head(buf, request_method, spans, names)? else {
         return Ok(None);
@@ -301,7 +325,13 @@ pub fn parse_response_head_with(
         Some(span) => Some(slice(&head, span).ok_or(HeadError::Invalid("header value"))?),
         None => None,
     };
-    let mut headers = HeaderMap::with_capacity(scanned.fields);
+    let mut headers = match spare.take() {
+        Some(mut map) => {
+            map.reserve(scanned.fields);
+            map
+        }
+        None => HeaderMap::with_capacity(scanned.fields),
+    };
     for (position, span) in spans.iter().enumerate() {
         if strip && (span.kind.is_hop_by_hop() || span.kind == FieldKind::Trailer && !chunked) {
             continue;
@@ -2102,6 +2132,43 @@ mod properties {
         let mut buf =
             BytesMut::from(&b"HTTP/1.1 200 OK\r\nKeep-Alive: timeout=9\r\nx\x7fy: 2\r\n\r\n"[..]);
         assert!(parse_response_head_with(&mut buf, &Method::GET, &mut scratch).is_err());
+    }
+
+    #[test]
+    fn a_recycled_map_holds_the_next_head_and_nothing_of_its_own() {
+        let mut scratch = HeadScratch::default();
+        let mut request = HeaderMap::with_capacity(32);
+        request.append("authorization", HeaderValue::from_static("Bearer secret"));
+        request.append("x-request-only", HeaderValue::from_static("1"));
+        let room = request.capacity();
+        scratch.recycle(request);
+        let wire = b"HTTP/1.1 200 OK\r\nserver: x\r\ncontent-length: 0\r\n\r\n";
+        let h =
+            parse_response_head_with(&mut BytesMut::from(&wire[..]), &Method::GET, &mut scratch)
+                .unwrap()
+                .unwrap();
+        assert_eq!(h.headers.len(), 2, "{:?}", h.headers);
+        assert_eq!(h.headers["server"], "x");
+        assert!(!h.headers.contains_key("authorization"));
+        assert_eq!(h.headers.capacity(), room, "built in the recycled map");
+        // Used once: the next head gets a map of its own.
+        let h =
+            parse_response_head_with(&mut BytesMut::from(&wire[..]), &Method::GET, &mut scratch)
+                .unwrap()
+                .unwrap();
+        assert!(h.headers.capacity() < room);
+
+        // A map grown far past a usual head's is not kept.
+        scratch.recycle(HeaderMap::with_capacity(SPARE_MAP_CAPACITY * 4));
+        let h =
+            parse_response_head_with(&mut BytesMut::from(&wire[..]), &Method::GET, &mut scratch)
+                .unwrap()
+                .unwrap();
+        assert!(
+            h.headers.capacity() < SPARE_MAP_CAPACITY,
+            "{}",
+            h.headers.capacity()
+        );
     }
 
     proptest! {

@@ -357,6 +357,11 @@ impl Upstream {
                         if let Payload::Http(_) | Payload::Http1 { .. } = response.body() {
                             conn.on_response_head(response.headers(), response.version());
                         }
+                        // The request's field map is done with: it holds the next
+                        // response's fields on this connection, and no map is made.
+                        if let (Some(head), Client::Http1(c)) = (parts.as_mut(), conn.client()) {
+                            c.recycle_map(std::mem::take(&mut head.headers));
+                        }
                         return Ok(Exchange {
                             response,
                             conn,

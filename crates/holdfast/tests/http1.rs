@@ -286,6 +286,39 @@ async fn trailers_pass_both_ways() {
 
 // === header rules ===
 
+/// A request's fields never show up in a response. holdfast builds a response's
+/// fields in the map that held the request's on the same upstream connection, emptied
+/// first (`HeadScratch::recycle`); this would catch one left full.
+#[tokio::test]
+async fn request_fields_never_reach_a_response() {
+    let upstream = TestUpstream::start(Behaviour::respond(|_| {
+        Reply::new(200).header("x-from-upstream", "1").body("ok")
+    }))
+    .await;
+    let gw = start(&proxy_to(&upstream.url())).await;
+    let mut client = KeepAliveClient::new(gw.addr);
+    for i in 0..3 {
+        let resp = client
+            .send(
+                &ClientRequest::get(format!("/{i}"))
+                    .header("x-request-only", "secret")
+                    .header("authorization", "Bearer t"),
+            )
+            .await
+            .unwrap();
+        assert_eq!((resp.status, resp.text().as_ref()), (200, "ok"));
+        assert_eq!(resp.header("x-from-upstream"), Some("1"), "response {i}");
+        assert_eq!(resp.header("x-request-only"), None, "response {i}");
+        assert_eq!(resp.header("authorization"), None, "response {i}");
+        assert_eq!(resp.headers.len(), 5, "response {i}: {:?}", resp.headers);
+    }
+    assert_eq!(
+        upstream.connections_accepted(),
+        1,
+        "one upstream connection"
+    );
+}
+
 #[tokio::test]
 async fn hop_by_hop_headers_are_removed_both_ways() {
     const HOP: [&str; 9] = [

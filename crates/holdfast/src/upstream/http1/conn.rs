@@ -165,6 +165,12 @@ impl Http1Conn {
         self.must_close
     }
 
+    /// Keeps a field map that is done with (the request's, once its response head
+    /// is in) to hold the next response head's fields: see `HeadScratch::recycle`.
+    pub fn recycle_map(&mut self, map: http::HeaderMap) {
+        self.head_scratch.recycle(map);
+    }
+
     /// Takes the connection for a request: encodes the head and queues it (and a
     /// body held whole) to be written by [`Http1Conn::poll_response`].
     ///
