@@ -273,13 +273,12 @@ impl NameCache {
         {
             return Ok(known.kind);
         }
-        // Validates the name even when it cannot be kept, so that a bad one fails
-        // here whichever position it has.
-        let name = HeaderName::from_bytes(raw).map_err(|_| HeadError::Invalid("header name"))?;
         let kind = kind_of(raw);
         if start == usize::MAX || position >= CACHED_NAMES {
-            return Ok(kind); // past what is kept
+            // Past what is kept: the map is built with a name parsed then.
+            return Ok(kind);
         }
+        let name = HeaderName::from_bytes(raw).map_err(|_| HeadError::Invalid("header name"))?;
         self.known.truncate(position);
         self.raw.truncate(start);
         if start + raw.len() <= CACHED_NAME_BYTES {
