@@ -292,7 +292,8 @@ impl Upstream {
                     None => body.take().unwrap_or(RequestBody::Empty),
                 };
                 let reused_since = conn.reused_since();
-                let sent_at = Instant::now();
+                // The pool read the clock as it handed the connection over, just now.
+                let sent_at = conn.handed_at().unwrap_or_else(Instant::now);
                 // The request's total deadline is enforced here too while a connection is
                 // held, so that the connection it closes counts as a timeout, not as
                 // abandoned by a cancelled request.

@@ -105,11 +105,22 @@ impl Tally {
         self.finish_with(status);
     }
 
+    /// The response ended at `now`, with the status given to
+    /// [`Tally::upstream_responded`].
+    pub fn finish_at(self, now: Instant) {
+        let status = self.status;
+        self.finish_with_at(status, now);
+    }
+
     /// The response ended with `status`.
     pub fn finish_with(self, status: u16) {
+        self.finish_with_at(status, Instant::now());
+    }
+
+    fn finish_with_at(self, status: u16, now: Instant) {
         let class = usize::from(status / 100).clamp(1, STATUS_CLASSES.len()) - 1;
         self.cell.requests[class].fetch_add(1, Relaxed);
-        self.cell.duration.observe(self.start.elapsed());
+        self.cell.duration.observe(now.saturating_duration_since(self.start));
         if let Some(t) = self.ttfb {
             self.cell.upstream_ttfb.observe(t);
         }

@@ -143,6 +143,8 @@ pub(crate) struct UpstreamBody {
     log: Option<AccessRecord>,
     /// Counted in the route's figures when the body ends or is dropped.
     tally: Option<Tally>,
+    /// When the body ended and the connection was released.
+    ended_at: Option<Instant>,
     _outstanding: Outstanding,
 }
 
@@ -173,6 +175,7 @@ impl UpstreamBody {
             bytes: 0,
             log,
             tally: Some(tally),
+            ended_at: None,
             _outstanding: outstanding,
         };
         // A response without a body (204, 304, HEAD, Content-Length: 0) is complete now.
@@ -185,7 +188,11 @@ impl UpstreamBody {
     fn finish(&mut self) {
         self.done = true;
         if let Some(conn) = self.conn.take() {
-            conn.release();
+            // One clock reading for the pool and, when the body is dropped, the
+            // request's duration: both within the same poll.
+            let now = Instant::now();
+            conn.release(now);
+            self.ended_at = Some(now);
         }
     }
 
@@ -339,7 +346,7 @@ impl Drop for UpstreamBody {
             log.emit(self.bytes);
         }
         if let Some(tally) = self.tally.take() {
-            tally.finish();
+            tally.finish_at(self.ended_at.unwrap_or_else(Instant::now));
         }
     }
 }

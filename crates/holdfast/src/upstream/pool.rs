@@ -306,6 +306,7 @@ impl Pool {
                         self.clone(),
                         permit,
                         Some(idle_since),
+                        now,
                     ));
                 }
                 // Closed while idle and not yet noticed by its driver.
@@ -336,9 +337,10 @@ impl Pool {
         permit: OwnedSemaphorePermit,
     ) -> PooledConn {
         let (kill, killed) = oneshot::channel();
+        let created = Instant::now();
         let conn = Conn {
             id: NEXT_CONN_ID.fetch_add(1, Relaxed),
-            created: Instant::now(),
+            created,
             requests: 0,
             remaining: None,
             stream: connected.stream,
@@ -355,9 +357,9 @@ impl Pool {
             Arc::downgrade(self),
         ));
         let id = conn.id;
-        let mut pooled = PooledConn::new(conn, self.clone(), permit, None);
+        let mut pooled = PooledConn::new(conn, self.clone(), permit, None, created);
         if self.settings.free_workers {
-            self.lock().fresh.insert(id, Instant::now());
+            self.lock().fresh.insert(id, created);
             pooled.first_response_pending = Some(id);
             tokio::spawn(free_worker_if_unanswered(Arc::downgrade(self), id));
         }
@@ -535,14 +537,13 @@ impl Pool {
             .any(|opened| now.saturating_duration_since(*opened) >= WORKER_WAIT)
     }
 
-    fn checkin(&self, mut conn: Conn, hint: ResponseHint) {
+    fn checkin(&self, mut conn: Conn, hint: ResponseHint, now: Instant) {
         conn.requests += 1;
         conn.remaining = match (hint.keep_alive.max, conn.remaining) {
             (Some(max), _) => Some(max),
             (None, Some(r)) => Some(r.saturating_sub(1)),
             (None, None) => None,
         };
-        let now = Instant::now();
         if let Some(reason) = self.retire_reason(&conn, &hint, now) {
             if reason == CloseReason::ClosedByUpstreamIdle {
                 // Closed as its response ended: evidence of a request limit per
@@ -565,9 +566,9 @@ impl Pool {
             }
             return;
         }
-        // Read under the lock: the idle list is ordered by it (`drain_idle_since`), and
-        // two workers checking in at once must not list a later time first.
-        let idle_since = Instant::now();
+        // Read before the lock: with two workers checking in at once, the later
+        // reading may be listed first, and `IdleList::push` puts it in its place.
+        let idle_since = now;
         let (idle_timeout, _) = st.learner.effective_idle();
         let mut expires_at = idle_since + idle_timeout;
         if let Some(lifetime) = self.settings.max_lifetime {

@@ -63,15 +63,24 @@ impl<C: Keyed> IdleList<C> {
     /// Adds a connection that just finished a request; returns the oldest one if the
     /// list is over `cap`.
     pub fn push(&mut self, conn: C, now: Instant, expires_at: Instant, cap: usize) -> Option<C> {
-        debug_assert!(
-            self.entries.back().is_none_or(|b| b.idle_since <= now),
-            "the idle list is ordered by idle_since"
+        // Check-ins read the clock before taking the pool's lock, so one from another
+        // worker may have listed a later time first: go past those, keeping the list
+        // ordered (`drain_idle_since` and `take` rely on it). Almost always 0 steps.
+        let at = self.entries.len()
+            - self
+                .entries
+                .iter()
+                .rev()
+                .take_while(|e| e.idle_since > now)
+                .count();
+        self.entries.insert(
+            at,
+            IdleEntry {
+                conn,
+                idle_since: now,
+                expires_at,
+            },
         );
-        self.entries.push_back(IdleEntry {
-            conn,
-            idle_since: now,
-            expires_at,
-        });
         if self.entries.len() > cap {
             return self.entries.pop_front().map(|e| e.conn);
         }
@@ -225,6 +234,31 @@ mod tests {
         let gone = l.drain_idle_since(t0 + Duration::from_secs(1));
         assert_eq!(gone, vec![Fake(0), Fake(1)]);
         assert_eq!(l.len(), 2);
+    }
+
+    #[test]
+    fn a_check_in_listed_late_takes_its_place_by_time() {
+        // Two workers read the clock, then list their connections in the other order.
+        let t0 = Instant::now();
+        let s = Duration::from_secs;
+        let mut l = IdleList::default();
+        l.push(Fake(0), t0, t0 + s(100), 8);
+        l.push(Fake(2), t0 + s(2), t0 + s(100), 8);
+        l.push(Fake(1), t0 + s(1), t0 + s(100), 8);
+        assert_eq!(
+            l.iter().map(|e| e.conn.0).collect::<Vec<_>>(),
+            [0, 1, 2],
+            "oldest first"
+        );
+        // Evidence against connections idle since t0+1 s spares the later one.
+        assert_eq!(l.drain_idle_since(t0 + s(1)), vec![Fake(0), Fake(1)]);
+        let mut expired = Vec::new();
+        assert_eq!(
+            l.take(t0 + s(3), Take::MostRecent, &mut expired)
+                .unwrap()
+                .conn,
+            Fake(2)
+        );
     }
 
     #[derive(Debug, Clone)]

@@ -28,6 +28,9 @@ pub struct PooledConn {
     pool: Arc<Pool>,
     _slot: Option<OwnedSemaphorePermit>,
     idle_since: Option<Instant>,
+    /// When the pool handed this connection out, if it read the clock then: the
+    /// request is sent at once, so this serves as its send time.
+    handed_at: Option<Instant>,
     hint: ResponseHint,
     close_reason: CloseReason,
     /// With `free_workers`: this new connection's id until its first response.
@@ -40,6 +43,7 @@ impl PooledConn {
         pool: Arc<Pool>,
         slot: OwnedSemaphorePermit,
         idle_since: Option<Instant>,
+        handed_at: Instant,
     ) -> Self {
         PooledConn {
             conn: Some(conn),
@@ -47,6 +51,7 @@ impl PooledConn {
             pool,
             _slot: Some(slot),
             idle_since,
+            handed_at: Some(handed_at),
             hint: ResponseHint::default(),
             close_reason: CloseReason::Abandoned,
             first_response_pending: None,
@@ -57,6 +62,7 @@ impl PooledConn {
         PooledConn {
             conn: None,
             idle_since: lease.reused.then(|| lease.created()),
+            handed_at: None,
             lease: Some(lease),
             pool,
             _slot: None,
@@ -108,6 +114,12 @@ impl PooledConn {
     /// `Some(idle_since)` when this connection served an earlier request.
     pub fn reused_since(&self) -> Option<Instant> {
         self.idle_since
+    }
+
+    /// When the pool handed the connection out, or `None` if it did not read the
+    /// clock (a stream on a shared connection).
+    pub fn handed_at(&self) -> Option<Instant> {
+        self.handed_at
     }
 
     pub fn is_reused(&self) -> bool {
@@ -183,11 +195,11 @@ impl PooledConn {
         }
     }
 
-    /// The response was read to its end: the connection goes back to the pool unless
-    /// a rule retires it.
-    pub fn release(mut self) {
+    /// The response was read to its end, at `now`: the connection goes back to the
+    /// pool unless a rule retires it.
+    pub fn release(mut self, now: Instant) {
         if let Some(conn) = self.conn.take() {
-            self.pool.checkin(conn, self.hint);
+            self.pool.checkin(conn, self.hint, now);
         }
         // A lease gives its stream back as it drops.
     }
