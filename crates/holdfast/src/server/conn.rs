@@ -183,6 +183,9 @@ pub struct ConnState {
     /// What the proxy knows of the connection (kept here: one allocation per
     /// connection, one reference per request).
     ctx: ConnContext,
+    /// The listener's settings and proxy, reached through this state so that a
+    /// request holds one reference (its [`InFlight`]), not two.
+    shared: Arc<ListenerShared>,
 }
 
 /// An idle plain HTTP/1 connection parks after this long: hyper's per-connection
@@ -207,6 +210,7 @@ impl ConnState {
         parkable: bool,
         figures: Arc<ClientFigures>,
         ctx: ConnContext,
+        shared: Arc<ListenerShared>,
         accepted: Instant,
     ) -> Self {
         let since = accepted.saturating_duration_since(clock_base()).as_millis() as u64;
@@ -214,6 +218,7 @@ impl ConnState {
             parkable,
             figures,
             ctx,
+            shared,
             park: AtomicU8::new(PARK_NONE),
             phase: AtomicU8::new(ConnPhase::Reading as u8),
             since_ms: AtomicU64::new(since),
@@ -317,7 +322,13 @@ pub fn serve(
             matches!(transport, Transport::Tls(_)),
             shared.config.clone(),
         );
-        let state = Arc::new(ConnState::new(parkable, tracked.figures(), ctx, accepted));
+        let state = Arc::new(ConnState::new(
+            parkable,
+            tracked.figures(),
+            ctx,
+            shared.clone(),
+            accepted,
+        ));
         let io = ClientIo::new(
             transport,
             replay,
@@ -327,12 +338,11 @@ pub fn serve(
         );
         let io = TokioIo::new(io);
         let svc = {
-            let shared = shared.clone();
             let state = state.clone();
             service_fn(move |req: http::Request<Incoming>| {
                 // One clock reading for the connection's state and the request's timing.
                 let arrived = Instant::now();
-                let in_flight = InFlight::start(&state, arrived);
+                let shared = &state.shared;
                 if req.version() == Version::HTTP_10
                     && !crate::proxy::headers::connection_has(req.headers(), "keep-alive")
                     || req.version() == Version::HTTP_11
@@ -340,17 +350,23 @@ pub fn serve(
                 {
                     state.client_closes.store(true, Relaxed);
                 }
-                let n = state.requests.fetch_add(1, Relaxed) + 1;
+                // One writer: hyper calls the service from the connection's own task
+                // only, so no atomic read-modify-write is needed.
+                let n = state.requests.load(Relaxed) + 1;
+                state.requests.store(n, Relaxed);
                 let max = shared.config.max_requests_per_connection;
                 let last = max > 0 && n >= max;
                 if last && req.version() == Version::HTTP_2 {
                     state.close_soon.store(true, Relaxed);
                     state.wake.notify_one();
                 }
-                let shared = shared.clone();
-                let state = state.clone();
+                // The request's one reference to the connection, and through it to
+                // the listener.
+                let in_flight = InFlight::start(&state, arrived);
                 async move {
                     let version = req.version();
+                    let state = &*in_flight.0;
+                    let shared = &*state.shared;
                     let mut resp = if shared.config.redirect_https {
                         redirect::respond(&req, shared.config.redirect_https_port)
                     } else {

@@ -80,7 +80,9 @@ impl Client {
     /// Waits until the protocol can take a request; `false` if the connection ended.
     async fn ready(&mut self) -> bool {
         match self {
-            Client::Http1(c) => !c.is_closed(),
+            // Always ready; `is_closed` was just asked, and `Http1Conn::begin` asks
+            // again, under the same lock as the driver's look at the socket.
+            Client::Http1(_) => true,
             Client::Http1Tls(s) => s.ready().await.is_ok(),
             Client::Http2(c) => !c.is_closed(),
             Client::FastCgi(c) => !c.is_closed(),
@@ -522,7 +524,9 @@ impl Pool {
         if self.draining.load(Relaxed) {
             return Some(CloseReason::Evicted);
         }
-        if conn.client.is_closed() {
+        // Plain HTTP/1 needs no look here: its driver never marks the connection
+        // ended while a request holds it, and `park` looks at the socket itself.
+        if !matches!(conn.client, Client::Http1(_)) && conn.client.is_closed() {
             return Some(CloseReason::ClosedByUpstreamIdle);
         }
         None
