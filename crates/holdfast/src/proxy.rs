@@ -135,7 +135,10 @@ impl Proxy {
             let routing = self.routing.load_full();
             let mut log = (self.access_log
                 && tracing::enabled!(target: "holdfast::access", tracing::Level::INFO))
-            .then(|| AccessRecord {
+            // Boxed: only a request that is logged pays for its room, which every
+            // request's future and response body would otherwise carry.
+            .then(|| {
+                Box::new(AccessRecord {
                 start,
                 client: conn.remote_ip_value.clone(),
                 method: req.method().clone(),
@@ -153,6 +156,7 @@ impl Proxy {
                 attempts: 0,
                 ttfb: None,
                 outcome: "ok",
+            })
             });
 
             let host = request_host(&req);
@@ -345,7 +349,7 @@ impl Proxy {
         &self,
         failure: Failure,
         upstream: &Upstream,
-        (mut log, tally): (Option<AccessRecord>, Tally),
+        (mut log, tally): (Option<Box<AccessRecord>>, Tally),
     ) -> Response<ResponseBody> {
         let Failure {
             error,
@@ -391,7 +395,7 @@ fn finish_local(
     status: StatusCode,
     body: impl Into<bytes::Bytes>,
     proxy_status: Option<String>,
-    (log, tally): (Option<AccessRecord>, Tally),
+    (log, tally): (Option<Box<AccessRecord>>, Tally),
 ) -> Response<ResponseBody> {
     tally.finish_with(status.as_u16());
     let mut resp = Response::new(ResponseBody::full(body));
@@ -418,7 +422,7 @@ fn respond(
     exchange: Exchange,
     client_upgrade: Option<hyper::upgrade::OnUpgrade>,
     deadlines: BodyDeadlines,
-    (mut log, mut tally): (Option<AccessRecord>, Tally),
+    (mut log, mut tally): (Option<Box<AccessRecord>>, Tally),
 ) -> Response<ResponseBody> {
     let Exchange {
         mut response,

@@ -49,7 +49,7 @@ pub(crate) fn write_directly(format: LogFormat) {
 }
 
 impl AccessRecord {
-    pub fn emit(self, bytes: u64) {
+    pub fn emit(self: Box<Self>, bytes: u64) {
         let total = self.start.elapsed();
         let Some(format) = FORMAT.get() else {
             self.emit_event(bytes, total);

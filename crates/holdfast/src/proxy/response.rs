@@ -51,9 +51,9 @@ impl ResponseBody {
         }
     }
 
-    pub(crate) fn upstream(body: UpstreamBody) -> Self {
+    pub(crate) fn upstream(body: Box<UpstreamBody>) -> Self {
         ResponseBody {
-            kind: Kind::Upstream(Box::new(body)),
+            kind: Kind::Upstream(body),
             in_flight: None,
         }
     }
@@ -140,7 +140,7 @@ pub(crate) struct UpstreamBody {
     /// A failure of the upstream body not reported to hyper yet (see `poll_frame`).
     failed: Option<BoxError>,
     bytes: u64,
-    log: Option<AccessRecord>,
+    log: Option<Box<AccessRecord>>,
     /// Counted in the route's figures when the body ends or is dropped.
     tally: Option<Tally>,
     /// When the body ended and the connection was released.
@@ -153,9 +153,9 @@ impl UpstreamBody {
         payload: Payload,
         conn: PooledConn,
         deadlines: BodyDeadlines,
-        (log, tally): (Option<AccessRecord>, Tally),
+        (log, tally): (Option<Box<AccessRecord>>, Tally),
         outstanding: Outstanding,
-    ) -> Self {
+    ) -> Box<Self> {
         let body = match payload {
             Payload::Http(b) => Source::Http(b),
             Payload::Http1 { empty, .. } => Source::Http1 { ended: empty },
@@ -164,7 +164,8 @@ impl UpstreamBody {
                 ended: false,
             },
         };
-        let mut this = UpstreamBody {
+        // Built in its box rather than moved into one: it is most of a response.
+        let mut this = Box::new(UpstreamBody {
             body,
             conn: Some(conn),
             deadlines,
@@ -177,7 +178,7 @@ impl UpstreamBody {
             tally: Some(tally),
             ended_at: None,
             _outstanding: outstanding,
-        };
+        });
         // A response without a body (204, 304, HEAD, Content-Length: 0) is complete now.
         if this.body.is_end_stream() {
             this.finish();
