@@ -139,24 +139,24 @@ impl Proxy {
             // request's future and response body would otherwise carry.
             .then(|| {
                 Box::new(AccessRecord {
-                start,
-                client: conn.remote_ip_value.clone(),
-                method: req.method().clone(),
-                // A reference to the request's bytes, not a copy.
-                path: req
-                    .uri()
-                    .path_and_query()
-                    .cloned()
-                    .unwrap_or_else(|| PathAndQuery::from_static("/")),
-                status: 0,
-                route: None,
-                upstream: None,
-                address: None,
-                reused: None,
-                attempts: 0,
-                ttfb: None,
-                outcome: "ok",
-            })
+                    start,
+                    client: conn.remote_ip_value.clone(),
+                    method: req.method().clone(),
+                    // A reference to the request's bytes, not a copy.
+                    path: req
+                        .uri()
+                        .path_and_query()
+                        .cloned()
+                        .unwrap_or_else(|| PathAndQuery::from_static("/")),
+                    status: 0,
+                    route: None,
+                    upstream: None,
+                    address: None,
+                    reused: None,
+                    attempts: 0,
+                    ttfb: None,
+                    outcome: "ok",
+                })
             });
 
             let host = request_host(&req);

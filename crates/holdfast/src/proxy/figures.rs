@@ -120,7 +120,9 @@ impl Tally {
     fn finish_with_at(self, status: u16, now: Instant) {
         let class = usize::from(status / 100).clamp(1, STATUS_CLASSES.len()) - 1;
         self.cell.requests[class].fetch_add(1, Relaxed);
-        self.cell.duration.observe(now.saturating_duration_since(self.start));
+        self.cell
+            .duration
+            .observe(now.saturating_duration_since(self.start));
         if let Some(t) = self.ttfb {
             self.cell.upstream_ttfb.observe(t);
         }

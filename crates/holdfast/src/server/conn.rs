@@ -36,7 +36,7 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, OnceLock};
-use std::task::Poll;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -596,8 +596,12 @@ async fn drive<C>(
 ) where
     C: Future<Output = hyper::Result<()>>,
 {
-    let check = tokio::time::sleep_until(Instant::now());
-    tokio::pin!(check);
+    let sleep = tokio::time::sleep_until(Instant::now());
+    tokio::pin!(sleep);
+    let mut check = CheckTimer {
+        sleep,
+        registered: false,
+    };
     // Whether `check` is set for a time still to be looked at.
     let mut armed = proto == Proto::Http2;
     // When holdfast began closing (HTTP/1: no more verdicts; HTTP/2: GOAWAY sent).
@@ -618,17 +622,17 @@ async fn drive<C>(
                     if closing.is_none()
                         && let Some(at) = http1_next_check(state, shared)
                     {
-                        check.as_mut().reset(at);
+                        check.reset(at);
                         armed = true;
                     }
                 } else if let Some(due) = http1_head_due(state, shared.config.header_timeout.get())
                     && due < check.deadline()
                 {
                     // Armed while idle, and a head has started arriving since.
-                    check.as_mut().reset(due);
+                    check.reset(due);
                 }
             }
-            if armed && check.as_mut().poll(cx).is_ready() {
+            if armed && check.poll_due(cx) {
                 armed = false;
                 return Poll::Ready(Wake::Check);
             }
@@ -662,7 +666,7 @@ async fn drive<C>(
                         closing = Some(now);
                         // HTTP/2 still watches the client finish closing.
                         armed = proto == Proto::Http2;
-                        check.as_mut().reset(now);
+                        check.reset(now);
                     }
                     Verdict::Abort(why) => {
                         state.figures.head_timeout.fetch_add(1, Relaxed);
@@ -672,7 +676,7 @@ async fn drive<C>(
                     // HTTP/1 sets its next time after the connection's next poll.
                     Verdict::RecheckAt(_) if proto == Proto::Http1 => {}
                     Verdict::RecheckAt(at) => {
-                        check.as_mut().reset(at);
+                        check.reset(at);
                         armed = true;
                     }
                     Verdict::Park(_) => {
@@ -687,11 +691,41 @@ async fn drive<C>(
                     state.draining.store(true, Relaxed);
                 }
                 if proto == Proto::Http2 || closing.is_none() {
-                    check.as_mut().reset(now);
+                    check.reset(now);
                     armed = true;
                 }
             }
         }
+    }
+}
+
+/// The connection task's timer. Each poll of a `Sleep` registers the task's waker
+/// again (a compare-and-swap pair), and the task wakes about twice per request;
+/// once registered for its deadline the waker stays so until the timer fires or is
+/// reset, so until then a look at whether it fired is enough.
+struct CheckTimer<'a> {
+    sleep: Pin<&'a mut tokio::time::Sleep>,
+    /// The task's waker is registered for the current deadline.
+    registered: bool,
+}
+
+impl CheckTimer<'_> {
+    fn reset(&mut self, at: Instant) {
+        self.sleep.as_mut().reset(at);
+        self.registered = false;
+    }
+
+    fn deadline(&self) -> Instant {
+        self.sleep.deadline()
+    }
+
+    /// Whether the deadline has passed; registers the waker if it is not yet.
+    fn poll_due(&mut self, cx: &mut Context<'_>) -> bool {
+        if self.registered && !self.sleep.is_elapsed() {
+            return false;
+        }
+        self.registered = true;
+        self.sleep.as_mut().poll(cx).is_ready()
     }
 }
 

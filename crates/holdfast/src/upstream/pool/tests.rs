@@ -109,7 +109,9 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                         }
                     }
                 }
-                Op::Release(i) if !held.is_empty() => held.remove(i % held.len()).release(Instant::now()),
+                Op::Release(i) if !held.is_empty() => {
+                    held.remove(i % held.len()).release(Instant::now())
+                }
                 Op::Drop(i) if !held.is_empty() => drop(held.remove(i % held.len())),
                 Op::Advance(ms) => tokio::time::advance(Duration::from_millis(ms)).await,
                 _ => {}
