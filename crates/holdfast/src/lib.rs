@@ -20,4 +20,5 @@ pub mod proxy;
 pub mod route;
 pub mod server;
 pub mod telemetry;
+pub mod timer;
 pub mod upstream;

@@ -36,7 +36,7 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, OnceLock};
-use std::task::{Context, Poll};
+use std::task::Poll;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -58,6 +58,7 @@ use super::redirect;
 use super::tls::{self, TlsFront};
 use crate::config::{DrainConfig, ListenerConfig, TlsConfig};
 use crate::proxy::{ConnContext, Proxy};
+use crate::timer::Timer;
 
 /// How long a closing connection keeps reading (and discarding) what the client
 /// still sends, so the close is a FIN and never a reset.
@@ -598,10 +599,8 @@ async fn drive<C>(
 {
     let sleep = tokio::time::sleep_until(Instant::now());
     tokio::pin!(sleep);
-    let mut check = CheckTimer {
-        sleep,
-        registered: false,
-    };
+    // Polled only to register for a new deadline (see `crate::timer`).
+    let mut check = Timer::new(sleep);
     // Whether `check` is set for a time still to be looked at.
     let mut armed = proto == Proto::Http2;
     // When holdfast began closing (HTTP/1: no more verdicts; HTTP/2: GOAWAY sent).
@@ -696,36 +695,6 @@ async fn drive<C>(
                 }
             }
         }
-    }
-}
-
-/// The connection task's timer. Each poll of a `Sleep` registers the task's waker
-/// again (a compare-and-swap pair), and the task wakes about twice per request;
-/// once registered for its deadline the waker stays so until the timer fires or is
-/// reset, so until then a look at whether it fired is enough.
-struct CheckTimer<'a> {
-    sleep: Pin<&'a mut tokio::time::Sleep>,
-    /// The task's waker is registered for the current deadline.
-    registered: bool,
-}
-
-impl CheckTimer<'_> {
-    fn reset(&mut self, at: Instant) {
-        self.sleep.as_mut().reset(at);
-        self.registered = false;
-    }
-
-    fn deadline(&self) -> Instant {
-        self.sleep.deadline()
-    }
-
-    /// Whether the deadline has passed; registers the waker if it is not yet.
-    fn poll_due(&mut self, cx: &mut Context<'_>) -> bool {
-        if self.registered && !self.sleep.is_elapsed() {
-            return false;
-        }
-        self.registered = true;
-        self.sleep.as_mut().poll(cx).is_ready()
     }
 }
 

@@ -29,6 +29,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use super::codec::{self, ChunkedDecoder, Framing, RequestFraming, ResponseHead};
 use crate::body::{BodyTooLarge, RequestBody};
+use crate::timer::Timer;
 use crate::upstream::SetFields;
 use crate::upstream::error::{Delivery, Kind, UpstreamError};
 use crate::upstream::figures::CloseReason;
@@ -95,7 +96,7 @@ pub struct Http1Conn {
     /// instructions). Left armed between requests; it only fires if no request moves
     /// it for a whole `response_headers` timeout, and then only wakes the task that
     /// last polled it, once, for nothing.
-    deadline: Option<Pin<Box<tokio::time::Sleep>>>,
+    deadline: Option<Timer<Box<tokio::time::Sleep>>>,
 }
 
 /// Sets up a connection on a connected plain socket (HTTP/1 has no handshake) and
@@ -135,15 +136,21 @@ impl Http1Conn {
     /// [`Http1Conn::poll_deadline`]).
     pub fn set_deadline(&mut self, at: tokio::time::Instant) {
         match &mut self.deadline {
-            Some(sleep) => sleep.as_mut().reset(at),
-            None => self.deadline = Some(Box::pin(tokio::time::sleep_until(at))),
+            Some(timer) => timer.reset(at),
+            None => self.deadline = Some(Timer::new(Box::pin(tokio::time::sleep_until(at)))),
         }
     }
 
     /// Ready once the time given to [`Http1Conn::set_deadline`] has passed.
     pub fn poll_deadline(&mut self, cx: &mut Context<'_>) -> Poll<()> {
         match &mut self.deadline {
-            Some(sleep) => sleep.as_mut().poll(cx),
+            Some(timer) => {
+                if timer.poll_due(cx) {
+                    Poll::Ready(())
+                } else {
+                    Poll::Pending
+                }
+            }
             None => Poll::Pending,
         }
     }

@@ -1,0 +1,105 @@
+//! A deadline that a hot task looks at on every wake-up, without re-registering.
+//!
+//! Each poll of a tokio `Sleep` registers the task's waker again: a
+//! compare-and-swap pair in its `AtomicWaker`, and ~100 instructions. Once
+//! registered for a deadline, the waker stays so until the timer fires or is
+//! reset, and a task's waker does not change between polls; so [`Timer`] polls
+//! once after each reset and otherwise asks `Sleep::is_elapsed`, a load. The
+//! client connection task and a plain HTTP/1 upstream exchange wake about twice
+//! per request each.
+
+use std::ops::DerefMut;
+use std::pin::Pin;
+use std::task::Context;
+
+use tokio::time::{Instant, Sleep};
+
+pub struct Timer<P> {
+    sleep: Pin<P>,
+    /// The task's waker is registered for the current deadline.
+    registered: bool,
+}
+
+impl<P: DerefMut<Target = Sleep>> Timer<P> {
+    pub fn new(sleep: Pin<P>) -> Self {
+        Timer {
+            sleep,
+            registered: false,
+        }
+    }
+
+    pub fn reset(&mut self, at: Instant) {
+        self.sleep.as_mut().reset(at);
+        self.registered = false;
+    }
+
+    pub fn deadline(&self) -> Instant {
+        self.sleep.deadline()
+    }
+
+    /// Whether the deadline has passed; registers the task's waker first if it is
+    /// not registered for this deadline yet. The waker registered is that of the
+    /// first task to look after a reset: another task must reset before looking.
+    pub fn poll_due(&mut self, cx: &mut Context<'_>) -> bool {
+        if self.registered && !self.sleep.is_elapsed() {
+            return false;
+        }
+        self.registered = true;
+        self.sleep.as_mut().poll(cx).is_ready()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+    use std::task::{Wake, Waker};
+    use std::time::Duration;
+
+    use super::*;
+
+    struct Count(AtomicUsize);
+
+    impl Wake for Count {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, Relaxed);
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_timer_looked_at_without_polling_still_wakes_and_comes_due() {
+        let wakes = Arc::new(Count(AtomicUsize::new(0)));
+        let waker = Waker::from(wakes.clone());
+        let mut cx = Context::from_waker(&waker);
+        let start = Instant::now();
+        let mut t = Timer::new(Box::pin(tokio::time::sleep_until(
+            start + Duration::from_secs(1),
+        )));
+        assert!(!t.poll_due(&mut cx), "not due yet");
+        assert!(!t.poll_due(&mut cx), "still not due, and not polled again");
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        assert_eq!(
+            wakes.0.load(Relaxed),
+            1,
+            "the one registration woke the task"
+        );
+        assert!(t.poll_due(&mut cx), "due once it fired");
+
+        // After a reset, the next task to look is the one woken (a plain HTTP/1
+        // upstream connection serves a different client's task each request).
+        let other = Arc::new(Count(AtomicUsize::new(0)));
+        let other_waker = Waker::from(other.clone());
+        let mut other_cx = Context::from_waker(&other_waker);
+        t.reset(Instant::now() + Duration::from_secs(1));
+        assert_eq!(t.deadline(), start + Duration::from_millis(2500));
+        assert!(!t.poll_due(&mut other_cx));
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert_eq!(
+            other.0.load(Relaxed),
+            1,
+            "the task that looked after the reset"
+        );
+        assert_eq!(wakes.0.load(Relaxed), 1, "not the one before it");
+        assert!(t.poll_due(&mut other_cx));
+    }
+}
