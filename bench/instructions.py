@@ -1,21 +1,26 @@
 #!/usr/bin/env python3
-"""User-space instructions and heap allocations per request, under callgrind.
+"""User-space instructions, heap allocations, atomic read-modify-writes and clock
+readings per request, under callgrind.
 
 For each proxy (default nginx and holdfast) and each workload: start the
 proxy under `valgrind --tool=callgrind` (nginx: `master_process off`, so the
 one process is the worker; holdfast: `--workers 1`), warm it up, zero the
 counters (`callgrind_control -z`), send exactly N requests over C keep-alive
 connections with `h2load --h1 -n N -c C` pinned to CPU 1, dump the counters
-(`callgrind_control -d`), stop the proxy, and print instructions (Ir) per
-request and calls into the allocator per request.
+(`callgrind_control -d`), stop the proxy, and print per request: instructions
+(Ir), calls into the allocator, atomic read-modify-write instructions executed
+(x86 `lock`-prefixed ones and `xchg` with memory, found with `objdump -d` in the
+per-instruction costs of `--dump-instr=yes`), and calls that read the clock.
 
 The counts are deterministic: they do not depend on what else runs on the
 machine, unlike CPU time. They cover the proxy's user space only (no kernel
-time, no cache misses). valgrind makes the proxy ~50x slower. See
-bench/README.md.
+time, no cache misses: an atomic read-modify-write or a clock reading counts as
+one or a few instructions but costs tens of cycles, which is why they are
+counted apart). valgrind makes the proxy ~50x slower. See bench/README.md.
 """
 
 import argparse
+import os
 import re
 import subprocess
 import sys
@@ -41,6 +46,11 @@ ALLOC_FUNCS = {
 # Callers inside the allocator itself (one entry point calling another, or
 # an internal helper calling back): not an allocation by the program.
 ALLOCATOR_INTERNAL = ("mi_", "_mi_", "_int_", "_mid_")
+
+# Functions that read the clock (glibc; the vDSO behind them is not seen by
+# valgrind), counted like the allocator's entry points.
+CLOCK_FUNCS = {"clock_gettime@@GLIBC_2.17", "clock_gettime", "__clock_gettime",
+               "gettimeofday", "__gettimeofday", "__gettimeofday_syscall", "time"}
 
 START_TIMEOUT = 30.0  # s; valgrind takes a few seconds to start a program
 
@@ -84,8 +94,8 @@ ANNOTATE_LINE = re.compile(r"^\s*([\d,]+) \(\s*[\d.]+%\)\s+([<*>])\s+(.*?)"
                            r"(?: \(([\d,]+)x\))?(?: \[(/[^\]]*)\])?\s*$")
 
 
-def count_allocs(annotate_text, funcs):
-    """Calls into `funcs` from outside the allocator, from the output of
+def count_calls(annotate_text, funcs):
+    """Calls into `funcs` from outside them (and the allocator), from the output of
     `callgrind_annotate --tree=caller`: entries are separated by blank
     lines; in each, the `*` line is the function and the `<` lines above it
     its callers, each with a call count. A function split over several
@@ -111,6 +121,61 @@ def count_allocs(annotate_text, funcs):
     return calls
 
 
+def count_locked(dump):
+    """Atomic read-modify-write instructions executed in a `--dump-instr=yes`
+    callgrind dump, or None where that cannot be told (no objdump, not x86-64).
+
+    The dump gives a cost per instruction address and object (`ob=`); the
+    line after a `calls=` line is the cost of the call, not of the address,
+    and is skipped. `objdump -d` of each object says which addresses hold a
+    `lock`-prefixed instruction or an `xchg` with memory (locked implicitly).
+    Addresses in the dump and in objdump's output are both the object's own."""
+    if H.tool_missing("objdump") or os.uname().machine != "x86_64":
+        return None
+    names, cost = {}, {}
+    ob, last, skip_next = None, 0, False
+    obj_line = re.compile(r"^c?ob=\((\d+)\)(?: (.*))?$")
+    for line in dump.read_text(errors="replace").splitlines():
+        m = obj_line.match(line)
+        if m:
+            if m.group(2):
+                names[m.group(1)] = m.group(2)
+            if line.startswith("ob="):
+                ob = m.group(1)
+            continue
+        if line.startswith("calls="):
+            skip_next = True
+            continue
+        if not line or line[0] not in "0123456789+-*":
+            continue
+        fields = line.split()
+        pos = fields[0]
+        if pos.startswith("0x"):
+            last = int(pos, 16)
+        elif pos[0] == "+":
+            last += int(pos[1:], 0)
+        elif pos[0] == "-":
+            last -= int(pos[1:], 0)
+        elif pos != "*":
+            last = int(pos, 0)
+        if skip_next:
+            skip_next = False
+            continue
+        if len(fields) >= 3:
+            cost[(ob, last)] = cost.get((ob, last), 0) + int(fields[2])
+    locked_insn = re.compile(r"^\s*([0-9a-f]+):\s+(lock |xchg\s+\S*\(|xchg\s+%\w+,\S*\()")
+    total = 0
+    for ob_id in {o for o, _ in cost}:
+        path = names.get(ob_id, "")
+        if not path.startswith("/") or not Path(path).is_file():
+            continue
+        out = subprocess.run(["objdump", "-d", "--no-show-raw-insn", path],
+                             capture_output=True, text=True).stdout
+        locked = {int(m.group(1), 16) for m in map(locked_insn.match, out.splitlines()) if m}
+        total += sum(ir for (o, a), ir in cost.items() if o == ob_id and a in locked)
+    return total
+
+
 def wait_dump(run_dir, stem, timeout=60.0):
     """The newest part file (`<stem>.<pid>.callgrind.N`) once it is complete."""
     deadline = time.monotonic() + timeout
@@ -130,7 +195,7 @@ def measure_one(args, run_dir, target, wl, ctx):
     n = max(args.requests, args.connections)
     stem = f"{wl}-{target}"
     port = H.free_port()
-    wrap = ["valgrind", "--tool=callgrind",
+    wrap = ["valgrind", "--tool=callgrind", "--dump-instr=yes",
             f"--callgrind-out-file={run_dir}/raw/{stem}.%p.callgrind"]
     kind = target.removesuffix("-log")
     access_log = target.endswith("-log")
@@ -171,13 +236,16 @@ def measure_one(args, run_dir, target, wl, ctx):
                             "--auto=no", str(dump)], capture_output=True, text=True,
                            timeout=300)
         (run_dir / "raw" / f"{stem}.annotate.txt").write_text(a.stdout + a.stderr)
-        allocs = count_allocs(a.stdout, ALLOC_FUNCS[kind])
+        allocs = count_calls(a.stdout, ALLOC_FUNCS[kind])
+        clock = count_calls(a.stdout, CLOCK_FUNCS)
+        locked = count_locked(dump)
         m = re.search(r"requests: (\d+) total, (\d+) started, (\d+) done, (\d+) succeeded, "
                       r"(\d+) failed, (\d+) errored", r.stdout)
         status_2xx = re.search(r"status codes: (\d+) 2xx", r.stdout)
         return {"requests": n, "succeeded": int(m.group(4)) if m else None,
                 "ok_2xx": int(status_2xx.group(1)) if status_2xx else None,
-                "total": total, "allocs": allocs, "dump": dump}
+                "total": total, "allocs": allocs, "clock": clock, "locked": locked,
+                "dump": dump}
     finally:
         proc.stop(timeout=30)
 
@@ -213,14 +281,14 @@ def main():
         sys.exit(f"upstream nginx did not start: {err}")
     ctx = {"upstream_port": upstream_port, "holdfast": holdfast}
 
-    lines = [f"User-space instructions and allocations per request (callgrind, "
-             f"h2load --h1 -c {args.connections}; nginx: master_process off, "
-             f"holdfast: --workers 1)", "",
+    lines = [f"User-space instructions, allocations, atomic read-modify-writes and clock "
+             f"readings per request (callgrind, h2load --h1 -c {args.connections}; nginx: "
+             f"master_process off, holdfast: --workers 1)", "",
              "| workload | target | requests | instructions/req | ratio to nginx "
-             "| allocations/req |",
-             "|---|---|---|---|---|---|"]
+             "| allocations/req | atomic RMW/req | clock reads/req |",
+             "|---|---|---|---|---|---|---|---|"]
     for wl in args.workloads:
-        rows = {}  # target -> (requests, Ir/req, allocations/req, note)
+        rows = {}  # target -> (requests, Ir/req, allocations/req, atomics, clock, note)
         for t in args.targets:
             if t in skip:
                 continue
@@ -233,21 +301,25 @@ def main():
             n = res["succeeded"] or res["requests"]
             ir = res["total"] / n
             allocs = sum(res["allocs"].values()) / n
+            clock = sum(res["clock"].values()) / n
+            locked = "—" if res["locked"] is None else f"{res['locked'] / n:.1f}"
             bad = ""
             if res["succeeded"] != res["requests"] or res["ok_2xx"] != res["requests"]:
                 bad = (f" — only {res['succeeded']} of {res['requests']} succeeded, "
                        f"{res['ok_2xx']} 2xx")
-            rows[t] = (n, ir, allocs, bad)
-            H.log(f"  {ir:,.0f} instructions/req, {allocs:.2f} allocations/req "
+            rows[t] = (n, ir, allocs, locked, clock, bad)
+            H.log(f"  {ir:,.0f} instructions/req, {allocs:.2f} allocations/req, "
+                  f"{locked} atomic RMW/req, {clock:.2f} clock reads/req "
                   f"({res['dump'].name}){bad}")
         base = rows["nginx"][1] if "nginx" in rows else None
         for t in args.targets:
             if t not in rows:
-                lines.append(f"| {wl} | {t} | — | skipped | — | see below |")
+                lines.append(f"| {wl} | {t} | — | skipped | — | see below | — | — |")
                 continue
-            n, ir, allocs, bad = rows[t]
+            n, ir, allocs, locked, clock, bad = rows[t]
             ratio = f"×{ir / base:.2f}" if base else "—"
-            lines.append(f"| {wl} | {t} | {n:,} | {ir:,.0f} | {ratio} | {allocs:.2f}{bad} |")
+            lines.append(f"| {wl} | {t} | {n:,} | {ir:,.0f} | {ratio} | {allocs:.2f} "
+                         f"| {locked} | {clock:.2f}{bad} |")
     lines.append("")
     lines += [f"- **{t} skipped**: {why}" for t, why in skip.items()]
     table = "\n".join(lines) + "\n"
