@@ -164,7 +164,8 @@ impl UpstreamBody {
                 ended: false,
             },
         };
-        // Built in its box rather than moved into one: it is most of a response.
+        // Boxed where it is built: returned by value and boxed by the caller, it
+        // was copied once more (~470 bytes, per request; callgrind).
         let mut this = Box::new(UpstreamBody {
             body,
             conn: Some(conn),
