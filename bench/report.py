@@ -20,6 +20,11 @@ HTTP_ROWS = [
     # kernel (syscalls, loopback TCP), which any proxy pays about equally.
     ("cpu_user_pct", "of which user space, % (rest: kernel)", statistics.median, "{:.0f}%",
      False, False),
+    # wrk plus the upstream, on the load CPU: what the path costs the other side.
+    ("load_ms_per_1k", "load side (wrk + upstream) CPU ms per 1k req", min, "{:.1f}", True,
+     True),
+    ("load_busy_pct", "load side CPU busy, % of one CPU", statistics.median, "{:.0f}%",
+     False, False),
     # Only with --perf-counts.
     ("syscalls_per_req", "proxy syscalls per request (perf)", statistics.median, "{:.2f}",
      False, True),
@@ -132,6 +137,11 @@ def render_table(summary, targets, workloads, specs, skipped, runs, info, args):
     if ceiling:
         lines.append("- within 10% of direct (the load side, not the proxy, limits "
                      "req/s; compare CPU per 1k req instead): " + ", ".join(ceiling))
+    saturated = [f"{wl}/{t}" for wl in workloads for t, s in summary.get(wl, {}).items()
+                 if s.get("load_busy_pct", 0) >= 95]
+    if saturated:
+        lines.append("- load CPU saturated (wrk + upstream ≥ 95% busy: req/s is bounded by "
+                     "what the path costs them, not by the proxy): " + ", ".join(saturated))
     for t, why in skipped.items():
         lines.append(f"- **{t} skipped**: {why}")
     notes = sorted({r["error"] for r in runs if r.get("error")} - set(skipped.values())

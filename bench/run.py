@@ -213,6 +213,13 @@ def measure_http(args, run_dir, wl_name, target, rnd, upstream, ctx):
                    background_cpu_pct=100 * max(0, busy - proxy_ticks - up_ticks
                                                - wrk_ticks) / H.CLK_TCK / wall,
                    steal_pct=100 * steal / H.CLK_TCK / wall)
+        # The load side (wrk and the upstream, on their own CPU) pays for every
+        # request too, and more when the bytes cross to another CPU and back: when
+        # it is saturated, req/s measures its cost, not the proxy's speed.
+        load_ticks = up_ticks + round(wrk_ticks)
+        res["load_busy_pct"] = 100 * load_ticks / H.CLK_TCK / wall
+        if res["requests"]:
+            res["load_ms_per_1k"] = load_ticks * 1000 / H.CLK_TCK / (res["requests"] / 1000)
         if proc:
             if not proc.alive():
                 target.skip = (f"exited during {wl_name} round {rnd} with code "
