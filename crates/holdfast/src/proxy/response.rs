@@ -36,6 +36,17 @@ enum Kind {
     Upstream(Box<UpstreamBody>),
 }
 
+impl Drop for ResponseBody {
+    fn drop(&mut self) {
+        // hyper drops the body in the poll that saw it end, which read the clock then.
+        if let (Some(in_flight), Kind::Upstream(u)) = (&mut self.in_flight, &self.kind)
+            && let Some(at) = u.ended_at
+        {
+            in_flight.ended_at(at);
+        }
+    }
+}
+
 impl ResponseBody {
     pub fn full(data: impl Into<Bytes>) -> Self {
         ResponseBody {

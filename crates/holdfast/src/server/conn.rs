@@ -258,20 +258,27 @@ impl ConnState {
 /// Held from the moment a request reaches the service until its response is written
 /// (it travels in the response body); dropped early if the request is cancelled (an
 /// HTTP/2 stream reset). The connection is idle when none is held.
-pub struct InFlight(Arc<ConnState>);
+pub struct InFlight(Arc<ConnState>, Option<Instant>);
 
 impl InFlight {
     fn start(state: &Arc<ConnState>, now: Instant) -> InFlight {
         state.active.fetch_add(1, Relaxed);
         state.set_at(ConnPhase::Busy, now);
-        InFlight(state.clone())
+        InFlight(state.clone(), None)
+    }
+
+    /// The response ended at `at`, a clock reading taken in the same poll that drops
+    /// this: the connection is idle from then, with no reading of its own.
+    pub(crate) fn ended_at(&mut self, at: Instant) {
+        self.1 = Some(at);
     }
 }
 
 impl Drop for InFlight {
     fn drop(&mut self) {
         if self.0.active.fetch_sub(1, Relaxed) == 1 {
-            self.0.set(ConnPhase::Idle);
+            self.0
+                .set_at(ConnPhase::Idle, self.1.unwrap_or_else(Instant::now));
         }
     }
 }
