@@ -45,15 +45,20 @@ impl<P: DerefMut<Target = Sleep>> Timer<P> {
             return false;
         }
         self.registered = true;
-        self.sleep.as_mut().poll(cx).is_ready()
+        // Outside tokio's cooperative budget: a `Sleep` polled by a task that has
+        // spent it answers `Pending` without registering the waker (or, the first
+        // time, its timer), and this poll is the only one until the next reset.
+        let mut sleep = tokio::task::unconstrained(self.sleep.as_mut());
+        Pin::new(&mut sleep).poll(cx).is_ready()
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use std::future::poll_fn;
     use std::sync::Arc;
     use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
-    use std::task::{Wake, Waker};
+    use std::task::{Poll, Wake, Waker};
     use std::time::Duration;
 
     use super::*;
@@ -64,6 +69,62 @@ mod tests {
         fn wake(self: Arc<Self>) {
             self.0.fetch_add(1, Relaxed);
         }
+    }
+
+    /// Spends the task's cooperative budget, as a poll that did much I/O first does.
+    fn spend_budget(cx: &mut Context<'_>) {
+        while let Poll::Ready(restore) = tokio::task::coop::poll_proceed(cx) {
+            restore.made_progress();
+        }
+    }
+
+    /// Waits (paused time) until `t` is due, looking at it on every wake-up as a
+    /// task would; gives up after `limit`.
+    async fn until_due<P: DerefMut<Target = Sleep>>(t: &mut Timer<P>, limit: Duration) {
+        let looked = poll_fn(|cx| {
+            if t.poll_due(cx) {
+                Poll::Ready(())
+            } else {
+                Poll::Pending
+            }
+        });
+        let _ = tokio::time::timeout(limit, looked).await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_timer_first_looked_at_by_a_task_out_of_budget_still_wakes_it() {
+        let start = Instant::now();
+        let mut t = Timer::new(Box::pin(tokio::time::sleep_until(
+            start + Duration::from_secs(1),
+        )));
+        poll_fn(|cx| {
+            spend_budget(cx);
+            assert!(!t.poll_due(cx), "not due yet");
+            Poll::Ready(())
+        })
+        .await;
+        until_due(&mut t, Duration::from_secs(10)).await;
+        assert_eq!(
+            start.elapsed(),
+            Duration::from_secs(1),
+            "woken at the deadline"
+        );
+
+        // Reset after firing, looked at first by a task out of budget again (an
+        // upstream connection's next request, after a large request body).
+        t.reset(Instant::now() + Duration::from_secs(1));
+        poll_fn(|cx| {
+            spend_budget(cx);
+            assert!(!t.poll_due(cx));
+            Poll::Ready(())
+        })
+        .await;
+        until_due(&mut t, Duration::from_secs(10)).await;
+        assert_eq!(
+            start.elapsed(),
+            Duration::from_secs(2),
+            "woken at the new deadline"
+        );
     }
 
     #[tokio::test(start_paused = true)]
