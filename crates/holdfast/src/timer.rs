@@ -7,12 +7,30 @@
 //! once after each reset and otherwise asks `Sleep::is_elapsed`, a load. The
 //! client connection task and a plain HTTP/1 upstream exchange wake about twice
 //! per request each.
+//!
+//! Also the process's clock base, for instants kept in atomics as µs.
 
 use std::ops::DerefMut;
 use std::pin::Pin;
+use std::sync::OnceLock;
 use std::task::Context;
 
 use tokio::time::{Instant, Sleep};
+
+/// A fixed instant early in the process: times kept in atomics are µs since it.
+pub fn clock_base() -> Instant {
+    static BASE: OnceLock<Instant> = OnceLock::new();
+    *BASE.get_or_init(Instant::now)
+}
+
+/// `at` as µs since [`clock_base`] (0 for anything before it).
+pub fn micros_since_base(at: Instant) -> u64 {
+    at.saturating_duration_since(clock_base()).as_micros() as u64
+}
+
+pub fn instant_from_micros(micros: u64) -> Instant {
+    clock_base() + std::time::Duration::from_micros(micros)
+}
 
 pub struct Timer<P> {
     sleep: Pin<P>,

@@ -34,8 +34,8 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, AtomicU64, Ordering::Relaxed};
-use std::sync::{Arc, OnceLock};
 use std::task::Poll;
 use std::time::Duration;
 
@@ -58,7 +58,7 @@ use super::redirect;
 use super::tls::{self, TlsFront};
 use crate::config::{DrainConfig, ListenerConfig, TlsConfig};
 use crate::proxy::{ConnContext, Proxy};
-use crate::timer::Timer;
+use crate::timer::{Timer, clock_base};
 
 /// How long a closing connection keeps reading (and discarding) what the client
 /// still sends, so the close is a FIN and never a reset.
@@ -198,11 +198,6 @@ const PARK_NONE: u8 = 0;
 const PARK_REQUESTED: u8 = 1;
 /// `ClientIo` told hyper "end of input"; the socket is still open and ours.
 const PARK_PARKED: u8 = 2;
-
-fn clock_base() -> Instant {
-    static BASE: OnceLock<Instant> = OnceLock::new();
-    *BASE.get_or_init(Instant::now)
-}
 
 impl ConnState {
     /// `accepted`: when the connection was accepted; its first head is due

@@ -9,6 +9,7 @@
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
@@ -18,12 +19,64 @@ use tokio::net::{TcpStream, UnixStream};
 use tokio::time::{Instant, Sleep};
 
 use crate::config::TcpConfig;
+use crate::timer;
 
-/// A connected upstream socket.
+/// A connected upstream socket, and when the upstream's latest burst of bytes began
+/// to arrive on it.
 #[derive(Debug)]
-pub enum Stream {
+pub struct Stream {
+    sock: Sock,
+    arrivals: Arrivals,
+}
+
+#[derive(Debug)]
+enum Sock {
     Tcp(TcpStream),
     Unix(UnixStream),
+}
+
+/// When the bytes read last began to arrive: the first bytes read after a request was
+/// written, or after a read found the socket empty.
+///
+/// The pool counts a connection idle from then, not from when holdfast finished reading
+/// the response. The upstream's idle timer starts when it has written its response, and
+/// behind a slow client the last bytes of a large one wait in socket buffers, unread,
+/// for as long as the client takes: counted from the read, the connection would look
+/// seconds younger than the upstream knows it is, and be reused as the upstream closes
+/// it. Bytes read without waiting were there already, so they do not move the time on;
+/// a burst is dated when it is read, which is at most one RTT (and any Nagle delay on
+/// the upstream's side) after the upstream wrote its end, well inside the pool's margin.
+#[derive(Debug, Default)]
+struct Arrivals {
+    /// A request was written, or a read found nothing, since the last burst began.
+    waiting: AtomicBool,
+    /// µs since [`timer::clock_base`], plus one; 0: no burst yet.
+    burst_began: AtomicU64,
+}
+
+impl Arrivals {
+    /// Only the task driving the connection reads and writes it, so loads and stores
+    /// suffice; the pool reads `burst_began` after that task is done with it.
+    fn on_read(&self) {
+        if self.waiting.load(Relaxed) {
+            self.waiting.store(false, Relaxed);
+            let at = timer::micros_since_base(Instant::now()) + 1;
+            self.burst_began.store(at, Relaxed);
+        }
+    }
+
+    fn on_wait(&self) {
+        self.waiting.store(true, Relaxed);
+    }
+}
+
+impl From<Sock> for Stream {
+    fn from(sock: Sock) -> Stream {
+        Stream {
+            sock,
+            arrivals: Arrivals::default(),
+        }
+    }
 }
 
 /// What a non-blocking look at an idle connection found.
@@ -40,6 +93,19 @@ pub enum IdleProbe {
 }
 
 impl Stream {
+    /// A Unix stream socket already connected (tests use socket pairs).
+    pub fn unix(sock: UnixStream) -> Stream {
+        Sock::Unix(sock).into()
+    }
+
+    /// When the bytes read last began to arrive (see [`Arrivals`]); `None` before any.
+    pub fn burst_began(&self) -> Option<Instant> {
+        match self.arrivals.burst_began.load(Relaxed) {
+            0 => None,
+            at => Some(timer::instant_from_micros(at - 1)),
+        }
+    }
+
     pub async fn connect_tcp(addr: std::net::SocketAddr, tcp: &TcpConfig) -> io::Result<Stream> {
         let stream = TcpStream::connect(addr).await?;
         stream.set_nodelay(tcp.nodelay)?;
@@ -51,19 +117,19 @@ impl Stream {
                 .with_retries(tcp.keepalive_count);
             SockRef::from(&stream).set_tcp_keepalive(&ka)?;
         }
-        Ok(Stream::Tcp(stream))
+        Ok(Sock::Tcp(stream).into())
     }
 
     pub async fn connect_unix(path: &std::path::Path) -> io::Result<Stream> {
-        Ok(Stream::Unix(UnixStream::connect(path).await?))
+        Ok(Sock::Unix(UnixStream::connect(path).await?).into())
     }
 
     /// Looks at an idle connection without blocking and without consuming anything.
     pub fn probe_idle(&self) -> IdleProbe {
         let mut byte = [std::mem::MaybeUninit::<u8>::uninit(); 1];
-        let res = match self {
-            Stream::Tcp(s) => SockRef::from(s).peek(&mut byte),
-            Stream::Unix(s) => SockRef::from(s).peek(&mut byte),
+        let res = match &self.sock {
+            Sock::Tcp(s) => SockRef::from(s).peek(&mut byte),
+            Sock::Unix(s) => SockRef::from(s).peek(&mut byte),
         };
         idle_probe(res).unwrap_or(IdleProbe::Quiet)
     }
@@ -75,9 +141,9 @@ impl Stream {
     /// Cancel safe: it consumes nothing.
     pub async fn idle_event(&self) -> IdleProbe {
         loop {
-            let ready = match self {
-                Stream::Tcp(s) => s.readable().await,
-                Stream::Unix(s) => s.readable().await,
+            let ready = match &self.sock {
+                Sock::Tcp(s) => s.readable().await,
+                Sock::Unix(s) => s.readable().await,
             };
             if ready.is_err() {
                 return IdleProbe::Failed;
@@ -108,11 +174,11 @@ impl Stream {
     /// from the last exchange (the peek would block), which this clears.
     fn peek_ready(&self) -> Option<IdleProbe> {
         let mut byte = [std::mem::MaybeUninit::<u8>::uninit(); 1];
-        let res = match self {
-            Stream::Tcp(s) => s.try_io(tokio::io::Interest::READABLE, || {
+        let res = match &self.sock {
+            Sock::Tcp(s) => s.try_io(tokio::io::Interest::READABLE, || {
                 SockRef::from(s).peek(&mut byte)
             }),
-            Stream::Unix(s) => s.try_io(tokio::io::Interest::READABLE, || {
+            Sock::Unix(s) => s.try_io(tokio::io::Interest::READABLE, || {
                 SockRef::from(s).peek(&mut byte)
             }),
         };
@@ -125,9 +191,9 @@ impl Stream {
     }
 
     fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self {
-            Stream::Tcp(s) => s.poll_read_ready(cx),
-            Stream::Unix(s) => s.poll_read_ready(cx),
+        match &self.sock {
+            Sock::Tcp(s) => s.poll_read_ready(cx),
+            Sock::Unix(s) => s.poll_read_ready(cx),
         }
     }
 
@@ -138,11 +204,11 @@ impl Stream {
     fn try_read_buf(&self, buf: &mut ReadBuf<'_>) -> io::Result<usize> {
         let want = buf.remaining();
         let mut read = 0;
-        let res = match self {
-            Stream::Tcp(s) => s.try_io(tokio::io::Interest::READABLE, || {
+        let res = match &self.sock {
+            Sock::Tcp(s) => s.try_io(tokio::io::Interest::READABLE, || {
                 partial_as_would_block(s.try_read_buf(buf), want, &mut read)
             }),
-            Stream::Unix(s) => s.try_io(tokio::io::Interest::READABLE, || {
+            Sock::Unix(s) => s.try_io(tokio::io::Interest::READABLE, || {
                 partial_as_would_block(s.try_read_buf(buf), want, &mut read)
             }),
         };
@@ -154,38 +220,38 @@ impl Stream {
     }
 
     fn poll_write_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self {
-            Stream::Tcp(s) => s.poll_write_ready(cx),
-            Stream::Unix(s) => s.poll_write_ready(cx),
+        match &self.sock {
+            Sock::Tcp(s) => s.poll_write_ready(cx),
+            Sock::Unix(s) => s.poll_write_ready(cx),
         }
     }
 
     fn try_write(&self, buf: &[u8]) -> io::Result<usize> {
-        match self {
-            Stream::Tcp(s) => s.try_write(buf),
-            Stream::Unix(s) => s.try_write(buf),
+        match &self.sock {
+            Sock::Tcp(s) => s.try_write(buf),
+            Sock::Unix(s) => s.try_write(buf),
         }
     }
 
     fn try_write_vectored(&self, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
-        match self {
-            Stream::Tcp(s) => s.try_write_vectored(bufs),
-            Stream::Unix(s) => s.try_write_vectored(bufs),
+        match &self.sock {
+            Sock::Tcp(s) => s.try_write_vectored(bufs),
+            Sock::Unix(s) => s.try_write_vectored(bufs),
         }
     }
 
     /// Shuts both directions down now (FIN), whoever else still holds the socket.
     pub fn shutdown_both(&self) {
-        let _ = match self {
-            Stream::Tcp(s) => SockRef::from(s).shutdown(std::net::Shutdown::Both),
-            Stream::Unix(s) => SockRef::from(s).shutdown(std::net::Shutdown::Both),
+        let _ = match &self.sock {
+            Sock::Tcp(s) => SockRef::from(s).shutdown(std::net::Shutdown::Both),
+            Sock::Unix(s) => SockRef::from(s).shutdown(std::net::Shutdown::Both),
         };
     }
 
     fn shutdown_write(&self) -> io::Result<()> {
-        let res = match self {
-            Stream::Tcp(s) => SockRef::from(s).shutdown(std::net::Shutdown::Write),
-            Stream::Unix(s) => SockRef::from(s).shutdown(std::net::Shutdown::Write),
+        let res = match &self.sock {
+            Sock::Tcp(s) => SockRef::from(s).shutdown(std::net::Shutdown::Write),
+            Sock::Unix(s) => SockRef::from(s).shutdown(std::net::Shutdown::Write),
         };
         match res {
             Err(e) if e.kind() == io::ErrorKind::NotConnected => Ok(()),
@@ -270,6 +336,10 @@ impl UpstreamIo {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
                 res => {
                     self.write_stall = None;
+                    if matches!(res, Ok(n) if n > 0) {
+                        // What the upstream sends next answers this.
+                        self.stream.arrivals.on_wait();
+                    }
                     return Poll::Ready(res);
                 }
             }
@@ -286,11 +356,19 @@ impl AsyncRead for UpstreamIo {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         loop {
-            ready!(self.stream.poll_read_ready(cx))?;
+            if self.stream.poll_read_ready(cx)?.is_pending() {
+                self.stream.arrivals.on_wait();
+                return Poll::Pending;
+            }
             match self.stream.try_read_buf(buf) {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
                 Err(e) => return Poll::Ready(Err(e)),
-                Ok(_) => return Poll::Ready(Ok(())),
+                Ok(n) => {
+                    if n > 0 {
+                        self.stream.arrivals.on_read();
+                    }
+                    return Poll::Ready(Ok(()));
+                }
             }
         }
     }

@@ -570,13 +570,20 @@ impl Pool {
             }
             return;
         }
-        // Read before the lock: with two workers checking in at once, the later
-        // reading may be listed first, and `IdleList::push` puts it in its place.
-        let idle_since = now;
+        // Idle since its response arrived, not since it was read (a slow client can
+        // hold the last bytes up for seconds): the upstream's timer began then. Read
+        // before the lock: with two workers checking in at once, the later time may be
+        // listed first, and `IdleList::push` puts it in its place.
+        let idle_since = conn.stream.burst_began().map_or(now, |at| at.min(now));
         let (idle_timeout, _) = st.learner.effective_idle();
         let mut expires_at = idle_since + idle_timeout;
         if let Some(lifetime) = self.settings.max_lifetime {
             expires_at = expires_at.min(conn.created + lifetime);
+        }
+        if expires_at <= now {
+            drop(st);
+            self.figures.closed(CloseReason::IdleExpired);
+            return;
         }
         let evicted = st
             .idle

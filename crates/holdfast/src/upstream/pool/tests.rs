@@ -55,7 +55,7 @@ async fn connect(far_ends: Arc<Mutex<Vec<UnixStream>>>) -> Result<Connected, Ups
     let (near, far) = UnixStream::pair()
         .map_err(|e| UpstreamError::new(Kind::ConnectFailed, Delivery::NotSent).with_cause(e))?;
     far_ends.lock().unwrap().push(far);
-    Ok(http1::connected(Stream::Unix(near), Duration::from_secs(5)))
+    Ok(http1::connected(Stream::unix(near), Duration::from_secs(5)))
 }
 
 async fn settle() {
@@ -144,6 +144,105 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
         );
         Ok(())
     })
+}
+
+/// A checked-out plain HTTP/1 connection over a socket pair, with its far end.
+async fn exchange_on(pool: &Arc<Pool>) -> (PooledConn, UnixStream) {
+    let far_ends = Arc::new(Mutex::new(Vec::new()));
+    let conn = pool
+        .checkout(Want::Idle(Take::MostRecent), false, || {
+            connect(far_ends.clone())
+        })
+        .await
+        .expect("checkout");
+    let far = far_ends.lock().unwrap().pop().expect("far end");
+    (conn, far)
+}
+
+fn http1(conn: &mut PooledConn) -> &mut http1::conn::Http1Conn {
+    match conn.client() {
+        Client::Http1(h1) => h1,
+        _ => unreachable!("a plain HTTP/1 connection"),
+    }
+}
+
+/// Sends `GET /` (written as the response is first polled).
+fn begin_get(conn: &mut PooledConn) {
+    let (parts, ()) = http::Request::get("/")
+        .header(http::header::HOST, "up")
+        .body(())
+        .expect("request")
+        .into_parts();
+    http1(conn)
+        .begin(&parts, None, crate::body::RequestBody::Empty)
+        .expect("begin");
+}
+
+async fn read_head(conn: &mut PooledConn) {
+    let resp = std::future::poll_fn(|cx| http1(conn).poll_response(cx))
+        .await
+        .expect("response");
+    assert_eq!(resp.status(), 200);
+}
+
+/// Reads the rest of the response; returns its body's length.
+async fn read_body(conn: &mut PooledConn) -> usize {
+    let mut total = 0;
+    while let Some(frame) = std::future::poll_fn(|cx| http1(conn).poll_body(cx)).await {
+        total += frame.expect("body").into_data().map_or(0, |d| d.len());
+    }
+    total
+}
+
+/// The upstream's idle timer starts when it has written its response; behind a slow
+/// client the last bytes wait unread in socket buffers. A connection whose response
+/// was read later than the pool's idle timeout after it arrived is not pooled.
+#[tokio::test(start_paused = true)]
+async fn a_response_read_late_leaves_its_connection_idle_since_it_arrived() {
+    use tokio::io::AsyncWriteExt;
+    const BODY: usize = 64 * 1024;
+    let head = format!("HTTP/1.1 200 OK\r\nContent-Length: {BODY}\r\n\r\n");
+    let mut response = head.clone().into_bytes();
+    response.resize(head.len() + BODY, b'x');
+
+    let pool = Pool::new("test".into(), settings());
+    let (mut conn, mut far) = exchange_on(&pool).await;
+    begin_get(&mut conn);
+    // The upstream answers at once (the socket buffers hold it all).
+    far.write_all(&response).await.expect("respond");
+    read_head(&mut conn).await;
+    // The client takes longer than the idle timeout to take the body.
+    tokio::time::advance(IDLE + Duration::from_millis(500)).await;
+    assert_eq!(read_body(&mut conn).await, BODY);
+    conn.release(Instant::now());
+    settle().await;
+    assert_eq!(pool.snapshot().idle, 0, "pooled as if freshly idle");
+    assert_eq!(pool.figures.closed_count(CloseReason::IdleExpired), 1);
+    drop(far);
+
+    // A response whose end arrives late, read as it arrives: idle from the end, so
+    // pooled. Its first part does not date it.
+    let (mut conn, mut far) = exchange_on(&pool).await;
+    begin_get(&mut conn);
+    let half = head.len() + BODY / 2;
+    far.write_all(&response[..half]).await.expect("first half");
+    read_head(&mut conn).await;
+    let rest = response[half..].to_vec();
+    let late = tokio::spawn(async move {
+        tokio::time::sleep(IDLE + Duration::from_millis(500)).await;
+        far.write_all(&rest).await.expect("second half");
+        far
+    });
+    assert_eq!(read_body(&mut conn).await, BODY);
+    let _far = late.await.expect("writer");
+    conn.release(Instant::now());
+    settle().await;
+    assert_eq!(
+        pool.snapshot().idle,
+        1,
+        "idle since the end arrived: reusable"
+    );
+    assert_eq!(pool.figures.closed_count(CloseReason::IdleExpired), 1);
 }
 
 proptest! {
