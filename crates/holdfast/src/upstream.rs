@@ -350,7 +350,11 @@ impl Upstream {
                 match result {
                     Ok(response) => {
                         peer.health.on_success();
-                        let ttfb = sent_at.elapsed();
+                        // Dated as the answer's first bytes were read: no clock
+                        // reading of its own.
+                        let ttfb = conn
+                            .answer_began(sent_at)
+                            .map_or_else(|| sent_at.elapsed(), |at| at - sent_at);
                         conn.responded();
                         if response.status() == http::StatusCode::SWITCHING_PROTOCOLS {
                             conn.hand_over();

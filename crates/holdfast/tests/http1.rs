@@ -1303,6 +1303,37 @@ async fn access_log_can_be_json() {
     }
 }
 
+/// `ttfb_ms` is the upstream's time to answer, on a new and on a reused connection
+/// (the answer is dated as its first bytes are read; an earlier answer's date on the
+/// same connection must not stand in for it).
+#[tokio::test]
+async fn access_log_ttfb_is_the_upstreams_time_to_answer() {
+    const DELAY: Duration = Duration::from_millis(200);
+    let upstream = TestUpstream::start(Behaviour::Delay(DELAY)).await;
+    let (proxy, addr) = spawn_holdfast(&binary_config(&upstream.url(), "json"), &[]).await;
+    let mut client = KeepAliveClient::new(addr);
+    assert_eq!(client.get("/a").await.unwrap().status, 200);
+    assert_eq!(client.get("/b").await.unwrap().status, 200);
+    assert!(proxy.wait_for_log("\"/b\"", WAIT).await, "{}", proxy.logs());
+    let logs = proxy.logs();
+    let access: Vec<serde_json::Value> = logs
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["target"] == "holdfast::access")
+        .collect();
+    assert_eq!(access.len(), 2, "{logs}");
+    for (v, conn) in access.iter().zip(["new", "reused"]) {
+        assert_eq!(v["conn"], conn, "{v}");
+        let ttfb = v["ttfb_ms"].as_f64().unwrap_or(-1.0);
+        let total = v["total_ms"].as_f64().unwrap_or(-1.0);
+        assert!(
+            ttfb >= DELAY.as_millis() as f64,
+            "ttfb below the upstream's delay: {v}"
+        );
+        assert!(ttfb <= total, "ttfb past the total: {v}");
+    }
+}
+
 /// `access_log = false` (or `holdfast::access=off` in the level) leaves no access
 /// line, while other lines at the same level are still written.
 #[tokio::test]

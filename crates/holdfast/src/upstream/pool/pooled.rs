@@ -122,6 +122,14 @@ impl PooledConn {
         self.handed_at
     }
 
+    /// When the upstream's answer to a request sent at `sent_at` began to arrive, as
+    /// dated when read; `None` on a shared connection (another stream's bytes) or if
+    /// nothing arrived since.
+    pub fn answer_began(&self, sent_at: Instant) -> Option<Instant> {
+        let began = self.conn.as_ref()?.stream.burst_began()?;
+        (began >= sent_at).then_some(began)
+    }
+
     pub fn is_reused(&self) -> bool {
         self.idle_since.is_some()
     }
