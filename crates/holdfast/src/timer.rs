@@ -25,7 +25,9 @@ pub fn clock_base() -> Instant {
 
 /// `at` as µs since [`clock_base`] (0 for anything before it).
 pub fn micros_since_base(at: Instant) -> u64 {
-    at.saturating_duration_since(clock_base()).as_micros() as u64
+    let d = at.saturating_duration_since(clock_base());
+    // Not `as_micros`, a u128 division.
+    d.as_secs() * 1_000_000 + u64::from(d.subsec_micros())
 }
 
 pub fn instant_from_micros(micros: u64) -> Instant {
@@ -143,6 +145,19 @@ mod tests {
             Duration::from_secs(2),
             "woken at the new deadline"
         );
+    }
+
+    #[test]
+    fn instants_kept_as_micros_come_back_to_the_microsecond() {
+        let base = clock_base();
+        for micros in [0, 1, 999_999, 1_000_000, 86_400_000_000 + 123_456] {
+            let at = base + Duration::from_micros(micros);
+            assert_eq!(micros_since_base(at), micros);
+            assert_eq!(instant_from_micros(micros_since_base(at)), at);
+        }
+        // Sub-microsecond parts are dropped, never rounded up.
+        let at = base + Duration::from_nanos(1_999);
+        assert_eq!(micros_since_base(at), 1);
     }
 
     #[tokio::test(start_paused = true)]
