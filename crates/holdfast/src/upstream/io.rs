@@ -5,6 +5,8 @@
 //! and the pool, which peeks at an idle connection before handing it out so that a FIN
 //! or stray bytes already in the kernel are seen before a request is written.
 //! Write stalls longer than the write timeout fail here, in one place for every protocol.
+//! Reads date when each answer began to arrive ([`Stream::burst_began`]): the pool counts
+//! a connection idle from then.
 
 use std::io;
 use std::pin::Pin;
