@@ -5,8 +5,8 @@
 //! and the pool, which peeks at an idle connection before handing it out so that a FIN
 //! or stray bytes already in the kernel are seen before a request is written.
 //! Write stalls longer than the write timeout fail here, in one place for every protocol.
-//! Reads date when each answer began to arrive ([`Stream::burst_began`]): the pool counts
-//! a connection idle from then.
+//! Reads date when each answer began to arrive ([`Stream::answer_began`]): the pool
+//! counts a connection idle from then.
 
 use std::io;
 use std::pin::Pin;
@@ -23,12 +23,12 @@ use tokio::time::{Instant, Sleep};
 use crate::config::TcpConfig;
 use crate::timer;
 
-/// A connected upstream socket, and when the upstream's latest burst of bytes began
-/// to arrive on it.
+/// A connected upstream socket, and when the answer to the request on it began to
+/// arrive.
 #[derive(Debug)]
 pub struct Stream {
     sock: Sock,
-    arrivals: Arrivals,
+    answer: AnswerClock,
 }
 
 #[derive(Debug)]
@@ -37,38 +37,38 @@ enum Sock {
     Unix(UnixStream),
 }
 
-/// When the bytes read last began to arrive: the first bytes read after a request was
-/// written, or after a read found the socket empty.
+/// When the answer to the request now on the connection began to arrive: the first
+/// bytes read after the pool handed the connection out.
 ///
 /// The pool counts a connection idle from then, not from when holdfast finished reading
-/// the response. The upstream's idle timer starts when it has written its response, and
-/// behind a slow client the last bytes of a large one wait in socket buffers, unread,
-/// for as long as the client takes: counted from the read, the connection would look
-/// seconds younger than the upstream knows it is, and be reused as the upstream closes
-/// it. Bytes read without waiting were there already, so they do not move the time on;
-/// a burst is dated when it is read, which is at most one RTT (and any Nagle delay on
-/// the upstream's side) after the upstream wrote its end, well inside the pool's margin.
+/// the answer. The upstream's idle timer starts once it has written its answer, and
+/// behind a slow client the end of a large one waits, unread, in socket buffers for as
+/// long as the client takes: counted from the read, the connection would look seconds
+/// younger than the upstream knows it is, and be reused as the upstream closes it.
+///
+/// No later read dates the end of the writing: bytes read after a pause may have
+/// waited in the upstream's own send buffer, written long before (TCP flow control
+/// holds them there while holdfast's receive buffer is full). The first bytes can only
+/// have been written before the last, so this date is early by the answer's transfer
+/// time, and by at most one RTT late: a long or slowly read answer leaves a connection
+/// that looks older than it is, which the pool closes rather than reuses.
 #[derive(Debug, Default)]
-struct Arrivals {
-    /// A request was written, or a read found nothing, since the last burst began.
-    waiting: AtomicBool,
-    /// µs since [`timer::clock_base`], plus one; 0: no burst yet.
-    burst_began: AtomicU64,
+struct AnswerClock {
+    /// Handed out, and nothing read since.
+    expecting: AtomicBool,
+    /// µs since [`timer::clock_base`], plus one; 0: no answer yet.
+    began: AtomicU64,
 }
 
-impl Arrivals {
-    /// Only the task driving the connection reads and writes it, so loads and stores
-    /// suffice; the pool reads `burst_began` after that task is done with it.
+impl AnswerClock {
+    /// One task at a time drives the connection, and the pool's lock orders one
+    /// request's use after the last: loads and stores suffice.
     fn on_read(&self) {
-        if self.waiting.load(Relaxed) {
-            self.waiting.store(false, Relaxed);
+        if self.expecting.load(Relaxed) {
+            self.expecting.store(false, Relaxed);
             let at = timer::micros_since_base(Instant::now()) + 1;
-            self.burst_began.store(at, Relaxed);
+            self.began.store(at, Relaxed);
         }
-    }
-
-    fn on_wait(&self) {
-        self.waiting.store(true, Relaxed);
     }
 }
 
@@ -76,7 +76,7 @@ impl From<Sock> for Stream {
     fn from(sock: Sock) -> Stream {
         Stream {
             sock,
-            arrivals: Arrivals::default(),
+            answer: AnswerClock::default(),
         }
     }
 }
@@ -100,14 +100,6 @@ impl Stream {
         Sock::Unix(sock).into()
     }
 
-    /// When the bytes read last began to arrive (see [`Arrivals`]); `None` before any.
-    pub fn burst_began(&self) -> Option<Instant> {
-        match self.arrivals.burst_began.load(Relaxed) {
-            0 => None,
-            at => Some(timer::instant_from_micros(at - 1)),
-        }
-    }
-
     pub async fn connect_tcp(addr: std::net::SocketAddr, tcp: &TcpConfig) -> io::Result<Stream> {
         let stream = TcpStream::connect(addr).await?;
         stream.set_nodelay(tcp.nodelay)?;
@@ -124,6 +116,20 @@ impl Stream {
 
     pub async fn connect_unix(path: &std::path::Path) -> io::Result<Stream> {
         Ok(Sock::Unix(UnixStream::connect(path).await?).into())
+    }
+
+    /// The pool hands the connection to a request: what it reads next is the answer.
+    pub fn expect_answer(&self) {
+        self.answer.expecting.store(true, Relaxed);
+    }
+
+    /// When the answer to the request last handed the connection began to arrive
+    /// (see [`AnswerClock`]); `None` before any.
+    pub fn answer_began(&self) -> Option<Instant> {
+        match self.answer.began.load(Relaxed) {
+            0 => None,
+            at => Some(timer::instant_from_micros(at - 1)),
+        }
     }
 
     /// Looks at an idle connection without blocking and without consuming anything.
@@ -338,10 +344,6 @@ impl UpstreamIo {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
                 res => {
                     self.write_stall = None;
-                    if matches!(res, Ok(n) if n > 0) {
-                        // What the upstream sends next answers this.
-                        self.stream.arrivals.on_wait();
-                    }
                     return Poll::Ready(res);
                 }
             }
@@ -358,16 +360,13 @@ impl AsyncRead for UpstreamIo {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         loop {
-            if self.stream.poll_read_ready(cx)?.is_pending() {
-                self.stream.arrivals.on_wait();
-                return Poll::Pending;
-            }
+            ready!(self.stream.poll_read_ready(cx))?;
             match self.stream.try_read_buf(buf) {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
                 Err(e) => return Poll::Ready(Err(e)),
                 Ok(n) => {
                     if n > 0 {
-                        self.stream.arrivals.on_read();
+                        self.stream.answer.on_read();
                     }
                     return Poll::Ready(Ok(()));
                 }

@@ -542,6 +542,9 @@ impl Pool {
     }
 
     fn checkin(&self, mut conn: Conn, hint: ResponseHint, now: Instant) {
+        // Idle since its answer began to arrive, not since it was read (a slow client
+        // can hold the end up for seconds): the upstream's timer began no earlier.
+        let idle_since = conn.stream.answer_began().map_or(now, |at| at.min(now));
         conn.requests += 1;
         conn.remaining = match (hint.keep_alive.max, conn.remaining) {
             (Some(max), _) => Some(max),
@@ -550,9 +553,10 @@ impl Pool {
         };
         if let Some(reason) = self.retire_reason(&conn, &hint, now) {
             if reason == CloseReason::ClosedByUpstreamIdle {
-                // Closed as its response ended: evidence of a request limit per
-                // connection that the upstream does not announce.
-                self.upstream_closed_idle(conn, Duration::ZERO);
+                // Closed as its response ended (evidence of a request limit per
+                // connection that the upstream does not announce), or, behind a slow
+                // client, on the upstream's idle timeout: the idle age tells which.
+                self.upstream_closed_idle(conn, now.saturating_duration_since(idle_since));
             } else {
                 self.figures.closed(reason);
             }
@@ -564,17 +568,14 @@ impl Pool {
         if let Err(reason) = conn.client.park() {
             drop(st);
             if reason == CloseReason::ClosedByUpstreamIdle {
-                self.upstream_closed_idle(conn, Duration::ZERO);
+                self.upstream_closed_idle(conn, now.saturating_duration_since(idle_since));
             } else {
                 self.figures.closed(reason);
             }
             return;
         }
-        // Idle since its response arrived, not since it was read (a slow client can
-        // hold the last bytes up for seconds): the upstream's timer began then. Read
-        // before the lock: with two workers checking in at once, the later time may be
-        // listed first, and `IdleList::push` puts it in its place.
-        let idle_since = conn.stream.burst_began().map_or(now, |at| at.min(now));
+        // With two workers checking in at once, the later time may be listed first,
+        // and `IdleList::push` puts it in its place.
         let (idle_timeout, _) = st.learner.effective_idle();
         let mut expires_at = idle_since + idle_timeout;
         if let Some(lifetime) = self.settings.max_lifetime {

@@ -45,6 +45,7 @@ impl PooledConn {
         idle_since: Option<Instant>,
         handed_at: Instant,
     ) -> Self {
+        conn.stream.expect_answer();
         PooledConn {
             conn: Some(conn),
             lease: None,
@@ -126,7 +127,7 @@ impl PooledConn {
     /// dated when read; `None` on a shared connection (another stream's bytes) or if
     /// nothing arrived since.
     pub fn answer_began(&self, sent_at: Instant) -> Option<Instant> {
-        let began = self.conn.as_ref()?.stream.burst_began()?;
+        let began = self.conn.as_ref()?.stream.answer_began()?;
         (began >= sent_at).then_some(began)
     }
 

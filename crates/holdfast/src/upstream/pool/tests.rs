@@ -194,9 +194,11 @@ async fn read_body(conn: &mut PooledConn) -> usize {
     total
 }
 
-/// The upstream's idle timer starts when it has written its response; behind a slow
-/// client the last bytes wait unread in socket buffers. A connection whose response
-/// was read later than the pool's idle timeout after it arrived is not pooled.
+/// The upstream's idle timer starts once it has written its answer; behind a slow
+/// client the end waits unread in socket buffers (or in the upstream's own send buffer,
+/// held there by flow control, written long before it arrives). The pool dates a
+/// connection idle from when its answer began to arrive, so one read later than the
+/// idle timeout after that is not pooled; one read promptly is.
 #[tokio::test(start_paused = true)]
 async fn a_response_read_late_leaves_its_connection_idle_since_it_arrived() {
     use tokio::io::AsyncWriteExt;
@@ -204,6 +206,7 @@ async fn a_response_read_late_leaves_its_connection_idle_since_it_arrived() {
     let head = format!("HTTP/1.1 200 OK\r\nContent-Length: {BODY}\r\n\r\n");
     let mut response = head.clone().into_bytes();
     response.resize(head.len() + BODY, b'x');
+    let late = IDLE + Duration::from_millis(500);
 
     let pool = Pool::new("test".into(), settings());
     let (mut conn, mut far) = exchange_on(&pool).await;
@@ -212,7 +215,7 @@ async fn a_response_read_late_leaves_its_connection_idle_since_it_arrived() {
     far.write_all(&response).await.expect("respond");
     read_head(&mut conn).await;
     // The client takes longer than the idle timeout to take the body.
-    tokio::time::advance(IDLE + Duration::from_millis(500)).await;
+    tokio::time::advance(late).await;
     assert_eq!(read_body(&mut conn).await, BODY);
     conn.release(Instant::now());
     settle().await;
@@ -220,29 +223,77 @@ async fn a_response_read_late_leaves_its_connection_idle_since_it_arrived() {
     assert_eq!(pool.figures.closed_count(CloseReason::IdleExpired), 1);
     drop(far);
 
-    // A response whose end arrives late, read as it arrives: idle from the end, so
-    // pooled. Its first part does not date it.
+    // The answer's second half arrives later than the idle timeout, read as it
+    // arrives: it may have waited in the upstream's send buffer, so it does not date
+    // the end of the writing; the answer's start does.
     let (mut conn, mut far) = exchange_on(&pool).await;
     begin_get(&mut conn);
     let half = head.len() + BODY / 2;
     far.write_all(&response[..half]).await.expect("first half");
     read_head(&mut conn).await;
     let rest = response[half..].to_vec();
-    let late = tokio::spawn(async move {
-        tokio::time::sleep(IDLE + Duration::from_millis(500)).await;
+    let writer = tokio::spawn(async move {
+        tokio::time::sleep(late).await;
         far.write_all(&rest).await.expect("second half");
         far
     });
     assert_eq!(read_body(&mut conn).await, BODY);
-    let _far = late.await.expect("writer");
+    drop(writer.await.expect("writer"));
+    conn.release(Instant::now());
+    settle().await;
+    assert_eq!(pool.snapshot().idle, 0, "dated by a late burst");
+    assert_eq!(pool.figures.closed_count(CloseReason::IdleExpired), 2);
+
+    // Read promptly: pooled, and handed out again as idle since its answer.
+    let (mut conn, mut far) = exchange_on(&pool).await;
+    begin_get(&mut conn);
+    far.write_all(&response).await.expect("respond");
+    let answered = Instant::now();
+    read_head(&mut conn).await;
+    assert_eq!(read_body(&mut conn).await, BODY);
+    tokio::time::advance(Duration::from_millis(300)).await;
+    conn.release(Instant::now());
+    settle().await;
+    assert_eq!(pool.snapshot().idle, 1, "read promptly: reusable");
+    let again = pool
+        .checkout(Want::Idle(Take::MostRecent), false, || async {
+            unreachable!("the idle connection is reused")
+        })
+        .await
+        .expect("checkout");
+    assert_eq!(again.reused_since(), Some(answered));
+    drop(far);
+}
+
+/// An upstream that closed on its idle timeout while a slow client held the end of
+/// its answer is recorded as closing at the idle age since its answer, not as closing
+/// right after it (which, twice, would teach a request limit it does not have).
+#[tokio::test(start_paused = true)]
+async fn a_close_found_at_check_in_is_dated_from_the_answer() {
+    use tokio::io::AsyncWriteExt;
+    let response = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello";
+    let pool = Pool::new("test".into(), settings());
+    let (mut conn, mut far) = exchange_on(&pool).await;
+    begin_get(&mut conn);
+    far.write_all(response).await.expect("respond");
+    far.shutdown().await.expect("FIN"); // the upstream closes after its answer
+    read_head(&mut conn).await;
+    tokio::time::advance(Duration::from_millis(700)).await;
+    assert_eq!(read_body(&mut conn).await, 5);
     conn.release(Instant::now());
     settle().await;
     assert_eq!(
-        pool.snapshot().idle,
-        1,
-        "idle since the end arrived: reusable"
+        pool.figures.closed_count(CloseReason::ClosedByUpstreamIdle),
+        1
     );
-    assert_eq!(pool.figures.closed_count(CloseReason::IdleExpired), 1);
+    let ages = pool.figures.idle_age_at_upstream_close.snapshot();
+    assert_eq!(ages.count(), 1);
+    assert!(
+        ages.sum_secs >= 0.7,
+        "closed at idle age {} s",
+        ages.sum_secs
+    );
+    drop(far);
 }
 
 proptest! {
