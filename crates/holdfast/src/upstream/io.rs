@@ -124,7 +124,7 @@ impl Stream {
     }
 
     /// When the answer to the request last handed the connection began to arrive
-    /// (see [`AnswerClock`]); `None` before any.
+    /// (the first bytes read since; see `AnswerClock`); `None` before any.
     pub fn answer_began(&self) -> Option<Instant> {
         match self.answer.began.load(Relaxed) {
             0 => None,
