@@ -292,6 +292,7 @@ impl Upstream {
                     None => body.take().unwrap_or(RequestBody::Empty),
                 };
                 let reused_since = conn.reused_since();
+                let settled_at = conn.reused_settled_at();
                 // The pool read the clock as it handed the connection over, just now.
                 let sent_at = conn.handed_at().unwrap_or_else(Instant::now);
                 // The request's total deadline is enforced here too while a connection is
@@ -393,7 +394,9 @@ impl Upstream {
                         let stale = reused_since.is_some() && error.kind() == Kind::Closed;
                         if let Some(since) = reused_since.filter(|_| stale && !shared) {
                             // The pool's own matter, not the address's health.
-                            peer.pool.on_stale(since, since.elapsed(), requests);
+                            // Learned from the short idle age (see `IdleEntry`).
+                            let age = settled_at.unwrap_or(since).elapsed();
+                            peer.pool.on_stale(since, age, requests);
                         } else if error.counts_against_health() {
                             self.note_failure(&peer, &error);
                         }

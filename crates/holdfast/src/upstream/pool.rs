@@ -291,7 +291,7 @@ impl Pool {
         let permit = self.acquire_slot().await?;
         if let Want::Idle(take) = want {
             let now = Instant::now();
-            while let Some((mut conn, idle_since)) = self.take_idle(take, now) {
+            while let Some((mut conn, idle_since, settled_at)) = self.take_idle(take, now) {
                 let probe = if conn.client.is_closed() {
                     IdleProbe::Closed
                 } else if check_idle {
@@ -307,13 +307,13 @@ impl Pool {
                         conn,
                         self.clone(),
                         permit,
-                        Some(idle_since),
+                        Some((idle_since, settled_at)),
                         now,
                     ));
                 }
                 // Closed while idle and not yet noticed by its driver.
                 self.figures.stale_caught.fetch_add(1, Relaxed);
-                self.upstream_closed_idle(conn, now.saturating_duration_since(idle_since));
+                self.upstream_closed_idle(conn, now.saturating_duration_since(settled_at));
             }
         }
         // Counted before it exists, so that concurrent checkouts cannot together open
@@ -409,11 +409,11 @@ impl Pool {
         }
     }
 
-    fn take_idle(&self, take: Take, now: Instant) -> Option<(Conn, Instant)> {
+    fn take_idle(&self, take: Take, now: Instant) -> Option<(Conn, Instant, Instant)> {
         let mut expired = Vec::new();
         let got = self.lock().idle.take(now, take, &mut expired);
         self.close_all(expired, CloseReason::IdleExpired);
-        got.map(|e| (e.conn, e.idle_since))
+        got.map(|e| (e.conn, e.idle_since, e.settled_at))
     }
 
     /// Counts a connection about to be opened, first closing the oldest idle ones while
@@ -493,7 +493,7 @@ impl Pool {
     fn on_driver_end(&self, id: u64) {
         let entry = self.lock().idle.remove(id);
         if let Some(e) = entry {
-            let age = e.idle_age(Instant::now());
+            let age = e.closed_age(Instant::now());
             self.upstream_closed_idle(e.conn, age);
         }
     }
@@ -553,10 +553,10 @@ impl Pool {
         };
         if let Some(reason) = self.retire_reason(&conn, &hint, now) {
             if reason == CloseReason::ClosedByUpstreamIdle {
-                // Closed as its response ended (evidence of a request limit per
-                // connection that the upstream does not announce), or, behind a slow
-                // client, on the upstream's idle timeout: the idle age tells which.
-                self.upstream_closed_idle(conn, now.saturating_duration_since(idle_since));
+                // Closed as its response ended: evidence of a request limit per
+                // connection that the upstream does not announce. (Behind a slow
+                // client it may be the idle timeout; learning errs careful either way.)
+                self.upstream_closed_idle(conn, Duration::ZERO);
             } else {
                 self.figures.closed(reason);
             }
@@ -568,7 +568,7 @@ impl Pool {
         if let Err(reason) = conn.client.park() {
             drop(st);
             if reason == CloseReason::ClosedByUpstreamIdle {
-                self.upstream_closed_idle(conn, now.saturating_duration_since(idle_since));
+                self.upstream_closed_idle(conn, Duration::ZERO);
             } else {
                 self.figures.closed(reason);
             }
@@ -586,9 +586,13 @@ impl Pool {
             self.figures.closed(CloseReason::IdleExpired);
             return;
         }
-        let evicted = st
-            .idle
-            .push(conn, idle_since, expires_at, self.idle_limit.load(Relaxed));
+        let evicted = st.idle.push_settled(
+            conn,
+            idle_since,
+            now,
+            expires_at,
+            self.idle_limit.load(Relaxed),
+        );
         let wake = st.reaper_target.is_none_or(|t| expires_at < t);
         drop(st);
         if wake {

@@ -17,13 +17,23 @@ pub trait Keyed {
 #[derive(Debug)]
 pub struct IdleEntry<C> {
     pub conn: C,
+    /// The earliest the upstream may have started counting it idle (its answer began
+    /// to arrive): what expiry and reuse go by.
     pub idle_since: Instant,
+    /// The latest it may have (holdfast had read the whole answer): an upstream close
+    /// is learned from the idle age since this, so a learned timeout errs short.
+    pub settled_at: Instant,
     pub expires_at: Instant,
 }
 
 impl<C> IdleEntry<C> {
     pub fn idle_age(&self, now: Instant) -> Duration {
         now.saturating_duration_since(self.idle_since)
+    }
+
+    /// The idle age at which the upstream closed it, taken short (see `settled_at`).
+    pub fn closed_age(&self, now: Instant) -> Duration {
+        now.saturating_duration_since(self.settled_at)
     }
 }
 
@@ -63,6 +73,19 @@ impl<C: Keyed> IdleList<C> {
     /// Adds a connection that just finished a request; returns the oldest one if the
     /// list is over `cap`.
     pub fn push(&mut self, conn: C, now: Instant, expires_at: Instant, cap: usize) -> Option<C> {
+        self.push_settled(conn, now, now, expires_at, cap)
+    }
+
+    /// [`IdleList::push`] for a connection counted idle since `now` but whose answer
+    /// was read in full only at `settled_at`.
+    pub fn push_settled(
+        &mut self,
+        conn: C,
+        now: Instant,
+        settled_at: Instant,
+        expires_at: Instant,
+        cap: usize,
+    ) -> Option<C> {
         // Check-ins read the clock before taking the pool's lock, so one from another
         // worker may have listed a later time first: go past those, keeping the list
         // ordered (`drain_idle_since` and `take` rely on it). Almost always 0 steps.
@@ -78,6 +101,7 @@ impl<C: Keyed> IdleList<C> {
             IdleEntry {
                 conn,
                 idle_since: now,
+                settled_at,
                 expires_at,
             },
         );

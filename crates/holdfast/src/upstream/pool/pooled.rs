@@ -28,6 +28,9 @@ pub struct PooledConn {
     pool: Arc<Pool>,
     _slot: Option<OwnedSemaphorePermit>,
     idle_since: Option<Instant>,
+    /// When its last answer had been read in full, if it was reused (see
+    /// `IdleEntry::settled_at`).
+    settled_at: Option<Instant>,
     /// When the pool handed this connection out, if it read the clock then: the
     /// request is sent at once, so this serves as its send time.
     handed_at: Option<Instant>,
@@ -42,7 +45,7 @@ impl PooledConn {
         conn: Conn,
         pool: Arc<Pool>,
         slot: OwnedSemaphorePermit,
-        idle_since: Option<Instant>,
+        reused: Option<(Instant, Instant)>,
         handed_at: Instant,
     ) -> Self {
         conn.stream.expect_answer();
@@ -51,7 +54,8 @@ impl PooledConn {
             lease: None,
             pool,
             _slot: Some(slot),
-            idle_since,
+            idle_since: reused.map(|(since, _)| since),
+            settled_at: reused.map(|(_, settled)| settled),
             handed_at: Some(handed_at),
             hint: ResponseHint::default(),
             close_reason: CloseReason::Abandoned,
@@ -63,6 +67,7 @@ impl PooledConn {
         PooledConn {
             conn: None,
             idle_since: lease.reused.then(|| lease.created()),
+            settled_at: None,
             handed_at: None,
             lease: Some(lease),
             pool,
@@ -115,6 +120,12 @@ impl PooledConn {
     /// `Some(idle_since)` when this connection served an earlier request.
     pub fn reused_since(&self) -> Option<Instant> {
         self.idle_since
+    }
+
+    /// When its last answer had been read in full, if reused: the latest the upstream
+    /// may have started counting it idle, what an observed close is learned from.
+    pub fn reused_settled_at(&self) -> Option<Instant> {
+        self.settled_at
     }
 
     /// When the pool handed the connection out, or `None` if it did not read the
