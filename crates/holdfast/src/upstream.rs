@@ -351,10 +351,12 @@ impl Upstream {
                 match result {
                     Ok(response) => {
                         peer.health.on_success();
-                        // Dated as the answer's first bytes were read: no clock
-                        // reading of its own.
+                        // Plain HTTP/1: dated as the answer's first bytes were read,
+                        // no clock reading of its own. Over TLS the first bytes read
+                        // may be a session ticket instead.
                         let ttfb = conn
                             .answer_began(sent_at)
+                            .filter(|_| conn.is_plain_http1())
                             .map_or_else(|| sent_at.elapsed(), |at| at - sent_at);
                         conn.responded();
                         if response.status() == http::StatusCode::SWITCHING_PROTOCOLS {
@@ -394,9 +396,10 @@ impl Upstream {
                         let stale = reused_since.is_some() && error.kind() == Kind::Closed;
                         if let Some(since) = reused_since.filter(|_| stale && !shared) {
                             // The pool's own matter, not the address's health.
-                            // Learned from the short idle age (see `IdleEntry`).
-                            let age = settled_at.unwrap_or(since).elapsed();
-                            peer.pool.on_stale(since, age, requests);
+                            // The late bound for both (see `IdleEntry`): evicts
+                            // more, learns a shorter age.
+                            let settled = settled_at.unwrap_or(since);
+                            peer.pool.on_stale(settled, settled.elapsed(), requests);
                         } else if error.counts_against_health() {
                             self.note_failure(&peer, &error);
                         }

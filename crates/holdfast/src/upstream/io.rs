@@ -51,7 +51,9 @@ enum Sock {
 /// holds them there while holdfast's receive buffer is full). The first bytes can only
 /// have been written before the last, so this date is early by the answer's transfer
 /// time, and by at most one RTT late: a long or slowly read answer leaves a connection
-/// that looks older than it is, which the pool closes rather than reuses.
+/// that looks older than it is, which the pool closes rather than reuses. Over TLS the
+/// first bytes may be a session ticket sent after the handshake, earlier still (safe,
+/// but no time to first byte: that is read from the clock there).
 #[derive(Debug, Default)]
 struct AnswerClock {
     /// Handed out, and nothing read since.

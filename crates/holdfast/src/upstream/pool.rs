@@ -473,10 +473,12 @@ impl Pool {
 
     /// A reused connection failed before any response byte. Connections idle as long
     /// or longer are likely dead too: close them now rather than find out one by one.
-    pub fn on_stale(&self, idle_since: Instant, idle_age: Duration, requests: u64) {
+    /// `settled_at`: when its last answer had been read in full (the late bound, so
+    /// that every connection that may be older goes); `idle_age`: the short one.
+    pub fn on_stale(&self, settled_at: Instant, idle_age: Duration, requests: u64) {
         let (older, learned) = {
             let mut st = self.lock();
-            let older = st.idle.drain_idle_since(idle_since);
+            let older = st.idle.drain_idle_since(settled_at);
             // Only a prompt close says something exact (a per-connection request limit).
             let learned = (idle_age < PROMPT_CLOSE)
                 .then(|| st.learner.on_idle_close(idle_age, requests))
@@ -485,6 +487,19 @@ impl Pool {
         };
         self.close_all(older, CloseReason::Evicted);
         self.apply_learned(learned);
+    }
+
+    /// The upstream closed a connection as it was checked in: promptly after its
+    /// answer (a request limit it does not announce) only if the answer was read
+    /// promptly too. After a long read (a slow client) it may as well have been the
+    /// upstream's idle timeout, and taken as a request limit it would end keep-alive
+    /// to the address: nothing is learned.
+    fn closed_at_checkin(&self, conn: Conn, answer_read_for: Duration) {
+        if answer_read_for < PROMPT_CLOSE {
+            self.upstream_closed_idle(conn, Duration::ZERO);
+        } else {
+            self.figures.closed(CloseReason::ClosedByUpstreamIdle);
+        }
     }
 
     /// Called by a connection's driver when it ends. If the connection was idle, the
@@ -553,10 +568,7 @@ impl Pool {
         };
         if let Some(reason) = self.retire_reason(&conn, &hint, now) {
             if reason == CloseReason::ClosedByUpstreamIdle {
-                // Closed as its response ended: evidence of a request limit per
-                // connection that the upstream does not announce. (Behind a slow
-                // client it may be the idle timeout; learning errs careful either way.)
-                self.upstream_closed_idle(conn, Duration::ZERO);
+                self.closed_at_checkin(conn, now.saturating_duration_since(idle_since));
             } else {
                 self.figures.closed(reason);
             }
@@ -568,14 +580,13 @@ impl Pool {
         if let Err(reason) = conn.client.park() {
             drop(st);
             if reason == CloseReason::ClosedByUpstreamIdle {
-                self.upstream_closed_idle(conn, Duration::ZERO);
+                self.closed_at_checkin(conn, now.saturating_duration_since(idle_since));
             } else {
                 self.figures.closed(reason);
             }
             return;
         }
-        // With two workers checking in at once, the later time may be listed first,
-        // and `IdleList::push` puts it in its place.
+        // Listed in its place by `idle_since`, which may be earlier than others'.
         let (idle_timeout, _) = st.learner.effective_idle();
         let mut expires_at = idle_since + idle_timeout;
         if let Some(lifetime) = self.settings.max_lifetime {

@@ -76,31 +76,32 @@ impl<C: Keyed> IdleList<C> {
         self.push_settled(conn, now, now, expires_at, cap)
     }
 
-    /// [`IdleList::push`] for a connection counted idle since `now` but whose answer
-    /// was read in full only at `settled_at`.
+    /// [`IdleList::push`] for a connection counted idle since `idle_since` but whose
+    /// answer was read in full only at `settled_at`.
     pub fn push_settled(
         &mut self,
         conn: C,
-        now: Instant,
+        idle_since: Instant,
         settled_at: Instant,
         expires_at: Instant,
         cap: usize,
     ) -> Option<C> {
-        // Check-ins read the clock before taking the pool's lock, so one from another
-        // worker may have listed a later time first: go past those, keeping the list
-        // ordered (`drain_idle_since` and `take` rely on it). Almost always 0 steps.
+        // Later times may be listed already: one read by another worker's check-in
+        // before this one's, or a connection whose answer began later (this one's
+        // may have been long, or read by a slow client). Go past those, keeping the
+        // list ordered (`drain_idle_since` and `take` rely on it).
         let at = self.entries.len()
             - self
                 .entries
                 .iter()
                 .rev()
-                .take_while(|e| e.idle_since > now)
+                .take_while(|e| e.idle_since > idle_since)
                 .count();
         self.entries.insert(
             at,
             IdleEntry {
                 conn,
-                idle_since: now,
+                idle_since,
                 settled_at,
                 expires_at,
             },

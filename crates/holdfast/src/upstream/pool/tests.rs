@@ -306,6 +306,35 @@ async fn an_upstream_close_is_learned_from_the_short_idle_age() {
     drop(far);
 }
 
+/// An upstream that closes as the connection is checked in closed it right after its
+/// answer (a request limit) only if the answer was read promptly; behind a slow client
+/// it may as well be its idle timeout, and nothing is learned from it.
+#[tokio::test(start_paused = true)]
+async fn a_close_at_check_in_is_learned_from_only_after_a_prompt_read() {
+    use tokio::io::AsyncWriteExt;
+    let response = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello";
+    let pool = Pool::new("test".into(), settings());
+    let ages = || pool.figures.idle_age_at_upstream_close.snapshot().count();
+    for (read_for, learned) in [(Duration::from_millis(700), 0), (Duration::ZERO, 1)] {
+        let (mut conn, mut far) = exchange_on(&pool).await;
+        begin_get(&mut conn);
+        far.write_all(response).await.expect("respond");
+        far.shutdown().await.expect("FIN"); // the upstream closes after its answer
+        read_head(&mut conn).await;
+        tokio::time::advance(read_for).await;
+        assert_eq!(read_body(&mut conn).await, 5);
+        conn.release(Instant::now());
+        settle().await;
+        assert_eq!(pool.snapshot().idle, 0, "closed, not pooled");
+        assert_eq!(ages(), learned, "answer read for {read_for:?}");
+        drop(far);
+    }
+    assert_eq!(
+        pool.figures.closed_count(CloseReason::ClosedByUpstreamIdle),
+        2
+    );
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
 
