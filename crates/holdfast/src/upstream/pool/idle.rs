@@ -289,6 +289,8 @@ mod tests {
     #[derive(Debug, Clone)]
     enum Op {
         Push,
+        /// A check-in whose answer began this many ms ago.
+        PushSettled(u64),
         Take(bool),
         Remove(u64),
         Advance(u64),
@@ -300,6 +302,7 @@ mod tests {
     fn op() -> impl Strategy<Value = Op> {
         prop_oneof![
             Just(Op::Push),
+            (0u64..2000).prop_map(Op::PushSettled),
             any::<bool>().prop_map(Op::Take),
             (0u64..40).prop_map(Op::Remove),
             (0u64..3000).prop_map(Op::Advance),
@@ -330,6 +333,14 @@ mod tests {
                             prop_assert!(inside.remove(&evicted.0));
                         }
                     }
+                    Op::PushSettled(ms) => {
+                        next_id += 1;
+                        inside.insert(next_id);
+                        let since = now.checked_sub(Duration::from_millis(ms)).unwrap_or(now);
+                        if let Some(evicted) = l.push_settled(Fake(next_id), since, now, since + timeout, cap) {
+                            prop_assert!(inside.remove(&evicted.0));
+                        }
+                    }
                     Op::Take(strict) => {
                         let take = if strict { Take::IdleAtMost(Duration::from_millis(300)) } else { Take::MostRecent };
                         let mut expired = Vec::new();
@@ -339,6 +350,10 @@ mod tests {
                         }
                         if let Some(e) = got {
                             prop_assert!(e.expires_at > now, "handed out past expiry");
+                            prop_assert!(
+                                l.iter().all(|o| o.idle_since <= e.idle_since),
+                                "a more recently idle connection was passed over"
+                            );
                             if strict {
                                 prop_assert!(e.idle_age(now) <= Duration::from_millis(300));
                             }
@@ -371,6 +386,12 @@ mod tests {
                 }
                 prop_assert!(l.len() <= cap);
                 prop_assert_eq!(l.len(), inside.len(), "a connection leaked or vanished");
+                let entries: Vec<_> = l.iter().collect();
+                prop_assert!(
+                    entries.windows(2).all(|w| w[0].idle_since <= w[1].idle_since),
+                    "not ordered by idle_since"
+                );
+                prop_assert!(entries.iter().all(|e| e.settled_at >= e.idle_since));
             }
         }
     }
