@@ -98,6 +98,16 @@ mod tests {
         }
     }
 
+    /// Looks at `t`, not yet due, from a task that has spent its budget.
+    async fn first_look_out_of_budget<P: DerefMut<Target = Sleep>>(t: &mut Timer<P>) {
+        poll_fn(|cx| {
+            spend_budget(cx);
+            assert!(!t.poll_due(cx), "not due yet");
+            Poll::Ready(())
+        })
+        .await;
+    }
+
     /// Waits (paused time) until `t` is due, looking at it on every wake-up as a
     /// task would; gives up after `limit`.
     async fn until_due<P: DerefMut<Target = Sleep>>(t: &mut Timer<P>, limit: Duration) {
@@ -117,12 +127,7 @@ mod tests {
         let mut t = Timer::new(Box::pin(tokio::time::sleep_until(
             start + Duration::from_secs(1),
         )));
-        poll_fn(|cx| {
-            spend_budget(cx);
-            assert!(!t.poll_due(cx), "not due yet");
-            Poll::Ready(())
-        })
-        .await;
+        first_look_out_of_budget(&mut t).await;
         until_due(&mut t, Duration::from_secs(10)).await;
         assert_eq!(
             start.elapsed(),
@@ -133,12 +138,7 @@ mod tests {
         // Reset after firing, looked at first by a task out of budget again (an
         // upstream connection's next request, after a large request body).
         t.reset(Instant::now() + Duration::from_secs(1));
-        poll_fn(|cx| {
-            spend_budget(cx);
-            assert!(!t.poll_due(cx));
-            Poll::Ready(())
-        })
-        .await;
+        first_look_out_of_budget(&mut t).await;
         until_due(&mut t, Duration::from_secs(10)).await;
         assert_eq!(
             start.elapsed(),

@@ -1270,9 +1270,10 @@ async fn access_log_has_one_line_per_request() {
     }
 }
 
-#[tokio::test]
-async fn access_log_can_be_json() {
-    let upstream = TestUpstream::start(Behaviour::Echo).await;
+/// GET /a then /b on one keep-alive connection through holdfast (JSON log) to an
+/// upstream that behaves as given; returns the upstream and the two access lines.
+async fn two_json_access_lines(behaviour: Behaviour) -> (TestUpstream, Vec<serde_json::Value>) {
+    let upstream = TestUpstream::start(behaviour).await;
     let (proxy, addr) = spawn_holdfast(&binary_config(&upstream.url(), "json"), &[]).await;
     let mut client = KeepAliveClient::new(addr);
     assert_eq!(client.get("/a").await.unwrap().status, 200);
@@ -1289,6 +1290,12 @@ async fn access_log_can_be_json() {
         }
     }
     assert_eq!(access.len(), 2, "{logs}");
+    (upstream, access)
+}
+
+#[tokio::test]
+async fn access_log_can_be_json() {
+    let (upstream, access) = two_json_access_lines(Behaviour::Echo).await;
     for (v, path, conn) in [(&access[0], "/a", "new"), (&access[1], "/b", "reused")] {
         assert_eq!(v["method"], "GET", "{v}");
         assert_eq!(v["path"], path, "{v}");
@@ -1309,19 +1316,7 @@ async fn access_log_can_be_json() {
 #[tokio::test]
 async fn access_log_ttfb_is_the_upstreams_time_to_answer() {
     const DELAY: Duration = Duration::from_millis(200);
-    let upstream = TestUpstream::start(Behaviour::Delay(DELAY)).await;
-    let (proxy, addr) = spawn_holdfast(&binary_config(&upstream.url(), "json"), &[]).await;
-    let mut client = KeepAliveClient::new(addr);
-    assert_eq!(client.get("/a").await.unwrap().status, 200);
-    assert_eq!(client.get("/b").await.unwrap().status, 200);
-    assert!(proxy.wait_for_log("\"/b\"", WAIT).await, "{}", proxy.logs());
-    let logs = proxy.logs();
-    let access: Vec<serde_json::Value> = logs
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .filter(|v| v["target"] == "holdfast::access")
-        .collect();
-    assert_eq!(access.len(), 2, "{logs}");
+    let (_upstream, access) = two_json_access_lines(Behaviour::Delay(DELAY)).await;
     for (v, conn) in access.iter().zip(["new", "reused"]) {
         assert_eq!(v["conn"], conn, "{v}");
         let ttfb = v["ttfb_ms"].as_f64().unwrap_or(-1.0);
