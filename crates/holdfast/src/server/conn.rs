@@ -253,27 +253,34 @@ impl ConnState {
 /// Held from the moment a request reaches the service until its response is written
 /// (it travels in the response body); dropped early if the request is cancelled (an
 /// HTTP/2 stream reset). The connection is idle when none is held.
-pub struct InFlight(Arc<ConnState>, Option<Instant>);
+pub struct InFlight {
+    state: Arc<ConnState>,
+    /// When the response ended, if the body said (see [`InFlight::ended_at`]).
+    ended_at: Option<Instant>,
+}
 
 impl InFlight {
     fn start(state: &Arc<ConnState>, now: Instant) -> InFlight {
         state.active.fetch_add(1, Relaxed);
         state.set_at(ConnPhase::Busy, now);
-        InFlight(state.clone(), None)
+        InFlight {
+            state: state.clone(),
+            ended_at: None,
+        }
     }
 
     /// The response ended at `at`, a clock reading taken in the same poll that drops
     /// this: the connection is idle from then, with no reading of its own.
     pub(crate) fn ended_at(&mut self, at: Instant) {
-        self.1 = Some(at);
+        self.ended_at = Some(at);
     }
 }
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        if self.0.active.fetch_sub(1, Relaxed) == 1 {
-            self.0
-                .set_at(ConnPhase::Idle, self.1.unwrap_or_else(Instant::now));
+        if self.state.active.fetch_sub(1, Relaxed) == 1 {
+            let at = self.ended_at.unwrap_or_else(Instant::now);
+            self.state.set_at(ConnPhase::Idle, at);
         }
     }
 }
@@ -368,7 +375,7 @@ pub fn serve(
                 let in_flight = InFlight::start(&state, arrived);
                 async move {
                     let version = req.version();
-                    let state = &*in_flight.0;
+                    let state = &*in_flight.state;
                     let shared = &*state.shared;
                     let mut resp = if shared.config.redirect_https {
                         redirect::respond(&req, shared.config.redirect_https_port)

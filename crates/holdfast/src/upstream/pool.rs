@@ -597,7 +597,7 @@ impl Pool {
             self.figures.closed(CloseReason::IdleExpired);
             return;
         }
-        let evicted = st.idle.push_settled(
+        let evicted = st.idle.push(
             conn,
             idle_since,
             now,

@@ -70,15 +70,10 @@ impl<C: Keyed> IdleList<C> {
         self.entries.is_empty()
     }
 
-    /// Adds a connection that just finished a request; returns the oldest one if the
-    /// list is over `cap`.
-    pub fn push(&mut self, conn: C, now: Instant, expires_at: Instant, cap: usize) -> Option<C> {
-        self.push_settled(conn, now, now, expires_at, cap)
-    }
-
-    /// [`IdleList::push`] for a connection counted idle since `idle_since` but whose
-    /// answer was read in full only at `settled_at`.
-    pub fn push_settled(
+    /// Adds a connection that just finished a request, counted idle since `idle_since`
+    /// (its answer began to arrive) and read in full at `settled_at`; returns the
+    /// oldest one if the list is over `cap`.
+    pub fn push(
         &mut self,
         conn: C,
         idle_since: Instant,
@@ -210,9 +205,9 @@ mod tests {
         let t0 = Instant::now();
         let mut l = IdleList::default();
         let exp = t0 + Duration::from_secs(10);
-        assert!(l.push(Fake(1), t0, exp, 2).is_none());
-        assert!(l.push(Fake(2), t0, exp, 2).is_none());
-        assert_eq!(l.push(Fake(3), t0, exp, 2), Some(Fake(1)));
+        assert!(l.push(Fake(1), t0, t0, exp, 2).is_none());
+        assert!(l.push(Fake(2), t0, t0, exp, 2).is_none());
+        assert_eq!(l.push(Fake(3), t0, t0, exp, 2), Some(Fake(1)));
         let mut expired = Vec::new();
         assert_eq!(
             l.take(t0, Take::MostRecent, &mut expired).unwrap().conn,
@@ -229,7 +224,7 @@ mod tests {
     fn idle_age_limit_refuses_old_connections() {
         let t0 = Instant::now();
         let mut l = IdleList::default();
-        l.push(Fake(1), t0, t0 + Duration::from_secs(10), 8);
+        l.push(Fake(1), t0, t0, t0 + Duration::from_secs(10), 8);
         let later = t0 + Duration::from_secs(2);
         let mut expired = Vec::new();
         assert!(
@@ -252,6 +247,7 @@ mod tests {
             l.push(
                 Fake(i),
                 t0 + Duration::from_secs(i),
+                t0 + Duration::from_secs(i),
                 t0 + Duration::from_secs(100),
                 8,
             );
@@ -267,9 +263,9 @@ mod tests {
         let t0 = Instant::now();
         let s = Duration::from_secs;
         let mut l = IdleList::default();
-        l.push(Fake(0), t0, t0 + s(100), 8);
-        l.push(Fake(2), t0 + s(2), t0 + s(100), 8);
-        l.push(Fake(1), t0 + s(1), t0 + s(100), 8);
+        l.push(Fake(0), t0, t0, t0 + s(100), 8);
+        l.push(Fake(2), t0 + s(2), t0 + s(2), t0 + s(100), 8);
+        l.push(Fake(1), t0 + s(1), t0 + s(1), t0 + s(100), 8);
         assert_eq!(
             l.iter().map(|e| e.conn.0).collect::<Vec<_>>(),
             [0, 1, 2],
@@ -329,7 +325,7 @@ mod tests {
                     Op::Push => {
                         next_id += 1;
                         inside.insert(next_id);
-                        if let Some(evicted) = l.push(Fake(next_id), now, now + timeout, cap) {
+                        if let Some(evicted) = l.push(Fake(next_id), now, now, now + timeout, cap) {
                             prop_assert!(inside.remove(&evicted.0));
                         }
                     }
@@ -337,7 +333,7 @@ mod tests {
                         next_id += 1;
                         inside.insert(next_id);
                         let since = now.checked_sub(Duration::from_millis(ms)).unwrap_or(now);
-                        if let Some(evicted) = l.push_settled(Fake(next_id), since, now, since + timeout, cap) {
+                        if let Some(evicted) = l.push(Fake(next_id), since, now, since + timeout, cap) {
                             prop_assert!(inside.remove(&evicted.0));
                         }
                     }
