@@ -97,8 +97,10 @@ async fn watch_idle(stream: Arc<Stream>, mut busy: watch::Receiver<bool>) {
 }
 
 impl FastCgiConn {
+    /// Broken, or its idle watch has ended (the application closed it or sent
+    /// something while it was idle): the watch drops its end of `busy` when it ends.
     pub fn is_closed(&self) -> bool {
-        self.exchange == Exchange::Broken
+        self.exchange == Exchange::Broken || self.busy.is_closed()
     }
 
     /// Sends one request and reads until its CGI head is complete.

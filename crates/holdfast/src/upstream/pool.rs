@@ -69,10 +69,15 @@ impl Client {
         }
     }
 
-    /// The connection goes idle: hands its watching to the driver (HTTP/1).
+    /// The connection goes idle: hands its watching to the driver (HTTP/1). Called
+    /// under the pool's lock, which the driver's end takes too: a FastCGI watch that
+    /// ended before this (the application closed the connection between the end of
+    /// the response and the check-in) is seen here, one that ends after it finds the
+    /// connection listed and removes it.
     fn park(&mut self) -> Result<(), CloseReason> {
         match self {
             Client::Http1(c) => c.park(),
+            Client::FastCgi(c) if c.is_closed() => Err(CloseReason::ClosedByUpstreamIdle),
             _ => Ok(()),
         }
     }

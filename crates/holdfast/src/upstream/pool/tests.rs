@@ -335,6 +335,79 @@ async fn a_close_at_check_in_is_learned_from_only_after_a_prompt_read() {
     );
 }
 
+/// A FastCGI application may close a connection right after its answer (php-fpm at
+/// `pm.max_requests`). If its idle watch sees that before the connection is checked in,
+/// the watch ends with nothing listed to remove, so the check-in itself must notice and
+/// not list a dead connection for the next request.
+#[tokio::test(start_paused = true)]
+async fn a_fastcgi_connection_closed_before_its_check_in_is_not_listed() {
+    use holdfast_fastcgi::record::{self, RecordType};
+    use holdfast_fastcgi::{EndRequest, ProtocolStatus, RecordDecoder};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let pool = Pool::new("test".into(), settings());
+    let (near, mut far) = UnixStream::pair().expect("socket pair");
+    let mut conn = pool
+        .checkout(Want::Idle(Take::MostRecent), false, || async move {
+            Ok(crate::upstream::fastcgi::connected(
+                Stream::unix(near),
+                Duration::from_secs(5),
+                "test".into(),
+            ))
+        })
+        .await
+        .expect("checkout");
+    // The application: reads the request up to its empty STDIN, answers, closes.
+    let app = tokio::spawn(async move {
+        let (mut buf, mut decoder) = (bytes::BytesMut::new(), RecordDecoder::new());
+        loop {
+            match decoder.decode(&mut buf).expect("a valid request") {
+                Some(r) if r.kind == RecordType::Stdin && r.content.is_empty() => break,
+                Some(_) => continue,
+                None => assert!(far.read_buf(&mut buf).await.expect("read") > 0),
+            }
+        }
+        let mut out = bytes::BytesMut::new();
+        record::encode_stream(&mut out, RecordType::Stdout, 1, b"Status: 200 OK\r\n\r\nok");
+        record::encode_stream(&mut out, RecordType::Stdout, 1, b"");
+        let end = EndRequest {
+            app_status: 0,
+            protocol_status: ProtocolStatus::RequestComplete,
+        };
+        record::encode_end_request(&mut out, 1, &end);
+        far.write_all(&out).await.expect("answer");
+    });
+    let Client::FastCgi(f) = conn.client() else {
+        unreachable!("a FastCGI connection")
+    };
+    f.send(&[], crate::body::RequestBody::Empty)
+        .await
+        .map_err(|(e, _)| e)
+        .expect("response head");
+    while let Some(chunk) = std::future::poll_fn(|cx| f.poll_body(cx)).await {
+        chunk.expect("body");
+    }
+    app.await.expect("application"); // its end of the socket is closed now
+    // The idle watch sees the close before the check-in.
+    for _ in 0..100 {
+        if f.is_closed() {
+            break;
+        }
+        tokio::task::yield_now().await;
+    }
+    conn.release(Instant::now());
+    settle().await;
+    assert_eq!(
+        pool.snapshot().idle,
+        0,
+        "a closed connection was listed idle"
+    );
+    assert_eq!(
+        pool.figures.closed_count(CloseReason::ClosedByUpstreamIdle),
+        1
+    );
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
 
