@@ -358,7 +358,7 @@ impl Upstream {
                             .answer_began(sent_at)
                             .filter(|_| conn.is_plain_http1())
                             .map_or_else(|| sent_at.elapsed(), |at| at - sent_at);
-                        conn.responded();
+                        conn.responded(ttfb);
                         if response.status() == http::StatusCode::SWITCHING_PROTOCOLS {
                             conn.hand_over();
                         }

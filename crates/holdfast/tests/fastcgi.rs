@@ -19,6 +19,7 @@ use holdfast_test::{
     PhpFpmOptions, RawClient, Response, is_pattern, pattern, wait_until_async,
 };
 use support::Gateway;
+use support::fastcgi_app::{FastCgiApp, FastCgiAppOptions};
 use tokio::time::Instant;
 
 /// Per-response bound for the clients.
@@ -929,6 +930,87 @@ async fn pool_larger_than_max_children_serves_a_burst() {
         started.elapsed() < Duration::from_secs(8),
         "96 requests of 10 ms on 2 workers took {:?}",
         started.elapsed()
+    );
+}
+
+/// Scripts slower than the 50 ms after which a new connection may be waiting for a
+/// worker, on a php-fpm with workers to spare: a new connection unanswered that long is
+/// running its script. Taking it for one starved of a worker would close connections
+/// for it, and the next request would open another: every request on a new
+/// connection (story 4). The pool waits twice as long as answers usually take.
+#[tokio::test]
+async fn slow_scripts_keep_their_connections() {
+    let fpm = PhpFpm::start(PhpFpmOptions {
+        max_children: 4,
+        ..PhpFpmOptions::default()
+    })
+    .await;
+    fpm.script("slow.php", "<?php usleep(150000); echo 'done';");
+    let gw = Site::tcp(&fpm).start().await;
+    assert_eq!(get(&gw, "/slow.php").await.status, 200);
+
+    // Two clients, the second starting while the first one's request runs, so that
+    // it opens a connection of its own.
+    let tasks: Vec<_> = (0..2u64)
+        .map(|i| {
+            let mut c = client(&gw);
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(70 * i)).await;
+                let mut statuses = Vec::new();
+                for _ in 0..6 {
+                    statuses.push(c.get("/slow.php").await.map(|r| r.status).ok());
+                }
+                statuses
+            })
+        })
+        .collect();
+    for t in tasks {
+        assert_eq!(t.await.expect("client task"), vec![Some(200); 6]);
+    }
+    let (_, pool) = pools(&gw).await;
+    assert!(
+        figure(&pool["created"]) <= 3,
+        "13 requests from 2 clients opened {} connections: {pool}",
+        figure(&pool["created"])
+    );
+}
+
+/// An application that says how many connections it takes (`FCGI_MAX_CONNS`) gets no
+/// more, even from a burst of first requests that arrive while holdfast still waits
+/// for that answer: the cap can only take slots nobody holds, so requests wait for
+/// the answer before taking one.
+#[tokio::test]
+async fn the_applications_connection_cap_holds_for_a_burst_of_first_requests() {
+    let app = FastCgiApp::start_with(FastCgiAppOptions {
+        max_conns: 2,
+        values_delay: Duration::from_millis(300),
+        ..FastCgiAppOptions::default()
+    })
+    .await;
+    let root = holdfast_test::tempdir();
+    let gw = Site {
+        upstream: format!("fastcgi://{}", app.addr),
+        root: root.path(),
+        route: "check_file = false\nfallback = \"/index.php\"",
+        tables: "",
+    }
+    .start()
+    .await;
+    let tasks: Vec<_> = (0..10)
+        .map(|_| {
+            let mut c = client(&gw);
+            tokio::spawn(async move { c.get("/x").await.map(|r| r.status).ok() })
+        })
+        .collect();
+    for t in tasks {
+        assert_eq!(t.await.expect("client task"), Some(200));
+    }
+    let (_, pool) = pools(&gw).await;
+    assert_eq!(figure(&pool["max_connections"]), 2, "{pool}");
+    assert!(
+        app.connections.most_open() <= 2,
+        "the application took {} connections at once: {pool}",
+        app.connections.most_open()
     );
 }
 

@@ -141,6 +141,16 @@ impl Peer {
         if self.shares_connections() {
             return self.pool.checkout_shared(|| Box::pin(self.connect())).await;
         }
+        if self.protocol == Protocol::FastCgi && !self.fastcgi_values.initialized() {
+            // Before taking a slot: the answer may lower `max_connections`, which only
+            // takes slots nobody holds. Concurrent first requests holding theirs while
+            // they wait for it would each open a connection, over the cap.
+            Box::pin(
+                self.fastcgi_values
+                    .get_or_init(|| self.query_fastcgi_values()),
+            )
+            .await;
+        }
         self.pool
             .checkout(want, check_idle, || Box::pin(self.connect()))
             .await

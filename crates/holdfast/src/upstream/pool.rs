@@ -211,6 +211,8 @@ struct State {
     /// With `free_workers`: new connections waiting for their first response, by id,
     /// with the time each was opened.
     fresh: BTreeMap<u64, Instant>,
+    /// With `free_workers`: how long answers usually take.
+    answer_wait: AnswerWait,
     /// HTTP/2: shared connections and requests waiting for a stream.
     shared: SharedState,
 }
@@ -234,11 +236,45 @@ pub struct Pool {
 static NEXT_CONN_ID: AtomicU64 = AtomicU64::new(1);
 
 /// With `free_workers`, how long a new connection waits for its first response before
-/// it counts as waiting for a worker. Closing idle connections as soon as any new one
-/// is pending would also close them while the application has workers to spare: two
-/// clients on two php-fpm workers would then open a connection per request, each one
-/// closing the other's.
+/// it counts as waiting for a worker, at least. Closing idle connections as soon as any
+/// new one is pending would also close them while the application has workers to
+/// spare: two clients on two php-fpm workers would then open a connection per request,
+/// each one closing the other's. So the wait is also at least twice as long as answers
+/// usually take ([`AnswerWait`]): a new connection running a slow script is not
+/// waiting for a worker.
 pub const WORKER_WAIT: Duration = Duration::from_millis(50);
+
+/// The longest a new connection waits before it counts as waiting for a worker,
+/// however slow answers are: a starved connection is freed by then. Scripts that take
+/// longer pay a new connection now and then, small beside their own time.
+pub const MAX_WORKER_WAIT: Duration = Duration::from_secs(2);
+
+/// How long a FastCGI application usually takes to answer: a moving average of the
+/// time from sending a request on a reused connection to its response head (a quarter
+/// weight to the newest).
+/// php-fpm does not say how many workers it has, so an unanswered new connection is
+/// only suspected of waiting for one when it has waited much longer than that.
+#[derive(Debug, Default)]
+struct AnswerWait {
+    average: Option<Duration>,
+}
+
+impl AnswerWait {
+    fn record(&mut self, ttfb: Duration) {
+        self.average = Some(match self.average {
+            None => ttfb,
+            Some(avg) => (avg * 3 + ttfb) / 4,
+        });
+    }
+
+    /// How long a new connection may go unanswered before it counts as waiting for a
+    /// worker.
+    fn worker_wait(&self) -> Duration {
+        self.average
+            .map_or(WORKER_WAIT, |avg| avg.saturating_mul(2))
+            .clamp(WORKER_WAIT, MAX_WORKER_WAIT)
+    }
+}
 
 impl Pool {
     /// Creates a pool and starts its reaper. Must be called inside a Tokio runtime.
@@ -256,6 +292,7 @@ impl Pool {
                 learner: Learner::new(settings.idle_timeout, settings.learn),
                 reaper_target: None,
                 fresh: BTreeMap::new(),
+                answer_wait: AnswerWait::default(),
                 shared: SharedState::default(),
             }),
             reaper: Arc::new(Notify::new()),
@@ -368,7 +405,7 @@ impl Pool {
         if self.settings.free_workers {
             self.lock().fresh.insert(id, created);
             pooled.first_response_pending = Some(id);
-            tokio::spawn(free_worker_if_unanswered(Arc::downgrade(self), id));
+            tokio::spawn(free_worker_if_unanswered(Arc::downgrade(self), id, created));
         }
         pooled
     }
@@ -555,10 +592,11 @@ impl Pool {
     /// Whether a new connection has waited so long for its first response that it may
     /// be waiting for a worker an idle connection holds (`free_workers`).
     fn waits_for_worker(&self, now: Instant) -> bool {
-        self.lock()
-            .fresh
+        let st = self.lock();
+        let wait = st.answer_wait.worker_wait();
+        st.fresh
             .values()
-            .any(|opened| now.saturating_duration_since(*opened) >= WORKER_WAIT)
+            .any(|opened| now.saturating_duration_since(*opened) >= wait)
     }
 
     fn checkin(&self, mut conn: Conn, hint: ResponseHint, now: Instant) {
@@ -738,21 +776,32 @@ async fn drive(
     }
 }
 
-/// With `free_workers`: if new connection `id` is still unanswered after
-/// [`WORKER_WAIT`], closes the oldest idle connection, freeing the worker it holds. A
-/// request that declined the idle connections (a POST avoids old ones) would otherwise
-/// wait for that worker until their idle timeout; without idle ones, the next
-/// connection to finish is closed instead (see `retire_reason`).
-async fn free_worker_if_unanswered(pool: Weak<Pool>, id: u64) {
-    tokio::time::sleep(WORKER_WAIT).await;
-    let Some(pool) = pool.upgrade() else { return };
-    let oldest = {
+/// With `free_workers`: if new connection `id`, opened at `opened`, is still
+/// unanswered after the worker wait (see [`AnswerWait::worker_wait`]), closes the
+/// oldest idle connection, freeing the worker it holds. A request that declined the
+/// idle connections (a POST avoids old ones) would otherwise wait for that worker
+/// until their idle timeout; without idle ones, the next connection to finish is
+/// closed instead (see `retire_reason`).
+async fn free_worker_if_unanswered(pool: Weak<Pool>, id: u64, opened: Instant) {
+    let mut wait = match pool.upgrade() {
+        Some(pool) => pool.lock().answer_wait.worker_wait(),
+        None => return,
+    };
+    let oldest = loop {
+        tokio::time::sleep_until(opened + wait).await;
+        let Some(pool) = pool.upgrade() else { return };
         let mut st = pool.lock();
         if !st.fresh.contains_key(&id) {
             return;
         }
-        st.idle.pop_oldest()
+        // Answers may have been found slower meanwhile.
+        let now_wait = st.answer_wait.worker_wait();
+        if now_wait <= wait {
+            break st.idle.pop_oldest();
+        }
+        wait = now_wait;
     };
+    let Some(pool) = pool.upgrade() else { return };
     if let Some(conn) = oldest {
         pool.figures.closed(CloseReason::Evicted);
         drop(conn);

@@ -84,10 +84,19 @@ impl PooledConn {
         self.lease.is_some()
     }
 
-    /// The response head arrived.
-    pub fn responded(&mut self) {
-        if let Some(id) = self.first_response_pending.take() {
-            self.pool.lock().fresh.remove(&id);
+    /// The response head arrived, `ttfb` after the request was sent.
+    pub fn responded(&mut self, ttfb: std::time::Duration) {
+        if self.pool.settings.free_workers {
+            let mut st = self.pool.lock();
+            // Only a reused connection's: it had its worker already. A new one's
+            // answer may have waited for a worker too, and the longer that wait, the
+            // longer the next new connection would be left waiting.
+            if self.idle_since.is_some() {
+                st.answer_wait.record(ttfb);
+            }
+            if let Some(id) = self.first_response_pending.take() {
+                st.fresh.remove(&id);
+            }
         }
     }
 
@@ -227,7 +236,9 @@ impl PooledConn {
 
 impl Drop for PooledConn {
     fn drop(&mut self) {
-        self.responded();
+        if let Some(id) = self.first_response_pending.take() {
+            self.pool.lock().fresh.remove(&id);
+        }
         if let Some(conn) = self.conn.take() {
             self.pool.figures.closed(self.close_reason);
             drop(conn);
