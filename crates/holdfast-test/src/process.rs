@@ -80,6 +80,23 @@ impl HoldfastProcess {
         config_toml: Option<&str>,
         env: &[(&str, &str)],
     ) -> HoldfastProcess {
+        HoldfastProcess::spawn_with_stdin(binary, args, config_toml, env, Stdio::null())
+    }
+
+    /// [`spawn_with_env`](Self::spawn_with_env) with `stdin` as the child's fd 0
+    /// instead of /dev/null: a listening socket made by the test, handed over with
+    /// `HOLDFAST_LISTEN_FDS=ADDR=0;` as an upgrade would.
+    ///
+    /// # Panics
+    ///
+    /// As `spawn`.
+    pub fn spawn_with_stdin(
+        binary: &Path,
+        args: &[&str],
+        config_toml: Option<&str>,
+        env: &[(&str, &str)],
+        stdin: Stdio,
+    ) -> HoldfastProcess {
         let dir = crate::tempdir();
         let dir_text = dir.path().display().to_string();
         let config_path = config_toml.map(|toml| {
@@ -107,7 +124,7 @@ impl HoldfastProcess {
         command
             .args(&argv)
             .envs(env.iter().copied())
-            .stdin(Stdio::null())
+            .stdin(stdin)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
         let mut child = command

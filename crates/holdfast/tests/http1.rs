@@ -36,6 +36,80 @@ const MAX_PROXY_RSS_KIB: u64 = 100 * 1024;
 
 // === bodies and framing ===
 
+/// hyper takes a response's last piece into its write buffer, which ends the
+/// request, before that piece reaches the socket. Behind a client that reads slowly
+/// the connection then looks idle while the response's end still waits to be sent,
+/// and parking it (after 100 ms idle, the socket handed back from hyper) must wait
+/// for the end to be written, not drop it with hyper. The binary runs on a listener
+/// made here, with a small send buffer (connections inherit it), so that the end
+/// waits in hyper's buffer whatever the machine's TCP buffer sizes.
+#[tokio::test]
+async fn a_slow_reader_gets_the_whole_response() {
+    const LEN: usize = 1 << 20;
+    let upstream = TestUpstream::start(Behaviour::respond(|_| {
+        Reply::new(200).body(pattern(0, LEN))
+    }))
+    .await;
+    let listener =
+        socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("socket");
+    listener.set_send_buffer_size(32 * 1024).expect("SO_SNDBUF");
+    let any: SocketAddr = "127.0.0.1:0".parse().expect("address");
+    listener.bind(&any.into()).expect("bind");
+    listener.listen(128).expect("listen");
+    let addr = listener
+        .local_addr()
+        .ok()
+        .and_then(|a| a.as_socket())
+        .expect("bound address");
+    let fds = format!("{addr}=0;");
+    let config = format!(
+        "[admin]\nlisten = \"127.0.0.1:0\"\n\n[[listener]]\nlisten = \"{addr}\"\n\n{}",
+        proxy_to(&upstream.url())
+    );
+    let proxy = HoldfastProcess::spawn_with_stdin(
+        Path::new(env!("CARGO_BIN_EXE_holdfast")),
+        &["run"],
+        Some(&config),
+        &[("HOLDFAST_LISTEN_FDS", &fds), ("NO_COLOR", "1")],
+        std::process::Stdio::from(std::os::fd::OwnedFd::from(listener)),
+    );
+    assert!(
+        proxy.wait_for_log("admin listening", WAIT).await,
+        "holdfast did not start:\n{}",
+        proxy.logs()
+    );
+
+    let mut s = TcpStream::connect(addr).await.expect("connect");
+    s.write_all(b"GET /big HTTP/1.1\r\nhost: a.test\r\n\r\n")
+        .await
+        .expect("request");
+    let mut got = Vec::new();
+    let mut buf = vec![0u8; 16 * 1024];
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let outcome = loop {
+        let head_len = got.windows(4).position(|w| w == b"\r\n\r\n").map(|p| p + 4);
+        if head_len.is_some_and(|h| got.len() >= h + LEN) {
+            break "complete";
+        }
+        match tokio::time::timeout_at(deadline, s.read(&mut buf)).await {
+            Ok(Ok(0)) => break "end of stream",
+            Ok(Ok(n)) => got.extend_from_slice(&buf[..n]),
+            Ok(Err(_)) => break "read error",
+            Err(_) => break "stalled",
+        }
+        // The slow client: at most 16 KiB per 20 ms, under 1 MB/s.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let head_len = got
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("a response head")
+        + 4;
+    let body = &got[head_len..];
+    assert_eq!(body.len(), LEN, "response cut short ({outcome})");
+    assert!(is_pattern(0, body));
+}
+
 #[tokio::test]
 async fn small_bodies_pass_byte_for_byte_both_ways() {
     // `/make/LEN/cl` and `/make/LEN/chunked` answer LEN pattern bytes; anything else
@@ -939,6 +1013,46 @@ async fn oversized_body_gets_413() {
         assert_eq!(resp.status, 200, "{path}: a body at the limit passes");
     }
     assert_eq!(upstream.requests_seen(), 2, "{:?}", upstream.requests());
+}
+
+/// A client that sent `Connection: close` may still be sending its body when holdfast
+/// answers early (here a 413 for a declared length over the limit). Closing with that
+/// body unread would send a reset, which can reach the client before the answer and
+/// fails its next write; holdfast half-closes and reads on until the client closes, as
+/// for any other early answer.
+#[tokio::test]
+async fn an_early_answer_to_a_closing_client_still_uploading_is_not_a_reset() {
+    let upstream = TestUpstream::start(Behaviour::Echo).await;
+    let gw = start(&format!(
+        "{}retry.attempts = 1\n[[listener]]\nlisten = \"127.0.0.1:0\"\nmax_body_bytes = \"1KiB\"\n",
+        proxy_to(&upstream.url())
+    ))
+    .await;
+    let mut s = TcpStream::connect(gw.addr).await.expect("connect");
+    s.write_all(
+        b"POST / HTTP/1.1\r\nhost: a.test\r\nconnection: close\r\n\
+          content-length: 209715200\r\n\r\n",
+    )
+    .await
+    .expect("head");
+    // The client keeps sending its body for a while (well within the linger).
+    let chunk = vec![b'x'; 16 * 1024];
+    for i in 0..30 {
+        if let Err(e) = s.write_all(&chunk).await {
+            panic!("body write {i} failed: {e} (the connection was reset)");
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let mut got = Vec::new();
+    tokio::time::timeout(WAIT, s.read_to_end(&mut got))
+        .await
+        .expect("holdfast closes after its answer")
+        .expect("read the answer");
+    assert!(
+        got.starts_with(b"HTTP/1.1 413"),
+        "{}",
+        String::from_utf8_lossy(&got)
+    );
 }
 
 #[tokio::test]

@@ -171,7 +171,9 @@ pub struct ConnState {
     /// HTTP/2: `max_requests_per_connection` reached; send GOAWAY.
     close_soon: AtomicBool,
     /// The client asked to close after this request (`Connection: close`, or
-    /// HTTP/1.0 without keep-alive): it sends nothing more, so no linger is needed.
+    /// HTTP/1.0 without keep-alive), which has no body: it sends nothing more, so no
+    /// linger is needed. (One with a body may still be sending it when the answer
+    /// comes early; closing with it unread would send a reset.)
     pub(super) client_closes: AtomicBool,
     /// Makes an HTTP/2 connection task look again at once.
     wake: Notify,
@@ -353,10 +355,11 @@ pub fn serve(
                 // One clock reading for the connection's state and the request's timing.
                 let arrived = Instant::now();
                 let shared = &state.shared;
-                if req.version() == Version::HTTP_10
+                if (req.version() == Version::HTTP_10
                     && !crate::proxy::headers::connection_has(req.headers(), "keep-alive")
                     || req.version() == Version::HTTP_11
-                        && crate::proxy::headers::connection_has(req.headers(), "close")
+                        && crate::proxy::headers::connection_has(req.headers(), "close"))
+                    && http_body::Body::is_end_stream(req.body())
                 {
                     state.client_closes.store(true, Relaxed);
                 }

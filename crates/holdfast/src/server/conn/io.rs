@@ -51,6 +51,11 @@ pub(super) struct ClientIo {
     /// HTTP/2 they may be a PING or a WINDOW_UPDATE; requests are counted by stream.
     mark_reading: bool,
     read_eof: bool,
+    /// A write or flush hyper started has not finished (the socket is full): hyper
+    /// holds bytes still to send. hyper ends a request once its response's last
+    /// piece is in its write buffer, before that piece is sent, so the connection
+    /// may look idle meanwhile; it parks only once they are sent.
+    unsent: bool,
     tracked: Option<Tracked>,
 }
 
@@ -85,7 +90,23 @@ impl ClientIo {
             state,
             mark_reading,
             read_eof: false,
+            unsent: false,
             tracked: Some(tracked),
+        }
+    }
+
+    /// Notes how a write or flush went. A flush that finished sent everything hyper
+    /// had; if a park waited for it, the connection is polled again to park now.
+    fn note_write<T>(&mut self, res: &Poll<io::Result<T>>, flushed: bool, cx: &Context<'_>) {
+        match res {
+            Poll::Pending => self.unsent = true,
+            Poll::Ready(Ok(_)) if flushed && self.unsent => {
+                self.unsent = false;
+                if self.state.park.load(Relaxed) == PARK_REQUESTED {
+                    cx.waker().wake_by_ref();
+                }
+            }
+            _ => {}
         }
     }
 
@@ -131,9 +152,11 @@ impl AsyncRead for ClientIo {
             }
             // Parking: nothing to read on an idle connection, so tell hyper the
             // input ended; it ends the connection cleanly and the socket stays open.
+            // Not while hyper still has bytes to send: they would go with it.
             Poll::Pending
                 if this.state.park.load(Relaxed) == PARK_REQUESTED
-                    && this.state.phase.load(Relaxed) == ConnPhase::Idle as u8 =>
+                    && this.state.phase.load(Relaxed) == ConnPhase::Idle as u8
+                    && !this.unsent =>
             {
                 this.state.park.store(PARK_PARKED, Relaxed);
                 return Poll::Ready(Ok(()));
@@ -150,7 +173,10 @@ impl AsyncWrite for ClientIo {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        self.get_mut().stream()?.poll_write(cx, buf)
+        let this = self.get_mut();
+        let res = this.stream()?.poll_write(cx, buf);
+        this.note_write(&res, false, cx);
+        res
     }
 
     fn poll_write_vectored(
@@ -158,7 +184,10 @@ impl AsyncWrite for ClientIo {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        self.get_mut().stream()?.poll_write_vectored(cx, bufs)
+        let this = self.get_mut();
+        let res = this.stream()?.poll_write_vectored(cx, bufs);
+        this.note_write(&res, false, cx);
+        res
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -170,7 +199,11 @@ impl AsyncWrite for ClientIo {
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        self.get_mut().stream()?.poll_flush(cx)
+        // hyper flushes after writing all it holds.
+        let this = self.get_mut();
+        let res = this.stream()?.poll_flush(cx);
+        this.note_write(&res, true, cx);
+        res
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
