@@ -108,6 +108,16 @@ async fn a_slow_reader_gets_the_whole_response() {
     let body = &got[head_len..];
     assert_eq!(body.len(), LEN, "response cut short ({outcome})");
     assert!(is_pattern(0, body));
+    // The connection serves on (parked once the end was sent).
+    s.write_all(b"GET /again HTTP/1.1\r\nhost: a.test\r\n\r\n")
+        .await
+        .expect("second request");
+    let mut status = [0u8; 12];
+    tokio::time::timeout(WAIT, s.read_exact(&mut status))
+        .await
+        .expect("a second response in time")
+        .expect("a second response");
+    assert_eq!(&status, b"HTTP/1.1 200");
 }
 
 #[tokio::test]
@@ -871,6 +881,40 @@ async fn slowloris_header_is_cut_at_header_timeout() {
         "header_timeout 500ms cut the head after {closed:?}"
     );
     assert_eq!(upstream.stats().connections_accepted, 0);
+}
+
+/// Some clients send a CRLF after a request body; RFC 9112 (2.2) has servers ignore
+/// empty lines before a request line. Alone they start no request: the connection
+/// stays under the idle rules (here a 5 s keep-alive timeout), not cut at the
+/// `header_timeout` of a head that has begun, and serves the next request.
+#[tokio::test]
+async fn a_stray_crlf_between_requests_does_not_start_a_head() {
+    let upstream = TestUpstream::start(Behaviour::Echo).await;
+    let gw = start(&format!(
+        "{}\n[[listener]]\nlisten = \"127.0.0.1:0\"\nheader_timeout = \"300ms\"\n\
+         keepalive_timeout = \"5s\"\n",
+        proxy_to(&upstream.url())
+    ))
+    .await;
+    let mut client = RawClient::connect(gw.addr).await.expect("connect");
+    client
+        .send_request(&ClientRequest::post("/", "body"))
+        .await
+        .expect("request");
+    let resp = client.read_response(WAIT).await.expect("response");
+    assert_eq!(resp.status, 200);
+    client.send("\r\n").await.expect("stray CRLF");
+    assert_eq!(
+        closed_within(&mut client, Duration::from_secs(1)).await,
+        None,
+        "cut at header_timeout for a CRLF"
+    );
+    client
+        .send_request(&ClientRequest::get("/next"))
+        .await
+        .expect("next request");
+    let resp = client.read_response(WAIT).await.expect("next response");
+    assert_eq!(resp.status, 200);
 }
 
 /// Waits (bounded by `within`) for holdfast to end the connection; a 408 before the

@@ -144,6 +144,10 @@ impl AsyncRead for ClientIo {
                     this.read_eof = true;
                 } else if this.mark_reading
                     && this.state.phase.load(Relaxed) == ConnPhase::Idle as u8
+                    // Empty lines before a request line are ignored (RFC 9112 2.2):
+                    // some clients send a CRLF after a body. Alone they start no
+                    // request, and leave the connection under the idle rules.
+                    && !buf.filled()[before..].iter().all(|&b| b == b'\r' || b == b'\n')
                 {
                     this.state.set(ConnPhase::Reading);
                     // A request arrived: no parking this time.
