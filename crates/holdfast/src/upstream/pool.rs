@@ -240,7 +240,7 @@ static NEXT_CONN_ID: AtomicU64 = AtomicU64::new(1);
 /// new one is pending would also close them while the application has workers to
 /// spare: two clients on two php-fpm workers would then open a connection per request,
 /// each one closing the other's. So the wait is also at least twice as long as answers
-/// usually take ([`AnswerWait`]): a new connection running a slow script is not
+/// usually take (`AnswerWait`): a new connection running a slow script is not
 /// waiting for a worker.
 pub const WORKER_WAIT: Duration = Duration::from_millis(50);
 
