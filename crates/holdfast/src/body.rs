@@ -7,6 +7,8 @@
 
 use std::fmt;
 use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering::Release};
 use std::task::{Context, Poll};
 
 use bytes::{Bytes, BytesMut};
@@ -95,6 +97,8 @@ pub struct Streaming {
     incoming: Incoming,
     received: u64,
     limit: u64,
+    /// Set once the body has been taken to its end (see [`RequestBody::watch_end`]).
+    ended: Option<Arc<AtomicBool>>,
 }
 
 impl RequestBody {
@@ -152,6 +156,7 @@ impl RequestBody {
             incoming,
             received,
             limit,
+            ended: None,
         })))
     }
 
@@ -166,6 +171,7 @@ impl RequestBody {
             incoming,
             received: 0,
             limit,
+            ended: None,
         }))
     }
 
@@ -178,6 +184,17 @@ impl RequestBody {
                 trailers: trailers.clone(),
             }),
             RequestBody::Streaming(_) => None,
+        }
+    }
+
+    /// A flag set once a streamed body has been taken to its end; `None` for a body
+    /// held whole, which is taken at once. A connection whose protocol handle still
+    /// sends the body after the response has ended (hyper's, over TLS) is not ready
+    /// for another request until then.
+    pub fn watch_end(&mut self) -> Option<Arc<AtomicBool>> {
+        match self {
+            RequestBody::Streaming(s) => Some(s.ended.get_or_insert_default().clone()),
+            _ => None,
         }
     }
 
@@ -211,7 +228,12 @@ impl Body for RequestBody {
                 }
                 match Pin::new(&mut s.incoming).poll_frame(cx) {
                     Poll::Pending => Poll::Pending,
-                    Poll::Ready(None) => Poll::Ready(None),
+                    Poll::Ready(None) => {
+                        if let Some(ended) = &s.ended {
+                            ended.store(true, Release);
+                        }
+                        Poll::Ready(None)
+                    }
                     Poll::Ready(Some(Err(e))) => {
                         Poll::Ready(Some(Err(Box::new(ClientBodyError(e)))))
                     }

@@ -525,10 +525,17 @@ type SendResult = Result<Response<Payload>, (UpstreamError, Option<Request<Reque
 )]
 fn send(
     conn: &mut PooledConn,
-    req: Request<RequestBody>,
+    mut req: Request<RequestBody>,
 ) -> impl Future<Output = SendResult> + Send + '_ {
     use futures_util::FutureExt;
     use futures_util::future::Either;
+    // hyper keeps sending a streamed body after the response ended (an early answer):
+    // the connection is not pooled until the body is all sent.
+    if let Client::Http1Tls(_) = conn.client()
+        && let Some(ended) = req.body_mut().watch_end()
+    {
+        conn.watch_body_end(ended);
+    }
     match conn.client() {
         Client::Http1Tls(sender) => {
             Either::Left(http1::send(sender, req).map(|r| r.map(|resp| resp.map(Payload::Http))))

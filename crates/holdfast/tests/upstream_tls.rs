@@ -9,7 +9,8 @@
 //! upstream's max-concurrent-streams respected (the rest wait in the pool's queue, or
 //! go to another connection); GOAWAY in the middle of a load (graceful, and one below
 //! streams in flight) with no failed request, POSTs included; a silent connection
-//! found by PING and replaced.
+//! found by PING and replaced; an HTTP/1.1 connection that answered before its
+//! request body was all sent is not pooled.
 
 mod support;
 
@@ -382,6 +383,107 @@ async fn a_reload_after_the_client_certificate_files_changed_uses_the_new_one() 
     assert!(reloaded);
     let r = c.get("/after").await.expect("GET");
     assert_eq!(r.text().trim(), "CN=client-two", "the renewed certificate");
+}
+
+/// An HTTPS upstream speaking HTTP/1.1 answers `/upload` at once, before it has read
+/// the request body, and then reads nothing more; it answers `/next` with 200. hyper
+/// keeps sending a streamed body after the response has ended, so that connection is
+/// not ready for another request until the body is all sent: here never. It must not
+/// go back to the pool, where the next request would find it unusable.
+#[tokio::test]
+async fn a_connection_still_sending_a_streamed_body_is_not_pooled() {
+    let pki = TestCa::new("holdfast upstream test CA");
+    let acceptor = tokio_rustls::TlsAcceptor::from(pki.server(&["upstream.test"], &["http/1.1"]));
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let accepts = accepted.clone();
+    tokio::spawn(async move {
+        while let Ok((sock, _)) = listener.accept().await {
+            accepts.fetch_add(1, Relaxed);
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(mut tls) = acceptor.accept(sock).await else {
+                    return;
+                };
+                let mut buf = Vec::new();
+                loop {
+                    // One request head at a time (the test's requests carry none of
+                    // their body in the first read but `/upload`'s, never read).
+                    let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+                        let mut chunk = [0u8; 4096];
+                        match tls.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                        continue;
+                    };
+                    let upload = buf.starts_with(b"POST /upload");
+                    buf.drain(..end + 4);
+                    let reply: &[u8] = if upload {
+                        b"HTTP/1.1 413 Content Too Large\r\ncontent-length: 5\r\n\r\nnope!"
+                    } else {
+                        b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"
+                    };
+                    if tls.write_all(reply).await.is_err() || tls.flush().await.is_err() {
+                        return;
+                    }
+                    if upload {
+                        // Reads nothing more, and keeps the connection open.
+                        std::future::pending::<()>().await;
+                    }
+                }
+            });
+        }
+    });
+    let gw = https_gateway(
+        &format!("https://127.0.0.1:{}", addr.port()),
+        &format!(
+            "ca_file = {}\nserver_name = \"upstream.test\"",
+            toml_path(&pki.ca_file())
+        ),
+        "retry.attempts = 1\n",
+    )
+    .await;
+
+    // A client uploads a chunked body and stops half way; the answer comes anyway.
+    let mut uploader = TcpStream::connect(gw.addr).await.unwrap();
+    uploader
+        .write_all(
+            b"POST /upload HTTP/1.1\r\nhost: a.test\r\ntransfer-encoding: chunked\r\n\r\n\
+              5\r\nhello\r\n",
+        )
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    let mut chunk = [0u8; 1024];
+    while !got.ends_with(b"nope!") {
+        let n = tokio::time::timeout(SOON, uploader.read(&mut chunk))
+            .await
+            .expect("the early answer")
+            .unwrap();
+        assert!(n > 0, "closed before the answer: {got:?}");
+        got.extend_from_slice(&chunk[..n]);
+    }
+    assert!(got.starts_with(b"HTTP/1.1 413"), "{got:?}");
+
+    let resp = KeepAliveClient::new(gw.addr)
+        .with_timeout(Duration::from_secs(3))
+        .get("/next")
+        .await
+        .expect("the next request is not held up by the unfinished upload");
+    assert_eq!(resp.status, 200);
+    assert_eq!(accepted.load(Relaxed), 2, "a connection of its own");
+    let (_, pool) = pools(&gw).await;
+    assert_eq!(count(&pool["closed"]["not_poolable"]), 1, "{pool}");
+    // Pooled, it would be found unusable at the next checkout and taken for one the
+    // upstream closed while idle, teaching the pool a wrong idle timeout.
+    assert_eq!(count(&pool["stale_caught"]), 0, "{pool}");
+    assert_eq!(
+        count(&pool["closed"]["closed_by_upstream_idle"]),
+        0,
+        "{pool}"
+    );
 }
 
 /// A new connection resumes the TLS session of an earlier one (nginx closes each

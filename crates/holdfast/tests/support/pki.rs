@@ -73,6 +73,27 @@ impl TestCa {
         )
     }
 
+    /// A server config with a new leaf for `names` signed by the CA, offering `alpn`.
+    pub fn server(&self, names: &[&str], alpn: &[&str]) -> Arc<rustls::ServerConfig> {
+        let key = KeyPair::generate().unwrap();
+        let names: Vec<String> = names.iter().map(|s| (*s).to_owned()).collect();
+        let cert = CertificateParams::new(names)
+            .unwrap()
+            .signed_by(&key, &self.ca)
+            .unwrap();
+        let key = rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into());
+        let mut c = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(vec![cert.der().clone()], key)
+        .unwrap();
+        c.alpn_protocols = alpn.iter().map(|p| p.as_bytes().to_vec()).collect();
+        Arc::new(c)
+    }
+
     /// A client that trusts the CA, offering `alpn` (TLS 1.3 and 1.2).
     pub fn client(&self, alpn: &[&str]) -> Arc<ClientConfig> {
         self.client_with(alpn, &[&rustls::version::TLS13, &rustls::version::TLS12])

@@ -3,6 +3,7 @@
 //! one way back to the pool, [`PooledConn::release`]. Anything else closes it.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering::Acquire};
 
 use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
@@ -38,6 +39,9 @@ pub struct PooledConn {
     close_reason: CloseReason,
     /// With `free_workers`: this new connection's id until its first response.
     pub(super) first_response_pending: Option<u64>,
+    /// Set once the request's streamed body was taken to its end, when the protocol
+    /// handle may still be sending it after the response ended (see `release`).
+    body_ended: Option<Arc<AtomicBool>>,
 }
 
 impl PooledConn {
@@ -60,6 +64,7 @@ impl PooledConn {
             hint: ResponseHint::default(),
             close_reason: CloseReason::Abandoned,
             first_response_pending: None,
+            body_ended: None,
         }
     }
 
@@ -75,6 +80,7 @@ impl PooledConn {
             hint: ResponseHint::default(),
             close_reason: CloseReason::Abandoned,
             first_response_pending: None,
+            body_ended: None,
         }
     }
 
@@ -224,9 +230,22 @@ impl PooledConn {
         }
     }
 
+    /// The request's body streams through a protocol handle that keeps sending it
+    /// after the response has ended: `ended` is set when it has been taken whole.
+    pub fn watch_body_end(&mut self, ended: Arc<AtomicBool>) {
+        self.body_ended = Some(ended);
+    }
+
     /// The response was read to its end, at `now`: the connection goes back to the
     /// pool unless a rule retires it.
     pub fn release(mut self, now: Instant) {
+        if self.body_ended.as_ref().is_some_and(|e| !e.load(Acquire)) {
+            // The upstream answered before the request body was all sent, which is
+            // still on its way: the connection is not ready for another request
+            // until then, maybe never (an upstream that stopped reading).
+            self.close_reason = CloseReason::NotPoolable;
+            return; // dropped: closed
+        }
         if let Some(conn) = self.conn.take() {
             self.pool.checkin(conn, self.hint, now);
         }
