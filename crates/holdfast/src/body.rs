@@ -244,6 +244,13 @@ impl Body for RequestBody {
                                 return Poll::Ready(Some(Err(Box::new(BodyTooLarge))));
                             }
                         }
+                        // hyper asks no more of a body that says it has ended (the
+                        // last piece of a sized one), so its end is noted here too.
+                        if let Some(ended) = &s.ended
+                            && s.incoming.is_end_stream()
+                        {
+                            ended.store(true, Release);
+                        }
                         Poll::Ready(Some(Ok(frame)))
                     }
                 }

@@ -385,14 +385,11 @@ async fn a_reload_after_the_client_certificate_files_changed_uses_the_new_one() 
     assert_eq!(r.text().trim(), "CN=client-two", "the renewed certificate");
 }
 
-/// An HTTPS upstream speaking HTTP/1.1 answers `/upload` at once, before it has read
-/// the request body, and then reads nothing more; it answers `/next` with 200. hyper
-/// keeps sending a streamed body after the response has ended, so that connection is
-/// not ready for another request until the body is all sent: here never. It must not
-/// go back to the pool, where the next request would find it unusable.
-#[tokio::test]
-async fn a_connection_still_sending_a_streamed_body_is_not_pooled() {
-    let pki = TestCa::new("holdfast upstream test CA");
+/// An HTTPS upstream speaking HTTP/1.1 (`upstream.test`): `POST /upload` is answered
+/// 413 at once, before its body is read, and then nothing more is read on that
+/// connection; `POST /read` is answered 200 once its body is read;
+/// anything else 200. Returns its address and the count of connections accepted.
+async fn tls_http1_upstream(pki: &TestCa) -> (SocketAddr, Arc<AtomicUsize>) {
     let acceptor = tokio_rustls::TlsAcceptor::from(pki.server(&["upstream.test"], &["http/1.1"]));
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -407,36 +404,63 @@ async fn a_connection_still_sending_a_streamed_body_is_not_pooled() {
                     return;
                 };
                 let mut buf = Vec::new();
+                let mut chunk = vec![0u8; 16 * 1024];
                 loop {
-                    // One request head at a time (the test's requests carry none of
-                    // their body in the first read but `/upload`'s, never read).
                     let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
-                        let mut chunk = [0u8; 4096];
                         match tls.read(&mut chunk).await {
                             Ok(0) | Err(_) => return,
                             Ok(n) => buf.extend_from_slice(&chunk[..n]),
                         }
                         continue;
                     };
-                    let upload = buf.starts_with(b"POST /upload");
+                    let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
                     buf.drain(..end + 4);
-                    let reply: &[u8] = if upload {
-                        b"HTTP/1.1 413 Content Too Large\r\ncontent-length: 5\r\n\r\nnope!"
-                    } else {
-                        b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"
-                    };
-                    if tls.write_all(reply).await.is_err() || tls.flush().await.is_err() {
-                        return;
-                    }
-                    if upload {
+                    if head.starts_with("post /upload") {
+                        let reply =
+                            b"HTTP/1.1 413 Content Too Large\r\ncontent-length: 5\r\n\r\nnope!";
+                        let _ = tls.write_all(reply).await;
+                        let _ = tls.flush().await;
                         // Reads nothing more, and keeps the connection open.
                         std::future::pending::<()>().await;
+                    }
+                    if head.starts_with("post /read") {
+                        // Chunked: up to the last chunk (the test's bodies hold no CR).
+                        let length = head
+                            .lines()
+                            .find_map(|l| l.strip_prefix("content-length:"))
+                            .and_then(|v| v.trim().parse().ok());
+                        let whole = |buf: &[u8]| match length {
+                            Some(n) => (buf.len() >= n).then_some(n),
+                            None => buf
+                                .windows(7)
+                                .position(|w| w == b"\r\n0\r\n\r\n")
+                                .map(|p| p + 7),
+                        };
+                        let length = loop {
+                            if let Some(n) = whole(&buf) {
+                                break n;
+                            }
+                            match tls.read(&mut chunk).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                            }
+                        };
+                        buf.drain(..length);
+                    }
+                    let reply = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+                    if tls.write_all(reply).await.is_err() || tls.flush().await.is_err() {
+                        return;
                     }
                 }
             });
         }
     });
-    let gw = https_gateway(
+    (addr, accepted)
+}
+
+/// A gateway to [`tls_http1_upstream`] at `addr` that streams request bodies.
+async fn streaming_gateway(pki: &TestCa, addr: SocketAddr) -> Gateway {
+    https_gateway(
         &format!("https://127.0.0.1:{}", addr.port()),
         &format!(
             "ca_file = {}\nserver_name = \"upstream.test\"",
@@ -444,7 +468,18 @@ async fn a_connection_still_sending_a_streamed_body_is_not_pooled() {
         ),
         "retry.attempts = 1\n",
     )
-    .await;
+    .await
+}
+
+/// The upstream answers before it has read the request body, then reads nothing more.
+/// hyper keeps sending a streamed body after the response has ended, so the connection
+/// is not ready for another request until the body is all sent: here never. It must
+/// not go back to the pool, where the next request would find it unusable.
+#[tokio::test]
+async fn a_connection_still_sending_a_streamed_body_is_not_pooled() {
+    let pki = TestCa::new("holdfast upstream test CA");
+    let (addr, accepted) = tls_http1_upstream(&pki).await;
+    let gw = streaming_gateway(&pki, addr).await;
 
     // A client uploads a chunked body and stops half way; the answer comes anyway.
     let mut uploader = TcpStream::connect(gw.addr).await.unwrap();
@@ -484,6 +519,43 @@ async fn a_connection_still_sending_a_streamed_body_is_not_pooled() {
         0,
         "{pool}"
     );
+}
+
+/// A streamed body sent whole before the answer leaves its connection reusable, sized
+/// or chunked: hyper asks nothing more of a sized body after its last piece, so the
+/// end is noted as that piece is taken.
+#[tokio::test]
+async fn a_connection_that_sent_its_whole_streamed_body_is_pooled() {
+    let pki = TestCa::new("holdfast upstream test CA");
+    let (addr, accepted) = tls_http1_upstream(&pki).await;
+    let gw = streaming_gateway(&pki, addr).await;
+    let body = vec![b'x'; 200 * 1024]; // over the replay limit: streamed either way
+    let mut client = KeepAliveClient::new(gw.addr).with_timeout(SOON);
+    let sized = client
+        .send(&ClientRequest::post("/read", body.clone()))
+        .await
+        .expect("sized POST");
+    assert_eq!(sized.status, 200);
+    let chunked = client
+        .send(
+            &ClientRequest::new("POST", "/read")
+                .header("transfer-encoding", "chunked")
+                .body(chunked_body(&body)),
+        )
+        .await
+        .expect("chunked POST");
+    assert_eq!(chunked.status, 200);
+    let (_, pool) = pools(&gw).await;
+    assert_eq!(accepted.load(Relaxed), 1, "{pool}");
+    assert_eq!(count(&pool["reused"]), 1, "{pool}");
+}
+
+/// `data` as one chunk and the last chunk.
+fn chunked_body(data: &[u8]) -> Vec<u8> {
+    let mut out = format!("{:x}\r\n", data.len()).into_bytes();
+    out.extend_from_slice(data);
+    out.extend_from_slice(b"\r\n0\r\n\r\n");
+    out
 }
 
 /// A new connection resumes the TLS session of an earlier one (nginx closes each
