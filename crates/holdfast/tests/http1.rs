@@ -42,7 +42,11 @@ const MAX_PROXY_RSS_KIB: u64 = 100 * 1024;
 /// and parking it (after 100 ms idle, the socket handed back from hyper) must wait
 /// for the end to be written, not drop it with hyper. The binary runs on a listener
 /// made here, with a small send buffer (connections inherit it), so that the end
-/// waits in hyper's buffer whatever the machine's TCP buffer sizes.
+/// waits in hyper's buffer whatever the machine's TCP buffer sizes; the client reads
+/// slowly until holdfast has taken the whole response from the upstream (its
+/// connection is no longer in use), then stops reading for longer than the park.
+/// How much is left in hyper's buffer then varies with how the upstream's bytes were
+/// read, so three clients try in turn.
 #[tokio::test]
 async fn a_slow_reader_gets_the_whole_response() {
     const LEN: usize = 1 << 20;
@@ -78,46 +82,73 @@ async fn a_slow_reader_gets_the_whole_response() {
         "holdfast did not start:\n{}",
         proxy.logs()
     );
-
-    let mut s = TcpStream::connect(addr).await.expect("connect");
-    s.write_all(b"GET /big HTTP/1.1\r\nhost: a.test\r\n\r\n")
-        .await
-        .expect("request");
-    let mut got = Vec::new();
-    let mut buf = vec![0u8; 16 * 1024];
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let outcome = loop {
-        let head_len = got.windows(4).position(|w| w == b"\r\n\r\n").map(|p| p + 4);
-        if head_len.is_some_and(|h| got.len() >= h + LEN) {
-            break "complete";
-        }
-        match tokio::time::timeout_at(deadline, s.read(&mut buf)).await {
-            Ok(Ok(0)) => break "end of stream",
-            Ok(Ok(n)) => got.extend_from_slice(&buf[..n]),
-            Ok(Err(_)) => break "read error",
-            Err(_) => break "stalled",
-        }
-        // The slow client: at most 16 KiB per 20 ms, under 1 MB/s.
-        tokio::time::sleep(Duration::from_millis(20)).await;
+    let admin = proxy
+        .logs()
+        .lines()
+        .filter(|l| l.contains("admin listening"))
+        .find_map(loopback_addr)
+        .expect("the admin address");
+    // Whether holdfast has taken the whole response: its upstream connection is no
+    // longer in use.
+    let taken = || async move {
+        let resp = KeepAliveClient::new(admin)
+            .get("/pools")
+            .await
+            .expect("/pools");
+        let pools: serde_json::Value = serde_json::from_slice(&resp.body).expect("JSON");
+        pools[0]["addresses"][0]["in_use"] == 0
     };
-    let head_len = got
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .expect("a response head")
-        + 4;
-    let body = &got[head_len..];
-    assert_eq!(body.len(), LEN, "response cut short ({outcome})");
-    assert!(is_pattern(0, body));
-    // The connection serves on (parked once the end was sent).
-    s.write_all(b"GET /again HTTP/1.1\r\nhost: a.test\r\n\r\n")
-        .await
-        .expect("second request");
-    let mut status = [0u8; 12];
-    tokio::time::timeout(WAIT, s.read_exact(&mut status))
-        .await
-        .expect("a second response in time")
-        .expect("a second response");
-    assert_eq!(&status, b"HTTP/1.1 200");
+
+    for client in 1..=3 {
+        let mut s = TcpStream::connect(addr).await.expect("connect");
+        s.write_all(b"GET /big HTTP/1.1\r\nhost: a.test\r\n\r\n")
+            .await
+            .expect("request");
+        let mut got = Vec::new();
+        let mut buf = vec![0u8; 16 * 1024];
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut paused = false;
+        let outcome = loop {
+            let head_len = got.windows(4).position(|w| w == b"\r\n\r\n").map(|p| p + 4);
+            if head_len.is_some_and(|h| got.len() >= h + LEN) {
+                break "complete";
+            }
+            match tokio::time::timeout_at(deadline, s.read(&mut buf)).await {
+                Ok(Ok(0)) => break "end of stream",
+                Ok(Ok(n)) => got.extend_from_slice(&buf[..n]),
+                Ok(Err(_)) => break "read error",
+                Err(_) => break "stalled",
+            }
+            if !paused {
+                if taken().await {
+                    // What holdfast still holds waits well past the park.
+                    tokio::time::sleep(Duration::from_millis(400)).await;
+                    paused = true;
+                } else {
+                    // The slow client: at most 16 KiB per 20 ms, so buffers stay full.
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+        };
+        let head_len = got
+            .windows(4)
+            .position(|w| w == b"\r\n\r\n")
+            .expect("a response head")
+            + 4;
+        let body = &got[head_len..];
+        assert_eq!(body.len(), LEN, "client {client}: cut short ({outcome})");
+        assert!(is_pattern(0, body));
+        // The connection serves on (parked once the end was sent).
+        s.write_all(b"GET /again HTTP/1.1\r\nhost: a.test\r\n\r\n")
+            .await
+            .expect("second request");
+        let mut status = [0u8; 12];
+        tokio::time::timeout(WAIT, s.read_exact(&mut status))
+            .await
+            .expect("a second response in time")
+            .expect("a second response");
+        assert_eq!(&status, b"HTTP/1.1 200");
+    }
 }
 
 #[tokio::test]
