@@ -414,6 +414,73 @@ async fn post_is_not_starved_by_an_idle_connection_holding_the_worker() {
     );
 }
 
+/// How long answers usually take is counted from the end of a streamed request body,
+/// not from when the request started: a slow client's upload is not the application's
+/// time. Counted from the start, one slow upload would stretch the wait after which a
+/// new connection counts as starved of a worker to its 2 s cap, and the POST below
+/// would wait that long for the worker an idle connection holds.
+#[tokio::test]
+async fn a_slow_upload_does_not_slow_the_freeing_of_a_worker() {
+    let fpm = PhpFpm::start(PhpFpmOptions {
+        max_children: 1,
+        ..PhpFpmOptions::default()
+    })
+    .await;
+    fpm.script("pid.php", "<?php echo getmypid();");
+    fpm.script(
+        "len.php",
+        "<?php echo strlen(file_get_contents('php://input'));",
+    );
+    let gw = Site::tcp(&fpm)
+        .tables("retry.attempts = 1\n[upstream.php.pool]\nidle_timeout = \"60s\"\n")
+        .start()
+        .await;
+    let worker = get(&gw, "/pid.php").await.text().into_owned();
+
+    // A streamed upload, slow: three pieces 500 ms apart, on the kept connection.
+    let mut uploader = RawClient::connect(gw.addr).await.expect("connect");
+    uploader
+        .send("POST /len.php HTTP/1.1\r\nhost: a.test\r\ncontent-length: 3000\r\n\r\n")
+        .await
+        .expect("head");
+    for i in 0..3 {
+        if i > 0 {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        uploader
+            .send([b'x'; 1000])
+            .await
+            .expect("a piece of the body");
+    }
+    let resp = uploader
+        .read_response(RESPONSE_TIMEOUT)
+        .await
+        .expect("upload answered");
+    assert_eq!(resp.text(), "3000");
+    let (_, pool) = pools(&gw).await;
+    assert_eq!(
+        figure(&pool["reused"]),
+        1,
+        "the upload reused the connection: {pool}"
+    );
+
+    // Older than the idle age a POST accepts on a reused connection: the POST opens
+    // a new connection, which waits for the worker the idle one holds.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let started = Instant::now();
+    let resp = KeepAliveClient::new(gw.addr)
+        .with_timeout(Duration::from_secs(5))
+        .send(&ClientRequest::post("/pid.php", "x"))
+        .await
+        .expect("POST");
+    assert_eq!((resp.status, resp.text().into_owned()), (200, worker));
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "waited {:?} for the worker",
+        started.elapsed()
+    );
+}
+
 /// The client goes away while PHP streams its response: holdfast closes the FastCGI
 /// connection (after ABORT_REQUEST), PHP's next flush fails and, with
 /// `ignore_user_abort(false)`, the script is stopped. Its shutdown function says so.

@@ -54,6 +54,9 @@ pub struct FastCgiConn {
     busy: watch::Sender<bool>,
     stream: Arc<Stream>,
     label: Arc<str>,
+    /// When the last request's streamed body was all written, if it had one: the
+    /// wait for the answer runs from then, not from a slow client's upload.
+    body_written: Option<tokio::time::Instant>,
 }
 
 /// Sets up a FastCGI connection on a connected socket (FastCGI has no handshake).
@@ -68,6 +71,7 @@ pub fn connected(stream: Stream, write_timeout: Duration, label: Arc<str>) -> Co
         busy,
         stream: stream.clone(),
         label,
+        body_written: None,
     };
     Connected {
         stream: stream.clone(),
@@ -114,6 +118,7 @@ impl FastCgiConn {
     ) -> Result<ResponseHead, (UpstreamError, Option<RequestBody>)> {
         self.busy.send_replace(true);
         self.exchange = Exchange::AwaitingHead;
+        self.body_written = None;
         let mut out = BytesMut::with_capacity(1024);
         record::encode_begin_request(&mut out, REQUEST_ID, Role::Responder, true);
         if let Err(e) = record::encode_params(
@@ -179,8 +184,14 @@ impl FastCgiConn {
                 self.exchange = Exchange::Broken;
                 return Err((write_error(e), None));
             }
+            self.body_written = Some(tokio::time::Instant::now());
         }
         self.read_head().await.map_err(|e| (e, None))
+    }
+
+    /// When the last request's streamed body was all written (`None` without one).
+    pub fn body_written(&self) -> Option<tokio::time::Instant> {
+        self.body_written
     }
 
     async fn read_head(&mut self) -> Result<ResponseHead, UpstreamError> {

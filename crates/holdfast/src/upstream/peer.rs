@@ -246,7 +246,12 @@ impl Peer {
 
     /// Learns what the FastCGI application accepts, once, and caps the pool by it.
     async fn query_fastcgi_values(&self) -> Option<ServerValues> {
-        let stream = self.open_stream().await.ok()?;
+        // Under the connect timeout too: the first requests wait for this before they
+        // take a slot, outside the queue's bounds.
+        let stream = tokio::time::timeout(self.timeouts.connect.get(), self.open_stream())
+            .await
+            .ok()?
+            .ok()?;
         let values = fastcgi::query_values(stream, self.timeouts.connect.get()).await;
         match values.and_then(|v| v.max_conns) {
             Some(n) => self.pool.cap(n as usize),

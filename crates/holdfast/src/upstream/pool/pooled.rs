@@ -93,12 +93,21 @@ impl PooledConn {
     /// The response head arrived, `ttfb` after the request was sent.
     pub fn responded(&mut self, ttfb: std::time::Duration) {
         if self.pool.settings.free_workers {
+            // From the end of a streamed body, if any: a slow client's upload is not
+            // the application's answer time.
+            let wait = match &self.conn {
+                Some(Conn {
+                    client: Client::FastCgi(c),
+                    ..
+                }) => c.body_written().map_or(ttfb, |at| at.elapsed()),
+                _ => ttfb,
+            };
             let mut st = self.pool.lock();
             // Only a reused connection's: it had its worker already. A new one's
             // answer may have waited for a worker too, and the longer that wait, the
             // longer the next new connection would be left waiting.
             if self.idle_since.is_some() {
-                st.answer_wait.record(ttfb);
+                st.answer_wait.record(wait);
             }
             if let Some(id) = self.first_response_pending.take() {
                 st.fresh.remove(&id);
