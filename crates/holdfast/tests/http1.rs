@@ -948,6 +948,41 @@ async fn a_stray_crlf_between_requests_does_not_start_a_head() {
     assert_eq!(resp.status, 200);
 }
 
+/// A parked connection woken by a stray CRLF gets a new hyper connection holding just
+/// that line. When a drain then closes idle connections, it is closed too, promptly:
+/// not left open until the drain's timeout because hyper, holding bytes, does not end
+/// at the graceful shutdown.
+#[tokio::test]
+async fn a_connection_woken_by_a_stray_crlf_still_closes_in_a_drain() {
+    let upstream = TestUpstream::start(Behaviour::Echo).await;
+    let gw = start(&format!(
+        "{}\n[[listener]]\nlisten = \"127.0.0.1:0\"\nheader_timeout = \"300ms\"\n\
+         keepalive_min_idle = \"0s\"\n\
+         [drain]\npre_delay = \"0s\"\nidle_close_after = \"100ms\"\ntimeout = \"20s\"\n",
+        proxy_to(&upstream.url())
+    ))
+    .await;
+    let mut client = RawClient::connect(gw.addr).await.expect("connect");
+    client
+        .send_request(&ClientRequest::get("/"))
+        .await
+        .expect("request");
+    assert_eq!(
+        client.read_response(WAIT).await.expect("response").status,
+        200
+    );
+    // Idle past the 100 ms after which it parks.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    client.send("\r\n").await.expect("stray CRLF");
+    gw.send(holdfast::server::Control::Drain).await;
+    assert!(
+        closed_within(&mut client, Duration::from_secs(5))
+            .await
+            .is_some(),
+        "still open 5 s into the drain"
+    );
+}
+
 /// Waits (bounded by `within`) for holdfast to end the connection; a 408 before the
 /// close is fine. Returns how long that took, or `None` if it stayed open.
 async fn closed_within(client: &mut RawClient, within: Duration) -> Option<Duration> {
