@@ -154,6 +154,14 @@ def render_table(summary, targets, workloads, specs, skipped, runs, info, args):
         lines.append(f"- machine: {info.get('nproc')} CPUs ({info.get('cpu')}, "
                      f"{info.get('hypervisor') or 'no hypervisor'}); CPU used by "
                      f"other processes during runs: median {statistics.median(bg):.0f}%, "
-                     f"max {max(bg):.0f}% of one CPU; steal max {max(st):.0f}%"
-                     + (" — NOISY, rerun when the machine is quiet" if max(bg) > 10 else ""))
+                     f"max {max(bg):.0f}% of one CPU; steal max {max(st, default=0):.0f}%"
+                     + (" — NOISY, rerun when the machine is quiet"
+                        if max(bg) > 10 or max(st, default=0) > 10 else ""))
+        # Steal: the hypervisor ran something else while these wanted the CPU; their
+        # CPU time is not inflated by it, but batching and latency change.
+        stolen = sorted({f"{r['workload']}/{r['target']}" for r in runs
+                         if (r.get("steal_pct") or 0) > 10})
+        if stolen:
+            lines.append("- runs with over 10% steal (compare them with care): "
+                         + ", ".join(stolen))
     return "\n".join(lines) + "\n"
