@@ -176,6 +176,9 @@ struct Scanned {
     must_close: bool,
     strip_hop_by_hop: bool,
     keep_alive: Option<(u32, u32)>,
+    /// Transfer-Encoding decides the framing: a Content-Length beside it is not
+    /// passed on (RFC 9112 6.3, point 3), or the client would frame by it.
+    drop_content_length: bool,
 }
 
 /// Parses a response head at the start of `buf`.
@@ -332,7 +335,9 @@ pub fn parse_response_head_with(
         None => HeaderMap::with_capacity(scanned.fields),
     };
     for (position, span) in spans.iter().enumerate() {
-        if strip && (span.kind.is_hop_by_hop() || span.kind == FieldKind::Trailer && !chunked) {
+        if strip && (span.kind.is_hop_by_hop() || span.kind == FieldKind::Trailer && !chunked)
+            || span.kind == FieldKind::ContentLength && scanned.drop_content_length
+        {
             continue;
         }
         let name = match names.name(position) {
@@ -488,6 +493,7 @@ fn scan_head(
         must_close,
         strip_hop_by_hop: !connection_names_fields && code != 101,
         keep_alive,
+        drop_content_length: transfer_encoding,
     }))
 }
 
@@ -1296,6 +1302,12 @@ mod tests {
             head(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n");
         assert_eq!(both.framing, Framing::Chunked);
         assert!(both.must_close);
+        // Not passed on: the client would frame the body by it (RFC 9112 6.3).
+        assert!(!both.headers.contains_key(http::header::CONTENT_LENGTH));
+        let identity =
+            head(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nTransfer-Encoding: identity\r\n\r\n");
+        assert_eq!(identity.framing, Framing::UntilClose);
+        assert!(!identity.headers.contains_key(http::header::CONTENT_LENGTH));
         // Even an invalid Content-Length: TE decides, the connection closes.
         let invalid =
             head(b"HTTP/1.1 200 OK\r\nContent-Length: x\r\nTransfer-Encoding: chunked\r\n\r\n");

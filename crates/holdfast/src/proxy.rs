@@ -165,6 +165,16 @@ impl Proxy {
                 .routes
                 .find(host.as_ref().and_then(|h| h.to_str().ok()), path);
             let tally = Tally::new(routing.figures.cell(route.map(|r| r.index)), start);
+            if req.method() == http::Method::CONNECT {
+                // A tunnel is not a reverse proxy's to open; forwarded as a request it
+                // would lose its authority-form target and its tunnel.
+                return finish_local(
+                    StatusCode::NOT_IMPLEMENTED,
+                    "CONNECT is not supported\n",
+                    None,
+                    (log, tally),
+                );
+            }
             let Some(route) = route else {
                 return finish_local(
                     StatusCode::NOT_FOUND,
@@ -188,7 +198,12 @@ impl Proxy {
                 l.upstream = Some(upstream.name.clone());
             }
 
-            let upgrade = headers::is_upgrade_request(req.headers());
+            // A request with a body is passed on as one, without the upgrade: its
+            // body would otherwise be dropped (`Upgrade: h2c` on a POST, RFC 9113 3.1
+            // notwithstanding, asks for a switch after the body, which no upstream
+            // here is asked to make).
+            let upgrade = headers::is_upgrade_request(req.headers())
+                && http_body::Body::is_end_stream(req.body());
             let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
             let (mut parts, body) = req.into_parts();
             let fastcgi = upstream.config.protocol() == Protocol::FastCgi;
@@ -225,6 +240,9 @@ impl Proxy {
                 set.apply(&mut parts.headers);
                 None
             };
+            if parts.version == http::Version::HTTP_2 {
+                headers::join_cookies(&mut parts.headers);
+            }
             parts.version = http::Version::HTTP_11;
 
             let max_body = conn.listener.max_body_bytes.get();

@@ -1165,6 +1165,108 @@ async fn an_early_answer_to_a_closing_client_still_uploading_is_not_a_reset() {
     );
 }
 
+/// An upstream response with both Transfer-Encoding and Content-Length is framed by
+/// Transfer-Encoding; the Content-Length must not reach the client (RFC 9112 6.3),
+/// which would frame the body by it and take a cut one for complete.
+#[tokio::test]
+async fn a_content_length_beside_transfer_encoding_is_not_passed_on() {
+    let upstream = raw_upstream(|s| async move {
+        let mut io = BufReader::new(s);
+        if let Ok(Some(_)) = read_head(&mut io).await {
+            let _ = io
+                .get_mut()
+                .write_all(
+                    b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n\
+                      b\r\nhello world\r\n0\r\n\r\n",
+                )
+                .await;
+            // Keeps the connection open: only the framing may end the body.
+            std::future::pending::<()>().await;
+        }
+    })
+    .await;
+    let gw = start(&proxy_to(&format!("http://{}", upstream.addr))).await;
+    let resp = send_one(gw.addr, &ClientRequest::get("/")).await;
+    assert_eq!(resp.status, 200);
+    assert_eq!(resp.text(), "hello world");
+    assert_eq!(
+        resp.headers.get("content-length"),
+        None,
+        "{:?}",
+        resp.headers
+    );
+}
+
+/// A request asking to switch protocols but carrying a body (`curl --http2 -d` on
+/// plain HTTP: `Upgrade: h2c` on a POST) is passed on as a plain request with its
+/// body, not as an upgrade without it.
+#[tokio::test]
+async fn an_upgrade_request_with_a_body_keeps_its_body() {
+    let upstream = TestUpstream::start(Behaviour::Echo).await;
+    let gw = start(&proxy_to(&upstream.url())).await;
+    let resp = send_one(
+        gw.addr,
+        &ClientRequest::post("/form", "hello")
+            .header("connection", "Upgrade, HTTP2-Settings")
+            .header("upgrade", "h2c")
+            .header("http2-settings", "AAMAAABkAAQCAAAAAAIAAAAA"),
+    )
+    .await;
+    assert_eq!(resp.status, 200);
+    let seen = upstream.requests();
+    assert_eq!(seen.len(), 1);
+    assert_eq!(&seen[0].body[..], b"hello", "{:?}", seen[0]);
+    assert_eq!(seen[0].headers.get("upgrade"), None);
+}
+
+/// CONNECT asks for a tunnel, which a reverse proxy does not open: 501, and nothing
+/// reaches the upstream (forwarded, it lost its target and its tunnel).
+#[tokio::test]
+async fn connect_is_refused_with_501() {
+    let upstream = TestUpstream::start(Behaviour::Echo).await;
+    let gw = start(&proxy_to(&upstream.url())).await;
+    let resp = send_one(
+        gw.addr,
+        &ClientRequest::new("CONNECT", "example.com:443").header("host", "example.com:443"),
+    )
+    .await;
+    assert_eq!(resp.status, 501, "{}", resp.text());
+    assert_eq!(upstream.stats().connections_accepted, 0);
+}
+
+/// HTTP/2 sends each cookie in a field of its own (RFC 9113 8.2.3); an HTTP/1.1
+/// upstream gets them joined in one `Cookie` field, or a server reading one line
+/// would lose the rest (a session cookie among them).
+#[tokio::test]
+async fn http2_cookies_reach_an_http1_upstream_in_one_field() {
+    use http_body_util::Empty;
+    let upstream = TestUpstream::start(Behaviour::Echo).await;
+    let gw = start(&format!(
+        "{}\n[[listener]]\nlisten = \"127.0.0.1:0\"\nh2c = true\n",
+        proxy_to(&upstream.url())
+    ))
+    .await;
+    let io = hyper_util::rt::TokioIo::new(TcpStream::connect(gw.addr).await.expect("connect"));
+    let (mut send, conn) =
+        hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), io)
+            .await
+            .expect("h2c handshake");
+    tokio::spawn(conn);
+    let req = http::Request::get(format!("http://{}/c", gw.addr))
+        .header("cookie", "a=1")
+        .header("cookie", "b=2")
+        .body(Empty::<bytes::Bytes>::new())
+        .expect("request");
+    let resp = tokio::time::timeout(WAIT, send.send_request(req))
+        .await
+        .expect("in time")
+        .expect("response");
+    assert_eq!(resp.status(), 200);
+    let seen = upstream.requests();
+    let cookies: Vec<&[u8]> = seen[0].headers.get_all("cookie").collect();
+    assert_eq!(cookies, [&b"a=1; b=2"[..]]);
+}
+
 #[tokio::test]
 async fn oversized_declared_body_is_refused_before_reaching_the_upstream() {
     let upstream = TestUpstream::start(Behaviour::Echo).await;

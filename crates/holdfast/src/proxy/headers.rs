@@ -112,6 +112,12 @@ pub fn remove_present_hop_by_hop(
     let upgrade = keep_upgrade
         .then(|| headers.remove(header::UPGRADE))
         .flatten();
+    // `HOP_BY_HOP[4]` is `Transfer-Encoding`, which framed the message: a
+    // Content-Length beside it is not passed on (RFC 9112 6.3, point 3), or the next
+    // hop would frame the body by it.
+    if present & (1 << 4) != 0 {
+        headers.remove(header::CONTENT_LENGTH);
+    }
     for (i, name) in HOP_BY_HOP.iter().enumerate() {
         if present & (1 << i) != 0 {
             headers.remove(name);
@@ -120,6 +126,27 @@ pub fn remove_present_hop_by_hop(
     if let Some(u) = upgrade {
         headers.insert(header::UPGRADE, u);
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    }
+}
+
+/// HTTP/2 splits `Cookie` into one field per cookie (RFC 9113 8.2.3); on HTTP/1.1
+/// they must be one field again, joined with "; ", or a server that reads one line
+/// loses the rest.
+pub fn join_cookies(headers: &mut HeaderMap) {
+    let mut values = headers.get_all(header::COOKIE).iter();
+    if values.nth(1).is_none() {
+        return;
+    }
+    let mut joined = Vec::new();
+    for v in headers.get_all(header::COOKIE) {
+        if !joined.is_empty() {
+            joined.extend_from_slice(b"; ");
+        }
+        joined.extend_from_slice(v.as_bytes());
+    }
+    // Joined valid values with a valid separator are valid.
+    if let Ok(v) = HeaderValue::from_bytes(&joined) {
+        headers.insert(header::COOKIE, v);
     }
 }
 
@@ -303,6 +330,31 @@ mod tests {
         remove_hop_by_hop(&mut h, false);
         assert_eq!(h.len(), 1, "{h:?}");
         assert_eq!(h["x-kept"], "yes");
+    }
+
+    #[test]
+    fn cookies_split_by_http2_are_joined() {
+        let mut split = map(&[("cookie", "a=1"), ("cookie", "b=2"), ("cookie", "c=3")]);
+        join_cookies(&mut split);
+        let all: Vec<_> = split.get_all("cookie").iter().collect();
+        assert_eq!(all, ["a=1; b=2; c=3"]);
+        let mut one = map(&[("cookie", "a=1; b=2")]);
+        join_cookies(&mut one);
+        assert_eq!(one["cookie"], "a=1; b=2");
+    }
+
+    #[test]
+    fn transfer_encoding_takes_a_content_length_beside_it_along() {
+        let mut both = map(&[
+            ("transfer-encoding", "chunked"),
+            ("content-length", "5"),
+            ("x-kept", "yes"),
+        ]);
+        remove_hop_by_hop(&mut both, false);
+        assert_eq!(both.len(), 1, "{both:?}");
+        let mut length = map(&[("content-length", "5")]);
+        remove_hop_by_hop(&mut length, false);
+        assert_eq!(length["content-length"], "5");
     }
 
     #[test]
