@@ -708,7 +708,8 @@ async fn http2_connection_idle_past_keepalive_timeout_gets_goaway_and_closes() {
             );
             assert!(first_goaway.elapsed() < Duration::from_secs(1));
         } else {
-            // Cut once quiet for header_timeout after the GOAWAY.
+            // Cut once quiet for header_timeout (longer than keepalive_timeout here)
+            // after the GOAWAY.
             assert_eq!(goaways, [(0x7fff_ffff, code::NO_ERROR)], "{seen:?}");
             assert!(first_goaway.elapsed() >= Duration::from_millis(1500));
         }
@@ -1089,4 +1090,156 @@ async fn upgrade_under_http2_load_fails_no_request() {
     );
     let _ = sys::send_signal(successor, sys::SIGTERM);
     let _ = wait_until(SOON, || !sys::is_running(successor)).await;
+}
+
+// === HTTP/2: a response's end still queued in h2 when its stream ended ===
+
+/// Opens an h2c connection whose stream window is `window` bytes, asks for `/`, and
+/// reads for `hold` without granting more window (answering SETTINGS and PING). Then
+/// opens the window and reads to the end. Returns (DATA bytes on stream 1, whether
+/// stream 1 ended, frames seen).
+async fn slow_window_get(
+    addr: SocketAddr,
+    window: u32,
+    hold: Duration,
+    during: impl FnOnce(),
+) -> (usize, bool, Vec<Frame>) {
+    use tokio::io::AsyncWriteExt;
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    let mut payload = vec![0, 4];
+    payload.extend_from_slice(&window.to_be_bytes());
+    let mut out = frames::PREFACE.to_vec();
+    out.extend(
+        Frame {
+            kind: kind::SETTINGS,
+            flags: 0,
+            stream: 0,
+            payload,
+        }
+        .encode(),
+    );
+    out.extend(frames::get(1, "http", "localhost", "/").encode());
+    s.write_all(&out).await.unwrap();
+    let (mut data, mut ended, mut seen) = (0usize, false, Vec::new());
+    let mut during = Some(during);
+    let mut on = |f: &Frame, data: &mut usize, ended: &mut bool| {
+        if f.stream == 1 && (f.is(kind::DATA) || f.is(kind::HEADERS)) {
+            if f.is(kind::DATA) {
+                *data += f.payload.len();
+            }
+            if f.has(flag::END_STREAM) {
+                *ended = true;
+            }
+        }
+    };
+    let until = Instant::now() + hold;
+    loop {
+        let f = match tokio::time::timeout_at(until, frames::read_frame(&mut s)).await {
+            Err(_) => break,
+            Ok(Ok(Some(f))) => f,
+            Ok(_) => break,
+        };
+        if f.is(kind::SETTINGS) && !f.has(flag::ACK) {
+            frames::send(&mut s, &[frames::settings_ack()])
+                .await
+                .unwrap();
+        }
+        if f.is(kind::PING) && !f.has(flag::ACK) {
+            frames::send(&mut s, &[frames::ping_ack(&f.payload)])
+                .await
+                .unwrap();
+        }
+        if f.is(kind::HEADERS) && f.stream == 1 {
+            if let Some(d) = during.take() {
+                d();
+            }
+        }
+        on(&f, &mut data, &mut ended);
+        seen.push(f);
+    }
+    // The client's application reads on: grant plenty of window.
+    let wu = |stream| Frame {
+        kind: kind::WINDOW_UPDATE,
+        flags: 0,
+        stream,
+        payload: 1_000_000u32.to_be_bytes().to_vec(),
+    };
+    let _ = frames::send(&mut s, &[wu(0), wu(1)]).await;
+    let until = Instant::now() + SOON;
+    while let Ok(Ok(Some(f))) = tokio::time::timeout_at(until, frames::read_frame(&mut s)).await {
+        on(&f, &mut data, &mut ended);
+        seen.push(f);
+        if ended {
+            break;
+        }
+    }
+    (data, ended, seen)
+}
+
+fn fixed_body(len: usize) -> Behaviour {
+    Behaviour::Fixed {
+        status: 200,
+        headers: vec![],
+        body_len: len,
+        framing: holdfast_test::Framing::ContentLength,
+    }
+}
+
+/// A client that holds its stream window closed for longer than `header_timeout` gets
+/// the end of its response once it opens the window.
+#[tokio::test]
+async fn http2_response_end_held_by_flow_control_arrives() {
+    let up = TestUpstream::start(fixed_body(4000)).await;
+    let gw = start(&format!(
+        "{}\n[[listener]]\nlisten = \"127.0.0.1:0\"\nh2c = true\nheader_timeout = \"1s\"\n",
+        proxy_to(&up.url())
+    ))
+    .await;
+    let (data, ended, seen) = slow_window_get(gw.addr, 1000, Duration::from_secs(3), || {}).await;
+    assert!(
+        ended && data == 4000,
+        "data {data}, ended {ended}: {seen:?}"
+    );
+}
+
+/// `max_requests_per_connection = 1`: GOAWAY at once. The stream's body has ended for
+/// hyper (so it no longer counts as open) while 3,000 bytes wait in h2 for the client's
+/// window; the connection is not cut `header_timeout` after the GOAWAY, and they are
+/// delivered.
+#[tokio::test]
+async fn http2_response_end_held_by_flow_control_survives_goaway() {
+    let up = TestUpstream::start(fixed_body(4000)).await;
+    let gw = start(&format!(
+        "{}\n[[listener]]\nlisten = \"127.0.0.1:0\"\nh2c = true\nheader_timeout = \"1s\"\nmax_requests_per_connection = 1\n",
+        proxy_to(&up.url())
+    ))
+    .await;
+    let (data, ended, seen) = slow_window_get(gw.addr, 1000, Duration::from_secs(3), || {}).await;
+    assert!(
+        ended && data == 4000,
+        "data {data}, ended {ended}: {seen:?}"
+    );
+}
+
+/// The same in a drain, which sends the GOAWAY as the response's head arrives.
+#[tokio::test]
+async fn http2_response_end_held_by_flow_control_survives_a_drain() {
+    let up = TestUpstream::start(fixed_body(4000)).await;
+    let gw = start(&format!(
+        "{}\n[[listener]]\nlisten = \"127.0.0.1:0\"\nh2c = true\nheader_timeout = \"1s\"\n",
+        proxy_to(&up.url())
+    ))
+    .await;
+    let addr = gw.addr;
+    let drained = std::sync::Mutex::new(None);
+    let (data, ended, seen) = slow_window_get(addr, 1000, Duration::from_secs(3), || {
+        *drained.lock().unwrap() = Some(tokio::spawn(gw.drain()));
+    })
+    .await;
+    let report = drained.lock().unwrap().take().unwrap();
+    let report = timeout(SOON, report).await.unwrap().unwrap();
+    assert!(
+        ended && data == 4000,
+        "data {data}, ended {ended}, drain {report:?}: {seen:?}"
+    );
 }

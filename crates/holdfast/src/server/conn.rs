@@ -24,8 +24,9 @@
 //! client knows it may send them again on a new connection (RFC 9113 6.8). So an
 //! HTTP/2 connection with no open stream for `keepalive_timeout` gets GOAWAY, and in a
 //! drain every HTTP/2 connection gets it at once: its open streams finish, then it
-//! closes. One that neither finishes closing nor has a stream open `header_timeout`
-//! after the GOAWAY is cut. HTTP/2 responses carry no `Connection` or `Keep-Alive`
+//! closes. One that neither finishes closing nor has a stream open is cut
+//! `keepalive_timeout` (or `header_timeout`, if longer) after the GOAWAY: h2 may
+//! still hold the end of a response the client's window has not taken. HTTP/2 responses carry no `Connection` or `Keep-Alive`
 //! (connection-specific fields are malformed there, RFC 9113 8.2.2).
 //!
 //! The TLS handshake (and the h2c sniff) must end within `header_timeout`.
@@ -800,12 +801,21 @@ fn verdict_h2(
     let active = state.active.load(Relaxed);
     let (_, since) = state.phase();
     if let Some(goaway) = closing {
-        // h2 finishes the open streams, then closes; a client that goes quiet
-        // instead of answering the PING is not waited for past `header_timeout`.
+        // h2 finishes the open streams, then closes. A stream stops counting as open
+        // when hyper hands its last piece to h2, which may hold it for a while yet:
+        // the client's flow-control window decides when it goes (a slow reader, or
+        // one that holds its window). So a connection with no open stream is given
+        // as long as an idle one, not just `header_timeout`, before it is cut; a
+        // drain bounds it with `drain.timeout` anyway, and counts what it cuts.
         if active > 0 {
             return Verdict::RecheckAt(now + BUSY_RECHECK);
         }
-        let at = goaway.max(since) + shared.config.header_timeout.get();
+        let grace = shared
+            .config
+            .keepalive_timeout
+            .get()
+            .max(shared.config.header_timeout.get());
+        let at = goaway.max(since) + grace;
         return if now >= at {
             Verdict::Abort("HTTP/2 client did not finish closing after GOAWAY")
         } else {
