@@ -28,10 +28,20 @@ use crate::upstream::figures::{CloseReason, RetryReason};
 use crate::upstream::peer::HealthState;
 use crate::upstream::pool::PoolSnapshot;
 
+/// How long an admin client has to send a request head (scrapers and probes send
+/// theirs at once); one that dawdles is cut, so it cannot hold a connection forever.
+pub const ADMIN_HEAD_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
 pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, state: Arc<ServerState>) {
     loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            continue;
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                // EMFILE and friends: back off briefly instead of spinning.
+                tracing::warn!(error = %e, "admin accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            }
         };
         let proxy = proxy.clone();
         let state = state.clone();
@@ -41,6 +51,8 @@ pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, state: Arc<ServerSt
                 async move { Ok::<_, Infallible>(resp) }
             });
             let _ = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(ADMIN_HEAD_TIMEOUT)
                 .serve_connection(TokioIo::new(stream), svc)
                 .await;
         });

@@ -405,6 +405,14 @@ impl Config {
                     "must be at least 1".into(),
                 );
             }
+            if l.header_timeout.get().is_zero() {
+                // Every head (and TLS handshake) would be late: the listener would
+                // serve nothing.
+                bad(
+                    format!("listener[{i}].header_timeout"),
+                    "must be more than 0s".into(),
+                );
+            }
             if l.max_header_bytes.get() < 1024 {
                 bad(
                     format!("listener[{i}].max_header_bytes"),

@@ -207,6 +207,24 @@ impl Metrics {
 
 // === tests ===
 
+/// An admin client that never finishes its request head is cut after
+/// `ADMIN_HEAD_TIMEOUT`: it cannot hold an admin connection forever.
+#[tokio::test]
+async fn an_admin_client_that_dawdles_over_its_head_is_cut() {
+    let gw = start("").await;
+    let mut client = holdfast_test::RawClient::connect(gw.admin).await.unwrap();
+    client.send("GET /live HTTP/1.1\r\nhost: a").await.unwrap();
+    let started = tokio::time::Instant::now();
+    let limit = holdfast::admin::ADMIN_HEAD_TIMEOUT + Duration::from_secs(3);
+    match client.wait_close(limit).await {
+        holdfast_test::PeerClose::StillOpen => panic!("still open after {limit:?}"),
+        // A 408 before the close is fine too.
+        _ => assert!(
+            started.elapsed() >= holdfast::admin::ADMIN_HEAD_TIMEOUT - Duration::from_millis(500)
+        ),
+    }
+}
+
 #[tokio::test]
 async fn requests_are_counted_by_route_and_status_class() {
     let a = TestUpstream::start(Behaviour::Echo).await;

@@ -1,17 +1,19 @@
 //! Secrets out of `/config`: every value under a key named like a secret is replaced.
 //!
-//! A key matches when its name, lower-cased, contains `key`, `password`, `passwd`,
-//! `secret` or `token` (TLS `key_file`s to come, FastCGI `params` such as
-//! `DB_PASSWORD`). Only the value is hidden: the key stays, so an operator sees that
-//! it is set. Matching is by name because the config has user-named keys (FastCGI
-//! params) that no schema can mark.
+//! A key matches when its name, lower-cased, contains `key`, `pass` (`password`,
+//! `passwd`, `DB_PASS`), `secret`, `token`, `credential` or `dsn` (TLS `key_file`s,
+//! FastCGI `params` such as `DB_PASSWORD` or `SENTRY_DSN`). Only the value is hidden:
+//! the key stays, so an operator sees that it is set. Matching is by name because the
+//! config has user-named keys (FastCGI params) that no schema can mark; a value under
+//! any other name that is a URL with a password (`postgres://user:pw@db/app`) keeps
+//! everything but the password.
 
 use toml::Value;
 
 /// What a redacted value shows.
 pub const REDACTED: &str = "<redacted>";
 
-const SECRET_WORDS: [&str; 5] = ["key", "password", "passwd", "secret", "token"];
+const SECRET_WORDS: [&str; 6] = ["key", "pass", "secret", "token", "credential", "dsn"];
 
 /// Whether a key names a secret.
 pub fn is_secret_key(key: &str) -> bool {
@@ -32,8 +34,24 @@ pub fn redact(value: &mut Value) {
             }
         }
         Value::Array(a) => a.iter_mut().for_each(redact),
+        Value::String(text) => {
+            if let Some(hidden) = without_url_password(text) {
+                *text = hidden;
+            }
+        }
         _ => {}
     }
+}
+
+/// `scheme://user:password@rest` with the password replaced, if `text` has one.
+fn without_url_password(text: &str) -> Option<String> {
+    let (scheme, rest) = text.split_once("://")?;
+    // The authority ends at the first `/`, `?` or `#`; userinfo is before its last `@`.
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let authority = &rest[..authority_end];
+    let at = authority.rfind('@')?;
+    let (user, _password) = authority[..at].split_once(':')?;
+    Some(format!("{scheme}://{user}:{REDACTED}{}", &rest[at..]))
 }
 
 /// The config as TOML with every default filled in and secrets redacted.
@@ -77,6 +95,29 @@ mod tests {
             assert!(text.contains(kept), "{kept} missing:\n{text}");
         }
         assert_eq!(v["tls"]["key_file"].as_str(), Some(REDACTED));
+    }
+
+    #[test]
+    fn passwords_in_urls_and_dsn_like_names_are_hidden() {
+        let mut v: Value = toml::from_str(
+            r#"
+            [route.fastcgi.params]
+            DATABASE_URL = "postgres://app:s3cr3t@db.internal:5432/app?sslmode=require"
+            SENTRY_DSN = "https://abc@o1.ingest.example/2"
+            DB_PASS = "pw1"
+            HOME_URL = "https://www.example.com/a@b"
+            "#,
+        )
+        .unwrap();
+        redact(&mut v);
+        let p = &v["route"]["fastcgi"]["params"];
+        assert_eq!(
+            p["DATABASE_URL"].as_str(),
+            Some("postgres://app:<redacted>@db.internal:5432/app?sslmode=require")
+        );
+        assert_eq!(p["SENTRY_DSN"].as_str(), Some(REDACTED));
+        assert_eq!(p["DB_PASS"].as_str(), Some(REDACTED));
+        assert_eq!(p["HOME_URL"].as_str(), Some("https://www.example.com/a@b"));
     }
 
     #[test]

@@ -41,6 +41,18 @@ fn defaults_fill_in_what_is_not_written() {
 }
 
 #[test]
+fn a_zero_header_timeout_is_refused_naming_its_line() {
+    let text = GOOD.replace(
+        "listen = \"127.0.0.1:8080\"",
+        "listen = \"127.0.0.1:8080\"\nheader_timeout = \"0s\"",
+    );
+    let e = only_error(&text);
+    assert_eq!(e.key.as_deref(), Some("listener[0].header_timeout"), "{e}");
+    assert_eq!(e.line, 4, "{e}");
+    assert!(e.message.contains("more than 0s"), "{e}");
+}
+
+#[test]
 fn effective_config_round_trips() {
     let c = parse(GOOD).unwrap();
     let again = parse(&c.to_effective_toml()).unwrap();
