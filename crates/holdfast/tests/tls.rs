@@ -1122,7 +1122,7 @@ async fn slow_window_get(
     s.write_all(&out).await.unwrap();
     let (mut data, mut ended, mut seen) = (0usize, false, Vec::new());
     let mut during = Some(during);
-    let mut on = |f: &Frame, data: &mut usize, ended: &mut bool| {
+    let on = |f: &Frame, data: &mut usize, ended: &mut bool| {
         if f.stream == 1 && (f.is(kind::DATA) || f.is(kind::HEADERS)) {
             if f.is(kind::DATA) {
                 *data += f.payload.len();
@@ -1149,10 +1149,11 @@ async fn slow_window_get(
                 .await
                 .unwrap();
         }
-        if f.is(kind::HEADERS) && f.stream == 1 {
-            if let Some(d) = during.take() {
-                d();
-            }
+        if f.is(kind::HEADERS)
+            && f.stream == 1
+            && let Some(d) = during.take()
+        {
+            d();
         }
         on(&f, &mut data, &mut ended);
         seen.push(f);
