@@ -1177,25 +1177,29 @@ async fn slow_window_get(
     (data, ended, seen)
 }
 
-fn fixed_body(len: usize) -> Behaviour {
-    Behaviour::Fixed {
+/// An h2c gateway (`header_timeout = "1s"`, plus `listener_keys`) in front of an
+/// upstream that answers 4,000 bytes.
+async fn gateway_for_slow_windows(listener_keys: &str) -> (TestUpstream, Gateway) {
+    let up = TestUpstream::start(Behaviour::Fixed {
         status: 200,
         headers: vec![],
-        body_len: len,
+        body_len: 4000,
         framing: holdfast_test::Framing::ContentLength,
-    }
+    })
+    .await;
+    let gw = start(&format!(
+        "{}\n[[listener]]\nlisten = \"127.0.0.1:0\"\nh2c = true\nheader_timeout = \"1s\"\n{listener_keys}",
+        proxy_to(&up.url())
+    ))
+    .await;
+    (up, gw)
 }
 
 /// A client that holds its stream window closed for longer than `header_timeout` gets
 /// the end of its response once it opens the window.
 #[tokio::test]
 async fn http2_response_end_held_by_flow_control_arrives() {
-    let up = TestUpstream::start(fixed_body(4000)).await;
-    let gw = start(&format!(
-        "{}\n[[listener]]\nlisten = \"127.0.0.1:0\"\nh2c = true\nheader_timeout = \"1s\"\n",
-        proxy_to(&up.url())
-    ))
-    .await;
+    let (_up, gw) = gateway_for_slow_windows("").await;
     let (data, ended, seen) = slow_window_get(gw.addr, 1000, Duration::from_secs(3), || {}).await;
     assert!(
         ended && data == 4000,
@@ -1209,12 +1213,7 @@ async fn http2_response_end_held_by_flow_control_arrives() {
 /// delivered.
 #[tokio::test]
 async fn http2_response_end_held_by_flow_control_survives_goaway() {
-    let up = TestUpstream::start(fixed_body(4000)).await;
-    let gw = start(&format!(
-        "{}\n[[listener]]\nlisten = \"127.0.0.1:0\"\nh2c = true\nheader_timeout = \"1s\"\nmax_requests_per_connection = 1\n",
-        proxy_to(&up.url())
-    ))
-    .await;
+    let (_up, gw) = gateway_for_slow_windows("max_requests_per_connection = 1\n").await;
     let (data, ended, seen) = slow_window_get(gw.addr, 1000, Duration::from_secs(3), || {}).await;
     assert!(
         ended && data == 4000,
@@ -1225,12 +1224,7 @@ async fn http2_response_end_held_by_flow_control_survives_goaway() {
 /// The same in a drain, which sends the GOAWAY as the response's head arrives.
 #[tokio::test]
 async fn http2_response_end_held_by_flow_control_survives_a_drain() {
-    let up = TestUpstream::start(fixed_body(4000)).await;
-    let gw = start(&format!(
-        "{}\n[[listener]]\nlisten = \"127.0.0.1:0\"\nh2c = true\nheader_timeout = \"1s\"\n",
-        proxy_to(&up.url())
-    ))
-    .await;
+    let (_up, gw) = gateway_for_slow_windows("").await;
     let addr = gw.addr;
     let drained = std::sync::Mutex::new(None);
     let (data, ended, seen) = slow_window_get(addr, 1000, Duration::from_secs(3), || {
