@@ -716,6 +716,38 @@ async fn http2_connection_idle_past_keepalive_timeout_gets_goaway_and_closes() {
     }
 }
 
+/// A client that goes silent after the GOAWAY (a vanished peer) is cut
+/// `header_timeout` after it: the longer grace is for a client still heard from, whose
+/// response's end may wait in h2 for its window. A silent one must not hold up a drain.
+#[tokio::test]
+async fn a_silent_http2_client_is_cut_header_timeout_after_the_goaway() {
+    let up = TestUpstream::start(Behaviour::Echo).await;
+    let gw = start(&format!(
+        "{}\n[[listener]]\nlisten = \"127.0.0.1:0\"\nh2c = true\nmax_requests_per_connection = 1\n\
+         header_timeout = \"1s\"\nkeepalive_timeout = \"30s\"\n",
+        proxy_to(&up.url())
+    ))
+    .await;
+    let mut s = TcpStream::connect(gw.addr).await.unwrap();
+    frames::start(&mut s).await.unwrap();
+    frames::send(&mut s, &[frames::get(1, "http", "localhost", "/")])
+        .await
+        .unwrap();
+    // The graceful shutdown's PING, which this client leaves unanswered.
+    let seen = read_frames(&mut s, |f| f.is(kind::PING) && !f.has(flag::ACK)).await;
+    assert!(
+        seen.iter().any(|f| f.is(kind::GOAWAY)),
+        "a GOAWAY after the one request: {seen:?}"
+    );
+    let goaway = Instant::now();
+    let rest = read_frames(&mut s, |_| false).await;
+    let cut = goaway.elapsed();
+    assert!(
+        cut >= Duration::from_millis(700) && cut < Duration::from_secs(4),
+        "cut {cut:?} after the GOAWAY (header_timeout 1s): {rest:?}"
+    );
+}
+
 #[tokio::test]
 async fn http2_max_requests_per_connection_ends_with_goaway() {
     let up = TestUpstream::start(Behaviour::Echo).await;

@@ -25,8 +25,10 @@
 //! HTTP/2 connection with no open stream for `keepalive_timeout` gets GOAWAY, and in a
 //! drain every HTTP/2 connection gets it at once: its open streams finish, then it
 //! closes. One that neither finishes closing nor has a stream open is cut
-//! `keepalive_timeout` (or `header_timeout`, if longer) after the GOAWAY: h2 may
-//! still hold the end of a response the client's window has not taken. HTTP/2 responses carry no `Connection` or `Keep-Alive`
+//! `header_timeout` after the GOAWAY if the client has gone silent, and
+//! `keepalive_timeout` (or `header_timeout`, if longer) after it if the client is
+//! still heard from: h2 may still hold the end of a response the client's window has
+//! not taken. HTTP/2 responses carry no `Connection` or `Keep-Alive`
 //! (connection-specific fields are malformed there, RFC 9113 8.2.2).
 //!
 //! The TLS handshake (and the h2c sniff) must end within `header_timeout`.
@@ -176,6 +178,9 @@ pub struct ConnState {
     /// linger is needed. (One with a body may still be sending it when the answer
     /// comes early; closing with it unread would send a reset.)
     pub(super) client_closes: AtomicBool,
+    /// HTTP/2: the client has sent something since holdfast began closing (a PING
+    /// ack, a WINDOW_UPDATE): it is alive, and may be reading slowly.
+    pub(super) heard: AtomicBool,
     /// Makes an HTTP/2 connection task look again at once.
     wake: Notify,
     /// Plain HTTP/1 connections may park while idle (see [`park`]).
@@ -226,6 +231,7 @@ impl ConnState {
             active: AtomicU32::new(0),
             close_soon: AtomicBool::new(false),
             client_closes: AtomicBool::new(false),
+            heard: AtomicBool::new(false),
             wake: Notify::new(),
         }
     }
@@ -676,6 +682,7 @@ async fn drive<C>(
                     Verdict::Close => {
                         shutdown(conn.as_mut());
                         closing = Some(now);
+                        state.heard.store(false, Relaxed);
                         // HTTP/2 still watches the client finish closing.
                         armed = proto == Proto::Http2;
                         check.reset(now);
@@ -804,17 +811,20 @@ fn verdict_h2(
         // h2 finishes the open streams, then closes. A stream stops counting as open
         // when hyper hands its last piece to h2, which may hold it for a while yet:
         // the client's flow-control window decides when it goes (a slow reader, or
-        // one that holds its window). So a connection with no open stream is given
-        // as long as an idle one, not just `header_timeout`, before it is cut; a
-        // drain bounds it with `drain.timeout` anyway, and counts what it cuts.
+        // one that holds its window). So a client heard from since the GOAWAY (it
+        // answered the PING) is given as long as an idle connection, not just
+        // `header_timeout`, before it is cut; a drain bounds it with `drain.timeout`
+        // anyway, and counts what it cuts. One that went silent (a vanished peer)
+        // is cut `header_timeout` after the GOAWAY, so that it holds no drain up.
         if active > 0 {
             return Verdict::RecheckAt(now + BUSY_RECHECK);
         }
-        let grace = shared
-            .config
-            .keepalive_timeout
-            .get()
-            .max(shared.config.header_timeout.get());
+        let header_timeout = shared.config.header_timeout.get();
+        let grace = if state.heard.load(Relaxed) {
+            shared.config.keepalive_timeout.get().max(header_timeout)
+        } else {
+            header_timeout
+        };
         let at = goaway.max(since) + grace;
         return if now >= at {
             Verdict::Abort("HTTP/2 client did not finish closing after GOAWAY")

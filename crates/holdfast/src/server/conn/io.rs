@@ -142,8 +142,10 @@ impl AsyncRead for ClientIo {
                 let n = buf.filled().len() - before;
                 if n == 0 {
                     this.read_eof = true;
-                } else if this.mark_reading
-                    && this.state.phase.load(Relaxed) == ConnPhase::Idle as u8
+                } else if !this.mark_reading {
+                    // HTTP/2: heard from (see `ConnState::heard`).
+                    this.state.heard.store(true, Relaxed);
+                } else if this.state.phase.load(Relaxed) == ConnPhase::Idle as u8
                     // Empty lines before a request line are ignored (RFC 9112 2.2):
                     // some clients send a CRLF after a body. Alone they start no
                     // request, and leave the connection under the idle rules.
