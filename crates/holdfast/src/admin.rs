@@ -37,9 +37,7 @@ pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, state: Arc<ServerSt
         let stream = match listener.accept().await {
             Ok((stream, _)) => stream,
             Err(e) => {
-                // EMFILE and friends: back off briefly instead of spinning.
-                tracing::warn!(error = %e, "admin accept failed");
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                crate::server::listener::pause_after_accept_error(&e, "admin accept failed").await;
                 continue;
             }
         };

@@ -44,9 +44,7 @@ pub async fn accept_loop(
         let (stream, remote) = match accepted {
             Ok(a) => a,
             Err(e) => {
-                // EMFILE and friends: back off briefly instead of spinning.
-                tracing::warn!(error = %e, "accept failed");
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                pause_after_accept_error(&e, "accept failed").await;
                 continue;
             }
         };
@@ -62,4 +60,11 @@ pub async fn accept_loop(
             drop(permit);
         });
     }
+}
+
+/// After a failed accept (EMFILE and friends): logs it and backs off briefly, so that
+/// the accept loop does not spin on an error that lasts.
+pub(crate) async fn pause_after_accept_error(e: &std::io::Error, what: &'static str) {
+    tracing::warn!(error = %e, "{what}");
+    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
 }

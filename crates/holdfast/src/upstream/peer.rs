@@ -144,7 +144,10 @@ impl Peer {
         if self.protocol == Protocol::FastCgi && !self.fastcgi_values.initialized() {
             // Before taking a slot: the answer may lower `max_connections`, which only
             // takes slots nobody holds. Concurrent first requests holding theirs while
-            // they wait for it would each open a connection, over the cap.
+            // they wait for it would each open a connection, over the cap. And before
+            // any connection of ours is open: php-fpm gives every open connection a
+            // worker, so with all workers held the question would wait in its accept
+            // queue until the connect timeout. (`connect` relies on this.)
             Box::pin(
                 self.fastcgi_values
                     .get_or_init(|| self.query_fastcgi_values()),
@@ -166,15 +169,6 @@ impl Peer {
     }
 
     async fn connect(&self) -> Result<Connected, UpstreamError> {
-        if self.protocol == Protocol::FastCgi {
-            // Before opening this request's connection: php-fpm gives every open
-            // connection a worker, so with all workers holding connections opened by
-            // concurrent first requests the question would wait for one in its
-            // accept queue until the connect timeout.
-            self.fastcgi_values
-                .get_or_init(|| self.query_fastcgi_values())
-                .await;
-        }
         let stream =
             match tokio::time::timeout(self.timeouts.connect.get(), self.open_stream()).await {
                 Err(_) => return Err(UpstreamError::new(Kind::ConnectTimeout, Delivery::NotSent)),

@@ -124,7 +124,8 @@ pub struct PoolSettings {
     pub queue_timeout: Duration,
     pub learn: bool,
     /// The upstream gives each open connection a worker of its own (php-fpm): once a
-    /// new connection has waited [`WORKER_WAIT`] for its first response, it may be
+    /// new connection has waited for its first response for twice the usual answer
+    /// time (at least [`WORKER_WAIT`], at most [`MAX_WORKER_WAIT`]), it may be
     /// waiting for a worker that an idle connection holds, so one idle connection is
     /// closed at once and finished ones are closed rather than pooled until it is
     /// answered.
@@ -783,28 +784,28 @@ async fn drive(
 /// until their idle timeout; without idle ones, the next connection to finish is
 /// closed instead (see `retire_reason`).
 async fn free_worker_if_unanswered(pool: Weak<Pool>, id: u64, opened: Instant) {
-    let mut wait = match pool.upgrade() {
-        Some(pool) => pool.lock().answer_wait.worker_wait(),
-        None => return,
-    };
-    let oldest = loop {
+    // Looked at again when answers were found slower meanwhile.
+    let mut wait = WORKER_WAIT;
+    loop {
         tokio::time::sleep_until(opened + wait).await;
         let Some(pool) = pool.upgrade() else { return };
-        let mut st = pool.lock();
-        if !st.fresh.contains_key(&id) {
-            return;
+        let oldest = {
+            let mut st = pool.lock();
+            if !st.fresh.contains_key(&id) {
+                return;
+            }
+            let due = st.answer_wait.worker_wait();
+            if due > wait {
+                wait = due;
+                continue;
+            }
+            st.idle.pop_oldest()
+        };
+        if let Some(conn) = oldest {
+            pool.figures.closed(CloseReason::Evicted);
+            drop(conn);
         }
-        // Answers may have been found slower meanwhile.
-        let now_wait = st.answer_wait.worker_wait();
-        if now_wait <= wait {
-            break st.idle.pop_oldest();
-        }
-        wait = now_wait;
-    };
-    let Some(pool) = pool.upgrade() else { return };
-    if let Some(conn) = oldest {
-        pool.figures.closed(CloseReason::Evicted);
-        drop(conn);
+        return;
     }
 }
 
