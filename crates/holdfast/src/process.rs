@@ -132,7 +132,7 @@ async fn handle_signals(
     tx: mpsc::Sender<Control>,
     (origin, fixed): (Origin, Option<Config>),
     listeners: Vec<(std::net::SocketAddr, std::os::fd::RawFd)>,
-    ready_timeout: std::time::Duration,
+    mut ready_timeout: std::time::Duration,
     state: std::sync::Arc<crate::server::ServerState>,
 ) {
     let Signals {
@@ -158,7 +158,14 @@ async fn handle_signals(
                     Some(Control::Exit)
                 }
             }
-            _ = hup.recv() => reload(&origin, fixed.as_ref(), &state),
+            _ = hup.recv() => {
+                let cmd = reload(&origin, fixed.as_ref(), &state);
+                // The next upgrade waits as long as the config in force says.
+                if let Some(Control::Reload(c)) = &cmd {
+                    ready_timeout = c.upgrade.ready_timeout.get();
+                }
+                cmd
+            }
             _ = usr2.recv() => match phase {
                 Phase::Running => {
                     // A stop signal while the successor starts is not left waiting

@@ -68,7 +68,6 @@ impl Routing {
 /// The proxy shared by every client connection.
 pub struct Proxy {
     routing: ArcSwap<Routing>,
-    access_log: bool,
 }
 
 /// What one client connection tells the proxy about itself.
@@ -103,10 +102,8 @@ impl ConnContext {
 
 impl Proxy {
     pub fn new(routing: Routing) -> Proxy {
-        let access_log = routing.config.log.access_log;
         Proxy {
             routing: ArcSwap::from_pointee(routing),
-            access_log,
         }
     }
 
@@ -133,7 +130,8 @@ impl Proxy {
     ) -> impl Future<Output = Response<ResponseBody>> {
         async move {
             let routing = self.routing.load_full();
-            let mut log = (self.access_log
+            // The config in force decides, so a reload turns the access log on or off.
+            let mut log = (routing.config.log.access_log
                 && tracing::enabled!(target: "holdfast::access", tracing::Level::INFO))
             // Boxed: only a request that is logged pays for its room, which every
             // request's future and response body would otherwise carry.

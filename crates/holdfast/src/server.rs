@@ -218,16 +218,37 @@ impl Server {
         let drain_cfg = proxy.routing().config.drain.clone();
         tracing::info!(open = tracker.open(), timeout = %drain_cfg.timeout, "draining");
         if stop == Stop::Drain && !drain_cfg.pre_delay.get().is_zero() {
-            tokio::select! {
-                () = tokio::time::sleep(drain_cfg.pre_delay.get()) => {}
-                Some(Control::Exit) = control.recv() => stop = Stop::Exit,
+            // A loop: a message other than Exit (a reload, another drain) must not
+            // leave the rest of the pause deaf to the Exit behind it.
+            let pause = tokio::time::sleep(drain_cfg.pre_delay.get());
+            tokio::pin!(pause);
+            let mut listening = true;
+            loop {
+                tokio::select! {
+                    () = &mut pause => break,
+                    cmd = control.recv(), if listening => match cmd {
+                        Some(Control::Exit) => {
+                            stop = Stop::Exit;
+                            break;
+                        }
+                        Some(Control::Reload(_)) => {
+                            tracing::warn!("reload ignored: this process is draining");
+                        }
+                        Some(_) => {}
+                        None => listening = false,
+                    },
+                }
             }
         }
         signal.start();
         // Once every accept loop has returned, no listener of ours is open: a new
         // connection is refused, or (after an upgrade) goes to the successor.
-        for task in accepting {
-            let _ = task.await;
+        for (task, shared) in accepting.into_iter().zip(&fronts) {
+            if let Ok(l) = task.await
+                && stop == Stop::Drain
+            {
+                listener::take_queued(l, shared, &watch, &tracker);
+            }
         }
         tracing::info!(
             open = tracker.open(),
@@ -245,6 +266,9 @@ impl Server {
                     () = &mut deadline => break tracker.open(),
                     cmd = control.recv() => match cmd {
                         Some(Control::Exit) => break tracker.open(),
+                        Some(Control::Reload(_)) => {
+                            tracing::warn!("reload ignored: this process is draining");
+                        }
                         Some(_) => {}
                         // The controller is gone; nobody can say Exit any more.
                         None => {
@@ -315,11 +339,15 @@ async fn reload(
             None => {}
         }
     }
+    crate::telemetry::reload(&new.log);
     let routing = Routing::build(Arc::new(new), Some(&old)).await;
     proxy.replace(routing);
     state.reloads.fetch_add(1, Relaxed);
     tracing::info!("config reloaded; new requests use it");
 }
+
+/// The accept queue's depth asked of the kernel (capped by `net.core.somaxconn`).
+pub(crate) const LISTEN_BACKLOG: usize = 1024;
 
 /// Binds a listening socket the way a server should: SO_REUSEADDR (restart while old
 /// connections sit in TIME_WAIT), TCP_NODELAY (Linux gives accepted connections the
@@ -336,7 +364,7 @@ pub fn bind_tcp(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
     socket
         .bind(&addr.into())
         .map_err(|e| std::io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}")))?;
-    socket.listen(1024)?;
+    socket.listen(LISTEN_BACKLOG as i32)?;
     socket.set_nonblocking(true)?;
     Ok(socket.into())
 }

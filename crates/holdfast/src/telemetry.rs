@@ -5,14 +5,31 @@ use tracing_subscriber::EnvFilter;
 
 use crate::config::{LogConfig, LogFormat};
 
-/// Installs the global subscriber; a second call (tests) is a no-op.
-pub fn init(log: &LogConfig) {
+/// Swaps the filter of the installed subscriber (set by [`init`]).
+type Reloader = Box<dyn Fn(EnvFilter) + Send + Sync>;
+static RELOAD: std::sync::OnceLock<Reloader> = std::sync::OnceLock::new();
+
+fn filter_for(log: &LogConfig) -> EnvFilter {
     let mut filter = EnvFilter::try_new(&log.level).unwrap_or_else(|_| EnvFilter::new("info"));
     if !log.access_log
         && let Ok(d) = "holdfast::access=off".parse()
     {
         filter = filter.add_directive(d);
     }
+    filter
+}
+
+/// Applies a reloaded `[log]` table's `level` and `access_log` (the format stays:
+/// it changes on upgrade).
+pub fn reload(log: &LogConfig) {
+    if let Some(apply) = RELOAD.get() {
+        apply(filter_for(log));
+    }
+}
+
+/// Installs the global subscriber; a second call (tests) is a no-op.
+pub fn init(log: &LogConfig) {
+    let filter = filter_for(log);
     use std::io::IsTerminal;
     // Colour only for a person at a terminal, never into log files or pipes.
     let builder = tracing_subscriber::fmt()
@@ -20,8 +37,24 @@ pub fn init(log: &LogConfig) {
         .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     let installed = match log.format {
-        LogFormat::Text => builder.try_init(),
-        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+        LogFormat::Text => {
+            let builder = builder.with_filter_reloading();
+            let handle = builder.reload_handle();
+            builder.try_init().map(|()| {
+                let _ = RELOAD.set(Box::new(move |f| {
+                    let _ = handle.reload(f);
+                }));
+            })
+        }
+        LogFormat::Json => {
+            let builder = builder.json().flatten_event(true).with_filter_reloading();
+            let handle = builder.reload_handle();
+            builder.try_init().map(|()| {
+                let _ = RELOAD.set(Box::new(move |f| {
+                    let _ = handle.reload(f);
+                }));
+            })
+        }
     };
     if installed.is_ok() {
         // Same shape as this subscriber's lines, without its per-field cost.

@@ -59,13 +59,19 @@ struct Setup<'a> {
     binary: Option<PathBuf>,
     /// Extra environment; `{listen}` in a value becomes the listener's address.
     env: Vec<(&'a str, &'a str)>,
+    /// Extra keys of the `[[listener]]` table.
+    listener: &'a str,
 }
 
 impl Gateway {
     async fn start(setup: Setup<'_>) -> Gateway {
         let listen = free_addr();
         let admin = free_addr();
-        let toml = config_toml(listen, admin, &setup.routes, setup.extra);
+        let toml = config_toml(listen, admin, &setup.routes, setup.extra).replacen(
+            &format!("listen = \"{listen}\"\n"),
+            &format!("listen = \"{listen}\"\n{}\n", setup.listener),
+            1,
+        );
         let binary = setup.binary.unwrap_or_else(|| PathBuf::from(BIN));
         let env: Vec<(&str, String)> = setup
             .env
@@ -950,4 +956,165 @@ fn replace_file(path: &Path, script: &str) {
     std::fs::write(&tmp, script).expect("write script");
     std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o755)).expect("chmod");
     std::fs::rename(&tmp, path).expect("replace the binary");
+}
+
+// === review: reload and upgrade ===
+
+/// README: "second SIGINT: exit at once". During `drain.pre_delay`, any other control
+/// message (here the Reload of a SIGHUP) must not make the server deaf to the Exit
+/// that follows it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn second_sigint_exits_at_once_after_a_sighup_during_pre_delay() {
+    let up = TestUpstream::start(Behaviour::Echo).await;
+    let mut gw = Gateway::start(Setup {
+        routes: vec![("/", up.addr())],
+        extra: "[drain]\npre_delay = \"30s\"\n",
+        ..Setup::default()
+    })
+    .await;
+    gw.signal(sys::SIGINT);
+    gw.wait_for_log("SIGINT: draining").await;
+    assert!(
+        wait_until_async(SOON, || async { !ready_status(gw.admin).await }).await,
+        "the drain started (/ready fails)"
+    );
+    gw.signal(sys::SIGHUP);
+    gw.wait_for_log("SIGHUP: reloading config").await;
+    let second = Instant::now();
+    gw.signal(sys::SIGINT);
+    gw.wait_for_log("second SIGINT: exiting at once").await;
+    let status = gw.proc.wait_exit(SOON).await;
+    let took = second.elapsed();
+    assert!(
+        status.is_some() && took <= SLACK,
+        "second SIGINT took {took:?} (status {status:?}); logs:\n{}",
+        gw.proc.logs()
+    );
+}
+
+/// README: SIGHUP applies new "settings"; `upgrade.ready_timeout` is one, and the
+/// next SIGUSR2 must use the reloaded value.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reloaded_upgrade_ready_timeout_applies_to_the_next_upgrade() {
+    let up = TestUpstream::start(Behaviour::Echo).await;
+    let (_bin_dir, binary) = replaceable_binary();
+    let mut gw = Gateway::start(Setup {
+        routes: vec![("/", up.addr())],
+        extra: "[upgrade]\nready_timeout = \"60s\"\n",
+        binary: Some(binary.clone()),
+        ..Setup::default()
+    })
+    .await;
+    gw.rewrite_config(&gw.config_with(&[("/", up.addr())], "[upgrade]\nready_timeout = \"1s\"\n"));
+    gw.signal(sys::SIGHUP);
+    gw.wait_for_log("config reloaded").await;
+    replace_file(&binary, "#!/bin/sh\nexec sleep 60\n");
+    gw.signal(sys::SIGUSR2);
+    gw.wait_for_log("SIGUSR2: starting the new binary").await;
+    assert!(
+        gw.proc.wait_for_log("not ready within 1s", SOON).await,
+        "the reloaded ready_timeout (1s) was not used; logs:\n{}",
+        gw.proc.logs()
+    );
+}
+
+/// README: SIGHUP applies new "settings" to new requests; `log.access_log` turned on
+/// by a reload must log the next request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reloaded_access_log_setting_applies_to_new_requests() {
+    let up = TestUpstream::start(Behaviour::Echo).await;
+    let mut gw = Gateway::start(Setup {
+        routes: vec![("/", up.addr())],
+        ..Setup::default()
+    })
+    .await;
+    gw.assert_serves("/before-reload").await;
+    let on = gw
+        .config_with(&[("/", up.addr())], "")
+        .replace("access_log = false", "access_log = true");
+    gw.rewrite_config(&on);
+    gw.signal(sys::SIGHUP);
+    gw.wait_for_log("config reloaded").await;
+    gw.assert_serves("/after-reload").await;
+    assert!(
+        gw.proc.wait_for_log("path=/after-reload", SOON).await,
+        "no access line after access_log = true was reloaded; logs:\n{}",
+        gw.proc.logs()
+    );
+}
+
+/// A client waiting in the kernel's accept queue (the listener is at
+/// `max_connections`, which the README says makes clients wait rather than be
+/// refused) has sent its request; a drain must not reset it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drain_does_not_reset_a_client_waiting_in_the_accept_queue() {
+    let slow = TestUpstream::start(Behaviour::Delay(Duration::from_secs(2))).await;
+    let mut gw = Gateway::start(Setup {
+        routes: vec![("/", slow.addr())],
+        listener: "max_connections = 1",
+        ..Setup::default()
+    })
+    .await;
+    let addr = gw.listen;
+    let first = tokio::spawn(async move {
+        let mut client = KeepAliveClient::new(addr).with_timeout(SOON);
+        client.get("/holds-the-only-slot").await
+    });
+    slow.wait_for_requests(1, SOON)
+        .await
+        .expect("the first request reached the upstream");
+    // Connected by the kernel, waiting to be accepted; its request is sent.
+    let mut queued = holdfast_test::RawClient::connect(addr)
+        .await
+        .expect("connect");
+    queued
+        .send_request(&ClientRequest::get("/queued"))
+        .await
+        .expect("send");
+    gw.signal(sys::SIGTERM);
+    gw.wait_for_log(STOPPED_ACCEPTING).await;
+    let first = first.await.expect("client task").expect("first request");
+    assert_eq!(first.status, 200);
+    let second = queued.read_response(SOON).await;
+    assert!(
+        second.is_ok(),
+        "the queued client's request was lost: {second:?}; logs:\n{}",
+        gw.proc.logs()
+    );
+    let _ = gw.proc.wait_exit(SOON).await;
+}
+
+/// A duration past what `Instant` can hold is accepted by `holdfast check` today and
+/// panics where it is added to a clock reading: `upgrade.ready_timeout` on SIGUSR2
+/// (the signal task dies, the process drains and exits 0, the successor is left
+/// running unwatched), `timeouts.response_headers` on every request (the client
+/// connection is dropped). The config must be rejected up front.
+#[test]
+fn durations_too_long_for_the_clock_are_rejected() {
+    let dir = holdfast_test::tempdir();
+    let path = dir.path().join("huge.toml");
+    for (extra, upstream_extra) in [
+        ("[upgrade]\nready_timeout = \"300000000000y\"\n", ""),
+        (
+            "",
+            "\n[upstream.u0.timeouts]\nresponse_headers = \"300000000000y\"\n",
+        ),
+    ] {
+        let toml = config_toml(
+            free_addr(),
+            free_addr(),
+            &[("/", "127.0.0.1:9".parse().unwrap())],
+            extra,
+        ) + upstream_extra;
+        std::fs::write(&path, &toml).unwrap();
+        let out = std::process::Command::new(BIN)
+            .args(["check", "--config"])
+            .arg(&path)
+            .output()
+            .expect("run holdfast check");
+        assert!(
+            !out.status.success(),
+            "accepted a duration that overflows Instant:\n{toml}"
+        );
+    }
 }

@@ -32,6 +32,11 @@ impl Dur {
     }
 }
 
+/// The longest duration a setting may have. Deadlines are clock readings plus a
+/// setting (`Instant + Duration` panics past what the clock holds), so an absurd value
+/// must be an error here, not a panic on a request or a signal later.
+pub const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
+
 impl FromStr for Dur {
     type Err = String;
 
@@ -41,11 +46,15 @@ impl FromStr for Dur {
             return Ok(Dur(Duration::ZERO));
         }
         // humantime also accepts compound forms such as `1m30s`.
-        humantime::parse_duration(s).map(Dur).map_err(|_| {
+        let d = humantime::parse_duration(s).map_err(|_| {
             format!(
                 "invalid duration {s:?}: write a number and a unit, like `30s`, `500ms` or `2m`"
             )
-        })
+        })?;
+        if d > MAX_DURATION {
+            return Err(format!("duration {s:?} is too long: at most 365d"));
+        }
+        Ok(Dur(d))
     }
 }
 

@@ -9,14 +9,15 @@ use tokio::sync::Semaphore;
 use super::conn::{self, ListenerShared};
 use super::drain::{DrainWatch, Tracker};
 
-/// Accepts until the drain starts, then returns (dropping the listener; during an
-/// upgrade the successor holds the same socket, so nothing queued is lost).
+/// Accepts until the drain starts, then returns the listener: during an upgrade the
+/// successor holds the same socket, so dropping it loses nothing queued; otherwise
+/// [`take_queued`] serves what already waits in the kernel's queue first.
 pub async fn accept_loop(
     listener: TcpListener,
     shared: Arc<ListenerShared>,
     drain: DrainWatch,
     tracker: Tracker,
-) {
+) -> TcpListener {
     let limit = Arc::new(Semaphore::new(shared.config.max_connections));
     // One registration with the drain signal for the loop's whole life, not one per
     // connection: the accept path is paid by every new client.
@@ -29,16 +30,16 @@ pub async fn accept_loop(
             Ok(p) => p,
             Err(_) => tokio::select! {
                 biased;
-                () = draining.as_mut() => return,
+                () = draining.as_mut() => return listener,
                 p = limit.clone().acquire_owned() => match p {
                     Ok(p) => p,
-                    Err(_) => return, // never closed
+                    Err(_) => return listener, // never closed
                 },
             },
         };
         let accepted = tokio::select! {
             biased;
-            () = draining.as_mut() => return,
+            () = draining.as_mut() => return listener,
             r = listener.accept() => r,
         };
         let (stream, remote) = match accepted {
@@ -59,6 +60,45 @@ pub async fn accept_loop(
             conn::serve(stream, remote, shared, drain, tracked).await;
             drop(permit);
         });
+    }
+}
+
+/// In a drain with no successor: accepts every connection already in the kernel's
+/// queue (past `max_connections`: they are served with the drain's rules, each its
+/// current request with `Connection: close`), then closes the listener. Closing it with
+/// connections queued would reset them, and their clients may have sent a request.
+pub fn take_queued(
+    listener: TcpListener,
+    shared: &Arc<ListenerShared>,
+    drain: &DrainWatch,
+    tracker: &Tracker,
+) {
+    let Ok(std) = listener.into_std() else { return };
+    // Non-blocking (set when bound or adopted): stops at an empty queue, and at most
+    // a backlog's worth, so that clients still arriving cannot keep the drain here.
+    let mut taken = 0usize;
+    for _ in 0..crate::server::LISTEN_BACKLOG {
+        let Ok((stream, remote)) = std.accept() else {
+            break;
+        };
+        let Ok(stream) = stream
+            .set_nonblocking(true)
+            .and_then(|()| tokio::net::TcpStream::from_std(stream))
+        else {
+            continue;
+        };
+        taken += 1;
+        let tracked = tracker.track();
+        let (shared, drain) = (shared.clone(), drain.clone());
+        tokio::spawn(async move {
+            conn::serve(stream, remote, shared, drain, tracked).await;
+        });
+    }
+    if taken > 0 {
+        tracing::info!(
+            connections = taken,
+            "took the connections still queued at the listener"
+        );
     }
 }
 
