@@ -34,6 +34,11 @@ use self::conn::{Answer, Conn, Dialer, Watch};
 pub use self::report::ProbeReport;
 use self::report::{FastCgiValues, FirstResponse, IdleReport, RequestLimit};
 
+/// A close this soon after the last of `max_requests` answers is a request limit of
+/// exactly `max_requests` (the FIN follows the response at once); short enough not
+/// to take a short idle timeout for one.
+const LIMIT_CLOSE: Duration = Duration::from_millis(100);
+
 /// What to probe and how far to go.
 #[derive(Debug, Clone)]
 pub struct ProbeOptions {
@@ -77,6 +82,9 @@ impl ProbeOptions {
 pub enum ProbeError {
     #[error("{0}")]
     Url(String),
+    /// An option out of range.
+    #[error("{0}")]
+    Usage(String),
     #[error("cannot resolve {0}: {1}")]
     Resolve(String, std::io::Error),
     #[error("cannot connect to {0}: {1}")]
@@ -189,6 +197,22 @@ pub async fn run(
     progress: &(dyn Fn(String) + Sync),
 ) -> Result<ProbeReport, ProbeError> {
     let started = Instant::now();
+    // Deadlines are `Instant + Duration`, which panics past the clock's range.
+    for (flag, d, most) in [
+        (
+            "--max-idle",
+            options.max_idle,
+            Duration::from_secs(24 * 3600),
+        ),
+        ("--timeout", options.timeout, Duration::from_secs(3600)),
+    ] {
+        if d > most {
+            return Err(ProbeError::Usage(format!(
+                "{flag}: at most {}",
+                crate::config::Dur(most)
+            )));
+        }
+    }
     let target = Target::parse(&options.url, options.script.as_deref())?;
     let dialer = Dialer::new(&target, options.ca_file.as_deref()).await?;
     let addr = dialer.describe();
@@ -197,7 +221,13 @@ pub async fn run(
 
     let fastcgi = if target.fastcgi_script.is_some() {
         connections += 1;
-        let v = conn::fastcgi_values(&dialer, options.timeout).await?;
+        // GET_VALUES is optional (FastCGI 1.0, 4.1): an application that ignores it
+        // or answers late can still be probed.
+        let v = match conn::fastcgi_values(&dialer, options.timeout).await {
+            Ok(v) => v,
+            Err(ProbeError::Timeout(_)) => None,
+            Err(e) => return Err(e),
+        };
         progress(match &v {
             Some(v) => format!(
                 "GET_VALUES: FCGI_MAX_CONNS={:?} FCGI_MAX_REQS={:?} FCGI_MPXS_CONNS={:?}",
@@ -231,11 +261,22 @@ pub async fn run(
         limit: None,
         close: None,
         searched_up_to: options.max_requests,
+        error: None,
     };
     for i in 1..=options.max_requests.max(1) {
         requests += 1;
         limit.sent = i;
-        match c.exchange().await? {
+        let answer = match c.exchange().await {
+            Ok(a) => a,
+            Err(e) if first.is_none() => return Err(e),
+            // A later failure is a finding: what was measured stays.
+            Err(e) => {
+                progress(format!("request {i} on one connection failed: {e}"));
+                limit.error = Some(format!("request {i} on one connection failed: {e}"));
+                break;
+            }
+        };
+        match answer {
             Answer::Response(f) => {
                 if first.is_none() {
                     progress(format!(
@@ -281,6 +322,15 @@ pub async fn run(
             progress(format!("{i} requests on one connection, still open"));
         }
     }
+    // The last request answered: a silent close right after it is a limit of exactly
+    // `max_requests`, found without sending one more.
+    if limit.limit.is_none()
+        && limit.error.is_none()
+        && let Watch::Closed { style, .. } = c.watch_close(Instant::now() + LIMIT_CLOSE).await
+    {
+        limit.limit = Some(limit.sent);
+        limit.close = Some(style);
+    }
     drop(c);
     let Some(first) = first else {
         return Err(ProbeError::Protocol("no response".into()));
@@ -297,7 +347,19 @@ pub async fn run(
     });
 
     // 2. Idle connections, staggered.
-    let k = options.connections.max(1);
+    let mut k = options.connections.max(1);
+    if let Some(v) = &fastcgi {
+        // A FastCGI application binds a worker to each open connection (php-fpm), and
+        // says FCGI_MAX_CONNS only sometimes (php-fpm does not): more idle connections
+        // than workers would leave one waiting for a worker, not measuring.
+        let most = v.max_conns.map_or(1, |n| n.max(1) as usize);
+        if k > most {
+            progress(format!(
+                "FastCGI: watching {most} idle connection(s), not {k}: each holds a worker"
+            ));
+            k = most;
+        }
+    }
     progress(format!(
         "watching {k} idle connection(s) for up to {:.0} s",
         options.max_idle.as_secs_f64()
@@ -323,6 +385,10 @@ pub async fn run(
         unsolicited_bytes: 0,
         errors: Vec::new(),
     };
+    // The first connection served more than one request back to back: a close soon
+    // after a response is then a short idle timeout, not a close after every response.
+    let reusable = limit.limit.is_none_or(|n| n > 1);
+    let prompt_close = |after: Duration| !reusable && report::is_prompt(after);
     let mut prompt = 0;
     for (i, w) in watches.into_iter().enumerate() {
         connections += 1;
@@ -339,7 +405,7 @@ pub async fn run(
         idle.unsolicited_bytes += w.unsolicited;
         match w.outcome {
             IdleOutcome::Closed(after, style) => {
-                if report::is_prompt(after) {
+                if prompt_close(after) {
                     prompt += 1;
                 }
                 idle.closes_secs.push(after.as_secs_f64());
@@ -357,7 +423,7 @@ pub async fn run(
         .closes_secs
         .iter()
         .copied()
-        .filter(|&s| !report::is_prompt(Duration::from_secs_f64(s)))
+        .filter(|&s| !prompt_close(Duration::from_secs_f64(s)))
         .reduce(f64::min);
 
     let verdict = report::verdict(&first, &limit, &idle);
@@ -492,7 +558,7 @@ pub async fn run_cli(options: ProbeOptions, json: bool) -> u8 {
             0
         }
         Err(e) => {
-            eprintln!("probe failed: {e}");
+            eprintln!("probe {} failed: {e}", options.url);
             1
         }
     }

@@ -384,6 +384,254 @@ async fn the_binary_prints_json_on_stdout_and_progress_on_stderr() {
     );
 }
 
+// === review: bugs found in the probe ===
+
+/// Off by one: an upstream that closes silently after exactly `--max-requests`
+/// requests is reported as having no limit, because request max+1 is never sent.
+/// (A limit said with `Connection: close` on the max-th response is found.)
+#[tokio::test]
+async fn review_a_silent_limit_equal_to_max_requests_is_found() {
+    let up = TestUpstream::start(Behaviour::CloseAfterRequests(5)).await;
+    let mut o = options(&up.url(), Duration::from_millis(300));
+    o.max_requests = 5;
+    o.connections = 1;
+    let (r, _) = probe(&o).await;
+    assert_eq!(
+        r.requests_per_connection.limit,
+        Some(5),
+        "served 5 then closed (FIN); snippet: {}",
+        r.recommended.toml
+    );
+}
+
+/// With `--max-idle` below the default idle timeout (4 s), "no idle close within
+/// 1 s" proves nothing about 4 s, yet the snippet calls the default safe: this
+/// upstream closes idle connections after 2 s.
+#[tokio::test]
+async fn review_a_short_max_idle_does_not_vouch_for_the_default() {
+    let up = TestUpstream::start(Behaviour::CloseIdleAfter(Duration::from_secs(2))).await;
+    let mut o = options(&up.url(), Duration::from_secs(1));
+    o.connections = 1;
+    o.max_requests = 3;
+    let (r, _) = probe(&o).await;
+    assert!(
+        !r.recommended.toml.contains("is safe"),
+        "the upstream closes idle connections after 2 s:\n{}",
+        r.recommended.toml
+    );
+}
+
+/// Story 1a without the FIN: an upstream that drops a connection idle for 1 s only
+/// when the next request comes (a lazy idle check, or state lost behind a NAT) is
+/// found unusable after `--max-idle`, yet the snippet says the default 4 s is safe,
+/// and the close (a FIN from the upstream itself) is blamed on "something on the
+/// path".
+#[tokio::test]
+async fn review_a_close_found_only_on_the_next_request_is_not_called_safe() {
+    let up = ClosesStaleOnUse::start(Duration::from_secs(1)).await;
+    let mut o = options(&format!("http://{}/", up.addr), Duration::from_secs(2));
+    o.connections = 1;
+    o.max_requests = 3;
+    let (r, _) = probe(&o).await;
+    assert_eq!(r.idle.usable_after_max_idle, [false], "{:?}", r.idle);
+    assert!(
+        !r.recommended.toml.contains("is safe"),
+        "a connection idle for 2 s no longer worked:\n{}",
+        r.recommended.toml
+    );
+}
+
+/// An idle timeout under 250 ms is taken for "closes every connection right after
+/// its response: nothing to reuse", although the same probe just reused one
+/// connection 20 times.
+#[tokio::test]
+async fn review_a_short_idle_timeout_is_not_closing_after_every_response() {
+    let up = TestUpstream::start(Behaviour::CloseIdleAfter(Duration::from_millis(150))).await;
+    let (r, _) = probe(&options(&up.url(), Duration::from_secs(2))).await;
+    assert_eq!(r.requests_per_connection.limit, None, "20 requests on one");
+    assert!(
+        !r.idle.closes_after_every_response,
+        "findings: {:?}\n{}",
+        r.verdict.findings, r.recommended.toml
+    );
+    assert_near(
+        r.idle.timeout_secs.expect("measured"),
+        0.15,
+        "short idle timeout",
+    );
+}
+
+/// A FastCGI application slow to answer GET_VALUES (or one that ignores it, as
+/// GET_VALUES is optional) fails the whole probe with "no response within 1s",
+/// although the code reports "GET_VALUES: no answer" as a finding otherwise.
+#[tokio::test]
+async fn review_an_unanswered_get_values_does_not_fail_the_probe() {
+    let app = FastCgiApp::start_with(support::fastcgi_app::FastCgiAppOptions {
+        values_delay: Duration::from_secs(3),
+        ..Default::default()
+    })
+    .await;
+    let mut o = options(
+        &format!("fastcgi://{}", app.addr),
+        Duration::from_millis(300),
+    );
+    o.script = Some("/srv/www/index.php".into());
+    o.connections = 1;
+    o.max_requests = 3;
+    o.timeout = Duration::from_secs(1);
+    let r = holdfast::probe::run(&o, &|_| {}).await;
+    let r = r.unwrap_or_else(|e| panic!("the application answers requests: {e}"));
+    assert_eq!(r.first_response.status, 200);
+}
+
+/// "Later failures are findings, not errors" (`probe::run`): a failure on the
+/// request-count connection after the first answer throws every measurement away.
+#[tokio::test]
+async fn review_a_later_failure_on_the_counting_connection_is_a_finding() {
+    let up = TestUpstream::start(Behaviour::respond(|r| {
+        Reply::new(if r.conn == 1 && r.seq >= 3 { 0 } else { 200 }).body("ok")
+    }))
+    .await;
+    let mut o = options(&up.url(), Duration::from_millis(300));
+    o.connections = 1;
+    let r = holdfast::probe::run(&o, &|_| {}).await;
+    r.unwrap_or_else(|e| panic!("two answers, then a bad one: {e}"));
+}
+
+/// `Content-Length: 2` sent twice (RFC 9110 8.6 allows identical repeats) is joined
+/// to "2, 2", fails to parse, and the body is read as close-delimited: the probe
+/// waits for a close that a keep-alive upstream never sends and fails.
+#[tokio::test]
+async fn review_a_repeated_content_length_frames_the_body() {
+    let up = TestUpstream::start(Behaviour::respond(|_| {
+        Reply::new(200)
+            .header("Content-Length", "2")
+            .header("Content-Length", "2")
+            .body("ok")
+    }))
+    .await;
+    let mut o = options(&up.url(), Duration::from_millis(300));
+    o.connections = 1;
+    o.max_requests = 3;
+    o.timeout = Duration::from_secs(1);
+    let r = holdfast::probe::run(&o, &|_| {}).await;
+    let r = r.unwrap_or_else(|e| panic!("keep-alive with a sized body: {e}"));
+    assert_eq!(r.requests_per_connection.limit, None);
+}
+
+/// A php-fpm with `pm.max_children = 2` (the fixture's default): php-fpm binds a
+/// worker to each open connection and has no idle timeout, so the probe's 3 idle
+/// connections need 3 workers; the third waits for one until `--timeout` and is
+/// reported as a failed connection. (php-fpm does not say FCGI_MAX_CONNS.)
+#[tokio::test]
+async fn review_fastcgi_watches_fit_in_fcgi_max_conns() {
+    let fpm = PhpFpm::start(PhpFpmOptions::default()).await;
+    let script = fpm.script("probe.php", "<?php echo 'probed';");
+    let mut o = options(
+        &format!("fastcgi+unix://{}", fpm.socket_path().display()),
+        Duration::from_secs(2),
+    );
+    o.script = Some(script.display().to_string());
+    o.max_requests = 3;
+    o.timeout = Duration::from_secs(1);
+    let (r, _) = probe(&o).await;
+    assert!(r.idle.errors.is_empty(), "{:?}", r.idle.errors);
+}
+
+/// A huge `--max-idle` (or `--timeout`) panics on `Instant + Duration` overflow
+/// instead of being refused.
+#[tokio::test]
+async fn review_a_huge_max_idle_is_refused_not_a_panic() {
+    let up = TestUpstream::start(Behaviour::Echo).await;
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_holdfast"))
+        .args([
+            "probe",
+            "--connections",
+            "1",
+            "--max-requests",
+            "1",
+            "--timeout",
+        ])
+        .arg("300000000000y")
+        .arg(up.url())
+        .output()
+        .await
+        .expect("run holdfast probe");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
+/// `--name api.v2` (a dotted name, valid for `[upstream."api.v2"]`) gives
+/// `[upstream.api.v2.pool]`: a pool for an upstream `api`, not valid config.
+#[tokio::test]
+async fn review_the_snippet_is_valid_config_for_any_name() {
+    let up = TestUpstream::start(Behaviour::CloseAfterRequests(3)).await;
+    let mut o = options(&up.url(), Duration::from_millis(300));
+    o.connections = 1;
+    o.name = "api.v2".into();
+    let (r, _) = probe(&o).await;
+    let text = format!(
+        "[[listener]]\nlisten = \"127.0.0.1:0\"\n[[route]]\nupstream = \"api.v2\"\n\
+         [upstream.\"api.v2\"]\naddresses = [\"{}\"]\n{}",
+        up.url(),
+        r.recommended.toml
+    );
+    let c = holdfast::config::Config::from_toml(&text, Path::new("snippet.toml"))
+        .unwrap_or_else(|e| panic!("{e}\n{text}"));
+    assert_eq!(c.upstreams["api.v2"].pool.max_requests, 2, "{text}");
+}
+
+/// Answers each request with a small 200; a request that comes after the
+/// connection sat idle for `after` or more is not answered: the connection is
+/// closed (FIN) then. Nothing is sent while idle.
+struct ClosesStaleOnUse {
+    addr: SocketAddr,
+    task: JoinHandle<()>,
+}
+
+impl Drop for ClosesStaleOnUse {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl ClosesStaleOnUse {
+    async fn start(after: Duration) -> ClosesStaleOnUse {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let task = tokio::spawn(async move {
+            while let Ok((mut s, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    let mut idle_since = tokio::time::Instant::now();
+                    // Bounded by the peer: each round reads bytes or ends.
+                    loop {
+                        let mut chunk = [0u8; 4096];
+                        let n = match s.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => n,
+                        };
+                        if idle_since.elapsed() >= after {
+                            let _ = s.shutdown().await;
+                            return;
+                        }
+                        buf.extend_from_slice(&chunk[..n]);
+                        while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                            buf.drain(..end + 4);
+                            let ok = b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\n\r\nok\n";
+                            if s.write_all(ok).await.is_err() {
+                                return;
+                            }
+                        }
+                        idle_since = tokio::time::Instant::now();
+                    }
+                });
+            }
+        });
+        ClosesStaleOnUse { addr, task }
+    }
+}
+
 // === fixtures ===
 
 /// Answers each request head on `stream` with a small 200 until the peer goes

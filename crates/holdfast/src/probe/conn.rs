@@ -321,7 +321,22 @@ impl Conn {
             let keep_alive = header("keep-alive");
             let chunked = header("transfer-encoding")
                 .is_some_and(|te| te.to_ascii_lowercase().trim_end().ends_with("chunked"));
-            let length = header("content-length").and_then(|v| v.parse::<u64>().ok());
+            // Repeats of one value are one length (RFC 9110 8.6); anything else is an
+            // error, not a body read until a close that may never come.
+            let length = match header("content-length") {
+                None => None,
+                Some(v) => {
+                    let mut values = v.split(',').map(|n| n.trim().parse::<u64>().ok());
+                    let n = values.next().flatten();
+                    match n.filter(|&n| values.all(|m| m == Some(n))) {
+                        Some(n) => Some(n),
+                        None if chunked => None,
+                        None => {
+                            return Err(ProbeError::Protocol(format!("bad Content-Length {v:?}")));
+                        }
+                    }
+                }
+            };
             self.buf.advance(head_len);
             if (100..200).contains(&status) && status != 101 {
                 continue;

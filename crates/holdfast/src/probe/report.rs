@@ -77,6 +77,9 @@ pub struct RequestLimit {
     /// How it closed.
     pub close: Option<CloseStyle>,
     pub searched_up_to: u32,
+    /// A request after the first that failed, which ended the count.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -186,6 +189,9 @@ pub fn verdict(first: &FirstResponse, limit: &RequestLimit, idle: &IdleReport) -
                 .into(),
         );
     }
+    if let Some(e) = &limit.error {
+        notes.push(e.clone());
+    }
     for e in &idle.errors {
         notes.push(format!("an idle-watch connection failed: {e}"));
     }
@@ -197,9 +203,10 @@ pub fn verdict(first: &FirstResponse, limit: &RequestLimit, idle: &IdleReport) -
     }
     if idle.usable_after_max_idle.iter().any(|ok| !ok) {
         notes.push(format!(
-            "connections idle for {:.0} s no longer worked although no FIN or RST came: \
+            "connections idle for {} no longer worked although no FIN or RST came while \
+             they were idle: the upstream closes stale connections only when used, or \
              something on the path dropped them silently",
-            idle.max_idle_secs
+            secs(idle.max_idle_secs)
         ));
     } else if idle.still_open > 0 && idle.timeout_secs.is_none() {
         notes.push(format!(
@@ -207,7 +214,9 @@ pub fn verdict(first: &FirstResponse, limit: &RequestLimit, idle: &IdleReport) -
             idle.max_idle_secs
         ));
     }
-    if limit.limit.is_none() {
+    if limit.error.is_some() {
+        // Said above: nothing is known about a limit.
+    } else if limit.limit.is_none() {
         notes.push(format!(
             "served {} requests on one connection without closing it",
             limit.sent
@@ -268,7 +277,7 @@ pub fn recommend(
 
     let mut t = String::new();
     let _ = writeln!(t, "# holdfast probe {url}");
-    let _ = writeln!(t, "[upstream.{name}.pool]");
+    let _ = writeln!(t, "[upstream.{}.pool]", toml_key(name));
     match (&idle_timeout, upstream_idle) {
         (Some(d), Some(u)) => {
             let _ = writeln!(
@@ -283,11 +292,30 @@ pub fn recommend(
                 "# no idle_timeout: the upstream never lets a connection be reused"
             );
         }
+        _ if idle.usable_after_max_idle.iter().any(|ok| !ok) => {
+            let _ = writeln!(
+                t,
+                "# idle_timeout: NOT MEASURED: connections idle for {} were dead when used, \
+                 with no FIN or RST while idle; probe again with a smaller --max-idle",
+                secs(idle.max_idle_secs)
+            );
+        }
+        _ if idle.still_open > 0 && idle.max_idle_secs >= default_idle().as_secs_f64() => {
+            let _ = writeln!(
+                t,
+                "# idle_timeout: no idle close within {}; the default ({}) is safe",
+                secs(idle.max_idle_secs),
+                Dur(default_idle())
+            );
+        }
         _ if idle.still_open > 0 => {
             let _ = writeln!(
                 t,
-                "# idle_timeout: no idle close within {:.0} s; the default (4s) is safe",
-                idle.max_idle_secs
+                "# idle_timeout: no idle close within {}, which says nothing about the \
+                 default ({}); probe with --max-idle {} or more",
+                secs(idle.max_idle_secs),
+                Dur(default_idle()),
+                Dur(default_idle())
             );
         }
         _ => {
@@ -298,6 +326,13 @@ pub fn recommend(
         }
     }
     match (max_requests, limit.limit) {
+        _ if limit.error.is_some() => {
+            let _ = writeln!(
+                t,
+                "# max_requests: not measured ({})",
+                limit.error.as_deref().unwrap_or_default()
+            );
+        }
         (Some(m), Some(1)) => {
             let _ = writeln!(
                 t,
@@ -359,6 +394,11 @@ impl ProbeReport {
         }
         let r = &self.requests_per_connection;
         let _ = match (r.limit, r.close) {
+            _ if r.error.is_some() => writeln!(
+                t,
+                "  requests per connection: not measured ({})",
+                r.error.as_deref().unwrap_or_default()
+            ),
             (Some(n), Some(style)) => writeln!(
                 t,
                 "  requests per connection: {n}, then closed {}",
@@ -412,6 +452,43 @@ impl ProbeReport {
         let _ = writeln!(t, "Recommended settings:\n");
         t.push_str(&self.recommended.toml);
         t
+    }
+}
+
+/// holdfast's default `pool.idle_timeout`, which a long enough watch vouches for.
+fn default_idle() -> Duration {
+    crate::config::PoolConfig::default().idle_timeout.get()
+}
+
+/// `name` as a TOML key: bare if it can be, else quoted (`--name api.v2`).
+fn toml_key(name: &str) -> String {
+    let bare = !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+    if bare {
+        name.to_owned()
+    } else {
+        let mut q = String::from("\"");
+        for c in name.chars() {
+            match c {
+                '"' => q.push_str("\\\""),
+                '\\' => q.push_str("\\\\"),
+                c if c.is_control() => q.push_str(&format!("\\u{:04X}", c as u32)),
+                c => q.push(c),
+            }
+        }
+        q.push('"');
+        q
+    }
+}
+
+/// Seconds for a sentence: `120 s`, or `300 ms` below a second (not `0 s`).
+fn secs(s: f64) -> String {
+    if s >= 1.0 {
+        format!("{s:.0} s")
+    } else {
+        format!("{:.0} ms", s * 1000.0)
     }
 }
 

@@ -20,6 +20,7 @@ fn limit(n: Option<u32>, close: Option<CloseStyle>) -> RequestLimit {
         limit: n,
         close,
         searched_up_to: 100,
+        error: None,
     }
 }
 
