@@ -7,8 +7,8 @@
 
 use std::fmt;
 use std::pin::Pin;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering::Release};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering::Acquire, Ordering::Release};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
 use bytes::{Bytes, BytesMut};
@@ -98,7 +98,116 @@ pub struct Streaming {
     received: u64,
     limit: u64,
     /// Set once the body has been taken to its end (see [`RequestBody::watch_end`]).
-    ended: Option<Arc<AtomicBool>>,
+    ended: EndWatch,
+}
+
+/// What a streamed body tells about its way upstream, shared with the connection that
+/// sends it: whether it has been taken to its end, and what must live as long as the
+/// protocol handle may still be sending it (an HTTP/2 stream lease: the stream stays
+/// open, and counts against the upstream's `SETTINGS_MAX_CONCURRENT_STREAMS`, until
+/// the body's last piece went out, even after the response ended).
+#[derive(Default)]
+pub struct BodyEnd {
+    ended: AtomicBool,
+    /// How the body failed, if it did: [`BodyEnd::TOO_LARGE`] or [`BodyEnd::CLIENT`].
+    failed: AtomicU8,
+    held: Mutex<Option<Box<dyn Send>>>,
+}
+
+impl fmt::Debug for BodyEnd {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("BodyEnd")
+            .field("ended", &self.ended)
+            .finish_non_exhaustive()
+    }
+}
+
+impl BodyEnd {
+    const TOO_LARGE: u8 = 1;
+    const CLIENT: u8 = 2;
+
+    /// The body failed on its way: over `max_body_bytes`, or the client's own body
+    /// failed. A protocol handle may report only its consequence (HTTP/2: the stream
+    /// hyper reset for it), not the cause.
+    pub fn failure(&self) -> Option<BodyFailure> {
+        match self.failed.load(Acquire) {
+            Self::TOO_LARGE => Some(BodyFailure::TooLarge),
+            Self::CLIENT => Some(BodyFailure::Client),
+            _ => None,
+        }
+    }
+
+    /// The body has been taken to its end.
+    pub fn is_ended(&self) -> bool {
+        self.ended.load(Acquire)
+    }
+
+    /// Keeps `what` until the body ends or is dropped; gives it back if it has ended.
+    ///
+    /// # Errors
+    /// `what`, when the body has ended already.
+    pub fn hold(&self, what: Box<dyn Send>) -> Result<(), Box<dyn Send>> {
+        let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
+        if self.is_ended() {
+            return Err(what);
+        }
+        *held = Some(what);
+        Ok(())
+    }
+
+    fn end(&self) {
+        let held = {
+            let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
+            self.ended.store(true, Release);
+            held.take()
+        };
+        drop(held);
+    }
+
+    /// The body is gone without an end (failed, or dropped by the protocol): nothing
+    /// is being sent any more.
+    fn abandon(&self) {
+        let held = self.held.lock().unwrap_or_else(|p| p.into_inner()).take();
+        drop(held);
+    }
+}
+
+/// How a streamed body failed (see [`BodyEnd::failure`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BodyFailure {
+    TooLarge,
+    Client,
+}
+
+/// A streamed body's [`BodyEnd`], if watched; lets go of what it holds on drop.
+#[derive(Debug, Default)]
+struct EndWatch(Option<Arc<BodyEnd>>);
+
+impl EndWatch {
+    fn end(&self) {
+        if let Some(e) = &self.0 {
+            e.end();
+        }
+    }
+
+    fn abandon(&self) {
+        if let Some(e) = &self.0 {
+            e.abandon();
+        }
+    }
+
+    fn fail(&self, how: u8) {
+        if let Some(e) = &self.0 {
+            e.failed.store(how, Release);
+            e.abandon();
+        }
+    }
+}
+
+impl Drop for EndWatch {
+    fn drop(&mut self) {
+        self.abandon();
+    }
 }
 
 impl RequestBody {
@@ -156,7 +265,7 @@ impl RequestBody {
             incoming,
             received,
             limit,
-            ended: None,
+            ended: EndWatch::default(),
         })))
     }
 
@@ -171,7 +280,7 @@ impl RequestBody {
             incoming,
             received: 0,
             limit,
-            ended: None,
+            ended: EndWatch::default(),
         }))
     }
 
@@ -191,9 +300,9 @@ impl RequestBody {
     /// held whole, which is taken at once. A connection whose protocol handle still
     /// sends the body after the response has ended (hyper's, over TLS) is not ready
     /// for another request until then.
-    pub fn watch_end(&mut self) -> Option<Arc<AtomicBool>> {
+    pub fn watch_end(&mut self) -> Option<Arc<BodyEnd>> {
         match self {
-            RequestBody::Streaming(s) => Some(s.ended.get_or_insert_default().clone()),
+            RequestBody::Streaming(s) => Some(s.ended.0.get_or_insert_default().clone()),
             _ => None,
         }
     }
@@ -229,27 +338,25 @@ impl Body for RequestBody {
                 match Pin::new(&mut s.incoming).poll_frame(cx) {
                     Poll::Pending => Poll::Pending,
                     Poll::Ready(None) => {
-                        if let Some(ended) = &s.ended {
-                            ended.store(true, Release);
-                        }
+                        s.ended.end();
                         Poll::Ready(None)
                     }
                     Poll::Ready(Some(Err(e))) => {
+                        s.ended.fail(BodyEnd::CLIENT);
                         Poll::Ready(Some(Err(Box::new(ClientBodyError(e)))))
                     }
                     Poll::Ready(Some(Ok(frame))) => {
                         if let Some(d) = frame.data_ref() {
                             s.received += d.len() as u64;
                             if s.received > s.limit {
+                                s.ended.fail(BodyEnd::TOO_LARGE);
                                 return Poll::Ready(Some(Err(Box::new(BodyTooLarge))));
                             }
                         }
                         // hyper asks no more of a body that says it has ended (the
                         // last piece of a sized one), so its end is noted here too.
-                        if let Some(ended) = &s.ended
-                            && s.incoming.is_end_stream()
-                        {
-                            ended.store(true, Release);
+                        if s.incoming.is_end_stream() {
+                            s.ended.end();
                         }
                         Poll::Ready(Some(Ok(frame)))
                     }

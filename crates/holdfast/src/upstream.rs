@@ -380,6 +380,22 @@ impl Upstream {
                         });
                     }
                     Err((error, returned)) => {
+                        // The request's own body failed: that is the cause (hyper's
+                        // HTTP/2 client reports only the stream it reset for it).
+                        let error = match conn.body_failure() {
+                            Some(failure) => {
+                                let kind = match failure {
+                                    crate::body::BodyFailure::TooLarge => Kind::BodyTooLarge,
+                                    crate::body::BodyFailure::Client => Kind::ClientBody,
+                                };
+                                if error.kind() == kind {
+                                    error
+                                } else {
+                                    UpstreamError::new(kind, error.delivery()).with_cause(error)
+                                }
+                            }
+                            None => error,
+                        };
                         if let Some(req) = returned {
                             let (head, returned_body) = req.into_parts();
                             parts = Some(head);
@@ -531,7 +547,8 @@ fn send(
     use futures_util::future::Either;
     // hyper keeps sending a streamed body after the response ended (an early answer):
     // the connection is not pooled until the body is all sent.
-    if let Client::Http1Tls(_) = conn.client()
+    // On HTTP/2 the stream stays open until then, and is counted until then.
+    if let Client::Http1Tls(_) | Client::Http2(_) = conn.client()
         && let Some(ended) = req.body_mut().watch_end()
     {
         conn.watch_body_end(ended);

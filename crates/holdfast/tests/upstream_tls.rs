@@ -1119,3 +1119,389 @@ async fn pump(
     std::future::pending::<()>().await;
     drop((from, to));
 }
+
+// === review: HTTP/2 request bodies and stream accounting ===
+
+/// An h2c upstream advertising `max_streams` that answers `POST /early` at once,
+/// without reading its body: the body is kept (not dropped, so the stream stays open
+/// for the rest of the upload, as a server that answers early and still reads on
+/// does). Every other request is read whole and answered. `goaway` starts a graceful
+/// shutdown of every open connection.
+struct EarlyServer {
+    addr: SocketAddr,
+    connections: Arc<AtomicUsize>,
+    served: Arc<AtomicUsize>,
+    goaway: Arc<Notify>,
+}
+
+async fn early_answer_server(max_streams: u32) -> EarlyServer {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let connections = Arc::new(AtomicUsize::new(0));
+    let served = Arc::new(AtomicUsize::new(0));
+    let goaway = Arc::new(Notify::new());
+    let kept: Arc<std::sync::Mutex<Vec<Incoming>>> = Arc::default();
+    let (conns, srv, ga) = (connections.clone(), served.clone(), goaway.clone());
+    tokio::spawn(async move {
+        while let Ok((sock, _)) = listener.accept().await {
+            conns.fetch_add(1, Relaxed);
+            let (kept, srv, ga) = (kept.clone(), srv.clone(), ga.clone());
+            tokio::spawn(async move {
+                let svc = service_fn(move |req: hyper::Request<Incoming>| {
+                    let (kept, srv) = (kept.clone(), srv.clone());
+                    async move {
+                        if req.uri().path() == "/early" {
+                            kept.lock().unwrap().push(req.into_body());
+                            return Ok::<_, Infallible>(hyper::Response::new(Full::new(
+                                Bytes::from_static(b"early\n"),
+                            )));
+                        }
+                        let _ = req.into_body().collect().await;
+                        srv.fetch_add(1, Relaxed);
+                        Ok(hyper::Response::new(Full::new(Bytes::from_static(b"ok\n"))))
+                    }
+                });
+                let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+                builder.max_concurrent_streams(max_streams);
+                let conn = builder.serve_connection(TokioIo::new(sock), svc);
+                tokio::pin!(conn);
+                tokio::select! {
+                    _ = conn.as_mut() => {}
+                    () = ga.notified() => {
+                        conn.as_mut().graceful_shutdown();
+                        let _ = conn.await;
+                    }
+                }
+            });
+        }
+    });
+    EarlyServer {
+        addr,
+        connections,
+        served,
+        goaway,
+    }
+}
+
+/// A client that starts a `POST /early` with a 100 KB body, sends 4 KiB of it, reads
+/// the early answer and keeps its connection (and so the upload) open.
+async fn early_answered_upload(gw: &Gateway) -> holdfast_test::RawClient {
+    let mut c = holdfast_test::RawClient::connect(gw.addr).await.unwrap();
+    c.send(b"POST /early HTTP/1.1\r\nHost: up\r\nContent-Length: 100000\r\n\r\n")
+        .await
+        .unwrap();
+    c.send(vec![b'u'; 4096]).await.unwrap();
+    let r = c
+        .read_response_for("POST", SOON)
+        .await
+        .expect("early answer");
+    assert_eq!(r.status, 200, "{}", r.text());
+    c
+}
+
+/// holdfast gives a stream back to its connection when the response ends, but hyper
+/// goes on sending the request body after an early answer: the stream is still open
+/// and counts against the upstream's SETTINGS_MAX_CONCURRENT_STREAMS. With a limit of
+/// 1 and `http2.connections = 2`, the next request must go to a second connection;
+/// it is leased on the first one (holdfast counts no stream there), where h2 holds it
+/// as pending-open until `response_headers` (504). The client speaks HTTP/2 too, so
+/// its upload stays open after the answer, as gRPC client streams do.
+#[tokio::test]
+async fn a_stream_still_uploading_after_an_early_answer_counts_against_max_streams() {
+    use futures_util::StreamExt;
+    use http_body_util::{Empty, StreamBody};
+    let server = early_answer_server(1).await;
+    let gw = start(&format!(
+        "{}retry.attempts = 1
+[upstream.up.http2]
+connections = 2
+         [upstream.up.timeouts]
+response_headers = \"3s\"
+         [[listener]]
+listen = \"127.0.0.1:0\"
+h2c = true
+",
+        proxy_to(&format!("h2c://{}", server.addr))
+    ))
+    .await;
+    let io = TokioIo::new(TcpStream::connect(gw.addr).await.unwrap());
+    let (mut send, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), io)
+        .await
+        .expect("h2c handshake");
+    tokio::spawn(conn);
+    let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(4);
+    let chunks = futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv()
+            .await
+            .map(|b| (Ok::<_, Infallible>(hyper::body::Frame::data(b)), rx))
+    });
+    let upload = hyper::Request::post(format!("http://{}/early", gw.addr))
+        .body(StreamBody::new(chunks.boxed()))
+        .unwrap();
+    tx.send(Bytes::from(vec![b'u'; 4096])).await.unwrap();
+    let mut upload_send = send.clone();
+    let early = tokio::time::timeout(SOON, upload_send.send_request(upload))
+        .await
+        .expect("early answer in time")
+        .expect("early answer");
+    assert_eq!(early.status(), 200);
+    let _ = early.into_body().collect().await;
+    // The upload goes on (tx is kept); the next request:
+    let get = hyper::Request::get(format!("http://{}/next", gw.addr))
+        .body(StreamBody::new(
+            Empty::<Bytes>::new()
+                .into_data_stream()
+                .map(|r| r.map(hyper::body::Frame::data))
+                .boxed(),
+        ))
+        .unwrap();
+    let t = tokio::time::Instant::now();
+    let r = tokio::time::timeout(SOON, send.send_request(get))
+        .await
+        .expect("in time")
+        .expect("response");
+    let status = r.status();
+    let text = r
+        .into_body()
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
+    assert_eq!(
+        status,
+        200,
+        "after {:?}: {text:?}; upstream connections: {}",
+        t.elapsed(),
+        server.connections.load(Relaxed)
+    );
+    assert_eq!(server.served.load(Relaxed), 1);
+    drop(tx);
+}
+
+/// A request that h2 holds as pending-open (never written: no stream id was sent) when
+/// the upstream's graceful GOAWAY arrives is dropped by hyper's dispatch task, which
+/// answers "dispatch task is gone"; holdfast classifies that as sent-maybe, so a POST
+/// gets 502 "request sent, no response" instead of being sent again on a new
+/// connection.
+#[tokio::test]
+async fn a_pending_open_post_is_retried_after_a_goaway() {
+    let server = early_answer_server(1).await;
+    let gw = start(&format!(
+        "{}retry.replay_body_limit = \"1KiB\"\n\
+         [upstream.up.timeouts]\nresponse_headers = \"5s\"\n",
+        proxy_to(&format!("h2c://{}", server.addr))
+    ))
+    .await;
+    let _upload = early_answered_upload(&gw).await;
+    let post = spawn_request(gw.addr, ClientRequest::post("/pay", "charge"));
+    let leased = wait_until_async(SOON, || async {
+        pools(&gw).await.1["http2"]["streams"] == 1
+    })
+    .await;
+    assert!(leased, "the POST took a stream: {}", pools(&gw).await.1);
+    assert_eq!(
+        server.served.load(Relaxed),
+        0,
+        "the POST did not reach the upstream"
+    );
+    server.goaway.notify_waiters();
+    let r = post.await.unwrap().expect("response");
+    assert_eq!(r.status, 200, "{} {:?}", r.text(), r.header("proxy-status"));
+    assert_eq!(server.served.load(Relaxed), 1);
+}
+
+/// A streamed request body over `max_body_bytes` to an HTTP/2 upstream: the client gets
+/// 413, as with HTTP/1 upstreams, not 502.
+#[tokio::test]
+async fn an_oversized_streamed_body_to_an_http2_upstream_gets_413() {
+    let server = H2Server::start(100, false).await;
+    let gw = start(&format!(
+        "{}retry.attempts = 1\n[[listener]]\nlisten = \"127.0.0.1:0\"\nmax_body_bytes = \"1KiB\"\n",
+        proxy_to(&format!("h2c://{}", server.addr))
+    ))
+    .await;
+    let mut body = Vec::new();
+    for chunk in vec![b'x'; 4096].chunks(512) {
+        body.extend_from_slice(format!("{:x}\r\n", chunk.len()).as_bytes());
+        body.extend_from_slice(chunk);
+        body.extend_from_slice(b"\r\n");
+    }
+    body.extend_from_slice(b"0\r\n\r\n");
+    let req = ClientRequest::new("POST", "/big")
+        .header("transfer-encoding", "chunked")
+        .body(body);
+    let r = send(&gw, &req).await;
+    assert_eq!(r.status, 413, "{} {:?}", r.text(), r.header("proxy-status"));
+}
+
+/// A raw upstream whose first SETTINGS allow no stream at all (MAX_CONCURRENT_STREAMS
+/// = 0): the request that opened the connection takes its first stream anyway, and h2
+/// holds it pending-open, never written. The upstream then goes away (GOAWAY, last
+/// stream 0): hyper drops the request it held ("dispatch task is gone"), which proves
+/// it never left; the POST must be sent again on a new connection, not answered 502
+/// "request sent, no response".
+#[tokio::test]
+async fn a_post_never_written_before_a_goaway_is_retried() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let go = Arc::new(Notify::new());
+    let first_headers = Arc::new(AtomicUsize::new(0));
+    let second_conn_requests = Arc::new(AtomicUsize::new(0));
+    let (g, fh, seen) = (
+        go.clone(),
+        first_headers.clone(),
+        second_conn_requests.clone(),
+    );
+    tokio::spawn(async move {
+        let (mut first, _) = listener.accept().await.unwrap();
+        tokio::spawn(async move {
+            let mut preface = [0u8; 24];
+            first.read_exact(&mut preface).await.ok()?;
+            let mut p = 3u16.to_be_bytes().to_vec();
+            p.extend(0u32.to_be_bytes());
+            let zero = Frame {
+                kind: kind::SETTINGS,
+                flags: 0,
+                stream: 0,
+                payload: p,
+            };
+            frames::send(&mut first, &[zero]).await.ok()?;
+            let (mut r, mut w) = first.into_split();
+            tokio::spawn(async move {
+                while let Ok(Some(f)) = frames::read_frame(&mut r).await {
+                    if f.is(kind::HEADERS) {
+                        fh.fetch_add(1, Relaxed);
+                    }
+                }
+            });
+            frames::send(&mut w, &[frames::settings_ack()]).await.ok()?;
+            g.notified().await;
+            let mut goaway = 0u32.to_be_bytes().to_vec();
+            goaway.extend(0u32.to_be_bytes());
+            let goaway = Frame {
+                kind: kind::GOAWAY,
+                flags: 0,
+                stream: 0,
+                payload: goaway,
+            };
+            frames::send(&mut w, &[goaway]).await.ok()?;
+            std::future::pending::<()>().await;
+            Some(w)
+        });
+        while let Ok((sock, _)) = listener.accept().await {
+            tokio::spawn(answer_all(sock, seen.clone()));
+        }
+    });
+    let gw = start(&format!(
+        "{}[upstream.up.timeouts]\nresponse_headers = \"5s\"\n",
+        proxy_to(&format!("h2c://{addr}"))
+    ))
+    .await;
+    let post = spawn_request(gw.addr, ClientRequest::post("/pay", "charge"));
+    let leased = wait_until_async(SOON, || async {
+        pools(&gw).await.1["http2"]["streams"] == 1
+    })
+    .await;
+    assert!(leased, "the POST took a stream: {}", pools(&gw).await.1);
+    assert_eq!(first_headers.load(Relaxed), 0, "nothing was written");
+    go.notify_one();
+    let r = post.await.unwrap().expect("response");
+    assert_eq!(r.status, 200, "{} {:?}", r.text(), r.header("proxy-status"));
+    assert_eq!(second_conn_requests.load(Relaxed), 1);
+    assert_eq!(first_headers.load(Relaxed), 0);
+}
+
+/// An upstream connection that refuses every stream (RST_STREAM REFUSED_STREAM, as an
+/// overloaded server does): the POST was provably not processed and is retried "on a
+/// new connection" (ARCHITECTURE.md, Retries), but the retry takes a stream on the
+/// same, still listed, connection and is refused again until the attempts run out.
+#[tokio::test]
+async fn a_refused_stream_is_retried_on_a_new_connection() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let refused = Arc::new(AtomicUsize::new(0));
+    let answered = Arc::new(AtomicUsize::new(0));
+    let (rf, seen) = (refused.clone(), answered.clone());
+    tokio::spawn(async move {
+        let (mut first, _) = listener.accept().await.unwrap();
+        tokio::spawn(async move {
+            server_preface(&mut first).await?;
+            loop {
+                let f = h2_server_frames(&mut first).await?;
+                rf.fetch_add(1, Relaxed);
+                frames::send(&mut first, &[frames::rst_stream(f.stream, 0x7)])
+                    .await
+                    .ok()?;
+            }
+            #[allow(unreachable_code)]
+            Some(())
+        });
+        while let Ok((sock, _)) = listener.accept().await {
+            tokio::spawn(answer_all(sock, seen.clone()));
+        }
+    });
+    let gw = start(&proxy_to(&format!("h2c://{addr}"))).await;
+    let r = send(&gw, &ClientRequest::post("/pay", "charge")).await;
+    assert_eq!(
+        r.status,
+        200,
+        "{} {:?}; refused {} times",
+        r.text(),
+        r.header("proxy-status"),
+        refused.load(Relaxed)
+    );
+    assert_eq!(refused.load(Relaxed), 1);
+    assert_eq!(answered.load(Relaxed), 1);
+}
+
+/// An upstream that sends GOAWAY with its first SETTINGS: the connection is never
+/// listed, and `/pools` counts it closed (not open forever), so that `created`
+/// equals the listed connections plus those closed.
+#[tokio::test]
+async fn a_connection_never_listed_is_counted_closed() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let answered = Arc::new(AtomicUsize::new(0));
+    let seen = answered.clone();
+    tokio::spawn(async move {
+        let (mut first, _) = listener.accept().await.unwrap();
+        tokio::spawn(async move {
+            let mut preface = [0u8; 24];
+            first.read_exact(&mut preface).await.ok()?;
+            let mut goaway = 0u32.to_be_bytes().to_vec();
+            goaway.extend(0u32.to_be_bytes());
+            let goaway = Frame {
+                kind: kind::GOAWAY,
+                flags: 0,
+                stream: 0,
+                payload: goaway,
+            };
+            frames::send(&mut first, &[frames::settings(), goaway])
+                .await
+                .ok()?;
+            let mut rest = Vec::new();
+            first.read_to_end(&mut rest).await.ok()
+        });
+        while let Ok((sock, _)) = listener.accept().await {
+            tokio::spawn(answer_all(sock, seen.clone()));
+        }
+    });
+    let gw = start(&proxy_to(&format!("h2c://{addr}"))).await;
+    let r = send(&gw, &ClientRequest::get("/")).await;
+    assert_eq!(r.status, 200, "{} {:?}", r.text(), r.header("proxy-status"));
+    assert_eq!(answered.load(Relaxed), 1);
+    let (_, address) = pools(&gw).await;
+    let closed: u64 = address["closed"]
+        .as_object()
+        .expect("closed counts")
+        .values()
+        .map(count)
+        .sum();
+    let listed = count(&address["http2"]["connections"]);
+    assert_eq!(count(&address["created"]), 2, "{address}");
+    assert_eq!(
+        closed + listed,
+        2,
+        "every connection listed or closed: {address}"
+    );
+}

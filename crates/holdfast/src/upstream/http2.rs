@@ -230,10 +230,36 @@ pub async fn send(client: &mut Http2Client, mut req: Request<RequestBody>) -> Se
             }
             None => {
                 let e = e.into_error();
+                if e.is_user() {
+                    // "dispatch task is gone": hyper's dispatch task ended (GOAWAY,
+                    // the connection's end) while it held this request as the stream
+                    // h2 had not opened yet (pending-open: above the upstream's
+                    // SETTINGS_MAX_CONCURRENT_STREAMS), and dropped it unanswered.
+                    // No frame of it was written. (A user error of the request itself,
+                    // the only other kind hyper answers here, is a CONNECT with a body,
+                    // which never reaches an upstream.) The one window where its head
+                    // was written: the upstream raised its limit, h2 opened the stream,
+                    // and the connection ended before hyper's task ran again: a body
+                    // was never sent, but a request without one was whole. That needs
+                    // a raised limit and the connection's end in one read; a request
+                    // held back forever is the likelier loss.
+                    client.signals.fail();
+                    return Err((
+                        UpstreamError::new(Kind::Closed, Delivery::NotSent).with_cause(e),
+                        None,
+                    ));
+                }
                 if ends_connection(&e) {
                     client.signals.fail();
                 }
-                Err((UpstreamError::from_hyper(e), None))
+                let error = UpstreamError::from_hyper(e);
+                if error.kind() == Kind::Refused {
+                    // REFUSED_STREAM: the retry goes to a new connection, as the retry
+                    // rules say, not back to the one that refuses (it takes no new
+                    // stream; those in flight finish).
+                    client.signals.fail();
+                }
+                Err((error, None))
             }
         },
     }

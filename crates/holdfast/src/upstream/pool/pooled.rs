@@ -3,7 +3,6 @@
 //! one way back to the pool, [`PooledConn::release`]. Anything else closes it.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering::Acquire};
 
 use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
@@ -11,6 +10,7 @@ use tokio::time::Instant;
 use super::learn::KeepAliveHint;
 use super::shared::Lease;
 use super::{Client, Conn, Pool};
+use crate::body::{BodyEnd, BodyFailure};
 use crate::upstream::figures::CloseReason;
 
 /// What the response head said about the connection's future.
@@ -41,7 +41,7 @@ pub struct PooledConn {
     pub(super) first_response_pending: Option<u64>,
     /// Set once the request's streamed body was taken to its end, when the protocol
     /// handle may still be sending it after the response ended (see `release`).
-    body_ended: Option<Arc<AtomicBool>>,
+    body_ended: Option<Arc<BodyEnd>>,
 }
 
 impl PooledConn {
@@ -241,14 +241,31 @@ impl PooledConn {
 
     /// The request's body streams through a protocol handle that keeps sending it
     /// after the response has ended: `ended` is set when it has been taken whole.
-    pub fn watch_body_end(&mut self, ended: Arc<AtomicBool>) {
+    pub fn watch_body_end(&mut self, ended: Arc<BodyEnd>) {
         self.body_ended = Some(ended);
+    }
+
+    /// How the request's streamed body failed, if it did (and was watched).
+    pub fn body_failure(&self) -> Option<BodyFailure> {
+        self.body_ended.as_ref().and_then(|e| e.failure())
     }
 
     /// The response was read to its end, at `now`: the connection goes back to the
     /// pool unless a rule retires it.
     pub fn release(mut self, now: Instant) {
-        if self.body_ended.as_ref().is_some_and(|e| !e.load(Acquire)) {
+        if let Some(end) = self.body_ended.as_ref().filter(|e| !e.is_ended())
+            && let Some(lease) = self.lease.take()
+        {
+            // HTTP/2: hyper goes on sending the body after an early answer, on a
+            // stream that stays open (and counts against the upstream's
+            // SETTINGS_MAX_CONCURRENT_STREAMS) until its last piece went out: the
+            // stream is given back then, not now.
+            if let Err(lease) = end.hold(Box::new(lease)) {
+                drop(lease);
+            }
+            return;
+        }
+        if self.body_ended.as_ref().is_some_and(|e| !e.is_ended()) {
             // The upstream answered before the request body was all sent, which is
             // still on its way: the connection is not ready for another request
             // until then, maybe never (an upstream that stopped reading).

@@ -420,15 +420,22 @@ impl Pool {
                 t.armed = false;
                 st.shared.opening -= 1;
             }
-            let room = st.shared.conns.len() < self.settings.h2_connections;
-            if room && !conn.signals().is_going_away() {
-                if conn.at_max_requests(&self.settings) {
-                    // `max_requests = 1`: this stream is its only one.
-                    self.figures.closed(CloseReason::MaxRequests);
-                } else {
-                    st.shared.conns.push(conn.clone());
-                    self.wake_reaper_for(&st, conn.next_deadline(&self.settings));
-                }
+            // Not listed, the connection serves this one stream and closes with it;
+            // counted closed here, as a listed one is when it leaves the list.
+            if conn.signals().is_going_away() {
+                self.figures
+                    .closed(match conn.signals().goaway_last_stream_id() {
+                        Some(_) => CloseReason::GoAway,
+                        None => CloseReason::Error,
+                    });
+            } else if st.shared.conns.len() >= self.settings.h2_connections {
+                self.figures.closed(CloseReason::Evicted);
+            } else if conn.at_max_requests(&self.settings) {
+                // `max_requests = 1`: this stream is its only one.
+                self.figures.closed(CloseReason::MaxRequests);
+            } else {
+                st.shared.conns.push(conn.clone());
+                self.wake_reaper_for(&st, conn.next_deadline(&self.settings));
             }
             self.dispatch(&mut st);
         }
