@@ -443,6 +443,24 @@ impl Config {
                 }
             }
         }
+        // Two sockets on one address: `check` would pass and `run` fail to bind.
+        for (i, l) in self.listeners.iter().enumerate() {
+            if let Some(j) = self.listeners[..i]
+                .iter()
+                .position(|o| same_socket(o.listen, l.listen))
+            {
+                bad(
+                    format!("listener[{i}].listen"),
+                    format!("{} is already taken by listener[{j}]", l.listen),
+                );
+            }
+            if self.admin.enabled && same_socket(self.admin.listen, l.listen) {
+                bad(
+                    format!("listener[{i}].listen"),
+                    format!("{} is also [admin] listen", l.listen),
+                );
+            }
+        }
         for (i, r) in self.routes.iter().enumerate() {
             if !r.path.starts_with('/') {
                 bad(
@@ -592,6 +610,16 @@ impl Config {
     pub fn to_effective_toml(&self) -> String {
         toml::to_string_pretty(self).unwrap_or_else(|e| format!("# cannot render config: {e}\n"))
     }
+}
+
+/// Whether two listening addresses would be one socket: the same port (not 0, which
+/// asks for a fresh one) and family, and the same address or one of them the
+/// wildcard (IPv6 listeners are IPv6-only, so they never meet an IPv4 one).
+fn same_socket(a: SocketAddr, b: SocketAddr) -> bool {
+    a.port() != 0
+        && a.port() == b.port()
+        && a.is_ipv4() == b.is_ipv4()
+        && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
 }
 
 #[cfg(test)]

@@ -53,6 +53,36 @@ fn a_zero_header_timeout_is_refused_naming_its_line() {
 }
 
 #[test]
+fn two_sockets_on_one_address_are_refused_naming_the_second() {
+    let text = GOOD.replace(
+        "[[route]]",
+        "[[listener]]\nlisten = \"0.0.0.0:8080\"\n\n[[route]]",
+    );
+    let e = only_error(&text);
+    assert_eq!(e.key.as_deref(), Some("listener[1].listen"), "{e}");
+    assert!(e.message.contains("listener[0]"), "{e}");
+    let admin = GOOD.replace(
+        "[[listener]]",
+        "[admin]\nlisten = \"127.0.0.1:8080\"\n\n[[listener]]",
+    );
+    let e = only_error(&admin);
+    assert!(e.message.contains("[admin]"), "{e}");
+    // Port 0 asks for a fresh port each time; IPv6 listeners are IPv6-only.
+    for fine in ["127.0.0.1:0", "[::1]:8080", "127.0.0.2:8080"] {
+        let text = GOOD.replace(
+            "[[route]]",
+            &format!("[[listener]]\nlisten = \"{fine}\"\n\n[[route]]"),
+        );
+        let text = if fine.ends_with(":0") {
+            text.replace("127.0.0.1:8080", "127.0.0.1:0")
+        } else {
+            text
+        };
+        assert!(parse(&text).is_ok(), "{fine}: {:?}", parse(&text).err());
+    }
+}
+
+#[test]
 fn effective_config_round_trips() {
     let c = parse(GOOD).unwrap();
     let again = parse(&c.to_effective_toml()).unwrap();
