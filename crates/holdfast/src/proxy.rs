@@ -158,11 +158,33 @@ impl Proxy {
             });
 
             let host = request_host(&req);
-            let path = req.uri().path();
+            // Dot segments are resolved before routing, and the upstream gets the
+            // path without them (with the query), so that `/api/../admin` can neither
+            // match `/api` nor reach an `/api` upstream as `/admin`.
+            let normalized = crate::route::remove_dot_segments(req.uri().path()).map(|p| match req
+                .uri()
+                .query()
+            {
+                Some(q) => format!("{p}?{q}"),
+                None => p,
+            });
+            let path = normalized
+                .as_deref()
+                .map_or(req.uri().path(), |p| p.split('?').next().unwrap_or(p));
             let route = routing
                 .routes
                 .find(host.as_ref().and_then(|h| h.to_str().ok()), path);
             let tally = Tally::new(routing.figures.cell(route.map(|r| r.index)), start);
+            // Looked for after the plain dot segments are gone, so any `..` left
+            // sits behind an encoded or backslash separator.
+            if crate::route::hides_dot_segment(path) {
+                return finish_local(
+                    StatusCode::BAD_REQUEST,
+                    "a `..` segment behind an encoded or backslash separator\n",
+                    None,
+                    (log, tally),
+                );
+            }
             if req.method() == http::Method::CONNECT {
                 // A tunnel is not a reverse proxy's to open; forwarded as a request it
                 // would lose its authority-form target and its tunnel.
@@ -214,9 +236,11 @@ impl Proxy {
             });
 
             // Origin-form target with the route's prefix rewrite.
-            let target = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+            let target = normalized
+                .as_deref()
+                .unwrap_or_else(|| parts.uri.path_and_query().map_or("/", |p| p.as_str()));
             let rewritten = route.rewrite(target);
-            if rewritten != target || parts.uri.scheme().is_some() {
+            if normalized.is_some() || rewritten != target || parts.uri.scheme().is_some() {
                 match Uri::try_from(rewritten.as_ref()) {
                     Ok(u) => parts.uri = u,
                     Err(_) => {
@@ -495,6 +519,8 @@ fn respond(
                 }
             }
             let (mut parts, _) = response.into_parts();
+            // RFC 9110 2.5: a proxy sends its own HTTP-version.
+            parts.version = http::Version::HTTP_11;
             headers::remove_hop_by_hop(&mut parts.headers, true);
             headers::add_via(&mut parts.headers);
             if let Some(l) = log {
@@ -517,6 +543,9 @@ fn respond(
         }
         (false, _) => {
             let (mut parts, body) = response.into_parts();
+            // RFC 9110 2.5: a proxy sends its own HTTP-version, whatever the
+            // upstream's (hyper lowers it for an HTTP/1.0 client).
+            parts.version = http::Version::HTTP_11;
             if !matches!(
                 body,
                 Payload::Http1 {
@@ -578,6 +607,9 @@ fn prepare_request_headers(
             // the body.
             h.remove(header::EXPECT);
         }
+    }
+    if !headers::is_trusted(conn.remote.ip(), &conn.listener.trusted_proxies) {
+        headers::remove_untrusted_forwarding(h);
     }
     let forwarded = headers::forwarded(
         h,

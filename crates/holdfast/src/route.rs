@@ -45,9 +45,9 @@ impl RouteTable {
                 index: i,
                 host: match c.host.as_deref() {
                     None | Some("*") | Some("") => HostMatch::Any,
-                    Some(h) => match h.strip_prefix('*') {
+                    Some(h) => match h.trim_end_matches('.').strip_prefix('*') {
                         Some(suffix) => HostMatch::Suffix(suffix.to_ascii_lowercase()),
-                        None => HostMatch::Exact(h.to_ascii_lowercase()),
+                        None => HostMatch::Exact(h.trim_end_matches('.').to_ascii_lowercase()),
                     },
                 },
                 prefix: c.path.trim_end_matches('/').to_owned(),
@@ -67,9 +67,14 @@ impl RouteTable {
         RouteTable { routes }
     }
 
-    /// The route for a request; `host` may carry a port, which is ignored.
+    /// The route for a request; `host` may carry a port, which is ignored, and end
+    /// with the root's dot (`shop.example.com.`), which names the same host.
+    /// `path` should be free of dot segments ([`remove_dot_segments`]).
     pub fn find(&self, host: Option<&str>, path: &str) -> Option<&Route> {
-        let host = host.map(strip_port);
+        let host = host.map(|h| {
+            let h = strip_port(h);
+            h.strip_suffix('.').unwrap_or(h)
+        });
         self.routes
             .iter()
             .find(|r| r.host.matches(host) && prefix_matches(&r.prefix, path))
@@ -130,6 +135,90 @@ fn strip_port(host: &str) -> &str {
         return host.split_once(']').map_or(host, |(h, _)| &h[1..]);
     }
     host.rsplit_once(':').map_or(host, |(h, _)| h)
+}
+
+/// `path` without its dot segments (RFC 3986 5.2.4; `%2e` is a dot, 2.3), or `None`
+/// when it has none (most paths: one pass over the bytes, no allocation). Routes match,
+/// and upstreams are sent, the path without them: `/api/../admin` is `/admin` to any
+/// upstream that normalizes, and must not be matched against the `/api` route. `..`
+/// above the root stays at the root.
+pub fn remove_dot_segments(path: &str) -> Option<String> {
+    let rest = path.strip_prefix('/')?;
+    if !rest.split('/').any(|s| dot(s) || dot_dot(s)) {
+        return None;
+    }
+    let segments: Vec<&str> = rest.split('/').collect();
+    let last = segments.len() - 1;
+    let mut out: Vec<&str> = Vec::with_capacity(segments.len());
+    for (i, seg) in segments.into_iter().enumerate() {
+        if dot(seg) || dot_dot(seg) {
+            if dot_dot(seg) {
+                out.pop();
+            }
+            // A trailing dot segment leaves a directory: `/a/b/..` is `/a/`.
+            if i == last {
+                out.push("");
+            }
+            continue;
+        }
+        out.push(seg);
+    }
+    Some(format!("/{}", out.join("/")))
+}
+
+/// `.` or `%2e`, compared as bytes (a path may hold UTF-8).
+fn is_dot(b: &[u8]) -> bool {
+    b == b"." || b.eq_ignore_ascii_case(b"%2e")
+}
+
+fn dot(seg: &str) -> bool {
+    is_dot(seg.as_bytes())
+}
+
+/// `..`, each dot perhaps written `%2e`.
+fn dot_dot(seg: &str) -> bool {
+    let b = seg.as_bytes();
+    (2..=6).contains(&b.len())
+        && [1, 3]
+            .into_iter()
+            .any(|i| i < b.len() && is_dot(&b[..i]) && is_dot(&b[i..]))
+}
+
+/// Whether `path` holds a `..` segment behind an encoded or backslash separator
+/// (`/api/..%2Fadmin`, `/api/..\\admin`): an upstream that decodes `%2F` or reads `\\`
+/// as `/` would resolve it where routing did not. Such a path is refused, not guessed
+/// at (nginx decodes and resolves; no client of ours has a reason to send one). For a
+/// path whose plain dot segments are already resolved ([`remove_dot_segments`]).
+pub fn hides_dot_segment(path: &str) -> bool {
+    let b = path.as_bytes();
+    if !b.iter().any(|&c| c == b'%' || c == b'\\') {
+        return false; // the usual path: no encoded or backslash separator possible
+    }
+    let mut start = 0;
+    let mut i = 0;
+    while i <= b.len() {
+        let sep = match b.get(i) {
+            None => 1,
+            Some(b'/' | b'\\') => 1,
+            Some(b'%')
+                if b.get(i + 1..i + 3).is_some_and(|h| {
+                    h.eq_ignore_ascii_case(b"2f") || h.eq_ignore_ascii_case(b"5c")
+                }) =>
+            {
+                3
+            }
+            Some(_) => {
+                i += 1;
+                continue;
+            }
+        };
+        if path.get(start..i).is_some_and(dot_dot) {
+            return true;
+        }
+        i += sep;
+        start = i;
+    }
+    false
 }
 
 fn prefix_matches(prefix: &str, path: &str) -> bool {
@@ -195,6 +284,50 @@ mod tests {
         assert_eq!(r.rewrite("/api/users?id=1"), "/users?id=1");
         assert_eq!(r.rewrite("/api"), "/");
         assert_eq!(r.rewrite("/api?x=1"), "/?x=1");
+    }
+
+    #[test]
+    fn dot_segments_are_removed() {
+        for (path, want) in [
+            ("/api/x", None),
+            ("/a.b/..c/.d", None),
+            ("/api/../admin", Some("/admin")),
+            ("/api/%2e%2E/admin", Some("/admin")),
+            ("/api/.%2e/admin", Some("/admin")),
+            ("/api/%2e./admin", Some("/admin")),
+            ("/api/./x", Some("/api/x")),
+            ("/api/..", Some("/")),
+            ("/a/b/.", Some("/a/b/")),
+            ("/../../etc", Some("/etc")),
+            ("/a//../b", Some("/a/b")),
+        ] {
+            assert_eq!(remove_dot_segments(path).as_deref(), want, "{path}");
+        }
+    }
+
+    #[test]
+    fn a_dot_dot_behind_an_encoded_separator_is_found() {
+        for path in [
+            "/api/..%2Fadmin",
+            "/api/..%2fadmin",
+            "/api/%2e%2e%5Cadmin",
+            "/api/..\\admin",
+            "/api%2F..%2Fadmin",
+            "/api/x%2F..",
+        ] {
+            assert!(hides_dot_segment(path), "{path}");
+        }
+        for path in ["/api/x", "/a%20b/..c", "/a%2Fb", "/a/%2e%2e./x", "/..%2"] {
+            assert!(!hides_dot_segment(path), "{path}");
+        }
+    }
+
+    #[test]
+    fn a_trailing_dot_names_the_same_host() {
+        let t = table(&[(None, "/", "any"), (Some("shop.test"), "/", "shop")]);
+        let up = |h| t.find(Some(h), "/").map(|r| r.upstream.as_str());
+        assert_eq!(up("shop.test."), Some("shop"));
+        assert_eq!(up("SHOP.test.:8080"), Some("shop"));
     }
 
     proptest! {

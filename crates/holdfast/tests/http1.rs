@@ -2063,3 +2063,129 @@ async fn read_chunked(
         }
     }
 }
+
+// === routing and forwarding rules ===
+
+/// A dot segment must not carry a request out of the route it matched: `/api/../admin`
+/// is `/admin` (RFC 3986 5.2.4) to any upstream that normalizes, so matching it against
+/// the `/api` route hands the `/api` upstream a path the operator never routed to it.
+/// nginx matches locations on the normalized path (and `%2e` is a dot, RFC 3986 2.3).
+#[tokio::test]
+async fn dot_segments_cannot_leave_a_route_prefix() {
+    let api = TestUpstream::start(Behaviour::Echo).await;
+    let site = TestUpstream::start(Behaviour::Echo).await;
+    let gw = start(&format!(
+        "[[route]]\npath = \"/api\"\nupstream = \"api\"\n\
+         [[route]]\npath = \"/\"\nupstream = \"site\"\n\
+         [upstream.api]\naddresses = [\"{}\"]\n\
+         [upstream.site]\naddresses = [\"{}\"]\n",
+        api.url(),
+        site.url()
+    ))
+    .await;
+    let mut client = KeepAliveClient::new(gw.addr);
+    for target in ["/api/../admin", "/api/%2e%2e/admin", "/api/./../admin"] {
+        let r = client.send(&ClientRequest::get(target)).await.unwrap();
+        assert_eq!(r.status, 200, "{target}: {}", r.text());
+    }
+    // Behind an encoded or backslash separator a `..` is refused, not guessed at.
+    for target in ["/api/..%2Fadmin", "/api/%2e%2e%5Cadmin"] {
+        let r = client.send(&ClientRequest::get(target)).await.unwrap();
+        assert_eq!(r.status, 400, "{target}: {}", r.text());
+    }
+    let targets: Vec<String> = api.requests().into_iter().map(|r| r.target).collect();
+    assert!(
+        targets.is_empty(),
+        "the /api upstream got paths outside /api: {targets:?}"
+    );
+    let targets: Vec<String> = site.requests().into_iter().map(|r| r.target).collect();
+    assert_eq!(targets, ["/admin"; 3], "resolved, and sent resolved");
+}
+
+/// README: `trusted_proxies` are the "CIDRs whose X-Forwarded-* are kept and
+/// extended"; from anyone else the forwarding fields are the proxy's own. A client's
+/// RFC 7239 `Forwarded` (which Spring, Django's and others' proxy support read before
+/// `X-Forwarded-*`) and its `X-Forwarded-Port` / `-Prefix` pass through untouched, so
+/// an untrusted client still picks the address, scheme, host and port the
+/// application believes.
+#[tokio::test]
+async fn untrusted_forwarded_and_other_x_forwarded_fields_do_not_pass() {
+    let upstream = TestUpstream::start(Behaviour::Echo).await;
+    let gw = start(&proxy_to(&upstream.url())).await;
+    let forged = ClientRequest::get("/")
+        .header("host", "shop.test")
+        .header("forwarded", "for=6.6.6.6;proto=https;host=evil.test")
+        .header("x-forwarded-port", "443")
+        .header("x-forwarded-prefix", "/evil")
+        .header("x-real-ip", "6.6.6.6");
+    let e = send_one(gw.addr, &forged).await.echoed().unwrap();
+    assert_eq!(e.header("x-forwarded-for"), Some("127.0.0.1"));
+    for name in [
+        "forwarded",
+        "x-forwarded-port",
+        "x-forwarded-prefix",
+        "x-real-ip",
+    ] {
+        assert_eq!(
+            e.header(name),
+            None,
+            "{name} from an untrusted client reached the upstream"
+        );
+    }
+}
+
+/// `shop.test.` is the same host as `shop.test` (a fully qualified name; browsers
+/// send it as typed). nginx drops the trailing dot before matching server names;
+/// holdfast sends such a request to a less specific route.
+#[tokio::test]
+async fn a_trailing_dot_in_host_keeps_the_host_route() {
+    let shop = TestUpstream::start(Behaviour::Echo).await;
+    let other = TestUpstream::start(Behaviour::Echo).await;
+    let gw = start(&format!(
+        "[[route]]\nhost = \"shop.test\"\nupstream = \"shop\"\n\
+         [[route]]\nupstream = \"other\"\n\
+         [upstream.shop]\naddresses = [\"{}\"]\n\
+         [upstream.other]\naddresses = [\"{}\"]\n",
+        shop.url(),
+        other.url()
+    ))
+    .await;
+    for host in ["shop.test.", "shop.test.:8080"] {
+        let resp = send_one(gw.addr, &ClientRequest::get("/").header("host", host)).await;
+        assert_eq!(resp.status, 200);
+    }
+    assert_eq!(shop.requests().len(), 2, "went to another route instead");
+    assert_eq!(other.requests().len(), 0);
+}
+
+/// RFC 9110 2.5: "A proxy MUST send its own HTTP-version in forwarded messages".
+/// An HTTP/1.0 upstream's status line reaches an HTTP/1.1 client as `HTTP/1.0`, which
+/// tells the client the connection closes after this response (RFC 9112 9.3).
+#[tokio::test]
+async fn a_response_goes_out_in_holdfasts_own_http_version() {
+    let upstream = raw_upstream(|stream| async move {
+        let mut io = BufReader::new(stream);
+        let Ok(Some(_)) = read_head(&mut io).await else {
+            return;
+        };
+        let _ = io
+            .get_mut()
+            .write_all(b"HTTP/1.0 200 OK\r\ncontent-length: 2\r\n\r\nok")
+            .await;
+        let _ = io.get_mut().shutdown().await;
+    })
+    .await;
+    let gw = start(&proxy_to(&format!("http://{}", upstream.addr))).await;
+    let mut client = RawClient::connect(gw.addr).await.unwrap();
+    client
+        .send("GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let resp = client.read_response(WAIT).await.unwrap();
+    assert_eq!((resp.status, resp.text().as_ref()), (200, "ok"));
+    assert_eq!(
+        resp.minor_version, 1,
+        "status line HTTP/1.{}",
+        resp.minor_version
+    );
+}

@@ -253,6 +253,34 @@ pub fn insert_forwarded(headers: &mut HeaderMap, f: Forwarded) {
     }
 }
 
+/// Whether `ip` is one of `trusted_proxies`.
+pub fn is_trusted(ip: IpAddr, trusted: &[IpNet]) -> bool {
+    !trusted.is_empty() && trusted.iter().any(|n| n.contains(&ip))
+}
+
+/// Removes the forwarding fields holdfast does not set itself (RFC 7239 `Forwarded`,
+/// `X-Forwarded-Port`, `-Prefix`, `-Server`, ..., and nginx's `X-Real-IP`) from a request that did not come
+/// from a trusted proxy: applications read them as they read `X-Forwarded-For`, and
+/// from anyone else they are forged. One pass over the names; nothing allocated
+/// unless one is there.
+pub fn remove_untrusted_forwarding(headers: &mut HeaderMap) {
+    let forged: Vec<HeaderName> = headers
+        .keys()
+        .filter(|n| {
+            *n == header::FORWARDED
+                || n.as_str() == "x-real-ip"
+                || (n.as_str().starts_with("x-forwarded-")
+                    && **n != X_FORWARDED_FOR
+                    && **n != X_FORWARDED_PROTO
+                    && **n != X_FORWARDED_HOST)
+        })
+        .cloned()
+        .collect();
+    for name in forged {
+        headers.remove(name);
+    }
+}
+
 /// `X-Forwarded-For/-Proto/-Host` for a request. From a trusted proxy the incoming
 /// values are kept (and `-For` extended); from anyone else they are replaced, so a
 /// client cannot forge its address.
@@ -265,7 +293,7 @@ pub fn forwarded(
     const XFF: HeaderName = X_FORWARDED_FOR;
     const XFP: HeaderName = X_FORWARDED_PROTO;
     const XFH: HeaderName = X_FORWARDED_HOST;
-    let trusted = !trusted.is_empty() && trusted.iter().any(|n| n.contains(&client.ip));
+    let trusted = is_trusted(client.ip, trusted);
     let prior: Option<String> = if trusted {
         let parts: Vec<&str> = headers
             .get_all(&XFF)
