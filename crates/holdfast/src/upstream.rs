@@ -244,11 +244,15 @@ impl Upstream {
             let mut attempts = 0;
             let mut fresh_only = false;
             let mut avoid: Option<Arc<Peer>> = None;
+            // An earlier attempt may have reached the upstream: the final failure must not
+            // say "not sent" because the last attempt was not.
+            let mut sent_before = false;
             loop {
                 attempts += 1;
                 let Some(peer) = self.pick(avoid.as_ref()) else {
                     return Err(Failure {
-                        error: UpstreamError::new(Kind::NoPeer, Delivery::NotSent),
+                        error: UpstreamError::new(Kind::NoPeer, Delivery::NotSent)
+                            .sent_before(sent_before),
                         peer: None,
                         attempts,
                         reused: false,
@@ -264,19 +268,34 @@ impl Upstream {
                     ),
                 };
                 let last_try = attempts >= max_attempts;
-                let mut conn = match peer.checkout(want, check_idle).await {
+                // The total deadline bounds the wait for a slot and the connect too, so
+                // that running out there is reported as a request never sent.
+                let checkout = peer.checkout(want, check_idle);
+                let checked_out = match total_deadline {
+                    None => checkout.await,
+                    Some(t) => tokio::time::timeout_at(t, checkout)
+                        .await
+                        .unwrap_or_else(|_| {
+                            Err(UpstreamError::new(Kind::TotalTimeout, Delivery::NotSent))
+                        }),
+                };
+                let mut conn = match checked_out {
                     Ok(c) => c,
                     Err(error) => {
                         if error.counts_against_health() {
                             self.note_failure(&peer, &error);
                         }
-                        if error.is_connect() && !last_try && self.allow_retry(RetryReason::NotSent)
-                        {
+                        // Opening the connection failed (connect, TLS, the HTTP/2
+                        // handshake): nothing was sent, another address may do.
+                        let opening_failed = error.is_connect()
+                            || error.kind() == Kind::Protocol
+                                && error.delivery() == Delivery::NotSent;
+                        if opening_failed && !last_try && self.allow_retry(RetryReason::NotSent) {
                             avoid = Some(peer);
                             continue;
                         }
                         return Err(Failure {
-                            error,
+                            error: error.sent_before(sent_before),
                             peer: Some(peer),
                             attempts,
                             reused: false,
@@ -429,6 +448,7 @@ impl Upstream {
                             }
                             _ => None,
                         };
+                        sent_before |= error.delivery() == Delivery::MaybeSent;
                         let can =
                             reason.is_some() && !last_try && body.is_some() && parts.is_some();
                         if let Some(reason) = reason.filter(|_| can)
@@ -439,7 +459,7 @@ impl Upstream {
                             continue;
                         }
                         return Err(Failure {
-                            error,
+                            error: error.sent_before(sent_before),
                             peer: Some(peer),
                             attempts,
                             reused: reused_since.is_some(),
@@ -478,10 +498,17 @@ impl Upstream {
             return Some(peers[0].clone());
         }
         let now = Instant::now();
-        let usable = |p: &Arc<Peer>| {
-            !p.is_removed()
-                && p.health.is_available(now)
-                && avoid.is_none_or(|a| !Arc::ptr_eq(a, p))
+        let avoided = |p: &Arc<Peer>| avoid.is_some_and(|a| Arc::ptr_eq(a, p));
+        let usable = |p: &Arc<Peer>| !p.is_removed() && p.health.is_available(now) && !avoided(p);
+        // Every address ejected (or avoided): any that is not removed rather than fail
+        // everything, from `start` on so that load and retries spread, the one to avoid
+        // last.
+        let list: &[Arc<Peer>] = &peers;
+        let fallback = |start: usize| {
+            let from_start = || (0..n).map(move |i| &list[(start + i) % n]);
+            from_start()
+                .find(|p| !p.is_removed() && !avoided(p))
+                .or_else(|| from_start().find(|p| !p.is_removed()))
         };
         match self.config.balance {
             Balance::RoundRobin => {
@@ -489,11 +516,7 @@ impl Upstream {
                 (0..n)
                     .map(|i| &peers[(start + i) % n])
                     .find(|p| usable(p))
-                    .or_else(|| {
-                        (0..n)
-                            .map(|i| &peers[(start + i) % n])
-                            .find(|p| !p.is_removed())
-                    })
+                    .or_else(|| fallback(start))
             }
             Balance::LeastOutstanding => {
                 // Power of two choices: two random candidates, the less busy wins.
@@ -512,7 +535,7 @@ impl Upstream {
                         .filter(|p| usable(p))
                         .min_by_key(|p| p.outstanding()),
                 };
-                pick.or_else(|| peers.iter().find(|p| !p.is_removed()))
+                pick.or_else(|| fallback(fastrand::usize(..n)))
             }
         }
         .cloned()

@@ -1174,6 +1174,126 @@ async fn stale_reuse_does_not_count_against_health_but_connect_failures_eject() 
     }
 }
 
+/// Every address ejected leaves a way back. Two addresses, both refusing until each has
+/// been ejected (one failure ejects, for 30 s); then the second comes back. With a
+/// retry left and budget to spare, a GET tries the other address after a refusal, so
+/// it succeeds under either balance. (With least outstanding, the all-ejected fallback
+/// always took the first address, the avoided one included: every request failed until
+/// the ejections ran out.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_every_address_ejected_a_retry_still_reaches_the_one_that_came_back() {
+    for balance in ["round_robin", "least_outstanding"] {
+        let a = TestUpstream::start(Behaviour::Echo).await;
+        let b = TestUpstream::start(Behaviour::Echo).await;
+        a.stop_accepting().await;
+        b.stop_accepting().await;
+        let hf = Holdfast::single(
+            &[a.addr(), b.addr()],
+            &format!(
+                "balance = \"{balance}\"\nhealth.max_fails = 1\nhealth.eject_for = \"30s\"\n\
+                 retry.attempts = 3\nretry.budget_min_per_second = 1000"
+            ),
+        )
+        .await;
+        let mut client = hf.client();
+        // Bounded: each request ejects at least one address.
+        for _ in 0..4 {
+            let u = hf.upstream("up").await;
+            if s(&u, "addresses.0.health") == "ejected" && s(&u, "addresses.1.health") == "ejected"
+            {
+                break;
+            }
+            assert_eq!(client.get("/down").await.expect("response").status, 502);
+        }
+        let u = hf.upstream("up").await;
+        assert_eq!(s(&u, "addresses.0.health"), "ejected", "{balance}: {u:#}");
+        assert_eq!(s(&u, "addresses.1.health"), "ejected", "{balance}: {u:#}");
+        b.resume_accepting().await;
+        let mut failed = Vec::new();
+        for i in 0..6 {
+            let r = client.get(&format!("/{i}")).await.expect("response");
+            if r.status != 200 {
+                failed.push((
+                    i,
+                    r.status,
+                    r.header("proxy-status").unwrap_or("").to_owned(),
+                ));
+            }
+        }
+        assert!(failed.is_empty(), "{balance}: failed {failed:?}");
+        assert_eq!(b.requests_seen(), 6, "{balance}");
+    }
+}
+
+/// Proxy-Status tells whether the request reached the upstream, over all attempts. A
+/// POST with `Idempotency-Key` is swallowed by a reused connection (the upstream read
+/// it, then closed), and the upstream stops listening at that moment, so the retries
+/// are refused. The last attempt was never sent, but the first was: the 502 must not
+/// say "request not sent to the upstream".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_swallowed_attempt_a_refused_retry_still_says_request_sent() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let (got_post_tx, got_post) = oneshot::channel();
+    let upstream = tokio::spawn(async move {
+        let (stream, _) = listener.accept().await.expect("accept");
+        let mut buf = Vec::new();
+        read_request(&stream, &mut buf)
+            .await
+            .expect("first request");
+        write_all(&stream, b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+            .await
+            .expect("answer");
+        buf.clear();
+        let method = read_request(&stream, &mut buf)
+            .await
+            .expect("second request");
+        // Refuse every new connection from now on, then close the one that carried it.
+        drop(listener);
+        drop(stream);
+        let _ = got_post_tx.send(method);
+    });
+    let hf = Holdfast::single(&[addr], "retry.budget_min_per_second = 1000").await;
+    let mut client = hf.client();
+    assert_eq!(client.get("/warm").await.expect("first").status, 200);
+    let r = client
+        .send(&ClientRequest::post("/pay", "amount=1").header("idempotency-key", "k-1"))
+        .await
+        .expect("response");
+    let method = got_post.await.expect("the upstream read the POST");
+    assert_eq!(method, "POST");
+    upstream.await.expect("upstream task");
+    assert_eq!(r.status, 502, "{}", r.text());
+    let ps = r.header("proxy-status").unwrap_or_default().to_owned();
+    eprintln!("Proxy-Status after a swallowed POST and refused retries: {ps}");
+    assert!(
+        !ps.contains("request not sent"),
+        "the upstream received the POST, Proxy-Status says otherwise: {ps}"
+    );
+}
+
+/// `timeouts.total` running out before a connection was even open (connect hangs at a
+/// full accept queue, `timeouts.connect` is longer) is a request never sent: 504, and
+/// Proxy-Status must not say "request sent".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn total_timeout_while_connecting_says_request_not_sent() {
+    let (listener, _fillers) = full_backlog_listener().await;
+    let addr = listener.local_addr().expect("addr");
+    let hf = Holdfast::single(
+        &[addr],
+        "timeouts.connect = \"5s\"\ntimeouts.total = \"300ms\"\nretry.attempts = 1",
+    )
+    .await;
+    let r = hf.client().get("/").await.expect("response");
+    assert_eq!(r.status, 504);
+    let ps = r.header("proxy-status").unwrap_or_default().to_owned();
+    eprintln!("total timeout while connecting: {ps}");
+    assert!(
+        ps.contains("request not sent"),
+        "never connected, never sent: {ps}"
+    );
+}
+
 // === Real nginx ===
 
 /// nginx with `keepalive_timeout 2s` (no `Keep-Alive` header) as the upstream;

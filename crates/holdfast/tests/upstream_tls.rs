@@ -674,6 +674,68 @@ async fn alpn_h2_to_nginx_carries_concurrent_requests_on_one_connection() {
     assert_eq!(h2_lines, 201, "{log}");
 }
 
+/// An h2c address that accepts and closes before its SETTINGS (a restarting process, a
+/// sidecar whose backend is down) never received a request: like a refused connect, the
+/// request goes at once to the other address, whatever its method. Round robin over
+/// [closer, good]: four POSTs without a key all succeed, each well within
+/// `timeouts.connect` (5 s). The closer half-closes (FIN: holdfast saw "closed before
+/// its HTTP/2 SETTINGS", a Protocol error, and answered 502 without a retry) or resets
+/// (RST: nothing noticed it, each request waited the whole connect timeout).
+#[tokio::test]
+async fn h2c_closed_before_settings_is_retried_on_another_address_at_once() {
+    for reset in [false, true] {
+        let closer = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let closer_addr = closer.local_addr().unwrap();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let counted = accepted.clone();
+        let closer_task = tokio::spawn(async move {
+            let mut held = Vec::new();
+            // Ends when aborted below.
+            while let Ok((mut sock, _)) = closer.accept().await {
+                counted.fetch_add(1, Relaxed);
+                if reset {
+                    let _ = socket2::SockRef::from(&sock).set_linger(Some(Duration::ZERO));
+                    drop(sock);
+                } else {
+                    let _ = sock.shutdown().await;
+                    held.push(sock);
+                }
+            }
+        });
+        let server = H2Server::start(100, false).await;
+        let gw = start(&format!(
+            "[[route]]\nupstream = \"up\"\n\n[upstream.up]\n\
+             addresses = [\"h2c://{closer_addr}\", \"h2c://{}\"]\n\
+             [upstream.up.retry]\nbudget_min_per_second = 1000\n",
+            server.addr
+        ))
+        .await;
+        let mut failed = Vec::new();
+        for i in 0..4 {
+            let began = tokio::time::Instant::now();
+            let r = send(&gw, &ClientRequest::post(format!("/p{i}"), "x")).await;
+            let took = began.elapsed();
+            if r.status != 200 || took > Duration::from_secs(2) {
+                failed.push((
+                    i,
+                    r.status,
+                    took,
+                    r.header("proxy-status").unwrap_or("").to_owned(),
+                ));
+            }
+        }
+        closer_task.abort();
+        assert!(
+            accepted.load(Relaxed) >= 1,
+            "reset={reset}: the closer was tried"
+        );
+        assert!(
+            failed.is_empty(),
+            "reset={reset}: failed or slow: {failed:?}"
+        );
+    }
+}
+
 /// The upstream advertises 2 streams: of 10 concurrent requests, 2 are in flight at
 /// the upstream and 8 wait in holdfast's queue; all succeed, on one connection.
 #[tokio::test]

@@ -75,6 +75,16 @@ impl UpstreamError {
         self
     }
 
+    /// An earlier attempt of the same request may have reached the upstream: then so
+    /// may the request, whatever this attempt says.
+    #[must_use]
+    pub fn sent_before(mut self, sent_before: bool) -> Self {
+        if sent_before {
+            self.delivery = Delivery::MaybeSent;
+        }
+        self
+    }
+
     pub fn kind(&self) -> Kind {
         self.kind
     }

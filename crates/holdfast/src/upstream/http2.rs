@@ -324,14 +324,20 @@ impl<IO: AsyncRead + Unpin> AsyncRead for Watched<IO> {
         let me = self.get_mut();
         let before = buf.filled().len();
         let res = Pin::new(&mut me.io).poll_read(cx, buf);
-        if let Poll::Ready(Ok(())) = res {
-            let new = &buf.filled()[before..];
-            if new.is_empty() {
-                me.signals.fail();
-            } else {
-                let signals = &me.signals;
-                me.watch.feed(new, &mut |seen| signals.on_frame(seen));
+        match &res {
+            Poll::Ready(Ok(())) => {
+                let new = &buf.filled()[before..];
+                if new.is_empty() {
+                    me.signals.fail();
+                } else {
+                    let signals = &me.signals;
+                    me.watch.feed(new, &mut |seen| signals.on_frame(seen));
+                }
             }
+            // A reset (or any read error) ends the connection as an end of input does:
+            // a handshake waiting for SETTINGS must not wait out the connect timeout.
+            Poll::Ready(Err(_)) => me.signals.fail(),
+            Poll::Pending => {}
         }
         res
     }

@@ -81,16 +81,24 @@ impl RetryBudget {
 
     /// Takes one retry if the budget allows it.
     pub fn withdraw(&self) -> bool {
-        {
+        if self.min_per_second > 0 {
             let mut last = self.last_refill.lock().unwrap_or_else(|p| p.into_inner());
-            let now = Instant::now();
-            let elapsed_ms = now.saturating_duration_since(*last).as_millis() as i64;
-            let refill = self.min_per_second * elapsed_ms / 1000;
+            let elapsed_ns = Instant::now().saturating_duration_since(*last).as_nanos();
+            // In u128: no overflow after a long quiet spell with a large floor.
+            let per_second = self.min_per_second as u128;
+            let refill = per_second * elapsed_ns / 1_000_000_000;
             if refill > 0 {
-                *last = now;
-                let cur = self.balance.load(Relaxed);
-                self.balance
-                    .store((cur + refill).min(self.cap.max(cur)), Relaxed);
+                // The mark moves by the time those milli-retries took, not to now: the
+                // remainder counts towards the next refill instead of being lost.
+                let used_ns = (refill * 1_000_000_000).div_ceil(per_second);
+                *last +=
+                    std::time::Duration::from_nanos(u64::try_from(used_ns).unwrap_or(u64::MAX));
+                let refill = i64::try_from(refill).unwrap_or(i64::MAX);
+                // One atomic update: withdrawals and deposits run beside it, outside
+                // the lock, and a load-then-store would undo them.
+                let _ = self.balance.fetch_update(Relaxed, Relaxed, |cur| {
+                    Some(cur.saturating_add(refill).min(self.cap.max(cur)))
+                });
             }
         }
         if self.balance.fetch_sub(UNIT, Relaxed) >= UNIT {
@@ -144,5 +152,28 @@ mod tests {
         assert!(b.withdraw());
         assert!(b.withdraw());
         assert!(!b.withdraw());
+    }
+
+    /// The floor refills at `budget_min_per_second` however often retries are asked
+    /// for: asked every 1.9 ms for 10 s with a floor of 10 per second (and no ratio),
+    /// about 100 retries are granted beyond the first second's 10, not half of that
+    /// (each refill dropped what was left of a millisecond).
+    #[tokio::test(start_paused = true)]
+    async fn budget_floor_refills_at_its_rate_whatever_the_spacing() {
+        let c = RetryConfig {
+            budget_ratio: 0.0,
+            budget_min_per_second: 10,
+            ..RetryConfig::default()
+        };
+        let b = RetryBudget::new(&c);
+        let mut granted = 0;
+        for _ in 0..(10_000 * 10 / 19) {
+            tokio::time::advance(std::time::Duration::from_micros(1900)).await;
+            granted += u32::from(b.withdraw());
+        }
+        assert!(
+            (105..=111).contains(&granted),
+            "10 s at 10 per second, plus the 10 to start with: granted {granted}"
+        );
     }
 }
