@@ -185,6 +185,22 @@ impl Proxy {
                     (log, tally),
                 );
             }
+            // hyper undoes chunked; any other transfer coding would reach the upstream
+            // still applied, without the hop-by-hop field that says so (RFC 9112 6.1:
+            // 501 for a coding a server does not understand; nginx does the same).
+            if req
+                .headers()
+                .get_all(header::TRANSFER_ENCODING)
+                .iter()
+                .any(|v| !crate::upstream::http1::codec::only_chunked(v.as_bytes()))
+            {
+                return finish_local(
+                    StatusCode::NOT_IMPLEMENTED,
+                    "transfer codings other than chunked are not supported\n",
+                    None,
+                    (log, tally),
+                );
+            }
             if req.method() == http::Method::CONNECT {
                 // A tunnel is not a reverse proxy's to open; forwarded as a request it
                 // would lose its authority-form target and its tunnel.

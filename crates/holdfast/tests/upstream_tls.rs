@@ -387,8 +387,8 @@ async fn a_reload_after_the_client_certificate_files_changed_uses_the_new_one() 
 
 /// An HTTPS upstream speaking HTTP/1.1 (`upstream.test`): `POST /upload` is answered
 /// 413 at once, before its body is read, and then nothing more is read on that
-/// connection; `POST /read` is answered 200 once its body is read;
-/// anything else 200. Returns its address and the count of connections accepted.
+/// connection; `POST /read` is answered 200 once its body is read; `GET /gzipped`
+/// with a gzip transfer coding under chunked; anything else 200. Returns its address and the count of connections accepted.
 async fn tls_http1_upstream(pki: &TestCa) -> (SocketAddr, Arc<AtomicUsize>) {
     let acceptor = tokio_rustls::TlsAcceptor::from(pki.server(&["upstream.test"], &["http/1.1"]));
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -422,6 +422,12 @@ async fn tls_http1_upstream(pki: &TestCa) -> (SocketAddr, Arc<AtomicUsize>) {
                         let _ = tls.flush().await;
                         // Reads nothing more, and keeps the connection open.
                         std::future::pending::<()>().await;
+                    }
+                    if head.starts_with("get /gzipped") {
+                        let reply = b"HTTP/1.1 200 OK\r\ntransfer-encoding: gzip, chunked\r\n\r\n\
+                                      2\r\nok\r\n0\r\n\r\n";
+                        let _ = tls.write_all(reply).await;
+                        continue;
                     }
                     if head.starts_with("post /read") {
                         // Chunked: up to the last chunk (the test's bodies hold no CR).
@@ -1566,4 +1572,17 @@ async fn a_connection_never_listed_is_counted_closed() {
         2,
         "every connection listed or closed: {address}"
     );
+}
+
+/// A response with a transfer coding besides chunked (hyper's client undoes only
+/// chunked) is refused with 502, not passed on encoded without the field that says so.
+#[tokio::test]
+async fn a_transfer_coding_other_than_chunked_from_a_tls_upstream_is_a_502() {
+    let pki = TestCa::new("holdfast upstream test CA");
+    let (addr, _) = tls_http1_upstream(&pki).await;
+    let gw = streaming_gateway(&pki, addr).await;
+    let r = send(&gw, &ClientRequest::get("/gzipped")).await;
+    assert_eq!(r.status, 502, "{}", r.text());
+    let r = send(&gw, &ClientRequest::get("/plain")).await;
+    assert_eq!(r.status, 200, "{}", r.text());
 }

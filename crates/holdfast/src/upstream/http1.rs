@@ -84,6 +84,22 @@ pub fn send(
 ) -> impl Future<Output = SendResult> + Send + use<> {
     use futures_util::FutureExt;
     sender.try_send_request(req).map(|result| match result {
+        // hyper undoes chunked and leaves any other coding applied; the hop-by-hop
+        // Transfer-Encoding that says so is removed on the way to the client, so such
+        // a body would arrive encoded and unmarked (our own codec refuses it alike).
+        Ok(resp)
+            if resp
+                .headers()
+                .get_all(http::header::TRANSFER_ENCODING)
+                .iter()
+                .any(|v| !codec::only_chunked(v.as_bytes())) =>
+        {
+            Err((
+                UpstreamError::new(Kind::Protocol, Delivery::MaybeSent)
+                    .with_cause("transfer coding other than chunked"),
+                None,
+            ))
+        }
         Ok(resp) => Ok(resp),
         Err(mut e) => match e.take_message() {
             Some(req) => Err((
