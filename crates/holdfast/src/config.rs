@@ -462,6 +462,9 @@ impl Config {
             }
         }
         for (i, r) in self.routes.iter().enumerate() {
+            if let Some(problem) = r.host.as_deref().and_then(host_pattern_problem) {
+                bad(format!("route[{i}].host"), problem);
+            }
             if !r.path.starts_with('/') {
                 bad(
                     format!("route[{i}].path"),
@@ -610,6 +613,35 @@ impl Config {
     pub fn to_effective_toml(&self) -> String {
         toml::to_string_pretty(self).unwrap_or_else(|e| format!("# cannot render config: {e}\n"))
     }
+}
+
+/// What is wrong with a route's `host`, if anything: a name matched as written
+/// (`shop.example.com`), `*.example.com` for its subdomains, or `*` for any. A `*`
+/// elsewhere (`*example.com` would match `badexample.com`) or a port (the request's
+/// port is not compared, so the route would never match) is refused.
+fn host_pattern_problem(host: &str) -> Option<String> {
+    let name = match host {
+        "*" | "" => return None,
+        h => h.strip_prefix("*.").unwrap_or(h),
+    };
+    if name.contains('*') {
+        return Some(format!(
+            "{host:?}: `*` only as a whole label at the start, like \"*.example.com\""
+        ));
+    }
+    // An IPv6 literal, bracketed or not, holds colons of its own.
+    let v6 = name
+        .strip_prefix('[')
+        .and_then(|n| n.strip_suffix(']'))
+        .unwrap_or(name)
+        .parse::<std::net::Ipv6Addr>()
+        .is_ok();
+    if name.contains(':') && !v6 {
+        return Some(format!(
+            "{host:?}: a host without a port (the port is not compared)"
+        ));
+    }
+    None
 }
 
 /// Whether two listening addresses would be one socket: the same port (not 0, which

@@ -47,7 +47,13 @@ impl RouteTable {
                     None | Some("*") | Some("") => HostMatch::Any,
                     Some(h) => match h.trim_end_matches('.').strip_prefix('*') {
                         Some(suffix) => HostMatch::Suffix(suffix.to_ascii_lowercase()),
-                        None => HostMatch::Exact(h.trim_end_matches('.').to_ascii_lowercase()),
+                        // Requests' hosts are compared without brackets (`strip_port`).
+                        None => HostMatch::Exact(
+                            h.trim_end_matches('.')
+                                .trim_start_matches('[')
+                                .trim_end_matches(']')
+                                .to_ascii_lowercase(),
+                        ),
                     },
                 },
                 prefix: c.path.trim_end_matches('/').to_owned(),
@@ -320,6 +326,15 @@ mod tests {
         for path in ["/api/x", "/a%20b/..c", "/a%2Fb", "/a/%2e%2e./x", "/..%2"] {
             assert!(!hides_dot_segment(path), "{path}");
         }
+    }
+
+    #[test]
+    fn an_ipv6_host_matches_with_or_without_brackets_and_port() {
+        let t = table(&[(None, "/", "any"), (Some("[::1]"), "/", "v6")]);
+        let up = |h| t.find(Some(h), "/").map(|r| r.upstream.as_str());
+        assert_eq!(up("[::1]"), Some("v6"));
+        assert_eq!(up("[::1]:8080"), Some("v6"));
+        assert_eq!(up("[::2]"), Some("any"));
     }
 
     #[test]

@@ -83,6 +83,36 @@ fn two_sockets_on_one_address_are_refused_naming_the_second() {
 }
 
 #[test]
+fn route_hosts_match_as_written_or_refuse() {
+    for bad in [
+        "*example.com",
+        "shop.*.com",
+        "shop.example.com:8080",
+        "[::1]:80",
+    ] {
+        let text = GOOD.replace(
+            "path = \"/api\"",
+            &format!("host = \"{bad}\"\npath = \"/api\""),
+        );
+        let e = only_error(&text);
+        assert_eq!(e.key.as_deref(), Some("route[0].host"), "{bad}: {e}");
+    }
+    for fine in [
+        "*",
+        "*.example.com",
+        "shop.example.com",
+        "[::1]",
+        "127.0.0.1",
+    ] {
+        let text = GOOD.replace(
+            "path = \"/api\"",
+            &format!("host = \"{fine}\"\npath = \"/api\""),
+        );
+        assert!(parse(&text).is_ok(), "{fine}: {:?}", parse(&text).err());
+    }
+}
+
+#[test]
 fn effective_config_round_trips() {
     let c = parse(GOOD).unwrap();
     let again = parse(&c.to_effective_toml()).unwrap();
