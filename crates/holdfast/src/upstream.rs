@@ -519,9 +519,12 @@ impl Upstream {
                     .or_else(|| fallback(start))
             }
             Balance::LeastOutstanding => {
-                // Power of two choices: two random candidates, the less busy wins.
-                let a = &peers[fastrand::usize(..n)];
-                let b = &peers[fastrand::usize(..n)];
+                // Power of two choices: two different random candidates, the less busy
+                // wins (drawn with replacement, a hung address of two would still get a
+                // quarter of the requests).
+                let i = fastrand::usize(..n);
+                let a = &peers[i];
+                let b = &peers[(i + 1 + fastrand::usize(..n - 1)) % n];
                 let pick = match (usable(a), usable(b)) {
                     (true, true) => Some(if b.outstanding() < a.outstanding() {
                         b

@@ -1225,6 +1225,49 @@ async fn with_every_address_ejected_a_retry_still_reaches_the_one_that_came_back
     }
 }
 
+/// Least outstanding compares two *different* addresses: with two, one of them hung,
+/// every request goes to the other. (Drawn with replacement, the hung one was both
+/// candidates a quarter of the time.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn least_outstanding_never_picks_a_busy_address_over_an_idle_one() {
+    let hung = TestUpstream::start(Behaviour::Hang).await;
+    let fine = TestUpstream::start(Behaviour::Echo).await;
+    let hf = Holdfast::single(
+        &[hung.addr(), fine.addr()],
+        "balance = \"least_outstanding\"\nretry.attempts = 1",
+    )
+    .await;
+    // Until one request is stuck at the hung address (ties go to the first drawn).
+    let mut stuck = JoinSet::new();
+    for _ in 0..20 {
+        let mut c = hf.client();
+        stuck.spawn(async move { c.get("/stuck").await });
+        let landed = tokio::select! {
+            r = hung.wait_for_requests(1, Duration::from_millis(500)) => r.is_ok(),
+            _ = stuck.join_next() => false,
+        };
+        if landed || hung.requests_seen() >= 1 {
+            break;
+        }
+    }
+    assert_eq!(
+        hung.requests_seen(),
+        1,
+        "one request waits at the hung address"
+    );
+    let mut client = hf.client();
+    for i in 0..20 {
+        let r = client.get(&format!("/{i}")).await.expect("response");
+        assert_eq!(r.status, 200);
+    }
+    assert_eq!(
+        hung.requests_seen(),
+        1,
+        "a request went to the busy address"
+    );
+    stuck.abort_all();
+}
+
 /// Proxy-Status tells whether the request reached the upstream, over all attempts. A
 /// POST with `Idempotency-Key` is swallowed by a reused connection (the upstream read
 /// it, then closed), and the upstream stops listening at that moment, so the retries

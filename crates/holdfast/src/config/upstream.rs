@@ -193,8 +193,9 @@ impl Default for RetryConfig {
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct HealthConfig {
-    /// Consecutive failures (connect refused or timed out, reset, garbage) that eject an
-    /// address. A stale pooled connection never counts. Default 5.
+    /// Consecutive failures (connect refused or timed out, a failed TLS handshake,
+    /// garbage instead of a response) that eject an address. A reset or a stale pooled
+    /// connection never counts. Default 5.
     pub max_fails: u32,
     /// First ejection time; doubles on each ejection in a row. Default `5s`.
     pub eject_for: Dur,
