@@ -607,9 +607,13 @@ fn prepare_request_headers(
     let mut te_trailers = false;
     if present.any() {
         // `TE: trailers` is the one TE value worth passing on (RFC 9110 10.1.4).
+        // Listed among other codings (`TE: trailers, deflate;q=0.5`) it still counts.
         te_trailers = present.has(&header::TE)
-            && h.get(header::TE)
-                .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
+            && h.get_all(header::TE).iter().any(|v| {
+                v.as_bytes()
+                    .split(|&b| b == b',')
+                    .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"trailers"))
+            });
         // Only a chunked body can carry the trailers that `Trailer` declares.
         let trailer = if present.has(&header::TRANSFER_ENCODING) && present.has(&header::TRAILER) {
             headers::declared_trailers(h)
