@@ -185,6 +185,20 @@ impl Proxy {
                     (log, tally),
                 );
             }
+            // RFC 9110 4.2.4: userinfo in an http(s) target is an error (it would
+            // otherwise become part of the Host sent upstream).
+            if req
+                .uri()
+                .authority()
+                .is_some_and(|a| a.as_str().contains('@'))
+            {
+                return finish_local(
+                    StatusCode::BAD_REQUEST,
+                    "userinfo in the request target\n",
+                    None,
+                    (log, tally),
+                );
+            }
             // hyper undoes chunked; any other transfer coding would reach the upstream
             // still applied, without the hop-by-hop field that says so (RFC 9112 6.1:
             // 501 for a coding a server does not understand; nginx does the same).

@@ -559,6 +559,22 @@ async fn transfer_codings_other_than_chunked_are_refused_both_ways() {
     assert!(!targets.contains(&"/upload".to_string()), "{targets:?}");
 }
 
+/// An absolute-form target with userinfo is refused (RFC 9110 4.2.4), not forwarded
+/// with `user@host` as its Host.
+#[tokio::test]
+async fn userinfo_in_an_absolute_target_is_a_400() {
+    let upstream = TestUpstream::start(Behaviour::Echo).await;
+    let gw = start(&proxy_to(&upstream.url())).await;
+    let mut client = RawClient::connect(gw.addr).await.unwrap();
+    client
+        .send("GET http://user@shop.test/x HTTP/1.1\r\nhost: shop.test\r\n\r\n")
+        .await
+        .unwrap();
+    let r = client.read_response(WAIT).await.unwrap();
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert_eq!(upstream.requests_seen(), 0);
+}
+
 #[tokio::test]
 async fn via_is_added_both_ways() {
     let upstream = TestUpstream::start(Behaviour::respond(|_| {
