@@ -209,6 +209,9 @@ impl ProxyArgs {
             (Protocol::Http1 | Protocol::Http2, Some(_)) => {
                 return Err("--root only applies to fastcgi:// upstreams".into());
             }
+            (Protocol::Http1 | Protocol::Http2, None) if self.fallback.is_some() => {
+                return Err("--fallback only applies to fastcgi:// upstreams".into());
+            }
             (Protocol::Http1 | Protocol::Http2, None) => {}
         }
         c.routes.push(route);
@@ -227,6 +230,31 @@ impl ProxyArgs {
             up.pool.max_idle = up.pool.max_idle.min(n);
         }
         c.upstreams.insert("default".into(), up);
+        // The checks `run` and `check` make of a file, said in terms of the flags.
+        let problems = c.problems();
+        if !problems.is_empty() {
+            return Err(problems
+                .into_iter()
+                .map(|(key, msg)| format!("{}: {msg}", flag_of(&key)))
+                .collect::<Vec<_>>()
+                .join("\n"));
+        }
         Ok(c)
+    }
+}
+
+/// The flag that set a config key of the config `proxy` builds.
+fn flag_of(key: &str) -> &str {
+    match key {
+        "listener[0].listen" => "--listen",
+        "upstream.default.addresses" => "--to",
+        "upstream.default.timeouts.connect" => "--connect-timeout",
+        "upstream.default.pool.max_connections" | "upstream.default.pool.max_idle" => {
+            "--max-connections"
+        }
+        "route[0].fastcgi.root" => "--root",
+        "route[0].fastcgi.fallback" => "--fallback",
+        k if k.starts_with("listener[0].tls.") => "--tls-cert/--tls-key",
+        k => k,
     }
 }

@@ -388,6 +388,12 @@ impl Config {
         }
     }
 
+    /// The problems [`Config::load`] would report for a config built some other way
+    /// (`holdfast proxy` flags), as (key path, message) pairs.
+    pub fn problems(&self) -> Vec<(String, String)> {
+        self.validate()
+    }
+
     /// Checks that hold across keys; returns (key path, message) pairs.
     fn validate(&self) -> Vec<(String, String)> {
         let mut problems = Vec::new();
@@ -526,6 +532,17 @@ impl Config {
             }
         }
         for (name, u) in &self.upstreams {
+            // A name that is not a bare TOML key (`"api.v1"`) is quoted, as the
+            // file writes it, so the path stays one path (and can be located).
+            let name = if !name.is_empty()
+                && name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+            {
+                name.clone()
+            } else {
+                format!("{name:?}")
+            };
             let key = |k: &str| format!("upstream.{name}.{k}");
             if u.addresses.is_empty() {
                 bad(key("addresses"), "at least one address is required".into());

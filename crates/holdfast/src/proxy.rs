@@ -154,6 +154,7 @@ impl Proxy {
                     attempts: 0,
                     ttfb: None,
                     outcome: "ok",
+                    emitted: false,
                 })
             });
 
@@ -468,6 +469,8 @@ fn finish_local(
     (log, tally): (Option<Box<AccessRecord>>, Tally),
 ) -> Response<ResponseBody> {
     tally.finish_with(status.as_u16());
+    let body: bytes::Bytes = body.into();
+    let body_len = body.len() as u64;
     let mut resp = Response::new(ResponseBody::full(body));
     *resp.status_mut() = status;
     let h = resp.headers_mut();
@@ -483,7 +486,13 @@ fn finish_local(
         if l.outcome == "ok" {
             l.outcome = "local";
         }
-        l.emit(0);
+        // The body holdfast sends (none for HEAD).
+        let sent = if l.method == http::Method::HEAD {
+            0
+        } else {
+            body_len
+        };
+        l.emit(sent);
     }
     resp
 }

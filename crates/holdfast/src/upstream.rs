@@ -696,7 +696,10 @@ async fn resolve_all(name: &str, config: &UpstreamConfig) -> Vec<(PeerAddr, Arc<
             }
         }
     }
-    out.dedup_by(|a, b| a.0 == b.0);
+    // One peer per address, however many names lead to it: two peers with one
+    // address would be two pools and two `/metrics` series with the same labels.
+    let mut seen = std::collections::HashSet::new();
+    out.retain(|(a, _)| seen.insert(a.clone()));
     out
 }
 

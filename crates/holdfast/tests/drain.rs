@@ -958,7 +958,7 @@ fn replace_file(path: &Path, script: &str) {
     std::fs::rename(&tmp, path).expect("replace the binary");
 }
 
-// === review: reload and upgrade ===
+// === reload and upgrade: operator signals, accept queue, durations ===
 
 /// README: "second SIGINT: exit at once". During `drain.pre_delay`, any other control
 /// message (here the Reload of a SIGHUP) must not make the server deaf to the Exit

@@ -2223,3 +2223,138 @@ async fn a_response_goes_out_in_holdfasts_own_http_version() {
         resp.minor_version
     );
 }
+
+// === access log and CLI ===
+
+/// A client that gives up while the upstream has not answered yet still gets its
+/// access-log line (nginx writes 499): without it an operator cannot see the requests
+/// a slow upstream made clients abandon.
+#[tokio::test]
+async fn access_log_has_a_line_for_a_client_that_left_before_the_answer() {
+    let upstream = TestUpstream::start(Behaviour::Hang).await;
+    let (mut proxy, addr) = spawn_holdfast(&binary_config(&upstream.url(), "json"), &[]).await;
+    let mut c = TcpStream::connect(addr).await.expect("connect");
+    c.write_all(b"GET /abandoned HTTP/1.1\r\nHost: a\r\n\r\n")
+        .await
+        .expect("write");
+    upstream
+        .wait_for_requests(1, WAIT)
+        .await
+        .expect("forwarded");
+    drop(c);
+    // The drain ends once no client connection is open: the request is over by then.
+    proxy.signal(holdfast_test::sys::SIGTERM).unwrap();
+    assert!(
+        proxy.wait_for_log("drained", WAIT).await,
+        "{}",
+        proxy.logs()
+    );
+    let logs = proxy.logs();
+    let line = logs
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|v| v["target"] == "holdfast::access");
+    let Some(v) = line else {
+        panic!("no access line for the abandoned request:\n{logs}");
+    };
+    assert_eq!(v["path"], "/abandoned", "{v}");
+    assert_eq!(v["outcome"], "client_gone", "{v}");
+}
+
+/// README: "`bytes` is the response body sent". holdfast's own answers (404 for no
+/// route, 502/503/504 with a short text body) send a body too.
+#[tokio::test]
+async fn access_log_bytes_counts_the_body_of_holdfasts_own_answers() {
+    // Nothing listens there: connect refused, holdfast answers 502 itself.
+    let dead = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", dead.local_addr().unwrap());
+    drop(dead);
+    let (proxy, addr) = spawn_holdfast(&binary_config(&url, "json"), &[]).await;
+    let resp = send_one(addr, &ClientRequest::get("/local")).await;
+    assert_eq!(resp.status, 502);
+    assert!(
+        proxy.wait_for_log("\"/local\"", WAIT).await,
+        "{}",
+        proxy.logs()
+    );
+    let logs = proxy.logs();
+    let v = logs
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|v| v["target"] == "holdfast::access")
+        .unwrap_or_else(|| panic!("no access line:\n{logs}"));
+    assert_eq!(v["status"], 502, "{v}");
+    assert_eq!(
+        v["bytes"].as_u64(),
+        Some(resp.body.len() as u64),
+        "the client got a {}-byte body: {v}",
+        resp.body.len()
+    );
+}
+
+/// `holdfast proxy` builds its config from flags; a value `run` and `check` refuse
+/// (README: "`run` exits 64 on a bad config") must be refused here too, naming the
+/// flag, rather than start a proxy that cannot serve (0 connections: every request
+/// waits out the queue and gets 503) or that speaks HTTP to a FastCGI address.
+#[tokio::test]
+async fn proxy_flags_are_validated_like_a_config_file() {
+    for (args, flag) in [
+        (
+            &["--to", "http://127.0.0.1:9", "--max-connections", "0"][..],
+            "--max-connections",
+        ),
+        (
+            &["--to", "http://127.0.0.1:9", "--connect-timeout", "0s"][..],
+            "--connect-timeout",
+        ),
+        (
+            &[
+                "--to",
+                "http://127.0.0.1:9",
+                "--to",
+                "fastcgi://127.0.0.1:9000",
+            ][..],
+            "--to",
+        ),
+        (
+            &["--to", "fastcgi://127.0.0.1:9000", "--root", "relative/dir"][..],
+            "--root",
+        ),
+    ] {
+        let mut argv = vec!["proxy", "--listen", "127.0.0.1:0", "--admin", "off"];
+        argv.extend_from_slice(args);
+        let mut p = HoldfastProcess::spawn(Path::new(env!("CARGO_BIN_EXE_holdfast")), &argv, None);
+        let status = p.wait_exit(WAIT).await;
+        assert_eq!(
+            status.and_then(|s| s.code()),
+            Some(64),
+            "{argv:?} was accepted:\n{}",
+            p.logs()
+        );
+        assert!(p.logs().contains(flag), "{argv:?}: {}", p.logs());
+    }
+}
+
+/// README: "A config error names the file, line, column and key". An upstream name
+/// with a dot (`[upstream."api.v1"]`, a quoted TOML key) loses the line and prints a
+/// key that reads as a different path.
+#[tokio::test]
+async fn check_names_the_line_of_an_error_under_a_dotted_upstream_name() {
+    let dir = holdfast_test::tempdir();
+    let path = dir.path().join("h.toml");
+    std::fs::write(
+        &path,
+        "[[listener]]\nlisten = \"127.0.0.1:0\"\n\n[[route]]\nupstream = \"api.v1\"\n\n\
+         [upstream.\"api.v1\"]\naddresses = [\"http://127.0.0.1:9\"]\nretry.attempts = 0\n",
+    )
+    .unwrap();
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_holdfast"))
+        .args(["check", "--config"])
+        .arg(&path)
+        .output()
+        .await
+        .expect("run holdfast check");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("h.toml:9:"), "no line for the error: {err}");
+}

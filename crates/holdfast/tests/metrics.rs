@@ -710,3 +710,103 @@ addresses = ["fastcgi://{}"]
         "FCGI_KEEP_CONN: the second request reused the connection"
     );
 }
+
+// === operator-facing figures ===
+
+/// A client that gives up while its request waits for the upstream's answer (a slow
+/// upstream, a client with a shorter timeout: nginx's 499) is still a request: it
+/// must show in `holdfast_requests_total` and the duration histogram, not vanish.
+#[tokio::test]
+async fn a_request_whose_client_leaves_before_the_answer_is_still_counted() {
+    let up = TestUpstream::start(Behaviour::Hang).await;
+    let gw = start(&format!(
+        r#"
+[[route]]
+upstream = "slow"
+
+[upstream.slow]
+addresses = ["{}"]
+"#,
+        up.url()
+    ))
+    .await;
+    let mut c = TcpStream::connect(gw.addr).await.expect("connect");
+    c.write_all(b"GET /gone HTTP/1.1\r\nHost: a\r\n\r\n")
+        .await
+        .expect("write");
+    up.wait_for_requests(1, SHOW).await.expect("forwarded");
+    drop(c);
+    // holdfast has seen the client go: its connection is no longer open.
+    let m = gw
+        .metrics_once(|m| m.get("holdfast_client_connections", &[]) == Some(0.0))
+        .await;
+    assert_eq!(m.value("holdfast_client_connections", &[]), 0.0);
+    let total = |m: &Metrics| {
+        ["1xx", "2xx", "3xx", "4xx", "5xx"]
+            .iter()
+            .map(|c| {
+                m.value(
+                    "holdfast_requests_total",
+                    &[("route", "route[0]"), ("class", c)],
+                )
+            })
+            .sum::<f64>()
+    };
+    let m = gw.metrics_once(|m| total(m) == 1.0).await;
+    assert_eq!(
+        total(&m),
+        1.0,
+        "the abandoned request is not counted at all:\n{}",
+        m.text
+    );
+    assert_eq!(
+        m.value(
+            "holdfast_request_duration_seconds_count",
+            &[("route", "route[0]")]
+        ),
+        1.0
+    );
+    assert_eq!(
+        m.value("holdfast_upstream_requests_total", &[("upstream", "slow")]),
+        1.0,
+        "the upstream side did count it"
+    );
+}
+
+/// Every series appears once in an exposition (Prometheus drops or rejects
+/// duplicates). Two names resolving to overlapping addresses, or one address listed
+/// twice apart, must not give one address two pools and two series.
+#[tokio::test]
+async fn an_address_listed_twice_apart_gives_one_series() {
+    let a = TestUpstream::start(Behaviour::Echo).await;
+    let b = TestUpstream::start(Behaviour::Echo).await;
+    let gw = start(&format!(
+        r#"
+[[route]]
+upstream = "ab"
+
+[upstream.ab]
+addresses = ["{a}", "{b}", "{a}"]
+"#,
+        a = a.url(),
+        b = b.url()
+    ))
+    .await;
+    assert_eq!(gw.get_n("/", 3).await, [200; 3]);
+    let m = gw.metrics().await;
+    let mut seen = std::collections::BTreeSet::new();
+    let dups: Vec<String> = m
+        .samples
+        .iter()
+        .filter(|(n, l, _)| !seen.insert((n.clone(), l.clone())))
+        .map(|(n, l, _)| format!("{n} {l:?}"))
+        .collect();
+    assert!(dups.is_empty(), "duplicate series: {dups:#?}");
+    let r = gw.admin_get("/pools").await;
+    let pools: serde_json::Value = serde_json::from_slice(&r.body).expect("JSON");
+    assert_eq!(
+        pools[0]["addresses"].as_array().map(Vec::len),
+        Some(2),
+        "{pools:#}"
+    );
+}

@@ -384,13 +384,13 @@ async fn the_binary_prints_json_on_stdout_and_progress_on_stderr() {
     );
 }
 
-// === review: bugs found in the probe ===
+// === edge cases: limits at the search bound, short watches, findings ===
 
 /// Off by one: an upstream that closes silently after exactly `--max-requests`
 /// requests is reported as having no limit, because request max+1 is never sent.
 /// (A limit said with `Connection: close` on the max-th response is found.)
 #[tokio::test]
-async fn review_a_silent_limit_equal_to_max_requests_is_found() {
+async fn a_silent_limit_equal_to_max_requests_is_found() {
     let up = TestUpstream::start(Behaviour::CloseAfterRequests(5)).await;
     let mut o = options(&up.url(), Duration::from_millis(300));
     o.max_requests = 5;
@@ -408,7 +408,7 @@ async fn review_a_silent_limit_equal_to_max_requests_is_found() {
 /// 1 s" proves nothing about 4 s, yet the snippet calls the default safe: this
 /// upstream closes idle connections after 2 s.
 #[tokio::test]
-async fn review_a_short_max_idle_does_not_vouch_for_the_default() {
+async fn a_short_max_idle_does_not_vouch_for_the_default() {
     let up = TestUpstream::start(Behaviour::CloseIdleAfter(Duration::from_secs(2))).await;
     let mut o = options(&up.url(), Duration::from_secs(1));
     o.connections = 1;
@@ -427,7 +427,7 @@ async fn review_a_short_max_idle_does_not_vouch_for_the_default() {
 /// and the close (a FIN from the upstream itself) is blamed on "something on the
 /// path".
 #[tokio::test]
-async fn review_a_close_found_only_on_the_next_request_is_not_called_safe() {
+async fn a_close_found_only_on_the_next_request_is_not_called_safe() {
     let up = ClosesStaleOnUse::start(Duration::from_secs(1)).await;
     let mut o = options(&format!("http://{}/", up.addr), Duration::from_secs(2));
     o.connections = 1;
@@ -445,7 +445,7 @@ async fn review_a_close_found_only_on_the_next_request_is_not_called_safe() {
 /// its response: nothing to reuse", although the same probe just reused one
 /// connection 20 times.
 #[tokio::test]
-async fn review_a_short_idle_timeout_is_not_closing_after_every_response() {
+async fn a_short_idle_timeout_is_not_closing_after_every_response() {
     let up = TestUpstream::start(Behaviour::CloseIdleAfter(Duration::from_millis(150))).await;
     let (r, _) = probe(&options(&up.url(), Duration::from_secs(2))).await;
     assert_eq!(r.requests_per_connection.limit, None, "20 requests on one");
@@ -465,7 +465,7 @@ async fn review_a_short_idle_timeout_is_not_closing_after_every_response() {
 /// GET_VALUES is optional) fails the whole probe with "no response within 1s",
 /// although the code reports "GET_VALUES: no answer" as a finding otherwise.
 #[tokio::test]
-async fn review_an_unanswered_get_values_does_not_fail_the_probe() {
+async fn an_unanswered_get_values_does_not_fail_the_probe() {
     let app = FastCgiApp::start_with(support::fastcgi_app::FastCgiAppOptions {
         values_delay: Duration::from_secs(3),
         ..Default::default()
@@ -487,7 +487,7 @@ async fn review_an_unanswered_get_values_does_not_fail_the_probe() {
 /// "Later failures are findings, not errors" (`probe::run`): a failure on the
 /// request-count connection after the first answer throws every measurement away.
 #[tokio::test]
-async fn review_a_later_failure_on_the_counting_connection_is_a_finding() {
+async fn a_later_failure_on_the_counting_connection_is_a_finding() {
     let up = TestUpstream::start(Behaviour::respond(|r| {
         Reply::new(if r.conn == 1 && r.seq >= 3 { 0 } else { 200 }).body("ok")
     }))
@@ -502,7 +502,7 @@ async fn review_a_later_failure_on_the_counting_connection_is_a_finding() {
 /// to "2, 2", fails to parse, and the body is read as close-delimited: the probe
 /// waits for a close that a keep-alive upstream never sends and fails.
 #[tokio::test]
-async fn review_a_repeated_content_length_frames_the_body() {
+async fn a_repeated_content_length_frames_the_body() {
     let up = TestUpstream::start(Behaviour::respond(|_| {
         Reply::new(200)
             .header("Content-Length", "2")
@@ -524,7 +524,7 @@ async fn review_a_repeated_content_length_frames_the_body() {
 /// connections need 3 workers; the third waits for one until `--timeout` and is
 /// reported as a failed connection. (php-fpm does not say FCGI_MAX_CONNS.)
 #[tokio::test]
-async fn review_fastcgi_watches_fit_in_fcgi_max_conns() {
+async fn fastcgi_watches_fit_in_fcgi_max_conns() {
     let fpm = PhpFpm::start(PhpFpmOptions::default()).await;
     let script = fpm.script("probe.php", "<?php echo 'probed';");
     let mut o = options(
@@ -541,7 +541,7 @@ async fn review_fastcgi_watches_fit_in_fcgi_max_conns() {
 /// A huge `--max-idle` (or `--timeout`) panics on `Instant + Duration` overflow
 /// instead of being refused.
 #[tokio::test]
-async fn review_a_huge_max_idle_is_refused_not_a_panic() {
+async fn a_huge_max_idle_is_refused_not_a_panic() {
     let up = TestUpstream::start(Behaviour::Echo).await;
     let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_holdfast"))
         .args([
@@ -564,7 +564,7 @@ async fn review_a_huge_max_idle_is_refused_not_a_panic() {
 /// `--name api.v2` (a dotted name, valid for `[upstream."api.v2"]`) gives
 /// `[upstream.api.v2.pool]`: a pool for an upstream `api`, not valid config.
 #[tokio::test]
-async fn review_the_snippet_is_valid_config_for_any_name() {
+async fn the_snippet_is_valid_config_for_any_name() {
     let up = TestUpstream::start(Behaviour::CloseAfterRequests(3)).await;
     let mut o = options(&up.url(), Duration::from_millis(300));
     o.connections = 1;

@@ -1188,7 +1188,7 @@ async fn pump(
     drop((from, to));
 }
 
-// === review: HTTP/2 request bodies and stream accounting ===
+// === HTTP/2 request bodies and stream accounting ===
 
 /// An h2c upstream advertising `max_streams` that answers `POST /early` at once,
 /// without reading its body: the body is kept (not dropped, so the stream stays open

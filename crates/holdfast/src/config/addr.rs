@@ -97,6 +97,13 @@ impl FromStr for UpstreamAddr {
                     "{s:?}: an upstream address has no path; routes rewrite paths"
                 ));
             }
+            if authority.contains('@') {
+                // Taken as part of the host name it would never resolve, and the
+                // error would print the password.
+                return Err(format!(
+                    "{scheme}://...: an upstream address has no user or password; holdfast sends no credentials upstream"
+                ));
+            }
             let default_port = match protocol {
                 Protocol::Http1 if tls => 443,
                 Protocol::Http1 | Protocol::Http2 => 80,
@@ -214,6 +221,7 @@ mod tests {
             "http://h/api",
             "http+unix://rel",
             "h2://h:443",
+            "http://user:pw@10.0.0.1:8080",
         ] {
             assert!(bad.parse::<UpstreamAddr>().is_err(), "{bad} parsed");
         }

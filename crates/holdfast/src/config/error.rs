@@ -122,11 +122,15 @@ fn line_col(text: &str, offset: usize) -> (usize, usize) {
 fn locate(doc: &DeTable<'_>, key: &str) -> Option<Range<usize>> {
     let mut table = doc;
     let mut found: Option<Range<usize>> = None;
-    let mut segments = key.split('.').peekable();
+    let mut segments = split_key(key).into_iter().peekable();
     while let Some(seg) = segments.next() {
-        let (name, index) = match seg.split_once('[') {
-            Some((n, rest)) => (n, rest.trim_end_matches(']').parse::<usize>().ok()),
-            None => (seg, None),
+        let seg = seg.as_str();
+        let (name, index) = match seg.strip_prefix('"') {
+            Some(quoted) => (quoted.strip_suffix('"').unwrap_or(quoted), None),
+            None => match seg.split_once('[') {
+                Some((n, rest)) => (n, rest.trim_end_matches(']').parse::<usize>().ok()),
+                None => (seg, None),
+            },
         };
         let (k, v) = table.iter().find(|(k, _)| k.get_ref().as_ref() == name)?;
         found = Some(k.span());
@@ -144,4 +148,23 @@ fn locate(doc: &DeTable<'_>, key: &str) -> Option<Range<usize>> {
         }
     }
     found
+}
+
+/// A key path's segments, split at dots outside double quotes (`upstream."api.v1".x`).
+fn split_key(key: &str) -> Vec<String> {
+    let mut out = vec![String::new()];
+    let mut quoted = false;
+    for c in key.chars() {
+        if c == '.' && !quoted {
+            out.push(String::new());
+            continue;
+        }
+        if c == '"' {
+            quoted = !quoted;
+        }
+        if let Some(segment) = out.last_mut() {
+            segment.push(c);
+        }
+    }
+    out
 }

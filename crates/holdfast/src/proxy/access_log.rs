@@ -38,6 +38,9 @@ pub struct AccessRecord {
     pub attempts: u32,
     pub ttfb: Option<Duration>,
     pub outcome: &'static str,
+    /// Written already; a record dropped unwritten (its request cancelled because
+    /// the client went away before the answer) writes itself as `client_gone`.
+    pub emitted: bool,
 }
 
 /// Set once holdfast's own logger is installed: lines are written here, in this format.
@@ -49,7 +52,12 @@ pub(crate) fn write_directly(format: LogFormat) {
 }
 
 impl AccessRecord {
-    pub fn emit(self: Box<Self>, bytes: u64) {
+    pub fn emit(mut self: Box<Self>, bytes: u64) {
+        self.write(bytes);
+        self.emitted = true;
+    }
+
+    fn write(&self, bytes: u64) {
         let total = self.start.elapsed();
         let Some(format) = FORMAT.get() else {
             self.emit_event(bytes, total);
@@ -58,11 +66,16 @@ impl AccessRecord {
         thread_local! {
             static LINE: RefCell<String> = const { RefCell::new(String::new()) };
         }
-        LINE.with_borrow_mut(|line| {
+        // `try_with`: a record dropped while a thread ends (a runtime shutting down)
+        // must not panic for want of the buffer.
+        let _ = LINE.try_with(|line| {
+            let Ok(mut line) = line.try_borrow_mut() else {
+                return;
+            };
             line.clear();
             match format {
-                LogFormat::Text => self.text(line, bytes, total),
-                LogFormat::Json => self.json(line, bytes, total),
+                LogFormat::Text => self.text(&mut line, bytes, total),
+                LogFormat::Json => self.json(&mut line, bytes, total),
             }
             // One write for the line; a failed log write must not fail the request.
             let _ = std::io::stderr().lock().write_all(line.as_bytes());
@@ -171,6 +184,19 @@ impl AccessRecord {
             ttfb_ms = self.ttfb.map_or(-1.0, |d| d.as_secs_f64() * 1000.0),
             outcome = self.outcome,
         );
+    }
+}
+
+impl Drop for AccessRecord {
+    fn drop(&mut self) {
+        if !self.emitted {
+            self.emitted = true;
+            if self.status == 0 {
+                self.status = super::figures::CLIENT_CLOSED_REQUEST;
+            }
+            self.outcome = "client_gone";
+            self.write(0);
+        }
     }
 }
 
@@ -286,6 +312,8 @@ mod tests {
             attempts: 2,
             ttfb: Some(Duration::from_micros(2_045)),
             outcome: "ok",
+            // Formatted by the tests, never written.
+            emitted: true,
         }
     }
 

@@ -75,12 +75,19 @@ impl RouteFigures {
     }
 }
 
-/// One request on its way: counted in its route's cell when it ends.
+/// The status a request is counted (and logged) with when its client went away
+/// before any response was made for it (nginx's 499, "client closed request").
+pub const CLIENT_CLOSED_REQUEST: u16 = 499;
+
+/// One request on its way: counted in its route's cell when it ends, or, if it is
+/// dropped unfinished (the client went away and hyper cancelled the request), as
+/// [`CLIENT_CLOSED_REQUEST`] then.
 pub struct Tally {
     cell: Arc<RouteCell>,
     start: Instant,
     status: u16,
     ttfb: Option<Duration>,
+    done: bool,
 }
 
 impl Tally {
@@ -90,6 +97,7 @@ impl Tally {
             start,
             status: 0,
             ttfb: None,
+            done: false,
         }
     }
 
@@ -117,7 +125,12 @@ impl Tally {
         self.finish_with_at(status, Instant::now());
     }
 
-    fn finish_with_at(self, status: u16, now: Instant) {
+    fn finish_with_at(mut self, status: u16, now: Instant) {
+        self.record(status, now);
+        self.done = true;
+    }
+
+    fn record(&self, status: u16, now: Instant) {
         let class = usize::from(status / 100).clamp(1, STATUS_CLASSES.len()) - 1;
         self.cell.requests[class].fetch_add(1, Relaxed);
         self.cell
@@ -125,6 +138,14 @@ impl Tally {
             .observe(now.saturating_duration_since(self.start));
         if let Some(t) = self.ttfb {
             self.cell.upstream_ttfb.observe(t);
+        }
+    }
+}
+
+impl Drop for Tally {
+    fn drop(&mut self) {
+        if !self.done {
+            self.record(CLIENT_CLOSED_REQUEST, Instant::now());
         }
     }
 }
