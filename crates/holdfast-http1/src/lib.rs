@@ -179,6 +179,10 @@ struct Scanned {
     /// Transfer-Encoding decides the framing: a Content-Length beside it is not
     /// passed on (RFC 9112 6.3, point 3), or the client would frame by it.
     drop_content_length: bool,
+    /// A valid Content-Length that came as a list or in several fields (RFC 9112 6.3
+    /// point 5): passed on as one field with the one value, which is all the next
+    /// hop (hyper's server among them) takes.
+    single_content_length: Option<u64>,
 }
 
 /// Parses a response head at the start of `buf`.
@@ -336,7 +340,8 @@ pub fn parse_response_head_with(
     };
     for (position, span) in spans.iter().enumerate() {
         if strip && (span.kind.is_hop_by_hop() || span.kind == FieldKind::Trailer && !chunked)
-            || span.kind == FieldKind::ContentLength && scanned.drop_content_length
+            || span.kind == FieldKind::ContentLength
+                && (scanned.drop_content_length || scanned.single_content_length.is_some())
         {
             continue;
         }
@@ -349,6 +354,9 @@ pub fn parse_response_head_with(
         };
         let value = slice(&head, span.value).ok_or(HeadError::Invalid("header value"))?;
         headers.append(name, checked_value(value));
+    }
+    if let Some(n) = scanned.single_content_length {
+        headers.append(header::CONTENT_LENGTH, HeaderValue::from(n));
     }
     let reason = match scanned.reason {
         Some(span) => Some(slice(&head, span).ok_or(HeadError::Invalid("reason phrase"))?),
@@ -415,6 +423,8 @@ fn scan_head(
     let mut last_coding_chunked = false;
     let mut foreign_coding = false;
     let mut content_length = ContentLength::Absent;
+    // Not one field with one value: several fields, or a list.
+    let mut content_length_repeated = false;
     // `Connection` names only `close` / `keep-alive`: no other field to remove.
     let mut connection_names_fields = false;
     let mut keep_alive = None;
@@ -428,11 +438,18 @@ fn scan_head(
         };
         spans.push(span);
         match kind {
-            FieldKind::ContentLength => content_length.add(field.value),
+            FieldKind::ContentLength => {
+                content_length_repeated |=
+                    !matches!(content_length, ContentLength::Absent) || field.value.contains(&b',');
+                content_length.add(field.value);
+            }
             FieldKind::TransferEncoding => {
-                // Only the last coding of the last field decides (RFC 9112 6.3 point 4).
+                // Only the last coding decides (RFC 9112 6.3 point 4); empty list
+                // elements, and so an empty line, are not codings (RFC 9110 5.6.1).
                 transfer_encoding = true;
-                last_coding_chunked = last_coding_is_chunked(field.value);
+                if let Some(chunked) = last_coding_is_chunked(field.value) {
+                    last_coding_chunked = chunked;
+                }
                 foreign_coding |= !only_chunked(field.value);
             }
             FieldKind::Connection => {
@@ -502,6 +519,10 @@ fn scan_head(
         strip_hop_by_hop: !connection_names_fields && code != 101,
         keep_alive,
         drop_content_length: transfer_encoding,
+        single_content_length: match content_length {
+            ContentLength::Valid(n) if content_length_repeated && !transfer_encoding => Some(n),
+            _ => None,
+        },
     }))
 }
 
@@ -550,11 +571,13 @@ pub fn only_chunked(value: &[u8]) -> bool {
         .all(|coding| coding.eq_ignore_ascii_case(b"chunked"))
 }
 
-fn last_coding_is_chunked(value: &[u8]) -> bool {
+/// Whether the last coding of a field value is chunked; None if it names none.
+fn last_coding_is_chunked(value: &[u8]) -> Option<bool> {
     value
         .rsplit(|&b| b == b',')
-        .next()
-        .is_some_and(|coding| coding.trim_ascii().eq_ignore_ascii_case(b"chunked"))
+        .map(<[u8]>::trim_ascii)
+        .find(|coding| !coding.is_empty())
+        .map(|coding| coding.eq_ignore_ascii_case(b"chunked"))
 }
 
 /// A field value httparse has accepted, as a `HeaderValue` without checking its bytes
@@ -1316,6 +1339,43 @@ mod tests {
             &Method::HEAD,
         );
         assert_eq!(head_only.framing, Framing::None);
+    }
+
+    /// A repeated Content-Length (RFC 9112 6.3 point 5) frames the body by its
+    /// one value, and must be passed on as that one value: hyper's server refuses to
+    /// write a response whose Content-Length is a list, and the client gets nothing.
+    #[test]
+    fn a_repeated_content_length_is_passed_on_once() {
+        for input in [
+            &b"HTTP/1.1 200 OK\r\nContent-Length: 5, 5\r\n\r\n"[..],
+            b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\ncontent-length: 5\r\n\r\n",
+        ] {
+            let h = head(input);
+            assert_eq!(h.framing, Framing::Length(5));
+            let values: Vec<_> = h.headers.get_all("content-length").iter().collect();
+            assert_eq!(values, ["5"], "{}", String::from_utf8_lossy(input));
+        }
+    }
+
+    /// RFC 9110 5.6.1: a recipient ignores empty list elements: `chunked,` (or
+    /// an empty `Transfer-Encoding` line after `chunked`) still ends with chunked. Read
+    /// until close instead, the chunk framing would reach the client as body bytes.
+    #[test]
+    fn empty_transfer_coding_list_elements_are_ignored() {
+        for input in [
+            &b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked,\r\n\r\n"[..],
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: , chunked , \r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: ,\r\n\r\n",
+        ] {
+            let h = head(input);
+            assert_eq!(
+                h.framing,
+                Framing::Chunked,
+                "{}",
+                String::from_utf8_lossy(input)
+            );
+            assert!(!h.must_close, "{}", String::from_utf8_lossy(input));
+        }
     }
 
     #[test]

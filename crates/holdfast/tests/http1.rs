@@ -2358,3 +2358,85 @@ async fn check_names_the_line_of_an_error_under_a_dotted_upstream_name() {
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(err.contains("h.toml:9:"), "no line for the error: {err}");
 }
+
+// === HTTP/1 upstream codec: early answers, Content-Length lists ===
+
+/// RFC 9112 6.3 point 5: a Content-Length that is a list of one repeated value may be
+/// taken as that value. holdfast's codec takes `5, 5` as 5, so the response must
+/// reach the client, framed by that length, not be lost.
+#[tokio::test]
+async fn a_repeated_content_length_list_reaches_the_client() {
+    let upstream = raw_upstream(|s| async move {
+        let mut io = BufReader::new(s);
+        while let Ok(Some(_)) = read_head(&mut io).await {
+            if io
+                .get_mut()
+                .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 5, 5\r\n\r\nhello")
+                .await
+                .is_err()
+            {
+                return;
+            }
+        }
+    })
+    .await;
+    let gw = start(&proxy_to(&format!("http://{}", upstream.addr))).await;
+    let mut client = RawClient::connect(gw.addr).await.unwrap();
+    client.send_request(&ClientRequest::get("/")).await.unwrap();
+    let resp = client.read_response(WAIT).await;
+    let resp = resp.unwrap_or_else(|e| panic!("no response for a valid upstream answer: {e}"));
+    assert_eq!(resp.status, 200);
+    assert_eq!(resp.text(), "hello");
+}
+
+/// An upstream that answers an upload early and then closes its socket with the body
+/// unread (the kernel resets the connection): the answer arrived whole before the
+/// reset, so the client must get it, not a 502 for the failed write of the body.
+#[tokio::test]
+async fn an_early_answer_followed_by_a_reset_reaches_the_client() {
+    const LEN: usize = 16 << 20;
+    let upstream = raw_upstream(|stream| async move {
+        let mut io = BufReader::new(stream);
+        if let Ok(Some(_)) = read_head(&mut io).await {
+            // Some of the body is here (unread): the close below resets.
+            let _ = io.fill_buf().await;
+            let reply = b"HTTP/1.1 413 Content Too Large\r\nconnection: close\r\n\
+                          content-length: 5\r\n\r\nnope!";
+            let _ = io.get_mut().write_all(reply).await;
+        }
+    })
+    .await;
+    let gw = start(&proxy_to(&format!("http://{}", upstream.addr))).await;
+    let mut failures = Vec::new();
+    for _ in 0..5 {
+        let (mut read, mut write) = TcpStream::connect(gw.addr).await.unwrap().into_split();
+        let writer = tokio::spawn(async move {
+            let head = format!("POST /up HTTP/1.1\r\nhost: x\r\ncontent-length: {LEN}\r\n\r\n");
+            write.write_all(head.as_bytes()).await?;
+            let piece = vec![b'a'; 64 * 1024];
+            for _ in 0..LEN / piece.len() {
+                write.write_all(&piece).await?;
+            }
+            std::io::Result::Ok(())
+        });
+        let mut got = Vec::new();
+        let mut buf = [0u8; 1024];
+        loop {
+            match tokio::time::timeout(WAIT, read.read(&mut buf)).await {
+                Ok(Ok(n)) if n > 0 => got.extend_from_slice(&buf[..n]),
+                _ => break,
+            }
+            if got.windows(4).any(|w| w == b"\r\n\r\n") {
+                break;
+            }
+        }
+        writer.abort();
+        if !got.starts_with(b"HTTP/1.1 413") {
+            failures.push(String::from_utf8_lossy(&got).into_owned());
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "the upstream's 413 was lost: {failures:#?}"
+    );
+}

@@ -89,6 +89,9 @@ pub struct Http1Conn {
     keep_alive: Option<Bytes>,
     /// Something went wrong mid-exchange: never reuse.
     broken: bool,
+    /// Writing the request failed as the upstream closed it; its answer, if it
+    /// sent one first, is read before this error is returned.
+    write_failed: Option<UpstreamError>,
     watch: Arc<IdleWatch>,
     /// The response-head deadline, one timer for the connection's life: each request
     /// moves it later, which tokio does with one compare-and-swap, where a timer per
@@ -125,6 +128,7 @@ pub fn connect(
         must_close: false,
         keep_alive: None,
         broken: false,
+        write_failed: None,
         watch: watch.clone(),
         deadline: None,
     };
@@ -235,6 +239,7 @@ impl Http1Conn {
             other => Some(other),
         };
         self.head_request = parts.method == Method::HEAD;
+        self.write_failed = None;
         self.request_done = false;
         self.sent_any = false;
         self.response_started = false;
@@ -254,7 +259,15 @@ impl Http1Conn {
                 && let Poll::Ready(Err(e)) = self.poll_write_request(cx)
             {
                 self.broken = true;
-                return Poll::Ready(Err(e));
+                // Nothing of the request left: whatever is read cannot answer it.
+                if e.kind() != Kind::Closed || e.delivery() == Delivery::NotSent {
+                    return Poll::Ready(Err(e));
+                }
+                // The upstream stopped taking the request (a reset after an early
+                // answer): what it answered before is still to be read, and is the
+                // answer; the write's failure is only the error without one.
+                self.abandon_request();
+                self.write_failed = Some(e);
             }
             let method = self.method_for_framing();
             match codec::parse_response_head_with(
@@ -265,7 +278,10 @@ impl Http1Conn {
                 Ok(Some(head)) if head.status.is_informational() && head.status.as_u16() != 101 => {
                     continue;
                 }
-                Ok(Some(head)) => return Poll::Ready(Ok(self.start_body(head))),
+                Ok(Some(head)) => {
+                    self.write_failed = None;
+                    return Poll::Ready(Ok(self.start_body(head)));
+                }
                 Ok(None) => {}
                 Err(e) => {
                     self.broken = true;
@@ -277,6 +293,12 @@ impl Http1Conn {
                 }
             }
             match ready!(self.poll_fill(cx)) {
+                Ok(0) | Err(_) if self.write_failed.is_some() => {
+                    let Some(e) = self.write_failed.take() else {
+                        unreachable!("just matched")
+                    };
+                    return Poll::Ready(Err(e));
+                }
                 Ok(0) => {
                     self.broken = true;
                     let delivery = if self.sent_any {
