@@ -2440,3 +2440,47 @@ async fn an_early_answer_followed_by_a_reset_reaches_the_client() {
         "the upstream's 413 was lost: {failures:#?}"
     );
 }
+
+/// A reused connection that closes in the middle of a response head was not stale:
+/// the upstream took the request and began to answer. It is not retried (the table in
+/// ARCHITECTURE.md: only a close before any response byte), and teaches the pool no
+/// idle timeout.
+#[tokio::test]
+async fn a_close_in_the_middle_of_a_head_is_not_a_stale_connection() {
+    let seen = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = seen.clone();
+    let upstream = raw_upstream(move |stream| {
+        let count = count.clone();
+        async move {
+            let mut io = BufReader::new(stream);
+            let mut on_this = 0;
+            while let Ok(Some(_)) = read_head(&mut io).await {
+                count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                on_this += 1;
+                let reply: &[u8] = if on_this == 1 {
+                    b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"
+                } else {
+                    b"HTTP/1.1 200 OK\r\ncontent-"
+                };
+                if io.get_mut().write_all(reply).await.is_err() || on_this > 1 {
+                    return; // the second answer is cut short
+                }
+            }
+        }
+    })
+    .await;
+    let gw = start(&format!(
+        "{}[upstream.up.retry]\nattempts = 3\n",
+        proxy_to(&format!("http://{}", upstream.addr))
+    ))
+    .await;
+    let mut client = KeepAliveClient::new(gw.addr);
+    assert_eq!(client.get("/1").await.unwrap().text(), "ok");
+    let r = client.get("/2").await.unwrap();
+    assert_eq!(r.status, 502, "{}", r.text());
+    assert_eq!(
+        seen.load(std::sync::atomic::Ordering::SeqCst),
+        2,
+        "sent again after the upstream began to answer"
+    );
+}

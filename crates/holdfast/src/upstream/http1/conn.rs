@@ -306,14 +306,18 @@ impl Http1Conn {
                     } else {
                         Delivery::NotSent
                     };
-                    let what = if self.read_buf.is_empty() {
-                        "connection closed before any response byte"
+                    // A close before any response byte is what a stale connection
+                    // looks like; one in the middle of a head is not: the upstream
+                    // took the request and began to answer.
+                    let (kind, what) = if self.read_buf.is_empty() {
+                        (Kind::Closed, "connection closed before any response byte")
                     } else {
-                        "connection closed in the middle of the response head"
+                        (
+                            Kind::Io,
+                            "connection closed in the middle of the response head",
+                        )
                     };
-                    return Poll::Ready(Err(
-                        UpstreamError::new(Kind::Closed, delivery).with_cause(what)
-                    ));
+                    return Poll::Ready(Err(UpstreamError::new(kind, delivery).with_cause(what)));
                 }
                 Ok(_) => self.response_started = true,
                 Err(e) => {
