@@ -45,7 +45,15 @@ pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, state: Arc<ServerSt
         let state = state.clone();
         tokio::spawn(async move {
             let svc = service_fn(move |req| {
-                let resp = route(&req, &proxy, &state);
+                let mut resp = route(&req, &proxy, &state);
+                if state.draining.load(Relaxed) {
+                    // A checker's keep-alive connection would go on asking this
+                    // process; after an upgrade the new one answers on reconnect.
+                    resp.headers_mut().insert(
+                        header::CONNECTION,
+                        header::HeaderValue::from_static("close"),
+                    );
+                }
                 async move { Ok::<_, Infallible>(resp) }
             });
             let _ = hyper::server::conn::http1::Builder::new()

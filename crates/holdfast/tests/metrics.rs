@@ -552,6 +552,10 @@ addresses = ["{}"]
     assert_eq!(m.value("holdfast_upgrades_total", &[]), 0.0);
     assert_eq!(m.value("holdfast_draining", &[]), 0.0);
 
+    // A checker's keep-alive admin connection, open before the drain.
+    let mut checker = KeepAliveClient::new(gw.admin).with_timeout(RESPONSE_TIMEOUT);
+    assert_eq!(checker.get("/ready").await.expect("GET /ready").status, 200);
+
     // The pre-delay keeps the admin listener up while /ready fails.
     gw.control
         .send(Control::Drain)
@@ -562,6 +566,11 @@ addresses = ["{}"]
         .await;
     assert_eq!(m.value("holdfast_draining", &[]), 1.0);
     assert_eq!(gw.admin_get("/ready").await.status, 503);
+    // Draining, admin answers close their connection: after an upgrade a checker
+    // that comes back reaches the new process, not this one.
+    let r = checker.get("/ready").await.expect("GET /ready");
+    assert_eq!(r.status, 503);
+    assert_eq!(r.header("connection"), Some("close"), "{:?}", r.headers);
     gw.control
         .send(Control::Exit)
         .await
