@@ -352,7 +352,14 @@ impl Proxy {
             };
             if let (Some(original_target), Some(fcgi)) = (original_target, route.fastcgi.as_deref())
             {
-                let length = http_body::Body::size_hint(&body).exact();
+                // A body held whole has its length even when trailers ended it (they are
+                // not sent to a FastCGI application); its size hint is then inexact.
+                let length = match &body {
+                    RequestBody::Buffered { data, .. } => {
+                        Some(data.as_ref().map_or(0, |d| d.len() as u64))
+                    }
+                    _ => http_body::Body::size_hint(&body).exact(),
+                };
                 let length = length.filter(|&n| n > 0 || has_length);
                 match Box::pin(fastcgi::params(
                     &parts,
@@ -367,10 +374,12 @@ impl Proxy {
                         parts.extensions.insert(FastCgiParams(Arc::new(p)));
                     }
                     Err(status) => {
-                        let msg = if status == StatusCode::NOT_FOUND {
-                            "no such script\n"
-                        } else {
-                            "bad path\n"
+                        let msg = match status {
+                            StatusCode::NOT_FOUND => "no such script\n",
+                            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE => {
+                                "a header or the target is too large for FastCGI\n"
+                            }
+                            _ => "bad path\n",
                         };
                         return finish_local(status, msg, None, (log, tally));
                     }

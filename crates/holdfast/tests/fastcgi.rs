@@ -1134,3 +1134,280 @@ async fn fastcgi_stderr_goes_to_the_log() {
         "names the address: {line}"
     );
 }
+
+// === a request as CGI params, a CGI response as HTTP ===
+
+/// Serves one FastCGI request on `listener`: returns its params and STDIN, after
+/// answering with `stdout` as the whole CGI response and END_REQUEST. A connection
+/// asking GET_VALUES is closed unanswered.
+async fn answer_one_request(
+    listener: tokio::net::TcpListener,
+    stdout: &'static [u8],
+) -> (Vec<(String, String)>, Vec<u8>) {
+    use bytes::BytesMut;
+    use holdfast_fastcgi::record::{self, RecordType};
+    use holdfast_fastcgi::{EndRequest, ProtocolStatus, RecordDecoder};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    // Bounded: GET_VALUES and the request, or a few stray connections at most.
+    for _ in 0..4 {
+        let (mut sock, _) = listener.accept().await.expect("accept");
+        let mut buf = BytesMut::new();
+        let mut decoder = RecordDecoder::new();
+        let mut params = Vec::new();
+        let mut stdin = Vec::new();
+        let mut request = false;
+        loop {
+            match decoder.decode(&mut buf).expect("valid records") {
+                Some(r) if r.kind == RecordType::BeginRequest => request = true,
+                Some(r) if r.kind == RecordType::Params => params.extend_from_slice(&r.content),
+                Some(r) if r.kind == RecordType::Stdin && r.content.is_empty() => break,
+                Some(r) if r.kind == RecordType::Stdin => stdin.extend_from_slice(&r.content),
+                Some(_) => {
+                    request = false;
+                    break;
+                }
+                None => {
+                    if sock.read_buf(&mut buf).await.unwrap_or(0) == 0 {
+                        request = false;
+                        break;
+                    }
+                }
+            }
+        }
+        if !request {
+            continue;
+        }
+        let mut out = BytesMut::new();
+        record::encode_stream(&mut out, RecordType::Stdout, 1, stdout);
+        record::encode_stream(&mut out, RecordType::Stdout, 1, b"");
+        let end = EndRequest {
+            app_status: 0,
+            protocol_status: ProtocolStatus::RequestComplete,
+        };
+        record::encode_end_request(&mut out, 1, &end);
+        sock.write_all(&out).await.expect("reply");
+        let params = holdfast_fastcgi::params::decode_pairs(&params)
+            .map(|pair| {
+                let (n, v) = pair.expect("valid params");
+                (
+                    String::from_utf8_lossy(n).into_owned(),
+                    String::from_utf8_lossy(v).into_owned(),
+                )
+            })
+            .collect();
+        return (params, stdin);
+    }
+    panic!("no FastCGI request arrived");
+}
+
+/// A holdfast in front of a scripted one-request application that answers `stdout`.
+async fn scripted(
+    root: &Path,
+    stdout: &'static [u8],
+) -> (
+    Gateway,
+    tokio::task::JoinHandle<(Vec<(String, String)>, Vec<u8>)>,
+) {
+    let app = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let site = Site {
+        upstream: format!("fastcgi://{}", app.local_addr().expect("addr")),
+        root,
+        route: "check_file = false",
+        tables: "",
+    };
+    let gw = site.start().await;
+    (gw, tokio::spawn(answer_one_request(app, stdout)))
+}
+
+/// A chunked upload is read whole first so that CONTENT_LENGTH can be given; one
+/// that ends with a trailer section must get its CONTENT_LENGTH too, or PHP reads
+/// no body at all (no `$_POST`, an empty `php://input`) although STDIN carries it.
+#[tokio::test]
+async fn a_chunked_upload_with_trailers_keeps_its_content_length() {
+    let fpm = PhpFpm::start(PhpFpmOptions::default()).await;
+    fpm.script(
+        "form.php",
+        "<?php echo $_SERVER['CONTENT_LENGTH'], '|', file_get_contents('php://input'), '|',\n\
+         $_POST['k'] ?? '-';",
+    );
+    let gw = Site::tcp(&fpm).start().await;
+    for trailer in ["", "X-Checksum: abc\r\n"] {
+        let mut conn = RawClient::connect(gw.addr).await.expect("connect");
+        let head = "POST /form.php HTTP/1.1\r\nHost: t\r\n\
+                    Content-Type: application/x-www-form-urlencoded\r\n\
+                    Transfer-Encoding: chunked\r\nTrailer: X-Checksum\r\n\r\n";
+        conn.send(format!("{head}3\r\nk=v\r\n0\r\n{trailer}\r\n"))
+            .await
+            .expect("send");
+        let resp = conn
+            .read_response_for("POST", RESPONSE_TIMEOUT)
+            .await
+            .expect("response");
+        assert_eq!(
+            (resp.status, resp.text().as_ref()),
+            (200, "3|k=v|v"),
+            "trailer section {trailer:?}"
+        );
+    }
+}
+
+/// A CGI head whose Content-Length hyper cannot write (here PHP's
+/// `header('Content-Length: ' . filesize($missing))`, an empty value) must be a 502
+/// with a log line, as nginx answers "upstream sent invalid Content-Length"; hyper's
+/// server instead drops the response and the client gets a closed connection.
+#[tokio::test]
+async fn an_invalid_content_length_from_the_application_is_a_502() {
+    // The list of one value may be passed on as that value (as the HTTP/1 path
+    // does) or refused; an empty or conflicting one must be refused.
+    for (stdout, allowed) in [
+        (
+            &b"Content-Type: text/plain\r\nContent-Length: \r\n\r\nhello"[..],
+            &[502][..],
+        ),
+        (
+            b"Content-Type: text/plain\r\nContent-Length: 5, 5\r\n\r\nhello",
+            &[200, 502],
+        ),
+        (
+            b"Content-Type: text/plain\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello",
+            &[502],
+        ),
+    ] {
+        let (gw, app) = scripted(Path::new("/srv/none"), stdout).await;
+        let mut conn = RawClient::connect(gw.addr).await.expect("connect");
+        conn.send_request(&ClientRequest::get("/x.php"))
+            .await
+            .expect("send");
+        let resp = conn.read_response(RESPONSE_TIMEOUT).await;
+        app.await.expect("the application saw the request");
+        assert!(
+            resp.as_ref().is_ok_and(|r| allowed.contains(&r.status)),
+            "{:?}: {resp:?}",
+            String::from_utf8_lossy(stdout)
+        );
+    }
+}
+
+/// A CGI `Status` of 1xx cannot be a final HTTP response: it must be a 502. hyper's
+/// HTTP/1 server turns it into its own 500 and closes; a 101 to a request that asked
+/// for an upgrade is relayed and the connection then cut (FastCGI has no tunnel).
+#[tokio::test]
+async fn a_1xx_status_from_the_application_is_a_502() {
+    for (stdout, upgrade) in [
+        (
+            &b"Status: 103 Early Hints\r\nLink: </a.css>\r\n\r\n"[..],
+            false,
+        ),
+        (b"Status: 100 Continue\r\n\r\nbody", false),
+        (
+            b"Status: 101 Switching Protocols\r\nUpgrade: websocket\r\n\r\n",
+            true,
+        ),
+    ] {
+        let (gw, app) = scripted(Path::new("/srv/none"), stdout).await;
+        let mut conn = RawClient::connect(gw.addr).await.expect("connect");
+        let mut req = ClientRequest::get("/x.php");
+        if upgrade {
+            req = req
+                .header("Connection", "Upgrade")
+                .header("Upgrade", "websocket");
+        }
+        conn.send_request(&req).await.expect("send");
+        app.await.expect("the application saw the request");
+        // Whatever arrives until the connection closes (1xx included).
+        let mut got = Vec::new();
+        for _ in 0..16 {
+            match conn.wait_close(RESPONSE_TIMEOUT).await {
+                PeerClose::Data(b) => got.extend_from_slice(&b),
+                _ => break,
+            }
+            if got.windows(4).any(|w| w == b"\r\n\r\n") && !upgrade {
+                break;
+            }
+        }
+        let text = String::from_utf8_lossy(&got);
+        assert!(
+            text.starts_with("HTTP/1.1 502"),
+            "{:?}: {text}",
+            String::from_utf8_lossy(stdout)
+        );
+    }
+}
+
+/// PHP reads a PUT body (or a POST without a form type) as the script reads
+/// `php://input`, not before it runs. A script that answers as it reads (a
+/// transcoder, an echo) fills its STDOUT while holdfast, writing STDIN, reads
+/// none: both sides stall until the write timeout. nginx reads the upstream while
+/// it sends.
+#[tokio::test]
+async fn a_script_answering_while_it_reads_its_upload_does_not_stall() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let fpm = PhpFpm::start(PhpFpmOptions::default()).await;
+    fpm.script(
+        "echo.php",
+        &format!(
+            "<?php {NO_OB}\n\
+             $in = fopen('php://input', 'rb');\n\
+             while (!feof($in)) {{ echo fread($in, 65536); flush(); }}"
+        ),
+    );
+    let gw = Site::tcp(&fpm)
+        .tables("[upstream.php.timeouts]\nwrite = \"5s\"\n")
+        .start()
+        .await;
+    let size = 16 << 20;
+    let stream = tokio::net::TcpStream::connect(gw.addr)
+        .await
+        .expect("connect");
+    let (mut rd, mut wr) = stream.into_split();
+    let writer = tokio::spawn(async move {
+        let head = format!(
+            "PUT /echo.php HTTP/1.1\r\nHost: t\r\nContent-Length: {size}\r\n\
+             Connection: close\r\n\r\n"
+        );
+        let _ = wr.write_all(head.as_bytes()).await;
+        let _ = wr.write_all(&pattern(0, size)).await;
+        wr
+    });
+    let started = Instant::now();
+    let mut got = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(30), rd.read_to_end(&mut got)).await;
+    let _ = writer.await;
+    let text = String::from_utf8_lossy(&got[..got.len().min(200)]).into_owned();
+    assert!(read.is_ok(), "no end within 30 s: {text}");
+    assert!(
+        text.starts_with("HTTP/1.1 200"),
+        "after {:?}, {} bytes: {text}",
+        started.elapsed(),
+        got.len()
+    );
+    assert!(got.len() > size, "the whole echo: {} bytes", got.len());
+}
+
+/// php-fpm parses each PARAMS record on its own, so a name-value pair must not span
+/// two records; one larger than a record (a header over 64 KiB, allowed by a
+/// raised `max_header_bytes`) is split, and php-fpm drops the request and its
+/// connection: holdfast sees a stale connection, retries, and answers 502.
+#[tokio::test]
+async fn a_header_larger_than_a_params_record_is_not_a_502() {
+    let fpm = PhpFpm::start(PhpFpmOptions::default()).await;
+    fpm.script(
+        "big.php",
+        "<?php echo strlen($_SERVER['HTTP_X_BIG'] ?? '');",
+    );
+    let gw = Site::tcp(&fpm)
+        .tables("\n[[listener]]\nlisten = \"127.0.0.1:0\"\nmax_header_bytes = \"256KiB\"\n")
+        .start()
+        .await;
+    let req = ClientRequest::get("/big.php").header("X-Big", "a".repeat(70_000));
+    let resp = send(&gw, &req).await;
+    assert!(
+        (resp.status, resp.text().as_ref()) == (200, "70000") || resp.status == 431,
+        "{} {}",
+        resp.status,
+        resp.text()
+    );
+}

@@ -186,6 +186,14 @@ pub async fn params(
         p.retain(|(name, _)| name.as_ref() != k.as_bytes());
         p.push((Bytes::from(k.clone()), Bytes::from(v.clone())));
     }
+    // php-fpm parses each PARAMS record on its own: a pair larger than one record
+    // would be split, and php-fpm drops the request with its connection.
+    let record = holdfast_fastcgi::record::MAX_ENCODED_CONTENT_LEN;
+    if p.iter()
+        .any(|(k, v)| holdfast_fastcgi::params::encoded_len(k, v).map_or(true, |n| n > record))
+    {
+        return Err(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE);
+    }
     Ok(p)
 }
 

@@ -19,7 +19,7 @@ use holdfast_fastcgi::{
     ServerValues,
 };
 use http_body::Body as _;
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::sync::watch;
 
 use super::error::{Delivery, Kind, UpstreamError};
@@ -57,7 +57,23 @@ pub struct FastCgiConn {
     /// When the last request's streamed body was all written, if it had one: the
     /// wait for the answer runs from then, not from a slow client's upload.
     body_written: Option<tokio::time::Instant>,
+    /// The request body still to be written, while the response is read.
+    upload: Option<Upload>,
 }
+
+/// A request body on its way: STDIN records encoded and not yet written, and the
+/// client's body they come from.
+struct Upload {
+    body: RequestBody,
+    out: BytesMut,
+    /// The empty STDIN record that ends the body is in `out`.
+    ended: bool,
+    /// Streamed from the client (its end dates `body_written`).
+    streamed: bool,
+}
+
+/// STDIN of at most this many bytes goes out in the write of the request head.
+const SMALL_BODY: usize = 64 * 1024;
 
 /// Sets up a FastCGI connection on a connected socket (FastCGI has no handshake).
 pub fn connected(stream: Stream, write_timeout: Duration, label: Arc<str>) -> Connected {
@@ -72,6 +88,7 @@ pub fn connected(stream: Stream, write_timeout: Duration, label: Arc<str>) -> Co
         stream: stream.clone(),
         label,
         body_written: None,
+        upload: None,
     };
     Connected {
         stream: stream.clone(),
@@ -119,6 +136,7 @@ impl FastCgiConn {
         self.busy.send_replace(true);
         self.exchange = Exchange::AwaitingHead;
         self.body_written = None;
+        self.upload = None;
         let mut out = BytesMut::with_capacity(1024);
         record::encode_begin_request(&mut out, REQUEST_ID, Role::Responder, true);
         if let Err(e) = record::encode_params(
@@ -132,61 +150,98 @@ impl FastCgiConn {
                 Some(body),
             ));
         }
-        let streaming = match body {
-            RequestBody::Empty => None,
+        // STDIN goes out while STDOUT is read (`poll_upload`, driven by the reads of
+        // the head and the body): PHP reads a PUT body as the script reads
+        // `php://input`, and a script that answers as it reads would otherwise fill
+        // its STDOUT while holdfast, still writing STDIN, read none of it.
+        let mut upload = Upload {
+            body: RequestBody::Empty,
+            out: BytesMut::new(),
+            ended: true,
+            streamed: false,
+        };
+        match body {
+            RequestBody::Empty => record::encode_stdin(&mut upload.out, REQUEST_ID, b""),
             RequestBody::Buffered { data, .. } => {
                 if let Some(d) = data {
-                    record::encode_stdin(&mut out, REQUEST_ID, &d);
+                    record::encode_stdin(&mut upload.out, REQUEST_ID, &d);
                 }
-                None
+                record::encode_stdin(&mut upload.out, REQUEST_ID, b"");
             }
-            s @ RequestBody::Streaming(_) => Some(s),
-        };
-        if streaming.is_none() {
-            record::encode_stdin(&mut out, REQUEST_ID, b"");
+            s @ RequestBody::Streaming(_) => {
+                upload.body = s;
+                upload.ended = false;
+                upload.streamed = true;
+            }
+        }
+        // A small body goes with the head, in one write.
+        if upload.out.len() <= SMALL_BODY {
+            out.extend_from_slice(&upload.out);
+            upload.out.clear();
         }
         if let Err(e) = self.io.write_all(&out).await {
             self.exchange = Exchange::Broken;
             return Err((write_error(e), None));
         }
-        if let Some(mut body) = streaming {
-            loop {
-                match std::future::poll_fn(|cx| std::pin::Pin::new(&mut body).poll_frame(cx)).await
-                {
-                    None => break,
-                    Some(Err(e)) => {
+        self.upload = Some(upload);
+        self.read_head().await.map_err(|e| (e, None))
+    }
+
+    /// Writes what it can of the request body; `Ready(Ok)` once it is all written.
+    fn poll_upload(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), UpstreamError>> {
+        loop {
+            let Some(up) = self.upload.as_mut() else {
+                return Poll::Ready(Ok(()));
+            };
+            if !up.out.is_empty() {
+                match std::pin::Pin::new(&mut self.io).poll_write(cx, &up.out) {
+                    Poll::Pending => return Poll::Pending,
+                    Poll::Ready(Ok(0)) => {
+                        let e = std::io::Error::from(std::io::ErrorKind::WriteZero);
                         self.exchange = Exchange::Broken;
-                        let kind = if e.is::<crate::body::BodyTooLarge>() {
-                            Kind::BodyTooLarge
-                        } else {
-                            Kind::ClientBody
-                        };
-                        return Err((
-                            UpstreamError::new(kind, Delivery::MaybeSent).with_cause(e),
-                            None,
-                        ));
+                        return Poll::Ready(Err(write_error(e)));
                     }
-                    Some(Ok(frame)) => {
-                        if let Ok(data) = frame.into_data() {
-                            out.clear();
-                            record::encode_stdin(&mut out, REQUEST_ID, &data);
-                            if let Err(e) = self.io.write_all(&out).await {
-                                self.exchange = Exchange::Broken;
-                                return Err((write_error(e), None));
-                            }
-                        }
+                    Poll::Ready(Ok(n)) => {
+                        bytes::Buf::advance(&mut up.out, n);
+                        continue;
+                    }
+                    Poll::Ready(Err(e)) => {
+                        self.exchange = Exchange::Broken;
+                        return Poll::Ready(Err(write_error(e)));
                     }
                 }
             }
-            out.clear();
-            record::encode_stdin(&mut out, REQUEST_ID, b"");
-            if let Err(e) = self.io.write_all(&out).await {
-                self.exchange = Exchange::Broken;
-                return Err((write_error(e), None));
+            if up.ended {
+                if up.streamed {
+                    self.body_written = Some(tokio::time::Instant::now());
+                }
+                self.upload = None;
+                return Poll::Ready(Ok(()));
             }
-            self.body_written = Some(tokio::time::Instant::now());
+            match std::pin::Pin::new(&mut up.body).poll_frame(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(None) => {
+                    record::encode_stdin(&mut up.out, REQUEST_ID, b"");
+                    up.ended = true;
+                }
+                Poll::Ready(Some(Ok(frame))) => {
+                    if let Ok(data) = frame.into_data() {
+                        record::encode_stdin(&mut up.out, REQUEST_ID, &data);
+                    }
+                }
+                Poll::Ready(Some(Err(e))) => {
+                    self.exchange = Exchange::Broken;
+                    let kind = if e.is::<crate::body::BodyTooLarge>() {
+                        Kind::BodyTooLarge
+                    } else {
+                        Kind::ClientBody
+                    };
+                    return Poll::Ready(Err(
+                        UpstreamError::new(kind, Delivery::MaybeSent).with_cause(e)
+                    ));
+                }
+            }
         }
-        self.read_head().await.map_err(|e| (e, None))
     }
 
     /// When the last request's streamed body was all written (`None` without one).
@@ -265,6 +320,9 @@ impl FastCgiConn {
                     _ => {}
                 },
                 Ok(None) => {
+                    if let Poll::Ready(Err(e)) = self.poll_upload(cx) {
+                        return Poll::Ready(Some(Err(e)));
+                    }
                     let n = match tokio_util::io::poll_read_buf(
                         std::pin::Pin::new(&mut self.io),
                         cx,
@@ -289,25 +347,36 @@ impl FastCgiConn {
     }
 
     async fn next_record(&mut self) -> Result<Option<holdfast_fastcgi::Record>, UpstreamError> {
+        std::future::poll_fn(|cx| self.poll_next_record(cx)).await
+    }
+
+    /// The next record; writes the request body meanwhile.
+    fn poll_next_record(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Result<Option<holdfast_fastcgi::Record>, UpstreamError>> {
         loop {
             match self.decoder.decode(&mut self.read_buf) {
-                Err(e) => return Err(self.broken(Kind::Protocol, e)),
-                Ok(Some(r)) => return Ok(Some(r)),
+                Err(e) => return Poll::Ready(Err(self.broken(Kind::Protocol, e))),
+                Ok(Some(r)) => return Poll::Ready(Ok(Some(r))),
                 Ok(None) => {
-                    let n = std::future::poll_fn(|cx| {
-                        tokio_util::io::poll_read_buf(
-                            std::pin::Pin::new(&mut self.io),
-                            cx,
-                            &mut self.read_buf,
-                        )
-                    })
-                    .await
-                    .map_err(|e| {
-                        let kind = if is_reset(&e) { Kind::Closed } else { Kind::Io };
-                        self.broken(kind, e)
-                    })?;
+                    if let Poll::Ready(Err(e)) = self.poll_upload(cx) {
+                        return Poll::Ready(Err(e));
+                    }
+                    let n = match tokio_util::io::poll_read_buf(
+                        std::pin::Pin::new(&mut self.io),
+                        cx,
+                        &mut self.read_buf,
+                    ) {
+                        Poll::Pending => return Poll::Pending,
+                        Poll::Ready(Ok(n)) => n,
+                        Poll::Ready(Err(e)) => {
+                            let kind = if is_reset(&e) { Kind::Closed } else { Kind::Io };
+                            return Poll::Ready(Err(self.broken(kind, e)));
+                        }
+                    };
                     if n == 0 {
-                        return Ok(None);
+                        return Poll::Ready(Ok(None));
                     }
                 }
             }
@@ -315,8 +384,9 @@ impl FastCgiConn {
     }
 
     fn finish_request(&mut self) {
-        // Reusable only on a clean record boundary: anything after END_REQUEST is garbage.
-        self.exchange = if self.read_buf.is_empty() {
+        // Reusable only on a clean record boundary: anything after END_REQUEST is garbage;
+        // nor with the request's STDIN unfinished (the application ended early).
+        self.exchange = if self.read_buf.is_empty() && self.upload.is_none() {
             Exchange::Done
         } else {
             Exchange::Broken
@@ -430,7 +500,11 @@ pub fn into_response(head: ResponseHead) -> Result<http::Response<super::Payload
     let bad =
         |what: String| UpstreamError::new(Kind::Protocol, Delivery::MaybeSent).with_cause(what);
     let status = http::StatusCode::from_u16(head.status.code())
-        .map_err(|_| bad(format!("invalid CGI status {}", head.status.code())))?;
+        .ok()
+        // A 1xx is no final response: hyper's server would answer its own 500 (or,
+        // for a 101, switch protocols with nothing behind: FastCGI has no tunnel).
+        .filter(|s| !s.is_informational())
+        .ok_or_else(|| bad(format!("invalid CGI status {}", head.status.code())))?;
     let mut resp = http::Response::new(super::Payload::FastCgi(head.body));
     *resp.status_mut() = status;
     let headers = resp.headers_mut();
@@ -445,6 +519,36 @@ pub fn into_response(head: ResponseHead) -> Result<http::Response<super::Payload
         let value = http::HeaderValue::from_maybe_shared(field.value)
             .map_err(|_| bad(format!("invalid value for CGI header {name}")))?;
         headers.append(name, value);
+    }
+    // A Content-Length hyper's server cannot write makes it drop the response and
+    // close: the client would get nothing. Framed by Transfer-Encoding it is removed
+    // with the hop-by-hop fields anyway.
+    if !headers.contains_key(http::header::TRANSFER_ENCODING) {
+        let mut length: Option<u64> = None;
+        let mut fields = 0;
+        for v in headers.get_all(http::header::CONTENT_LENGTH) {
+            fields += 1;
+            for item in v.as_bytes().split(|&b| b == b',') {
+                let item = item.trim_ascii();
+                let n = std::str::from_utf8(item)
+                    .ok()
+                    .filter(|t| !t.is_empty() && t.bytes().all(|b| b.is_ascii_digit()))
+                    .and_then(|t| t.parse::<u64>().ok());
+                match (n, length) {
+                    (Some(n), None) => length = Some(n),
+                    (Some(n), Some(l)) if n == l => {}
+                    _ => return Err(bad("invalid Content-Length in the CGI response".into())),
+                }
+            }
+        }
+        if let Some(n) = length.filter(|_| {
+            fields > 1
+                || headers[http::header::CONTENT_LENGTH]
+                    .as_bytes()
+                    .contains(&b',')
+        }) {
+            headers.insert(http::header::CONTENT_LENGTH, http::HeaderValue::from(n));
+        }
     }
     Ok(resp)
 }
