@@ -425,6 +425,12 @@ impl Config {
                     "must be at least 1KiB".into(),
                 );
             }
+            if l.redirect_https && l.redirect_https_port == 0 {
+                bad(
+                    format!("listener[{i}].redirect_https_port"),
+                    "must be a port, 1 to 65535".into(),
+                );
+            }
             for (key, msg) in l.http2.problems() {
                 bad(format!("listener[{i}].http2.{key}"), msg);
             }

@@ -1273,3 +1273,114 @@ async fn http2_response_end_held_by_flow_control_survives_a_drain() {
         "data {data}, ended {ended}, drain {report:?}: {seen:?}"
     );
 }
+
+// === header_timeout before the first HTTP/2 request, h2c sniff figures ===
+
+/// Reads (and discards) until the server closes; how long that took, or `None` if it
+/// did not close within `within`.
+async fn closed_within<R: AsyncRead + Unpin>(s: &mut R, within: Duration) -> Option<Duration> {
+    use tokio::io::AsyncReadExt;
+    let start = Instant::now();
+    let deadline = start + within;
+    let mut buf = [0u8; 4096];
+    loop {
+        match tokio::time::timeout_at(deadline, s.read(&mut buf)).await {
+            Ok(Ok(0) | Err(_)) => return Some(start.elapsed()),
+            Ok(Ok(_)) => {}
+            Err(_) => return None,
+        }
+    }
+}
+
+/// README: `header_timeout` runs from accept (TLS handshake included) to the end of
+/// the first head. A TLS client that negotiates h2 and then sends nothing (not even
+/// the preface), or starts a request head and never finishes it, must be cut about
+/// `header_timeout` after accept, as an HTTP/1.1 one is; not held for
+/// `keepalive_timeout` (plus `header_timeout`).
+#[tokio::test]
+async fn http2_first_head_is_due_within_header_timeout() {
+    let pki = TestCa::new("holdfast test CA");
+    let (cert, key) = pki.leaf("site", &["localhost"]);
+    let up = TestUpstream::start(Behaviour::Echo).await;
+    let gw = start(&format!(
+        "{}{}",
+        proxy_to(&up.url()),
+        tls_listener(
+            "127.0.0.1:0",
+            &cert,
+            &key,
+            "header_timeout = \"1s\"\nkeepalive_timeout = \"30s\"\nkeepalive_min_idle = \"0s\""
+        )
+    ))
+    .await;
+    let bound = Duration::from_secs(6);
+    // HTTP/1.1 over TLS, nothing sent: cut at header_timeout.
+    let mut h1 = tls_connect(gw.addr, "localhost", pki.client(&["http/1.1"])).await;
+    let h1_cut = closed_within(&mut h1, bound).await;
+    // h2 over TLS, nothing sent after the handshake.
+    let mut silent = tls_connect(gw.addr, "localhost", pki.client(&["h2"])).await;
+    let silent_cut = closed_within(&mut silent, bound).await;
+    // h2 over TLS, a request head begun (HEADERS without END_HEADERS) and never ended.
+    let mut partial = tls_connect(gw.addr, "localhost", pki.client(&["h2"])).await;
+    frames::start(&mut partial).await.unwrap();
+    let mut head = frames::get(1, "https", "localhost", "/");
+    head.flags = flag::END_STREAM; // no END_HEADERS: a CONTINUATION is due
+    frames::send(&mut partial, &[head]).await.unwrap();
+    let partial_cut = closed_within(&mut partial, bound).await;
+    assert!(h1_cut.is_some(), "HTTP/1.1 control: cut at header_timeout");
+    assert!(
+        silent_cut.is_some() && partial_cut.is_some(),
+        "h2 clients with no complete first head must be cut about header_timeout (1s) \
+         after accept; cut after: silent {silent_cut:?}, partial head {partial_cut:?} \
+         (None: still open after {bound:?}; keepalive_timeout is 30s)"
+    );
+}
+
+/// README: `holdfast_client_errors_total{kind="head_timeout"}` counts connections with
+/// "no complete head within header_timeout". On an `h2c = true` listener a client that
+/// sends nothing, or a few bytes of the preface, is cut by the sniff's timeout, and
+/// must be counted like the same client on a plain listener.
+#[tokio::test]
+async fn h2c_sniff_timeout_is_counted_as_head_timeout() {
+    let up = TestUpstream::start(Behaviour::Echo).await;
+    let gw = start(&format!(
+        "{}\n[[listener]]\nlisten = \"127.0.0.1:0\"\nh2c = true\nheader_timeout = \"1s\"\n",
+        proxy_to(&up.url())
+    ))
+    .await;
+    let figures = gw.state.clients.figures();
+    for sent in [&b""[..], b"PRI * HTTP/2.0\r\n"] {
+        let before = figures.head_timeout.load(Relaxed);
+        let mut raw = TcpStream::connect(gw.addr).await.unwrap();
+        {
+            use tokio::io::AsyncWriteExt;
+            raw.write_all(sent).await.unwrap();
+        }
+        assert!(
+            closed_within(&mut raw, SOON).await.is_some(),
+            "cut after header_timeout"
+        );
+        assert!(
+            wait_until(Duration::from_secs(2), || figures
+                .head_timeout
+                .load(Relaxed)
+                > before)
+            .await,
+            "a client that sent {:?} and then waited past header_timeout is counted as \
+             head_timeout (counted: {})",
+            String::from_utf8_lossy(sent),
+            figures.head_timeout.load(Relaxed)
+        );
+    }
+}
+
+/// `redirect_https_port = 0` cannot be a port to redirect to.
+#[test]
+fn redirect_https_port_zero_is_refused() {
+    let text = "[[route]]\nupstream = \"up\"\n[upstream.up]\naddresses = [\"http://127.0.0.1:9\"]\n\
+                [[listener]]\nlisten = \"127.0.0.1:0\"\nredirect_https = true\nredirect_https_port = 0\n";
+    assert!(
+        Config::from_toml(text, Path::new("test.toml")).is_err(),
+        "redirect_https_port = 0 accepted: every redirect would go to https://HOST:0/"
+    );
+}

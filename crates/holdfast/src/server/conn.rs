@@ -457,8 +457,9 @@ pub fn serve(
                 }
             }
             Proto::Http2 => {
-                // Until its first stream an HTTP/2 connection is idle, not reading a head.
-                state.set(ConnPhase::Idle);
+                // Until its first stream the connection stays `Reading` from accept:
+                // its first head (preface and HEADERS included) is due
+                // `header_timeout` after accept, as on HTTP/1 (see `verdict_h2`).
                 let (state, shared, drain) = (&state, &shared, &mut drain);
                 Box::pin(async move {
                     let conn = shared.http2.serve_connection(io, svc);
@@ -517,6 +518,12 @@ async fn establish(
         Ok((h2, replay)) => {
             let proto = if h2 { Proto::Http2 } else { Proto::Http1 };
             Some((Transport::Plain(stream), replay, proto))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {
+            // As on a plain listener: no complete head within `header_timeout`.
+            tracked.figures().head_timeout.fetch_add(1, Relaxed);
+            tracing::info!(client = %remote, timeout = ?handshake, "client did not send a complete request head in time; closing");
+            None
         }
         Err(e) => {
             tracing::debug!(client = %remote, error = %e, "no request on a new connection");
@@ -806,7 +813,7 @@ fn verdict_h2(
     closing: Option<Instant>,
 ) -> Verdict {
     let active = state.active.load(Relaxed);
-    let (_, since) = state.phase();
+    let (phase, since) = state.phase();
     if let Some(goaway) = closing {
         // h2 finishes the open streams, then closes. A stream stops counting as open
         // when hyper hands its last piece to h2, which may hold it for a while yet:
@@ -837,6 +844,17 @@ fn verdict_h2(
     }
     if active > 0 {
         return Verdict::RecheckAt(now + BUSY_RECHECK);
+    }
+    if phase == ConnPhase::Reading {
+        // No stream taken yet: the first head was due `header_timeout` after accept
+        // (TLS handshake or h2c sniff included). GOAWAY, not a bare close: a HEADERS
+        // racing it is above the last stream id, so the client may send it again.
+        let at = since + shared.config.header_timeout.get();
+        return if now >= at {
+            Verdict::Close
+        } else {
+            Verdict::RecheckAt(at)
+        };
     }
     let idle_limit = shared
         .config
