@@ -660,7 +660,9 @@ fn prepare_request_headers(
             h.remove(header::EXPECT);
         }
     }
-    if !headers::is_trusted(conn.remote.ip(), &conn.listener.trusted_proxies) {
+    if present.forwarding()
+        && !headers::is_trusted(conn.remote.ip(), &conn.listener.trusted_proxies)
+    {
         headers::remove_untrusted_forwarding(h);
     }
     let forwarded = headers::forwarded(

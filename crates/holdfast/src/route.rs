@@ -149,6 +149,15 @@ fn strip_port(host: &str) -> &str {
 /// upstream that normalizes, and must not be matched against the `/api` route. `..`
 /// above the root stays at the root.
 pub fn remove_dot_segments(path: &str) -> Option<String> {
+    // Every dot segment starts right after a slash, with `.` or `%`: most paths have
+    // neither pair, and one pass over the bytes says so.
+    if !path
+        .as_bytes()
+        .windows(2)
+        .any(|w| w[0] == b'/' && (w[1] == b'.' || w[1] == b'%'))
+    {
+        return None;
+    }
     let rest = path.strip_prefix('/')?;
     if !rest.split('/').any(|s| dot(s) || dot_dot(s)) {
         return None;

@@ -46,6 +46,8 @@ pub struct ConnectionFields(u16);
 
 /// `Expect`'s bit, after those of `HOP_BY_HOP`.
 const EXPECT_BIT: u16 = 1 << HOP_BY_HOP_COUNT;
+/// Set when a forwarding field is present (see [`is_forwarding`]).
+const FORWARDING_BIT: u16 = EXPECT_BIT << 1;
 
 impl ConnectionFields {
     pub fn of(headers: &HeaderMap) -> ConnectionFields {
@@ -55,13 +57,21 @@ impl ConnectionFields {
                 present |= 1 << i;
             } else if name == header::EXPECT {
                 present |= EXPECT_BIT;
+            } else if is_forwarding(name) {
+                present |= FORWARDING_BIT;
             }
         }
         ConnectionFields(present)
     }
 
+    /// A hop-by-hop field or `Expect` is present.
     pub fn any(self) -> bool {
-        self.0 != 0
+        self.0 & !FORWARDING_BIT != 0
+    }
+
+    /// A forwarding field (`Forwarded`, `X-Real-IP`, `X-Forwarded-*`) is present.
+    pub fn forwarding(self) -> bool {
+        self.0 & FORWARDING_BIT != 0
     }
 
     /// `name`: one of the hop-by-hop fields or `Expect` (any other is never present).
@@ -88,7 +98,7 @@ pub fn remove_present_hop_by_hop(
     keep_upgrade: bool,
     present: ConnectionFields,
 ) {
-    let present = present.0 & !EXPECT_BIT;
+    let present = present.0 & !(EXPECT_BIT | FORWARDING_BIT);
     if present == 0 {
         return;
     }
@@ -258,21 +268,29 @@ pub fn is_trusted(ip: IpAddr, trusted: &[IpNet]) -> bool {
     !trusted.is_empty() && trusted.iter().any(|n| n.contains(&ip))
 }
 
+/// `Forwarded`, `X-Real-IP` or an `X-Forwarded-*` field: what applications read to
+/// learn the client's address, scheme, host or port.
+fn is_forwarding(name: &HeaderName) -> bool {
+    if *name == header::FORWARDED {
+        return true;
+    }
+    let s = name.as_str().as_bytes();
+    s.first() == Some(&b'x') && (s == b"x-real-ip" || s.starts_with(b"x-forwarded-"))
+}
+
 /// Removes the forwarding fields holdfast does not set itself (RFC 7239 `Forwarded`,
 /// `X-Forwarded-Port`, `-Prefix`, `-Server`, ..., and nginx's `X-Real-IP`) from a request that did not come
 /// from a trusted proxy: applications read them as they read `X-Forwarded-For`, and
-/// from anyone else they are forged. One pass over the names; nothing allocated
-/// unless one is there.
+/// from anyone else they are forged. Called only when [`ConnectionFields::forwarding`]
+/// says one is there.
 pub fn remove_untrusted_forwarding(headers: &mut HeaderMap) {
     let forged: Vec<HeaderName> = headers
         .keys()
         .filter(|n| {
-            *n == header::FORWARDED
-                || n.as_str() == "x-real-ip"
-                || (n.as_str().starts_with("x-forwarded-")
-                    && **n != X_FORWARDED_FOR
-                    && **n != X_FORWARDED_PROTO
-                    && **n != X_FORWARDED_HOST)
+            is_forwarding(n)
+                && **n != X_FORWARDED_FOR
+                && **n != X_FORWARDED_PROTO
+                && **n != X_FORWARDED_HOST
         })
         .cloned()
         .collect();
