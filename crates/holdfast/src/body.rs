@@ -30,6 +30,18 @@ impl fmt::Display for BodyTooLarge {
 
 impl std::error::Error for BodyTooLarge {}
 
+/// The client's body stopped arriving for longer than the listener's `body_timeout`.
+#[derive(Debug)]
+pub struct BodyStalled;
+
+impl fmt::Display for BodyStalled {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("request body stalled longer than body_timeout")
+    }
+}
+
+impl std::error::Error for BodyStalled {}
+
 /// Reading the client's body failed (it went away, or sent bad chunking).
 #[derive(Debug)]
 pub struct ClientBodyError(pub hyper::Error);
@@ -99,6 +111,12 @@ pub struct Streaming {
     limit: u64,
     /// Set once the body has been taken to its end (see [`RequestBody::watch_end`]).
     ended: EndWatch,
+    /// Longest wait for the next piece of the body (`0`: none), and its timer.
+    stall: std::time::Duration,
+    /// Made on the first wait and kept (reset for each later one).
+    stall_timer: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// Waiting for the next piece now (`stall_timer` is set for this wait).
+    stalled: bool,
 }
 
 /// What a streamed body tells about its way upstream, shared with the connection that
@@ -220,6 +238,7 @@ impl RequestBody {
         mut incoming: Incoming,
         replay_limit: u64,
         max_body: u64,
+        stall: std::time::Duration,
     ) -> Result<RequestBody, BoxError> {
         use http_body_util::BodyExt;
         let limit = if max_body == 0 { u64::MAX } else { max_body };
@@ -233,7 +252,16 @@ impl RequestBody {
         }
         let mut kept = Kept::default();
         while kept.len() <= replay_limit {
-            match incoming.frame().await {
+            // A piece already here needs no deadline (nor a clock reading).
+            let frame = match futures_util::FutureExt::now_or_never(incoming.frame()) {
+                Some(f) => f,
+                None if stall.is_zero() => incoming.frame().await,
+                None => match tokio::time::timeout(stall, incoming.frame()).await {
+                    Ok(f) => f,
+                    Err(_) => return Err(Box::new(BodyStalled)),
+                },
+            };
+            match frame {
                 None => {
                     return Ok(RequestBody::Buffered {
                         data: Some(kept.into_bytes()),
@@ -266,11 +294,14 @@ impl RequestBody {
             received,
             limit,
             ended: EndWatch::default(),
+            stall,
+            stall_timer: None,
+            stalled: false,
         })))
     }
 
     /// Streams the client's body without buffering any of it.
-    pub fn stream(incoming: Incoming, max_body: u64) -> RequestBody {
+    pub fn stream(incoming: Incoming, max_body: u64, stall: std::time::Duration) -> RequestBody {
         if incoming.is_end_stream() {
             return RequestBody::Empty;
         }
@@ -281,6 +312,9 @@ impl RequestBody {
             received: 0,
             limit,
             ended: EndWatch::default(),
+            stall,
+            stall_timer: None,
+            stalled: false,
         }))
     }
 
@@ -335,7 +369,27 @@ impl Body for RequestBody {
                 if let Some(p) = s.prefix.take().filter(|p| !p.is_empty()) {
                     return Poll::Ready(Some(Ok(Frame::data(p))));
                 }
-                match Pin::new(&mut s.incoming).poll_frame(cx) {
+                let polled = Pin::new(&mut s.incoming).poll_frame(cx);
+                if polled.is_ready() {
+                    s.stalled = false;
+                } else if !s.stall.is_zero() {
+                    use std::future::Future as _;
+                    let stall = s.stall;
+                    let timer = match &mut s.stall_timer {
+                        Some(t) if !s.stalled => {
+                            t.as_mut().reset(tokio::time::Instant::now() + stall);
+                            t
+                        }
+                        Some(t) => t,
+                        None => s.stall_timer.insert(Box::pin(tokio::time::sleep(stall))),
+                    };
+                    s.stalled = true;
+                    if timer.as_mut().poll(cx).is_ready() {
+                        s.ended.fail(BodyEnd::CLIENT);
+                        return Poll::Ready(Some(Err(Box::new(BodyStalled))));
+                    }
+                }
+                match polled {
                     Poll::Pending => Poll::Pending,
                     Poll::Ready(None) => {
                         s.ended.end();

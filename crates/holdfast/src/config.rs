@@ -167,6 +167,15 @@ pub struct ListenerConfig {
     /// (slowloris). Default `10s`.
     #[serde(default = "defaults::header_timeout")]
     pub header_timeout: Dur,
+    /// Longest a write to the client may stall (a client that stops reading its
+    /// response); then the connection is cut and the upstream exchange with it.
+    /// `0s` = no limit. Default `60s`.
+    #[serde(default = "defaults::client_stall")]
+    pub send_timeout: Dur,
+    /// Longest gap between two pieces of a request body (a slowloris on the body);
+    /// then the request fails. `0s` = no limit. Default `60s`.
+    #[serde(default = "defaults::client_stall")]
+    pub body_timeout: Dur,
     /// Largest request head (request line and headers); larger gets 431. Default `16KiB`.
     #[serde(default = "defaults::max_header_bytes")]
     pub max_header_bytes: ByteSize,
@@ -277,6 +286,9 @@ mod defaults {
     pub fn header_timeout() -> Dur {
         Dur::secs(10)
     }
+    pub fn client_stall() -> Dur {
+        Dur::secs(60)
+    }
     pub fn max_header_bytes() -> ByteSize {
         ByteSize::kib(16)
     }
@@ -318,6 +330,8 @@ impl ListenerConfig {
             keepalive_timeout: defaults::client_keepalive(),
             keepalive_min_idle: defaults::keepalive_min_idle(),
             header_timeout: defaults::header_timeout(),
+            send_timeout: defaults::client_stall(),
+            body_timeout: defaults::client_stall(),
             max_header_bytes: defaults::max_header_bytes(),
             max_body_bytes: defaults::max_body_bytes(),
             max_requests_per_connection: defaults::max_requests_per_connection(),

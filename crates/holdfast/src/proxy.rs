@@ -328,11 +328,18 @@ impl Proxy {
             };
             let body = match keep {
                 _ if upgrade => RequestBody::Empty,
-                None => RequestBody::stream(body, max_body),
+                None => RequestBody::stream(body, max_body, conn.listener.body_timeout.get()),
                 // Boxed: only requests with a body get here, and the read loop's state
                 // would otherwise sit in every request's future.
                 Some(_) if http_body::Body::is_end_stream(&body) => RequestBody::Empty,
-                Some(limit) => match Box::pin(RequestBody::prepare(body, limit, max_body)).await {
+                Some(limit) => match Box::pin(RequestBody::prepare(
+                    body,
+                    limit,
+                    max_body,
+                    conn.listener.body_timeout.get(),
+                ))
+                .await
+                {
                     Ok(b) => b,
                     Err(e) => {
                         let error = if e.is::<crate::body::BodyTooLarge>() {

@@ -2484,3 +2484,236 @@ async fn a_close_in_the_middle_of_a_head_is_not_a_stale_connection() {
         "sent again after the upstream began to answer"
     );
 }
+
+// === the client side of HTTP/1.1: stalls, unread bodies, closes ===
+
+/// An answer given before the request's body was read (no route here; a 413 or an
+/// upstream's early answer alike) leaves hyper unable to reuse the connection: it
+/// closes it right after the answer. The answer must then say `Connection: close`,
+/// not promise keep-alive: a client that takes the promise sends its next request on
+/// a connection already closed (story 1a, on the client side).
+#[tokio::test]
+async fn an_answer_that_leaves_the_body_unread_does_not_promise_keep_alive() {
+    let upstream = TestUpstream::start(Behaviour::Echo).await;
+    let gw = start(&format!(
+        "[[route]]\npath = \"/api\"\nupstream = \"up\"\n[upstream.up]\naddresses = [\"{}\"]\n",
+        upstream.url()
+    ))
+    .await;
+    let mut client = RawClient::connect(gw.addr).await.expect("connect");
+    client
+        .send_request(&ClientRequest::post("/nowhere", pattern(0, 64 * 1024)))
+        .await
+        .expect("request");
+    let resp = client.read_response(WAIT).await.expect("the 404");
+    assert_eq!(resp.status, 404);
+    if resp.keeps_alive() {
+        client
+            .send_request(&ClientRequest::get("/api/next"))
+            .await
+            .expect("next request");
+        let next = client.read_response(WAIT).await;
+        assert!(
+            next.as_ref().is_ok_and(|r| r.status == 200),
+            "the 404 promised keep-alive ({:?}), then the next request got {next:?}",
+            resp.headers
+        );
+    }
+}
+
+/// Same with `Expect: 100-continue`: the route refuses before the body is asked for.
+/// hyper sends no 100 and closes after the 404; the 404 must say so.
+#[tokio::test]
+async fn expect_100_continue_refused_before_the_body_does_not_promise_keep_alive() {
+    let upstream = TestUpstream::start(Behaviour::Echo).await;
+    let gw = start(&format!(
+        "[[route]]\npath = \"/api\"\nupstream = \"up\"\n[upstream.up]\naddresses = [\"{}\"]\n",
+        upstream.url()
+    ))
+    .await;
+    let mut client = RawClient::connect(gw.addr).await.expect("connect");
+    client
+        .send(
+            "POST /nowhere HTTP/1.1\r\nhost: x\r\nexpect: 100-continue\r\n\
+             content-length: 5\r\n\r\n",
+        )
+        .await
+        .expect("head");
+    let resp = client.read_response(WAIT).await.expect("the 404, no hang");
+    assert_eq!(resp.status, 404);
+    assert!(resp.informational.is_empty(), "{:?}", resp.informational);
+    if resp.keeps_alive() {
+        // Kept alive, the connection expects the 5 body bytes, then the next request.
+        client.send("hello").await.expect("body");
+        client
+            .send_request(&ClientRequest::get("/api/next"))
+            .await
+            .expect("next request");
+        let next = client.read_response(WAIT).await;
+        assert!(
+            next.as_ref().is_ok_and(|r| r.status == 200),
+            "the 404 promised keep-alive ({:?}), then the next request got {next:?}",
+            resp.headers
+        );
+    }
+}
+
+/// A client that sent `Connection: close` is answered in full, then gets a FIN; the
+/// answer does not advertise a keep-alive timeout it will not keep.
+#[tokio::test]
+async fn a_client_asking_to_close_gets_the_whole_response_then_a_fin() {
+    const LEN: u64 = 4 << 20;
+    let upstream = TestUpstream::start(Behaviour::StreamBody { len: LEN }).await;
+    let gw = start(&proxy_to(&upstream.url())).await;
+    let mut client = RawClient::connect(gw.addr).await.expect("connect");
+    client
+        .send_request(&ClientRequest::get("/big").header("connection", "close"))
+        .await
+        .expect("request");
+    let mut ok = true;
+    let resp = client
+        .read_response_streaming("GET", WAIT, |b| ok &= !b.is_empty())
+        .await
+        .expect("the whole response");
+    assert_eq!(resp.body_len, LEN);
+    assert_eq!(client.wait_close(WAIT).await, PeerClose::Eof);
+    assert!(
+        resp.header("keep-alive").is_none(),
+        "keep-alive promised to a client that asked to close: {:?}",
+        resp.headers
+    );
+}
+
+/// A client that half-closes after its request (`shutdown(SHUT_WR)`, as `nc -N` does)
+/// is taken as gone, as nginx takes it (499): the end of its input is how holdfast
+/// learns that a client left, and stops the upstream work for it. README says so.
+#[tokio::test]
+async fn a_client_that_half_closes_after_its_request_is_taken_as_gone() {
+    let upstream = TestUpstream::start(Behaviour::Delay(Duration::from_millis(200))).await;
+    let gw = start(&proxy_to(&upstream.url())).await;
+    let mut client = RawClient::connect(gw.addr).await.expect("connect");
+    client
+        .send_request(&ClientRequest::get("/").header("connection", "close"))
+        .await
+        .expect("request");
+    client.shutdown_write().await.expect("half-close");
+    let resp = client.read_response(WAIT).await;
+    assert!(resp.is_err(), "half-closed client got {resp:?}");
+}
+
+/// A client that stops reading a response larger than the socket buffers: hyper stops
+/// taking the body, so the body's `read_idle` timer is never looked at again. Some
+/// deadline must still end the exchange and close the upstream connection, not hold it
+/// (and its pool slot) for as long as the client keeps the TCP connection open.
+#[tokio::test]
+async fn a_client_that_stops_reading_does_not_hold_the_upstream_connection_forever() {
+    let upstream = TestUpstream::start(Behaviour::StreamBody { len: 1 << 30 }).await;
+    let gw = start(&format!(
+        "{}[upstream.up.timeouts]\nread_idle = \"1s\"\n\
+         [[listener]]\nlisten = \"127.0.0.1:0\"\nkeepalive_timeout = \"2s\"\nheader_timeout = \"2s\"\n\
+         send_timeout = \"2s\"\n",
+        proxy_to(&upstream.url())
+    ))
+    .await;
+    let mut client = RawClient::connect(gw.addr).await.expect("connect");
+    client
+        .send_request(&ClientRequest::get("/big"))
+        .await
+        .expect("request");
+    // The head and a little of the body, then the client reads no more.
+    match client.wait_close(WAIT).await {
+        PeerClose::Data(d) => assert!(d.starts_with(b"HTTP/1.1 200"), "{d:?}"),
+        other => panic!("no response: {other:?}"),
+    }
+    upstream
+        .wait_for_connections(1, WAIT)
+        .await
+        .expect("the upstream connection");
+    // Every timeout configured here is 2 s at most; 10 s is far past any of them.
+    let closed = upstream.wait_for_closed(1, Duration::from_secs(10)).await;
+    let pools = get_json(gw.admin, "/pools").await;
+    assert!(
+        closed.is_ok(),
+        "the upstream connection is still held 10 s after the client stopped reading: \
+         in_use = {}",
+        pools[0]["addresses"][0]["in_use"]
+    );
+    drop(client);
+}
+
+/// A request body that stops arriving: the head came in time, then the body stalls
+/// (a slowloris on the body). With the default retry settings the body is read into
+/// the replay buffer before any upstream is asked, under no deadline at all.
+#[tokio::test]
+async fn a_request_body_that_stops_arriving_is_cut() {
+    let upstream = TestUpstream::start(Behaviour::Echo).await;
+    let gw = start(&format!(
+        "{}[upstream.up.timeouts]\nresponse_headers = \"1s\"\nread_idle = \"1s\"\nwrite = \"1s\"\n\
+         [[listener]]\nlisten = \"127.0.0.1:0\"\nkeepalive_timeout = \"1s\"\nheader_timeout = \"1s\"\n\
+         body_timeout = \"1s\"\n",
+        proxy_to(&upstream.url())
+    ))
+    .await;
+    let mut client = RawClient::connect(gw.addr).await.expect("connect");
+    client
+        .send("POST /upload HTTP/1.1\r\nhost: x\r\ncontent-length: 1000\r\n\r\n0123456789")
+        .await
+        .expect("head and 10 body bytes");
+    // Every timeout configured here is 1 s; 8 s is far past any of them.
+    let outcome = client.wait_close(Duration::from_secs(8)).await;
+    assert_ne!(
+        outcome,
+        PeerClose::StillOpen,
+        "a stalled request body held the connection for 8 s (upstream saw {} requests)",
+        upstream.requests_seen()
+    );
+}
+
+/// Two requests pipelined in one packet on a connection whose limit is one: the first
+/// is answered with `Connection: close`, then the connection ends with a FIN (the
+/// client retries the second), not a reset.
+#[tokio::test]
+async fn a_pipelined_request_past_max_requests_gets_a_fin() {
+    let upstream = TestUpstream::start(Behaviour::Echo).await;
+    let gw = start(&format!(
+        "{}\n[[listener]]\nlisten = \"127.0.0.1:0\"\nmax_requests_per_connection = 1\n",
+        proxy_to(&upstream.url())
+    ))
+    .await;
+    let mut client = RawClient::connect(gw.addr).await.expect("connect");
+    let mut two = ClientRequest::get("/1").to_bytes("x");
+    two.extend_from_slice(&ClientRequest::get("/2").to_bytes("x"));
+    client.send(two).await.expect("two requests");
+    let resp = client.read_response(WAIT).await.expect("first response");
+    assert!(
+        resp.headers.has_token("connection", "close"),
+        "{:?}",
+        resp.headers
+    );
+    assert_eq!(client.wait_close(WAIT).await, PeerClose::Eof);
+    assert_eq!(upstream.requests_seen(), 1);
+}
+
+/// A pipelined head whose end comes after the connection parked (100 ms idle) is
+/// still served.
+#[tokio::test]
+async fn a_pipelined_head_finished_after_the_park_is_served() {
+    let upstream = TestUpstream::start(Behaviour::Echo).await;
+    let gw = start(&proxy_to(&upstream.url())).await;
+    let mut client = RawClient::connect(gw.addr).await.expect("connect");
+    client
+        .send("GET /1 HTTP/1.1\r\nhost: x\r\n\r\nGET /2 HTTP/1.1\r\nho")
+        .await
+        .expect("one and a half requests");
+    assert_eq!(client.read_response(WAIT).await.expect("first").status, 200);
+    assert_eq!(
+        client.wait_close(Duration::from_millis(400)).await,
+        PeerClose::StillOpen
+    );
+    client
+        .send("st: x\r\n\r\n")
+        .await
+        .expect("rest of the head");
+    let resp = client.read_response(WAIT).await;
+    assert!(resp.as_ref().is_ok_and(|r| r.status == 200), "{resp:?}");
+}

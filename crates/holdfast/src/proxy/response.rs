@@ -62,6 +62,11 @@ impl ResponseBody {
         }
     }
 
+    /// holdfast's own answer, not an upstream's.
+    pub(crate) fn is_local(&self) -> bool {
+        matches!(self.kind, Kind::Full(_))
+    }
+
     pub(crate) fn upstream(body: Box<UpstreamBody>) -> Self {
         ResponseBody {
             kind: Kind::Upstream(body),

@@ -362,12 +362,12 @@ pub fn serve(
                 // One clock reading for the connection's state and the request's timing.
                 let arrived = Instant::now();
                 let shared = &state.shared;
-                if (req.version() == Version::HTTP_10
+                let asks_close = req.version() == Version::HTTP_10
                     && !crate::proxy::headers::connection_has(req.headers(), "keep-alive")
                     || req.version() == Version::HTTP_11
-                        && crate::proxy::headers::connection_has(req.headers(), "close"))
-                    && http_body::Body::is_end_stream(req.body())
-                {
+                        && crate::proxy::headers::connection_has(req.headers(), "close");
+                let has_body = !http_body::Body::is_end_stream(req.body());
+                if asks_close && !has_body {
                     state.client_closes.store(true, Relaxed);
                 }
                 // One writer: hyper calls the service from the connection's own task
@@ -393,7 +393,15 @@ pub fn serve(
                         shared.proxy.handle(req, &state.ctx, arrived).await
                     };
                     if resp.status() != http::StatusCode::SWITCHING_PROTOCOLS {
-                        let closing = state.draining.load(Relaxed) || last;
+                        // holdfast's own answer to a request with a body may leave the
+                        // body unread: hyper then closes the connection after the
+                        // answer, which must say so rather than promise keep-alive.
+                        // A client that asked to close is not promised keep-alive
+                        // either (hyper closes, and adds `Connection: close`).
+                        let closing = state.draining.load(Relaxed)
+                            || last
+                            || asks_close
+                            || has_body && resp.body().is_local();
                         if let Some((name, value)) =
                             connection_field(version, closing, shared.keep_alive.as_ref())
                         {

@@ -232,7 +232,9 @@ fn refine_io(err: &(dyn std::error::Error + 'static)) -> Option<Kind> {
         if e.downcast_ref::<crate::body::BodyTooLarge>().is_some() {
             return Some(Kind::BodyTooLarge);
         }
-        if e.downcast_ref::<crate::body::ClientBodyError>().is_some() {
+        if e.downcast_ref::<crate::body::ClientBodyError>().is_some()
+            || e.downcast_ref::<crate::body::BodyStalled>().is_some()
+        {
             return Some(Kind::ClientBody);
         }
         cur = e.source();

@@ -11,6 +11,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
+use std::future::Future as _;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
@@ -56,6 +57,14 @@ pub(super) struct ClientIo {
     /// piece is in its write buffer, before that piece is sent, so the connection
     /// may look idle meanwhile; it parks only once they are sent.
     unsent: bool,
+    /// When a write that would block began to stall: the client stopped reading.
+    /// hyper takes no more of a response body while its write buffer is full, so the
+    /// body's own deadlines are never looked at again; this one ends the connection.
+    /// Made on the first stall and kept (reset for each later one): a client that
+    /// reads slowly stalls many writes, and each would otherwise allocate a timer.
+    write_stall: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// A write is stalled now (`write_stall` is set for it).
+    stalled: bool,
     tracked: Option<Tracked>,
 }
 
@@ -91,6 +100,8 @@ impl ClientIo {
             mark_reading,
             read_eof: false,
             unsent: false,
+            write_stall: None,
+            stalled: false,
             tracked: Some(tracked),
         }
     }
@@ -107,6 +118,42 @@ impl ClientIo {
                 }
             }
             _ => {}
+        }
+        if matches!(res, Poll::Ready(Ok(_))) {
+            self.stalled = false;
+        }
+    }
+
+    /// A write or flush would block: fails once the stall outlasts `send_timeout`.
+    fn check_write_stall<T>(
+        &mut self,
+        res: Poll<io::Result<T>>,
+        cx: &mut Context<'_>,
+    ) -> Poll<io::Result<T>> {
+        if res.is_ready() {
+            return res;
+        }
+        let timeout = self.state.shared.config.send_timeout.get();
+        if timeout.is_zero() {
+            return res;
+        }
+        let sleep = match &mut self.write_stall {
+            Some(sleep) if !self.stalled => {
+                sleep.as_mut().reset(Instant::now() + timeout);
+                sleep
+            }
+            Some(sleep) => sleep,
+            None => self
+                .write_stall
+                .insert(Box::pin(tokio::time::sleep(timeout))),
+        };
+        self.stalled = true;
+        match sleep.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "client did not read its response within send_timeout",
+            ))),
+            Poll::Pending => Poll::Pending,
         }
     }
 
@@ -182,7 +229,7 @@ impl AsyncWrite for ClientIo {
         let this = self.get_mut();
         let res = this.stream()?.poll_write(cx, buf);
         this.note_write(&res, false, cx);
-        res
+        this.check_write_stall(res, cx)
     }
 
     fn poll_write_vectored(
@@ -193,7 +240,7 @@ impl AsyncWrite for ClientIo {
         let this = self.get_mut();
         let res = this.stream()?.poll_write_vectored(cx, bufs);
         this.note_write(&res, false, cx);
-        res
+        this.check_write_stall(res, cx)
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -209,7 +256,7 @@ impl AsyncWrite for ClientIo {
         let this = self.get_mut();
         let res = this.stream()?.poll_flush(cx);
         this.note_write(&res, true, cx);
-        res
+        this.check_write_stall(res, cx)
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
