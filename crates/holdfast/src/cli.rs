@@ -44,8 +44,9 @@ pub enum Command {
     /// Reports the Connection and Keep-Alive headers it sends and whether it keeps its
     /// word, after how long it closes idle connections, how many requests it allows on
     /// one connection, how it closes (Connection: close, FIN or RST), and the
-    /// [upstream.NAME.pool] settings that follow. Progress goes to stderr; it takes up
-    /// to --max-idle plus a few seconds, with --connections + 1 connections.
+    /// [upstream.NAME.pool] settings that follow. Progress goes to stderr; it takes the
+    /// time of --max-requests answers on one connection (each bounded by --timeout)
+    /// plus up to --max-idle, with --connections + 1 connections.
     ///
     /// URLs: http[s]://host[:port]/path, or fastcgi://host:port and
     /// fastcgi+unix:///path.sock with --script.
