@@ -1051,6 +1051,9 @@ async fn connect_refused_is_retried_for_any_method() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retry_budget_caps_retries() {
     let dead = holdfast_test::free_addr();
+    // The budget starts with one retry and gains one a second from its start (before
+    // holdfast answers its first request): a loaded machine may give it more.
+    let started = Instant::now();
     let hf = Holdfast::single(
         &[dead],
         "retry.budget_ratio = 0.0\nretry.budget_min_per_second = 1",
@@ -1060,13 +1063,17 @@ async fn retry_budget_caps_retries() {
     for _ in 0..10 {
         assert_eq!(client.get("/").await.expect("response").status, 502);
     }
+    let allowed = 1 + started.elapsed().as_secs();
     let u = hf.upstream("up").await;
     eprintln!(
-        "retry budget: retries {}, budget exhausted {}",
+        "retry budget: retries {}, budget exhausted {}, allowed {allowed}",
         u["retries"], u["retry_budget_exhausted"]
     );
-    assert!(n(&u, "retries.not_sent") <= 2, "{u:#}");
-    assert!(n(&u, "retry_budget_exhausted") >= 8, "{u:#}");
+    assert!(n(&u, "retries.not_sent") <= allowed, "{u:#}");
+    assert!(
+        n(&u, "retry_budget_exhausted") >= 10 - allowed.min(10),
+        "{u:#}"
+    );
 }
 
 /// Evidence spreads. An upstream restart that closes every connection (FIN) is seen

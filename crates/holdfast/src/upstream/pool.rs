@@ -189,6 +189,19 @@ impl Keyed for Conn {
     }
 }
 
+/// A connection off the idle list while a checkout awaits: counted closed
+/// (abandoned) if the checkout is dropped there.
+struct Abandoned<'a>(Option<Conn>, &'a PoolFigures);
+
+impl Drop for Abandoned<'_> {
+    fn drop(&mut self) {
+        if let Some(conn) = self.0.take() {
+            self.1.closed(CloseReason::Abandoned);
+            drop(conn);
+        }
+    }
+}
+
 struct OpenGuard(Arc<AtomicUsize>);
 
 impl OpenGuard {
@@ -334,7 +347,7 @@ impl Pool {
         let permit = self.acquire_slot().await?;
         if let Want::Idle(take) = want {
             let now = Instant::now();
-            while let Some((mut conn, idle_since, settled_at)) = self.take_idle(take, now) {
+            while let Some((conn, idle_since, settled_at)) = self.take_idle(take, now) {
                 let probe = if conn.client.is_closed() {
                     IdleProbe::Closed
                 } else if check_idle {
@@ -342,7 +355,18 @@ impl Pool {
                 } else {
                     IdleProbe::Quiet
                 };
-                if probe == IdleProbe::Quiet && conn.client.ready().await {
+                // A checkout dropped while the protocol gets ready (hyper finishing
+                // the last exchange) closes the connection: counted like any close.
+                let mut held = Abandoned(Some(conn), &self.figures);
+                let ready = probe == IdleProbe::Quiet
+                    && match held.0.as_mut() {
+                        Some(c) => c.client.ready().await,
+                        None => false,
+                    };
+                let Some(conn) = held.0.take() else {
+                    unreachable!("held until here")
+                };
+                if ready {
                     let age = now.saturating_duration_since(idle_since);
                     self.figures.reused.fetch_add(1, Relaxed);
                     self.figures.idle_age_at_reuse.observe(age);
@@ -486,7 +510,10 @@ impl Pool {
     fn upstream_closed_idle(&self, conn: Conn, idle_age: Duration) {
         self.figures.closed(CloseReason::ClosedByUpstreamIdle);
         self.figures.idle_age_at_upstream_close.observe(idle_age);
-        let learned = self.lock().learner.on_idle_close(idle_age, conn.requests);
+        let learned = self
+            .lock()
+            .learner
+            .on_idle_close_at(idle_age, conn.requests, Instant::now());
         drop(conn);
         self.apply_learned(learned);
     }
@@ -524,7 +551,10 @@ impl Pool {
             let older = st.idle.drain_idle_since(settled_at);
             // Only a prompt close says something exact (a per-connection request limit).
             let learned = (idle_age < PROMPT_CLOSE)
-                .then(|| st.learner.on_idle_close(idle_age, requests))
+                .then(|| {
+                    st.learner
+                        .on_idle_close_at(idle_age, requests, Instant::now())
+                })
                 .flatten();
             (older, learned)
         };
@@ -619,6 +649,14 @@ impl Pool {
             return;
         }
         let mut st = self.lock();
+        // Looked at again under the lock, which `drain` takes after setting the flag:
+        // a drain that began since `retire_reason` either shows here or finds the
+        // connection listed, never neither.
+        if self.draining.load(Relaxed) {
+            drop(st);
+            self.figures.closed(CloseReason::Evicted);
+            return;
+        }
         // Under the pool's lock: an event the driver sees from here on finds the
         // connection listed, so `on_driver_end` removes it.
         if let Err(reason) = conn.client.park() {

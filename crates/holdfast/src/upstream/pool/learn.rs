@@ -66,6 +66,12 @@ impl KeepAliveHint {
 /// An idle close counted as "right after the response" when it came this soon: that
 /// is a per-connection request limit, not an idle timeout.
 pub const PROMPT_CLOSE: Duration = Duration::from_millis(250);
+/// Two unasked closes this close together in time whose idle ages differ by more than
+/// the time between them (plus [`AGE_TOLERANCE`]) are one event: see
+/// [`Learner::on_idle_close_at`].
+pub const SAME_EVENT: Duration = Duration::from_millis(100);
+/// Scheduling jitter allowed between the ages of closes made by one per-connection rule.
+pub const AGE_TOLERANCE: Duration = Duration::from_millis(10);
 /// The shortest idle timeout holdfast will learn.
 pub const MIN_LEARNED_IDLE: Duration = Duration::from_millis(100);
 const SAMPLES: usize = 8;
@@ -86,6 +92,8 @@ pub struct Learner {
     max_requests: Option<u64>,
     idle_close_ages: VecDeque<Duration>,
     prompt_close_requests: VecDeque<u64>,
+    /// When the upstream last closed a connection unasked, and its idle age then.
+    last_close: Option<(tokio::time::Instant, Duration)>,
 }
 
 impl Learner {
@@ -99,6 +107,7 @@ impl Learner {
             max_requests: None,
             idle_close_ages: VecDeque::new(),
             prompt_close_requests: VecDeque::new(),
+            last_close: None,
         }
     }
 
@@ -139,6 +148,30 @@ impl Learner {
         self.header_idle = Some(idle);
         let after = self.effective_idle();
         (after != before).then_some(Learned::IdleTimeout(after.0, after.1))
+    }
+
+    /// [`Learner::on_idle_close`] for a close seen at `now`. A rule of the upstream's
+    /// own (an idle timeout, a request limit) closes each connection at the same idle
+    /// age, whenever it went idle; an upstream restart (or a graceful shutdown closing
+    /// every idle connection) closes them all at one instant, whatever their ages and
+    /// request counts. Closes nearly at once with ages further apart than the time
+    /// between them are one such event and give one sample, not one per connection:
+    /// taken one by one, two connections that had each served one request would teach
+    /// a request limit of 1 (keep-alive ended for good: learned values never rise),
+    /// and idle ones of different ages an idle timeout.
+    pub fn on_idle_close_at(
+        &mut self,
+        idle_age: Duration,
+        requests: u64,
+        now: tokio::time::Instant,
+    ) -> Option<Learned> {
+        if let Some((last, last_age)) = self.last_close.replace((now, idle_age)) {
+            let gap = now.saturating_duration_since(last);
+            if gap < SAME_EVENT && idle_age.abs_diff(last_age) > gap + AGE_TOLERANCE {
+                return None;
+            }
+        }
+        self.on_idle_close(idle_age, requests)
     }
 
     /// The upstream closed a connection that had been idle for `idle_age` after

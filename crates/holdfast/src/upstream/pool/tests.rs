@@ -416,3 +416,148 @@ proptest! {
         run(ops)?;
     }
 }
+
+/// Every connection ever opened is open or counted closed (`/pools`: created = open +
+/// closed), whatever await a checkout is cancelled at.
+fn closed_total(pool: &Pool) -> u64 {
+    CloseReason::ALL
+        .iter()
+        .map(|r| pool.figures.closed_count(*r))
+        .sum()
+}
+
+/// One exchange (`GET /`, a 5-byte answer read at once) on a new connection; the
+/// connection is checked in, the far end kept.
+async fn one_exchange_new(pool: &Arc<Pool>) -> UnixStream {
+    use tokio::io::AsyncWriteExt;
+    let far_ends = Arc::new(Mutex::new(Vec::new()));
+    let mut conn = pool
+        .checkout(Want::Fresh, false, || connect(far_ends.clone()))
+        .await
+        .expect("checkout");
+    let mut far = far_ends.lock().unwrap().pop().expect("far end");
+    begin_get(&mut conn);
+    far.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello")
+        .await
+        .expect("respond");
+    read_head(&mut conn).await;
+    assert_eq!(read_body(&mut conn).await, 5);
+    conn.release(Instant::now());
+    settle().await;
+    far
+}
+
+/// A reused HTTP/1.1-over-TLS connection waits for hyper to be ready; a client that
+/// goes away meanwhile (a deadline, a vanished client) drops the checkout there. The
+/// connection it had taken off the idle list is closed, and must be counted closed.
+#[tokio::test(start_paused = true)]
+async fn a_checkout_cancelled_while_waiting_for_hyper_counts_the_connection_closed() {
+    let pool = Pool::new("test".into(), settings());
+    let (near, _far) = UnixStream::pair().expect("pair");
+    let (io, _io_far) = UnixStream::pair().expect("pair");
+    let mut conn = pool
+        .checkout(Want::Fresh, false, || async move {
+            crate::upstream::http1::handshake_on(io, Arc::new(Stream::unix(near))).await
+        })
+        .await
+        .expect("checkout");
+    // hyper is still busy with an exchange (its end not yet seen by its dispatcher;
+    // here: never answered), so `ready` waits.
+    let Client::Http1Tls(sender) = conn.client() else {
+        unreachable!("hyper's client")
+    };
+    let _in_flight = sender.send_request(http::Request::new(crate::body::RequestBody::Empty));
+    conn.release(Instant::now());
+    settle().await;
+    assert_eq!(pool.snapshot().idle, 1);
+    let cancelled = tokio::time::timeout(
+        Duration::from_millis(50),
+        pool.checkout(Want::Idle(Take::MostRecent), false, || async {
+            unreachable!("the idle connection is taken")
+        }),
+    )
+    .await;
+    assert!(cancelled.is_err(), "the checkout waits for hyper");
+    settle().await;
+    let snap = pool.snapshot();
+    assert_eq!((snap.open, snap.idle, snap.in_use), (0, 0, 0));
+    assert_eq!(
+        pool.figures.created.load(Relaxed),
+        snap.open as u64 + closed_total(&pool),
+        "created = open + closed drifted: the dropped connection was never counted closed"
+    );
+}
+
+/// An upstream restart (or a graceful shutdown closing idle connections, story 1b's
+/// server) closes every idle connection at one instant. That is one event, not
+/// evidence of a per-connection request limit: two connections that had each served
+/// one request and were closed together (at different idle ages, which a per-connection
+/// rule would not do) must not teach `max_requests = 1`, which
+/// would end keep-alive to the address for good.
+#[tokio::test(start_paused = true)]
+async fn an_upstream_restart_does_not_teach_a_request_limit() {
+    use tokio::io::AsyncWriteExt;
+    let pool = Pool::new("test".into(), settings());
+    let mut fars = Vec::new();
+    for _ in 0..2 {
+        fars.push(one_exchange_new(&pool).await);
+        tokio::time::advance(Duration::from_millis(50)).await;
+    }
+    assert_eq!(pool.snapshot().idle, 2);
+    // Idle for 150 and 100 ms (prompt closes, < 250 ms) when the restart comes.
+    // The restart: every connection closed at once.
+    for far in &mut fars {
+        far.shutdown().await.expect("FIN");
+    }
+    for _ in 0..100 {
+        if pool.snapshot().idle == 0 {
+            break;
+        }
+        tokio::task::yield_now().await;
+    }
+    assert_eq!(pool.snapshot().idle, 0);
+    assert_eq!(
+        pool.snapshot().learned_max_requests,
+        None,
+        "one restart taught a request limit"
+    );
+    // And the next connection is pooled as before.
+    let _far = one_exchange_new(&pool).await;
+    assert_eq!(
+        pool.snapshot().idle,
+        1,
+        "keep-alive ended by what was learned"
+    );
+}
+
+/// Likewise, idle connections of different ages closed together by a restart say
+/// nothing about the upstream's idle timeout.
+#[tokio::test(start_paused = true)]
+async fn an_upstream_restart_does_not_teach_an_idle_timeout() {
+    use tokio::io::AsyncWriteExt;
+    let pool = Pool::new("test".into(), settings());
+    let mut fars = Vec::new();
+    for _ in 0..3 {
+        fars.push(one_exchange_new(&pool).await);
+        tokio::time::advance(Duration::from_millis(100)).await;
+    }
+    assert_eq!(pool.snapshot().idle, 3);
+    tokio::time::advance(Duration::from_millis(200)).await;
+    // Idle for 500, 400 and 300 ms: the restart closes them all at once.
+    for far in &mut fars {
+        far.shutdown().await.expect("FIN");
+    }
+    for _ in 0..100 {
+        if pool.snapshot().idle == 0 {
+            break;
+        }
+        tokio::task::yield_now().await;
+    }
+    assert_eq!(pool.snapshot().idle, 0);
+    let snap = pool.snapshot();
+    assert_eq!(
+        (snap.effective_idle_timeout, snap.idle_timeout_source),
+        (IDLE, IdleSource::Config),
+        "one restart taught an idle timeout"
+    );
+}
