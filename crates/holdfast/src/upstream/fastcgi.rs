@@ -301,47 +301,32 @@ impl FastCgiConn {
             if self.exchange != Exchange::Body {
                 return Poll::Ready(None);
             }
-            match self.decoder.decode(&mut self.read_buf) {
-                Err(e) => return Poll::Ready(Some(Err(self.broken(Kind::Protocol, e)))),
-                Ok(Some(record)) => match record.kind {
-                    RecordType::Stdout if !record.content.is_empty() => {
-                        return Poll::Ready(Some(Ok(record.content)));
-                    }
-                    RecordType::Stderr => self.log_stderr(&record.content),
-                    RecordType::EndRequest => {
-                        if let Ok(end) = EndRequest::parse(&record.content)
-                            && end.app_status != 0
-                        {
-                            tracing::debug!(address = %self.label, app_status = end.app_status, "FastCGI request ended with a non-zero status");
-                        }
-                        self.finish_request();
-                        return Poll::Ready(None);
-                    }
-                    _ => {}
-                },
+            let record = match std::task::ready!(self.poll_next_record(cx)) {
+                Err(e) => return Poll::Ready(Some(Err(e))),
                 Ok(None) => {
-                    if let Poll::Ready(Err(e)) = self.poll_upload(cx) {
-                        return Poll::Ready(Some(Err(e)));
-                    }
-                    let n = match tokio_util::io::poll_read_buf(
-                        std::pin::Pin::new(&mut self.io),
-                        cx,
-                        &mut self.read_buf,
-                    ) {
-                        Poll::Pending => return Poll::Pending,
-                        Poll::Ready(Ok(n)) => n,
-                        Poll::Ready(Err(e)) => {
-                            return Poll::Ready(Some(Err(self.broken(Kind::Io, e))));
-                        }
-                    };
-                    if n == 0 {
-                        let e = self.broken(
-                            Kind::Io,
-                            "FastCGI application closed the connection mid-response",
-                        );
-                        return Poll::Ready(Some(Err(e)));
-                    }
+                    let e = self.broken(
+                        Kind::Io,
+                        "FastCGI application closed the connection mid-response",
+                    );
+                    return Poll::Ready(Some(Err(e)));
                 }
+                Ok(Some(record)) => record,
+            };
+            match record.kind {
+                RecordType::Stdout if !record.content.is_empty() => {
+                    return Poll::Ready(Some(Ok(record.content)));
+                }
+                RecordType::Stderr => self.log_stderr(&record.content),
+                RecordType::EndRequest => {
+                    if let Ok(end) = EndRequest::parse(&record.content)
+                        && end.app_status != 0
+                    {
+                        tracing::debug!(address = %self.label, app_status = end.app_status, "FastCGI request ended with a non-zero status");
+                    }
+                    self.finish_request();
+                    return Poll::Ready(None);
+                }
+                _ => {}
             }
         }
     }
