@@ -2494,12 +2494,7 @@ async fn a_close_in_the_middle_of_a_head_is_not_a_stale_connection() {
 /// a connection already closed (story 1a, on the client side).
 #[tokio::test]
 async fn an_answer_that_leaves_the_body_unread_does_not_promise_keep_alive() {
-    let upstream = TestUpstream::start(Behaviour::Echo).await;
-    let gw = start(&format!(
-        "[[route]]\npath = \"/api\"\nupstream = \"up\"\n[upstream.up]\naddresses = [\"{}\"]\n",
-        upstream.url()
-    ))
-    .await;
+    let (_upstream, gw) = api_only_gateway().await;
     let mut client = RawClient::connect(gw.addr).await.expect("connect");
     client
         .send_request(&ClientRequest::post("/nowhere", pattern(0, 64 * 1024)))
@@ -2508,16 +2503,7 @@ async fn an_answer_that_leaves_the_body_unread_does_not_promise_keep_alive() {
     let resp = client.read_response(WAIT).await.expect("the 404");
     assert_eq!(resp.status, 404);
     if resp.keeps_alive() {
-        client
-            .send_request(&ClientRequest::get("/api/next"))
-            .await
-            .expect("next request");
-        let next = client.read_response(WAIT).await;
-        assert!(
-            next.as_ref().is_ok_and(|r| r.status == 200),
-            "the 404 promised keep-alive ({:?}), then the next request got {next:?}",
-            resp.headers
-        );
+        next_request_is_served(&mut client, &resp).await;
     }
 }
 
@@ -2525,12 +2511,7 @@ async fn an_answer_that_leaves_the_body_unread_does_not_promise_keep_alive() {
 /// hyper sends no 100 and closes after the 404; the 404 must say so.
 #[tokio::test]
 async fn expect_100_continue_refused_before_the_body_does_not_promise_keep_alive() {
-    let upstream = TestUpstream::start(Behaviour::Echo).await;
-    let gw = start(&format!(
-        "[[route]]\npath = \"/api\"\nupstream = \"up\"\n[upstream.up]\naddresses = [\"{}\"]\n",
-        upstream.url()
-    ))
-    .await;
+    let (_upstream, gw) = api_only_gateway().await;
     let mut client = RawClient::connect(gw.addr).await.expect("connect");
     client
         .send(
@@ -2545,17 +2526,33 @@ async fn expect_100_continue_refused_before_the_body_does_not_promise_keep_alive
     if resp.keeps_alive() {
         // Kept alive, the connection expects the 5 body bytes, then the next request.
         client.send("hello").await.expect("body");
-        client
-            .send_request(&ClientRequest::get("/api/next"))
-            .await
-            .expect("next request");
-        let next = client.read_response(WAIT).await;
-        assert!(
-            next.as_ref().is_ok_and(|r| r.status == 200),
-            "the 404 promised keep-alive ({:?}), then the next request got {next:?}",
-            resp.headers
-        );
+        next_request_is_served(&mut client, &resp).await;
     }
+}
+
+/// A gateway with one route, `/api`, so that anything else is holdfast's own 404.
+async fn api_only_gateway() -> (TestUpstream, support::Gateway) {
+    let upstream = TestUpstream::start(Behaviour::Echo).await;
+    let gw = start(&format!(
+        "[[route]]\npath = \"/api\"\nupstream = \"up\"\n[upstream.up]\naddresses = [\"{}\"]\n",
+        upstream.url()
+    ))
+    .await;
+    (upstream, gw)
+}
+
+/// A response that promised keep-alive: the next request on its connection is served.
+async fn next_request_is_served(client: &mut RawClient, promised: &holdfast_test::Response) {
+    client
+        .send_request(&ClientRequest::get("/api/next"))
+        .await
+        .expect("next request");
+    let next = client.read_response(WAIT).await;
+    assert!(
+        next.as_ref().is_ok_and(|r| r.status == 200),
+        "the answer promised keep-alive ({:?}), then the next request got {next:?}",
+        promised.headers
+    );
 }
 
 /// A client that sent `Connection: close` is answered in full, then gets a FIN; the
