@@ -126,6 +126,13 @@ impl Gateway {
         std::fs::write(self.config_path(), toml).expect("rewrite the config");
     }
 
+    /// Writes `toml` over the config file, sends SIGHUP, and waits for the reload.
+    async fn reload_with(&mut self, toml: &str) {
+        self.rewrite_config(toml);
+        self.signal(sys::SIGHUP);
+        self.wait_for_log("config reloaded").await;
+    }
+
     fn config_with(&self, routes: &[(&str, SocketAddr)], extra: &str) -> String {
         config_toml(self.listen, self.admin, routes, extra)
     }
@@ -518,9 +525,8 @@ async fn sighup_changes_routes_for_new_requests_and_keeps_in_flight_ones() {
         .await
         .expect("the slow request reached the old upstream");
 
-    gw.rewrite_config(&gw.config_with(&[("/", new.addr())], ""));
-    gw.signal(sys::SIGHUP);
-    gw.wait_for_log("config reloaded").await;
+    let toml = gw.config_with(&[("/", new.addr())], "");
+    gw.reload_with(&toml).await;
     gw.assert_serves("/after-reload").await;
     assert_eq!(
         new.requests_seen(),
@@ -1005,9 +1011,8 @@ async fn reloaded_upgrade_ready_timeout_applies_to_the_next_upgrade() {
         ..Setup::default()
     })
     .await;
-    gw.rewrite_config(&gw.config_with(&[("/", up.addr())], "[upgrade]\nready_timeout = \"1s\"\n"));
-    gw.signal(sys::SIGHUP);
-    gw.wait_for_log("config reloaded").await;
+    let toml = gw.config_with(&[("/", up.addr())], "[upgrade]\nready_timeout = \"1s\"\n");
+    gw.reload_with(&toml).await;
     replace_file(&binary, "#!/bin/sh\nexec sleep 60\n");
     gw.signal(sys::SIGUSR2);
     gw.wait_for_log("SIGUSR2: starting the new binary").await;
@@ -1032,9 +1037,8 @@ async fn reloaded_access_log_setting_applies_to_new_requests() {
     let on = gw
         .config_with(&[("/", up.addr())], "")
         .replace("access_log = false", "access_log = true");
-    gw.rewrite_config(&on);
-    gw.signal(sys::SIGHUP);
-    gw.wait_for_log("config reloaded").await;
+    let toml = on;
+    gw.reload_with(&toml).await;
     gw.assert_serves("/after-reload").await;
     assert!(
         gw.proc.wait_for_log("path=/after-reload", SOON).await,
