@@ -111,12 +111,9 @@ pub struct Streaming {
     limit: u64,
     /// Set once the body has been taken to its end (see [`RequestBody::watch_end`]).
     ended: EndWatch,
-    /// Longest wait for the next piece of the body (`0`: none), and its timer.
+    /// Longest wait for the next piece of the body (`0`: none), and the wait's deadline.
     stall: std::time::Duration,
-    /// Made on the first wait and kept (reset for each later one).
-    stall_timer: Option<Pin<Box<tokio::time::Sleep>>>,
-    /// Waiting for the next piece now (`stall_timer` is set for this wait).
-    stalled: bool,
+    stall_deadline: crate::timer::StallDeadline,
 }
 
 /// What a streamed body tells about its way upstream, shared with the connection that
@@ -295,8 +292,7 @@ impl RequestBody {
             limit,
             ended: EndWatch::default(),
             stall,
-            stall_timer: None,
-            stalled: false,
+            stall_deadline: Default::default(),
         })))
     }
 
@@ -313,8 +309,7 @@ impl RequestBody {
             limit,
             ended: EndWatch::default(),
             stall,
-            stall_timer: None,
-            stalled: false,
+            stall_deadline: Default::default(),
         }))
     }
 
@@ -371,23 +366,10 @@ impl Body for RequestBody {
                 }
                 let polled = Pin::new(&mut s.incoming).poll_frame(cx);
                 if polled.is_ready() {
-                    s.stalled = false;
-                } else if !s.stall.is_zero() {
-                    use std::future::Future as _;
-                    let stall = s.stall;
-                    let timer = match &mut s.stall_timer {
-                        Some(t) if !s.stalled => {
-                            t.as_mut().reset(tokio::time::Instant::now() + stall);
-                            t
-                        }
-                        Some(t) => t,
-                        None => s.stall_timer.insert(Box::pin(tokio::time::sleep(stall))),
-                    };
-                    s.stalled = true;
-                    if timer.as_mut().poll(cx).is_ready() {
-                        s.ended.fail(BodyEnd::CLIENT);
-                        return Poll::Ready(Some(Err(Box::new(BodyStalled))));
-                    }
+                    s.stall_deadline.progressed();
+                } else if s.stall_deadline.expired(s.stall, cx) {
+                    s.ended.fail(BodyEnd::CLIENT);
+                    return Poll::Ready(Some(Err(Box::new(BodyStalled))));
                 }
                 match polled {
                     Poll::Pending => Poll::Pending,

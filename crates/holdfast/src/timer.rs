@@ -8,7 +8,8 @@
 //! client connection task and a plain HTTP/1 upstream exchange wake about twice
 //! per request each.
 //!
-//! Also the process's clock base, for instants kept in atomics as µs.
+//! [`StallDeadline`] limits one wait at a time (a write that would block, the next
+//! piece of a body). Also the process's clock base, for instants kept in atomics as µs.
 
 use std::ops::DerefMut;
 use std::pin::Pin;
@@ -70,6 +71,42 @@ impl<P: DerefMut<Target = Sleep>> Timer<P> {
         // time, its timer), and this poll is the only one until the next reset.
         let mut sleep = tokio::task::unconstrained(self.sleep.as_mut());
         Pin::new(&mut sleep).poll(cx).is_ready()
+    }
+}
+
+/// A limit on how long one wait may last: a write that would block, the next piece
+/// of a body. The deadline starts with a wait and is cleared by progress. Its timer is
+/// made on the first wait and reset for each later one: a slow peer waits many times,
+/// and each wait would otherwise allocate and register a timer of its own.
+#[derive(Debug, Default)]
+pub struct StallDeadline {
+    sleep: Option<Pin<Box<Sleep>>>,
+    /// A wait is on, and `sleep` is set for it.
+    waiting: bool,
+}
+
+impl StallDeadline {
+    /// Progress: the next wait gets the whole limit again.
+    pub fn progressed(&mut self) {
+        self.waiting = false;
+    }
+
+    /// Still waiting: whether the wait has lasted `limit` (`0`: no limit). Registers
+    /// the task to be woken when it will have.
+    pub fn expired(&mut self, limit: std::time::Duration, cx: &mut Context<'_>) -> bool {
+        if limit.is_zero() {
+            return false;
+        }
+        let sleep = match &mut self.sleep {
+            Some(sleep) if !self.waiting => {
+                sleep.as_mut().reset(Instant::now() + limit);
+                sleep
+            }
+            Some(sleep) => sleep,
+            None => self.sleep.insert(Box::pin(tokio::time::sleep(limit))),
+        };
+        self.waiting = true;
+        sleep.as_mut().poll(cx).is_ready()
     }
 }
 
@@ -195,5 +232,29 @@ mod tests {
         );
         assert_eq!(wakes.0.load(Relaxed), 1, "not the one before it");
         assert!(t.poll_due(&mut other_cx));
+    }
+
+    /// A wait that lasts the limit expires; progress gives the next wait the whole
+    /// limit again, on the same timer.
+    #[tokio::test(start_paused = true)]
+    async fn a_stall_deadline_runs_per_wait() {
+        let mut d = StallDeadline::default();
+        async fn expired(d: &mut StallDeadline) -> bool {
+            poll_fn(|cx| Poll::Ready(d.expired(Duration::from_secs(1), cx))).await
+        }
+        assert!(!expired(&mut d).await);
+        tokio::time::advance(Duration::from_millis(600)).await;
+        assert!(
+            !expired(&mut d).await,
+            "the same wait, not yet at the limit"
+        );
+        d.progressed();
+        tokio::time::advance(Duration::from_millis(600)).await;
+        assert!(!expired(&mut d).await, "a new wait starts afresh");
+        tokio::time::advance(Duration::from_millis(600)).await;
+        assert!(!expired(&mut d).await);
+        tokio::time::advance(Duration::from_millis(500)).await;
+        assert!(expired(&mut d).await, "1.1s into this wait");
+        assert!(!d.expired(Duration::ZERO, &mut Context::from_waker(Waker::noop())));
     }
 }

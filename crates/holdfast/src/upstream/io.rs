@@ -18,7 +18,7 @@ use std::time::Duration;
 use socket2::{SockRef, TcpKeepalive};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpStream, UnixStream};
-use tokio::time::{Instant, Sleep};
+use tokio::time::Instant;
 
 use crate::config::TcpConfig;
 use crate::timer;
@@ -299,7 +299,7 @@ fn partial_as_would_block(
 pub struct UpstreamIo {
     stream: Arc<Stream>,
     write_timeout: Duration,
-    write_stall: Option<Pin<Box<Sleep>>>,
+    write_stall: crate::timer::StallDeadline,
 }
 
 impl UpstreamIo {
@@ -307,25 +307,19 @@ impl UpstreamIo {
         UpstreamIo {
             stream,
             write_timeout,
-            write_stall: None,
+            write_stall: Default::default(),
         }
     }
 
     /// Called when a write would block: fails once the stall outlasts the timeout.
     fn check_write_stall(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        if self.write_timeout.is_zero() {
-            return Poll::Pending;
-        }
-        let deadline = Instant::now() + self.write_timeout;
-        let sleep = self
-            .write_stall
-            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
-        match sleep.as_mut().poll(cx) {
-            Poll::Ready(()) => Poll::Ready(Err(io::Error::new(
+        if self.write_stall.expired(self.write_timeout, cx) {
+            Poll::Ready(Err(io::Error::new(
                 io::ErrorKind::TimedOut,
                 "upstream write timed out",
-            ))),
-            Poll::Pending => Poll::Pending,
+            )))
+        } else {
+            Poll::Pending
         }
     }
 
@@ -345,15 +339,13 @@ impl UpstreamIo {
             match write(&self.stream) {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
                 res => {
-                    self.write_stall = None;
+                    self.write_stall.progressed();
                     return Poll::Ready(res);
                 }
             }
         }
     }
 }
-
-use std::future::Future as _;
 
 impl AsyncRead for UpstreamIo {
     fn poll_read(

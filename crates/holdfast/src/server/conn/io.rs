@@ -10,8 +10,8 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use crate::timer::StallDeadline;
 use bytes::{Buf, Bytes, BytesMut};
-use std::future::Future as _;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
@@ -57,14 +57,10 @@ pub(super) struct ClientIo {
     /// piece is in its write buffer, before that piece is sent, so the connection
     /// may look idle meanwhile; it parks only once they are sent.
     unsent: bool,
-    /// When a write that would block began to stall: the client stopped reading.
+    /// How long a write that would block has waited: the client stopped reading.
     /// hyper takes no more of a response body while its write buffer is full, so the
     /// body's own deadlines are never looked at again; this one ends the connection.
-    /// Made on the first stall and kept (reset for each later one): a client that
-    /// reads slowly stalls many writes, and each would otherwise allocate a timer.
-    write_stall: Option<Pin<Box<tokio::time::Sleep>>>,
-    /// A write is stalled now (`write_stall` is set for it).
-    stalled: bool,
+    write_stall: StallDeadline,
     tracked: Option<Tracked>,
 }
 
@@ -100,8 +96,7 @@ impl ClientIo {
             mark_reading,
             read_eof: false,
             unsent: false,
-            write_stall: None,
-            stalled: false,
+            write_stall: StallDeadline::default(),
             tracked: Some(tracked),
         }
     }
@@ -120,7 +115,7 @@ impl ClientIo {
             _ => {}
         }
         if matches!(res, Poll::Ready(Ok(_))) {
-            self.stalled = false;
+            self.write_stall.progressed();
         }
     }
 
@@ -134,26 +129,13 @@ impl ClientIo {
             return res;
         }
         let timeout = self.state.shared.config.send_timeout.get();
-        if timeout.is_zero() {
-            return res;
-        }
-        let sleep = match &mut self.write_stall {
-            Some(sleep) if !self.stalled => {
-                sleep.as_mut().reset(Instant::now() + timeout);
-                sleep
-            }
-            Some(sleep) => sleep,
-            None => self
-                .write_stall
-                .insert(Box::pin(tokio::time::sleep(timeout))),
-        };
-        self.stalled = true;
-        match sleep.as_mut().poll(cx) {
-            Poll::Ready(()) => Poll::Ready(Err(io::Error::new(
+        if self.write_stall.expired(timeout, cx) {
+            Poll::Ready(Err(io::Error::new(
                 io::ErrorKind::TimedOut,
                 "client did not read its response within send_timeout",
-            ))),
-            Poll::Pending => Poll::Pending,
+            )))
+        } else {
+            res
         }
     }
 
