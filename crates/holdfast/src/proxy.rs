@@ -160,18 +160,10 @@ impl Proxy {
 
             let host = request_host(&req);
             // Dot segments are resolved before routing, and the upstream gets the
-            // path without them (with the query), so that `/api/../admin` can neither
-            // match `/api` nor reach an `/api` upstream as `/admin`.
-            let normalized = crate::route::remove_dot_segments(req.uri().path()).map(|p| match req
-                .uri()
-                .query()
-            {
-                Some(q) => format!("{p}?{q}"),
-                None => p,
-            });
-            let path = normalized
-                .as_deref()
-                .map_or(req.uri().path(), |p| p.split('?').next().unwrap_or(p));
+            // path without them, so that `/api/../admin` can neither match `/api` nor
+            // reach an `/api` upstream as `/admin`.
+            let resolved = crate::route::remove_dot_segments(req.uri().path());
+            let path = resolved.as_deref().unwrap_or(req.uri().path());
             let route = routing
                 .routes
                 .find(host.as_ref().and_then(|h| h.to_str().ok()), path);
@@ -203,11 +195,13 @@ impl Proxy {
             // hyper undoes chunked; any other transfer coding would reach the upstream
             // still applied, without the hop-by-hop field that says so (RFC 9112 6.1:
             // 501 for a coding a server does not understand; nginx does the same).
-            if req
-                .headers()
-                .get_all(header::TRANSFER_ENCODING)
-                .iter()
-                .any(|v| !crate::upstream::http1::codec::only_chunked(v.as_bytes()))
+            // (Only a request with a body can have one: a bodiless one skips the lookup.)
+            if !http_body::Body::is_end_stream(req.body())
+                && req
+                    .headers()
+                    .get_all(header::TRANSFER_ENCODING)
+                    .iter()
+                    .any(|v| !crate::upstream::http1::codec::only_chunked(v.as_bytes()))
             {
                 return finish_local(
                     StatusCode::NOT_IMPLEMENTED,
@@ -267,11 +261,15 @@ impl Proxy {
             });
 
             // Origin-form target with the route's prefix rewrite.
-            let target = normalized
+            let resolved = resolved.map(|p| match parts.uri.query() {
+                Some(q) => format!("{p}?{q}"),
+                None => p,
+            });
+            let target = resolved
                 .as_deref()
                 .unwrap_or_else(|| parts.uri.path_and_query().map_or("/", |p| p.as_str()));
             let rewritten = route.rewrite(target);
-            if normalized.is_some() || rewritten != target || parts.uri.scheme().is_some() {
+            if resolved.is_some() || rewritten != target || parts.uri.scheme().is_some() {
                 match Uri::try_from(rewritten.as_ref()) {
                     Ok(u) => parts.uri = u,
                     Err(_) => {
