@@ -253,24 +253,19 @@ impl PooledConn {
     /// The response was read to its end, at `now`: the connection goes back to the
     /// pool unless a rule retires it.
     pub fn release(mut self, now: Instant) {
-        if let Some(end) = self.body_ended.as_ref().filter(|e| !e.is_ended())
-            && let Some(lease) = self.lease.take()
-        {
-            // HTTP/2: hyper goes on sending the body after an early answer, on a
-            // stream that stays open (and counts against the upstream's
-            // SETTINGS_MAX_CONCURRENT_STREAMS) until its last piece went out: the
-            // stream is given back then, not now.
-            if let Err(lease) = end.hold(Box::new(lease)) {
-                drop(lease);
+        if let Some(end) = self.body_ended.take().filter(|e| !e.is_ended()) {
+            // The upstream answered before the request body was all sent, which is
+            // still on its way.
+            match self.lease.take() {
+                // HTTP/2: the stream stays open (and counts against the upstream's
+                // SETTINGS_MAX_CONCURRENT_STREAMS) until the body's last piece went
+                // out: it is given back then, not now (or now, if that was meanwhile).
+                Some(lease) => drop(end.hold(Box::new(lease))),
+                // HTTP/1.1: the connection is not ready for another request until
+                // then, maybe never (an upstream that stopped reading): closed.
+                None => self.close_reason = CloseReason::NotPoolable,
             }
             return;
-        }
-        if self.body_ended.as_ref().is_some_and(|e| !e.is_ended()) {
-            // The upstream answered before the request body was all sent, which is
-            // still on its way: the connection is not ready for another request
-            // until then, maybe never (an upstream that stopped reading).
-            self.close_reason = CloseReason::NotPoolable;
-            return; // dropped: closed
         }
         if let Some(conn) = self.conn.take() {
             self.pool.checkin(conn, self.hint, now);
