@@ -193,6 +193,17 @@ impl Keyed for Conn {
 /// (abandoned) if the checkout is dropped there.
 struct Abandoned<'a>(Option<Conn>, &'a PoolFigures);
 
+impl Abandoned<'_> {
+    fn conn(&mut self) -> &mut Conn {
+        self.0.as_mut().expect("held until kept")
+    }
+
+    /// The await is over: the connection is the checkout's again.
+    fn keep(mut self) -> Conn {
+        self.0.take().expect("held until kept")
+    }
+}
+
 impl Drop for Abandoned<'_> {
     fn drop(&mut self) {
         if let Some(conn) = self.0.take() {
@@ -358,14 +369,8 @@ impl Pool {
                 // A checkout dropped while the protocol gets ready (hyper finishing
                 // the last exchange) closes the connection: counted like any close.
                 let mut held = Abandoned(Some(conn), &self.figures);
-                let ready = probe == IdleProbe::Quiet
-                    && match held.0.as_mut() {
-                        Some(c) => c.client.ready().await,
-                        None => false,
-                    };
-                let Some(conn) = held.0.take() else {
-                    unreachable!("held until here")
-                };
+                let ready = probe == IdleProbe::Quiet && held.conn().client.ready().await;
+                let conn = held.keep();
                 if ready {
                     let age = now.saturating_duration_since(idle_since);
                     self.figures.reused.fetch_add(1, Relaxed);
