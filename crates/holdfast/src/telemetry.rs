@@ -19,6 +19,13 @@ fn filter_for(log: &LogConfig) -> EnvFilter {
     filter
 }
 
+/// Keeps the installed subscriber's filter handle for [`reload`].
+fn keep_reloader<S: 'static>(handle: tracing_subscriber::reload::Handle<EnvFilter, S>) {
+    let _ = RELOAD.set(Box::new(move |f| {
+        let _ = handle.reload(f);
+    }));
+}
+
 /// Applies a reloaded `[log]` table's `level` and `access_log` (the format stays:
 /// it changes on upgrade).
 pub fn reload(log: &LogConfig) {
@@ -40,20 +47,12 @@ pub fn init(log: &LogConfig) {
         LogFormat::Text => {
             let builder = builder.with_filter_reloading();
             let handle = builder.reload_handle();
-            builder.try_init().map(|()| {
-                let _ = RELOAD.set(Box::new(move |f| {
-                    let _ = handle.reload(f);
-                }));
-            })
+            builder.try_init().map(|()| keep_reloader(handle))
         }
         LogFormat::Json => {
             let builder = builder.json().flatten_event(true).with_filter_reloading();
             let handle = builder.reload_handle();
-            builder.try_init().map(|()| {
-                let _ = RELOAD.set(Box::new(move |f| {
-                    let _ = handle.reload(f);
-                }));
-            })
+            builder.try_init().map(|()| keep_reloader(handle))
         }
     };
     if installed.is_ok() {
