@@ -554,15 +554,7 @@ impl Config {
         for (name, u) in &self.upstreams {
             // A name that is not a bare TOML key (`"api.v1"`) is quoted, as the
             // file writes it, so the path stays one path (and can be located).
-            let name = if !name.is_empty()
-                && name
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
-            {
-                name.clone()
-            } else {
-                format!("{name:?}")
-            };
+            let name = toml_key(name);
             let key = |k: &str| format!("upstream.{name}.{k}");
             if u.addresses.is_empty() {
                 bad(key("addresses"), "at least one address is required".into());
@@ -649,6 +641,29 @@ impl Config {
     /// admin `/config` endpoint.
     pub fn to_effective_toml(&self) -> String {
         toml::to_string_pretty(self).unwrap_or_else(|e| format!("# cannot render config: {e}\n"))
+    }
+}
+
+/// `name` as a TOML key: bare if it can be, else quoted (`api.v2` is `"api.v2"`).
+pub fn toml_key(name: &str) -> String {
+    let bare = !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+    if bare {
+        name.to_owned()
+    } else {
+        let mut q = String::from("\"");
+        for c in name.chars() {
+            match c {
+                '"' => q.push_str("\\\""),
+                '\\' => q.push_str("\\\\"),
+                c if c.is_control() => q.push_str(&format!("\\u{:04X}", c as u32)),
+                c => q.push(c),
+            }
+        }
+        q.push('"');
+        q
     }
 }
 

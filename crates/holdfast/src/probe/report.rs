@@ -277,7 +277,7 @@ pub fn recommend(
 
     let mut t = String::new();
     let _ = writeln!(t, "# holdfast probe {url}");
-    let _ = writeln!(t, "[upstream.{}.pool]", toml_key(name));
+    let _ = writeln!(t, "[upstream.{}.pool]", crate::config::toml_key(name));
     match (&idle_timeout, upstream_idle) {
         (Some(d), Some(u)) => {
             let _ = writeln!(
@@ -458,29 +458,6 @@ impl ProbeReport {
 /// holdfast's default `pool.idle_timeout`, which a long enough watch vouches for.
 fn default_idle() -> Duration {
     crate::config::PoolConfig::default().idle_timeout.get()
-}
-
-/// `name` as a TOML key: bare if it can be, else quoted (`--name api.v2`).
-fn toml_key(name: &str) -> String {
-    let bare = !name.is_empty()
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
-    if bare {
-        name.to_owned()
-    } else {
-        let mut q = String::from("\"");
-        for c in name.chars() {
-            match c {
-                '"' => q.push_str("\\\""),
-                '\\' => q.push_str("\\\\"),
-                c if c.is_control() => q.push_str(&format!("\\u{:04X}", c as u32)),
-                c => q.push(c),
-            }
-        }
-        q.push('"');
-        q
-    }
 }
 
 /// Seconds for a sentence: `120 s`, or `300 ms` below a second (not `0 s`).
