@@ -549,6 +549,22 @@ impl ContentLength {
     }
 }
 
+/// The length that `Content-Length` field values say: `Ok(None)` without any, the
+/// one number every comma-separated value of every field repeats (RFC 9112 6.3 point
+/// 5), or `Err` for anything else (a proxy must not guess where such a body ends).
+#[allow(clippy::result_unit_err)] // the only failure: no usable length
+pub fn content_length<'a>(values: impl IntoIterator<Item = &'a [u8]>) -> Result<Option<u64>, ()> {
+    let mut length = ContentLength::Absent;
+    for v in values {
+        length.add(v);
+    }
+    match length {
+        ContentLength::Absent => Ok(None),
+        ContentLength::Valid(n) => Ok(Some(n)),
+        ContentLength::Invalid => Err(()),
+    }
+}
+
 /// `1*DIGIT` as a u64: no sign, no whitespace, no empty string, no overflow.
 fn parse_decimal(digits: &[u8]) -> Option<u64> {
     if digits.is_empty() {

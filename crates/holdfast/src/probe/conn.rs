@@ -325,17 +325,13 @@ impl Conn {
             // error, not a body read until a close that may never come.
             let length = match header("content-length") {
                 None => None,
-                Some(v) => {
-                    let mut values = v.split(',').map(|n| n.trim().parse::<u64>().ok());
-                    let n = values.next().flatten();
-                    match n.filter(|&n| values.all(|m| m == Some(n))) {
-                        Some(n) => Some(n),
-                        None if chunked => None,
-                        None => {
-                            return Err(ProbeError::Protocol(format!("bad Content-Length {v:?}")));
-                        }
+                Some(v) => match crate::upstream::http1::codec::content_length([v.as_bytes()]) {
+                    Ok(n) => n,
+                    Err(()) if chunked => None,
+                    Err(()) => {
+                        return Err(ProbeError::Protocol(format!("bad Content-Length {v:?}")));
                     }
-                }
+                },
             };
             self.buf.advance(head_len);
             if (100..200).contains(&status) && status != 101 {

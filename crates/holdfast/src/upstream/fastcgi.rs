@@ -509,29 +509,18 @@ pub fn into_response(head: ResponseHead) -> Result<http::Response<super::Payload
     // close: the client would get nothing. Framed by Transfer-Encoding it is removed
     // with the hop-by-hop fields anyway.
     if !headers.contains_key(http::header::TRANSFER_ENCODING) {
-        let mut length: Option<u64> = None;
-        let mut fields = 0;
-        for v in headers.get_all(http::header::CONTENT_LENGTH) {
-            fields += 1;
-            for item in v.as_bytes().split(|&b| b == b',') {
-                let item = item.trim_ascii();
-                let n = std::str::from_utf8(item)
-                    .ok()
-                    .filter(|t| !t.is_empty() && t.bytes().all(|b| b.is_ascii_digit()))
-                    .and_then(|t| t.parse::<u64>().ok());
-                match (n, length) {
-                    (Some(n), None) => length = Some(n),
-                    (Some(n), Some(l)) if n == l => {}
-                    _ => return Err(bad("invalid Content-Length in the CGI response".into())),
-                }
-            }
-        }
-        if let Some(n) = length.filter(|_| {
-            fields > 1
-                || headers[http::header::CONTENT_LENGTH]
-                    .as_bytes()
-                    .contains(&b',')
-        }) {
+        let fields = headers.get_all(http::header::CONTENT_LENGTH);
+        let Ok(length) = super::http1::codec::content_length(fields.iter().map(|v| v.as_bytes()))
+        else {
+            return Err(bad("invalid Content-Length in the CGI response".into()));
+        };
+        // Repeated (several fields, or a list): passed on as the one value.
+        let repeated = fields.iter().nth(1).is_some()
+            || fields
+                .iter()
+                .next()
+                .is_some_and(|v| v.as_bytes().contains(&b','));
+        if let Some(n) = length.filter(|_| repeated) {
             headers.insert(http::header::CONTENT_LENGTH, http::HeaderValue::from(n));
         }
     }
