@@ -292,13 +292,14 @@ impl Http1Conn {
                     .with_cause(e)));
                 }
             }
-            match ready!(self.poll_fill(cx)) {
-                Ok(0) | Err(_) if self.write_failed.is_some() => {
-                    let Some(e) = self.write_failed.take() else {
-                        unreachable!("just matched")
-                    };
-                    return Poll::Ready(Err(e));
-                }
+            let filled = ready!(self.poll_fill(cx));
+            // The end, or an error, with no answer after a failed write: that failure.
+            if matches!(filled, Ok(0) | Err(_))
+                && let Some(e) = self.write_failed.take()
+            {
+                return Poll::Ready(Err(e));
+            }
+            match filled {
                 Ok(0) => {
                     self.broken = true;
                     let delivery = if self.sent_any {
