@@ -269,11 +269,11 @@ impl Upstream {
                 };
                 let last_try = attempts >= max_attempts;
                 // The total deadline bounds the wait for a slot and the connect too, so
-                // that running out there is reported as a request never sent.
-                let checkout = peer.checkout(want, check_idle);
+                // that running out there is reported as a request never sent. (Built
+                // in each arm, not bound to a local: see `Proxy::handle`.)
                 let checked_out = match total_deadline {
-                    None => checkout.await,
-                    Some(t) => tokio::time::timeout_at(t, checkout)
+                    None => peer.checkout(want, check_idle).await,
+                    Some(t) => tokio::time::timeout_at(t, peer.checkout(want, check_idle))
                         .await
                         .unwrap_or_else(|_| {
                             Err(UpstreamError::new(Kind::TotalTimeout, Delivery::NotSent))
