@@ -419,11 +419,8 @@ impl Config {
             );
         }
         for (i, l) in self.listeners.iter().enumerate() {
-            if l.max_connections == 0 {
-                bad(
-                    format!("listener[{i}].max_connections"),
-                    "must be at least 1".into(),
-                );
+            if let Some(msg) = connection_cap_problem(l.max_connections) {
+                bad(format!("listener[{i}].max_connections"), msg);
             }
             if l.header_timeout.get().is_zero() {
                 // Every head (and TLS handshake) would be late: the listener would
@@ -568,8 +565,8 @@ impl Config {
                     "all addresses of one upstream must use one protocol".into(),
                 );
             }
-            if u.pool.max_connections == 0 {
-                bad(key("pool.max_connections"), "must be at least 1".into());
+            if let Some(msg) = connection_cap_problem(u.pool.max_connections) {
+                bad(key("pool.max_connections"), msg);
             }
             if u.pool.max_idle > u.pool.max_connections {
                 bad(
@@ -641,6 +638,22 @@ impl Config {
     /// admin `/config` endpoint.
     pub fn to_effective_toml(&self) -> String {
         toml::to_string_pretty(self).unwrap_or_else(|e| format!("# cannot render config: {e}\n"))
+    }
+}
+
+/// What is wrong with a `max_connections`, if anything. It sizes a semaphore, which
+/// panics above `MAX_PERMITS`: on a listener's accept task (which would then accept
+/// nothing) or, for a pool, in the middle of a reload.
+fn connection_cap_problem(n: usize) -> Option<String> {
+    let max = tokio::sync::Semaphore::MAX_PERMITS;
+    if n == 0 {
+        Some("must be at least 1".into())
+    } else if n > max {
+        Some(format!(
+            "{n} is more than the most holdfast can count ({max})"
+        ))
+    } else {
+        None
     }
 }
 

@@ -278,3 +278,33 @@ fn upstream_http2_idle_timeout_defaults_to_a_minute_and_names_its_key_when_bad()
     );
     assert_eq!(e.line, 16, "{e}");
 }
+
+/// `max_connections` sizes a semaphore, which panics above `MAX_PERMITS`: taken, such a
+/// value left a listener accepting nothing, and a reload to it stopped the server.
+#[test]
+fn connection_caps_beyond_what_holdfast_can_count_are_refused() {
+    let huge = tokio::sync::Semaphore::MAX_PERMITS + 1;
+    let e = only_error(&GOOD.replace(
+        "idle_timeout = \"7s\"",
+        &format!("max_connections = {huge}\nmax_idle = 1"),
+    ));
+    assert_eq!(
+        e.key.as_deref(),
+        Some("upstream.api.pool.max_connections"),
+        "{e}"
+    );
+    assert_eq!(e.line, 14, "{e}");
+    let e = only_error(&GOOD.replace(
+        "listen = \"127.0.0.1:8080\"",
+        &format!("listen = \"127.0.0.1:8080\"\nmax_connections = {huge}"),
+    ));
+    assert_eq!(e.key.as_deref(), Some("listener[0].max_connections"), "{e}");
+    let most = tokio::sync::Semaphore::MAX_PERMITS;
+    assert!(
+        parse(&GOOD.replace(
+            "idle_timeout = \"7s\"",
+            &format!("max_connections = {most}"),
+        ))
+        .is_ok()
+    );
+}
