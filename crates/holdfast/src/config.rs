@@ -589,6 +589,9 @@ impl Config {
                     "must be between 0.0 and 1.0".into(),
                 );
             }
+            for (k, msg) in u.tcp.problems() {
+                bad(key(&format!("tcp.{k}")), msg);
+            }
             if u.timeouts.connect.get().is_zero() {
                 bad(key("timeouts.connect"), "must be more than 0s".into());
             }

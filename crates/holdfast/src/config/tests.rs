@@ -308,3 +308,37 @@ fn connection_caps_beyond_what_holdfast_can_count_are_refused() {
         .is_ok()
     );
 }
+
+/// TCP keepalive options are set on every new upstream socket in whole seconds, and
+/// Linux refuses 0 and values past its limits: such a value failed every connect
+/// (502, `Invalid argument`), so it is refused where it is written.
+#[test]
+fn tcp_keepalive_values_the_kernel_refuses_are_refused_naming_the_key() {
+    for (line, key) in [
+        (
+            "keepalive_idle = \"500ms\"",
+            "upstream.api.tcp.keepalive_idle",
+        ),
+        (
+            "keepalive_idle = \"10h\"",
+            "upstream.api.tcp.keepalive_idle",
+        ),
+        (
+            "keepalive_interval = \"0s\"",
+            "upstream.api.tcp.keepalive_interval",
+        ),
+        ("keepalive_count = 0", "upstream.api.tcp.keepalive_count"),
+        ("keepalive_count = 128", "upstream.api.tcp.keepalive_count"),
+    ] {
+        let e = only_error(&format!("{GOOD}[upstream.api.tcp]\n{line}\n"));
+        assert_eq!(e.key.as_deref(), Some(key), "{line}: {e}");
+        assert_eq!(e.line, 16, "{line}: {e}");
+    }
+    for fine in [
+        "keepalive_idle = \"1s\"\nkeepalive_interval = \"32767s\"\nkeepalive_count = 127",
+        "keepalive = false\nkeepalive_idle = \"0s\"",
+    ] {
+        let text = format!("{GOOD}[upstream.api.tcp]\n{fine}\n");
+        assert!(parse(&text).is_ok(), "{fine}: {:?}", parse(&text).err());
+    }
+}

@@ -163,6 +163,41 @@ impl Default for TcpConfig {
     }
 }
 
+/// The longest TCP keepalive idle time and interval the kernel takes, in seconds
+/// (Linux `MAX_TCP_KEEPIDLE`, `MAX_TCP_KEEPINTVL`).
+const MAX_KEEPALIVE_SECS: u64 = 32_767;
+/// The most TCP keepalive probes the kernel takes (Linux `MAX_TCP_KEEPCNT`).
+const MAX_KEEPALIVE_COUNT: u32 = 127;
+
+impl TcpConfig {
+    /// (key below `tcp.`, problem) pairs: values the kernel refuses, which would fail
+    /// every connect (the options are set on each new socket, in whole seconds).
+    pub(super) fn problems(&self) -> Vec<(&'static str, String)> {
+        let mut bad = Vec::new();
+        if !self.keepalive {
+            return bad;
+        }
+        for (key, d) in [
+            ("keepalive_idle", self.keepalive_idle),
+            ("keepalive_interval", self.keepalive_interval),
+        ] {
+            if !(1..=MAX_KEEPALIVE_SECS).contains(&d.get().as_secs()) {
+                bad.push((
+                    key,
+                    format!("{d} is outside 1s..={MAX_KEEPALIVE_SECS}s (whole seconds)"),
+                ));
+            }
+        }
+        if !(1..=MAX_KEEPALIVE_COUNT).contains(&self.keepalive_count) {
+            bad.push((
+                "keepalive_count",
+                format!("must be between 1 and {MAX_KEEPALIVE_COUNT}"),
+            ));
+        }
+        bad
+    }
+}
+
 /// `[upstream.NAME.retry]`: retries happen only when provably safe.
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
