@@ -589,6 +589,11 @@ impl Config {
                     "must be between 0.0 and 1.0".into(),
                 );
             }
+            if u.resolve_every.get().is_zero() {
+                // `tokio::time::interval` panics on a zero period: the task that
+                // resolves host names again would die and never run.
+                bad(key("resolve_every"), "must be more than 0s".into());
+            }
             for (k, msg) in u.tcp.problems() {
                 bad(key(&format!("tcp.{k}")), msg);
             }

@@ -342,3 +342,17 @@ fn tcp_keepalive_values_the_kernel_refuses_are_refused_naming_the_key() {
         assert!(parse(&text).is_ok(), "{fine}: {:?}", parse(&text).err());
     }
 }
+
+/// Host names are resolved again every `resolve_every` by a timer whose period must
+/// not be zero: `0s` killed that task with a panic, so vanished or new addresses were
+/// never seen.
+#[test]
+fn a_zero_resolve_interval_is_refused_naming_its_line() {
+    let e = only_error(&GOOD.replace(
+        "addresses = [\"http://127.0.0.1:9000\"]",
+        "addresses = [\"http://localhost:9000\"]\nresolve_every = \"0s\"",
+    ));
+    assert_eq!(e.key.as_deref(), Some("upstream.api.resolve_every"), "{e}");
+    assert_eq!(e.line, 12, "{e}");
+    assert!(e.message.contains("more than 0s"), "{e}");
+}
