@@ -1,4 +1,5 @@
-//! Secrets out of `/config`: every value under a key named like a secret is replaced.
+//! Secrets out of `/config`: every value under a key named like a secret is replaced
+//! (a table under such a name, an upstream called `keycloak`, is looked into instead).
 //!
 //! A key matches when its name, lower-cased, contains `key`, `pass` (`password`,
 //! `passwd`, `DB_PASS`), `secret`, `token`, `credential` or `dsn` (TLS `key_file`s,
@@ -26,7 +27,9 @@ pub fn redact(value: &mut Value) {
     match value {
         Value::Table(t) => {
             for (k, v) in t.iter_mut() {
-                if is_secret_key(k) {
+                // A table is looked into, whatever its name: an upstream named
+                // `keycloak` or `passport` holds settings, not a secret.
+                if is_secret_key(k) && !v.is_table() {
                     *v = Value::String(REDACTED.to_owned());
                 } else {
                     redact(v);
@@ -118,6 +121,36 @@ mod tests {
         assert_eq!(p["SENTRY_DSN"].as_str(), Some(REDACTED));
         assert_eq!(p["DB_PASS"].as_str(), Some(REDACTED));
         assert_eq!(p["HOME_URL"].as_str(), Some("https://www.example.com/a@b"));
+    }
+
+    #[test]
+    fn an_upstream_named_like_a_secret_still_shows_its_settings() {
+        let mut v: Value = toml::from_str(
+            r#"
+            [[route]]
+            upstream = "keycloak"
+            [upstream.keycloak]
+            addresses = ["https://10.0.0.1:8443"]
+            [upstream.keycloak.tls]
+            client_key = "/etc/holdfast/client.key"
+            [upstream.passport.pool]
+            max_connections = 9
+            "#,
+        )
+        .unwrap();
+        redact(&mut v);
+        let up = &v["upstream"];
+        assert_eq!(
+            up["keycloak"]["addresses"][0].as_str(),
+            Some("https://10.0.0.1:8443"),
+            "{v:#?}"
+        );
+        assert_eq!(up["keycloak"]["tls"]["client_key"].as_str(), Some(REDACTED));
+        assert_eq!(
+            up["passport"]["pool"]["max_connections"].as_integer(),
+            Some(9)
+        );
+        assert_eq!(v["route"][0]["upstream"].as_str(), Some("keycloak"));
     }
 
     #[test]
