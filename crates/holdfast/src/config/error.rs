@@ -132,14 +132,21 @@ fn locate(doc: &DeTable<'_>, key: &str) -> Option<Range<usize>> {
                 None => (seg, None),
             },
         };
-        let (k, v) = table.iter().find(|(k, _)| k.get_ref().as_ref() == name)?;
+        // A key left to its default is not in the file: its table's place is the
+        // nearest there is.
+        let Some((k, v)) = table.iter().find(|(k, _)| k.get_ref().as_ref() == name) else {
+            return found;
+        };
         found = Some(k.span());
         let mut value = v;
         if let Some(i) = index {
             let DeValue::Array(items) = value.get_ref() else {
                 return found;
             };
-            value = items.get(i)?;
+            let Some(item) = items.get(i) else {
+                return found;
+            };
+            value = item;
             found = Some(value.span());
         }
         match value.get_ref() {

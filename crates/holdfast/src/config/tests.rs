@@ -356,3 +356,14 @@ fn a_zero_resolve_interval_is_refused_naming_its_line() {
     assert_eq!(e.line, 12, "{e}");
     assert!(e.message.contains("more than 0s"), "{e}");
 }
+
+/// A problem with a key left to its default (here `max_idle`, 64, above a written
+/// `max_connections`) is located at the nearest part of its path in the file, its
+/// table, rather than at no line at all.
+#[test]
+fn a_problem_with_a_defaulted_key_names_the_line_of_its_table() {
+    let e = only_error(&GOOD.replace("idle_timeout = \"7s\"", "max_connections = 10"));
+    assert_eq!(e.key.as_deref(), Some("upstream.api.pool.max_idle"), "{e}");
+    assert_eq!(e.line, 13, "{e}");
+    assert!(e.to_string().starts_with("holdfast.toml:13:"), "{e}");
+}
