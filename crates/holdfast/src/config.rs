@@ -412,6 +412,17 @@ impl Config {
     fn validate(&self) -> Vec<(String, String)> {
         let mut problems = Vec::new();
         let mut bad = |key: String, msg: String| problems.push((key, msg));
+        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
+            // Taken, it would fall back to `info` without a word (at start, before
+            // any logger; on a reload, in place of the level in force).
+            bad(
+                "log.level".into(),
+                format!(
+                    "{:?} is not a log filter ({e}); write a level or target=level pairs, like \"info,holdfast=debug\"",
+                    self.log.level
+                ),
+            );
+        }
         if self.listeners.is_empty() {
             bad(
                 "listener".into(),

@@ -367,3 +367,17 @@ fn a_problem_with_a_defaulted_key_names_the_line_of_its_table() {
     assert_eq!(e.line, 13, "{e}");
     assert!(e.to_string().starts_with("holdfast.toml:13:"), "{e}");
 }
+
+/// A `[log] level` that is not a tracing filter used to fall back to `info` without a
+/// word, at start and on a reload alike.
+#[test]
+fn a_log_level_that_is_no_filter_is_refused_naming_its_line() {
+    let e = only_error(&format!("[log]\nlevel = \"holdfast=loud\"\n{GOOD}"));
+    assert_eq!(e.key.as_deref(), Some("log.level"), "{e}");
+    assert_eq!(e.line, 2, "{e}");
+    assert!(e.message.contains("holdfast=loud"), "{e}");
+    for fine in ["info", "warn,holdfast::access=off", "holdfast=debug"] {
+        let text = format!("[log]\nlevel = \"{fine}\"\n{GOOD}");
+        assert!(parse(&text).is_ok(), "{fine}: {:?}", parse(&text).err());
+    }
+}
