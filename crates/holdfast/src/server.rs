@@ -300,7 +300,7 @@ async fn reload(
     proxy: &Proxy,
     running: &Config,
     fronts: &[Arc<ListenerShared>],
-    new: Config,
+    mut new: Config,
     state: &ServerState,
 ) {
     let old = proxy.routing();
@@ -318,10 +318,11 @@ async fn reload(
             "listener and admin changes take effect on the next upgrade (SIGUSR2), not on reload"
         );
     }
-    for (front, listen) in fronts
-        .iter()
-        .zip(running.listeners.iter().map(|l| l.listen))
-    {
+    // The listeners in force, in `fronts` order: what `/config` goes on showing, with
+    // the certificates that a reload swaps in.
+    let mut listeners = old.config.listeners.clone();
+    for (front, in_force) in fronts.iter().zip(&mut listeners) {
+        let listen = in_force.listen;
         let Some(tls) = new
             .listeners
             .iter()
@@ -331,7 +332,10 @@ async fn reload(
             continue;
         };
         match front.reload_certificates(tls) {
-            Some(Ok(n)) => tracing::info!(%listen, certificates = n, "certificates reloaded"),
+            Some(Ok(n)) => {
+                in_force.tls = Some(tls.clone());
+                tracing::info!(%listen, certificates = n, "certificates reloaded");
+            }
             Some(Err(e)) => {
                 state.reload_failures.fetch_add(1, Relaxed);
                 tracing::error!(%listen, "certificates not reloaded, the ones in force stay: {e}");
@@ -340,6 +344,13 @@ async fn reload(
         }
     }
     crate::telemetry::reload(&new.log);
+    // What only an upgrade changes stays as it is, in the config `/config` shows too.
+    new.listeners = listeners;
+    new.admin = old.config.admin.clone();
+    new.workers = old.config.workers;
+    new.pid_file.clone_from(&old.config.pid_file);
+    new.log.format = old.config.log.format;
+    new.drain.idle_close_after = old.config.drain.idle_close_after;
     let routing = Routing::build(Arc::new(new), Some(&old)).await;
     proxy.replace(routing);
     state.reloads.fetch_add(1, Relaxed);

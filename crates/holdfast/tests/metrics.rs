@@ -819,3 +819,44 @@ addresses = ["{a}", "{b}", "{a}"]
         "{pools:#}"
     );
 }
+
+/// A reload applies routes, upstreams and some settings; listener and admin settings,
+/// `drain.idle_close_after`, `workers`, `pid_file` and `log.format` wait for an
+/// upgrade. `/config` shows the config in force, so it shows those as they are, not
+/// as the reloaded file has them.
+#[tokio::test]
+async fn config_shows_the_listener_settings_in_force_after_a_reload() {
+    let up = TestUpstream::start(Behaviour::Echo).await;
+    let routes = format!(
+        "[[route]]\nupstream = \"e\"\n\n[upstream.e]\naddresses = [\"{}\"]\n",
+        up.url()
+    );
+    let gw = start(&routes).await;
+    let reloaded = config(&format!(
+        "max_connections = 7\n\n[drain]\nidle_close_after = \"5s\"\ntimeout = \"9s\"\n\n{routes}"
+    ));
+    gw.control
+        .send(Control::Reload(Box::new(reloaded)))
+        .await
+        .expect("server listens");
+    gw.metrics_once(|m| m.get("holdfast_reloads_total", &[]) == Some(1.0))
+        .await;
+    let r = gw.admin_get("/config").await;
+    let text = r.text();
+    let shown: toml::Value = toml::from_str(&text).unwrap_or_else(|e| panic!("{e}\n{text}"));
+    assert_eq!(
+        shown["listener"][0]["max_connections"].as_integer(),
+        Some(10_000),
+        "the listener's cap in force, not the reloaded file's:\n{text}"
+    );
+    assert_eq!(
+        shown["drain"]["idle_close_after"].as_str(),
+        Some("1s"),
+        "{text}"
+    );
+    assert_eq!(
+        shown["drain"]["timeout"].as_str(),
+        Some("9s"),
+        "a setting a reload applies shows its new value:\n{text}"
+    );
+}
