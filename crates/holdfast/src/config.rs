@@ -611,6 +611,14 @@ impl Config {
             if u.timeouts.connect.get().is_zero() {
                 bad(key("timeouts.connect"), "must be more than 0s".into());
             }
+            if u.timeouts.response_headers.get().is_zero() {
+                // Not "off", as `0s` is for `total`: every answer would be late, and
+                // every request 504 after it was sent.
+                bad(
+                    key("timeouts.response_headers"),
+                    "must be more than 0s".into(),
+                );
+            }
             if u.protocol() == Protocol::Http2 && u.http_version == HttpVersion::Http1 {
                 bad(
                     key("http_version"),

@@ -381,3 +381,19 @@ fn a_log_level_that_is_no_filter_is_refused_naming_its_line() {
         assert!(parse(&text).is_ok(), "{fine}: {:?}", parse(&text).err());
     }
 }
+
+/// `timeouts.response_headers = "0s"` is no "off" (as `total`'s is): every request
+/// was sent and then answered 504 at once, so it is refused where it is written.
+#[test]
+fn a_zero_response_headers_timeout_is_refused_naming_its_line() {
+    let e = only_error(&format!(
+        "{GOOD}[upstream.api.timeouts]\nresponse_headers = \"0s\"\n"
+    ));
+    assert_eq!(
+        e.key.as_deref(),
+        Some("upstream.api.timeouts.response_headers"),
+        "{e}"
+    );
+    assert_eq!(e.line, 16, "{e}");
+    assert!(e.message.contains("more than 0s"), "{e}");
+}
