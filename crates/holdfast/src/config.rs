@@ -423,6 +423,13 @@ impl Config {
                 ),
             );
         }
+        if self.upgrade.ready_timeout.get().is_zero() {
+            // The successor could never be ready in time: every upgrade would fail.
+            bad(
+                "upgrade.ready_timeout".into(),
+                "must be more than 0s".into(),
+            );
+        }
         if self.listeners.is_empty() {
             bad(
                 "listener".into(),

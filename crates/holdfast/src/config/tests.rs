@@ -397,3 +397,13 @@ fn a_zero_response_headers_timeout_is_refused_naming_its_line() {
     assert_eq!(e.line, 16, "{e}");
     assert!(e.message.contains("more than 0s"), "{e}");
 }
+
+/// The successor of an upgrade has `upgrade.ready_timeout` to say it serves: `0s`
+/// failed every upgrade, so it is refused where it is written.
+#[test]
+fn a_zero_upgrade_ready_timeout_is_refused_naming_its_line() {
+    let e = only_error(&format!("[upgrade]\nready_timeout = \"0s\"\n{GOOD}"));
+    assert_eq!(e.key.as_deref(), Some("upgrade.ready_timeout"), "{e}");
+    assert_eq!(e.line, 2, "{e}");
+    assert!(e.message.contains("more than 0s"), "{e}");
+}
