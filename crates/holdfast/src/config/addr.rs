@@ -111,6 +111,13 @@ impl FromStr for UpstreamAddr {
             };
             let (host, port) = split_host_port(authority, default_port)
                 .ok_or_else(|| format!("{s:?}: expected host:port"))?;
+            // Nothing listens on port 0 nor at an empty host: every connect would fail.
+            if host.is_empty() {
+                return Err(format!("{s:?}: the host is empty"));
+            }
+            if port == 0 {
+                return Err(format!("{s:?}: port 0 is no port to connect to"));
+            }
             Endpoint::Tcp { host, port }
         };
         Ok(UpstreamAddr {
@@ -162,6 +169,20 @@ impl Serialize for UpstreamAddr {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every connect to these would fail: they are refused where they are written.
+    #[test]
+    fn port_zero_and_an_empty_host_are_refused() {
+        for bad in [
+            "http://127.0.0.1:0",
+            "fastcgi://[::1]:0",
+            "http://[]:80",
+            "h2c://[]",
+        ] {
+            let e = bad.parse::<UpstreamAddr>().expect_err(bad);
+            assert!(e.contains(bad), "{bad}: {e}");
+        }
+    }
 
     #[test]
     fn parses_each_form() {
