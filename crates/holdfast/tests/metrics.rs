@@ -655,6 +655,88 @@ addresses = ["{}"]
     drop(held);
 }
 
+/// `holdfast_client_parked_connections`: an idle HTTP/1 connection parks after
+/// 100 ms of quiet and counts until a request wakes it or its client closes it; one
+/// with a request in flight does not count, however long the request takes.
+#[tokio::test]
+async fn parked_client_connections_are_counted_until_woken_or_closed() {
+    use holdfast_test::{ClientRequest, RawClient};
+    let echo = TestUpstream::start(Behaviour::Echo).await;
+    let hang = TestUpstream::start(Behaviour::Hang).await;
+    let gw = start(&format!(
+        r#"
+[[route]]
+path = "/hang"
+upstream = "hang"
+
+[[route]]
+upstream = "echo"
+
+[upstream.hang]
+addresses = ["{}"]
+
+[upstream.echo]
+addresses = ["{}"]
+"#,
+        hang.url(),
+        echo.url()
+    ))
+    .await;
+    let parked = |m: &Metrics| m.value("holdfast_client_parked_connections", &[]);
+    let open = |m: &Metrics| m.value("holdfast_client_connections", &[]);
+    let connect = || async { RawClient::connect(gw.addr).await.expect("connect") };
+
+    // Busy from the start: its request waits on an upstream that never answers.
+    let mut busy = connect().await;
+    busy.send_request(&ClientRequest::get("/hang"))
+        .await
+        .expect("request");
+    hang.wait_for_requests(1, SHOW).await.expect("forwarded");
+
+    // Two idle after their answer: each parks (busy is older, and still does not).
+    let mut idle = Vec::new();
+    for n in 1..=2 {
+        let mut c = connect().await;
+        c.send_request(&ClientRequest::get("/"))
+            .await
+            .expect("request");
+        let resp = c.read_response(RESPONSE_TIMEOUT).await.expect("response");
+        assert_eq!(resp.status, 200);
+        idle.push(c);
+        let m = gw.metrics_once(|m| parked(m) == f64::from(n)).await;
+        assert_eq!(
+            (parked(&m), open(&m)),
+            (f64::from(n), f64::from(n) + 1.0),
+            "idle ones park"
+        );
+    }
+
+    // A request wakes the first one, and holds it busy.
+    idle[0]
+        .send_request(&ClientRequest::get("/hang"))
+        .await
+        .expect("request");
+    hang.wait_for_requests(2, SHOW).await.expect("forwarded");
+    let m = gw.metrics_once(|m| parked(m) == 1.0).await;
+    assert_eq!(
+        (parked(&m), open(&m)),
+        (1.0, 3.0),
+        "woken: no longer parked"
+    );
+
+    // The second one's client closes.
+    drop(idle.pop());
+    let m = gw
+        .metrics_once(|m| parked(m) == 0.0 && open(m) == 2.0)
+        .await;
+    assert_eq!(
+        (parked(&m), open(&m)),
+        (0.0, 2.0),
+        "closed: no longer counted"
+    );
+    drop(busy);
+}
+
 #[tokio::test]
 async fn config_hides_secrets_and_fastcgi_upstreams_show_what_the_application_said() {
     let app = FastCgiApp::start(7, None).await;

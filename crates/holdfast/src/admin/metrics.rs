@@ -93,6 +93,13 @@ pub fn render(proxy: &Proxy, state: &ServerState) -> String {
         "Client connections open now (including ones being closed).",
         state.clients.open() as u64,
     );
+    t.single(
+        "holdfast_client_parked_connections",
+        Kind::Gauge,
+        "Idle HTTP/1 client connections parked now (hyper's buffers freed until the \
+         client sends again); they count in holdfast_client_connections too.",
+        state.clients.parked() as u64,
+    );
     let clients = state.clients.figures();
     t.single(
         "holdfast_client_connections_total",

@@ -550,6 +550,8 @@ fn park<'a>(
     drain: &'a mut DrainWatch,
 ) -> impl Future<Output = bool> + Send + 'a {
     async move {
+        // Counted parked until this returns (woken or closing) or is dropped.
+        let _parked = io.parked();
         // Polled by hand, not `select!` over `readable()`: this future is what every
         // parked connection keeps, and a readiness future is larger than the poll.
         let check = tokio::time::sleep_until(Instant::now());

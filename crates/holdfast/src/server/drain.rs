@@ -1,5 +1,6 @@
 //! The drain signal every listener and client connection watches, and the count of
-//! open client connections the process waits on before it exits.
+//! open client connections the process waits on before it exits (and of the parked
+//! ones among them, for `/metrics`).
 
 use std::future::Future;
 use std::pin::Pin;
@@ -141,6 +142,8 @@ pub struct Tracker {
 #[derive(Debug, Default)]
 struct TrackerInner {
     open: AtomicUsize,
+    /// Of the open ones, idle HTTP/1 connections parked now (see `server/conn.rs`).
+    parked: AtomicUsize,
     zero: Notify,
     figures: Arc<ClientFigures>,
 }
@@ -180,6 +183,12 @@ impl Tracker {
         self.inner.open.load(Ordering::Acquire)
     }
 
+    /// Idle connections parked now: hyper's buffers freed, only the socket and a
+    /// small task left until the client sends again.
+    pub fn parked(&self) -> usize {
+        self.inner.parked.load(Ordering::Relaxed)
+    }
+
     /// Resolves when no connection is open.
     pub async fn wait_zero(&self) {
         loop {
@@ -197,6 +206,23 @@ impl Tracker {
 impl Tracked {
     pub fn figures(&self) -> Arc<ClientFigures> {
         self.0.figures.clone()
+    }
+
+    /// Counts the connection parked until the guard drops.
+    pub fn park(&self) -> Parked<'_> {
+        self.0.parked.fetch_add(1, Ordering::Relaxed);
+        Parked(&self.0.parked)
+    }
+}
+
+/// A parked connection; dropping it counts the connection no longer parked (woken,
+/// or closing).
+#[derive(Debug)]
+pub struct Parked<'a>(&'a AtomicUsize);
+
+impl Drop for Parked<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -227,6 +253,22 @@ mod tests {
         drop(b);
         waiter.await.unwrap();
         assert_eq!(t.open(), 0);
+    }
+
+    #[test]
+    fn a_connection_counts_as_parked_while_its_guard_lives() {
+        let t = Tracker::default();
+        let a = t.track();
+        let b = t.track();
+        let parked = a.park();
+        assert_eq!((t.open(), t.parked()), (2, 1));
+        let again = b.park();
+        assert_eq!(t.parked(), 2);
+        drop(parked);
+        assert_eq!(t.parked(), 1, "woken");
+        drop(again);
+        drop((a, b));
+        assert_eq!((t.open(), t.parked()), (0, 0));
     }
 
     #[tokio::test]

@@ -17,7 +17,7 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tokio_rustls::server::TlsStream;
 
-use super::super::drain::Tracked;
+use super::super::drain::{Parked, Tracked};
 use super::{ConnPhase, ConnState, LINGER, PARK_NONE, PARK_PARKED, PARK_REQUESTED};
 
 /// What the client connection runs over.
@@ -71,6 +71,11 @@ impl ClientIo {
             Some(s) => s.tcp().poll_read_ready(cx),
             None => Poll::Ready(Err(io::Error::from(io::ErrorKind::NotConnected))),
         }
+    }
+
+    /// Counts the connection parked (in `/metrics`) while the guard lives.
+    pub(super) fn parked(&self) -> Option<Parked<'_>> {
+        self.tracked.as_ref().map(Tracked::park)
     }
 
     /// Puts back bytes hyper had read but not used, to be read first.
