@@ -1005,8 +1005,9 @@ async fn a_connection_woken_by_a_stray_crlf_still_closes_in_a_drain() {
         client.read_response(WAIT).await.expect("response").status,
         200
     );
-    // Idle past the 100 ms after which it parks.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Idle for the 100 ms after which it parks: wait until it has.
+    gw.wait_metric("holdfast_client_parked_connections", 1.0, WAIT)
+        .await;
     client.send("\r\n").await.expect("stray CRLF");
     gw.send(holdfast::server::Control::Drain).await;
     assert!(

@@ -13,11 +13,13 @@ pub mod pki;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::{Arc, Once};
+use std::time::Duration;
 
 use holdfast::config::{Config, LogConfig};
 use holdfast::server::{Control, DrainReport, Server, ServerState};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
+use tokio::time::Instant;
 
 /// A running in-process holdfast.
 ///
@@ -89,6 +91,46 @@ impl Gateway {
             .send(control)
             .await
             .expect("the test gateway is running");
+    }
+
+    /// An unlabelled sample from `/metrics` (`holdfast_client_connections`, say);
+    /// `None` if it is not there.
+    ///
+    /// # Panics
+    ///
+    /// If the admin listener does not answer 200.
+    pub async fn metric(&self, name: &str) -> Option<f64> {
+        let resp = holdfast_test::KeepAliveClient::new(self.admin)
+            .get("/metrics")
+            .await
+            .expect("GET /metrics");
+        assert_eq!(resp.status, 200, "GET /metrics");
+        resp.text().lines().find_map(|line| {
+            let value = line.strip_prefix(name)?.strip_prefix(' ')?;
+            value.trim().parse().ok()
+        })
+    }
+
+    /// Polls `/metrics` until the unlabelled sample `name` is `want`, for an event
+    /// the gateway shows nowhere else (a client connection parked, say).
+    ///
+    /// # Panics
+    ///
+    /// If it is not within `within`, showing the last value.
+    pub async fn wait_metric(&self, name: &str, want: f64, within: Duration) {
+        let deadline = Instant::now() + within;
+        // Bounded by the deadline; a scrape every few milliseconds.
+        loop {
+            let got = self.metric(name).await;
+            if got == Some(want) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{name} is {got:?}, not {want}, after {within:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
     }
 
     /// Drains and waits for the server to return.
