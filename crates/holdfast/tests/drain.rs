@@ -762,6 +762,8 @@ async fn upgrades_under_load(upgrades: u32, duration: Duration) -> RoundReport {
         upgrades as usize
     );
     assert_eq!(gw.count_in_logs("cutting them"), 0, "{}", gw.proc.logs());
+    // The load runs for the whole `duration`, past the last upgrade: the run's length
+    // is the scenario.
     tokio::time::sleep_until(started + duration).await;
     let _ = stop_probes.send(true);
     let (probes_sent, probes) = prober.await.expect("prober");

@@ -1014,7 +1014,10 @@ async fn slow_scripts_keep_their_connections() {
     assert_eq!(get(&gw, "/slow.php").await.status, 200);
 
     // Two clients, the second starting while the first one's request runs, so that
-    // it opens a connection of its own.
+    // it opens a connection of its own. The offset is the scenario, not a wait: 70 ms
+    // into the 150 ms script, each client's answer then comes while the other's new
+    // connection has waited longer than WORKER_WAIT (50 ms) but less than twice the
+    // usual answer time, the window in which the pool must not take it for starved.
     let tasks: Vec<_> = (0..2u64)
         .map(|i| {
             let mut c = client(&gw);
