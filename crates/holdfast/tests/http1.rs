@@ -1374,6 +1374,67 @@ async fn connections_over_the_listener_limit_wait_until_one_closes() {
     assert_eq!(resp.echoed().unwrap().target, "/third");
 }
 
+/// A connection upgraded to a WebSocket is still a client connection: it keeps its
+/// place under `max_connections` until it closes, although hyper is done with it.
+#[tokio::test]
+async fn an_upgraded_connection_counts_against_max_connections() {
+    // Answers 101, then echoes raw bytes until EOF; any other request gets 200.
+    let upstream = raw_upstream(|stream| async move {
+        let mut io = BufReader::new(stream);
+        let Ok(Some(head)) = read_head(&mut io).await else {
+            return;
+        };
+        if header(&head, "upgrade").is_none() {
+            let _ = io
+                .get_mut()
+                .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                .await;
+            return;
+        }
+        let answer = b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: upgrade\r\n\r\n";
+        if io.get_mut().write_all(answer).await.is_err() {
+            return;
+        }
+        let mut buf = [0u8; 4096];
+        // Bounded by the peer: ends at its EOF.
+        while let Ok(n) = io.read(&mut buf).await {
+            if n == 0 || io.get_mut().write_all(&buf[..n]).await.is_err() {
+                break;
+            }
+        }
+    })
+    .await;
+    let gw = start(&format!(
+        "{}\n[[listener]]\nlisten = \"127.0.0.1:0\"\nmax_connections = 1\n",
+        proxy_to(&format!("http://{}", upstream.addr))
+    ))
+    .await;
+    let mut ws = RawClient::connect(gw.addr).await.unwrap();
+    ws.send("GET /chat HTTP/1.1\r\nhost: x\r\nupgrade: websocket\r\nconnection: Upgrade\r\n\r\n")
+        .await
+        .unwrap();
+    assert_eq!(ws.read_response(WAIT).await.unwrap().status, 101);
+    ws.send(b"ping").await.unwrap();
+    assert_eq!(read_exactly(&mut ws, 4).await, b"ping");
+    // The listener is full: a second client waits in the kernel's queue.
+    let mut second = RawClient::connect(gw.addr).await.unwrap();
+    second
+        .send_request(&ClientRequest::get("/second"))
+        .await
+        .unwrap();
+    assert_eq!(
+        second.wait_close(Duration::from_millis(500)).await,
+        PeerClose::StillOpen,
+        "served past max_connections while a WebSocket is open"
+    );
+    // The WebSocket ends; the second client is served.
+    ws.shutdown_write().await.unwrap();
+    assert_eq!(ws.wait_close(WAIT).await, PeerClose::Eof);
+    drop(ws);
+    let resp = second.read_response(WAIT).await.unwrap();
+    assert_eq!(resp.status, 200);
+}
+
 // === errors toward the client ===
 
 #[tokio::test]

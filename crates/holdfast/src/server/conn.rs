@@ -50,7 +50,7 @@ use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpStream;
-use tokio::sync::Notify;
+use tokio::sync::{Notify, OwnedSemaphorePermit};
 use tokio::time::Instant;
 
 mod io;
@@ -312,6 +312,7 @@ pub fn serve(
     shared: Arc<ListenerShared>,
     drain: DrainWatch,
     tracked: Tracked,
+    slot: Option<OwnedSemaphorePermit>,
 ) -> impl Future<Output = ()> + Send {
     async move {
         let accepted = Instant::now();
@@ -354,6 +355,7 @@ pub fn serve(
             state.clone(),
             proto == Proto::Http1,
             tracked,
+            slot,
         );
         let io = TokioIo::new(io);
         let svc = {

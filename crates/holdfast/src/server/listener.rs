@@ -56,10 +56,16 @@ pub async fn accept_loop(
         let tracked = tracker.track();
         let shared = shared.clone();
         let drain = drain.clone();
-        tokio::spawn(async move {
-            conn::serve(stream, remote, shared, drain, tracked).await;
-            drop(permit);
-        });
+        // The permit goes with the connection's socket, not this task: a connection
+        // upgraded (a WebSocket) outlives `serve` and still counts.
+        tokio::spawn(conn::serve(
+            stream,
+            remote,
+            shared,
+            drain,
+            tracked,
+            Some(permit),
+        ));
     }
 }
 
@@ -91,7 +97,7 @@ pub fn take_queued(
         let tracked = tracker.track();
         let (shared, drain) = (shared.clone(), drain.clone());
         tokio::spawn(async move {
-            conn::serve(stream, remote, shared, drain, tracked).await;
+            conn::serve(stream, remote, shared, drain, tracked, None).await;
         });
     }
     if taken > 0 {

@@ -14,6 +14,7 @@ use crate::timer::StallDeadline;
 use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
+use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
 use tokio_rustls::server::TlsStream;
 
@@ -62,6 +63,10 @@ pub(super) struct ClientIo {
     /// body's own deadlines are never looked at again; this one ends the connection.
     write_stall: StallDeadline,
     tracked: Option<Tracked>,
+    /// The connection's place under the listener's `max_connections`, held as long as
+    /// the socket is served (an upgraded one, a WebSocket, included), given back when
+    /// it closes (a lingering close no longer counts).
+    _slot: Option<OwnedSemaphorePermit>,
 }
 
 impl ClientIo {
@@ -93,6 +98,7 @@ impl ClientIo {
         state: Arc<ConnState>,
         mark_reading: bool,
         tracked: Tracked,
+        slot: Option<OwnedSemaphorePermit>,
     ) -> Self {
         ClientIo {
             stream: Some(stream),
@@ -103,6 +109,7 @@ impl ClientIo {
             unsent: false,
             write_stall: StallDeadline::default(),
             tracked: Some(tracked),
+            _slot: slot,
         }
     }
 
