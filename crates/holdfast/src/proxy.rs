@@ -158,7 +158,10 @@ impl Proxy {
                 })
             });
 
-            let host = request_host(&req);
+            let (host, bad_host) = match request_host(&req) {
+                Ok(host) => (host, None),
+                Err(why) => (None, Some(why)),
+            };
             // Dot segments are resolved before routing, and the upstream gets the
             // path without them, so that `/api/../admin` can neither match `/api` nor
             // reach an `/api` upstream as `/admin`.
@@ -168,6 +171,9 @@ impl Proxy {
                 .routes
                 .find(host.as_ref().and_then(|h| h.to_str().ok()), path);
             let tally = Tally::new(routing.figures.cell(route.map(|r| r.index)), start);
+            if let Some(why) = bad_host {
+                return finish_local(StatusCode::BAD_REQUEST, why, None, (log, tally));
+            }
             // Looked for after the plain dot segments are gone, so any `..` left
             // sits behind an encoded or backslash separator.
             if crate::route::hides_dot_segment(path) {
@@ -624,14 +630,59 @@ fn respond(
 
 /// The host a request is for: the absolute-form authority, or the `Host` header (a
 /// shared handle on hyper's buffer, not a copy).
-fn request_host(req: &Request<Incoming>) -> Option<HeaderValue> {
-    if let Some(a) = req.uri().authority() {
-        return HeaderValue::try_from(a.as_str()).ok();
+///
+/// # Errors
+/// What RFC 9112 3.2 answers with 400: more than one `Host`, a `Host` that is not a
+/// host and port, or an HTTP/1.1 request with neither a `Host` nor an absolute
+/// target. holdfast would otherwise pick one reading (the first `Host`) where a
+/// server behind it, or a cache in front, may pick another.
+fn request_host(req: &Request<Incoming>) -> Result<Option<HeaderValue>, &'static str> {
+    let mut hosts = req.headers().get_all(header::HOST).iter();
+    let first = hosts.next();
+    if hosts.next().is_some() {
+        return Err("more than one Host header\n");
     }
-    req.headers()
-        .get(header::HOST)
-        .filter(|h| h.to_str().is_ok())
-        .cloned()
+    if let Some(a) = req.uri().authority() {
+        return Ok(HeaderValue::try_from(a.as_str()).ok());
+    }
+    match first {
+        None if req.version() == http::Version::HTTP_11 => {
+            Err("an HTTP/1.1 request needs a Host header\n")
+        }
+        None => Ok(None),
+        Some(h) if !is_host_and_port(h.as_bytes()) => Err("the Host header is not a host\n"),
+        Some(h) => Ok(Some(h.clone())),
+    }
+}
+
+/// Whether `value` can be a `Host` (RFC 9110 7.2: `uri-host [ ":" port ]`): only
+/// the characters of a reg-name, an IP literal and a port; no userinfo, path, space
+/// or control character.
+fn is_host_and_port(value: &[u8]) -> bool {
+    value.iter().all(|&b| {
+        b.is_ascii_alphanumeric()
+            || matches!(
+                b,
+                b'-' | b'.'
+                    | b'_'
+                    | b'~'
+                    | b'!'
+                    | b'$'
+                    | b'&'
+                    | b'\''
+                    | b'('
+                    | b')'
+                    | b'*'
+                    | b'+'
+                    | b','
+                    | b';'
+                    | b'='
+                    | b'%'
+                    | b':'
+                    | b'['
+                    | b']'
+            )
+    })
 }
 
 /// Removes what must not pass (hop-by-hop fields, `Expect`) and returns the fields

@@ -763,6 +763,54 @@ async fn ambiguous_requests_are_rejected_and_never_forwarded() {
     );
 }
 
+/// RFC 9112 3.2: a request with more than one `Host`, a `Host` that is not a host
+/// and port, or an HTTP/1.1 request with no `Host` (and no absolute target) gets 400
+/// and never reaches an upstream: routing by one reading of it (the first `Host`)
+/// while a server behind, or a cache in front, takes another is how requests reach
+/// the wrong virtual host. HTTP/1.0 needs no `Host`; an absolute target names the
+/// host itself.
+#[tokio::test]
+async fn a_missing_repeated_or_invalid_host_gets_400_and_is_never_forwarded() {
+    let upstream = TestUpstream::start(Behaviour::Echo).await;
+    let gw = start(&proxy_to(&upstream.url())).await;
+    let cases = [
+        ("no Host", "GET /a HTTP/1.1\r\n\r\n"),
+        (
+            "two Hosts",
+            "GET /a HTTP/1.1\r\nhost: a.test\r\nhost: b.test\r\n\r\n",
+        ),
+        ("a space", "GET /a HTTP/1.1\r\nhost: a b\r\n\r\n"),
+        ("a path", "GET /a HTTP/1.1\r\nhost: a.test/b\r\n\r\n"),
+        ("userinfo", "GET /a HTTP/1.1\r\nhost: u@a.test\r\n\r\n"),
+    ];
+    for (what, request) in cases {
+        let mut client = RawClient::connect(gw.addr).await.unwrap();
+        client.send(request).await.unwrap();
+        let resp = client.read_response(WAIT).await;
+        let status = resp.as_ref().map(|r| r.status);
+        assert_eq!(status, Ok(400), "{what}: {resp:?}");
+    }
+    assert_eq!(
+        upstream.requests_seen(),
+        0,
+        "a request with a bad Host reached the upstream: {:?}",
+        upstream.requests()
+    );
+    for request in [
+        "GET /a HTTP/1.0\r\n\r\n",
+        "GET http://c.test/a HTTP/1.1\r\n\r\n",
+        "GET /a HTTP/1.1\r\nhost: [::1]:8080\r\n\r\n",
+    ] {
+        let mut client = RawClient::connect(gw.addr).await.unwrap();
+        client.send(request).await.unwrap();
+        let resp = client.read_response(WAIT).await;
+        assert!(
+            resp.as_ref().is_ok_and(|r| r.status == 200),
+            "{request:?}: {resp:?}"
+        );
+    }
+}
+
 /// hyper does not reject Content-Length with Transfer-Encoding: it applies RFC 9112
 /// 6.3, letting the chunked framing win, dropping Content-Length and closing the
 /// connection after the response. The upstream gets one unambiguous request, and what
