@@ -1057,6 +1057,10 @@ async fn a_connection_woken_by_a_stray_crlf_still_closes_in_a_drain() {
     gw.wait_metric("holdfast_client_parked_connections", 1.0, WAIT)
         .await;
     client.send("\r\n").await.expect("stray CRLF");
+    // Woken by it (it parks again only after another 100 ms idle): the drain must
+    // find a woken connection, not the parked one it would close anyway.
+    gw.wait_metric("holdfast_client_parked_connections", 0.0, WAIT)
+        .await;
     gw.send(holdfast::server::Control::Drain).await;
     assert!(
         closed_within(&mut client, Duration::from_secs(5))

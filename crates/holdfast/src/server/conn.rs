@@ -181,6 +181,12 @@ pub struct ConnState {
     /// HTTP/2: the client has sent something since holdfast began closing (a PING
     /// ack, a WINDOW_UPDATE): it is alive, and may be reading slowly.
     pub(super) heard: AtomicBool,
+    /// HTTP/1: a write or flush hyper started has not finished (the socket is full):
+    /// hyper holds bytes still to send. hyper ends a request once its response's last
+    /// piece is in its write buffer, before that piece is sent, so the connection may
+    /// look idle meanwhile; it parks, or is dropped as idle, only once they are sent.
+    /// (Written by `ClientIo` on the connection's task only.)
+    pub(super) unsent: AtomicBool,
     /// Makes an HTTP/2 connection task look again at once.
     wake: Notify,
     /// Plain HTTP/1 connections may park while idle (see [`park`]).
@@ -232,6 +238,7 @@ impl ConnState {
             close_soon: AtomicBool::new(false),
             client_closes: AtomicBool::new(false),
             heard: AtomicBool::new(false),
+            unsent: AtomicBool::new(false),
             wake: Notify::new(),
         }
     }
@@ -694,6 +701,13 @@ async fn drive<C>(
             }
             Wake::Check => {
                 let v = match proto {
+                    Proto::Http1 if closing.is_some() => match closing_http1(state, shared, now) {
+                        Some(v) => v,
+                        None => {
+                            tracing::debug!(client = %remote, "idle connection holding only empty lines; closing");
+                            return;
+                        }
+                    },
                     Proto::Http1 => verdict(state, shared, now),
                     Proto::Http2 => verdict_h2(state, shared, now, closing),
                 };
@@ -702,8 +716,9 @@ async fn drive<C>(
                         shutdown(conn.as_mut());
                         closing = Some(now);
                         state.heard.store(false, Relaxed);
-                        // HTTP/2 still watches the client finish closing.
-                        armed = proto == Proto::Http2;
+                        // HTTP/2 still watches the client finish closing; HTTP/1
+                        // looks once more (see `closing_http1`).
+                        armed = true;
                         check.reset(now);
                     }
                     Verdict::Abort(why) => {
@@ -711,8 +726,9 @@ async fn drive<C>(
                         tracing::info!(client = %remote, timeout = ?shared.config.header_timeout.get(), "{why}; closing");
                         return;
                     }
-                    // HTTP/1 sets its next time after the connection's next poll.
-                    Verdict::RecheckAt(_) if proto == Proto::Http1 => {}
+                    // HTTP/1 sets its next time after the connection's next poll
+                    // (not once closing: then only `closing_http1` looks).
+                    Verdict::RecheckAt(_) if proto == Proto::Http1 && closing.is_none() => {}
                     Verdict::RecheckAt(at) => {
                         check.reset(at);
                         armed = true;
@@ -734,6 +750,25 @@ async fn drive<C>(
                 }
             }
         }
+    }
+}
+
+/// An HTTP/1 connection told to close while idle (hyper's graceful shutdown), looked
+/// at after hyper had its poll: `None` if it should be dropped now. An idle hyper
+/// connection ends at that poll, except a new one (after a park) that has read bytes
+/// starting no request (empty lines, RFC 9112 2.2): hyper takes that for a request
+/// begun and waits for a head that may never come, which no idle rule or drain would
+/// end. The end of a response still in hyper's buffer (a slow reader) is waited
+/// for, bounded by `send_timeout`; a head that began arriving is served (with
+/// `Connection: close`) under `header_timeout`.
+fn closing_http1(state: &ConnState, shared: &ListenerShared, now: Instant) -> Option<Verdict> {
+    match state.phase().0 {
+        ConnPhase::Idle if !state.unsent.load(Relaxed) => None,
+        ConnPhase::Reading => Some(match verdict(state, shared, now) {
+            Verdict::Abort(why) => Verdict::Abort(why),
+            _ => Verdict::RecheckAt(now + BUSY_RECHECK),
+        }),
+        _ => Some(Verdict::RecheckAt(now + BUSY_RECHECK)),
     }
 }
 

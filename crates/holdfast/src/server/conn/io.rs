@@ -53,11 +53,6 @@ pub(super) struct ClientIo {
     /// HTTP/2 they may be a PING or a WINDOW_UPDATE; requests are counted by stream.
     mark_reading: bool,
     read_eof: bool,
-    /// A write or flush hyper started has not finished (the socket is full): hyper
-    /// holds bytes still to send. hyper ends a request once its response's last
-    /// piece is in its write buffer, before that piece is sent, so the connection
-    /// may look idle meanwhile; it parks only once they are sent.
-    unsent: bool,
     /// How long a write that would block has waited: the client stopped reading.
     /// hyper takes no more of a response body while its write buffer is full, so the
     /// body's own deadlines are never looked at again; this one ends the connection.
@@ -106,7 +101,6 @@ impl ClientIo {
             state,
             mark_reading,
             read_eof: false,
-            unsent: false,
             write_stall: StallDeadline::default(),
             tracked: Some(tracked),
             _slot: slot,
@@ -117,9 +111,9 @@ impl ClientIo {
     /// had; if a park waited for it, the connection is polled again to park now.
     fn note_write<T>(&mut self, res: &Poll<io::Result<T>>, flushed: bool, cx: &Context<'_>) {
         match res {
-            Poll::Pending => self.unsent = true,
-            Poll::Ready(Ok(_)) if flushed && self.unsent => {
-                self.unsent = false;
+            Poll::Pending => self.state.unsent.store(true, Relaxed),
+            Poll::Ready(Ok(_)) if flushed && self.state.unsent.load(Relaxed) => {
+                self.state.unsent.store(false, Relaxed);
                 if self.state.park.load(Relaxed) == PARK_REQUESTED {
                     cx.waker().wake_by_ref();
                 }
@@ -203,7 +197,7 @@ impl AsyncRead for ClientIo {
             Poll::Pending
                 if this.state.park.load(Relaxed) == PARK_REQUESTED
                     && this.state.phase.load(Relaxed) == ConnPhase::Idle as u8
-                    && !this.unsent =>
+                    && !this.state.unsent.load(Relaxed) =>
             {
                 this.state.park.store(PARK_PARKED, Relaxed);
                 return Poll::Ready(Ok(()));
