@@ -429,6 +429,15 @@ async fn tls_http1_upstream(pki: &TestCa) -> (SocketAddr, Arc<AtomicUsize>) {
                         let _ = tls.write_all(reply).await;
                         continue;
                     }
+                    if head.starts_with("get /trailers") {
+                        let reply = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\
+                                      trailer: x-checksum\r\n\r\n\
+                                      2\r\nok\r\n0\r\nx-checksum: 42\r\n\r\n";
+                        if tls.write_all(reply).await.is_err() || tls.flush().await.is_err() {
+                            return;
+                        }
+                        continue;
+                    }
                     if head.starts_with("post /read") {
                         // Chunked: up to the last chunk (the test's bodies hold no CR).
                         let length = head
@@ -554,6 +563,30 @@ async fn a_connection_that_sent_its_whole_streamed_body_is_pooled() {
     let (_, pool) = pools(&gw).await;
     assert_eq!(accepted.load(Relaxed), 1, "{pool}");
     assert_eq!(count(&pool["reused"]), 1, "{pool}");
+}
+
+/// A chunked answer with trailers from a TLS upstream (hyper's client) ends with its
+/// trailers: hyper's server polls no further after them and drops the body. The
+/// connection goes back to the pool, and the request is not logged as a client that
+/// went away.
+#[tokio::test]
+async fn a_response_with_trailers_from_a_tls_upstream_returns_its_connection_to_the_pool() {
+    let pki = TestCa::new("holdfast upstream test CA");
+    let (addr, accepted) = tls_http1_upstream(&pki).await;
+    let gw = streaming_gateway(&pki, addr).await;
+    let mut client = KeepAliveClient::new(gw.addr).with_timeout(SOON);
+    for _ in 0..2 {
+        let r = client
+            .send(&ClientRequest::get("/trailers").header("te", "trailers"))
+            .await
+            .expect("GET /trailers");
+        assert_eq!(r.status, 200);
+        assert_eq!(&r.body[..], b"ok");
+    }
+    let (_, pool) = pools(&gw).await;
+    assert_eq!(accepted.load(Relaxed), 1, "{pool}");
+    assert_eq!(count(&pool["reused"]), 1, "{pool}");
+    assert_eq!(count(&pool["closed"]["abandoned"]), 0, "{pool}");
 }
 
 /// `data` as one chunk and the last chunk.

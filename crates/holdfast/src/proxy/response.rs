@@ -244,9 +244,11 @@ impl UpstreamBody {
                 if let Some(d) = frame.data_ref() {
                     self.bytes += d.len() as u64;
                 }
-                // hyper's server stops polling once `is_end_stream` says so, so the
-                // connection must be released here, not on a later `None`.
-                if self.body.is_end_stream() {
+                // hyper's server stops polling once `is_end_stream` says so, and after
+                // a trailers frame (which ends a body, though hyper's HTTP/1 client
+                // body does not say so then), so the connection must be released
+                // here, not on a later `None`.
+                if frame.is_trailers() || self.body.is_end_stream() {
                     self.finish();
                 }
                 Poll::Ready(Some(Ok(frame)))
