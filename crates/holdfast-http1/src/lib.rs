@@ -422,6 +422,8 @@ fn scan_head(
     let mut transfer_encoding = false;
     let mut last_coding_chunked = false;
     let mut foreign_coding = false;
+    // Over every field: `chunked` in two fields is chunked applied twice.
+    let mut chunked_codings = 0;
     let mut content_length = ContentLength::Absent;
     // Not one field with one value: several fields, or a list.
     let mut content_length_repeated = false;
@@ -450,7 +452,9 @@ fn scan_head(
                 if let Some(chunked) = last_coding_is_chunked(field.value) {
                     last_coding_chunked = chunked;
                 }
-                foreign_coding |= !only_chunked(field.value);
+                let (chunked, other) = codings(field.value);
+                chunked_codings += chunked;
+                foreign_coding |= other;
             }
             FieldKind::Connection => {
                 for token in field.value.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
@@ -485,7 +489,9 @@ fn scan_head(
             // A coding besides chunked (gzip, identity, ...) leaves the body encoded
             // once chunked is undone, and a proxy that removes the hop-by-hop
             // Transfer-Encoding would pass it on unmarked: refused, as nginx does.
-            if foreign_coding {
+            // So would chunked applied twice (RFC 9112 7.1: a sender must not), once
+            // undone.
+            if foreign_coding || chunked_codings > 1 {
                 return Err(HeadError::Invalid("transfer coding other than chunked"));
             }
             // Point 3: whoever else read the Content-Length disagrees about where the
@@ -578,13 +584,35 @@ fn parse_decimal(digits: &[u8]) -> Option<u64> {
     })
 }
 
-/// Whether a `Transfer-Encoding` value names no coding but `chunked`.
-pub fn only_chunked(value: &[u8]) -> bool {
+/// Whether a message's `Transfer-Encoding` field values (all of them) name no coding
+/// but `chunked`, and that at most once: chunked applied twice (RFC 9112 7.1 forbids
+/// it) would be undone once and the body passed on still chunk-framed.
+pub fn only_chunked<'a>(values: impl IntoIterator<Item = &'a [u8]>) -> bool {
+    let mut chunked = 0;
+    for value in values {
+        let (n, other) = codings(value);
+        if other {
+            return false;
+        }
+        chunked += n;
+    }
+    chunked <= 1
+}
+
+/// The codings a `Transfer-Encoding` value names: how many times `chunked`, and
+/// whether any other. Empty list elements are not codings (RFC 9110 5.6.1).
+fn codings(value: &[u8]) -> (usize, bool) {
     value
         .split(|&b| b == b',')
         .map(<[u8]>::trim_ascii)
         .filter(|coding| !coding.is_empty())
-        .all(|coding| coding.eq_ignore_ascii_case(b"chunked"))
+        .fold((0, false), |(chunked, other), coding| {
+            if coding.eq_ignore_ascii_case(b"chunked") {
+                (chunked + 1, other)
+            } else {
+                (chunked, true)
+            }
+        })
 }
 
 /// Whether the last coding of a field value is chunked; None if it names none.
@@ -1355,6 +1383,28 @@ mod tests {
             &Method::HEAD,
         );
         assert_eq!(head_only.framing, Framing::None);
+    }
+
+    /// Chunked applied twice (RFC 9112 7.1: a sender must not) would be undone once
+    /// and the body passed on still chunk-framed, unmarked: refused like any coding
+    /// holdfast does not undo, in one field or over several.
+    #[test]
+    fn chunked_applied_twice_is_refused() {
+        for input in [
+            &b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked, chunked\r\n\r\n"[..],
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n",
+        ] {
+            assert_eq!(
+                error(input),
+                HeadError::Invalid("transfer coding other than chunked"),
+                "{}",
+                String::from_utf8_lossy(input)
+            );
+        }
+        assert!(!only_chunked([&b"chunked, chunked"[..]]));
+        assert!(!only_chunked([&b"chunked"[..], b"chunked"]));
+        assert!(only_chunked([&b"chunked"[..], b" , "]));
+        assert!(only_chunked(std::iter::empty()));
     }
 
     /// A repeated Content-Length (RFC 9112 6.3 point 5) frames the body by its

@@ -198,16 +198,18 @@ impl Proxy {
                     (log, tally),
                 );
             }
-            // hyper undoes chunked; any other transfer coding would reach the upstream
-            // still applied, without the hop-by-hop field that says so (RFC 9112 6.1:
-            // 501 for a coding a server does not understand; nginx does the same).
+            // hyper undoes chunked once; any other transfer coding (or chunked again)
+            // would reach the upstream still applied, without the hop-by-hop field that
+            // says so (RFC 9112 6.1: 501 for a coding a server does not understand;
+            // nginx does the same).
             // (Only a request with a body can have one: a bodiless one skips the lookup.)
             if !http_body::Body::is_end_stream(req.body())
-                && req
-                    .headers()
-                    .get_all(header::TRANSFER_ENCODING)
-                    .iter()
-                    .any(|v| !crate::upstream::http1::codec::only_chunked(v.as_bytes()))
+                && !crate::upstream::http1::codec::only_chunked(
+                    req.headers()
+                        .get_all(header::TRANSFER_ENCODING)
+                        .iter()
+                        .map(HeaderValue::as_bytes),
+                )
             {
                 return finish_local(
                     StatusCode::NOT_IMPLEMENTED,

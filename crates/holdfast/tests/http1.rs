@@ -559,6 +559,38 @@ async fn transfer_codings_other_than_chunked_are_refused_both_ways() {
     assert!(!targets.contains(&"/upload".to_string()), "{targets:?}");
 }
 
+/// Chunked applied twice is undone only once: the body would pass on still
+/// chunk-framed, with nothing to say so. Refused both ways, like other codings.
+#[tokio::test]
+async fn chunked_applied_twice_is_refused_both_ways() {
+    let upstream = TestUpstream::start(Behaviour::respond(|req| match req.target.as_str() {
+        "/twice" => Reply::new(200)
+            .header("transfer-encoding", "chunked, chunked")
+            .body("6\r\n1\r\nA\r\n\r\n0\r\n\r\n"),
+        "/two-fields" => Reply::new(200)
+            .header("transfer-encoding", "chunked")
+            .header("transfer-encoding", "chunked")
+            .body("6\r\n1\r\nA\r\n\r\n0\r\n\r\n"),
+        _ => Reply::new(200).body("fine"),
+    }))
+    .await;
+    let gw = start(&proxy_to(&upstream.url())).await;
+    let mut client = KeepAliveClient::new(gw.addr);
+    let upload = ClientRequest::new("POST", "/upload")
+        .header("transfer-encoding", "chunked, chunked")
+        .body("6\r\n1\r\nA\r\n\r\n0\r\n\r\n");
+    let r = client.send(&upload).await.unwrap();
+    assert_eq!(r.status, 501, "{}", r.text());
+    for target in ["/twice", "/two-fields"] {
+        let r = client.send(&ClientRequest::get(target)).await.unwrap();
+        assert_eq!(r.status, 502, "{target}: {}", r.text());
+    }
+    let r = client.send(&ClientRequest::get("/plain")).await.unwrap();
+    assert_eq!(r.text(), "fine");
+    let targets: Vec<String> = upstream.requests().into_iter().map(|r| r.target).collect();
+    assert!(!targets.contains(&"/upload".to_string()), "{targets:?}");
+}
+
 /// An absolute-form target with userinfo is refused (RFC 9110 4.2.4), not forwarded
 /// with `user@host` as its Host.
 #[tokio::test]

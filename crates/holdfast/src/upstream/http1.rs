@@ -84,15 +84,17 @@ pub fn send(
 ) -> impl Future<Output = SendResult> + Send + use<> {
     use futures_util::FutureExt;
     sender.try_send_request(req).map(|result| match result {
-        // hyper undoes chunked and leaves any other coding applied; the hop-by-hop
-        // Transfer-Encoding that says so is removed on the way to the client, so such
-        // a body would arrive encoded and unmarked (our own codec refuses it alike).
+        // hyper undoes chunked once and leaves any other coding (or chunked again)
+        // applied; the hop-by-hop Transfer-Encoding that says so is removed on the way
+        // to the client, so such a body would arrive encoded and unmarked (our own
+        // codec refuses it alike).
         Ok(resp)
-            if resp
-                .headers()
-                .get_all(http::header::TRANSFER_ENCODING)
-                .iter()
-                .any(|v| !codec::only_chunked(v.as_bytes())) =>
+            if !codec::only_chunked(
+                resp.headers()
+                    .get_all(http::header::TRANSFER_ENCODING)
+                    .iter()
+                    .map(http::HeaderValue::as_bytes),
+            ) =>
         {
             Err((
                 UpstreamError::new(Kind::Protocol, Delivery::MaybeSent)
