@@ -362,6 +362,11 @@ impl Body for RequestBody {
             }
             RequestBody::Streaming(s) => {
                 if let Some(p) = s.prefix.take().filter(|p| !p.is_empty()) {
+                    // The part read ahead may be the whole body: then it ends here,
+                    // and hyper asks no more (see below).
+                    if s.incoming.is_end_stream() {
+                        s.ended.end();
+                    }
                     return Poll::Ready(Some(Ok(Frame::data(p))));
                 }
                 let polled = Pin::new(&mut s.incoming).poll_frame(cx);

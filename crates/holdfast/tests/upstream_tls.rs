@@ -589,6 +589,39 @@ async fn a_response_with_trailers_from_a_tls_upstream_returns_its_connection_to_
     assert_eq!(count(&pool["closed"]["abandoned"]), 0, "{pool}");
 }
 
+/// A body a little over `retry.replay_body_limit` streams, its first part read ahead
+/// while deciding whether it could be kept: when that part is the whole body, the
+/// body ends as it goes out, and the connection must be pooled as after any body sent
+/// whole (hyper asks nothing more of a body that says it has ended).
+#[tokio::test]
+async fn a_body_read_whole_while_deciding_to_stream_it_leaves_its_connection_pooled() {
+    let pki = TestCa::new("holdfast upstream test CA");
+    let (addr, accepted) = tls_http1_upstream(&pki).await;
+    let gw = https_gateway(
+        &format!("https://127.0.0.1:{}", addr.port()),
+        &format!(
+            "ca_file = {}\nserver_name = \"upstream.test\"",
+            toml_path(&pki.ca_file())
+        ),
+        "[upstream.up.retry]\nreplay_body_limit = \"1KiB\"\n",
+    )
+    .await;
+    // Over the limit, and small enough to arrive with its head in one read.
+    let body = vec![b'x'; 1500];
+    let mut client = KeepAliveClient::new(gw.addr).with_timeout(SOON);
+    for i in 0..2 {
+        let resp = client
+            .send(&ClientRequest::post("/read", body.clone()))
+            .await
+            .expect("POST");
+        assert_eq!(resp.status, 200, "request {i}");
+    }
+    let (_, pool) = pools(&gw).await;
+    assert_eq!(count(&pool["closed"]["not_poolable"]), 0, "{pool}");
+    assert_eq!(accepted.load(Relaxed), 1, "{pool}");
+    assert_eq!(count(&pool["reused"]), 1, "{pool}");
+}
+
 /// `data` as one chunk and the last chunk.
 fn chunked_body(data: &[u8]) -> Vec<u8> {
     let mut out = format!("{:x}\r\n", data.len()).into_bytes();
