@@ -175,11 +175,11 @@ impl Proxy {
                 return finish_local(StatusCode::BAD_REQUEST, why, None, (log, tally));
             }
             // Looked for after the plain dot segments are gone, so any `..` left
-            // sits behind an encoded or backslash separator.
+            // sits behind an encoded or backslash separator, or carries parameters.
             if crate::route::hides_dot_segment(path) {
                 return finish_local(
                     StatusCode::BAD_REQUEST,
-                    "a `..` segment behind an encoded or backslash separator\n",
+                    "a `..` segment behind an encoded or backslash separator, or with parameters\n",
                     None,
                     (log, tally),
                 );

@@ -200,13 +200,15 @@ fn dot_dot(seg: &str) -> bool {
 }
 
 /// Whether `path` holds a `..` segment behind an encoded or backslash separator
-/// (`/api/..%2Fadmin`, `/api/..\\admin`): an upstream that decodes `%2F` or reads `\\`
-/// as `/` would resolve it where routing did not. Such a path is refused, not guessed
-/// at (nginx decodes and resolves; no client of ours has a reason to send one). For a
-/// path whose plain dot segments are already resolved ([`remove_dot_segments`]).
+/// (`/api/..%2Fadmin`, `/api/..\\admin`), or with `;` parameters (`/api/..;/admin`):
+/// an upstream that decodes `%2F`, reads `\\` as `/` or drops a segment's parameters
+/// before resolving dot segments (servlet containers do) would resolve it where
+/// routing did not. Such a path is refused, not guessed at (nginx decodes and
+/// resolves; no client of ours has a reason to send one). For a path whose plain dot
+/// segments are already resolved ([`remove_dot_segments`]).
 pub fn hides_dot_segment(path: &str) -> bool {
     let b = path.as_bytes();
-    if !b.iter().any(|&c| c == b'%' || c == b'\\') {
+    if !b.iter().any(|&c| c == b'%' || c == b'\\' || c == b';') {
         return false; // the usual path: no encoded or backslash separator possible
     }
     let mut start = 0;
@@ -227,7 +229,11 @@ pub fn hides_dot_segment(path: &str) -> bool {
                 continue;
             }
         };
-        if path.get(start..i).is_some_and(dot_dot) {
+        // A segment's parameters (`..;x`) do not count.
+        if path
+            .get(start..i)
+            .is_some_and(|seg| dot_dot(seg.split(';').next().unwrap_or(seg)))
+        {
             return true;
         }
         i += sep;
@@ -329,10 +335,21 @@ mod tests {
             "/api/..\\admin",
             "/api%2F..%2Fadmin",
             "/api/x%2F..",
+            "/api/..;/admin",
+            "/api/%2e.;v=1/admin",
+            "/api/x/..;",
         ] {
             assert!(hides_dot_segment(path), "{path}");
         }
-        for path in ["/api/x", "/a%20b/..c", "/a%2Fb", "/a/%2e%2e./x", "/..%2"] {
+        for path in [
+            "/api/x",
+            "/a%20b/..c",
+            "/a%2Fb",
+            "/a/%2e%2e./x",
+            "/..%2",
+            "/a;v=1/..b;c",
+            "/a/.;/b",
+        ] {
             assert!(!hides_dot_segment(path), "{path}");
         }
     }

@@ -2282,6 +2282,44 @@ async fn dot_segments_cannot_leave_a_route_prefix() {
     assert_eq!(targets, ["/admin"; 3], "resolved, and sent resolved");
 }
 
+/// Servlet containers (Tomcat, Jetty) and Spring drop a segment's `;` parameters
+/// before resolving dot segments, so `/public/..;/admin` is `/admin` to them while
+/// routing saw a `/public` path (the `..;/` route bypass). Like a `..` behind an
+/// encoded separator, it is refused rather than sent to the `/public` upstream.
+#[tokio::test]
+async fn a_dot_dot_segment_with_parameters_is_refused() {
+    let public = TestUpstream::start(Behaviour::Echo).await;
+    let site = TestUpstream::start(Behaviour::Echo).await;
+    let gw = start(&format!(
+        "[[route]]\npath = \"/public\"\nupstream = \"public\"\n\
+         [[route]]\npath = \"/\"\nupstream = \"site\"\n\
+         [upstream.public]\naddresses = [\"{}\"]\n\
+         [upstream.site]\naddresses = [\"{}\"]\n",
+        public.url(),
+        site.url()
+    ))
+    .await;
+    let mut client = KeepAliveClient::new(gw.addr);
+    for target in [
+        "/public/..;/admin",
+        "/public/..;jsessionid=1/admin",
+        "/public/%2e%2e;x/admin",
+        "/public/x/..;",
+    ] {
+        let r = client.send(&ClientRequest::get(target)).await.unwrap();
+        assert_eq!(r.status, 400, "{target}: {}", r.text());
+    }
+    // Parameters elsewhere are the upstream's business.
+    let r = client
+        .send(&ClientRequest::get("/public/a;v=1/..b;c"))
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    let targets: Vec<String> = public.requests().into_iter().map(|r| r.target).collect();
+    assert_eq!(targets, ["/public/a;v=1/..b;c"]);
+    assert!(site.requests().is_empty());
+}
+
 /// README: `trusted_proxies` are the "CIDRs whose X-Forwarded-* are kept and
 /// extended"; from anyone else the forwarding fields are the proxy's own. A client's
 /// RFC 7239 `Forwarded` (which Spring, Django's and others' proxy support read before
