@@ -164,8 +164,9 @@ impl Proxy {
             };
             // Dot segments are resolved before routing, and the upstream gets the
             // path without them, so that `/api/../admin` can neither match `/api` nor
-            // reach an `/api` upstream as `/admin`.
-            let resolved = crate::route::remove_dot_segments(req.uri().path());
+            // reach an `/api` upstream as `/admin`; so are encoded unreserved
+            // characters decoded, so that `/%61dmin` matches `/admin`.
+            let resolved = crate::route::normalize_path(req.uri().path());
             let path = resolved.as_deref().unwrap_or(req.uri().path());
             let route = routing
                 .routes

@@ -143,6 +143,52 @@ fn strip_port(host: &str) -> &str {
     host.rsplit_once(':').map_or(host, |(h, _)| h)
 }
 
+/// `path` as routes match it and upstreams are sent it: percent-encoded unreserved
+/// characters decoded (RFC 3986 2.3: `%61` is `a` to every upstream, so `/%61dmin`
+/// must not slip past an `/admin` route), then dot segments removed
+/// ([`remove_dot_segments`]); `None` when it is already so (most paths).
+pub fn normalize_path(path: &str) -> Option<String> {
+    match decode_unreserved(path) {
+        None => remove_dot_segments(path),
+        Some(decoded) => Some(remove_dot_segments(&decoded).unwrap_or(decoded)),
+    }
+}
+
+/// `path` with every percent-encoded unreserved character (`ALPHA / DIGIT / "-" / "."
+/// / "_" / "~"`) decoded, or `None` if it has none. Other encodings stay as they are:
+/// decoding `%2F` or `%3B` would change what the path means.
+fn decode_unreserved(path: &str) -> Option<String> {
+    let b = path.as_bytes();
+    let mut i = b.iter().position(|&c| c == b'%')?;
+    let mut out: Option<String> = None;
+    let mut copied = 0;
+    while i < b.len() {
+        let decoded = (b[i] == b'%')
+            .then(|| b.get(i + 1..i + 3))
+            .flatten()
+            .and_then(|h| Some(hex(h[0])? << 4 | hex(h[1])?))
+            .filter(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'.' | b'_' | b'~'));
+        match decoded {
+            Some(c) => {
+                let o = out.get_or_insert_with(|| String::with_capacity(path.len()));
+                // `i` is at an ASCII `%`: a char boundary.
+                o.push_str(&path[copied..i]);
+                o.push(char::from(c));
+                i += 3;
+                copied = i;
+            }
+            None => i += 1,
+        }
+    }
+    let mut out = out?;
+    out.push_str(&path[copied..]);
+    Some(out)
+}
+
+fn hex(d: u8) -> Option<u8> {
+    char::from(d).to_digit(16).map(|v| v as u8)
+}
+
 /// `path` without its dot segments (RFC 3986 5.2.4; `%2e` is a dot, 2.3), or `None`
 /// when it has none (most paths: one pass over the bytes, no allocation). Routes match,
 /// and upstreams are sent, the path without them: `/api/../admin` is `/admin` to any
@@ -323,6 +369,22 @@ mod tests {
             ("/a//../b", Some("/a/b")),
         ] {
             assert_eq!(remove_dot_segments(path).as_deref(), want, "{path}");
+        }
+    }
+
+    #[test]
+    fn unreserved_characters_are_decoded_and_others_kept() {
+        for (path, want) in [
+            ("/api/x", None),
+            ("/a%20b%2Fc%3b", None),
+            ("/%61pi/%7Ex", Some("/api/~x")),
+            ("/%41%2d%5F%2E%30", Some("/A-_.0")),
+            ("/%61%2F%6", Some("/a%2F%6")),
+            ("/%c3%a9/%61", Some("/%c3%a9/a")),
+            ("/x/%2e%2E/%61pi", Some("/api")),
+            ("/é/%62", Some("/é/b")),
+        ] {
+            assert_eq!(normalize_path(path).as_deref(), want, "{path}");
         }
     }
 

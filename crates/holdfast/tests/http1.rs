@@ -2282,6 +2282,47 @@ async fn dot_segments_cannot_leave_a_route_prefix() {
     assert_eq!(targets, ["/admin"; 3], "resolved, and sent resolved");
 }
 
+/// RFC 3986 2.3: a percent-encoded unreserved character is the character itself, so
+/// `/%61dmin` is `/admin` to every upstream that decodes its path (all of them). It
+/// must match the `/admin` route, not slip past it to a less specific one whose
+/// upstream then serves `/admin` (nginx decodes before matching locations too).
+#[tokio::test]
+async fn a_percent_encoded_prefix_matches_its_route() {
+    let admin = TestUpstream::start(Behaviour::Echo).await;
+    let site = TestUpstream::start(Behaviour::Echo).await;
+    let gw = start(&format!(
+        "[[route]]\npath = \"/admin\"\nupstream = \"admin\"\n\
+         [[route]]\npath = \"/\"\nupstream = \"site\"\n\
+         [upstream.admin]\naddresses = [\"{}\"]\n\
+         [upstream.site]\naddresses = [\"{}\"]\n",
+        admin.url(),
+        site.url()
+    ))
+    .await;
+    let mut client = KeepAliveClient::new(gw.addr);
+    for target in [
+        "/%61dmin/x",
+        "/%61%64%6D%69n/x",
+        "/adm%69n?q=%61",
+        "/x/%2e%2e/%61dmin",
+    ] {
+        let r = client.send(&ClientRequest::get(target)).await.unwrap();
+        assert_eq!(r.status, 200, "{target}: {}", r.text());
+    }
+    let targets: Vec<String> = site.requests().into_iter().map(|r| r.target).collect();
+    assert!(
+        targets.is_empty(),
+        "the / upstream got paths under /admin: {targets:?}"
+    );
+    // Sent as matched; the query is not the route's business.
+    let targets: Vec<String> = admin.requests().into_iter().map(|r| r.target).collect();
+    assert_eq!(
+        targets,
+        ["/admin/x", "/admin/x", "/admin?q=%61", "/admin"],
+        "sent decoded"
+    );
+}
+
 /// Servlet containers (Tomcat, Jetty) and Spring drop a segment's `;` parameters
 /// before resolving dot segments, so `/public/..;/admin` is `/admin` to them while
 /// routing saw a `/public` path (the `..;/` route bypass). Like a `..` behind an
