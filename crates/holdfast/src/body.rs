@@ -274,8 +274,16 @@ impl RequestBody {
                         }
                     }
                     Err(frame) => {
-                        // Trailers end the body.
-                        let trailers = frame.into_trailers().ok().map(Box::new);
+                        // Trailers end the body (none left: as if none came).
+                        let trailers = frame
+                            .into_trailers()
+                            .ok()
+                            .map(|mut t| {
+                                crate::proxy::headers::remove_from_trailers(&mut t);
+                                t
+                            })
+                            .filter(|t| !t.is_empty())
+                            .map(Box::new);
                         return Ok(RequestBody::Buffered {
                             data: Some(kept.into_bytes()),
                             trailers,
@@ -386,7 +394,10 @@ impl Body for RequestBody {
                         s.ended.fail(BodyEnd::CLIENT);
                         Poll::Ready(Some(Err(Box::new(ClientBodyError(e)))))
                     }
-                    Poll::Ready(Some(Ok(frame))) => {
+                    Poll::Ready(Some(Ok(mut frame))) => {
+                        if let Some(t) = frame.trailers_mut() {
+                            crate::proxy::headers::remove_from_trailers(t);
+                        }
                         if let Some(d) = frame.data_ref() {
                             s.received += d.len() as u64;
                             if s.received > s.limit {

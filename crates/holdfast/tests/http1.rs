@@ -402,6 +402,43 @@ async fn trailers_pass_both_ways() {
 
 // === header rules ===
 
+/// RFC 9110 6.5.1: a sender must not generate trailer fields that only mean something
+/// in the header section (framing, routing, ...), and an upstream that merges trailers
+/// into its headers (Apache's `MergeTrailers`; CVE-2013-5704) must not get, from a
+/// trailer, what holdfast removes or replaces in the head: hop-by-hop and framing
+/// fields, `Host`, and the forwarding fields of an untrusted client. Other trailers
+/// pass, whether the body was kept for a retry or streamed.
+#[tokio::test]
+async fn request_trailers_cannot_carry_fields_holdfast_controls() {
+    let upstream = TestUpstream::start(Behaviour::Echo).await;
+    let gw = start(&format!(
+        "{}[upstream.up.retry]\nreplay_body_limit = \"16\"\n",
+        proxy_to(&upstream.url())
+    ))
+    .await;
+    let mut client = RawClient::connect(gw.addr).await.unwrap();
+    // Kept for a retry, then streamed.
+    for data in ["hello", "0123456789abcdef0123456789abcdef"] {
+        client
+            .send(&format!(
+                "POST /t HTTP/1.1\r\nhost: x\r\ntrailer: x-req-sum\r\n\
+                 transfer-encoding: chunked\r\n\r\n{:x}\r\n{data}\r\n0\r\n\
+                 x-req-sum: 42\r\nx-forwarded-for: 6.6.6.6\r\nforwarded: for=6.6.6.6\r\n\
+                 x-real-ip: 6.6.6.6\r\nhost: evil.test\r\ncontent-length: 0\r\n\
+                 connection: close\r\nkeep-alive: timeout=1\r\n\r\n",
+                data.len()
+            ))
+            .await
+            .unwrap();
+        let resp = client.read_response(WAIT).await.unwrap();
+        assert_eq!(resp.status, 200, "{data}");
+        let seen = upstream.requests().pop().unwrap();
+        assert_eq!(seen.body, data);
+        let names: Vec<&str> = seen.trailers.iter().map(|(n, _)| n).collect();
+        assert_eq!(names, ["x-req-sum"], "{data}: {seen:?}");
+    }
+}
+
 /// A request's fields never show up in a response. holdfast builds a response's
 /// fields in the map that held the request's on the same upstream connection, emptied
 /// first (`HeadScratch::recycle`); this would catch one left full.

@@ -182,6 +182,32 @@ pub fn restore_trailers(headers: &mut HeaderMap, declared: Vec<HeaderValue>) {
     }
 }
 
+/// Removes from a request's trailer section what holdfast removes or sets in its head:
+/// hop-by-hop fields (and those `Connection` names there), framing, `Host`, `Expect`,
+/// `Via` and every forwarding field. RFC 9110 6.5.1: they must not be sent as
+/// trailers, and an upstream that merges trailers into the head (Apache's
+/// `MergeTrailers`, CVE-2013-5704) would take them as the client's word.
+pub fn remove_from_trailers(trailers: &mut HeaderMap) {
+    let present = ConnectionFields::of(trailers);
+    remove_present_hop_by_hop(trailers, false, present);
+    trailers.remove(header::CONTENT_LENGTH);
+    trailers.remove(header::HOST);
+    trailers.remove(header::VIA);
+    if present.has(&header::EXPECT) {
+        trailers.remove(header::EXPECT);
+    }
+    if present.forwarding() {
+        let forged: Vec<HeaderName> = trailers
+            .keys()
+            .filter(|n| is_forwarding(n))
+            .cloned()
+            .collect();
+        for name in forged {
+            trailers.remove(name);
+        }
+    }
+}
+
 /// Appends holdfast to `Via`.
 pub fn add_via(headers: &mut HeaderMap) {
     headers.append(header::VIA, HeaderValue::from_static(VIA_VALUE));
