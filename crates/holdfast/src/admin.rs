@@ -46,7 +46,7 @@ pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, state: Arc<ServerSt
         tokio::spawn(async move {
             let svc = service_fn(move |req| {
                 let mut resp = route(&req, &proxy, &state);
-                if state.draining.load(Relaxed) {
+                if state.draining.load(Relaxed) || state.handed_over.load(Relaxed) {
                     // A checker's keep-alive connection would go on asking this
                     // process; after an upgrade the new one answers on reconnect.
                     resp.headers_mut().insert(

@@ -47,6 +47,9 @@ pub enum Control {
 #[derive(Debug, Default)]
 pub struct ServerState {
     pub draining: AtomicBool,
+    /// A successor serves on our sockets: `/ready` stays as it was, but every admin
+    /// answer closes its connection, so a keep-alive checker reconnects to the successor.
+    pub handed_over: AtomicBool,
     pub reloads: AtomicU64,
     pub reload_failures: AtomicU64,
     pub upgrades: AtomicU64,
@@ -209,6 +212,8 @@ impl Server {
         // readiness change nor the pause applies.
         if stop == Stop::HandedOver {
             // The successor answers on the admin socket now; `/ready` stays true there.
+            // Connections already open here are told to reconnect (to the successor).
+            state.handed_over.store(true, Relaxed);
             if let Some(t) = admin_task.take() {
                 t.abort();
             }

@@ -1124,3 +1124,66 @@ fn durations_too_long_for_the_clock_are_rejected() {
         );
     }
 }
+
+/// README: after an upgrade "every admin answer also says `Connection: close`, so a
+/// keep-alive checker reconnects ... to the new process". A checker's kept admin
+/// connection to the old process, still draining a slow request, must be told to
+/// reconnect rather than go on asking a process that is about to exit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_an_upgrade_a_kept_admin_connection_is_told_to_reconnect() {
+    let slow = TestUpstream::start(Behaviour::Delay(Duration::from_secs(3))).await;
+    let mut gw = Gateway::start(Setup {
+        routes: vec![("/", slow.addr())],
+        ..Setup::default()
+    })
+    .await;
+    let old = gw.proc.pid();
+    let mut checker = KeepAliveClient::new(gw.admin).with_timeout(SOON);
+    let before = checker.get("/ready").await.expect("GET /ready");
+    assert!(before.status == 200 && !has_connection_close(&before));
+    // A slow request keeps the old process draining after the hand-over.
+    let addr = gw.listen;
+    let in_flight = tokio::spawn(async move {
+        KeepAliveClient::new(addr)
+            .with_timeout(SOON)
+            .get("/slow")
+            .await
+    });
+    slow.wait_for_requests(1, SOON)
+        .await
+        .expect("the slow request reached the upstream");
+
+    gw.signal(sys::SIGUSR2);
+    // Logged once the old process has taken the hand-over in.
+    gw.wait_for_log("draining open=1").await;
+    let pid_file = gw.pid_file();
+    let new = read_pid_file(&pid_file).filter(|p| *p != old);
+    let new = new.unwrap_or_else(|| panic!("no successor in the PID file\n{}", gw.proc.logs()));
+    gw.adopt(new);
+
+    let after = checker
+        .get("/ready")
+        .await
+        .expect("GET /ready after the upgrade");
+    assert!(
+        gw.proc.exited().is_none(),
+        "the old process answered while still draining"
+    );
+    assert_eq!(
+        after.status, 200,
+        "the service is ready: the successor serves"
+    );
+    assert!(
+        has_connection_close(&after),
+        "the old process's admin answer after the hand-over keeps the checker: {:?}\n{}",
+        after.headers,
+        gw.proc.logs()
+    );
+    let served = in_flight.await.expect("client task").expect("slow request");
+    assert_eq!(served.status, 200);
+    assert!(gw.proc.wait_exit(SOON).await.is_some_and(|s| s.success()));
+    // The checker's next request reaches the successor.
+    assert_eq!(checker.get("/ready").await.expect("GET /ready").status, 200);
+    sys::send_signal(new, sys::SIGTERM).expect("SIGTERM");
+    assert!(wait_until(SOON, || !sys::is_running(new)).await);
+}
