@@ -94,7 +94,7 @@ impl Server {
         let mut inherited = inherit::take_inherited();
         let mut listeners = Vec::new();
         for l in &config.listeners {
-            let std = match inherited.remove(&l.listen) {
+            let std = match inherited.take(l.listen) {
                 Some(s) => s,
                 None => bind_tcp(l.listen)?,
             };
@@ -105,7 +105,7 @@ impl Server {
         // The admin socket is handed on too: the predecessor holds it until it drains,
         // so binding it again would fail.
         let admin = if config.admin.enabled {
-            let std = match inherited.remove(&config.admin.listen) {
+            let std = match inherited.take(config.admin.listen) {
                 Some(s) => s,
                 None => bind_tcp(config.admin.listen)?,
             };
@@ -113,7 +113,7 @@ impl Server {
         } else {
             None
         };
-        for (addr, _) in inherited {
+        for addr in inherited.into_addrs() {
             tracing::info!(%addr, "inherited listener is no longer configured; closing it");
         }
         let config = Arc::new(config);

@@ -1187,3 +1187,78 @@ async fn after_an_upgrade_a_kept_admin_connection_is_told_to_reconnect() {
     sys::send_signal(new, sys::SIGTERM).expect("SIGTERM");
     assert!(wait_until(SOON, || !sys::is_running(new)).await);
 }
+
+/// A listener and the admin socket may both be configured on port 0 (any free port;
+/// `check` accepts it). An upgrade must hand each socket to its own role: the client
+/// listener must go on serving on its port and the admin one on its own, neither closed
+/// nor swapped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upgrade_keeps_each_port_0_socket_in_its_role() {
+    let up = TestUpstream::start(Behaviour::Echo).await;
+    let toml = format!(
+        "[log]\naccess_log = false\n\n[admin]\nlisten = \"127.0.0.1:0\"\n\n\
+         [[listener]]\nlisten = \"127.0.0.1:0\"\n\n[[route]]\npath = \"/\"\nupstream = \"u0\"\n\n\
+         [upstream.u0]\naddresses = [\"http://{}\"]\n",
+        up.addr()
+    );
+    let mut proc = HoldfastProcess::spawn_with_env(
+        Path::new(BIN),
+        &["run", "--pid-file", "{dir}/holdfast.pid"],
+        Some(&toml),
+        &[("NO_COLOR", "1")],
+    );
+    let old = proc.pid();
+    assert!(
+        proc.wait_for_log("admin listening", SOON).await,
+        "{}",
+        proc.logs()
+    );
+    let addr_after = |logs: &str, needle: &str| -> SocketAddr {
+        logs.lines()
+            .find(|l| l.contains(needle))
+            .and_then(|l| l.split("addr=").nth(1))
+            .and_then(|a| a.split_whitespace().next())
+            .and_then(|a| a.parse().ok())
+            .unwrap_or_else(|| panic!("no {needle:?} line with an address:\n{logs}"))
+    };
+    let logs = proc.logs();
+    let listen = addr_after(&logs, " listening addr=");
+    let admin = addr_after(&logs, "admin listening addr=");
+    assert_ne!(listen, admin);
+    assert!(
+        KeepAliveClient::new(listen)
+            .get("/")
+            .await
+            .expect("GET /")
+            .is_success()
+    );
+    assert!(ready_status(admin).await);
+
+    proc.signal(sys::SIGUSR2).expect("SIGUSR2");
+    assert!(
+        proc.wait_for_log("new binary is ready", SOON).await,
+        "{}",
+        proc.logs()
+    );
+    let new = read_pid_file(&proc.dir().join("holdfast.pid")).filter(|p| *p != old);
+    let new = new.unwrap_or_else(|| panic!("no successor in the PID file\n{}", proc.logs()));
+    proc.kill_on_drop(new);
+    assert!(proc.wait_exit(SOON).await.is_some(), "{}", proc.logs());
+
+    let resp = KeepAliveClient::new(listen)
+        .with_timeout(SOON)
+        .get("/")
+        .await;
+    assert!(
+        resp.as_ref().is_ok_and(Response::is_success),
+        "the client listener after the upgrade: {resp:?}\n{}",
+        proc.logs()
+    );
+    assert!(
+        ready_status(admin).await,
+        "the admin socket after the upgrade\n{}",
+        proc.logs()
+    );
+    sys::send_signal(new, sys::SIGTERM).expect("SIGTERM");
+    assert!(wait_until(SOON, || !sys::is_running(new)).await);
+}

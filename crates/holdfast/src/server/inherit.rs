@@ -12,7 +12,6 @@
 
 #![allow(unsafe_code)]
 
-use std::collections::HashMap;
 use std::ffi::OsString;
 use std::io;
 use std::net::SocketAddr;
@@ -25,11 +24,14 @@ use std::time::Duration;
 const LISTEN_FDS: &str = "HOLDFAST_LISTEN_FDS";
 const READY_FD: &str = "HOLDFAST_READY_FD";
 
-/// Listening sockets inherited from the previous binary, by address. Taken once per
-/// process, so no socket is ever adopted twice.
-pub fn take_inherited() -> HashMap<SocketAddr, std::net::TcpListener> {
+/// Listening sockets inherited from the previous binary, with the address each was
+/// configured with, in the order handed on (listeners in config order, then admin).
+/// Several may share a configured address (port 0: any free port), so this is a list,
+/// taken from the front ([`Inherited::take`]) to give each socket its old role. Taken
+/// once per process, so no socket is ever adopted twice.
+pub fn take_inherited() -> Inherited {
     static TAKEN: AtomicBool = AtomicBool::new(false);
-    let mut out = HashMap::new();
+    let mut out = Inherited(Vec::new());
     if TAKEN.swap(true, Ordering::SeqCst) {
         return out;
     }
@@ -61,10 +63,27 @@ pub fn take_inherited() -> HashMap<SocketAddr, std::net::TcpListener> {
         let listener = unsafe { std::net::TcpListener::from_raw_fd(fd) };
         if listener.set_nonblocking(true).is_ok() {
             set_cloexec(fd, true);
-            out.insert(addr, listener);
+            out.0.push((addr, listener));
         }
     }
     out
+}
+
+/// Inherited listening sockets not yet taken.
+#[derive(Debug)]
+pub struct Inherited(Vec<(SocketAddr, std::net::TcpListener)>);
+
+impl Inherited {
+    /// The first inherited socket configured with `addr`, if any.
+    pub fn take(&mut self, addr: SocketAddr) -> Option<std::net::TcpListener> {
+        let i = self.0.iter().position(|(a, _)| *a == addr)?;
+        Some(self.0.remove(i).1)
+    }
+
+    /// The configured addresses of the sockets nobody took.
+    pub fn into_addrs(self) -> impl Iterator<Item = SocketAddr> {
+        self.0.into_iter().map(|(a, _)| a)
+    }
 }
 
 /// Whether `fd` is a TCP socket listening on `addr` (any port if `addr`'s is 0): a
