@@ -75,7 +75,7 @@ pub async fn run(config: Config, origin: Origin) -> i32 {
     {
         tracing::error!(path = %path.display(), error = %e, "cannot write pid file");
     }
-    inherit::notify_ready();
+    inherit::notify_ready(server.released());
     let _ = sd_notify::notify(
         false,
         &[
@@ -270,13 +270,13 @@ async fn upgrade(
         }
     };
     match ready {
-        Ok(()) => {
+        Ok(released) => {
             state.upgrades.fetch_add(1, Relaxed);
             tracing::info!(
                 pid = successor.child.id(),
                 "new binary is ready; draining this one"
             );
-            Ok(Some(Control::HandedOver))
+            Ok(Some(Control::HandedOver(released)))
         }
         Err(why) => {
             state.upgrade_failures.fetch_add(1, Relaxed);

@@ -37,8 +37,10 @@ pub enum Control {
     /// A successor adopted our sockets and serves on them: drain and return, but skip
     /// `drain.pre_delay` (the sockets stay open, so there is nothing for a load
     /// balancer to notice) and stop answering on the admin socket at once, so `/ready`
-    /// there comes from the successor alone.
-    HandedOver,
+    /// there comes from the successor alone. The addresses are those of the sockets
+    /// the successor closed (no longer configured): what waits in their queues is
+    /// served here, as in a drain, before they close.
+    HandedOver(Vec<SocketAddr>),
     /// Stop at once, cutting what is open (a second SIGINT).
     Exit,
 }
@@ -80,6 +82,8 @@ pub struct Server {
     /// Settings, TLS and protocol builders of each listener, in `listeners` order.
     fronts: Vec<Arc<ListenerShared>>,
     admin: Option<TcpListener>,
+    /// Bound addresses of inherited sockets no longer configured, closed here.
+    released: Vec<SocketAddr>,
     pub state: Arc<ServerState>,
 }
 
@@ -113,9 +117,7 @@ impl Server {
         } else {
             None
         };
-        for addr in inherited.into_addrs() {
-            tracing::info!(%addr, "inherited listener is no longer configured; closing it");
-        }
+        let released = inherited.release();
         let config = Arc::new(config);
         let routing = Routing::build(config.clone(), None).await;
         let proxy = Arc::new(Proxy::new(routing));
@@ -134,6 +136,7 @@ impl Server {
             listeners,
             fronts,
             admin,
+            released,
             state: Arc::new(ServerState::default()),
         })
     }
@@ -143,6 +146,12 @@ impl Server {
             .iter()
             .filter_map(|l| l.local_addr().ok())
             .collect()
+    }
+
+    /// Bound addresses of the inherited sockets this process closed (no longer
+    /// configured), for the predecessor to serve what is queued there.
+    pub fn released(&self) -> &[SocketAddr] {
+        &self.released
     }
 
     pub fn admin_addr(&self) -> Option<SocketAddr> {
@@ -178,6 +187,7 @@ impl Server {
             listeners,
             fronts,
             admin,
+            released: _,
             state,
         } = self;
         let (signal, watch) = drain::channel();
@@ -194,13 +204,17 @@ impl Server {
             )));
         }
 
+        let mut released = Vec::new();
         let mut stop = loop {
             match control.recv().await {
                 Some(Control::Reload(new)) => {
                     reload(&proxy, &config, &fronts, *new, &state).await;
                 }
                 Some(Control::Drain) | None => break Stop::Drain,
-                Some(Control::HandedOver) => break Stop::HandedOver,
+                Some(Control::HandedOver(closed)) => {
+                    released = closed;
+                    break Stop::HandedOver;
+                }
                 Some(Control::Exit) => break Stop::Exit,
             }
         };
@@ -247,10 +261,13 @@ impl Server {
         }
         signal.start();
         // Once every accept loop has returned, no listener of ours is open: a new
-        // connection is refused, or (after an upgrade) goes to the successor.
+        // connection is refused, or (after an upgrade) goes to the successor. A socket
+        // the successor closed is ours alone: closing it would reset its queue.
         for (task, shared) in accepting.into_iter().zip(&fronts) {
             if let Ok(l) = task.await
-                && stop == Stop::Drain
+                && (stop == Stop::Drain
+                    || (stop == Stop::HandedOver
+                        && l.local_addr().is_ok_and(|a| released.contains(&a))))
             {
                 listener::take_queued(l, shared, &watch, &tracker);
             }

@@ -1262,3 +1262,56 @@ async fn an_upgrade_keeps_each_port_0_socket_in_its_role() {
     sys::send_signal(new, sys::SIGTERM).expect("SIGTERM");
     assert!(wait_until(SOON, || !sys::is_running(new)).await);
 }
+
+/// Listener changes take effect on an upgrade (README), so removing a listener is done
+/// with one. A client waiting in the removed listener's accept queue (the listener is
+/// at `max_connections`) has sent its request; the hand-over must not reset it: the
+/// successor closed its copy of that socket, so the old process is the last holder.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upgrade_that_removes_a_listener_does_not_reset_its_queued_client() {
+    let slow = TestUpstream::start(Behaviour::Delay(Duration::from_secs(2))).await;
+    let removed = free_addr();
+    let extra = format!("[[listener]]\nlisten = \"{removed}\"\nmax_connections = 1\n");
+    let mut gw = Gateway::start(Setup {
+        routes: vec![("/", slow.addr())],
+        extra: &extra,
+        ..Setup::default()
+    })
+    .await;
+    let old = gw.proc.pid();
+    let first = tokio::spawn(async move {
+        let mut client = KeepAliveClient::new(removed).with_timeout(SOON);
+        client.get("/holds-the-only-slot").await
+    });
+    slow.wait_for_requests(1, SOON)
+        .await
+        .expect("the first request reached the upstream");
+    // Connected by the kernel, waiting to be accepted; its request is sent.
+    let mut queued = holdfast_test::RawClient::connect(removed)
+        .await
+        .expect("connect");
+    queued
+        .send_request(&ClientRequest::get("/queued"))
+        .await
+        .expect("send");
+
+    gw.rewrite_config(&gw.config_with(&[("/", slow.addr())], ""));
+    gw.signal(sys::SIGUSR2);
+    gw.wait_for_log("draining open=").await;
+    let new = read_pid_file(&gw.pid_file()).filter(|p| *p != old);
+    let new = new.unwrap_or_else(|| panic!("no successor in the PID file\n{}", gw.proc.logs()));
+    gw.adopt(new);
+
+    let first = first.await.expect("client task").expect("first request");
+    assert_eq!(first.status, 200);
+    let second = queued.read_response(SOON).await;
+    assert!(
+        second.is_ok(),
+        "the queued client's request was lost: {second:?}; logs:\n{}",
+        gw.proc.logs()
+    );
+    assert!(gw.proc.wait_exit(SOON).await.is_some_and(|s| s.success()));
+    gw.assert_serves("/after").await;
+    sys::send_signal(new, sys::SIGTERM).expect("SIGTERM");
+    assert!(wait_until(SOON, || !sys::is_running(new)).await);
+}

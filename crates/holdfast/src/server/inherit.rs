@@ -6,7 +6,9 @@
 //! `HOLDFAST_READY_FD`. The new process adopts the sockets instead of binding, so they
 //! are never closed and nothing in the accept queue is lost; it adopts only a socket
 //! that really listens on the configured address. Once it serves, it writes `ready`
-//! to the pipe and the old process drains. The only module allowed `unsafe`: adopting
+//! to the pipe, followed by ` released=ADDR` for each handed-on socket it closed (no
+//! longer configured: only the old process holds it now), and the old process drains,
+//! serving what is queued at those sockets before it closes them. The only module allowed `unsafe`: adopting
 //! a file descriptor and clearing flags between fork and exec cannot be done without
 //! it.
 
@@ -80,9 +82,16 @@ impl Inherited {
         Some(self.0.remove(i).1)
     }
 
-    /// The configured addresses of the sockets nobody took.
-    pub fn into_addrs(self) -> impl Iterator<Item = SocketAddr> {
-        self.0.into_iter().map(|(a, _)| a)
+    /// Closes the sockets nobody took; returns the address each was bound to, for
+    /// [`notify_ready`].
+    pub fn release(self) -> Vec<SocketAddr> {
+        self.0
+            .into_iter()
+            .map(|(configured, listener)| {
+                tracing::info!(addr = %configured, "inherited listener is no longer configured; closing it");
+                listener.local_addr().unwrap_or(configured)
+            })
+            .collect()
     }
 }
 
@@ -98,8 +107,9 @@ fn is_listener_on(fd: BorrowedFd<'_>, addr: SocketAddr) -> bool {
             .is_some_and(|b| b.ip() == addr.ip() && (addr.port() == 0 || b.port() == addr.port()))
 }
 
-/// Tells the predecessor, if any, that this process serves now.
-pub fn notify_ready() {
+/// Tells the predecessor, if any, that this process serves now, and which of the
+/// sockets it handed on this process closed (`released`, by bound address).
+pub fn notify_ready(released: &[SocketAddr]) {
     let Some(fd) = std::env::var(READY_FD)
         .ok()
         .and_then(|s| s.parse::<RawFd>().ok())
@@ -113,7 +123,12 @@ pub fn notify_ready() {
     // open (checked above); we take ownership and close it after writing.
     let file = unsafe { std::fs::File::from_raw_fd(fd) };
     use std::io::Write;
-    let _ = (&file).write_all(b"ready\n");
+    let mut line = String::from("ready");
+    for addr in released {
+        line.push_str(&format!(" released={addr}"));
+    }
+    line.push('\n');
+    let _ = (&file).write_all(line.as_bytes());
 }
 
 /// A started successor that has not yet said it is ready.
@@ -172,17 +187,22 @@ pub fn spawn_successor(
 }
 
 impl Successor {
-    /// Waits until the successor says it is ready.
+    /// Waits until the successor says it is ready; returns the bound addresses of the
+    /// handed-on sockets it closed (only we hold them now).
     ///
     /// # Errors
     /// It exited, closed the pipe without saying so, or took longer than `timeout`.
-    pub async fn wait_ready(&mut self, timeout: Duration) -> Result<(), String> {
+    pub async fn wait_ready(&mut self, timeout: Duration) -> Result<Vec<SocketAddr>, String> {
         use tokio::io::AsyncReadExt;
-        let mut buf = [0u8; 16];
+        let mut buf = [0u8; 256];
         let read = async {
             let mut got = Vec::new();
-            loop {
+            // Bounded by the line's length: a successor says one short line.
+            while got.len() < 64 * 1024 {
                 match self.ready.read(&mut buf).await {
+                    // The line is whole at its newline; an older binary may also close
+                    // the pipe right after `ready`.
+                    Ok(0) if got.starts_with(b"ready") => return Ok(released(&got)),
                     Ok(0) => {
                         return Err(
                             "the new process closed its ready pipe without saying ready".to_owned()
@@ -190,13 +210,14 @@ impl Successor {
                     }
                     Ok(n) => {
                         got.extend_from_slice(&buf[..n]);
-                        if got.starts_with(b"ready") {
-                            return Ok(());
+                        if got.starts_with(b"ready") && got.contains(&b'\n') {
+                            return Ok(released(&got));
                         }
                     }
                     Err(e) => return Err(format!("reading the ready pipe: {e}")),
                 }
             }
+            Err("the new process said too much on its ready pipe".to_owned())
         };
         let deadline = tokio::time::Instant::now() + timeout;
         let outcome = tokio::select! {
@@ -207,7 +228,7 @@ impl Successor {
             }
         };
         match outcome {
-            Ok(()) => Ok(()),
+            Ok(released) => Ok(released),
             // A closed pipe usually means the process is exiting: say how it ended,
             // which is what the operator needs (e.g. 64 for a config it rejected).
             Err(pipe) => match tokio::time::timeout_at(deadline, self.child.wait()).await {
@@ -216,6 +237,15 @@ impl Successor {
             },
         }
     }
+}
+
+/// The ` released=ADDR` items of a ready line.
+fn released(line: &[u8]) -> Vec<SocketAddr> {
+    let line = String::from_utf8_lossy(line);
+    let line = line.lines().next().unwrap_or_default();
+    line.split_whitespace()
+        .filter_map(|item| item.strip_prefix("released=")?.parse().ok())
+        .collect()
 }
 
 fn exited(status: io::Result<std::process::ExitStatus>) -> String {
