@@ -75,7 +75,9 @@ pub async fn run(config: Config, origin: Origin) -> i32 {
     {
         tracing::error!(path = %path.display(), error = %e, "cannot write pid file");
     }
-    inherit::notify_ready(server.released());
+    // systemd first: once the predecessor hears `ready` it drains and may exit at
+    // once, and systemd, not yet told of the new main PID, would take the service
+    // for gone.
     let _ = sd_notify::notify(
         false,
         &[
@@ -83,6 +85,7 @@ pub async fn run(config: Config, origin: Origin) -> i32 {
             sd_notify::NotifyState::Ready,
         ],
     );
+    inherit::notify_ready(server.released());
 
     let (tx, rx) = mpsc::channel(8);
     let listeners = server.listener_fds();
