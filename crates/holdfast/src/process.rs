@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering::Relaxed;
 
 use tokio::signal::unix::{SignalKind, signal};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 
 use crate::config::Config;
 use crate::server::drain::Phase;
@@ -90,6 +90,9 @@ pub async fn run(config: Config, origin: Origin) -> i32 {
     let (tx, rx) = mpsc::channel(8);
     let listeners = server.listener_fds();
     let state = server.state.clone();
+    // `false` while a successor told to stop as it started is not yet settled (see
+    // `reap_stopped`).
+    let (settled_tx, mut settled) = watch::channel(true);
     let signals = tokio::spawn(handle_signals(
         signals,
         tx,
@@ -97,8 +100,12 @@ pub async fn run(config: Config, origin: Origin) -> i32 {
         listeners,
         ready_timeout,
         state,
+        settled_tx,
     ));
     let report = server.run(rx).await;
+    // Not before a stopped successor is either serving (and draining) or killed: one
+    // stuck in its start must not outlive us with our sockets.
+    let _ = settled.wait_for(|done| *done).await;
     signals.abort();
     if let Some(path) = &pid_file {
         // A successor rewrote the file; leave it alone then.
@@ -137,6 +144,7 @@ async fn handle_signals(
     listeners: Vec<(std::net::SocketAddr, std::os::fd::RawFd)>,
     mut ready_timeout: std::time::Duration,
     state: std::sync::Arc<crate::server::ServerState>,
+    settled: watch::Sender<bool>,
 ) {
     let Signals {
         mut term,
@@ -180,7 +188,7 @@ async fn handle_signals(
                             _ = int.recv() => "SIGINT",
                         }
                     };
-                    match upgrade(&origin, &listeners, ready_timeout, &state, stop).await {
+                    match upgrade(&origin, &listeners, ready_timeout, &state, stop, &settled).await {
                         Ok(cmd) => cmd,
                         Err(signal) => {
                             if signal == "SIGINT" {
@@ -242,15 +250,18 @@ fn reload(
 }
 
 /// Starts the new binary and waits until it is ready. `Err(signal)`: a stop signal
-/// came first; the successor was stopped, and the caller drains.
+/// came first; the successor was told to stop too (see [`reap_stopped`]), and the
+/// caller drains.
 async fn upgrade(
     origin: &Origin,
     listeners: &[(std::net::SocketAddr, std::os::fd::RawFd)],
     ready_timeout: std::time::Duration,
     state: &crate::server::ServerState,
     stop: impl std::future::Future<Output = &'static str>,
+    settled: &watch::Sender<bool>,
 ) -> Result<Option<Control>, &'static str> {
     tracing::info!(exe = %origin.exe.display(), "SIGUSR2: starting the new binary");
+    let ready_by = tokio::time::Instant::now() + ready_timeout;
     let mut successor = match inherit::spawn_successor(&origin.exe, &origin.args, listeners) {
         Ok(s) => s,
         Err(e) => {
@@ -267,8 +278,15 @@ async fn upgrade(
                 pid = successor.child.id(),
                 "{signal} while the new binary was starting: stopping it, and draining this process"
             );
-            let _ = successor.child.start_kill();
-            let _ = successor.child.wait().await;
+            // SIGTERM, not SIGKILL: it may have said ready a moment ago, unread yet,
+            // and taken connections from our sockets, which it then drains.
+            successor.terminate();
+            settled.send_replace(false);
+            let settled = settled.clone();
+            tokio::spawn(async move {
+                reap_stopped(successor, ready_by).await;
+                settled.send_replace(true);
+            });
             return Err(signal);
         }
     };
@@ -289,6 +307,19 @@ async fn upgrade(
             let _ = successor.child.wait().await;
             Ok(None)
         }
+    }
+}
+
+/// A successor told to stop while it started, in the background while this process
+/// drains. If it says ready in its time it serves, and drains on the SIGTERM it was
+/// sent; otherwise it has taken nothing from our sockets, and is killed (one stuck in
+/// its start, a config that hangs on DNS, would not act on the SIGTERM). Returns once
+/// it is one or the other (a successor that serves may outlive this process).
+async fn reap_stopped(mut successor: inherit::Successor, ready_by: tokio::time::Instant) {
+    let left = ready_by.saturating_duration_since(tokio::time::Instant::now());
+    if successor.wait_ready(left).await.is_err() {
+        let _ = successor.child.start_kill();
+        let _ = successor.child.wait().await;
     }
 }
 

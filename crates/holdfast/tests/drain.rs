@@ -888,6 +888,107 @@ async fn sigterm_during_an_upgrade_stops_the_successor_and_drains() {
     );
 }
 
+/// The successor of an upgrade that a stop signal interrupts may have said ready a
+/// moment before, and taken connections from the shared sockets: it is asked to stop
+/// with SIGTERM (it drains what it took), not killed. Here a script notes the SIGTERM.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_successor_stopped_as_it_starts_gets_sigterm_not_sigkill() {
+    let up = TestUpstream::start(Behaviour::Echo).await;
+    let (bin_dir, binary) = replaceable_binary();
+    let marker = bin_dir.path().join("terminated");
+    let mut gw = Gateway::start(Setup {
+        routes: vec![("/", up.addr())],
+        extra: "[upgrade]\nready_timeout = \"60s\"\n",
+        binary: Some(binary.clone()),
+        ..Setup::default()
+    })
+    .await;
+    let armed = bin_dir.path().join("armed");
+    replace_file(
+        &binary,
+        &format!(
+            "#!/bin/sh\ntrap 'kill $child; echo term > {}; exit 0' TERM\nsleep 60 &\nchild=$!\necho > {}\nwait $child\n",
+            marker.display(),
+            armed.display()
+        ),
+    );
+    gw.signal(sys::SIGUSR2);
+    // Once its trap is set: before, a SIGTERM would end the shell by default.
+    assert!(
+        wait_until(SOON, || armed.exists()).await,
+        "the successor did not start"
+    );
+    gw.signal(sys::SIGTERM);
+    let status = gw
+        .proc
+        .wait_exit(SOON)
+        .await
+        .unwrap_or_else(|| panic!("still waiting for the successor\n{}", gw.proc.logs()));
+    assert!(status.success(), "{status}\n{}", gw.proc.logs());
+    let successor = stopped_successor_pid(&gw.proc.logs());
+    gw.adopt(successor);
+    assert!(
+        wait_until(SOON, || marker.exists()).await,
+        "the successor never got SIGTERM"
+    );
+}
+
+/// A successor told to stop that does not act on SIGTERM (stuck in its start; here a
+/// script ignoring it) is killed once its `ready_timeout` is up, and this process
+/// exits then: it is never left holding our sockets.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_successor_deaf_to_sigterm_is_killed_at_its_ready_timeout() {
+    let up = TestUpstream::start(Behaviour::Echo).await;
+    let (bin_dir, binary) = replaceable_binary();
+    let armed = bin_dir.path().join("armed");
+    let mut gw = Gateway::start(Setup {
+        routes: vec![("/", up.addr())],
+        extra: "[upgrade]\nready_timeout = \"2s\"\n",
+        binary: Some(binary.clone()),
+        ..Setup::default()
+    })
+    .await;
+    replace_file(
+        &binary,
+        &format!(
+            "#!/bin/sh\ntrap '' TERM\necho > {}\nexec sleep 60\n",
+            armed.display()
+        ),
+    );
+    gw.signal(sys::SIGUSR2);
+    // Once SIGTERM is ignored: before, it would end the shell by default.
+    assert!(
+        wait_until(SOON, || armed.exists()).await,
+        "the successor did not start"
+    );
+    gw.signal(sys::SIGTERM);
+    let status = gw
+        .proc
+        .wait_exit(SOON)
+        .await
+        .unwrap_or_else(|| panic!("still waiting for the successor\n{}", gw.proc.logs()));
+    assert!(status.success(), "{status}\n{}", gw.proc.logs());
+    let successor = stopped_successor_pid(&gw.proc.logs());
+    gw.adopt(successor);
+    assert!(
+        wait_until(SOON, || !sys::is_running(successor)).await,
+        "the successor was left running"
+    );
+}
+
+/// The successor's PID, from the line that says a stop signal interrupted its start.
+fn stopped_successor_pid(logs: &str) -> u32 {
+    let line = logs
+        .lines()
+        .find(|l| l.contains("while the new binary was starting"))
+        .unwrap_or_else(|| panic!("no log line about it\n{logs}"));
+    line.split("pid=")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|pid| pid.parse().ok())
+        .unwrap_or_else(|| panic!("no pid in {line}"))
+}
+
 /// A successor adopts only a socket that listens on the configured address: a stale
 /// descriptor number in the hand-off (here stdin, /dev/null) is ignored with a warning,
 /// not accepted on, and the address is bound afresh.

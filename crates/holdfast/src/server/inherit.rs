@@ -179,14 +179,26 @@ pub fn spawn_successor(
             Ok(())
         });
     }
+    // Made before the child starts: failing after, it would leave a child serving on
+    // our sockets that nobody watches.
+    let ready = tokio::net::unix::pipe::Receiver::from_owned_fd(read_end)?;
     let child = cmd.spawn()?;
     // Our copy of the write end must close, or we would never see EOF if the child dies.
     drop(write_end);
-    let ready = tokio::net::unix::pipe::Receiver::from_owned_fd(read_end)?;
     Ok(Successor { child, ready })
 }
 
 impl Successor {
+    /// Asks the successor to stop the way an operator would, with SIGTERM: if it is
+    /// already serving (it may have said ready a moment ago), it drains what it took.
+    pub fn terminate(&self) {
+        if let Some(pid) = self.child.id().and_then(|p| libc::pid_t::try_from(p).ok()) {
+            // SAFETY: kill takes no pointers; `pid` is our own child, not yet reaped
+            // (`id()` is `None` once it is), so the number is not someone else's.
+            unsafe { libc::kill(pid, libc::SIGTERM) };
+        }
+    }
+
     /// Waits until the successor says it is ready; returns the bound addresses of the
     /// handed-on sockets it closed (only we hold them now).
     ///
