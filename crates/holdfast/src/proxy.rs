@@ -407,6 +407,7 @@ impl Proxy {
                 parts.headers.remove(header::TRAILER);
             }
 
+            let head_request = parts.method == http::Method::HEAD;
             let total = upstream.config.timeouts.total.non_zero();
             let deadline = total.map(|t| start + t);
             // The forward future is built in each arm rather than bound to a local:
@@ -435,7 +436,13 @@ impl Proxy {
                         read_idle: upstream.config.timeouts.read_idle.non_zero(),
                         total: deadline,
                     };
-                    respond(exchange, client_upgrade, deadlines, (log, tally))
+                    respond(
+                        exchange,
+                        client_upgrade,
+                        head_request,
+                        deadlines,
+                        (log, tally),
+                    )
                 }
                 Err(failure) => self.rescue(failure, &upstream, (log, tally)),
             }
@@ -528,6 +535,7 @@ fn finish_local(
 fn respond(
     exchange: Exchange,
     client_upgrade: Option<hyper::upgrade::OnUpgrade>,
+    head_request: bool,
     deadlines: BodyDeadlines,
     (mut log, mut tally): (Option<Box<AccessRecord>>, Tally),
 ) -> Response<ResponseBody> {
@@ -625,7 +633,18 @@ fn respond(
                 headers::restore_trailers(&mut parts.headers, trailer);
             }
             headers::add_via(&mut parts.headers);
-            let body = UpstreamBody::new(body, conn, deadlines, (log, tally), outstanding);
+            // No body by its status or its request's method: a FastCGI answer may
+            // still carry STDOUT, and ends with END_REQUEST, which the dropped body
+            // reads (`UpstreamBody::complete_at`).
+            let bodiless = matches!(body, Payload::FastCgi(_))
+                && (head_request
+                    || matches!(status, StatusCode::NO_CONTENT | StatusCode::NOT_MODIFIED));
+            let mut body = UpstreamBody::new(body, conn, deadlines, (log, tally), outstanding);
+            if bodiless {
+                body.complete_at(0);
+                drop(body);
+                return Response::from_parts(parts, ResponseBody::bodiless());
+            }
             Response::from_parts(parts, ResponseBody::upstream(body))
         }
     }

@@ -1414,3 +1414,52 @@ async fn a_header_larger_than_a_params_record_is_not_a_502() {
         resp.text()
     );
 }
+
+/// A response that has no body by its status (204, 304) or by its request's method
+/// (HEAD) still ends with END_REQUEST on the FastCGI connection, after whatever STDOUT
+/// the script wrote anyway: that connection is pooled again, not closed as if the
+/// client had gone away (hyper's server never polls such a body).
+#[tokio::test]
+async fn bodiless_responses_keep_their_fastcgi_connection() {
+    let fpm = PhpFpm::start(PhpFpmOptions::default()).await;
+    fpm.script("hello.php", "<?php echo 'hello';");
+    fpm.script(
+        "fresh.php",
+        "<?php header('ETag: \"x\"'); http_response_code(304); echo 'ignored';",
+    );
+    fpm.script("none.php", "<?php http_response_code(204); echo 'ignored';");
+    let gw = Site::tcp(&fpm).start().await;
+    let mut c = client(&gw);
+    for (req, status, body) in [
+        (ClientRequest::head("/hello.php"), 200, ""),
+        (ClientRequest::get("/fresh.php"), 304, ""),
+        (ClientRequest::get("/none.php"), 204, ""),
+        (ClientRequest::get("/hello.php"), 200, "hello"),
+    ] {
+        let resp = c.send(&req).await.expect("response");
+        assert_eq!(
+            (resp.status, resp.text().as_ref()),
+            (status, body),
+            "{} {}",
+            req.method,
+            req.target
+        );
+        assert!(
+            wait_until_async(Duration::from_secs(5), || async {
+                figure(&pools(&gw).await.1["in_use"]) == 0
+            })
+            .await,
+            "{} {}: the connection comes back",
+            req.method,
+            req.target
+        );
+    }
+    let (_, pool) = pools(&gw).await;
+    assert_eq!(figure(&pool["closed"]["abandoned"]), 0, "{pool}");
+    assert_eq!(figure(&pool["open"]), figure(&pool["created"]), "{pool}");
+    assert_eq!(
+        figure(&pool["reused"]) + figure(&pool["created"]),
+        4,
+        "{pool}"
+    );
+}

@@ -34,6 +34,8 @@ pub struct ResponseBody {
 enum Kind {
     Full(Option<Bytes>),
     Upstream(Box<UpstreamBody>),
+    /// An upstream's answer with no body by its status or its request's method.
+    Bodiless,
 }
 
 impl Drop for ResponseBody {
@@ -73,6 +75,15 @@ impl ResponseBody {
             in_flight: None,
         }
     }
+
+    /// An upstream's answer that has no body by its status or its request's method
+    /// (HEAD, 204, 304), its upstream body dropped (see [`UpstreamBody::complete_at`]).
+    pub(crate) fn bodiless() -> Self {
+        ResponseBody {
+            kind: Kind::Bodiless,
+            in_flight: None,
+        }
+    }
 }
 
 impl Body for ResponseBody {
@@ -90,6 +101,7 @@ impl Body for ResponseBody {
                     .map(|d| Ok(Frame::data(d))),
             ),
             Kind::Upstream(u) => u.poll_frame(cx),
+            Kind::Bodiless => Poll::Ready(None),
         }
     }
 
@@ -97,6 +109,7 @@ impl Body for ResponseBody {
         match &self.kind {
             Kind::Full(data) => data.as_ref().is_none_or(Bytes::is_empty),
             Kind::Upstream(u) => u.conn.is_none() && u.done,
+            Kind::Bodiless => true,
         }
     }
 
@@ -104,6 +117,7 @@ impl Body for ResponseBody {
         match &self.kind {
             Kind::Full(data) => SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64)),
             Kind::Upstream(u) => u.body.size_hint(),
+            Kind::Bodiless => SizeHint::default(),
         }
     }
 }
@@ -161,8 +175,15 @@ pub(crate) struct UpstreamBody {
     tally: Option<Tally>,
     /// When the body ended and the connection was released.
     ended_at: Option<Instant>,
-    _outstanding: Outstanding,
+    /// FastCGI: the client has the whole body once this many bytes went out.
+    complete_at: Option<u64>,
+    /// Held while the connection is in use (`drain_fastcgi` takes it).
+    outstanding: Option<Outstanding>,
 }
+
+/// FastCGI: STDOUT read and dropped after the client has the whole body, at most;
+/// beyond it, closing the connection is cheaper than reading on.
+const DRAIN_LIMIT: u64 = 1 << 20;
 
 impl UpstreamBody {
     pub fn new(
@@ -194,13 +215,40 @@ impl UpstreamBody {
             log,
             tally: Some(tally),
             ended_at: None,
-            _outstanding: outstanding,
+            complete_at: None,
+            outstanding: Some(outstanding),
         });
         // A response without a body (204, 304, HEAD, Content-Length: 0) is complete now.
         if this.body.is_end_stream() {
             this.finish();
         }
         this
+    }
+
+    /// FastCGI: the client has the whole body once `n` bytes of it went out (0 for a
+    /// response with no body by its status or its request's method). A FastCGI body
+    /// only ends at END_REQUEST, and hyper's server drops a body it will send no more
+    /// of without reading it to that end (it never polls the body of a HEAD, 204 or
+    /// 304 response); dropped after that many bytes, this body leaves its connection
+    /// to [`drain_fastcgi`] instead of closing it as abandoned.
+    pub(crate) fn complete_at(&mut self, n: u64) {
+        self.complete_at = Some(n);
+    }
+
+    /// Hands the connection to [`drain_fastcgi`] when the client has the whole body;
+    /// `false` otherwise.
+    fn drain_rest(&mut self) -> bool {
+        if self.complete_at.is_none_or(|n| self.bytes < n) {
+            return false;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return false;
+        };
+        let Some(conn) = self.conn.take() else {
+            return false;
+        };
+        runtime.spawn(drain_fastcgi(conn, self.deadlines, self.outstanding.take()));
+        true
     }
 
     fn finish(&mut self) {
@@ -355,9 +403,60 @@ impl UpstreamBody {
 
 use std::future::Future as _;
 
+/// Reads a FastCGI answer the client already has whole on to its END_REQUEST,
+/// dropping any STDOUT (at most [`DRAIN_LIMIT`] bytes), then pools the connection.
+/// Under the body's deadlines; on any failure the connection closes.
+async fn drain_fastcgi(
+    mut conn: PooledConn,
+    deadlines: BodyDeadlines,
+    _outstanding: Option<Outstanding>,
+) {
+    let mut dropped: u64 = 0;
+    // Bounded: each turn reads a record or ends, and the records it reads are
+    // bounded by DRAIN_LIMIT and the deadlines.
+    loop {
+        let Client::FastCgi(c) = conn.client() else {
+            return;
+        };
+        let next = std::future::poll_fn(|cx| c.poll_body(cx));
+        let idle_at = deadlines.read_idle.map(|d| Instant::now() + d);
+        let at = match (idle_at, deadlines.total) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        let next = match at {
+            Some(at) => match tokio::time::timeout_at(at, next).await {
+                Ok(next) => next,
+                Err(_) => {
+                    conn.set_close_reason(CloseReason::Timeout);
+                    return;
+                }
+            },
+            None => next.await,
+        };
+        match next {
+            None => {
+                conn.release(Instant::now());
+                return;
+            }
+            Some(Ok(data)) => {
+                dropped += data.len() as u64;
+                if dropped > DRAIN_LIMIT {
+                    conn.set_close_reason(CloseReason::Abandoned);
+                    return;
+                }
+            }
+            Some(Err(_)) => {
+                conn.set_close_reason(CloseReason::Error);
+                return;
+            }
+        }
+    }
+}
+
 impl Drop for UpstreamBody {
     fn drop(&mut self) {
-        if !self.done && self.failed.is_none() {
+        if !self.done && self.failed.is_none() && !self.drain_rest() {
             // The client went away mid-body: the connection is dropped (closed), never
             // pooled half-read.
             self.fail(CloseReason::Abandoned, "client_gone");
