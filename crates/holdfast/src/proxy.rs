@@ -633,17 +633,27 @@ fn respond(
                 headers::restore_trailers(&mut parts.headers, trailer);
             }
             headers::add_via(&mut parts.headers);
-            // No body by its status or its request's method: a FastCGI answer may
-            // still carry STDOUT, and ends with END_REQUEST, which the dropped body
-            // reads (`UpstreamBody::complete_at`).
-            let bodiless = matches!(body, Payload::FastCgi(_))
+            // No body by its status or its request's method, or the whole body once its
+            // Content-Length went out: a FastCGI answer may still carry STDOUT, and
+            // ends with END_REQUEST, which the dropped body reads
+            // (`UpstreamBody::complete_at`).
+            let fastcgi = matches!(body, Payload::FastCgi(_));
+            let bodiless = fastcgi
                 && (head_request
                     || matches!(status, StatusCode::NO_CONTENT | StatusCode::NOT_MODIFIED));
+            let length = parts
+                .headers
+                .get(header::CONTENT_LENGTH)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse::<u64>().ok());
             let mut body = UpstreamBody::new(body, conn, deadlines, (log, tally), outstanding);
             if bodiless {
                 body.complete_at(0);
                 drop(body);
                 return Response::from_parts(parts, ResponseBody::bodiless());
+            }
+            if let Some(n) = length.filter(|_| fastcgi) {
+                body.complete_at(n);
             }
             Response::from_parts(parts, ResponseBody::upstream(body))
         }

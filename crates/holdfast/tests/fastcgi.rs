@@ -1463,3 +1463,43 @@ async fn bodiless_responses_keep_their_fastcgi_connection() {
         "{pool}"
     );
 }
+
+/// A script that sends its own `Content-Length` (a download, `readfile` behind
+/// `header('Content-Length: ...')`): hyper's server stops polling the body once that
+/// many bytes went out, before holdfast has read END_REQUEST. The connection is
+/// still pooled, not closed as if the client had gone away.
+#[tokio::test]
+async fn a_response_with_content_length_keeps_its_fastcgi_connection() {
+    let fpm = PhpFpm::start(PhpFpmOptions::default()).await;
+    fpm.script(
+        "file.php",
+        &format!(
+            "<?php {NO_OB} $n = (int) $_GET['n']; header('Content-Length: ' . $n);\n\
+             echo str_repeat('a', intdiv($n, 2)); flush(); echo str_repeat('b', $n - intdiv($n, 2));"
+        ),
+    );
+    let gw = Site::tcp(&fpm).start().await;
+    let mut c = client(&gw);
+    let sizes = [5usize, 200_000, 1, 5];
+    for n in sizes {
+        let resp = c.get(&format!("/file.php?n={n}")).await.expect("response");
+        assert_eq!(resp.status, 200);
+        assert_eq!(resp.header("content-length"), Some(n.to_string().as_str()));
+        assert_eq!(resp.body.len(), n);
+        assert!(
+            wait_until_async(Duration::from_secs(5), || async {
+                figure(&pools(&gw).await.1["in_use"]) == 0
+            })
+            .await,
+            "{n} bytes: the connection comes back"
+        );
+    }
+    let (_, pool) = pools(&gw).await;
+    assert_eq!(figure(&pool["closed"]["abandoned"]), 0, "{pool}");
+    assert_eq!(figure(&pool["open"]), figure(&pool["created"]), "{pool}");
+    assert_eq!(
+        figure(&pool["reused"]) + figure(&pool["created"]),
+        sizes.len() as u64,
+        "{pool}"
+    );
+}
