@@ -1081,6 +1081,40 @@ async fn the_applications_connection_cap_holds_for_a_burst_of_first_requests() {
     );
 }
 
+/// The application is not up yet when the first request comes (holdfast started
+/// first, or the application restarts): that request fails, but the question
+/// about `FCGI_MAX_CONNS` is asked again once the application runs, and its cap holds.
+#[tokio::test]
+async fn the_applications_connection_cap_is_learned_when_it_comes_up_late() {
+    // An address nobody listens on until the application starts there.
+    let reserved = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = reserved.local_addr().expect("addr");
+    drop(reserved);
+    let root = holdfast_test::tempdir();
+    let gw = Site {
+        upstream: format!("fastcgi://{addr}"),
+        root: root.path(),
+        route: "check_file = false\nfallback = \"/index.php\"",
+        tables: "",
+    }
+    .start()
+    .await;
+    let resp = get(&gw, "/x").await;
+    assert_eq!(resp.status, 502, "nothing listens yet");
+
+    let listener = tokio::net::TcpListener::bind(addr).await.expect("rebind");
+    let _app = FastCgiApp::start_on(
+        listener,
+        FastCgiAppOptions {
+            max_conns: 2,
+            ..FastCgiAppOptions::default()
+        },
+    );
+    assert_eq!(get(&gw, "/x").await.status, 200);
+    let (_, pool) = pools(&gw).await;
+    assert_eq!(figure(&pool["max_connections"]), 2, "{pool}");
+}
+
 // === logging ===
 
 /// What PHP writes to FastCGI STDERR (`error_log()` without an error_log file) is

@@ -10,7 +10,7 @@
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -68,8 +68,13 @@ pub struct Peer {
     /// No longer in the upstream's address list (DNS changed): serves what it has,
     /// takes nothing new.
     removed: AtomicBool,
-    /// What a FastCGI application said about itself (GET_VALUES), asked once.
+    /// What a FastCGI application said about itself (GET_VALUES), asked once it
+    /// could be reached.
     fastcgi_values: tokio::sync::OnceCell<Option<ServerValues>>,
+    /// One question at a time.
+    fastcgi_asking: tokio::sync::Mutex<()>,
+    /// Questions that found no application to ask.
+    fastcgi_unreached: AtomicU64,
 }
 
 impl Peer {
@@ -100,6 +105,8 @@ impl Peer {
             outstanding: AtomicUsize::new(0),
             removed: AtomicBool::new(false),
             fastcgi_values: tokio::sync::OnceCell::new(),
+            fastcgi_asking: tokio::sync::Mutex::new(()),
+            fastcgi_unreached: AtomicU64::new(0),
         })
     }
 
@@ -148,11 +155,7 @@ impl Peer {
             // any connection of ours is open: php-fpm gives every open connection a
             // worker, so with all workers held the question would wait in its accept
             // queue until the connect timeout. (`connect` relies on this.)
-            Box::pin(
-                self.fastcgi_values
-                    .get_or_init(|| self.query_fastcgi_values()),
-            )
-            .await;
+            Box::pin(self.ask_fastcgi_values()).await;
         }
         self.pool
             .checkout(want, check_idle, || Box::pin(self.connect()))
@@ -238,8 +241,29 @@ impl Peer {
         }
     }
 
-    /// Learns what the FastCGI application accepts, once, and caps the pool by it.
-    async fn query_fastcgi_values(&self) -> Option<ServerValues> {
+    /// Asks the application for its values unless that is done. A question that
+    /// could not reach it (not up yet, restarting) is asked again by a later request,
+    /// not by those that waited for it: they go on without, as one answer at a time
+    /// under the connect timeout would make the last of a burst wait for them all.
+    async fn ask_fastcgi_values(&self) {
+        let unreached = self.fastcgi_unreached.load(Relaxed);
+        let _turn = self.fastcgi_asking.lock().await;
+        if self.fastcgi_values.initialized() || self.fastcgi_unreached.load(Relaxed) != unreached {
+            return;
+        }
+        match self.query_fastcgi_values().await {
+            Some(values) => {
+                let _ = self.fastcgi_values.set(values);
+            }
+            None => {
+                self.fastcgi_unreached.fetch_add(1, Relaxed);
+            }
+        }
+    }
+
+    /// Learns what the FastCGI application accepts and caps the pool by it; `None`
+    /// when the application could not be reached.
+    async fn query_fastcgi_values(&self) -> Option<Option<ServerValues>> {
         // Under the connect timeout too: the first requests wait for this before they
         // take a slot, outside the queue's bounds.
         let stream = tokio::time::timeout(self.timeouts.connect.get(), self.open_stream())
@@ -253,7 +277,7 @@ impl Peer {
                 tracing::info!(address = %self.label, "FastCGI application did not say how many connections it accepts")
             }
         }
-        values
+        Some(values)
     }
 }
 

@@ -91,6 +91,11 @@ impl FastCgiApp {
 
     pub async fn start_with(options: FastCgiAppOptions) -> FastCgiApp {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        FastCgiApp::start_on(listener, options)
+    }
+
+    /// On a listener of the caller's (an address chosen before the application runs).
+    pub fn start_on(listener: TcpListener, options: FastCgiAppOptions) -> FastCgiApp {
         let addr = listener.local_addr().expect("addr");
         let connections = Arc::new(Connections::default());
         let counts = connections.clone();
