@@ -73,7 +73,11 @@ pub async fn run(config: Config, origin: Origin) -> i32 {
     if let Some(path) = &pid_file
         && let Err(e) = write_pid_file(path, pid)
     {
-        tracing::error!(path = %path.display(), error = %e, "cannot write pid file");
+        // Not started: scripts and systemd find the process by this file, and after an
+        // upgrade it would name the predecessor, which removes it as it exits. (As
+        // a successor, this fails the upgrade; the predecessor goes on serving.)
+        tracing::error!(path = %path.display(), error = %e, "cannot write pid file; not starting");
+        return 1;
     }
     // systemd first: once the predecessor hears `ready` it drains and may exit at
     // once, and systemd, not yet told of the new main PID, would take the service

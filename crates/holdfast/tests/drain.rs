@@ -1014,6 +1014,57 @@ async fn inherited_descriptor_that_is_not_a_listener_is_not_adopted() {
     assert!(status.success(), "{status}");
 }
 
+/// A successor that cannot write the PID file does not start: the upgrade fails and
+/// this process goes on serving. Started, it would leave the file naming this
+/// process, which removes it as it exits, and nothing would find the new one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_successor_that_cannot_write_the_pid_file_fails_the_upgrade() {
+    let up = TestUpstream::start(Behaviour::Echo).await;
+    let mut gw = Gateway::start(Setup {
+        routes: vec![("/", up.addr())],
+        ..Setup::default()
+    })
+    .await;
+    let pid = gw.proc.pid();
+    let pid_file = gw.pid_file();
+    // A directory where the file goes: no rename replaces it, root or not.
+    std::fs::remove_file(&pid_file).expect("remove the PID file");
+    std::fs::create_dir(&pid_file).expect("a directory in its place");
+    gw.signal(sys::SIGUSR2);
+    gw.wait_for_log("upgrade failed").await;
+    assert!(
+        gw.proc
+            .logs()
+            .contains("cannot write pid file; not starting"),
+        "{}",
+        gw.proc.logs()
+    );
+    assert!(gw.proc.exited().is_none(), "{}", gw.proc.logs());
+    gw.assert_serves("/").await;
+    let gone = wait_until(SOON, || sys::children_of(pid).is_empty()).await;
+    assert!(gone, "the failed successor is still running");
+}
+
+/// A PID file that cannot be written stops holdfast at start, with the reason.
+#[tokio::test]
+async fn a_pid_file_that_cannot_be_written_stops_the_start() {
+    let up = TestUpstream::start(Behaviour::Echo).await;
+    let toml = config_toml(free_addr(), free_addr(), &[("/", up.addr())], "");
+    let mut proc = HoldfastProcess::spawn_with_env(
+        Path::new(BIN),
+        &["run", "--pid-file", "{dir}/no-such-dir/holdfast.pid"],
+        Some(&toml),
+        &[("NO_COLOR", "1")],
+    );
+    let status = proc.wait_exit(START).await.expect("exits");
+    assert_eq!(status.code(), Some(1), "{}", proc.logs());
+    assert!(
+        proc.logs().contains("cannot write pid file; not starting"),
+        "{}",
+        proc.logs()
+    );
+}
+
 /// The old process still answers on a kept connection and a new one, still owns the PID
 /// file, and has no successor left running.
 async fn assert_still_serving(
