@@ -323,13 +323,17 @@ pub async fn run(
         }
     }
     // The last request answered: a silent close right after it is a limit of exactly
-    // `max_requests`, found without sending one more.
+    // `max_requests`, found without sending one more. (Or an idle timeout shorter than
+    // the wait: told apart below, once the idle closes are measured.)
+    let mut limit_close_after = None;
     if limit.limit.is_none()
         && limit.error.is_none()
-        && let Watch::Closed { style, .. } = c.watch_close(Instant::now() + LIMIT_CLOSE).await
+        && let Watch::Closed { style, after, .. } =
+            c.watch_close(Instant::now() + LIMIT_CLOSE).await
     {
         limit.limit = Some(limit.sent);
         limit.close = Some(style);
+        limit_close_after = Some(after);
     }
     drop(c);
     let Some(first) = first else {
@@ -425,6 +429,21 @@ pub async fn run(
         .copied()
         .filter(|&s| !prompt_close(Duration::from_secs_f64(s)))
         .reduce(f64::min);
+
+    // The close after the last answer came no sooner than idle connections close:
+    // that was the idle timeout, not a request limit (a limit's FIN follows the
+    // answer at once).
+    if let (Some(after), Some(timeout)) = (limit_close_after, idle.timeout())
+        && after * 2 >= timeout
+    {
+        progress(format!(
+            "the close {:.2} s after answer {} was the idle timeout, not a request limit",
+            after.as_secs_f64(),
+            limit.sent
+        ));
+        limit.limit = None;
+        limit.close = None;
+    }
 
     let verdict = report::verdict(&first, &limit, &idle);
     let recommended = report::recommend(&options.name, &options.url, &first, &limit, &idle);

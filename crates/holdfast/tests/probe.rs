@@ -461,6 +461,30 @@ async fn a_short_idle_timeout_is_not_closing_after_every_response() {
     );
 }
 
+/// An idle timeout shorter than the pause after the last of `--max-requests`
+/// answers (100 ms) closes the counting connection in that pause: taken for a
+/// silent request limit of exactly `--max-requests`, it made the snippet say
+/// `max_requests = 4` for an upstream that serves any number of requests.
+#[tokio::test]
+async fn an_idle_timeout_under_the_limit_check_is_no_request_limit() {
+    let up = TestUpstream::start(Behaviour::CloseIdleAfter(Duration::from_millis(70))).await;
+    let mut o = options(&up.url(), Duration::from_secs(1));
+    o.max_requests = 5;
+    o.connections = 1;
+    let (r, _) = probe(&o).await;
+    assert_eq!(
+        r.requests_per_connection.limit, None,
+        "5 requests back to back, then an idle close: {:?}\n{}",
+        r.verdict.findings, r.recommended.toml
+    );
+    assert_eq!(r.recommended.max_requests, None, "{}", r.recommended.toml);
+    assert_near(
+        r.idle.timeout_secs.expect("measured"),
+        0.07,
+        "short idle timeout",
+    );
+}
+
 /// A FastCGI application slow to answer GET_VALUES (or one that ignores it, as
 /// GET_VALUES is optional) fails the whole probe with "no response within 1s",
 /// although the code reports "GET_VALUES: no answer" as a finding otherwise.
