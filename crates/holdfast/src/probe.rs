@@ -120,6 +120,12 @@ impl Target {
     /// # Errors
     /// An unsupported scheme or a malformed URL, said plainly.
     pub fn parse(url: &str, script: Option<&str>) -> Result<Target, ProbeError> {
+        // The URL goes into the request line and the snippet's comment as written.
+        if let Some(c) = url.chars().find(|c| !c.is_ascii_graphic()) {
+            return Err(ProbeError::Url(format!(
+                "{url:?}: {c:?} cannot go into a request line; percent-encode it (a space is %20)"
+            )));
+        }
         let bad = |why: &str| ProbeError::Url(format!("{url}: {why}"));
         let (scheme, rest) = url.split_once("://").ok_or_else(|| {
             bad("expected http[s]://host[:port]/path, fastcgi://host:port or fastcgi+unix:///path")

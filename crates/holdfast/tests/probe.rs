@@ -485,6 +485,28 @@ async fn an_idle_timeout_under_the_limit_check_is_no_request_limit() {
     );
 }
 
+/// A URL with a space, a line break or another control character went into the
+/// request line as written (`GET /a\r\nX-Injected: 1 HTTP/1.1`: a header of the
+/// URL's making) and into the snippet's first comment line, which a line break
+/// turns into config. It is refused, saying what to percent-encode.
+#[tokio::test]
+async fn a_url_with_spaces_or_control_characters_is_refused() {
+    let up = TestUpstream::start(Behaviour::Echo).await;
+    for path in ["/a b", "/a\r\nX-Injected: 1", "/a\tb", "/caf\u{e9}"] {
+        let mut o = options(&format!("{}{path}", up.url()), Duration::from_millis(300));
+        o.connections = 1;
+        o.max_requests = 1;
+        let progress = |_: String| {};
+        match holdfast::probe::run(&o, &progress).await {
+            Err(e @ holdfast::probe::ProbeError::Url(_)) => {
+                assert!(e.to_string().contains("percent-encode"), "{path:?}: {e}");
+            }
+            Err(e) => panic!("{path:?}: not a URL error: {e}"),
+            Ok(r) => panic!("{path:?}: probed:\n{}", r.recommended.toml),
+        }
+    }
+}
+
 /// A FastCGI application slow to answer GET_VALUES (or one that ignores it, as
 /// GET_VALUES is optional) fails the whole probe with "no response within 1s",
 /// although the code reports "GET_VALUES: no answer" as a finding otherwise.
