@@ -290,6 +290,37 @@ async fn sni_picks_the_certificate() {
     assert_eq!(served_leaf(&s), leaf_der(&dc));
 }
 
+/// `names` listing a name the certificate is not valid for was accepted, and every
+/// client that asked for that name refused the certificate at the handshake. It is
+/// refused at load, naming the entry; a name under one of its wildcards is valid.
+#[tokio::test]
+async fn a_listed_name_the_certificate_is_not_valid_for_is_refused_at_load() {
+    let pki = TestCa::new("holdfast test CA");
+    let (dc, dk) = pki.leaf("default", &["default.test"]);
+    let (ac, ak) = pki.leaf("a", &["a.test", "*.w.test"]);
+    let config = |names: &str| {
+        format!(
+            "{}{}\n[[listener.tls.certificates]]\ncert = {}\nkey = {}\nnames = {names}\n",
+            proxy_to("http://127.0.0.1:9"),
+            tls_listener("127.0.0.1:0", &dc, &dk, ""),
+            toml_path(&ac),
+            toml_path(&ak),
+        )
+    };
+    let e = Config::from_toml(&config(r#"["a.test", "shop.test"]"#), Path::new("t.toml"))
+        .expect_err("shop.test is not a name of a.pem")
+        .to_string();
+    assert!(
+        e.contains("certificates[0].names") && e.contains("\"shop.test\""),
+        "{e}"
+    );
+    Config::from_toml(
+        &config(r#"["A.test.", "one.w.test", "*.w.test"]"#),
+        Path::new("t.toml"),
+    )
+    .unwrap_or_else(|e| panic!("names the certificate is valid for: {e}"));
+}
+
 #[tokio::test]
 async fn sessions_resume_on_tls13_and_tls12() {
     let pki = TestCa::new("holdfast test CA");

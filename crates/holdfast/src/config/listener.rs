@@ -37,8 +37,9 @@ pub struct TlsCertificate {
     /// PEM private key of `cert`.
     pub key: PathBuf,
     /// SNI names this certificate answers: `shop.example.com`, or `*.example.com` for
-    /// one label below it (an exact name wins over a wildcard). Default: the DNS names
-    /// in the certificate's subject alternative names.
+    /// one label below it (an exact name wins over a wildcard); each must be a name the
+    /// certificate is valid for. Default: the DNS names in the certificate's subject
+    /// alternative names.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub names: Vec<String>,
 }

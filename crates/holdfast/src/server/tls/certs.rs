@@ -49,6 +49,7 @@ impl CertStore {
                     continue;
                 }
             };
+            let covers = names.iter().map(|n| normalize(n)).collect::<Vec<_>>();
             let names = if c.names.is_empty() {
                 if names.is_empty() {
                     problems.push((
@@ -73,6 +74,15 @@ impl CertStore {
                     problems.push((
                         at("names"),
                         format!("{name:?} is not a host name or `*.` followed by one"),
+                    ));
+                } else if !covered(&covers, &name) {
+                    problems.push((
+                        at("names"),
+                        format!(
+                            "{} is not valid for {name:?}, so clients would refuse it (its names: {})",
+                            c.cert.display(),
+                            if covers.is_empty() { "none".to_owned() } else { covers.join(", ") }
+                        ),
                     ));
                 } else if table.insert(bare, key.clone()).is_some() {
                     problems.push((
@@ -111,6 +121,17 @@ impl CertStore {
     pub fn count(&self) -> usize {
         self.count
     }
+}
+
+/// Whether a certificate with the DNS names `covers` (normalized) is valid for
+/// `name` (normalized; `*.` and one label for a wildcard entry), as a client checks it:
+/// the name itself, or a wildcard for its parent (RFC 6125 6.4.3, one label).
+fn covered(covers: &[String], name: &str) -> bool {
+    covers.iter().any(|c| c == name)
+        || (!name.starts_with("*.")
+            && name.split_once('.').is_some_and(|(_, parent)| {
+                covers.iter().any(|c| c.strip_prefix("*.") == Some(parent))
+            }))
 }
 
 fn normalize(name: &str) -> String {
@@ -196,7 +217,7 @@ mod tests {
         let (dc, dk) = write_cert(dir.path(), "default", &["default.test"]);
         let (ac, ak) = write_cert(dir.path(), "a", &["a.test"]);
         let (wc, wk) = write_cert(dir.path(), "w", &["*.w.test"]);
-        let (xc, xk) = write_cert(dir.path(), "x", &["ignored.test"]);
+        let (xc, xk) = write_cert(dir.path(), "x", &["ignored.test", "exact.w.test"]);
         let mut config = TlsConfig::new(dc, dk);
         config.certificates = vec![
             TlsCertificate {
