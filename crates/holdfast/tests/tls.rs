@@ -575,40 +575,6 @@ async fn reload_swaps_certificates_for_new_connections_and_keeps_open_ones() {
     );
 }
 
-/// A renewal that rewrote the files with an expired certificate (a backup put back,
-/// a renewal job that failed halfway) was swapped in, and every client refused every
-/// handshake from then on. Like any file that cannot be used, it is logged and the
-/// certificate in force stays; at load it is refused, saying so.
-#[tokio::test]
-async fn an_expired_certificate_is_not_swapped_in_by_a_reload() {
-    let pki = TestCa::new("holdfast test CA");
-    let (cert, key) = pki.leaf("site", &["localhost"]);
-    let v1 = leaf_der(&cert);
-    let up = TestUpstream::start(Behaviour::Echo).await;
-    let text = format!(
-        "{}{}",
-        proxy_to(&up.url()),
-        tls_listener("127.0.0.1:0", &cert, &key, "")
-    );
-    let gw = start(&text).await;
-    let parsed = Config::from_toml(&text, Path::new("test.toml")).unwrap();
-
-    pki.issue("site", &["localhost"], true);
-    let failures = gw.state.reload_failures.load(Relaxed);
-    gw.send(Control::Reload(Box::new(parsed))).await;
-    assert!(
-        wait_until(SOON, || gw.state.reload_failures.load(Relaxed) > failures).await,
-        "the reload with an expired certificate is counted as failed"
-    );
-    let s = tls_connect(gw.addr, "localhost", pki.client(&["h2"])).await;
-    assert_eq!(served_leaf(&s), v1, "the certificate in force stays");
-
-    let e = Config::from_toml(&text, Path::new("test.toml"))
-        .expect_err("an expired certificate at load")
-        .to_string();
-    assert!(e.contains("expired"), "{e}");
-}
-
 // === HTTP/2 limits ===
 
 /// Opens a TLS connection with ALPN h2 and sends `n` requests each reset at once, in

@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, DnsName, PrivateKeyDer, UnixTime};
+use rustls::pki_types::{CertificateDer, DnsName, PrivateKeyDer};
 use rustls::sign::CertifiedKey;
 
 use crate::config::TlsConfig;
@@ -159,46 +159,16 @@ fn load_pair(
             format!("{} holds no PEM CERTIFICATE", cert.display()),
         ));
     };
-    let end_entity = webpki::EndEntityCert::try_from(leaf).map_err(|e| {
-        (
-            "cert",
-            format!("{}: not a usable certificate: {e}", cert.display()),
-        )
-    })?;
-    // Every client refuses a certificate outside its validity period. With no trust
-    // anchor, the check stops at the issuer (unknown) once the leaf's own dates passed.
-    let at = |t: UnixTime| {
-        humantime::format_rfc3339_seconds(
-            std::time::UNIX_EPOCH + std::time::Duration::from_secs(t.as_secs()),
-        )
-    };
-    let dates = match end_entity.verify_for_usage(
-        provider.signature_verification_algorithms.all,
-        &[],
-        &[],
-        UnixTime::now(),
-        webpki::KeyUsage::server_auth(),
-        None,
-        None,
-    ) {
-        Err(webpki::Error::CertExpired { not_after, .. }) => {
-            Some(format!("expired at {}", at(not_after)))
-        }
-        Err(webpki::Error::CertNotValidYet { not_before, .. }) => {
-            Some(format!("is not valid before {}", at(not_before)))
-        }
-        _ => None,
-    };
-    if let Some(dates) = dates {
-        return Err((
-            "cert",
-            format!(
-                "{}: the certificate {dates}: every client would refuse it",
-                cert.display()
-            ),
-        ));
-    }
-    let names = end_entity.valid_dns_names().map(str::to_owned).collect();
+    let names = webpki::EndEntityCert::try_from(leaf)
+        .map_err(|e| {
+            (
+                "cert",
+                format!("{}: not a usable certificate: {e}", cert.display()),
+            )
+        })?
+        .valid_dns_names()
+        .map(str::to_owned)
+        .collect();
     let pem = read(key, "key")?;
     let der = PrivateKeyDer::from_pem_slice(&pem).map_err(|e| {
         (
