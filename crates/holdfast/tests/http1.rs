@@ -2897,6 +2897,10 @@ async fn a_client_that_stops_reading_does_not_hold_the_upstream_connection_forev
          in_use = {}",
         pools[0]["addresses"][0]["in_use"]
     );
+    assert_eq!(
+        pools[0]["addresses"][0]["closed"]["timeout"], 1,
+        "closed as a timeout (send_timeout): {pools}"
+    );
     drop(client);
 }
 

@@ -1305,6 +1305,274 @@ async fn http2_response_end_held_by_flow_control_survives_a_drain() {
     );
 }
 
+// === send_timeout on an HTTP/2 stream whose client grants no window ===
+
+/// What a [`RawH2`] client saw on one stream.
+#[derive(Debug, Default, Clone)]
+struct StreamSeen {
+    data: usize,
+    ended: bool,
+    /// RST_STREAM's error code.
+    reset: Option<u32>,
+    last_data_at: Option<Instant>,
+    reset_at: Option<Instant>,
+}
+
+/// A raw HTTP/2 client with a stream window of its choosing: a task reads frames (so
+/// that waits with a deadline never cut a frame in half), this side writes, answers
+/// SETTINGS and PING, and tallies what each stream got.
+struct RawH2<W> {
+    w: W,
+    frames: tokio::sync::mpsc::UnboundedReceiver<Frame>,
+    reader: JoinHandle<()>,
+    streams: std::collections::BTreeMap<u32, StreamSeen>,
+}
+
+impl<W> Drop for RawH2<W> {
+    fn drop(&mut self) {
+        self.reader.abort();
+    }
+}
+
+fn window_update(stream: u32, n: u32) -> Frame {
+    Frame {
+        kind: kind::WINDOW_UPDATE,
+        flags: 0,
+        stream,
+        payload: n.to_be_bytes().to_vec(),
+    }
+}
+
+/// A [`RawH2`] client on `s`: sends the preface and SETTINGS with `SETTINGS_INITIAL_WINDOW_SIZE = window`.
+async fn raw_h2<S>(s: S, window: u32) -> RawH2<tokio::io::WriteHalf<S>>
+where
+    S: AsyncRead + AsyncWrite + Send + 'static,
+{
+    let (mut r, mut w) = tokio::io::split(s);
+    let mut payload = vec![0, 4];
+    payload.extend_from_slice(&window.to_be_bytes());
+    let mut out = frames::PREFACE.to_vec();
+    out.extend(
+        Frame {
+            kind: kind::SETTINGS,
+            flags: 0,
+            stream: 0,
+            payload,
+        }
+        .encode(),
+    );
+    tokio::io::AsyncWriteExt::write_all(&mut w, &out)
+        .await
+        .unwrap();
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let reader = tokio::spawn(async move {
+        while let Ok(Some(f)) = frames::read_frame(&mut r).await {
+            if tx.send(f).is_err() {
+                return;
+            }
+        }
+    });
+    RawH2 {
+        w,
+        frames: rx,
+        reader,
+        streams: Default::default(),
+    }
+}
+
+impl<W: AsyncWrite + Unpin> RawH2<W> {
+    async fn send(&mut self, f: &[Frame]) {
+        frames::send(&mut self.w, f).await.unwrap();
+    }
+
+    fn stream(&self, id: u32) -> StreamSeen {
+        self.streams.get(&id).cloned().unwrap_or_default()
+    }
+
+    /// Takes the next frame, by `until`: `false` at the deadline or when the
+    /// connection ended.
+    async fn next(&mut self, until: Instant) -> bool {
+        let Ok(Some(f)) = tokio::time::timeout_at(until, self.frames.recv()).await else {
+            return false;
+        };
+        if f.is(kind::SETTINGS) && !f.has(flag::ACK) {
+            self.send(&[frames::settings_ack()]).await;
+        }
+        if f.is(kind::PING) && !f.has(flag::ACK) {
+            self.send(&[frames::ping_ack(&f.payload)]).await;
+        }
+        let now = Instant::now();
+        let seen = self.streams.entry(f.stream).or_default();
+        if f.is(kind::DATA) {
+            seen.data += f.payload.len();
+            seen.last_data_at = Some(now);
+        }
+        if (f.is(kind::DATA) || f.is(kind::HEADERS)) && f.has(flag::END_STREAM) {
+            seen.ended = true;
+        }
+        if f.is(kind::RST_STREAM) && f.payload.len() == 4 {
+            seen.reset = Some(u32::from_be_bytes(f.payload[..4].try_into().unwrap()));
+            seen.reset_at = Some(now);
+        }
+        true
+    }
+
+    /// Takes frames until `done` holds (`true`) or `until` passes (`false`).
+    async fn until(&mut self, until: Instant, done: impl Fn(&Self) -> bool) -> bool {
+        while !done(self) {
+            if !self.next(until).await {
+                return done(self);
+            }
+        }
+        true
+    }
+}
+
+/// The `up` address's entry in `/pools`.
+async fn up_pool(gw: &Gateway) -> serde_json::Value {
+    let resp = holdfast_test::KeepAliveClient::new(gw.admin)
+        .get("/pools")
+        .await
+        .expect("GET /pools");
+    let all: serde_json::Value = serde_json::from_slice(&resp.body).expect("/pools is JSON");
+    all.as_array()
+        .and_then(|ups| ups.iter().find(|u| u["name"] == "up"))
+        .map(|u| u["addresses"][0].clone())
+        .expect("upstream up in /pools")
+}
+
+/// README (`send_timeout`): an HTTP/2 client that opens a stream with a small window
+/// and never sends WINDOW_UPDATE. hyper stops taking the response body while the
+/// stream has no window, so the body's own deadlines (`read_idle`) are never looked at,
+/// and the socket never stalls (other streams flow): the stream must still end about
+/// `send_timeout` after it stopped taking data, with its upstream connection closed
+/// (counted as a timeout), the stream reset (never ended as if complete), and the
+/// other streams of the connection served.
+#[tokio::test]
+async fn http2_stream_without_window_is_cut_after_send_timeout() {
+    let big = TestUpstream::start(Behaviour::StreamBody { len: 1 << 30 }).await;
+    let small = TestUpstream::start(Behaviour::fixed(200, 4000)).await;
+    let gw = start(&format!(
+        "[[route]]\npath = \"/small\"\nupstream = \"small\"\n\n\
+         [upstream.small]\naddresses = [\"{}\"]\n\n{}\
+         [upstream.up.timeouts]\nread_idle = \"1s\"\n\n\
+         [[listener]]\nlisten = \"127.0.0.1:0\"\nh2c = true\nsend_timeout = \"1s\"\n",
+        small.url(),
+        proxy_to(&big.url())
+    ))
+    .await;
+    let mut c = raw_h2(TcpStream::connect(gw.addr).await.unwrap(), 1000).await;
+    c.send(&[frames::get(1, "http", "localhost", "/big")]).await;
+    // Every timeout here is 1 s; 10 s is far past any of them.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    assert!(
+        c.until(deadline, |c| c.stream(1).data == 1000).await,
+        "the first 1,000 bytes: {:?}",
+        c.stream(1)
+    );
+    // Another stream on the same connection, with window, flows meanwhile.
+    c.send(&[
+        frames::get(3, "http", "localhost", "/small"),
+        window_update(3, 1 << 20),
+    ])
+    .await;
+    let cut = c
+        .until(deadline, |c| {
+            c.stream(1).reset.is_some() && c.stream(3).ended
+        })
+        .await;
+    let (s1, s3) = (c.stream(1), c.stream(3));
+    assert!(
+        cut,
+        "stream 1 still open 10 s after its window closed (send_timeout = 1s): \
+         stream 1 {s1:?}, stream 3 {s3:?}, pool {}",
+        up_pool(&gw).await
+    );
+    assert!(!s1.ended, "the cut response looks complete: {s1:?}");
+    let stalled = s1.reset_at.unwrap() - s1.last_data_at.unwrap();
+    assert!(
+        stalled >= Duration::from_secs(1),
+        "cut after {stalled:?}, before send_timeout"
+    );
+    assert_eq!((s3.data, s3.ended, s3.reset), (4000, true, None), "{s3:?}");
+    big.wait_for_closed(1, SOON)
+        .await
+        .expect("the upstream connection closed");
+    let closed_as_timeout = wait_until_async(SOON, || async {
+        let pool = up_pool(&gw).await;
+        pool["in_use"] == 0 && pool["closed"]["timeout"] == 1
+    })
+    .await;
+    assert!(closed_as_timeout, "{}", up_pool(&gw).await);
+    // The connection goes on serving.
+    c.send(&[
+        frames::get(5, "http", "localhost", "/small"),
+        window_update(5, 1 << 20),
+    ])
+    .await;
+    let until = Instant::now() + SOON;
+    assert!(
+        c.until(until, |c| c.stream(5).ended).await,
+        "{:?}",
+        c.stream(5)
+    );
+    assert_eq!(c.stream(5).data, 4000);
+}
+
+/// The other side of the same rule: over TLS (ALPN h2), a client that reads slowly but
+/// steadily, granting 32 KiB of window every 300 ms (well within `send_timeout = 1s`),
+/// gets the whole response, though it takes several times `send_timeout`.
+#[tokio::test]
+async fn http2_slow_but_steady_reader_is_not_cut_by_send_timeout() {
+    const LEN: usize = 384 << 10;
+    const GRANT: u32 = 32 << 10;
+    let pki = TestCa::new("holdfast test CA");
+    let (cert, key) = pki.leaf("site", &["localhost"]);
+    let up = TestUpstream::start(Behaviour::fixed(200, LEN)).await;
+    let gw = start(&format!(
+        "{}[upstream.up.timeouts]\nread_idle = \"1s\"\n{}",
+        proxy_to(&up.url()),
+        tls_listener("127.0.0.1:0", &cert, &key, "send_timeout = \"1s\"")
+    ))
+    .await;
+    let tls = tls_connect(gw.addr, "localhost", pki.client(&["h2"])).await;
+    let mut c = raw_h2(tls, GRANT).await;
+    // The connection's window is no limit; the stream's is.
+    c.send(&[
+        window_update(0, 1 << 30),
+        frames::get(1, "https", "localhost", "/big"),
+    ])
+    .await;
+    let start = Instant::now();
+    let deadline = start + Duration::from_secs(20);
+    // One grant per 300 ms: at most LEN / GRANT of them are needed.
+    for _ in 0..=LEN / GRANT as usize {
+        let s = c.stream(1);
+        if s.ended || s.reset.is_some() || Instant::now() >= deadline {
+            break;
+        }
+        let next = Instant::now() + Duration::from_millis(300);
+        while c.next(next.min(deadline)).await {}
+        c.send(&[window_update(1, GRANT)]).await;
+    }
+    let until = Instant::now() + SOON;
+    c.until(until, |c| c.stream(1).ended || c.stream(1).reset.is_some())
+        .await;
+    let s = c.stream(1);
+    assert!(
+        s.ended && s.data == LEN && s.reset.is_none(),
+        "after {:?}: {s:?}, pool {}",
+        start.elapsed(),
+        up_pool(&gw).await
+    );
+    assert!(
+        start.elapsed() > Duration::from_secs(2),
+        "the reader was not slow: {:?}",
+        start.elapsed()
+    );
+    assert_eq!(up_pool(&gw).await["closed"]["timeout"], 0);
+}
+
 // === header_timeout before the first HTTP/2 request, h2c sniff figures ===
 
 /// Reads (and discards) until the server closes; how long that took, or `None` if it

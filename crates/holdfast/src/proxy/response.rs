@@ -18,7 +18,7 @@ use tokio::time::{Instant, Sleep};
 use super::access_log::AccessRecord;
 use super::figures::Tally;
 use crate::body::BoxError;
-use crate::server::conn::InFlight;
+use crate::server::conn::{InFlight, PIECE};
 use crate::upstream::Payload;
 use crate::upstream::figures::CloseReason;
 use crate::upstream::peer::Outstanding;
@@ -40,11 +40,14 @@ enum Kind {
 
 impl Drop for ResponseBody {
     fn drop(&mut self) {
-        // hyper drops the body in the poll that saw it end, which read the clock then.
-        if let (Some(in_flight), Kind::Upstream(u)) = (&mut self.in_flight, &self.kind)
-            && let Some(at) = u.ended_at
-        {
-            in_flight.ended_at(at);
+        if let (Some(in_flight), Kind::Upstream(u)) = (&mut self.in_flight, &mut self.kind) {
+            if in_flight.send_timed_out(u.done && u.rest.is_empty()) {
+                u.cut_by_send_timeout();
+            }
+            // hyper drops the body in the poll that saw it end, which read the clock then.
+            if let Some(at) = u.ended_at {
+                in_flight.ended_at(at);
+            }
         }
     }
 }
@@ -94,13 +97,23 @@ impl Body for ResponseBody {
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        match &mut self.get_mut().kind {
+        let this = self.get_mut();
+        match &mut this.kind {
             Kind::Full(data) => Poll::Ready(
                 data.take()
                     .filter(|d| !d.is_empty())
                     .map(|d| Ok(Frame::data(d))),
             ),
-            Kind::Upstream(u) => u.poll_frame(cx),
+            Kind::Upstream(u) => {
+                // HTTP/2 under `send_timeout`: each poll is noted for the connection
+                // task, which cuts a stream that holds a piece untaken too long.
+                let Some(watch) = this.in_flight.as_ref().and_then(InFlight::stream) else {
+                    return u.poll_frame(cx, false);
+                };
+                let polled = u.poll_frame(cx, true);
+                watch.polled(matches!(polled, Poll::Ready(Some(Ok(_)))) && !u.is_end_stream());
+                polled
+            }
             Kind::Bodiless => Poll::Ready(None),
         }
     }
@@ -108,7 +121,7 @@ impl Body for ResponseBody {
     fn is_end_stream(&self) -> bool {
         match &self.kind {
             Kind::Full(data) => data.as_ref().is_none_or(Bytes::is_empty),
-            Kind::Upstream(u) => u.conn.is_none() && u.done,
+            Kind::Upstream(u) => u.is_end_stream(),
             Kind::Bodiless => true,
         }
     }
@@ -179,6 +192,8 @@ pub(crate) struct UpstreamBody {
     complete_at: Option<u64>,
     /// Held while the connection is in use (`drain_fastcgi` takes it).
     outstanding: Option<Outstanding>,
+    /// What is left of a chunk handed over in pieces (`streams::PIECE`).
+    rest: Bytes,
 }
 
 /// FastCGI: STDOUT read and dropped after the client has the whole body, at most;
@@ -217,6 +232,7 @@ impl UpstreamBody {
             ended_at: None,
             complete_at: None,
             outstanding: Some(outstanding),
+            rest: Bytes::new(),
         });
         // A response without a body (204, 304, HEAD, Content-Length: 0) is complete now.
         if this.body.is_end_stream() {
@@ -262,6 +278,16 @@ impl UpstreamBody {
         }
     }
 
+    fn is_end_stream(&self) -> bool {
+        self.conn.is_none() && self.done && self.rest.is_empty()
+    }
+
+    /// The client took none of the response for `send_timeout`: the connection, if
+    /// still held, is closed as timed out.
+    fn cut_by_send_timeout(&mut self) {
+        self.fail(CloseReason::Timeout, "send_timeout");
+    }
+
     fn fail(&mut self, reason: CloseReason, what: &'static str) {
         self.done = true;
         self.close(reason, what);
@@ -278,17 +304,33 @@ impl UpstreamBody {
         }
     }
 
-    fn poll_frame(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+    /// `in_pieces`: hand data over in pieces of at most `streams::PIECE` bytes.
+    fn poll_frame(
+        &mut self,
+        cx: &mut Context<'_>,
+        in_pieces: bool,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         if let Some(e) = self.failed.take() {
             self.done = true;
             return Poll::Ready(Some(Err(e)));
+        }
+        if !self.rest.is_empty() {
+            let piece = self.rest.split_to(self.rest.len().min(PIECE));
+            self.bytes += piece.len() as u64;
+            return Poll::Ready(Some(Ok(Frame::data(piece))));
         }
         if self.done && self.conn.is_none() && self.body.is_end_stream() {
             return Poll::Ready(None);
         }
         match self.poll_source(cx) {
-            Poll::Ready(Some(Ok(frame))) => {
+            Poll::Ready(Some(Ok(mut frame))) => {
                 self.armed = false;
+                if in_pieces
+                    && let Some(d) = frame.data_mut()
+                    && d.len() > PIECE
+                {
+                    self.rest = d.split_off(PIECE);
+                }
                 if let Some(d) = frame.data_ref() {
                     self.bytes += d.len() as u64;
                 }

@@ -48,14 +48,17 @@ use http::{HeaderValue, Version};
 use hyper::body::Incoming;
 use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 use tokio::sync::{Notify, OwnedSemaphorePermit};
 use tokio::time::Instant;
 
 mod io;
+mod streams;
 
 use self::io::{ClientIo, Transport};
+pub(crate) use self::streams::PIECE;
+use self::streams::{StreamExec, StreamWatch, Streams};
 use super::drain::{ClientFigures, DrainWatch, Tracked};
 use super::redirect;
 use super::tls::{self, TlsFront};
@@ -74,7 +77,7 @@ pub struct ListenerShared {
     pub drain: DrainConfig,
     tls: Option<TlsFront>,
     http1: http1::Builder,
-    http2: http2::Builder<TokioExecutor>,
+    http2: http2::Builder<StreamExec>,
     /// `Keep-Alive: timeout=N` sent on responses, N a margin below the real timeout.
     keep_alive: Option<HeaderValue>,
     advertised: Option<Duration>,
@@ -110,7 +113,7 @@ impl ListenerShared {
         let h = &config.http2;
         // Validation keeps these within u32 (windows within 2^31-1).
         let u32_of = |b: crate::config::ByteSize| u32::try_from(b.get()).unwrap_or(u32::MAX);
-        let mut http2 = http2::Builder::new(TokioExecutor::new());
+        let mut http2 = http2::Builder::new(StreamExec::new(config.send_timeout.get()));
         http2
             .max_concurrent_streams(h.max_concurrent_streams)
             .max_header_list_size(u32_of(h.max_header_list_size))
@@ -187,6 +190,12 @@ pub struct ConnState {
     /// look idle meanwhile; it parks, or is dropped as idle, only once they are sent.
     /// (Written by `ClientIo` on the connection's task only.)
     pub(super) unsent: AtomicBool,
+    /// A write to the client stalled past `send_timeout` (`ClientIo`): the response
+    /// bodies dropped with the connection were cut by it.
+    pub(super) send_timed_out: AtomicBool,
+    /// HTTP/2: the streams whose response bodies are watched for `send_timeout`
+    /// (`streams.rs`).
+    streams: Streams,
     /// Makes an HTTP/2 connection task look again at once.
     wake: Notify,
     /// Plain HTTP/1 connections may park while idle (see [`park`]).
@@ -239,6 +248,8 @@ impl ConnState {
             client_closes: AtomicBool::new(false),
             heard: AtomicBool::new(false),
             unsent: AtomicBool::new(false),
+            send_timed_out: AtomicBool::new(false),
+            streams: Streams::default(),
             wake: Notify::new(),
         }
     }
@@ -273,6 +284,9 @@ pub struct InFlight {
     state: Arc<ConnState>,
     /// When the response ended, if the body said (see [`InFlight::ended_at`]).
     ended_at: Option<Instant>,
+    /// HTTP/2 with a `send_timeout`: the stream's watch, once its response has an
+    /// upstream body (see `streams.rs`).
+    stream: Option<Arc<StreamWatch>>,
 }
 
 impl InFlight {
@@ -282,7 +296,30 @@ impl InFlight {
         InFlight {
             state: state.clone(),
             ended_at: None,
+            stream: None,
         }
+    }
+
+    /// HTTP/2: lists the stream for the connection task's `send_timeout` looks, when
+    /// its task is watched. Called from the service's future, which runs inside the
+    /// stream's task.
+    fn watch_stream(&mut self, now: Instant) {
+        if let Some(watch) = streams::current() {
+            self.state.streams.list(watch.clone(), now);
+            self.stream = Some(watch);
+        }
+    }
+
+    /// The stream's watch, to note each poll of the response body in.
+    pub(crate) fn stream(&self) -> Option<&StreamWatch> {
+        self.stream.as_deref()
+    }
+
+    /// Whether `send_timeout` cut the response: its HTTP/2 stream, or (`body_done`:
+    /// the body had not ended) the whole connection's writes.
+    pub(crate) fn send_timed_out(&self, body_done: bool) -> bool {
+        self.stream.as_ref().is_some_and(|w| w.is_cut())
+            || !body_done && self.state.send_timed_out.load(Relaxed)
     }
 
     /// The response ended at `at`, a clock reading taken in the same poll that drops
@@ -416,6 +453,13 @@ pub fn serve(
                         {
                             resp.headers_mut().insert(name, value);
                         }
+                    }
+                    let mut in_flight = in_flight;
+                    if version == Version::HTTP_2
+                        && !resp.body().is_local()
+                        && !http_body::Body::is_end_stream(resp.body())
+                    {
+                        in_flight.watch_stream(arrived);
                     }
                     resp.body_mut().in_flight = Some(in_flight);
                     Ok::<_, Infallible>(resp)
@@ -630,7 +674,8 @@ enum Wake {
 /// an extra epoll event per connection. A timer set while idle stays set when the
 /// next head starts arriving, unless the head is due earlier than it fires. HTTP/2
 /// streams run on tasks of their own, so HTTP/2 keeps a timer always and looks again
-/// every [`BUSY_RECHECK`] while busy.
+/// every [`BUSY_RECHECK`] while busy, from the poll that took its first stream, and
+/// each look cuts streams stalled past `send_timeout` (`streams.rs`).
 async fn drive<C>(
     mut conn: Pin<&mut C>,
     shutdown: impl Fn(Pin<&mut C>),
@@ -648,6 +693,8 @@ async fn drive<C>(
     let mut check = Timer::new(sleep);
     // Whether `check` is set for a time still to be looked at.
     let mut armed = proto == Proto::Http2;
+    // HTTP/2: `check` is due within `BUSY_RECHECK` because a stream is open.
+    let mut busy = false;
     // When holdfast began closing (HTTP/1: no more verdicts; HTTP/2: GOAWAY sent).
     let mut closing: Option<Instant> = None;
     // Made once, not per wake-up, which would register the task's waker again each time.
@@ -660,6 +707,16 @@ async fn drive<C>(
             // The connection first: it is what wakes this task almost every time.
             if let Poll::Ready(res) = conn.as_mut().poll(cx) {
                 return Poll::Ready(Wake::Ended(res));
+            }
+            // The first stream of a busy spell starts inside that poll; the timer was
+            // set for an idle deadline (or the first head's).
+            if proto == Proto::Http2 && !busy && state.active.load(Relaxed) > 0 {
+                busy = true;
+                let due = state.phase().1 + BUSY_RECHECK;
+                if !armed || due < check.deadline() {
+                    check.reset(due);
+                    armed = true;
+                }
             }
             if proto == Proto::Http1 {
                 if !armed {
@@ -709,7 +766,12 @@ async fn drive<C>(
                         }
                     },
                     Proto::Http1 => verdict(state, shared, now),
-                    Proto::Http2 => verdict_h2(state, shared, now, closing),
+                    Proto::Http2 => {
+                        cut_stalled_streams(state, shared, now, remote);
+                        // `verdict_h2` looks again within `BUSY_RECHECK` while so.
+                        busy = state.active.load(Relaxed) > 0;
+                        verdict_h2(state, shared, now, closing)
+                    }
                 };
                 match v {
                     Verdict::Close => {
@@ -750,6 +812,24 @@ async fn drive<C>(
                 }
             }
         }
+    }
+}
+
+/// HTTP/2: cuts the streams whose client has taken no more of the response for
+/// `send_timeout` (see `streams.rs`).
+fn cut_stalled_streams(
+    state: &ConnState,
+    shared: &ListenerShared,
+    now: Instant,
+    remote: SocketAddr,
+) {
+    let limit = shared.config.send_timeout.get();
+    if limit.is_zero() {
+        return;
+    }
+    let cut = state.streams.cut_stalled(limit, now);
+    if cut > 0 {
+        tracing::info!(client = %remote, streams = cut, timeout = ?limit, "HTTP/2 client took none of a response within send_timeout; stream reset, upstream connection closed");
     }
 }
 

@@ -136,6 +136,9 @@ impl ClientIo {
         }
         let timeout = self.state.shared.config.send_timeout.get();
         if self.write_stall.expired(timeout, cx) {
+            if !self.state.send_timed_out.swap(true, Relaxed) {
+                tracing::info!(client = %self.state.ctx.remote, timeout = ?timeout, "client did not read its response within send_timeout; closing");
+            }
             Poll::Ready(Err(io::Error::new(
                 io::ErrorKind::TimedOut,
                 "client did not read its response within send_timeout",
