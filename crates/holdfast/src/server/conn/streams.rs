@@ -157,10 +157,23 @@ impl<F: Future<Output = ()>> Future for Watched<F> {
         let Some(fut) = this.fut.as_mut().as_pin_mut() else {
             return Poll::Ready(());
         };
-        let outer = CURRENT.replace(Some(watch));
-        let res = fut.poll(cx);
-        *this.watch = CURRENT.replace(outer);
-        res
+        let _lent = Lent {
+            outer: CURRENT.replace(Some(watch)),
+            home: this.watch,
+        };
+        fut.poll(cx)
+    }
+}
+
+/// A stream's watch lent to [`CURRENT`]: given back when dropped, a panic included.
+struct Lent<'a> {
+    outer: Option<Arc<StreamWatch>>,
+    home: &'a mut Option<Arc<StreamWatch>>,
+}
+
+impl Drop for Lent<'_> {
+    fn drop(&mut self) {
+        *self.home = CURRENT.replace(self.outer.take());
     }
 }
 
@@ -175,20 +188,33 @@ pub(crate) struct Listed {
 
 /// The watched streams of one connection.
 #[derive(Debug, Default)]
-pub(crate) struct Streams(Mutex<Vec<Listed>>);
+pub(crate) struct Streams(Mutex<List>);
+
+#[derive(Debug, Default)]
+struct List {
+    streams: Vec<Listed>,
+    /// Ended streams are forgotten when the list reaches this length, as well as at
+    /// each look: a busy connection may end thousands of streams between two looks.
+    prune_at: usize,
+}
+
+/// The least `List::prune_at`.
+const PRUNE_AT: usize = 64;
 
 impl Streams {
     /// Lists a stream whose response body is about to be taken by hyper.
     pub(crate) fn list(&self, watch: Arc<StreamWatch>, now: Instant) {
         let seen = watch.progress.load(Ordering::Relaxed);
-        self.0
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .push(Listed {
-                watch,
-                seen,
-                since: now,
-            });
+        let mut list = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        if list.streams.len() >= list.prune_at.max(PRUNE_AT) {
+            list.streams.retain(|s| Arc::strong_count(&s.watch) > 1);
+            list.prune_at = 2 * list.streams.len();
+        }
+        list.streams.push(Listed {
+            watch,
+            seen,
+            since: now,
+        });
     }
 
     /// Cuts each listed stream whose body has held a piece, untaken, for `limit`
@@ -197,7 +223,7 @@ impl Streams {
     pub(crate) fn cut_stalled(&self, limit: Duration, now: Instant) -> usize {
         let mut list = self.0.lock().unwrap_or_else(PoisonError::into_inner);
         let mut cut = 0;
-        list.retain_mut(|s| {
+        list.streams.retain_mut(|s| {
             // Only the list holds it: the stream's task has ended.
             if Arc::strong_count(&s.watch) == 1 {
                 return false;
@@ -250,7 +276,7 @@ mod tests {
             "progress since listed"
         );
         assert_eq!(
-            streams.0.lock().unwrap().len(),
+            streams.0.lock().unwrap().streams.len(),
             3,
             "the ended one forgotten"
         );
@@ -259,11 +285,32 @@ mod tests {
         moving.polled(true);
         assert_eq!(streams.cut_stalled(limit, at(1250)), 1);
         assert!(held.is_cut() && !waiting.is_cut() && !moving.is_cut());
-        assert_eq!(streams.0.lock().unwrap().len(), 2, "the cut one forgotten");
+        assert_eq!(
+            streams.0.lock().unwrap().streams.len(),
+            2,
+            "the cut one forgotten"
+        );
         // Its piece taken, the body waits for its upstream (`read_idle` bounds that).
         moving.polled(false);
         assert_eq!(streams.cut_stalled(limit, at(5000)), 0);
         assert!(!waiting.is_cut() && !moving.is_cut());
+    }
+
+    #[test]
+    fn ended_streams_are_forgotten_as_the_list_grows() {
+        let streams = Streams::default();
+        let now = Instant::now();
+        let open: Vec<_> = (0..10).map(|_| Arc::new(StreamWatch::default())).collect();
+        for w in &open {
+            streams.list(w.clone(), now);
+        }
+        for _ in 0..1000 {
+            streams.list(Arc::default(), now);
+        }
+        let len = streams.0.lock().unwrap().streams.len();
+        assert!(len <= 2 * PRUNE_AT, "{len} listed");
+        assert_eq!(streams.cut_stalled(Duration::from_secs(1), now), 0);
+        assert_eq!(streams.0.lock().unwrap().streams.len(), open.len());
     }
 
     /// A cut stream's task wakes and drops hyper's future; the service's future sees
