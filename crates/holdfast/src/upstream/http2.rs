@@ -188,6 +188,15 @@ where
         driver_signals.fail();
     });
     match tokio::time::timeout(wait, signals.settled()).await {
+        // No stream allowed: h2 would hold the request that opened the connection as
+        // pending-open, unsent, until its response deadline. Not sent; another
+        // connection or address may take it.
+        Ok(Ok(())) if signals.max_streams() == 0 => {
+            return Err(failed(
+                "the upstream's HTTP/2 SETTINGS allow no stream (SETTINGS_MAX_CONCURRENT_STREAMS = 0)"
+                    .to_owned(),
+            ));
+        }
         Ok(Ok(())) => {}
         Ok(Err(why)) => {
             return Err(
