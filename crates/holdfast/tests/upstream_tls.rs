@@ -1524,6 +1524,97 @@ async fn a_connection_allowing_no_streams_sends_nothing_and_the_request_is_retri
     assert_eq!(zero_headers.load(Relaxed), 0, "nothing sent on the first");
 }
 
+/// An HTTP/2 connection still being opened when a reload removes its upstream
+/// finishes the request that opened it and then closes, while another request keeps
+/// the drained pool alive: the pool does not list it, to keep it until its idle
+/// timeout.
+#[tokio::test]
+async fn an_http2_connection_opened_after_its_pool_drained_closes_when_its_stream_ends() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let held = Arc::new(Notify::new());
+    let accepted = Arc::new(Notify::new());
+    let settings_go = Arc::new(Notify::new());
+    let (closed_tx, closed_rx) = tokio::sync::oneshot::channel();
+    let (hd, acc, go) = (held.clone(), accepted.clone(), settings_go.clone());
+    tokio::spawn(async move {
+        // The first connection takes one stream at a time and never answers it.
+        let (mut first, _) = listener.accept().await.unwrap();
+        tokio::spawn(async move {
+            let mut preface = [0u8; 24];
+            first.read_exact(&mut preface).await.ok()?;
+            let mut p = 3u16.to_be_bytes().to_vec();
+            p.extend(1u32.to_be_bytes());
+            let one = Frame {
+                kind: kind::SETTINGS,
+                flags: 0,
+                stream: 0,
+                payload: p,
+            };
+            frames::send(&mut first, &[one]).await.ok()?;
+            h2_server_frames(&mut first).await?;
+            hd.notify_one();
+            while let Ok(Some(_)) = frames::read_frame(&mut first).await {}
+            Some(())
+        });
+        // The second one sends its SETTINGS only once the pool is draining.
+        let (mut sock, _) = listener.accept().await.unwrap();
+        acc.notify_one();
+        go.notified().await;
+        server_preface(&mut sock).await?;
+        let f = h2_server_frames(&mut sock).await?;
+        frames::send(&mut sock, &[ok_200(f.stream)]).await.ok()?;
+        // Then read until holdfast closes the connection.
+        while let Ok(Some(_)) = frames::read_frame(&mut sock).await {}
+        closed_tx.send(()).ok()
+    });
+    let other = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let other_addr = other.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((sock, _)) = other.accept().await {
+            tokio::spawn(answer_all(sock, Arc::default()));
+        }
+    });
+    let gw = start(&format!(
+        "{}[upstream.up.http2]\nconnections = 2\n",
+        proxy_to(&format!("h2c://{addr}"))
+    ))
+    .await;
+    // Outlives the test's waits: it keeps the pool alive after the reload.
+    let addr = gw.addr;
+    let _long = tokio::spawn(async move {
+        KeepAliveClient::new(addr)
+            .with_timeout(SOON * 6)
+            .send(&ClientRequest::get("/long"))
+            .await
+    });
+    let taken = tokio::time::timeout(SOON, held.notified()).await;
+    assert!(
+        taken.is_ok(),
+        "the first request holds the first connection"
+    );
+    let req = spawn_request(gw.addr, ClientRequest::post("/pay", "charge"));
+    let opening = tokio::time::timeout(SOON, accepted.notified()).await;
+    assert!(opening.is_ok(), "the second request opens a connection");
+    let text = format!(
+        "{}\n[[listener]]\nlisten = \"127.0.0.1:0\"\n\n[admin]\nlisten = \"127.0.0.1:0\"\n",
+        proxy_to(&format!("h2c://{other_addr}"))
+    );
+    let config = holdfast::config::Config::from_toml(&text, Path::new("test.toml")).unwrap();
+    gw.send(holdfast::server::Control::Reload(Box::new(config)))
+        .await;
+    let reloaded = wait_until_async(SOON, || async { gw.state.reloads.load(Relaxed) == 1 }).await;
+    assert!(reloaded, "reloaded");
+    settings_go.notify_one();
+    let r = req.await.unwrap().expect("response");
+    assert_eq!(r.status, 200, "{} {:?}", r.text(), r.header("proxy-status"));
+    let closed = tokio::time::timeout(SOON, closed_rx).await;
+    assert!(
+        matches!(closed, Ok(Ok(()))),
+        "the connection closes with its last stream, not at its idle timeout"
+    );
+}
+
 /// An upstream connection that refuses every stream (RST_STREAM REFUSED_STREAM, as an
 /// overloaded server does): the POST was provably not processed and is retried "on a
 /// new connection" (ARCHITECTURE.md, Retries), but the retry takes a stream on the

@@ -428,7 +428,11 @@ impl Pool {
                         Some(_) => CloseReason::GoAway,
                         None => CloseReason::Error,
                     });
-            } else if st.shared.conns.len() >= self.settings.h2_connections {
+            } else if st.shared.conns.len() >= self.settings.h2_connections
+                // Looked at under the lock, which `drain_shared` takes after the flag
+                // is set: a drain either shows here or finds the connection listed.
+                || self.draining.load(Relaxed)
+            {
                 self.figures.closed(CloseReason::Evicted);
             } else if conn.at_max_requests(&self.settings) {
                 // `max_requests = 1`: this stream is its only one.
