@@ -904,6 +904,39 @@ async fn busy_connections_spread_over_the_configured_count() {
     );
 }
 
+/// `pool.max_connections` bounds the open connections of an HTTP/2 address too: with
+/// `http2.connections = 2` but `max_connections = 1`, a request finding the one
+/// connection's streams all taken waits for a stream rather than open a second.
+#[tokio::test]
+async fn http2_connections_stay_within_max_connections() {
+    let server = H2Server::start(1, true).await;
+    let gw = start(&format!(
+        "{}\n[upstream.up.pool]\nmax_connections = 1\nmax_idle = 1\n\
+         [upstream.up.http2]\nconnections = 2\n",
+        proxy_to(&format!("h2c://{}", server.addr))
+    ))
+    .await;
+    let addr = gw.addr;
+    let first = spawn_request(addr, ClientRequest::get("/a"));
+    let started = server.in_flight_reaches(1).await;
+    assert!(started, "the first request reached the upstream");
+    let second = spawn_request(addr, ClientRequest::get("/b"));
+    let settled = wait_until_async(SOON, || async {
+        server.state.connections.load(Relaxed) > 1 || pools(&gw).await.1["waiting"] == 1
+    })
+    .await;
+    assert!(settled, "the second request waits or connects");
+    assert_eq!(
+        server.state.connections.load(Relaxed),
+        1,
+        "no connection beyond max_connections"
+    );
+    server.open_gate();
+    assert_eq!(first.await.unwrap().expect("response").status, 200);
+    assert_eq!(second.await.unwrap().expect("response").status, 200);
+    assert_eq!(server.state.connections.load(Relaxed), 1);
+}
+
 /// `pool.max_requests = 3` on an HTTP/2 upstream: the connection takes three streams
 /// and no more (a fourth request opens another connection rather than wait for it or
 /// be refused by it), finishes the three, then closes.

@@ -60,7 +60,7 @@ pub struct UpstreamHttp2Config {
     /// that has a free stream (below the upstream's `SETTINGS_MAX_CONCURRENT_STREAMS`);
     /// another connection opens when all are busy and fewer than this are open; when
     /// none has a free stream, requests wait in the pool's queue (`pool.queue_size`,
-    /// `pool.queue_timeout`). Default 1.
+    /// `pool.queue_timeout`). At most `pool.max_connections` are used. Default 1.
     pub connections: usize,
     /// How often a PING checks that the upstream still answers, busy or idle; `0s`
     /// turns PINGs off. Default `10s`.

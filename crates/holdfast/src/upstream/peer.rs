@@ -87,7 +87,13 @@ impl Peer {
         let label: Arc<str> = addr.to_string().into();
         let mut settings = PoolSettings::from(&config.pool);
         settings.free_workers = config.protocol() == Protocol::FastCgi;
-        settings.h2_connections = config.http2.connections.max(1);
+        // `pool.max_connections` bounds every address's open connections, shared
+        // ones included.
+        settings.h2_connections = config
+            .http2
+            .connections
+            .min(config.pool.max_connections)
+            .max(1);
         settings.h2_idle_timeout = config.http2.idle_timeout.non_zero();
         Arc::new(Peer {
             pool: Pool::new(label.clone(), settings),
