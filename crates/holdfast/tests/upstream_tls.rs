@@ -937,6 +937,29 @@ async fn http2_connections_stay_within_max_connections() {
     assert_eq!(server.state.connections.load(Relaxed), 1);
 }
 
+/// A request that gave up waiting for a stream (`queue_timeout`) is no longer counted
+/// as waiting in `/pools`, though nothing else happened on the pool since.
+#[tokio::test]
+async fn a_request_that_stopped_waiting_for_a_stream_is_not_counted_waiting() {
+    let server = H2Server::start(1, true).await;
+    let gw = start(&format!(
+        "{}\n[upstream.up.pool]\nqueue_timeout = \"200ms\"\n",
+        proxy_to(&format!("h2c://{}", server.addr))
+    ))
+    .await;
+    let addr = gw.addr;
+    let first = spawn_request(addr, ClientRequest::get("/a"));
+    let started = server.in_flight_reaches(1).await;
+    assert!(started, "the first request reached the upstream");
+    let r = send(&gw, &ClientRequest::get("/b")).await;
+    assert_eq!(r.status, 503, "{}", r.text());
+    let (_, address) = pools(&gw).await;
+    assert_eq!(count(&address["queue_timeouts"]), 1, "{address}");
+    assert_eq!(count(&address["waiting"]), 0, "{address}");
+    server.open_gate();
+    assert_eq!(first.await.unwrap().expect("response").status, 200);
+}
+
 /// `pool.max_requests = 3` on an HTTP/2 upstream: the connection takes three streams
 /// and no more (a fourth request opens another connection rather than wait for it or
 /// be refused by it), finishes the three, then closes.

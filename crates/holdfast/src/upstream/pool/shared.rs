@@ -271,7 +271,8 @@ impl SharedState {
             .min()
     }
 
-    /// Streams in flight and the streams the listed connections take, for `/pools`.
+    /// Connections, streams in flight, the streams the listed connections take, and
+    /// the requests still waiting, for `/pools`.
     pub(super) fn figures(&self) -> (usize, usize, usize, usize) {
         let streams = self.conns.iter().map(|c| c.in_flight.load(Relaxed)).sum();
         let max = self
@@ -279,7 +280,10 @@ impl SharedState {
             .iter()
             .map(|c| c.signals().max_streams())
             .fold(0usize, usize::saturating_add);
-        (self.conns.len(), streams, max, self.waiters.len())
+        // A waiter that gave up (queue timeout, client gone) stays queued until the
+        // next dispatch or checkout: not waiting.
+        let waiting = self.waiters.iter().filter(|w| !w.is_closed()).count();
+        (self.conns.len(), streams, max, waiting)
     }
 }
 
