@@ -641,9 +641,10 @@ fn respond(
             let bodiless = fastcgi
                 && (head_request
                     || matches!(status, StatusCode::NO_CONTENT | StatusCode::NOT_MODIFIED));
-            let length = parts
-                .headers
-                .get(header::CONTENT_LENGTH)
+            // Looked up for FastCGI only: every other response would pay for it.
+            let length = fastcgi
+                .then(|| parts.headers.get(header::CONTENT_LENGTH))
+                .flatten()
                 .and_then(|v| v.to_str().ok())
                 .and_then(|v| v.parse::<u64>().ok());
             let mut body = UpstreamBody::new(body, conn, deadlines, (log, tally), outstanding);
@@ -652,7 +653,7 @@ fn respond(
                 drop(body);
                 return Response::from_parts(parts, ResponseBody::bodiless());
             }
-            if let Some(n) = length.filter(|_| fastcgi) {
+            if let Some(n) = length {
                 body.complete_at(n);
             }
             Response::from_parts(parts, ResponseBody::upstream(body))
