@@ -1537,3 +1537,78 @@ async fn a_response_with_content_length_keeps_its_fastcgi_connection() {
         "{pool}"
     );
 }
+
+/// A FastCGI response is framed by END_REQUEST, not by the `Content-Length` its
+/// script declares, and scripts get it wrong (a size taken before compression, a
+/// `filesize` of another file). HTTP/2 forbids DATA that disagrees with the declared
+/// length (RFC 9113 8.1.1: malformed, and an intermediary must not forward it): a
+/// client's HTTP/2 stack refuses the whole response. More bytes than declared are cut
+/// at the length, as hyper's HTTP/1 server does; fewer end in a reset stream, never
+/// in END_STREAM.
+#[tokio::test]
+async fn an_http2_client_never_gets_data_disagreeing_with_the_declared_length() {
+    use holdfast_test::h2 as frames;
+    for (stdout, expect_ended) in [
+        (
+            &b"Content-Type: text/plain\r\nContent-Length: 5\r\n\r\nhello world"[..],
+            Some(5),
+        ),
+        (
+            b"Content-Type: text/plain\r\nContent-Length: 20\r\n\r\nhello",
+            None,
+        ),
+    ] {
+        let app = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let upstream = format!("fastcgi://{}", app.local_addr().expect("addr"));
+        let gw = Site {
+            upstream,
+            root: Path::new("/srv/none"),
+            route: "check_file = false",
+            tables: "\n[[listener]]\nlisten = \"127.0.0.1:0\"\nh2c = true\n",
+        }
+        .start()
+        .await;
+        let served = tokio::spawn(answer_one_request(app, stdout));
+        let mut s = tokio::net::TcpStream::connect(gw.addr)
+            .await
+            .expect("connect");
+        frames::start(&mut s).await.expect("preface");
+        frames::send(&mut s, &[frames::get(1, "http", "t", "/x.php")])
+            .await
+            .expect("request");
+        let (mut data, mut ended, mut reset) = (0, false, false);
+        let until = Instant::now() + RESPONSE_TIMEOUT;
+        // Bounded by the deadline and by the end of the stream or connection.
+        while !ended && !reset {
+            let Ok(Ok(Some(f))) = tokio::time::timeout_at(until, frames::read_frame(&mut s)).await
+            else {
+                break;
+            };
+            if f.is(frames::kind::SETTINGS) && !f.has(frames::flag::ACK) {
+                frames::send(&mut s, &[frames::settings_ack()])
+                    .await
+                    .expect("ack");
+            }
+            if f.stream != 1 {
+                continue;
+            }
+            if f.is(frames::kind::DATA) {
+                data += f.payload.len();
+            }
+            if (f.is(frames::kind::DATA) || f.is(frames::kind::HEADERS))
+                && f.has(frames::flag::END_STREAM)
+            {
+                ended = true;
+            }
+            reset |= f.is(frames::kind::RST_STREAM);
+        }
+        served.await.expect("the application saw the request");
+        let what = String::from_utf8_lossy(stdout);
+        match expect_ended {
+            Some(n) => assert!(ended && data == n, "{what:?}: {data} bytes, ended {ended}"),
+            None => assert!(reset && !ended, "{what:?}: {data} bytes, ended {ended}"),
+        }
+    }
+}

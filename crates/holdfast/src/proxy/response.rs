@@ -279,7 +279,15 @@ impl UpstreamBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.conn.is_none() && self.done && self.rest.is_empty()
+        self.rest.is_empty() && (self.conn.is_none() && self.done || self.declared_sent())
+    }
+
+    /// FastCGI: the client has every byte the declared `Content-Length` promised.
+    /// The body ends there for the client (RFC 9113 8.1.1: HTTP/2 DATA must add up
+    /// to it), whatever else the script writes before END_REQUEST, which the
+    /// dropped body reads (`drain_rest`).
+    fn declared_sent(&self) -> bool {
+        self.failed.is_none() && self.complete_at.is_some_and(|n| self.bytes >= n)
     }
 
     /// The client took none of the response for `send_timeout`: the connection, if
@@ -319,12 +327,25 @@ impl UpstreamBody {
             self.bytes += piece.len() as u64;
             return Poll::Ready(Some(Ok(Frame::data(piece))));
         }
-        if self.done && self.conn.is_none() && self.body.is_end_stream() {
+        if self.done && self.conn.is_none() && self.body.is_end_stream() || self.declared_sent() {
             return Poll::Ready(None);
         }
         match self.poll_source(cx) {
             Poll::Ready(Some(Ok(mut frame))) => {
                 self.armed = false;
+                // FastCGI frames by END_REQUEST: bytes past the script's own
+                // `Content-Length` are not sent (hyper's HTTP/1 server cuts them
+                // alike; over HTTP/2 they would make the response malformed).
+                if let Some(n) = self.complete_at
+                    && let Some(d) = frame.data_mut()
+                    && self.bytes + d.len() as u64 > n
+                {
+                    tracing::warn!(
+                        declared = n,
+                        "FastCGI response longer than its Content-Length; the rest is not sent"
+                    );
+                    d.truncate(usize::try_from(n - self.bytes).unwrap_or(usize::MAX));
+                }
                 if in_pieces
                     && let Some(d) = frame.data_mut()
                     && d.len() > PIECE
@@ -342,6 +363,20 @@ impl UpstreamBody {
                     self.finish();
                 }
                 Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(None) if self.complete_at.is_some_and(|n| self.bytes < n) => {
+                // Shorter than its `Content-Length`: cut, as a failed body is, never
+                // passed off as complete (over HTTP/2, END_STREAM would make it
+                // malformed, RFC 9113 8.1.1).
+                tracing::warn!(
+                    declared = self.complete_at,
+                    sent = self.bytes,
+                    "FastCGI response shorter than its Content-Length"
+                );
+                self.close(CloseReason::Error, "upstream_body_error");
+                self.failed = Some("FastCGI response shorter than its Content-Length".into());
+                cx.waker().wake_by_ref();
+                Poll::Pending
             }
             Poll::Ready(None) => {
                 self.finish();
