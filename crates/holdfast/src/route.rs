@@ -56,7 +56,13 @@ impl RouteTable {
                         ),
                     },
                 },
-                prefix: c.path.trim_end_matches('/').to_owned(),
+                // As requests' paths are matched (`normalize_path`): a prefix written
+                // `/%7Ealice` would otherwise match no request at all.
+                prefix: normalize_path(&c.path)
+                    .as_deref()
+                    .unwrap_or(&c.path)
+                    .trim_end_matches('/')
+                    .to_owned(),
                 strip_prefix: c.strip_prefix,
                 upstream: c.upstream.get_ref().clone(),
                 fastcgi: c.fastcgi.clone().map(std::sync::Arc::new),
@@ -333,6 +339,23 @@ mod tests {
         assert_eq!(up(Some("a.example.com:8080"), "/api"), Some("wild"));
         assert_eq!(up(Some("SHOP.example.com"), "/api"), Some("shop"));
         assert_eq!(up(Some("example.com"), "/api"), Some("api"));
+    }
+
+    /// Requests are matched by their path with encoded unreserved characters decoded
+    /// (`normalize_path`), so a route written with one (`/%7Ealice`) is matched as
+    /// decoded too: `/%7Ealice/x` and `/~alice/x` both reach it, as they did (the
+    /// first) before paths were decoded.
+    #[test]
+    fn a_route_written_with_encoded_unreserved_characters_still_matches() {
+        let mut c = RouteConfig::new("/%7Ealice/", "alice");
+        c.strip_prefix = true;
+        let t = RouteTable::new(&[RouteConfig::new("/", "default"), c]);
+        for sent in ["/%7Ealice/x?q=1", "/~alice/x?q=1", "/%7ealice/x?q=1"] {
+            let path = normalize_path(sent).unwrap_or_else(|| sent.to_owned());
+            let r = t.find(None, &path).expect(sent);
+            assert_eq!(r.upstream, "alice", "{sent}");
+            assert_eq!(r.rewrite(&path), "/x?q=1", "{sent}");
+        }
     }
 
     #[test]
