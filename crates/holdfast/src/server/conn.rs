@@ -190,6 +190,9 @@ pub struct ConnState {
     /// look idle meanwhile; it parks, or is dropped as idle, only once they are sent.
     /// (Written by `ClientIo` on the connection's task only.)
     pub(super) unsent: AtomicBool,
+    /// HTTP/1: woken from a park, on a new hyper connection that has seen no request
+    /// yet (whatever it holds is empty lines; see `closing_http1`).
+    pub(super) woken: AtomicBool,
     /// A write to the client stalled past `send_timeout` (`ClientIo`): the response
     /// bodies dropped with the connection were cut by it.
     pub(super) send_timed_out: AtomicBool,
@@ -248,6 +251,7 @@ impl ConnState {
             client_closes: AtomicBool::new(false),
             heard: AtomicBool::new(false),
             unsent: AtomicBool::new(false),
+            woken: AtomicBool::new(false),
             send_timed_out: AtomicBool::new(false),
             streams: Streams::default(),
             wake: Notify::new(),
@@ -514,6 +518,7 @@ pub fn serve(
                         return; // dropping the socket closes it, with a linger
                     }
                     state.park.store(PARK_NONE, Relaxed);
+                    state.woken.store(true, Relaxed);
                     io = TokioIo::new(client_io);
                 }
             }
@@ -838,12 +843,13 @@ fn cut_stalled_streams(
 /// connection ends at that poll, except a new one (after a park) that has read bytes
 /// starting no request (empty lines, RFC 9112 2.2): hyper takes that for a request
 /// begun and waits for a head that may never come, which no idle rule or drain would
-/// end. The end of a response still in hyper's buffer (a slow reader) is waited
-/// for, bounded by `send_timeout`; a head that began arriving is served (with
-/// `Connection: close`) under `header_timeout`.
+/// end. Only that one is dropped; any other is left to hyper, which may still be
+/// reading a request body after an early answer (the upstream may still want it), or
+/// sending the end of a response (a slow reader, bounded by `send_timeout`). A head
+/// that began arriving is served (with `Connection: close`) under `header_timeout`.
 fn closing_http1(state: &ConnState, shared: &ListenerShared, now: Instant) -> Option<Verdict> {
     match state.phase().0 {
-        ConnPhase::Idle if !state.unsent.load(Relaxed) => None,
+        ConnPhase::Idle if state.woken.load(Relaxed) && !state.unsent.load(Relaxed) => None,
         ConnPhase::Reading => Some(match verdict(state, shared, now) {
             Verdict::Abort(why) => Verdict::Abort(why),
             _ => Verdict::RecheckAt(now + BUSY_RECHECK),

@@ -192,6 +192,7 @@ impl AsyncRead for ClientIo {
                     this.state.set(ConnPhase::Reading);
                     // A request arrived: no parking this time.
                     this.state.park.store(PARK_NONE, Relaxed);
+                    this.state.woken.store(false, Relaxed);
                 }
             }
             // Parking: nothing to read on an idle connection, so tell hyper the
