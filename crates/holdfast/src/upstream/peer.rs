@@ -253,6 +253,12 @@ impl Peer {
     /// under the connect timeout would make the last of a burst wait for them all.
     async fn ask_fastcgi_values(&self) {
         let unreached = self.fastcgi_unreached.load(Relaxed);
+        // Asked again only while no connection of ours is open: php-fpm gives each a
+        // worker, and with them all held the question would wait in its accept queue
+        // until the connect timeout, and the request asking it with it.
+        if unreached > 0 && self.pool.open_connections() > 0 {
+            return;
+        }
         let _turn = self.fastcgi_asking.lock().await;
         if self.fastcgi_values.initialized() || self.fastcgi_unreached.load(Relaxed) != unreached {
             return;

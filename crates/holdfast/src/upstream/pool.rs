@@ -488,6 +488,11 @@ impl Pool {
         got.map(|e| (e.conn, e.idle_since, e.settled_at))
     }
 
+    /// Connections open now (idle, busy and being opened).
+    pub fn open_connections(&self) -> usize {
+        self.open.load(Relaxed)
+    }
+
     /// Counts a connection about to be opened, first closing the oldest idle ones while
     /// open connections (idle, busy and being opened) are over `max_connections`. Busy
     /// and opening ones each hold a slot, so while over the cap an idle one exists.
