@@ -171,7 +171,9 @@ impl Proxy {
             let route = routing
                 .routes
                 .find(host.as_ref().and_then(|h| h.to_str().ok()), path);
-            let tally = Tally::new(routing.figures.cell(route.map(|r| r.index)), start);
+            // A request refused for its Host matched no route by it: counted apart.
+            let counted = route.filter(|_| bad_host.is_none()).map(|r| r.index);
+            let tally = Tally::new(routing.figures.cell(counted), start);
             if let Some(why) = bad_host {
                 return finish_local(StatusCode::BAD_REQUEST, why, None, (log, tally));
             }

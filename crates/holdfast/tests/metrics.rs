@@ -942,3 +942,39 @@ async fn config_shows_the_listener_settings_in_force_after_a_reload() {
         "a setting a reload applies shows its new value:\n{text}"
     );
 }
+
+/// A request refused for its `Host` (here two of them) matched no route by it: it is
+/// counted apart, not in the figures of the route its path alone would match.
+#[tokio::test]
+async fn a_request_with_a_bad_host_is_counted_under_no_route() {
+    let up = TestUpstream::start(Behaviour::Echo).await;
+    let gw = start(&format!(
+        "[[route]]\nupstream = \"a\"\n\n[upstream.a]\naddresses = [\"{}\"]\n",
+        up.url()
+    ))
+    .await;
+    let mut s = TcpStream::connect(gw.addr).await.expect("connect");
+    s.write_all(b"GET / HTTP/1.1\r\nHost: a.test\r\nHost: b.test\r\nConnection: close\r\n\r\n")
+        .await
+        .expect("send");
+    let mut answer = Vec::new();
+    tokio::time::timeout(RESPONSE_TIMEOUT, s.read_to_end(&mut answer))
+        .await
+        .expect("answered in time")
+        .expect("read");
+    assert!(
+        answer.starts_with(b"HTTP/1.1 400"),
+        "{:?}",
+        String::from_utf8_lossy(&answer)
+    );
+    let class = |route| [("route", route), ("class", "4xx")];
+    let m = gw
+        .metrics_once(|m| m.get("holdfast_requests_total", &class("none")) == Some(1.0))
+        .await;
+    assert_eq!(m.value("holdfast_requests_total", &class("none")), 1.0);
+    assert_eq!(
+        m.get("holdfast_requests_total", &class("route[0]"))
+            .unwrap_or(0.0),
+        0.0
+    );
+}
