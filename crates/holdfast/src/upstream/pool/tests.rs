@@ -447,6 +447,41 @@ async fn one_exchange_new(pool: &Arc<Pool>) -> UnixStream {
     far
 }
 
+/// Story 1a: the upstream's FIN has arrived while the connection sat idle, but its
+/// driver has not run since (here it cannot: one thread, and no await between the FIN
+/// and the checkout). A request that cannot be retried (a POST without key) must not
+/// go out on it: the look at the socket before reuse catches the close, counts it
+/// (`stale_caught`), and a new connection is opened instead.
+#[tokio::test]
+async fn a_close_not_yet_seen_by_the_driver_is_caught_before_reuse() {
+    let pool = Pool::new("test".into(), settings());
+    let far = one_exchange_new(&pool).await;
+    assert_eq!(pool.snapshot().idle, 1);
+    socket2::SockRef::from(&far)
+        .shutdown(std::net::Shutdown::Write)
+        .expect("FIN");
+    let far_ends = Arc::new(Mutex::new(Vec::new()));
+    let conn = pool
+        .checkout(Want::Idle(Take::IdleAtMost(IDLE)), true, || {
+            connect(far_ends.clone())
+        })
+        .await
+        .expect("checkout");
+    assert_eq!(
+        pool.figures.stale_caught.load(Relaxed),
+        1,
+        "the closed connection was handed out"
+    );
+    assert_eq!(pool.figures.reused.load(Relaxed), 0);
+    assert_eq!(pool.figures.created.load(Relaxed), 2, "a new one instead");
+    assert_eq!(
+        pool.figures.closed_count(CloseReason::ClosedByUpstreamIdle),
+        1
+    );
+    drop(conn);
+    drop(far);
+}
+
 /// A reused HTTP/1.1-over-TLS connection waits for hyper to be ready; a client that
 /// goes away meanwhile (a deadline, a vanished client) drops the checkout there. The
 /// connection it had taken off the idle list is closed, and must be counted closed.
