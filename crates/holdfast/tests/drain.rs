@@ -457,6 +457,54 @@ async fn second_sigint_exits_at_once() {
     );
 }
 
+/// Story 1b's last resort: a request still running at `drain.timeout` (an upstream that
+/// never answers) is waited for until then, not cut early, and then cut: the drain
+/// ends at its deadline whatever is left, the process exits with status 2, and the log
+/// says how many connections it cut.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drain_ends_at_its_timeout_and_says_what_it_cut() {
+    let timeout = Duration::from_secs(2);
+    let hang = TestUpstream::start(Behaviour::Hang).await;
+    let mut gw = Gateway::start(Setup {
+        routes: vec![("/", hang.addr())],
+        extra: "[drain]\ntimeout = \"2s\"\n",
+        ..Setup::default()
+    })
+    .await;
+    let addr = gw.listen;
+    let in_flight = tokio::spawn(async move {
+        let mut client = KeepAliveClient::new(addr).with_timeout(Duration::from_secs(30));
+        client.get("/hang").await
+    });
+    hang.wait_for_requests(1, SOON)
+        .await
+        .expect("the request reached the upstream");
+
+    let stopped_at = Instant::now();
+    gw.signal(sys::SIGTERM);
+    let status = gw.proc.wait_exit(timeout + SOON).await;
+    let took = stopped_at.elapsed();
+    let status =
+        status.unwrap_or_else(|| panic!("the drain never ended; logs:\n{}", gw.proc.logs()));
+    assert!(
+        took >= timeout && took <= timeout + SLACK,
+        "exit took {took:?} after SIGTERM, drain.timeout is {timeout:?}; logs:\n{}",
+        gw.proc.logs()
+    );
+    assert_eq!(status.code(), Some(2), "cut work exits 2: {status}");
+    let logs = gw.proc.logs();
+    assert!(
+        logs.lines()
+            .any(|l| l.contains("cutting them") && l.contains("connections=1")),
+        "{logs}"
+    );
+    let cut = in_flight.await.expect("client task");
+    assert!(
+        cut.as_ref().map_or(true, |r| r.status == 502),
+        "the hung request was cut: {cut:?}"
+    );
+}
+
 /// SIGUSR2 to a process that is already draining is ignored and logged: its listening
 /// sockets are closed by then, so there is nothing left to hand on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
