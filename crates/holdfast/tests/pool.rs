@@ -1382,6 +1382,63 @@ async fn nginx_keepalive_timeout_2s_requests_spaced_around_it_see_no_error() {
     assert!(secs(&view, "effective_idle_timeout") < 2.0);
 }
 
+// === Story 5: TCP keepalive is not HTTP keep-alive ===
+
+/// Story 5. The upstream withdraws HTTP keep-alive after 1.5 s idle (a FIN, as Go's
+/// `IdleTimeout` does), while holdfast's TCP keepalive is set short, the "fix" the team
+/// tried: kernel probes from 1 s idle, every 1 s. The probes keep the TCP path
+/// verified, not the upstream's promise, so they must not stand in for the pool's HTTP
+/// idle timeout: with learning off, the pool still retires the idle connection at its
+/// own `pool.idle_timeout` (800 ms, source `config`), before the upstream closes it, and
+/// the next request goes out on a new connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_keepalive_probes_do_not_stand_in_for_the_http_idle_timeout() {
+    let up = TestUpstream::start(Behaviour::CloseIdleAfter(ms(1500))).await;
+    let hf = Holdfast::single(
+        &[up.addr()],
+        "pool.idle_timeout = \"800ms\"\npool.learn = false\n\
+         tcp.keepalive = true\ntcp.keepalive_idle = \"3s\"\ntcp.keepalive_interval = \"1s\"",
+    )
+    .await;
+    let mut client = hf.client();
+    assert_eq!(client.get("/first").await.expect("first").status, 200);
+    let done = Instant::now();
+    let v = hf.view("up", 0).await;
+    assert_eq!(s(&v, "idle_timeout_source"), "config", "{v:#}");
+    assert_eq!(secs(&v, "effective_idle_timeout"), 0.8, "{v:#}");
+
+    let v = hf
+        .wait_view("up", 0, WAIT, "holdfast retires the idle connection", |a| {
+            n(a, "open") == 0
+        })
+        .await;
+    let after = done.elapsed();
+    assert_eq!(
+        n(&v, "closed.idle_expired"),
+        1,
+        "retired by the HTTP idle timeout, whatever TCP keepalive says: {v:#}"
+    );
+    assert_eq!(n(&v, "closed.closed_by_upstream_idle"), 0, "{v:#}");
+    assert!(
+        after >= ms(700) && after < ms(1500),
+        "expired after {after:?}, pool.idle_timeout 800ms"
+    );
+    up.wait_for_closed(1, WAIT)
+        .await
+        .expect("upstream sees the close");
+    assert!(
+        up.events().contains(&Event::Closed {
+            conn: 1,
+            cause: CloseCause::PeerEof
+        }),
+        "holdfast closed first: {:?}",
+        up.events()
+    );
+    assert_eq!(client.get("/second").await.expect("second").status, 200);
+    let v = hf.view("up", 0).await;
+    assert_eq!((n(&v, "created"), n(&v, "reused")), (2, 0), "{v:#}");
+}
+
 // === The bar ===
 
 /// The bar of issue 3 (story 5): the upstream answers `Connection: keep-alive` (with
