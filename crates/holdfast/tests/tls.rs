@@ -707,7 +707,16 @@ async fn http2_connection_idle_past_keepalive_timeout_gets_goaway_and_closes() {
             .await
             .unwrap();
         let mut ping = None;
+        // When the response ended (the connection went idle) and when the first
+        // GOAWAY came: it must wait for keepalive_timeout, not follow the response.
+        let (mut answered, mut goaway) = (None, None);
         let mut seen = read_frames(&mut s, |f| {
+            if f.stream == 1 && f.has(flag::END_STREAM) && !f.is(kind::SETTINGS) {
+                answered.get_or_insert_with(Instant::now);
+            }
+            if f.is(kind::GOAWAY) {
+                goaway.get_or_insert_with(Instant::now);
+            }
             if f.is(kind::PING) && !f.has(flag::ACK) {
                 ping = Some(f.payload.clone());
             }
@@ -719,6 +728,12 @@ async fn http2_connection_idle_past_keepalive_timeout_gets_goaway_and_closes() {
             seen.iter()
                 .any(|f| f.is(kind::DATA) && f.stream == 1 && f.has(flag::END_STREAM)),
             "the request was answered: {seen:?}"
+        );
+        let (answered, goaway) = (answered.unwrap(), goaway.expect("a GOAWAY"));
+        let idle = goaway - answered;
+        assert!(
+            idle >= Duration::from_millis(900) && idle < Duration::from_secs(4),
+            "GOAWAY after {idle:?} idle; keepalive_timeout is 1s"
         );
         if answers {
             frames::send(&mut s, &[frames::ping_ack(&ping.unwrap())])
