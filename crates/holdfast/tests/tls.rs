@@ -1110,7 +1110,9 @@ async fn upgrade_under_http2_load_fails_no_request() {
             connections.clone(),
         );
         tasks.push(tokio::spawn(async move {
+            // Bounded in time and count, whatever the test does meanwhile.
             let deadline = Instant::now() + Duration::from_secs(60);
+            let mut sent = 0u32;
             let mut stopped = std::pin::pin!(stop.notified());
             'connect: while Instant::now() < deadline {
                 let s = tls_connect(listen, "localhost", pki_client.clone()).await;
@@ -1118,6 +1120,10 @@ async fn upgrade_under_http2_load_fails_no_request() {
                 let (mut c, _conn) = Client::over(s, true).await;
                 let mut req = c.request(Method::GET, "https", "/", "");
                 loop {
+                    sent += 1;
+                    if sent > 100_000 || Instant::now() >= deadline {
+                        break 'connect;
+                    }
                     tokio::select! {
                         () = &mut stopped => break 'connect,
                         r = c.try_send(req) => match r {
