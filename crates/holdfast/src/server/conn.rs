@@ -193,6 +193,9 @@ pub struct ConnState {
     /// HTTP/1: woken from a park, on a new hyper connection that has seen no request
     /// yet (whatever it holds is empty lines; see `closing_http1`).
     pub(super) woken: AtomicBool,
+    /// When it was last woken from a park, in ms since [`clock_base`]: it parks again
+    /// only `PARK_AFTER` after that (whatever woke it may be followed by more).
+    woken_ms: AtomicU64,
     /// A write to the client stalled past `send_timeout` (`ClientIo`): the response
     /// bodies dropped with the connection were cut by it.
     pub(super) send_timed_out: AtomicBool,
@@ -252,6 +255,7 @@ impl ConnState {
             heard: AtomicBool::new(false),
             unsent: AtomicBool::new(false),
             woken: AtomicBool::new(false),
+            woken_ms: AtomicU64::new(0),
             send_timed_out: AtomicBool::new(false),
             streams: Streams::default(),
             wake: Notify::new(),
@@ -519,6 +523,8 @@ pub fn serve(
                     }
                     state.park.store(PARK_NONE, Relaxed);
                     state.woken.store(true, Relaxed);
+                    let woke = Instant::now().saturating_duration_since(clock_base());
+                    state.woken_ms.store(woke.as_millis() as u64, Relaxed);
                     io = TokioIo::new(client_io);
                 }
             }
@@ -925,7 +931,8 @@ fn verdict(state: &ConnState, shared: &ListenerShared, now: Instant) -> Verdict 
         ConnPhase::Busy => Verdict::RecheckAt(now + BUSY_RECHECK),
         ConnPhase::Idle => {
             let at = since + idle_limit;
-            let park_at = since + PARK_AFTER;
+            let woke = clock_base() + Duration::from_millis(state.woken_ms.load(Relaxed));
+            let park_at = since.max(woke) + PARK_AFTER;
             if now >= at {
                 Verdict::Close
             } else if !state.parkable || state.park.load(Relaxed) != PARK_NONE {
