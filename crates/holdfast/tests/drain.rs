@@ -922,16 +922,11 @@ async fn sigterm_during_an_upgrade_stops_the_successor_and_drains() {
         .unwrap_or_else(|| panic!("still waiting for the successor\n{}", gw.proc.logs()));
     let logs = gw.proc.logs();
     assert!(status.success(), "{status}\n{logs}");
-    let line = logs
-        .lines()
-        .find(|l| l.contains("SIGTERM while the new binary was starting"))
-        .unwrap_or_else(|| panic!("no log line about it\n{logs}"));
-    let successor: u32 = line
-        .split("pid=")
-        .nth(1)
-        .and_then(|rest| rest.split_whitespace().next())
-        .and_then(|pid| pid.parse().ok())
-        .unwrap_or_else(|| panic!("no pid in {line}"));
+    assert!(
+        logs.contains("SIGTERM while the new binary was starting"),
+        "{logs}"
+    );
+    let successor = stopped_successor_pid(&logs);
     gw.adopt(successor);
     assert!(
         !sys::is_running(successor),
@@ -944,40 +939,16 @@ async fn sigterm_during_an_upgrade_stops_the_successor_and_drains() {
 /// with SIGTERM (it drains what it took), not killed. Here a script notes the SIGTERM.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_successor_stopped_as_it_starts_gets_sigterm_not_sigkill() {
-    let up = TestUpstream::start(Behaviour::Echo).await;
-    let (bin_dir, binary) = replaceable_binary();
-    let marker = bin_dir.path().join("terminated");
-    let mut gw = Gateway::start(Setup {
-        routes: vec![("/", up.addr())],
-        extra: "[upgrade]\nready_timeout = \"60s\"\n",
-        binary: Some(binary.clone()),
-        ..Setup::default()
+    let (_gw, _successor, dir) = stop_during_upgrade("60s", |dir| {
+        format!(
+            "trap 'kill $child; echo term > {}/terminated; exit 0' TERM\nsleep 60 &\nchild=$!\n\
+             echo > {}/armed\nwait $child\n",
+            dir.display(),
+            dir.display()
+        )
     })
     .await;
-    let armed = bin_dir.path().join("armed");
-    replace_file(
-        &binary,
-        &format!(
-            "#!/bin/sh\ntrap 'kill $child; echo term > {}; exit 0' TERM\nsleep 60 &\nchild=$!\necho > {}\nwait $child\n",
-            marker.display(),
-            armed.display()
-        ),
-    );
-    gw.signal(sys::SIGUSR2);
-    // Once its trap is set: before, a SIGTERM would end the shell by default.
-    assert!(
-        wait_until(SOON, || armed.exists()).await,
-        "the successor did not start"
-    );
-    gw.signal(sys::SIGTERM);
-    let status = gw
-        .proc
-        .wait_exit(SOON)
-        .await
-        .unwrap_or_else(|| panic!("still waiting for the successor\n{}", gw.proc.logs()));
-    assert!(status.success(), "{status}\n{}", gw.proc.logs());
-    let successor = stopped_successor_pid(&gw.proc.logs());
-    gw.adopt(successor);
+    let marker = dir.path().join("terminated");
     assert!(
         wait_until(SOON, || marker.exists()).await,
         "the successor never got SIGTERM"
@@ -989,25 +960,41 @@ async fn a_successor_stopped_as_it_starts_gets_sigterm_not_sigkill() {
 /// exits then: it is never left holding our sockets.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_successor_deaf_to_sigterm_is_killed_at_its_ready_timeout() {
+    let (_gw, successor, _dir) = stop_during_upgrade("2s", |dir| {
+        format!(
+            "trap '' TERM\necho > {}/armed\nexec sleep 60\n",
+            dir.display()
+        )
+    })
+    .await;
+    assert!(
+        wait_until(SOON, || !sys::is_running(successor)).await,
+        "the successor was left running"
+    );
+}
+
+/// SIGUSR2 with the binary replaced by a shell script (`script(dir)`, which touches
+/// `dir/armed` once its signal handling is set), then SIGTERM once it is: returns
+/// the exited gateway, the successor's PID (adopted, so stopped at the end) and the
+/// script's folder.
+async fn stop_during_upgrade(
+    ready_timeout: &str,
+    script: impl FnOnce(&Path) -> String,
+) -> (Gateway, u32, holdfast_test::TempDir) {
     let up = TestUpstream::start(Behaviour::Echo).await;
-    let (bin_dir, binary) = replaceable_binary();
-    let armed = bin_dir.path().join("armed");
+    let (dir, binary) = replaceable_binary();
+    let extra = format!("[upgrade]\nready_timeout = \"{ready_timeout}\"\n");
     let mut gw = Gateway::start(Setup {
         routes: vec![("/", up.addr())],
-        extra: "[upgrade]\nready_timeout = \"2s\"\n",
+        extra: &extra,
         binary: Some(binary.clone()),
         ..Setup::default()
     })
     .await;
-    replace_file(
-        &binary,
-        &format!(
-            "#!/bin/sh\ntrap '' TERM\necho > {}\nexec sleep 60\n",
-            armed.display()
-        ),
-    );
+    replace_file(&binary, &format!("#!/bin/sh\n{}", script(dir.path())));
     gw.signal(sys::SIGUSR2);
-    // Once SIGTERM is ignored: before, it would end the shell by default.
+    // Before its handling is set, a SIGTERM would end the shell by default.
+    let armed = dir.path().join("armed");
     assert!(
         wait_until(SOON, || armed.exists()).await,
         "the successor did not start"
@@ -1021,10 +1008,7 @@ async fn a_successor_deaf_to_sigterm_is_killed_at_its_ready_timeout() {
     assert!(status.success(), "{status}\n{}", gw.proc.logs());
     let successor = stopped_successor_pid(&gw.proc.logs());
     gw.adopt(successor);
-    assert!(
-        wait_until(SOON, || !sys::is_running(successor)).await,
-        "the successor was left running"
-    );
+    (gw, successor, dir)
 }
 
 /// The successor's PID, from the line that says a stop signal interrupted its start.
