@@ -611,6 +611,10 @@ fn respond(
             conn.set_close_reason(CloseReason::Error);
             let error = UpstreamError::new(Kind::Protocol, Delivery::MaybeSent)
                 .with_cause("unsolicited 101 Switching Protocols");
+            // No usable upstream response: an error, not holdfast's own answer.
+            if let Some(l) = &mut log {
+                l.outcome = "error";
+            }
             finish_local(
                 StatusCode::BAD_GATEWAY,
                 format!("502 Bad Gateway: {error}\n"),

@@ -2968,3 +2968,43 @@ async fn a_pipelined_head_finished_after_the_park_is_served() {
     let resp = client.read_response(WAIT).await;
     assert!(resp.as_ref().is_ok_and(|r| r.status == 200), "{resp:?}");
 }
+
+/// README: `outcome` is `error` when there was "no usable upstream response:
+/// holdfast answered with a 5xx", `local` only for holdfast's own answers (no
+/// route). A 101 the client never asked for cannot be relayed: the 502 that
+/// replaces it is an upstream error, not a local answer.
+#[tokio::test]
+async fn access_log_calls_an_unsolicited_101_an_error() {
+    let upstream = raw_upstream(|stream| async move {
+        let mut io = BufReader::new(stream);
+        let Ok(Some(_)) = read_head(&mut io).await else {
+            return;
+        };
+        let _ = io
+            .get_mut()
+            .write_all(b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: upgrade\r\n\r\n")
+            .await;
+        let _ = io.get_mut().shutdown().await;
+    })
+    .await;
+    let (proxy, addr) = spawn_holdfast(
+        &binary_config(&format!("http://{}", upstream.addr), "json"),
+        &[],
+    )
+    .await;
+    let resp = send_one(addr, &ClientRequest::get("/unasked")).await;
+    assert_eq!(resp.status, 502, "{resp:?}");
+    assert!(
+        proxy.wait_for_log("\"/unasked\"", WAIT).await,
+        "{}",
+        proxy.logs()
+    );
+    let logs = proxy.logs();
+    let v = logs
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|v| v["target"] == "holdfast::access")
+        .unwrap_or_else(|| panic!("no access line:\n{logs}"));
+    assert_eq!(v["status"], 502, "{v}");
+    assert_eq!(v["outcome"], "error", "{v}");
+}
