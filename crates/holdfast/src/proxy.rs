@@ -174,6 +174,10 @@ impl Proxy {
             // A request refused for its Host matched no route by it: counted apart.
             let counted = route.filter(|_| bad_host.is_none()).map(|r| r.index);
             let tally = Tally::new(routing.figures.cell(counted), start);
+            // Named in the line as it is counted, refused or not.
+            if let (Some(l), Some(i)) = (&mut log, counted) {
+                l.route = routing.route_names.get(i).cloned();
+            }
             if let Some(why) = bad_host {
                 return finish_local(StatusCode::BAD_REQUEST, why, None, (log, tally));
             }
@@ -239,9 +243,6 @@ impl Proxy {
                     (log, tally),
                 );
             };
-            if let Some(l) = &mut log {
-                l.route = routing.route_names.get(route.index).cloned();
-            }
             let Some(upstream) = routing.upstreams.get(&route.upstream).cloned() else {
                 return finish_local(
                     StatusCode::BAD_GATEWAY,

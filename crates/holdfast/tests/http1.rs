@@ -3008,3 +3008,27 @@ async fn access_log_calls_an_unsolicited_101_an_error() {
     assert_eq!(v["status"], 502, "{v}");
     assert_eq!(v["outcome"], "error", "{v}");
 }
+
+/// A request refused after routing (a `..` hidden behind `;` parameters) is counted
+/// in `holdfast_requests_total` under the route it matched; its access line must
+/// name that route too, or the log and the metrics disagree about where it went.
+#[tokio::test]
+async fn access_log_names_the_route_of_a_request_refused_after_routing() {
+    let upstream = TestUpstream::start(Behaviour::Echo).await;
+    let (proxy, addr) = spawn_holdfast(&binary_config(&upstream.url(), "json"), &[]).await;
+    let resp = send_one(addr, &ClientRequest::get("/api/..;/admin")).await;
+    assert_eq!(resp.status, 400, "{resp:?}");
+    assert!(
+        proxy.wait_for_log("\"/api/..;/admin\"", WAIT).await,
+        "{}",
+        proxy.logs()
+    );
+    let logs = proxy.logs();
+    let v = logs
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|v| v["target"] == "holdfast::access")
+        .unwrap_or_else(|| panic!("no access line:\n{logs}"));
+    assert_eq!(v["status"], 400, "{v}");
+    assert_eq!(v["route"], "route[0]", "{v}");
+}
