@@ -434,7 +434,8 @@ impl Upstream {
                             // The late bound for both (see `IdleEntry`): evicts
                             // more, learns a shorter age.
                             let settled = settled_at.unwrap_or(since);
-                            peer.pool.on_stale(settled, settled.elapsed(), requests);
+                            peer.pool
+                                .on_stale(since, settled, settled.elapsed(), requests);
                         } else if error.counts_against_health() {
                             self.note_failure(&peer, &error);
                         }

@@ -385,7 +385,9 @@ impl Pool {
                 }
                 // Closed while idle and not yet noticed by its driver.
                 self.figures.stale_caught.fetch_add(1, Relaxed);
-                self.upstream_closed_idle(conn, now.saturating_duration_since(settled_at));
+                let age = now.saturating_duration_since(settled_at);
+                let read_for = settled_at.saturating_duration_since(idle_since);
+                self.upstream_closed_idle(conn, age, learnable_close(age, read_for));
             }
         }
         // Counted before it exists, so that concurrent checkouts cannot together open
@@ -516,10 +518,14 @@ impl Pool {
         }
     }
 
-    /// The upstream closed a connection that sat idle for `idle_age`.
-    fn upstream_closed_idle(&self, conn: Conn, idle_age: Duration) {
+    /// The upstream closed a connection that sat idle for `idle_age`; `learn`: see
+    /// [`learnable_close`].
+    fn upstream_closed_idle(&self, conn: Conn, idle_age: Duration, learn: bool) {
         self.figures.closed(CloseReason::ClosedByUpstreamIdle);
         self.figures.idle_age_at_upstream_close.observe(idle_age);
+        if !learn {
+            return;
+        }
         let learned = self
             .lock()
             .learner
@@ -555,12 +561,20 @@ impl Pool {
     /// or longer are likely dead too: close them now rather than find out one by one.
     /// `settled_at`: when its last answer had been read in full (the late bound, so
     /// that every connection that may be older goes); `idle_age`: the short one.
-    pub fn on_stale(&self, settled_at: Instant, idle_age: Duration, requests: u64) {
+    /// `idle_since`: when that answer began to arrive (see [`learnable_close`]).
+    pub fn on_stale(
+        &self,
+        idle_since: Instant,
+        settled_at: Instant,
+        idle_age: Duration,
+        requests: u64,
+    ) {
+        let read_for = settled_at.saturating_duration_since(idle_since);
         let (older, learned) = {
             let mut st = self.lock();
             let older = st.idle.drain_idle_since(settled_at);
             // Only a prompt close says something exact (a per-connection request limit).
-            let learned = (idle_age < PROMPT_CLOSE)
+            let learned = (idle_age < PROMPT_CLOSE && learnable_close(idle_age, read_for))
                 .then(|| {
                     st.learner
                         .on_idle_close_at(idle_age, requests, Instant::now())
@@ -579,7 +593,7 @@ impl Pool {
     /// to the address: nothing is learned.
     fn closed_at_checkin(&self, conn: Conn, answer_read_for: Duration) {
         if answer_read_for < PROMPT_CLOSE {
-            self.upstream_closed_idle(conn, Duration::ZERO);
+            self.upstream_closed_idle(conn, Duration::ZERO, true);
         } else {
             self.figures.closed(CloseReason::ClosedByUpstreamIdle);
         }
@@ -592,7 +606,8 @@ impl Pool {
         let entry = self.lock().idle.remove(id);
         if let Some(e) = entry {
             let age = e.closed_age(Instant::now());
-            self.upstream_closed_idle(e.conn, age);
+            let read_for = e.settled_at.saturating_duration_since(e.idle_since);
+            self.upstream_closed_idle(e.conn, age, learnable_close(age, read_for));
         }
     }
 
@@ -806,6 +821,16 @@ pub struct Http2Snapshot {
 
 fn ser_secs<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
     s.serialize_f64(d.as_secs_f64())
+}
+
+/// Whether an upstream close of an idle connection, seen `closed_age` after its last
+/// answer had been read in full, which took `read_for` from the answer's first bytes,
+/// can be learned from. A close that soon after the check-in reads as "right after
+/// the answer" (a request limit) only if the answer was read promptly too: behind a
+/// slow client the upstream's idle timer ran during the read, and the close may as
+/// well be its idle timeout (as at check-in: `Pool::closed_at_checkin`).
+fn learnable_close(closed_age: Duration, read_for: Duration) -> bool {
+    closed_age >= PROMPT_CLOSE || read_for < PROMPT_CLOSE
 }
 
 /// Runs a connection's protocol until it ends or the pool drops it.

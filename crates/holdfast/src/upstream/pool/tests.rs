@@ -261,7 +261,13 @@ async fn a_response_read_late_leaves_its_connection_idle_since_it_arrived() {
         })
         .await
         .expect("checkout");
-    assert_eq!(again.reused_since(), Some(answered));
+    // Kept in µs since the process's clock base, which another test (on another
+    // paused clock) may have set: up to 1 µs early.
+    let since = again.reused_since().expect("reused");
+    assert!(
+        since <= answered && answered - since < Duration::from_micros(1),
+        "idle since {since:?}, not since its answer at {answered:?}"
+    );
     drop(far);
 }
 
@@ -595,4 +601,78 @@ async fn an_upstream_restart_does_not_teach_an_idle_timeout() {
         (IDLE, IdleSource::Config),
         "one restart taught an idle timeout"
     );
+}
+
+/// A connection whose answer a slow client took long to read is checked in late; the
+/// upstream's idle timer ran meanwhile, and its idle close can come moments after the
+/// check-in. That close is not "right after the response" (the answer began to arrive
+/// long before): it may as well be the idle timeout, and two of them must not teach a
+/// request limit, which would end keep-alive to the address for good.
+#[tokio::test(start_paused = true)]
+async fn an_idle_close_soon_after_a_slow_read_does_not_teach_a_request_limit() {
+    use tokio::io::AsyncWriteExt;
+    let response = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello";
+    let pool = Pool::new("test".into(), settings());
+    for round in 0..2 {
+        let (mut conn, mut far) = exchange_on(&pool).await;
+        assert!(!conn.is_reused(), "a new connection each round");
+        begin_get(&mut conn);
+        far.write_all(response).await.expect("respond");
+        read_head(&mut conn).await;
+        // The client takes 600 ms over the body: within the idle timeout, so pooled.
+        tokio::time::advance(Duration::from_millis(600)).await;
+        assert_eq!(read_body(&mut conn).await, 5);
+        conn.release(Instant::now());
+        settle().await;
+        assert_eq!(pool.snapshot().idle, 1, "round {round}: pooled");
+        // The upstream's idle timer, started as it wrote the answer, fires 100 ms
+        // after the check-in.
+        tokio::time::advance(Duration::from_millis(100)).await;
+        far.shutdown().await.expect("FIN");
+        for _ in 0..100 {
+            if pool.snapshot().idle == 0 {
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(pool.snapshot().idle, 0, "round {round}: the close was seen");
+        drop(far);
+        tokio::time::advance(Duration::from_secs(1)).await;
+    }
+    assert_eq!(
+        pool.figures.closed_count(CloseReason::ClosedByUpstreamIdle),
+        2
+    );
+    assert_eq!(
+        pool.snapshot().learned_max_requests,
+        None,
+        "idle closes after slow reads taught a request limit"
+    );
+}
+
+/// Likewise for a reused connection that fails before any response byte moments after
+/// its check-in: after a slow read of its last answer, that close is no evidence of a
+/// request limit.
+#[tokio::test(start_paused = true)]
+async fn a_stale_reuse_soon_after_a_slow_read_does_not_teach_a_request_limit() {
+    let pool = Pool::new("test".into(), settings());
+    for _ in 0..2 {
+        let answer_began = Instant::now();
+        tokio::time::advance(Duration::from_millis(600)).await;
+        let settled = Instant::now();
+        tokio::time::advance(Duration::from_millis(50)).await;
+        pool.on_stale(answer_began, settled, settled.elapsed(), 1);
+        tokio::time::advance(Duration::from_secs(1)).await;
+    }
+    assert_eq!(pool.snapshot().learned_max_requests, None);
+    // Read promptly, the same failures do tell of a request limit.
+    for _ in 0..2 {
+        let answer_began = Instant::now();
+        tokio::time::advance(Duration::from_millis(5)).await;
+        let settled = Instant::now();
+        tokio::time::advance(Duration::from_millis(50)).await;
+        pool.on_stale(answer_began, settled, settled.elapsed(), 1);
+        tokio::time::advance(Duration::from_secs(1)).await;
+    }
+    assert_eq!(pool.snapshot().learned_max_requests, Some(1));
 }
