@@ -694,7 +694,15 @@ impl Pool {
             return;
         }
         // Listed in its place by `idle_since`, which may be earlier than others'.
-        let (idle_timeout, _) = st.learner.effective_idle();
+        let (mut idle_timeout, _) = st.learner.effective_idle();
+        // Its own answer's word, whatever others on the address said since.
+        if let Some(own) = hint
+            .keep_alive
+            .timeout_secs
+            .and_then(|secs| st.learner.announced_idle(secs))
+        {
+            idle_timeout = idle_timeout.min(own);
+        }
         let mut expires_at = idle_since + idle_timeout;
         if let Some(lifetime) = self.settings.max_lifetime {
             expires_at = expires_at.min(conn.created + lifetime);

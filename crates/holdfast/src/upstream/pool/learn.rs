@@ -132,15 +132,23 @@ impl Learner {
         self.max_requests
     }
 
-    /// The upstream announced `Keep-Alive: timeout=N`: expire a margin before N, so a
-    /// request never leaves as the upstream's timer fires (one RTT and clock skew).
-    pub fn on_announced_timeout(&mut self, secs: u64) -> Option<Learned> {
+    /// How long a connection whose answer said `Keep-Alive: timeout=N` may stay idle:
+    /// a margin before N, so a request never leaves as the upstream's timer fires (one
+    /// RTT and clock skew). `None` when nothing is learned (`timeout<=1` is not pooled).
+    pub fn announced_idle(&self, secs: u64) -> Option<Duration> {
         if secs <= 1 || !self.enabled {
             return None;
         }
         let announced = Duration::from_secs(secs);
         let margin = (announced / 8).max(Duration::from_millis(500));
-        let idle = announced - margin;
+        Some(announced - margin)
+    }
+
+    /// The upstream announced `Keep-Alive: timeout=N`: expire a margin before N (see
+    /// [`Learner::announced_idle`]). The last word is the address's; each connection
+    /// also keeps to what its own answer said (`Pool::checkin`).
+    pub fn on_announced_timeout(&mut self, secs: u64) -> Option<Learned> {
+        let idle = self.announced_idle(secs)?;
         if self.header_idle == Some(idle) {
             return None;
         }

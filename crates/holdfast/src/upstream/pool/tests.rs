@@ -676,3 +676,53 @@ async fn a_stale_reuse_soon_after_a_slow_read_does_not_teach_a_request_limit() {
     }
     assert_eq!(pool.snapshot().learned_max_requests, Some(1));
 }
+
+/// `Keep-Alive: timeout=N` is the word of the server that sent it, about the connection
+/// it came on. Behind one address, servers may say different things (a rolling update
+/// changing the setting, a balancer in front of several): a connection whose answer
+/// said `timeout=2` expires a margin before 2 s, even when an answer on another
+/// connection has since said `timeout=60` and the configured idle timeout is longer.
+#[tokio::test(start_paused = true)]
+async fn a_connection_expires_before_the_timeout_its_own_answer_announced() {
+    use tokio::io::AsyncWriteExt;
+    let pool = Pool::new(
+        "test".into(),
+        PoolSettings {
+            idle_timeout: Duration::from_secs(30),
+            ..settings()
+        },
+    );
+    let answer = |secs: u64| {
+        format!("HTTP/1.1 200 OK\r\nKeep-Alive: timeout={secs}\r\nContent-Length: 2\r\n\r\nok")
+    };
+    let mut fars = Vec::new();
+    let mut conns = Vec::new();
+    for secs in [2, 60] {
+        let (mut conn, mut far) = exchange_on(&pool).await;
+        begin_get(&mut conn);
+        far.write_all(answer(secs).as_bytes())
+            .await
+            .expect("respond");
+        read_head(&mut conn).await;
+        conn.on_response_head(&http::HeaderMap::new(), http::Version::HTTP_11);
+        assert_eq!(read_body(&mut conn).await, 2);
+        conns.push(conn);
+        fars.push(far);
+    }
+    assert_eq!(pool.snapshot().open, 2, "two connections");
+    for conn in conns {
+        conn.release(Instant::now());
+    }
+    settle().await;
+    assert_eq!(pool.snapshot().idle, 2);
+    // 2 s less the 500 ms margin: the first one's own upstream is about to close it.
+    tokio::time::advance(Duration::from_millis(1600)).await;
+    settle().await;
+    assert_eq!(
+        pool.snapshot().idle,
+        1,
+        "kept past the margin before the timeout its upstream announced"
+    );
+    assert_eq!(pool.figures.closed_count(CloseReason::IdleExpired), 1);
+    drop(fars);
+}
