@@ -357,8 +357,13 @@ impl Pool {
     {
         let permit = self.acquire_slot().await?;
         if let Want::Idle(take) = want {
-            let now = Instant::now();
-            while let Some((conn, idle_since, settled_at)) = self.take_idle(take, now) {
+            // The clock is read again for each connection: one found dead may have
+            // kept the checkout waiting (hyper), and the next one aged meanwhile.
+            loop {
+                let now = Instant::now();
+                let Some((conn, idle_since, settled_at)) = self.take_idle(take, now) else {
+                    break;
+                };
                 let probe = if conn.client.is_closed() {
                     IdleProbe::Closed
                 } else if check_idle {

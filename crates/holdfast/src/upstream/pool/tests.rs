@@ -726,3 +726,66 @@ async fn a_connection_expires_before_the_timeout_its_own_answer_announced() {
     assert_eq!(pool.figures.closed_count(CloseReason::IdleExpired), 1);
     drop(fars);
 }
+
+/// A checkout may wait on an idle connection (hyper finishing its last exchange) and
+/// then find it dead; the next idle connection it looks at is judged by the clock
+/// then, not by the clock when the checkout began: a request that cannot be retried
+/// must not get one that has meanwhile gone past the idle age it allows.
+#[tokio::test(start_paused = true)]
+async fn a_checkout_that_waited_judges_the_next_idle_connection_by_the_time_now() {
+    let pool = Pool::new(
+        "test".into(),
+        PoolSettings {
+            idle_timeout: Duration::from_secs(30),
+            ..settings()
+        },
+    );
+    let _older = one_exchange_new(&pool).await;
+    tokio::time::advance(Duration::from_millis(10)).await;
+    // The most recent idle connection: hyper's, still busy with an exchange.
+    let (near, _far) = UnixStream::pair().expect("pair");
+    let (io, io_far) = UnixStream::pair().expect("pair");
+    let mut conn = pool
+        .checkout(Want::Fresh, false, || async move {
+            crate::upstream::http1::handshake_on(io, Arc::new(Stream::unix(near))).await
+        })
+        .await
+        .expect("checkout");
+    let Client::Http1Tls(sender) = conn.client() else {
+        unreachable!("hyper's client")
+    };
+    let _in_flight = sender.send_request(http::Request::new(crate::body::RequestBody::Empty));
+    conn.release(Instant::now());
+    settle().await;
+    assert_eq!(pool.snapshot().idle, 2);
+
+    let max_age = Duration::from_millis(300);
+    let far_ends = Arc::new(Mutex::new(Vec::new()));
+    let checkout = tokio::spawn({
+        let pool = pool.clone();
+        let far_ends = far_ends.clone();
+        async move {
+            pool.checkout(Want::Idle(Take::IdleAtMost(max_age)), true, || {
+                connect(far_ends)
+            })
+            .await
+            .map(|c| (c.reused_since(), Instant::now()))
+        }
+    });
+    settle().await;
+    assert!(!checkout.is_finished(), "the checkout waits for hyper");
+    tokio::time::advance(Duration::from_secs(1)).await;
+    drop(io_far); // hyper's connection ends: not ready after all
+    let (reused_since, handed_at) = tokio::time::timeout(Duration::from_secs(5), checkout)
+        .await
+        .expect("checkout ends")
+        .expect("task")
+        .expect("checkout");
+    if let Some(since) = reused_since {
+        assert!(
+            handed_at - since <= max_age,
+            "handed out a connection idle for {:?}, over {max_age:?}",
+            handed_at - since
+        );
+    }
+}
