@@ -566,7 +566,7 @@ impl Pool {
     /// or longer are likely dead too: close them now rather than find out one by one.
     /// `settled_at`: when its last answer had been read in full (the late bound, so
     /// that every connection that may be older goes); `idle_age`: the short one.
-    /// `idle_since`: when that answer began to arrive (see [`learnable_close`]).
+    /// `idle_since`: when that answer began to arrive (see `learnable_close`).
     pub fn on_stale(
         &self,
         idle_since: Instant,
