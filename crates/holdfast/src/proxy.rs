@@ -487,7 +487,13 @@ impl Proxy {
             l.address = address;
             l.attempts = attempts;
             l.reused = peer.as_ref().map(|_| reused);
-            l.outcome = "error";
+            // A 4xx here is about the client's own request (a body too large, or one
+            // that failed): holdfast's answer, not an upstream's failure.
+            l.outcome = if status.is_client_error() {
+                "local"
+            } else {
+                "error"
+            };
         }
         let body = format!(
             "{} {}: {}\n",

@@ -3009,6 +3009,34 @@ async fn access_log_calls_an_unsolicited_101_an_error() {
     assert_eq!(v["outcome"], "error", "{v}");
 }
 
+/// A body over `max_body_bytes` is the client's doing: its 413 is holdfast's own
+/// answer (`local`), not an upstream failure (`error`, which the README keeps for 5xx).
+#[tokio::test]
+async fn access_log_calls_a_413_for_a_body_too_large_local() {
+    let upstream = TestUpstream::start(Behaviour::Echo).await;
+    let config = format!(
+        "[log]\nformat = \"json\"\n\n[admin]\nlisten = \"127.0.0.1:0\"\n\n\
+         [[listener]]\nlisten = \"127.0.0.1:0\"\nmax_body_bytes = \"1KiB\"\n\n{}",
+        proxy_to(&upstream.url())
+    );
+    let (proxy, addr) = spawn_holdfast(&config, &[]).await;
+    let resp = send_one(addr, &ClientRequest::post("/big", "x".repeat(4096))).await;
+    assert_eq!(resp.status, 413, "{resp:?}");
+    assert!(
+        proxy.wait_for_log("\"/big\"", WAIT).await,
+        "{}",
+        proxy.logs()
+    );
+    let logs = proxy.logs();
+    let v = logs
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|v| v["target"] == "holdfast::access")
+        .unwrap_or_else(|| panic!("no access line:\n{logs}"));
+    assert_eq!(v["status"], 413, "{v}");
+    assert_eq!(v["outcome"], "local", "{v}");
+}
+
 /// A request refused after routing (a `..` hidden behind `;` parameters) is counted
 /// in `holdfast_requests_total` under the route it matched; its access line must
 /// name that route too, or the log and the metrics disagree about where it went.
