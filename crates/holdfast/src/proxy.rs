@@ -572,8 +572,10 @@ fn respond(
             match conn.client() {
                 Client::Http1(c) => {
                     let mut upstream_side = c.take_upgraded();
-                    drop(conn);
                     tokio::spawn(async move {
+                        // The pooled connection (its slot under `max_connections`)
+                        // is held as long as the tunnel is open.
+                        let _conn = conn;
                         let _outstanding = outstanding;
                         if let Ok(c) = client.await {
                             let _ = tokio::io::copy_bidirectional(
@@ -587,11 +589,11 @@ fn respond(
                 _ => {
                     let upstream_side = hyper::upgrade::on(&mut response);
                     tokio::spawn(async move {
-                        // The pooled connection is held until hyper has handed over
-                        // the socket.
+                        // The pooled connection (its slot under `max_connections`)
+                        // is held as long as the tunnel is open.
+                        let _conn = conn;
+                        let _outstanding = outstanding;
                         let (client, upstream_side) = tokio::join!(client, upstream_side);
-                        drop(conn);
-                        drop(outstanding);
                         if let (Ok(c), Ok(u)) = (client, upstream_side) {
                             let _ = tokio::io::copy_bidirectional(
                                 &mut TokioIo::new(c),

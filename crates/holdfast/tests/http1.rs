@@ -3060,3 +3060,81 @@ async fn access_log_names_the_route_of_a_request_refused_after_routing() {
     assert_eq!(v["status"], 400, "{v}");
     assert_eq!(v["route"], "route[0]", "{v}");
 }
+
+/// A tunnel holds its upstream connection until it closes: it still counts under the
+/// upstream's `pool.max_connections`, so a request meanwhile waits for a slot instead
+/// of opening a connection past the limit.
+#[tokio::test]
+async fn an_open_tunnel_counts_against_the_upstream_max_connections() {
+    use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+    let open = Arc::new(AtomicUsize::new(0));
+    let most = Arc::new(AtomicUsize::new(0));
+    let (o, m) = (open.clone(), most.clone());
+    // Answers 101 to an upgrade (then echoes until EOF), 200 to anything else.
+    let upstream = raw_upstream(move |stream| {
+        let (open, most) = (o.clone(), m.clone());
+        async move {
+            let now = open.fetch_add(1, SeqCst) + 1;
+            most.fetch_max(now, SeqCst);
+            let mut io = BufReader::new(stream);
+            // Bounded by the peer: one request after another until EOF.
+            while let Ok(Some(head)) = read_head(&mut io).await {
+                if header(&head, "upgrade").is_none() {
+                    if io
+                        .get_mut()
+                        .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                        .await
+                        .is_err()
+                    {
+                        break;
+                    }
+                    continue;
+                }
+                let answer = b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: upgrade\r\n\r\n";
+                if io.get_mut().write_all(answer).await.is_err() {
+                    break;
+                }
+                let mut buf = [0u8; 4096];
+                // Bounded by the peer: ends at its EOF.
+                while let Ok(n) = io.read(&mut buf).await {
+                    if n == 0 || io.get_mut().write_all(&buf[..n]).await.is_err() {
+                        break;
+                    }
+                }
+                break;
+            }
+            open.fetch_sub(1, SeqCst);
+        }
+    })
+    .await;
+    let gw = start(&format!(
+        "{}\n[upstream.up.pool]\nmax_connections = 1\nmax_idle = 1\nqueue_timeout = \"300ms\"\n",
+        proxy_to(&format!("http://{}", upstream.addr))
+    ))
+    .await;
+    let mut ws = RawClient::connect(gw.addr).await.unwrap();
+    ws.send("GET /chat HTTP/1.1\r\nhost: x\r\nupgrade: websocket\r\nconnection: Upgrade\r\n\r\n")
+        .await
+        .unwrap();
+    assert_eq!(ws.read_response(WAIT).await.unwrap().status, 101);
+    ws.send(b"ping").await.unwrap();
+    assert_eq!(read_exactly(&mut ws, 4).await, b"ping");
+    // The tunnel holds the one connection allowed: this request waits, then gives up.
+    let resp = send_one(gw.addr, &ClientRequest::get("/other")).await;
+    assert_eq!(resp.status, 503, "{resp:?}");
+    assert_eq!(most.load(SeqCst), 1, "upstream connections open at once");
+    // The tunnel ends; its slot is free again.
+    ws.shutdown_write().await.unwrap();
+    assert_eq!(ws.wait_close(WAIT).await, PeerClose::Eof);
+    drop(ws);
+    let deadline = Instant::now() + WAIT;
+    // Bounded by the deadline: the tunnel task ends promptly after both sides closed.
+    let resp = loop {
+        let resp = send_one(gw.addr, &ClientRequest::get("/after")).await;
+        if resp.status != 503 || Instant::now() >= deadline {
+            break resp;
+        }
+    };
+    assert_eq!(resp.status, 200, "{resp:?}");
+    assert_eq!(most.load(SeqCst), 1, "upstream connections open at once");
+}
