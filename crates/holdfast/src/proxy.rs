@@ -743,6 +743,7 @@ fn prepare_request_headers(
     original_host: Option<HeaderValue>,
     upgrade: bool,
 ) -> SetFields {
+    let version = parts.version;
     let h = &mut parts.headers;
     let present = headers::ConnectionFields::of(h);
     let mut te_trailers = false;
@@ -755,9 +756,15 @@ fn prepare_request_headers(
                     .split(|&b| b == b',')
                     .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"trailers"))
             });
-        // Only a chunked body can carry the trailers that `Trailer` declares.
-        let trailer = if present.has(&header::TRANSFER_ENCODING) && present.has(&header::TRAILER) {
+        // Only a chunked body can carry the trailers that `Trailer` declares. An
+        // HTTP/2 request has no `Transfer-Encoding`: without a length, its body goes
+        // chunked to an HTTP/1.1 upstream.
+        let trailer = if !present.has(&header::TRAILER) {
+            Vec::new()
+        } else if present.has(&header::TRANSFER_ENCODING) {
             headers::declared_trailers(h)
+        } else if version == http::Version::HTTP_2 && !h.contains_key(header::CONTENT_LENGTH) {
+            h.get_all(header::TRAILER).iter().cloned().collect()
         } else {
             Vec::new()
         };

@@ -1778,3 +1778,99 @@ async fn a_transfer_coding_other_than_chunked_from_a_tls_upstream_is_a_502() {
     let r = send(&gw, &ClientRequest::get("/plain")).await;
     assert_eq!(r.status, 200, "{}", r.text());
 }
+
+/// An HTTPS upstream speaking HTTP/1.1 through hyper's server that answers every
+/// request with what it received: its framing (`length N` or `chunked`), its body, and
+/// its trailer fields, one `name: value` a line.
+async fn tls_http1_recorder(pki: &TestCa) -> SocketAddr {
+    let acceptor = tokio_rustls::TlsAcceptor::from(pki.server(&["upstream.test"], &["http/1.1"]));
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((sock, _)) = listener.accept().await {
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(sock).await else {
+                    return;
+                };
+                let service = service_fn(|req: hyper::Request<Incoming>| async move {
+                    let framing = match req.headers().get("content-length") {
+                        Some(n) => format!("length {}", n.to_str().unwrap_or("?")),
+                        None if req.headers().contains_key("transfer-encoding") => {
+                            "chunked".to_owned()
+                        }
+                        None => "none".to_owned(),
+                    };
+                    let collected = req.into_body().collect().await;
+                    let mut text = format!("{framing}\n");
+                    if let Ok(c) = collected {
+                        let trailers = c.trailers().cloned().unwrap_or_default();
+                        text.push_str(&String::from_utf8_lossy(&c.to_bytes()));
+                        text.push('\n');
+                        for (name, value) in &trailers {
+                            text.push_str(&format!("{name}: {}\n", value.to_str().unwrap_or("?")));
+                        }
+                    }
+                    Ok::<_, Infallible>(hyper::Response::new(Full::new(Bytes::from(text))))
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(tls), service)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+/// An HTTP/2 client's request body has no `Transfer-Encoding` and may end with
+/// trailers (declared in `Trailer`, RFC 9110 6.6.2). Toward an HTTPS HTTP/1.1 upstream
+/// (hyper's client, which writes only declared trailer fields) the body goes chunked
+/// and must carry them, kept for replay or streamed.
+#[tokio::test]
+async fn trailers_of_an_http2_request_reach_an_https_http1_upstream() {
+    let pki = TestCa::new("holdfast upstream test CA");
+    let addr = tls_http1_recorder(&pki).await;
+    for retry in ["retry.attempts = 3\n", "retry.attempts = 1\n"] {
+        let gw = https_gateway(
+            &format!("https://127.0.0.1:{}", addr.port()),
+            &format!(
+                "ca_file = {}\nserver_name = \"upstream.test\"",
+                toml_path(&pki.ca_file())
+            ),
+            &format!("{retry}\n[[listener]]\nlisten = \"127.0.0.1:0\"\nh2c = true\n"),
+        )
+        .await;
+        let sock = TcpStream::connect(gw.addr).await.unwrap();
+        let (mut sender, conn) = hyper::client::conn::http2::handshake::<_, _, _>(
+            TokioExecutor::new(),
+            TokioIo::new(sock),
+        )
+        .await
+        .expect("h2c handshake");
+        tokio::spawn(conn);
+        let mut trailers = http::HeaderMap::new();
+        trailers.insert("x-sum", http::HeaderValue::from_static("42"));
+        let frames: Vec<Result<hyper::body::Frame<Bytes>, Infallible>> = vec![
+            Ok(hyper::body::Frame::data(Bytes::from_static(b"hello"))),
+            Ok(hyper::body::Frame::trailers(trailers)),
+        ];
+        let body = http_body_util::StreamBody::new(futures_util::stream::iter(frames));
+        let req = hyper::Request::post("http://a.test/t")
+            .header("te", "trailers")
+            .header("trailer", "x-sum")
+            .body(body)
+            .unwrap();
+        let resp = tokio::time::timeout(SOON, sender.send_request(req))
+            .await
+            .expect("an answer in time")
+            .expect("POST over h2c");
+        assert_eq!(resp.status(), 200, "{retry}");
+        let got = tokio::time::timeout(SOON, resp.into_body().collect())
+            .await
+            .expect("the body in time")
+            .expect("the body")
+            .to_bytes();
+        let got = String::from_utf8_lossy(&got);
+        assert_eq!(got, "chunked\nhello\nx-sum: 42\n", "{retry}");
+    }
+}
