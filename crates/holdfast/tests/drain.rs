@@ -413,21 +413,7 @@ async fn ready_fails_first_then_responses_carry_connection_close() {
 /// once, cutting it, and says so.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn second_sigint_exits_at_once() {
-    let hang = TestUpstream::start(Behaviour::Hang).await;
-    let mut gw = Gateway::start(Setup {
-        routes: vec![("/", hang.addr())],
-        extra: "[drain]\ntimeout = \"60s\"\n",
-        ..Setup::default()
-    })
-    .await;
-    let addr = gw.listen;
-    let in_flight = tokio::spawn(async move {
-        let mut client = KeepAliveClient::new(addr).with_timeout(Duration::from_secs(30));
-        client.get("/hang").await
-    });
-    hang.wait_for_requests(1, SOON)
-        .await
-        .expect("the request reached the upstream");
+    let (mut gw, _hang, in_flight) = with_a_hung_request("60s").await;
 
     gw.signal(sys::SIGINT);
     gw.wait_for_log(STOPPED_ACCEPTING).await;
@@ -464,21 +450,7 @@ async fn second_sigint_exits_at_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_drain_ends_at_its_timeout_and_says_what_it_cut() {
     let timeout = Duration::from_secs(2);
-    let hang = TestUpstream::start(Behaviour::Hang).await;
-    let mut gw = Gateway::start(Setup {
-        routes: vec![("/", hang.addr())],
-        extra: "[drain]\ntimeout = \"2s\"\n",
-        ..Setup::default()
-    })
-    .await;
-    let addr = gw.listen;
-    let in_flight = tokio::spawn(async move {
-        let mut client = KeepAliveClient::new(addr).with_timeout(Duration::from_secs(30));
-        client.get("/hang").await
-    });
-    hang.wait_for_requests(1, SOON)
-        .await
-        .expect("the request reached the upstream");
+    let (mut gw, _hang, in_flight) = with_a_hung_request("2s").await;
 
     let stopped_at = Instant::now();
     gw.signal(sys::SIGTERM);
@@ -503,6 +475,35 @@ async fn a_drain_ends_at_its_timeout_and_says_what_it_cut() {
         cut.as_ref().map_or(true, |r| r.status == 502),
         "the hung request was cut: {cut:?}"
     );
+}
+
+/// A gateway with `drain.timeout` set, and one request in flight to an upstream that
+/// never answers (it has reached the upstream): the gateway, the upstream, and the
+/// client's task.
+async fn with_a_hung_request(
+    drain_timeout: &str,
+) -> (
+    Gateway,
+    TestUpstream,
+    tokio::task::JoinHandle<Result<Response, TransportError>>,
+) {
+    let hang = TestUpstream::start(Behaviour::Hang).await;
+    let extra = format!("[drain]\ntimeout = \"{drain_timeout}\"\n");
+    let gw = Gateway::start(Setup {
+        routes: vec![("/", hang.addr())],
+        extra: &extra,
+        ..Setup::default()
+    })
+    .await;
+    let addr = gw.listen;
+    let in_flight = tokio::spawn(async move {
+        let mut client = KeepAliveClient::new(addr).with_timeout(Duration::from_secs(30));
+        client.get("/hang").await
+    });
+    hang.wait_for_requests(1, SOON)
+        .await
+        .expect("the request reached the upstream");
+    (gw, hang, in_flight)
 }
 
 /// SIGUSR2 to a process that is already draining is ignored and logged: its listening
