@@ -10,6 +10,7 @@ pub mod fastcgi;
 pub mod figures;
 pub mod headers;
 pub mod response;
+pub mod tunnel;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -541,6 +542,19 @@ fn finish_local(
     resp
 }
 
+fn log_tunnel_end(end: &tunnel::TunnelEnd, upstream_address: &str) {
+    match end {
+        tunnel::TunnelEnd::Idle => tracing::info!(
+            address = upstream_address,
+            "upgraded connection closed: no byte either way for timeouts.read_idle"
+        ),
+        tunnel::TunnelEnd::Failed(kind) => {
+            tracing::debug!(address = upstream_address, error = ?kind, "upgraded connection failed")
+        }
+        tunnel::TunnelEnd::Closed => {}
+    }
+}
+
 fn respond(
     exchange: Exchange,
     client_upgrade: Option<hyper::upgrade::OnUpgrade>,
@@ -569,6 +583,10 @@ fn respond(
     match (switching, client_upgrade) {
         (true, Some(client)) => {
             conn.set_close_reason(CloseReason::Abandoned);
+            // A tunnel is bounded by the gap between bytes, either way, not by
+            // `timeouts.total`: a WebSocket lives as long as it is used.
+            let idle = deadlines.read_idle;
+            let label = peer.label.clone();
             match conn.client() {
                 Client::Http1(c) => {
                     let mut upstream_side = c.take_upgraded();
@@ -578,11 +596,9 @@ fn respond(
                         let _conn = conn;
                         let _outstanding = outstanding;
                         if let Ok(c) = client.await {
-                            let _ = tokio::io::copy_bidirectional(
-                                &mut TokioIo::new(c),
-                                &mut upstream_side,
-                            )
-                            .await;
+                            let end =
+                                tunnel::run(&mut TokioIo::new(c), &mut upstream_side, idle).await;
+                            log_tunnel_end(&end, &label);
                         }
                     });
                 }
@@ -595,11 +611,9 @@ fn respond(
                         let _outstanding = outstanding;
                         let (client, upstream_side) = tokio::join!(client, upstream_side);
                         if let (Ok(c), Ok(u)) = (client, upstream_side) {
-                            let _ = tokio::io::copy_bidirectional(
-                                &mut TokioIo::new(c),
-                                &mut TokioIo::new(u),
-                            )
-                            .await;
+                            let end =
+                                tunnel::run(&mut TokioIo::new(c), &mut TokioIo::new(u), idle).await;
+                            log_tunnel_end(&end, &label);
                         }
                     });
                 }

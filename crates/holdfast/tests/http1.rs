@@ -781,6 +781,54 @@ async fn websocket_upgrade_is_passed_through() {
     assert_eq!(client.wait_close(WAIT).await, PeerClose::Eof);
 }
 
+/// A tunnel whose peers both went quiet would otherwise hold its client place and its
+/// upstream connection forever: no byte either way for `timeouts.read_idle` closes
+/// both sides.
+#[tokio::test]
+async fn a_silent_websocket_is_closed_after_read_idle() {
+    let (upstream_closed, saw_upstream_close) = tokio::sync::oneshot::channel();
+    let upstream_closed = std::sync::Mutex::new(Some(upstream_closed));
+    let upstream = raw_upstream(move |stream| {
+        let upstream_closed = upstream_closed.lock().unwrap().take();
+        async move {
+            let mut io = BufReader::new(stream);
+            let Ok(Some(_)) = read_head(&mut io).await else {
+                return;
+            };
+            let answer = b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: upgrade\r\n\r\n";
+            if io.get_mut().write_all(answer).await.is_err() {
+                return;
+            }
+            // Says nothing more; reads until holdfast closes (bounded by the test's wait).
+            let mut buf = [0u8; 64];
+            let end = tokio::time::timeout(WAIT, io.read(&mut buf)).await;
+            if let Some(tx) = upstream_closed {
+                let _ = tx.send(matches!(end, Ok(Ok(0))));
+            }
+        }
+    })
+    .await;
+    let gw = start(&format!(
+        "{}[upstream.up.timeouts]\nread_idle = \"300ms\"\n",
+        proxy_to(&format!("http://{}", upstream.addr))
+    ))
+    .await;
+    let mut ws = RawClient::connect(gw.addr).await.unwrap();
+    ws.send("GET /chat HTTP/1.1\r\nhost: x\r\nupgrade: websocket\r\nconnection: Upgrade\r\n\r\n")
+        .await
+        .unwrap();
+    assert_eq!(ws.read_response(WAIT).await.unwrap().status, 101);
+    assert_eq!(
+        ws.wait_close(WAIT).await,
+        PeerClose::Eof,
+        "client side left open"
+    );
+    assert!(
+        saw_upstream_close.await.unwrap(),
+        "upstream side not closed within {WAIT:?}"
+    );
+}
+
 #[tokio::test]
 async fn ambiguous_requests_are_rejected_and_never_forwarded() {
     let upstream = TestUpstream::start(Behaviour::Echo).await;
