@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 
 use bytes::Bytes;
-use http::{Request, Response, StatusCode, header};
+use http::{Method, Request, Response, StatusCode, header};
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
@@ -65,8 +65,23 @@ pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, state: Arc<ServerSt
     }
 }
 
+/// The admin endpoints, all read-only.
+const ENDPOINTS: [&str; 5] = ["/live", "/ready", "/config", "/pools", "/metrics"];
+
 fn route(req: &Request<Incoming>, proxy: &Proxy, state: &ServerState) -> Response<Full<Bytes>> {
-    match req.uri().path() {
+    let path = req.uri().path();
+    // hyper leaves the body out of a HEAD answer; any other method would be
+    // answered as a GET, as if it had done something.
+    if !matches!(*req.method(), Method::GET | Method::HEAD) && ENDPOINTS.contains(&path) {
+        let mut r = text(
+            StatusCode::METHOD_NOT_ALLOWED,
+            format!("{path} answers GET and HEAD only\n"),
+        );
+        r.headers_mut()
+            .insert(header::ALLOW, header::HeaderValue::from_static("GET, HEAD"));
+        return r;
+    }
+    match path {
         "/live" => text(StatusCode::OK, "live\n"),
         "/ready" if state.draining.load(Relaxed) => {
             text(StatusCode::SERVICE_UNAVAILABLE, "draining\n")

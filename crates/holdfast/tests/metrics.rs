@@ -978,3 +978,35 @@ async fn a_request_with_a_bad_host_is_counted_under_no_route() {
         0.0
     );
 }
+
+/// The admin endpoints are read-only: GET and HEAD get the answer (HEAD without its
+/// body), any other method 405 naming those two, so that a `POST /ready` or a
+/// `DELETE /config` is not taken for something it did.
+#[tokio::test]
+async fn admin_endpoints_answer_get_and_head_and_refuse_other_methods() {
+    let gw = start("").await;
+    let mut c = KeepAliveClient::new(gw.admin).with_timeout(RESPONSE_TIMEOUT);
+    for path in ["/live", "/ready", "/metrics", "/config", "/pools"] {
+        let get = c.get(path).await.expect("GET");
+        assert_eq!(get.status, 200, "GET {path}");
+        let head = c
+            .send(&holdfast_test::ClientRequest::new("HEAD", path))
+            .await
+            .expect("HEAD");
+        assert_eq!(head.status, 200, "HEAD {path}");
+        assert!(head.body.is_empty(), "HEAD {path} has a body");
+        assert_eq!(
+            head.header("content-type"),
+            get.header("content-type"),
+            "HEAD {path}"
+        );
+        for method in ["POST", "PUT", "DELETE"] {
+            let r = c
+                .send(&holdfast_test::ClientRequest::new(method, path))
+                .await
+                .expect(method);
+            assert_eq!(r.status, 405, "{method} {path}: {}", r.text());
+            assert_eq!(r.header("allow"), Some("GET, HEAD"), "{method} {path}");
+        }
+    }
+}
