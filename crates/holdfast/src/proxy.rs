@@ -131,33 +131,7 @@ impl Proxy {
     ) -> impl Future<Output = Response<ResponseBody>> {
         async move {
             let routing = self.routing.load_full();
-            // The config in force decides, so a reload turns the access log on or off.
-            let mut log = (routing.config.log.access_log
-                && tracing::enabled!(target: "holdfast::access", tracing::Level::INFO))
-            // Boxed: only a request that is logged pays for its room, which every
-            // request's future and response body would otherwise carry.
-            .then(|| {
-                Box::new(AccessRecord {
-                    start,
-                    client: conn.remote_ip_value.clone(),
-                    method: req.method().clone(),
-                    // A reference to the request's bytes, not a copy.
-                    path: req
-                        .uri()
-                        .path_and_query()
-                        .cloned()
-                        .unwrap_or_else(|| PathAndQuery::from_static("/")),
-                    status: 0,
-                    route: None,
-                    upstream: None,
-                    address: None,
-                    reused: None,
-                    attempts: 0,
-                    ttfb: None,
-                    outcome: "ok",
-                    emitted: false,
-                })
-            });
+            let mut log = access_record(&routing, &req, conn, start);
 
             let (host, bad_host) = match request_host(&req) {
                 Ok(host) => (host, None),
@@ -453,6 +427,34 @@ impl Proxy {
         }
     }
 
+    /// A request on a `redirect_https` listener: answered with its redirect to
+    /// https (or 400, see [`redirect::respond`](crate::server::redirect::respond)),
+    /// and counted and logged as holdfast's own answer to a request no route took.
+    pub fn redirect<B>(
+        &self,
+        req: &Request<B>,
+        conn: &ConnContext,
+        start: Instant,
+        port: u16,
+    ) -> Response<ResponseBody> {
+        let routing = self.routing.load_full();
+        let log = access_record(&routing, req, conn, start);
+        let tally = Tally::new(routing.figures.cell(None), start);
+        let resp = crate::server::redirect::respond(req, port);
+        tally.finish_with(resp.status().as_u16());
+        if let Some(mut l) = log {
+            l.status = resp.status().as_u16();
+            l.outcome = "local";
+            let sent = if l.method == http::Method::HEAD {
+                0
+            } else {
+                http_body::Body::size_hint(resp.body()).exact().unwrap_or(0)
+            };
+            l.emit(sent);
+        }
+        resp
+    }
+
     /// Turns a failure into the client's response and a log line naming route,
     /// upstream, address and cause.
     fn rescue(
@@ -504,6 +506,42 @@ impl Proxy {
         );
         finish_local(status, body, Some(proxy_status), (log, tally))
     }
+}
+
+/// The access-log record of `req`, if its line is to be written: the config in
+/// force decides, so a reload turns the access log on or off.
+fn access_record<B>(
+    routing: &Routing,
+    req: &Request<B>,
+    conn: &ConnContext,
+    start: Instant,
+) -> Option<Box<AccessRecord>> {
+    (routing.config.log.access_log
+        && tracing::enabled!(target: "holdfast::access", tracing::Level::INFO))
+    // Boxed: only a request that is logged pays for its room, which every
+    // request's future and response body would otherwise carry.
+    .then(|| {
+        Box::new(AccessRecord {
+            start,
+            client: conn.remote_ip_value.clone(),
+            method: req.method().clone(),
+            // A reference to the request's bytes, not a copy.
+            path: req
+                .uri()
+                .path_and_query()
+                .cloned()
+                .unwrap_or_else(|| PathAndQuery::from_static("/")),
+            status: 0,
+            route: None,
+            upstream: None,
+            address: None,
+            reused: None,
+            attempts: 0,
+            ttfb: None,
+            outcome: "ok",
+            emitted: false,
+        })
+    })
 }
 
 /// A response holdfast makes itself.

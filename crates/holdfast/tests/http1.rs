@@ -3085,6 +3085,36 @@ async fn access_log_calls_a_413_for_a_body_too_large_local() {
     assert_eq!(v["outcome"], "local", "{v}");
 }
 
+/// A `redirect_https` listener's 308 is holdfast's own answer to a request: it has
+/// its access-log line like any other (`local`, no route), not none.
+#[tokio::test]
+async fn access_log_has_a_line_for_a_redirect() {
+    let upstream = TestUpstream::start(Behaviour::Echo).await;
+    let config = format!(
+        "[log]\nformat = \"json\"\n\n[admin]\nlisten = \"127.0.0.1:0\"\n\n\
+         [[listener]]\nlisten = \"127.0.0.1:0\"\nredirect_https = true\n\n{}",
+        proxy_to(&upstream.url())
+    );
+    let (proxy, addr) = spawn_holdfast(&config, &[]).await;
+    let resp = send_one(addr, &ClientRequest::get("/moved?x=1")).await;
+    assert_eq!(resp.status, 308, "{resp:?}");
+    assert!(
+        proxy.wait_for_log("\"/moved?x=1\"", WAIT).await,
+        "{}",
+        proxy.logs()
+    );
+    let logs = proxy.logs();
+    let v = logs
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|v| v["target"] == "holdfast::access")
+        .unwrap_or_else(|| panic!("no access line:\n{logs}"));
+    assert_eq!(v["status"], 308, "{v}");
+    assert_eq!(v["route"], "-", "{v}");
+    assert_eq!(v["outcome"], "local", "{v}");
+    assert_eq!(v["bytes"], resp.body.len(), "{v}");
+}
+
 /// A request refused after routing (a `..` hidden behind `;` parameters) is counted
 /// in `holdfast_requests_total` under the route it matched; its access line must
 /// name that route too, or the log and the metrics disagree about where it went.

@@ -1010,3 +1010,46 @@ async fn admin_endpoints_answer_get_and_head_and_refuse_other_methods() {
         }
     }
 }
+
+/// A `redirect_https` listener answers every request itself (308, or 400 without a
+/// usable host): those are client requests answered, counted under no route like
+/// holdfast's other own answers, not missing from `holdfast_requests_total`.
+#[tokio::test]
+async fn requests_answered_by_a_redirect_listener_are_counted() {
+    let server = Server::bind(config(
+        "[[listener]]\nlisten = \"127.0.0.1:0\"\nredirect_https = true\nredirect_https_port = 8443\n",
+    ))
+    .await
+    .expect("bind holdfast");
+    let redirect = server.listen_addrs()[1];
+    let (control, rx) = mpsc::channel(4);
+    let gw = Gateway {
+        addr: server.listen_addrs()[0],
+        admin: server.admin_addr().expect("admin listener"),
+        control,
+        task: tokio::spawn(server.run(rx)),
+    };
+    let mut c = KeepAliveClient::new(redirect).with_timeout(RESPONSE_TIMEOUT);
+    let r = c.get("/a").await.expect("GET");
+    assert_eq!(r.status, 308);
+    let mut raw = holdfast_test::RawClient::connect(redirect).await.unwrap();
+    raw.send("GET /b HTTP/1.0\r\n\r\n").await.unwrap();
+    let r = raw.read_response(RESPONSE_TIMEOUT).await.unwrap();
+    assert_eq!(r.status, 400, "no host to redirect to");
+    let class = |class| [("route", "none"), ("class", class)];
+    let m = gw
+        .metrics_once(|m| {
+            m.get("holdfast_requests_total", &class("3xx")) == Some(1.0)
+                && m.get("holdfast_requests_total", &class("4xx")) == Some(1.0)
+        })
+        .await;
+    assert_eq!(m.value("holdfast_requests_total", &class("3xx")), 1.0);
+    assert_eq!(m.value("holdfast_requests_total", &class("4xx")), 1.0);
+    assert_eq!(
+        m.value(
+            "holdfast_request_duration_seconds_count",
+            &[("route", "none")]
+        ),
+        2.0
+    );
+}

@@ -60,7 +60,6 @@ use self::io::{ClientIo, Transport};
 pub(crate) use self::streams::PIECE;
 use self::streams::{StreamExec, StreamWatch, Streams};
 use super::drain::{ClientFigures, DrainWatch, Tracked};
-use super::redirect;
 use super::tls::{self, TlsFront};
 use crate::config::{DrainConfig, ListenerConfig, TlsConfig};
 use crate::proxy::{ConnContext, Proxy};
@@ -442,7 +441,12 @@ pub fn serve(
                     let state = &*in_flight.state;
                     let shared = &*state.shared;
                     let mut resp = if shared.config.redirect_https {
-                        redirect::respond(&req, shared.config.redirect_https_port)
+                        shared.proxy.redirect(
+                            &req,
+                            &state.ctx,
+                            arrived,
+                            shared.config.redirect_https_port,
+                        )
                     } else {
                         shared.proxy.handle(req, &state.ctx, arrived).await
                     };
