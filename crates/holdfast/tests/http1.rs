@@ -3085,6 +3085,47 @@ async fn access_log_calls_a_413_for_a_body_too_large_local() {
     assert_eq!(v["outcome"], "local", "{v}");
 }
 
+/// A request target may carry raw UTF-8 (hyper takes it), C1 control characters
+/// included: U+009B is a terminal's CSI, U+0085 a line break to many readers. The
+/// access line escapes them, in text as in JSON, as tracing's own formatter does
+/// since it was fixed for this (terminal injection), so a request cannot colour,
+/// rewrite or split the operator's log.
+#[tokio::test]
+async fn access_log_escapes_c1_control_characters_of_the_target() {
+    let upstream = TestUpstream::start(Behaviour::Echo).await;
+    for format in ["text", "json"] {
+        let (proxy, addr) = spawn_holdfast(&binary_config(&upstream.url(), format), &[]).await;
+        let mut c = RawClient::connect(addr).await.unwrap();
+        c.send(b"GET /c1/\xc2\x9b31mred\xc2\x85x?q=\xc2\x9b HTTP/1.1\r\nHost: a\r\n\r\n")
+            .await
+            .unwrap();
+        let resp = c.read_response(WAIT).await.unwrap();
+        assert_eq!(resp.status, 200, "{format}: {resp:?}");
+        assert!(
+            proxy.wait_for_log("/c1/", WAIT).await,
+            "{format}: {}",
+            proxy.logs()
+        );
+        let logs = proxy.logs();
+        let line = logs
+            .lines()
+            .find(|l| l.contains("/c1/"))
+            .expect("an access line");
+        assert!(
+            !line.chars().any(|c| ('\u{80}'..='\u{9f}').contains(&c)),
+            "{format}: a C1 control character reached the log: {line:?}"
+        );
+        assert!(
+            line.contains("/c1/\\u009b31mred\\u0085x?q=\\u009b"),
+            "{format}: {line:?}"
+        );
+        if format == "json" {
+            let v: serde_json::Value = serde_json::from_str(line).expect("JSON");
+            assert_eq!(v["path"], "/c1/\u{9b}31mred\u{85}x?q=\u{9b}", "{v}");
+        }
+    }
+}
+
 /// A `redirect_https` listener's 308 is holdfast's own answer to a request: it has
 /// its access-log line like any other (`local`, no route), not none.
 #[tokio::test]

@@ -91,7 +91,7 @@ impl AccessRecord {
         out.push_str(" method=");
         out.push_str(self.method.as_str());
         out.push_str(" path=");
-        out.push_str(self.path.as_str());
+        push_unquoted(out, self.path.as_str());
         self.fields(out, bytes, total, &TEXT_NAMES);
         out.push('\n');
     }
@@ -263,16 +263,18 @@ fn push_ms(out: &mut String, d: Option<Duration>) {
     push_int(out, frac);
 }
 
-/// `value` in double quotes, with `"`, `\` and ASCII control characters escaped as
-/// JSON writes them (and as tracing's text format does, but for its `\u{1}` form).
+/// `value` in double quotes, with `"`, `\` and control characters escaped as JSON
+/// writes them (and as tracing's text format does, but for its `\u{1}` form). C1
+/// controls (U+0080 to U+009F; a request target may carry them) are escaped too, as
+/// tracing escapes them: U+009B is a terminal's CSI, U+0085 a line break to many
+/// readers.
 fn push_quoted(out: &mut String, value: &str) {
     out.push('"');
     if !value
         .bytes()
-        .any(|b| b == b'"' || b == b'\\' || b.is_ascii_control())
+        .any(|b| b == b'"' || b == b'\\' || b.is_ascii_control() || !b.is_ascii())
     {
-        // The common case: nothing to escape (no byte of a multi-byte UTF-8
-        // character is ASCII).
+        // The common case: nothing to escape.
         out.push_str(value);
         out.push('"');
         return;
@@ -284,14 +286,30 @@ fn push_quoted(out: &mut String, value: &str) {
             '\n' => out.push_str("\\n"),
             '\r' => out.push_str("\\r"),
             '\t' => out.push_str("\\t"),
-            c if c.is_ascii_control() => {
-                use std::fmt::Write as _;
-                let _ = write!(out, "\\u{:04x}", u32::from(c));
-            }
-            c => out.push(c),
+            c => push_char(out, c),
         }
     }
     out.push('"');
+}
+
+/// `value` (the request target, which has no ASCII control character or space) as
+/// it is, but for its C1 control characters, escaped as [`push_quoted`] does.
+fn push_unquoted(out: &mut String, value: &str) {
+    if value.is_ascii() {
+        out.push_str(value);
+        return;
+    }
+    value.chars().for_each(|c| push_char(out, c));
+}
+
+/// `c`, or `\u00XX` for a control character.
+fn push_char(out: &mut String, c: char) {
+    if c.is_control() {
+        use std::fmt::Write as _;
+        let _ = write!(out, "\\u{:04x}", u32::from(c));
+    } else {
+        out.push(c);
+    }
 }
 
 #[cfg(test)]
