@@ -3257,3 +3257,30 @@ async fn an_open_tunnel_counts_against_the_upstream_max_connections() {
     assert_eq!(resp.status, 200, "{resp:?}");
     assert_eq!(most.load(SeqCst), 1, "upstream connections open at once");
 }
+
+/// An upgrade the upstream refuses (a 401 to a WebSocket without credentials) is an
+/// ordinary exchange: the answer promised keep-alive, so the connection stays open
+/// for the client's next request, through the park of an idle connection too.
+#[tokio::test]
+async fn a_refused_upgrade_keeps_the_connection_alive() {
+    let upstream =
+        TestUpstream::start(Behaviour::respond(|_| Reply::new(401).body("who are you"))).await;
+    let gw = start(&proxy_to(&upstream.url())).await;
+    let mut client = RawClient::connect(gw.addr).await.unwrap();
+    client
+        .send("GET /chat HTTP/1.1\r\nhost: x\r\nupgrade: websocket\r\nconnection: Upgrade\r\n\r\n")
+        .await
+        .unwrap();
+    let resp = client.read_response(WAIT).await.unwrap();
+    assert_eq!(resp.status, 401, "{resp:?}");
+    assert!(resp.keeps_alive(), "{resp:?}");
+    // Idle past the park (100 ms): the connection is parked, not closed.
+    gw.wait_metric("holdfast_client_parked_connections", 1.0, WAIT)
+        .await;
+    client
+        .send("GET /next HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let resp = client.read_response(WAIT).await;
+    assert_eq!(resp.map(|r| r.status), Ok(401));
+}

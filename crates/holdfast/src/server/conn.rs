@@ -48,6 +48,7 @@ use http::{HeaderValue, Version};
 use hyper::body::Incoming;
 use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
+use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 use tokio::sync::{Notify, OwnedSemaphorePermit};
@@ -198,6 +199,13 @@ pub struct ConnState {
     /// A write to the client stalled past `send_timeout` (`ClientIo`): the response
     /// bodies dropped with the connection were cut by it.
     pub(super) send_timed_out: AtomicBool,
+    /// HTTP/1: hyper keeps an upgrade request's switch pending after an answer that
+    /// did not switch (the upstream refused it, or holdfast answered), and when the
+    /// connection later ends it hands the socket to that upgrade instead of ending
+    /// cleanly. Kept here (a handle on it) so that a park can take the socket back;
+    /// `refused_upgrade_kept` says whether to look (set only after such an answer).
+    refused_upgrade: std::sync::Mutex<Option<OnUpgrade>>,
+    refused_upgrade_kept: AtomicBool,
     /// HTTP/2: the streams whose response bodies are watched for `send_timeout`
     /// (`streams.rs`).
     streams: Streams,
@@ -256,6 +264,8 @@ impl ConnState {
             woken: AtomicBool::new(false),
             woken_ms: AtomicU64::new(0),
             send_timed_out: AtomicBool::new(false),
+            refused_upgrade: std::sync::Mutex::new(None),
+            refused_upgrade_kept: AtomicBool::new(false),
             streams: Streams::default(),
             wake: Notify::new(),
         }
@@ -269,6 +279,30 @@ impl ConnState {
         let since = now.saturating_duration_since(clock_base()).as_millis() as u64;
         self.since_ms.store(since, Relaxed);
         self.phase.store(phase as u8, Relaxed);
+    }
+
+    /// Keeps the upgrade of a request answered without a switch (see
+    /// `refused_upgrade`); it replaces an earlier one, as hyper's does.
+    fn keep_refused_upgrade(&self, upgrade: OnUpgrade) {
+        let mut kept = self
+            .refused_upgrade
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        *kept = Some(upgrade);
+        self.refused_upgrade_kept.store(true, Relaxed);
+    }
+
+    /// The upgrade kept by [`ConnState::keep_refused_upgrade`], if any.
+    fn take_refused_upgrade(&self) -> Option<OnUpgrade> {
+        // Set and taken on the connection's task only: no read-modify-write needed.
+        if !self.refused_upgrade_kept.load(Relaxed) {
+            return None;
+        }
+        self.refused_upgrade_kept.store(false, Relaxed);
+        self.refused_upgrade
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
     }
 
     fn phase(&self) -> (ConnPhase, Instant) {
@@ -420,6 +454,9 @@ pub fn serve(
                     || req.version() == Version::HTTP_11
                         && crate::proxy::headers::connection_has(req.headers(), "close");
                 let has_body = !http_body::Body::is_end_stream(req.body());
+                // HTTP/1 upgrade requests only (an empty map is one branch): see
+                // `ConnState::refused_upgrade`.
+                let upgrade = req.extensions().get::<OnUpgrade>().cloned();
                 if asks_close && !has_body {
                     state.client_closes.store(true, Relaxed);
                 }
@@ -451,6 +488,9 @@ pub fn serve(
                         shared.proxy.handle(req, &state.ctx, arrived).await
                     };
                     if resp.status() != http::StatusCode::SWITCHING_PROTOCOLS {
+                        if let Some(upgrade) = upgrade {
+                            state.keep_refused_upgrade(upgrade);
+                        }
                         // holdfast's own answer to a request with a body may leave the
                         // body unread: hyper then closes the connection after the
                         // answer, which must say so rather than promise keep-alive.
@@ -505,16 +545,29 @@ pub fn serve(
                             remote,
                         )
                         .await;
+                        // Taken whatever happens next: once hyper handed it the
+                        // socket, it holds the connection's state, which would then
+                        // hold it.
+                        let refused_upgrade = state.take_refused_upgrade();
                         if state.park.load(Relaxed) != PARK_PARKED {
                             return None;
                         }
                         // hyper saw "end of input" and ended cleanly without shutting
                         // the socket: take it back, with anything hyper had read but
                         // not used. The rest of hyper's parts (a clone of the service)
-                        // is not kept while parked.
-                        let parts = conn.into_parts()?;
-                        let mut client_io = parts.io.into_inner();
-                        client_io.unread(parts.read_buf);
+                        // is not kept while parked. After an upgrade it did not make,
+                        // hyper hands the socket to that upgrade instead.
+                        let (io, read_buf) = match conn.into_parts() {
+                            Some(parts) => (parts.io, parts.read_buf),
+                            None => {
+                                use futures_util::FutureExt;
+                                let upgraded = refused_upgrade?.now_or_never()?.ok()?;
+                                let parts = upgraded.downcast::<TokioIo<ClientIo>>().ok()?;
+                                (parts.io, parts.read_buf)
+                            }
+                        };
+                        let mut client_io = io.into_inner();
+                        client_io.unread(read_buf);
                         Some(client_io)
                     })
                     .await
