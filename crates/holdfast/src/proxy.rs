@@ -234,7 +234,11 @@ impl Proxy {
             // body would otherwise be dropped (`Upgrade: h2c` on a POST, RFC 9113 3.1
             // notwithstanding, asks for a switch after the body, which no upstream
             // here is asked to make).
-            let upgrade = headers::is_upgrade_request(req.headers())
+            // Only HTTP/1.1 switches: RFC 9110 7.8 has an HTTP/1.0 request's
+            // `Upgrade` ignored (hyper could not switch its connection either), and
+            // HTTP/2 has no `Upgrade`; there it is removed as hop-by-hop.
+            let upgrade = req.version() == http::Version::HTTP_11
+                && headers::is_upgrade_request(req.headers())
                 && http_body::Body::is_end_stream(req.body());
             let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
             let (mut parts, body) = req.into_parts();

@@ -3284,3 +3284,37 @@ async fn a_refused_upgrade_keeps_the_connection_alive() {
     let resp = client.read_response(WAIT).await;
     assert_eq!(resp.map(|r| r.status), Ok(401));
 }
+
+/// RFC 9110 7.8: an `Upgrade` in an HTTP/1.0 request is ignored; hyper cannot
+/// switch such a connection anyway. The request reaches the upstream as a plain one,
+/// and a 101 the upstream answers regardless is not passed on as a switch that
+/// cannot happen.
+#[tokio::test]
+async fn an_upgrade_in_an_http_1_0_request_is_ignored() {
+    // Switches whenever asked; answers 200 otherwise.
+    let upstream = raw_upstream(|stream| async move {
+        let mut io = BufReader::new(stream);
+        let Ok(Some(head)) = read_head(&mut io).await else {
+            return;
+        };
+        let answer: &[u8] = if header(&head, "upgrade").is_some() {
+            b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: upgrade\r\n\r\n"
+        } else {
+            b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nplain"
+        };
+        let _ = io.get_mut().write_all(answer).await;
+        // Holds the connection until holdfast closes it (bounded by the test's wait).
+        let mut buf = [0u8; 64];
+        let _ = tokio::time::timeout(WAIT, io.read(&mut buf)).await;
+    })
+    .await;
+    let gw = start(&proxy_to(&format!("http://{}", upstream.addr))).await;
+    let mut client = RawClient::connect(gw.addr).await.unwrap();
+    client
+        .send("GET /chat HTTP/1.0\r\nhost: x\r\nupgrade: websocket\r\nconnection: Upgrade\r\n\r\n")
+        .await
+        .unwrap();
+    let resp = client.read_response(WAIT).await.unwrap();
+    assert_eq!(resp.status, 200, "{resp:?}");
+    assert_eq!(resp.text(), "plain");
+}
