@@ -3318,3 +3318,29 @@ async fn an_upgrade_in_an_http_1_0_request_is_ignored() {
     assert_eq!(resp.status, 200, "{resp:?}");
     assert_eq!(resp.text(), "plain");
 }
+
+/// An HTTP/1.0 client keeps its connection only when asked with `Connection:
+/// keep-alive` (RFC 9112 9.3), and reads that token to learn whether the server
+/// agreed. The response that ends the connection (here the last one allowed on it)
+/// must say `close` and only that: hyper added `keep-alive` beside it for such a
+/// client, and a client that looks for the token took the connection for open.
+#[tokio::test]
+async fn an_http_1_0_keep_alive_client_is_told_close_alone_when_its_connection_ends() {
+    let upstream = TestUpstream::start(Behaviour::fixed(200, 5)).await;
+    let gw = start(&format!(
+        "[[listener]]\nlisten = \"127.0.0.1:0\"\nmax_requests_per_connection = 2\n\n{}",
+        proxy_to(&upstream.url())
+    ))
+    .await;
+    let mut client = RawClient::connect(gw.addr).await.unwrap();
+    let request = "GET /a HTTP/1.0\r\nconnection: keep-alive\r\n\r\n";
+    client.send(request).await.unwrap();
+    let first = client.read_response(WAIT).await.unwrap();
+    assert_eq!(first.header("connection"), Some("keep-alive"), "{first:?}");
+    client.send(request).await.unwrap();
+    let last = client.read_response(WAIT).await.unwrap();
+    assert_eq!(last.status, 200, "{last:?}");
+    assert_eq!(last.header("connection"), Some("close"), "{last:?}");
+    assert_eq!(last.header("keep-alive"), None, "{last:?}");
+    assert_eq!(client.wait_close(WAIT).await, PeerClose::Eof);
+}

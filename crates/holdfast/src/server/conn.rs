@@ -505,6 +505,12 @@ pub fn serve(
                         {
                             resp.headers_mut().insert(name, value);
                         }
+                        if closing && version == Version::HTTP_10 {
+                            // hyper gives an HTTP/1.1 response to a 1.0 client that
+                            // asked for keep-alive a `keep-alive` token beside the
+                            // `close`; an HTTP/1.0 one it closes as it says.
+                            *resp.version_mut() = Version::HTTP_10;
+                        }
                     }
                     let mut in_flight = in_flight;
                     if version == Version::HTTP_2
