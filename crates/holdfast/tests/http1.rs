@@ -3344,3 +3344,29 @@ async fn an_http_1_0_keep_alive_client_is_told_close_alone_when_its_connection_e
     assert_eq!(last.header("keep-alive"), None, "{last:?}");
     assert_eq!(client.wait_close(WAIT).await, PeerClose::Eof);
 }
+
+/// HTTP/1.0 has no chunked coding: a body of unknown length (chunked from the
+/// upstream) reaches an HTTP/1.0 client delimited by the connection's close, so the
+/// response must say `close`, not promise keep-alive it cannot keep.
+#[tokio::test]
+async fn a_body_of_unknown_length_to_an_http_1_0_client_says_close() {
+    let upstream = TestUpstream::start(Behaviour::Fixed {
+        status: 200,
+        headers: Vec::new(),
+        body_len: 5,
+        framing: Framing::Chunked,
+    })
+    .await;
+    let gw = start(&proxy_to(&upstream.url())).await;
+    let mut client = RawClient::connect(gw.addr).await.unwrap();
+    client
+        .send("GET /a HTTP/1.0\r\nconnection: keep-alive\r\n\r\n")
+        .await
+        .unwrap();
+    let resp = client.read_response(WAIT).await.unwrap();
+    assert_eq!(resp.status, 200, "{resp:?}");
+    assert_eq!(resp.body_len, 5, "{resp:?}");
+    assert_eq!(resp.header("content-length"), None, "{resp:?}");
+    assert_eq!(resp.header("connection"), Some("close"), "{resp:?}");
+    assert_eq!(resp.header("keep-alive"), None, "{resp:?}");
+}

@@ -499,7 +499,10 @@ pub fn serve(
                         let closing = state.draining.load(Relaxed)
                             || last
                             || asks_close
-                            || has_body && resp.body().is_local();
+                            || has_body && resp.body().is_local()
+                            // HTTP/1.0 has no chunked coding: hyper ends a body of
+                            // unknown length with the connection.
+                            || version == Version::HTTP_10 && unknown_length(&resp);
                         if let Some((name, value)) =
                             connection_field(version, closing, shared.keep_alive.as_ref())
                         {
@@ -711,6 +714,15 @@ fn park<'a>(
             }
         }
     }
+}
+
+/// Whether a response's body has no length hyper can write (no `Content-Length`,
+/// no exact size), so that an HTTP/1.0 client gets it delimited by the close.
+fn unknown_length(resp: &http::Response<crate::proxy::response::ResponseBody>) -> bool {
+    let body = resp.body();
+    !http_body::Body::is_end_stream(body)
+        && http_body::Body::size_hint(body).exact().is_none()
+        && !resp.headers().contains_key(header::CONTENT_LENGTH)
 }
 
 /// The connection-management field a response gets: HTTP/1 only, since HTTP/2 has
