@@ -718,7 +718,9 @@ fn respond(
                 .flatten()
                 .and_then(|v| v.to_str().ok())
                 .and_then(|v| v.parse::<u64>().ok());
+            let request_unsent = matches!(conn.client(), Client::Http1(c) if !c.request_sent());
             let mut body = UpstreamBody::new(body, conn, deadlines, (log, tally), outstanding);
+            body.request_unsent = request_unsent;
             if bodiless {
                 body.complete_at(0);
                 drop(body);

@@ -3370,3 +3370,68 @@ async fn a_body_of_unknown_length_to_an_http_1_0_client_says_close() {
     assert_eq!(resp.header("connection"), Some("close"), "{resp:?}");
     assert_eq!(resp.header("keep-alive"), None, "{resp:?}");
 }
+
+/// An upstream that answers before it has read the request body (a 401 to an
+/// upload, right after its head) ends the exchange with the body still on its way
+/// from the client; holdfast then drops the rest, and hyper closes the client
+/// connection after the answer. RFC 9110 10.1.1: a server that answers before
+/// reading the whole content says whether it will close; the answer must not promise
+/// keep-alive, or a client that finishes its body and sends its next request on the
+/// connection loses it. Here the client asked `Expect: 100-continue`, got its 100,
+/// and reads the answer before sending its body.
+#[tokio::test]
+async fn an_upstream_answer_before_the_body_was_sent_does_not_promise_keep_alive() {
+    // Answers at once after the head; then reads (and drops) whatever comes, so that
+    // holdfast's writes do not fail.
+    let upstream = raw_upstream(|stream| async move {
+        let mut io = BufReader::new(stream);
+        if !matches!(read_head(&mut io).await, Ok(Some(_))) {
+            return;
+        }
+        if io
+            .get_mut()
+            .write_all(b"HTTP/1.1 401 Unauthorized\r\ncontent-length: 4\r\n\r\nnope")
+            .await
+            .is_err()
+        {
+            return;
+        }
+        let mut buf = [0u8; 4096];
+        // Bounded by the peer (holdfast closes it) and the test's wait.
+        while let Ok(Ok(n)) = tokio::time::timeout(WAIT, io.read(&mut buf)).await {
+            if n == 0 {
+                break;
+            }
+        }
+    })
+    .await;
+    // One attempt: the body streams (nothing is kept for a retry).
+    let gw = start(&format!(
+        "{}[upstream.up.retry]\nattempts = 1\n",
+        proxy_to(&format!("http://{}", upstream.addr))
+    ))
+    .await;
+    let mut client = RawClient::connect(gw.addr).await.unwrap();
+    client
+        .send(
+            "POST /upload HTTP/1.1\r\nhost: x\r\nexpect: 100-continue\r\n\
+             content-length: 5\r\n\r\n",
+        )
+        .await
+        .unwrap();
+    let resp = client.read_response(WAIT).await.unwrap();
+    assert_eq!(resp.status, 401, "{resp:?}");
+    assert_eq!(resp.informational, vec![100], "{resp:?}");
+    if resp.keeps_alive() {
+        // Promised: the body and the next request must be taken.
+        client.send("hello").await.unwrap();
+        client
+            .send("GET /next HTTP/1.1\r\nhost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let next = client.read_response(WAIT).await;
+        assert!(next.is_ok(), "keep-alive was promised, then: {next:?}");
+    } else {
+        assert_eq!(resp.header("connection"), Some("close"), "{resp:?}");
+    }
+}

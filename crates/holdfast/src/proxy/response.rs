@@ -72,6 +72,18 @@ impl ResponseBody {
         matches!(self.kind, Kind::Full(_))
     }
 
+    /// The answer may end with the request's body still unread from the client
+    /// (dropped then, so hyper closes the connection): holdfast's own answer, or an
+    /// upstream's that came before the body was all sent (see
+    /// [`UpstreamBody::request_unsent`]).
+    pub(crate) fn may_leave_request_body(&self) -> bool {
+        match &self.kind {
+            Kind::Full(_) => true,
+            Kind::Upstream(u) => u.request_unsent,
+            Kind::Bodiless => false,
+        }
+    }
+
     pub(crate) fn upstream(body: Box<UpstreamBody>) -> Self {
         ResponseBody {
             kind: Kind::Upstream(body),
@@ -194,6 +206,11 @@ pub(crate) struct UpstreamBody {
     outstanding: Option<Outstanding>,
     /// What is left of a chunk handed over in pieces (`streams::PIECE`).
     rest: Bytes,
+    /// Plain HTTP/1.1: the upstream answered before the request body was all sent.
+    /// The connection is not pooled with the request unfinished, and closing it at
+    /// the answer's end drops the rest of the client's body, unless it was all sent
+    /// by then.
+    pub(crate) request_unsent: bool,
 }
 
 /// FastCGI: STDOUT read and dropped after the client has the whole body, at most;
@@ -233,6 +250,7 @@ impl UpstreamBody {
             complete_at: None,
             outstanding: Some(outstanding),
             rest: Bytes::new(),
+            request_unsent: false,
         });
         // A response without a body (204, 304, HEAD, Content-Length: 0) is complete now.
         if this.body.is_end_stream() {

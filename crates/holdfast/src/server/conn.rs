@@ -492,14 +492,16 @@ pub fn serve(
                             state.keep_refused_upgrade(upgrade);
                         }
                         // holdfast's own answer to a request with a body may leave the
-                        // body unread: hyper then closes the connection after the
-                        // answer, which must say so rather than promise keep-alive.
+                        // body unread, and so may an upstream's that came before the
+                        // body was all sent (RFC 9110 10.1.1): hyper then closes the
+                        // connection after the answer, which must say so rather than
+                        // promise keep-alive.
                         // A client that asked to close is not promised keep-alive
                         // either (hyper closes, and adds `Connection: close`).
                         let closing = state.draining.load(Relaxed)
                             || last
                             || asks_close
-                            || has_body && resp.body().is_local()
+                            || has_body && resp.body().may_leave_request_body()
                             // HTTP/1.0 has no chunked coding: hyper ends a body of
                             // unknown length with the connection.
                             || version == Version::HTTP_10 && unknown_length(&resp);

@@ -362,6 +362,11 @@ impl Http1Conn {
         resp
     }
 
+    /// The request, its body included, has been written whole.
+    pub fn request_sent(&self) -> bool {
+        self.request_done
+    }
+
     /// The response body ended (or there is none).
     pub fn body_done(&self) -> bool {
         self.decoding.is_none()
