@@ -48,6 +48,16 @@ pub struct Routing {
 impl Routing {
     pub async fn build(config: Arc<Config>, previous: Option<&Routing>) -> Routing {
         let upstreams = Upstreams::build(&config.upstreams, previous.map(|p| &p.upstreams)).await;
+        Routing::with_upstreams(config, upstreams, previous)
+    }
+
+    /// As [`Routing::build`], with the upstreams built already (from
+    /// `config.upstreams`).
+    pub fn with_upstreams(
+        config: Arc<Config>,
+        upstreams: Upstreams,
+        previous: Option<&Routing>,
+    ) -> Routing {
         let routes = RouteTable::new(&config.routes);
         let route_names = (0..config.routes.len())
             .map(|i| Arc::from(format!("route[{i}]")))

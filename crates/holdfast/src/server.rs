@@ -26,6 +26,7 @@ use self::drain::Tracker;
 use crate::admin;
 use crate::config::{Config, TlsConfig};
 use crate::proxy::{Proxy, Routing};
+use crate::upstream::Upstreams;
 
 /// What the binary (or a test) tells a running server.
 #[derive(Debug)]
@@ -205,10 +206,31 @@ impl Server {
         }
 
         let mut released = Vec::new();
+        // A reload resolves its upstreams' host names, which a slow or hung resolver
+        // can stretch to any length: it runs beside the loop, which goes on hearing
+        // stop messages. A newer config replaces a reload still under way (nothing
+        // of it is in force before its last step), so a fix for a name that hangs
+        // applies at once.
+        let mut reloading: Option<std::pin::Pin<Box<dyn Future<Output = ()> + Send + '_>>> = None;
         let mut stop = loop {
-            match control.recv().await {
+            let cmd = match reloading.as_mut() {
+                None => control.recv().await,
+                Some(running) => tokio::select! {
+                    () = running => {
+                        reloading = None;
+                        continue;
+                    }
+                    cmd = control.recv() => cmd,
+                },
+            };
+            match cmd {
                 Some(Control::Reload(new)) => {
-                    reload(&proxy, &config, &fronts, *new, &state).await;
+                    if reloading.is_some() {
+                        tracing::warn!(
+                            "the reload under way (resolving upstream host names) is replaced by a newer one"
+                        );
+                    }
+                    reloading = Some(Box::pin(reload(&proxy, &config, &fronts, *new, &state)));
                 }
                 Some(Control::Drain) | None => break Stop::Drain,
                 Some(Control::HandedOver(closed)) => {
@@ -218,6 +240,11 @@ impl Server {
                 Some(Control::Exit) => break Stop::Exit,
             }
         };
+        if reloading.take().is_some() {
+            tracing::warn!(
+                "reload abandoned (still resolving upstream host names): this process is draining"
+            );
+        }
 
         // The drain, in order: /ready fails; a pause for load balancers; listeners
         // stop; responses carry `Connection: close` and idle connections close once
@@ -318,6 +345,9 @@ impl Server {
     }
 }
 
+/// Applies a new config. Cancel safe, as `Server::run` needs (a drain or a newer
+/// config drops a reload still resolving host names): nothing of it applies before
+/// its one await, the upstreams' build, is over.
 async fn reload(
     proxy: &Proxy,
     running: &Config,
@@ -326,6 +356,7 @@ async fn reload(
     state: &ServerState,
 ) {
     let old = proxy.routing();
+    let upstreams = Upstreams::build(&new.upstreams, Some(&old.upstreams)).await;
     // Certificates are the one listener setting a reload applies: their files are read
     // again even when the config names the same ones (a renewal rewrites them).
     let without_certs = |c: &Config| {
@@ -373,7 +404,7 @@ async fn reload(
     new.pid_file.clone_from(&old.config.pid_file);
     new.log.format = old.config.log.format;
     new.drain.idle_close_after = old.config.drain.idle_close_after;
-    let routing = Routing::build(Arc::new(new), Some(&old)).await;
+    let routing = Routing::with_upstreams(Arc::new(new), upstreams, Some(&old));
     proxy.replace(routing);
     state.reloads.fetch_add(1, Relaxed);
     tracing::info!("config reloaded; new requests use it");
@@ -421,5 +452,108 @@ mod tests {
             "the accepted socket has TCP_NODELAY"
         );
         drop(client);
+    }
+
+    /// A config naming `host` as its one upstream's address, listeners on port 0.
+    fn config_to(host: &str) -> Config {
+        let text = format!(
+            "[admin]\nlisten = \"127.0.0.1:0\"\n\n[[listener]]\nlisten = \"127.0.0.1:0\"\n\n\
+             [[route]]\nupstream = \"u\"\n\n[upstream.u]\naddresses = [\"http://{host}:9\"]\n"
+        );
+        Config::from_toml(&text, std::path::Path::new("t.toml")).expect("valid config")
+    }
+
+    const SOON: std::time::Duration = std::time::Duration::from_secs(10);
+
+    /// Sends a reload to the hung host and waits until its lookup has begun.
+    async fn reload_hung_on_the_resolver(tx: &mpsc::Sender<Control>) {
+        use std::sync::atomic::Ordering::SeqCst;
+
+        use crate::upstream::tests::{HUNG_HOST, HUNG_LOOKUPS};
+        let before = HUNG_LOOKUPS.load(SeqCst);
+        tx.send(Control::Reload(Box::new(config_to(HUNG_HOST))))
+            .await
+            .expect("running");
+        let asked = tokio::time::timeout(SOON, async {
+            // Bounded by the timeout; the lookup starts on a thread of its own.
+            while HUNG_LOOKUPS.load(SeqCst) == before {
+                tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+            }
+        })
+        .await;
+        assert!(asked.is_ok(), "the reload asked the resolver");
+    }
+
+    /// A reload whose upstream names a host the resolver never answers for: a drain
+    /// (SIGTERM) still goes ahead at once, and the process (its runtime) still ends.
+    /// Before, the control loop awaited the reload, so the drain waited behind the
+    /// lookup, and the lookup on tokio's blocking pool kept the runtime from shutting
+    /// down.
+    #[test]
+    fn a_reload_hung_on_the_resolver_holds_up_neither_a_drain_nor_the_exit() {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let report = rt.block_on(async {
+            let server = Server::bind(config_to("127.0.0.1")).await.expect("bind");
+            let (tx, rx) = mpsc::channel(4);
+            let run = tokio::spawn(server.run(rx));
+            reload_hung_on_the_resolver(&tx).await;
+            tx.send(Control::Drain).await.expect("running");
+            tokio::time::timeout(SOON, run)
+                .await
+                .expect("the drain goes ahead without waiting for the resolver")
+                .expect("the server task did not panic")
+        });
+        assert_eq!(report.cut, 0);
+        let (done_tx, done_rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            drop(rt);
+            let _ = done_tx.send(());
+        });
+        assert!(
+            done_rx.recv_timeout(SOON).is_ok(),
+            "the runtime shuts down without waiting for the hung lookup"
+        );
+    }
+
+    /// SIGHUP again with the name fixed, while the first reload waits on the resolver:
+    /// the newer config applies at once.
+    #[tokio::test]
+    async fn a_newer_reload_replaces_one_hung_on_the_resolver() {
+        let server = Server::bind(config_to("127.0.0.1")).await.expect("bind");
+        let proxy = server.proxy().clone();
+        let state = server.state.clone();
+        let (tx, rx) = mpsc::channel(4);
+        let run = tokio::spawn(server.run(rx));
+        reload_hung_on_the_resolver(&tx).await;
+        tx.send(Control::Reload(Box::new(config_to("127.0.0.2"))))
+            .await
+            .expect("running");
+        let reloaded = tokio::time::timeout(SOON, async {
+            // Bounded by the timeout.
+            while state.reloads.load(Relaxed) == 0 {
+                tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+            }
+        })
+        .await;
+        assert!(reloaded.is_ok(), "the newer config was applied");
+        assert_eq!(state.reloads.load(Relaxed), 1);
+        let peers = proxy
+            .routing()
+            .upstreams
+            .get("u")
+            .expect("upstream u")
+            .peers();
+        let labels: Vec<&str> = peers.iter().map(|p| &*p.label).collect();
+        assert_eq!(labels, ["127.0.0.2:9"]);
+        tx.send(Control::Drain).await.expect("running");
+        let report = tokio::time::timeout(SOON, run)
+            .await
+            .expect("drained")
+            .expect("no panic");
+        assert_eq!(report.cut, 0);
     }
 }

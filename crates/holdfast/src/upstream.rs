@@ -687,8 +687,10 @@ async fn resolve_all(name: &str, config: &UpstreamConfig) -> Vec<(PeerAddr, Arc<
                 let named: Arc<str> = Arc::from(host.as_str());
                 match host.parse::<std::net::IpAddr>() {
                     Ok(ip) => out.push((PeerAddr::Tcp((ip, *port).into()), named)),
-                    Err(_) => match tokio::net::lookup_host((host.as_str(), *port)).await {
-                        Ok(addrs) => out.extend(addrs.map(|a| (PeerAddr::Tcp(a), named.clone()))),
+                    Err(_) => match lookup_host(host, *port).await {
+                        Ok(addrs) => {
+                            out.extend(addrs.into_iter().map(|a| (PeerAddr::Tcp(a), named.clone())))
+                        }
                         Err(e) => {
                             tracing::warn!(upstream = name, %host, error = %e, "cannot resolve upstream host")
                         }
@@ -702,6 +704,29 @@ async fn resolve_all(name: &str, config: &UpstreamConfig) -> Vec<(PeerAddr, Arc<
     let mut seen = std::collections::HashSet::new();
     out.retain(|(a, _)| seen.insert(a.clone()));
     out
+}
+
+/// The system resolver (`getaddrinfo`) on a thread of its own, not on tokio's
+/// blocking pool: a runtime waits for its blocking tasks as it shuts down, so one
+/// lookup hung on a resolver that never answers would keep a drained process from
+/// exiting. Abandoned, the thread ends with its lookup, or with the process.
+async fn lookup_host(host: &str, port: u16) -> std::io::Result<Vec<std::net::SocketAddr>> {
+    use std::net::ToSocketAddrs;
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let host = host.to_owned();
+    std::thread::Builder::new()
+        .name("holdfast-resolve".into())
+        .spawn(move || {
+            #[cfg(test)]
+            tests::hang_if_asked(&host);
+            let _ = tx.send(
+                (host.as_str(), port)
+                    .to_socket_addrs()
+                    .map(Iterator::collect),
+            );
+        })?;
+    rx.await
+        .unwrap_or_else(|_| Err(std::io::Error::other("the resolver thread ended")))
 }
 
 /// Resolves host names again every `every`; addresses that disappeared are drained
@@ -795,6 +820,27 @@ impl Upstreams {
     pub fn drain(&self) {
         for u in self.by_name.values() {
             u.drain();
+        }
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    /// A host name whose lookup never returns, as with a resolver that never answers
+    /// (tests may not ask a real one: it is not on loopback).
+    pub(crate) const HUNG_HOST: &str = "hung-resolver.test";
+
+    /// Lookups of [`HUNG_HOST`] begun.
+    pub(crate) static HUNG_LOOKUPS: std::sync::atomic::AtomicUsize =
+        std::sync::atomic::AtomicUsize::new(0);
+
+    /// Blocks the resolver thread for good when asked for [`HUNG_HOST`].
+    pub(crate) fn hang_if_asked(host: &str) {
+        if host == HUNG_HOST {
+            HUNG_LOOKUPS.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            loop {
+                std::thread::park();
+            }
         }
     }
 }
