@@ -23,7 +23,7 @@ pub mod tls;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
 use std::task::{Poll, ready};
 use std::time::Duration;
 
@@ -52,7 +52,12 @@ pub struct Upstream {
     tls: TlsSetup,
     /// What the TLS files held when this upstream was built.
     tls_fingerprint: u64,
-    pub figures: UpstreamFigures,
+    /// Carried over from the upstream of the same name a reload replaced, so that its
+    /// counters go on (and requests it still serves count in them).
+    pub figures: Arc<UpstreamFigures>,
+    /// Replaced by a reload: it stops resolving its names again (its successor does,
+    /// and may share its peers).
+    retired: AtomicBool,
 }
 
 /// A response body as the upstream protocol delivers it.
@@ -172,20 +177,49 @@ pub struct Failure {
 
 impl Upstream {
     /// Builds an upstream, resolving its addresses. Must run inside a Tokio runtime.
-    pub async fn new(name: &str, config: &UpstreamConfig) -> Arc<Upstream> {
-        let tls: TlsSetup = config.uses_tls().then(|| {
-            let settings = config.tls.clone().unwrap_or_default();
-            tls::TlsClient::new(&settings, config.http_version)
-                .map(Arc::new)
-                .map_err(|e| {
-                    tracing::error!(upstream = name, error = %e, "cannot set up TLS; requests to this upstream will fail");
-                    Arc::from(e)
-                })
+    ///
+    /// `previous`: the upstream of this name that a reload replaces. Its figures go
+    /// on here; and when every setting its peers were built from is the same (pool,
+    /// connect and write timeouts, TCP, HTTP/2, health, protocol, TLS and its files),
+    /// each address it still has keeps its peer: its pool, with the connections in
+    /// use by requests of the old config, stays the one `max_connections` bounds.
+    /// Otherwise an address gets a new pool, which takes over the old one's figures.
+    pub async fn new(
+        name: &str,
+        config: &UpstreamConfig,
+        previous: Option<&Upstream>,
+    ) -> Arc<Upstream> {
+        let tls_fingerprint = tls::fingerprint(config.tls.as_ref());
+        let same_peers = previous.filter(|p| {
+            p.tls_fingerprint == tls_fingerprint && same_peer_settings(&p.config, config)
         });
+        let tls: TlsSetup = match same_peers {
+            Some(p) => p.tls.clone(),
+            None => config.uses_tls().then(|| {
+                let settings = config.tls.clone().unwrap_or_default();
+                tls::TlsClient::new(&settings, config.http_version)
+                    .map(Arc::new)
+                    .map_err(|e| {
+                        tracing::error!(upstream = name, error = %e, "cannot set up TLS; requests to this upstream will fail");
+                        Arc::from(e)
+                    })
+            }),
+        };
         let addrs = resolve_all(name, config).await;
+        let old_peers = previous.map(|p| p.peers()).unwrap_or_default();
         let peers = addrs
             .into_iter()
-            .map(|(a, host)| Peer::new(a, host, config, tls.clone()))
+            .map(|(a, host)| {
+                let old = old_peers.iter().find(|p| p.addr == a);
+                match old.filter(|p| same_peers.is_some() && p.host() == &*host && !p.is_removed())
+                {
+                    Some(kept) => kept.clone(),
+                    None => {
+                        let figures = old.map(|p| p.pool.figures.clone()).unwrap_or_default();
+                        Peer::new(a, host, config, tls.clone(), figures)
+                    }
+                }
+            })
             .collect();
         let up = Arc::new(Upstream {
             name: Arc::from(name),
@@ -194,8 +228,9 @@ impl Upstream {
             next: AtomicUsize::new(0),
             budget: RetryBudget::new(&config.retry),
             tls,
-            tls_fingerprint: tls::fingerprint(config.tls.as_ref()),
-            figures: UpstreamFigures::default(),
+            tls_fingerprint,
+            figures: previous.map(|p| p.figures.clone()).unwrap_or_default(),
+            retired: AtomicBool::new(false),
         });
         if needs_resolving(config) {
             tokio::spawn(re_resolve(Arc::downgrade(&up), config.resolve_every.get()));
@@ -545,12 +580,42 @@ impl Upstream {
         .cloned()
     }
 
-    /// Closes idle connections of every address (a drain or a reload that removed us).
+    /// Closes idle connections of every address (a drain).
     pub fn drain(&self) {
         for p in self.peers.load().iter() {
             p.pool.drain();
         }
     }
+
+    /// A reload replaced (or removed) this upstream with `successor`: it stops
+    /// resolving again, and the addresses the successor did not keep drain: their idle
+    /// connections close, and those in use close when their requests end.
+    fn retire(&self, successor: Option<&Upstream>) {
+        self.retired.store(true, Relaxed);
+        let kept = successor.map(|s| s.peers()).unwrap_or_default();
+        for p in self.peers.load().iter() {
+            if !kept.iter().any(|k| Arc::ptr_eq(k, p)) {
+                p.pool.drain();
+            }
+        }
+    }
+}
+
+/// Whether peers built for `a` serve `b` unchanged: every setting of `b` that a
+/// [`Peer`] (its pool, its connections) is built from is the same in `a` (the TLS
+/// files' contents are compared by the caller).
+fn same_peer_settings(a: &UpstreamConfig, b: &UpstreamConfig) -> bool {
+    a.pool == b.pool
+        && a.http2 == b.http2
+        && a.tcp == b.tcp
+        && a.health == b.health
+        && a.timeouts.connect == b.timeouts.connect
+        && a.timeouts.write == b.timeouts.write
+        && a.protocol() == b.protocol()
+        && a.uses_tls() == b.uses_tls()
+        && a.effective_http_version() == b.effective_http_version()
+        && a.http_version == b.http_version
+        && a.tls == b.tls
 }
 
 /// The outcome of one attempt: a response, or an error and, if the request provably
@@ -737,6 +802,9 @@ async fn re_resolve(up: std::sync::Weak<Upstream>, every: Duration) {
     loop {
         tick.tick().await;
         let Some(up) = up.upgrade() else { return };
+        if up.retired.load(Relaxed) {
+            return;
+        }
         let addrs = resolve_all(&up.name, &up.config).await;
         if addrs.is_empty() {
             continue; // Keep what works rather than empty the upstream on a DNS blip.
@@ -757,7 +825,13 @@ async fn re_resolve(up: std::sync::Weak<Upstream>, every: Duration) {
                     .find(|p| &p.addr == a)
                     .cloned()
                     .unwrap_or_else(|| {
-                        Peer::new(a.clone(), host.clone(), &up.config, up.tls.clone())
+                        Peer::new(
+                            a.clone(),
+                            host.clone(),
+                            &up.config,
+                            up.tls.clone(),
+                            Arc::default(),
+                        )
                     })
             })
             .collect();
@@ -788,21 +862,24 @@ impl Upstreams {
         for (name, config) in configs {
             // A renewed certificate or CA file under the same path builds a new
             // upstream too: its connections must not outlive the identity they used.
-            let kept = previous
-                .and_then(|p| p.by_name.get(name))
+            let old = previous.and_then(|p| p.by_name.get(name));
+            let kept = old
                 .filter(|u| &u.config == config)
                 .filter(|u| u.tls_fingerprint == tls::fingerprint(config.tls.as_ref()))
                 .cloned();
             let up = match kept {
                 Some(u) => u,
-                None => Upstream::new(name, config).await,
+                None => Upstream::new(name, config, old.map(|u| &**u)).await,
             };
             by_name.insert(name.clone(), up);
         }
+        // Only once every new upstream is built: a reload abandoned before (see
+        // `server::reload`) leaves the running ones as they were.
         if let Some(prev) = previous {
             for (name, old) in &prev.by_name {
-                if !by_name.get(name).is_some_and(|u| Arc::ptr_eq(u, old)) {
-                    old.drain();
+                let successor = by_name.get(name);
+                if !successor.is_some_and(|u| Arc::ptr_eq(u, old)) {
+                    old.retire(successor.map(|u| &**u));
                 }
             }
         }

@@ -617,6 +617,92 @@ async fn max_connections_counts_idle_connections_too() {
     );
 }
 
+// === Reload ===
+
+/// A reload that changes an upstream's request settings (`retry.attempts`) and none of
+/// what its addresses are built from (pool, connect, TLS): each address keeps its
+/// pool. So `pool.max_connections = 1` still holds with a request of the old config
+/// in flight (the next request waits for its connection rather than open a second),
+/// and the figures go on. Before, a reload built new pools beside the old ones, with
+/// slots of their own, and `/pools` began again at 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_of_request_settings_keeps_the_pools_their_limit_and_their_figures() {
+    let up = TestUpstream::start(Behaviour::Delay(ms(500))).await;
+    let config = |attempts: u32| {
+        format!(
+            "[[route]]\nupstream = \"up\"\n\n[upstream.up]\naddresses = [\"{}\"]\n\
+             retry.attempts = {attempts}\npool.max_connections = 1\npool.max_idle = 1\npool.queue_timeout = \"10s\"\n",
+            up.url()
+        )
+    };
+    let hf = Holdfast::start(&config(3)).await;
+    let mut first = hf.client();
+    let in_flight = tokio::spawn(async move { first.get("/first").await });
+    up.wait_for_requests(1, WAIT)
+        .await
+        .expect("the first request reached the upstream");
+    hf.reload(&config(2)).await;
+    let second = hf.client().get("/second").await.expect("second request");
+    let first = in_flight.await.expect("task").expect("first request");
+    assert_eq!((first.status, second.status), (200, 200));
+    assert_eq!(
+        up.connections_accepted(),
+        1,
+        "max_connections = 1 held across the reload"
+    );
+    assert_eq!(
+        upstream_conn(&second),
+        1,
+        "the second reused the first's connection"
+    );
+    let v = hf
+        .wait_view("up", 0, WAIT, "the reuse counted", |v| n(v, "reused") == 1)
+        .await;
+    assert_eq!(n(&v, "created"), 1, "{v:#}");
+    let u = hf.upstream("up").await;
+    assert_eq!(
+        n(&u, "requests"),
+        2,
+        "the upstream's figures went on: {u:#}"
+    );
+}
+
+/// A reload that changes an address's pool settings (`pool.max_idle`) gives it a new
+/// pool, whose figures go on from the old one's rather than begin at 0, and in which
+/// the old pool's connection closing after the reload is counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_that_replaces_a_pool_carries_its_figures_over() {
+    let up = TestUpstream::start(Behaviour::Delay(ms(300))).await;
+    let config = |max_idle: u32| {
+        format!(
+            "[[route]]\nupstream = \"up\"\n\n[upstream.up]\naddresses = [\"{}\"]\n\
+             pool.max_idle = {max_idle}\n",
+            up.url()
+        )
+    };
+    let hf = Holdfast::start(&config(8)).await;
+    assert_eq!(hf.client().get("/a").await.expect("a").status, 200);
+    let mut busy = hf.client();
+    let in_flight = tokio::spawn(async move { busy.get("/b").await });
+    up.wait_for_requests(2, WAIT)
+        .await
+        .expect("the second request reached the upstream");
+    hf.reload(&config(4)).await;
+    assert_eq!(hf.client().get("/c").await.expect("c").status, 200);
+    assert_eq!(in_flight.await.expect("task").expect("b").status, 200);
+    // /a: created, reused by /b; the reload drains the old pool, so /b's connection
+    // closes as it ends (evicted); /c opens one in the new pool.
+    let v = hf
+        .wait_view("up", 0, WAIT, "the old connection's close counted", |v| {
+            n(v, "closed.evicted") == 1
+        })
+        .await;
+    assert_eq!(n(&v, "created"), 2, "{v:#}");
+    assert_eq!(n(&v, "reused"), 1, "{v:#}");
+    let u = hf.upstream("up").await;
+    assert_eq!(n(&u, "requests"), 3, "{u:#}");
+}
+
 // === Deadlines ===
 
 /// Connect timeout: an address whose accept queue is full drops the SYN, so connect
@@ -1636,7 +1722,7 @@ async fn numbered(
 struct Holdfast {
     addr: SocketAddr,
     admin: SocketAddr,
-    _gateway: support::Gateway,
+    gateway: support::Gateway,
 }
 
 impl Holdfast {
@@ -1646,8 +1732,22 @@ impl Holdfast {
         Holdfast {
             addr: gateway.addr,
             admin: gateway.admin,
-            _gateway: gateway,
+            gateway,
         }
+    }
+
+    /// Reloads with these `[[route]]` and `[upstream.*]` tables; returns once they
+    /// are in force.
+    async fn reload(&self, routes_and_upstreams: &str) {
+        let state = &self.gateway.state;
+        let before = state.reloads.load(SeqCst);
+        self.gateway
+            .send(holdfast::server::Control::Reload(Box::new(
+                support::config(routes_and_upstreams),
+            )))
+            .await;
+        let done = holdfast_test::wait_until(WAIT, || state.reloads.load(SeqCst) > before).await;
+        assert!(done, "the reload was applied");
     }
 
     /// One upstream `up` at `addrs` serving every path; `settings` are keys of

@@ -18,6 +18,7 @@ use holdfast_fastcgi::ServerValues;
 use tokio::time::Instant;
 
 use super::error::{Delivery, Kind, UpstreamError};
+use super::figures::PoolFigures;
 use super::io::{Stream, UpstreamIo};
 use super::pool::{Connected, Pool, PoolSettings, PooledConn, Want};
 use super::tls::TlsClient;
@@ -83,6 +84,7 @@ impl Peer {
         host: Arc<str>,
         config: &UpstreamConfig,
         tls: TlsSetup,
+        figures: Arc<PoolFigures>,
     ) -> Arc<Peer> {
         let label: Arc<str> = addr.to_string().into();
         let mut settings = PoolSettings::from(&config.pool);
@@ -96,7 +98,7 @@ impl Peer {
             .max(1);
         settings.h2_idle_timeout = config.http2.idle_timeout.non_zero();
         Arc::new(Peer {
-            pool: Pool::new(label.clone(), settings),
+            pool: Pool::with_figures(label.clone(), settings, figures),
             label,
             addr,
             protocol: config.protocol(),
@@ -114,6 +116,11 @@ impl Peer {
             fastcgi_asking: tokio::sync::Mutex::new(()),
             fastcgi_unreached: AtomicU64::new(0),
         })
+    }
+
+    /// The address's host as configured.
+    pub fn host(&self) -> &str {
+        &self.host
     }
 
     pub fn outstanding(&self) -> usize {

@@ -255,7 +255,8 @@ pub struct Pool {
     state: Mutex<State>,
     reaper: Arc<Notify>,
     draining: AtomicBool,
-    pub figures: PoolFigures,
+    /// Shared with the pool a reload replaced for the same address, if any.
+    pub figures: Arc<PoolFigures>,
 }
 
 static NEXT_CONN_ID: AtomicU64 = AtomicU64::new(1);
@@ -304,6 +305,15 @@ impl AnswerWait {
 impl Pool {
     /// Creates a pool and starts its reaper. Must be called inside a Tokio runtime.
     pub fn new(label: Arc<str>, settings: PoolSettings) -> Arc<Pool> {
+        Pool::with_figures(label, settings, Arc::default())
+    }
+
+    /// As [`Pool::new`], counting in `figures` (those of the pool it replaces).
+    pub fn with_figures(
+        label: Arc<str>,
+        settings: PoolSettings,
+        figures: Arc<PoolFigures>,
+    ) -> Arc<Pool> {
         let pool = Arc::new_cyclic(|me| Pool {
             me: me.clone(),
             label,
@@ -322,7 +332,7 @@ impl Pool {
             }),
             reaper: Arc::new(Notify::new()),
             draining: AtomicBool::new(false),
-            figures: PoolFigures::default(),
+            figures,
             settings,
         });
         tokio::spawn(reap(Arc::downgrade(&pool), pool.reaper.clone()));

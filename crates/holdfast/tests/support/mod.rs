@@ -46,16 +46,9 @@ pub struct Gateway {
 /// If the config is invalid or a socket cannot be bound.
 pub async fn start(config_toml: &str) -> Gateway {
     init_logging();
-    let mut text = config_toml.to_owned();
-    if !text.contains("[[listener]]") {
-        text.push_str("\n[[listener]]\nlisten = \"127.0.0.1:0\"\n");
-    }
-    if !text.contains("[admin]") {
-        text.push_str("\n[admin]\nlisten = \"127.0.0.1:0\"\n");
-    }
-    let config = Config::from_toml(&text, Path::new("test.toml"))
-        .unwrap_or_else(|e| panic!("invalid test config:\n{e}\n---\n{text}"));
-    let server = Server::bind(config).await.expect("bind the test gateway");
+    let server = Server::bind(config(config_toml))
+        .await
+        .expect("bind the test gateway");
     let listeners = server.listen_addrs();
     let admin = server
         .admin_addr()
@@ -71,6 +64,23 @@ pub async fn start(config_toml: &str) -> Gateway {
         control,
         task: Some(task),
     }
+}
+
+/// `config_toml` with what [`start`] adds, as a config (for a reload, say).
+///
+/// # Panics
+///
+/// If the config is invalid.
+pub fn config(config_toml: &str) -> Config {
+    let mut text = config_toml.to_owned();
+    if !text.contains("[[listener]]") {
+        text.push_str("\n[[listener]]\nlisten = \"127.0.0.1:0\"\n");
+    }
+    if !text.contains("[admin]") {
+        text.push_str("\n[admin]\nlisten = \"127.0.0.1:0\"\n");
+    }
+    Config::from_toml(&text, Path::new("test.toml"))
+        .unwrap_or_else(|e| panic!("invalid test config:\n{e}\n---\n{text}"))
 }
 
 /// One catch-all route to `[upstream.up]` at `url`. Append `[upstream.up.*]` tables
