@@ -937,6 +937,48 @@ async fn http2_connections_stay_within_max_connections() {
     assert_eq!(server.state.connections.load(Relaxed), 1);
 }
 
+/// A connection the upstream sent GOAWAY on is still open while its streams finish,
+/// so it still counts under `pool.max_connections`: with `max_connections = 1` and
+/// its one stream in flight, the next request waits for it to end rather than open a
+/// second connection, then opens one.
+#[tokio::test]
+async fn a_connection_going_away_counts_under_max_connections_until_its_streams_end() {
+    let server = H2Server::start(100, true).await;
+    let gw = start(&format!(
+        "{}\n[upstream.up.pool]\nmax_connections = 1\nmax_idle = 1\n",
+        proxy_to(&format!("h2c://{}", server.addr))
+    ))
+    .await;
+    let addr = gw.addr;
+    let first = spawn_request(addr, ClientRequest::get("/a"));
+    let started = server.in_flight_reaches(1).await;
+    assert!(started, "the first request reached the upstream");
+    server.state.goaway.notify_waiters();
+    let seen = wait_until_async(SOON, || async {
+        count(&pools(&gw).await.1["closed"]["goaway"]) == 1
+    })
+    .await;
+    assert!(seen, "the GOAWAY was seen: {:#}", pools(&gw).await.1);
+    let second = spawn_request(addr, ClientRequest::get("/b"));
+    let settled = wait_until_async(SOON, || async {
+        server.state.connections.load(Relaxed) > 1 || pools(&gw).await.1["waiting"] == 1
+    })
+    .await;
+    assert!(settled, "the second request waits or connects");
+    let (_, address) = pools(&gw).await;
+    assert_eq!(
+        server.state.connections.load(Relaxed),
+        1,
+        "no second connection while the first is open: {address:#}"
+    );
+    assert_eq!(count(&address["open"]), 1, "{address:#}");
+    server.open_gate();
+    assert_eq!(first.await.unwrap().expect("response").status, 200);
+    let r = second.await.unwrap().expect("response");
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(server.state.connections.load(Relaxed), 2);
+}
+
 /// A request that gave up waiting for a stream (`queue_timeout`) is no longer counted
 /// as waiting in `/pools`, though nothing else happened on the pool since.
 #[tokio::test]

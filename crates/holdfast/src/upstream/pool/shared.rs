@@ -7,8 +7,10 @@
 //!   the connection (hyper resets that one stream).
 //! - A request takes the least busy listed connection whose streams in flight are
 //!   below the upstream's `SETTINGS_MAX_CONCURRENT_STREAMS`. When every listed one is
-//!   busy and fewer than `http2.connections` are open or opening, it opens another;
-//!   when none has a free stream and none may open, it waits in a FIFO queue
+//!   busy and fewer than `http2.connections` are open or opening, it opens another
+//!   (within `pool.max_connections`, which counts the connections off the list whose
+//!   streams are still in flight too); when none has a free stream and none may
+//!   open, it waits in a FIFO queue
 //!   (`queue_size`, `queue_timeout`). A freed stream, a new connection or a raised
 //!   limit is handed to the first waiter directly (`Grant`), so nobody overtakes.
 //! - A connection leaves the list, and takes no new stream, the moment it is known
@@ -26,7 +28,7 @@
 use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
@@ -46,6 +48,9 @@ pub(super) struct SharedState {
     conns: Vec<Arc<SharedConn>>,
     /// Connections being opened by a request that will take their first stream.
     opening: usize,
+    /// Connections off the list (going away, retired, never listed) whose streams
+    /// are still in flight: open, so counted under `pool.max_connections`.
+    retiring: usize,
     waiters: VecDeque<oneshot::Sender<Grant>>,
 }
 
@@ -64,6 +69,9 @@ pub(super) struct SharedConn {
     /// When the last stream in flight ended, in ms after `created`; [`BUSY`] while
     /// streams are in flight. Changed only under the pool lock.
     idle_since_ms: AtomicU64,
+    /// Off the list for good (see [`SharedState::delist`]). Changed only under the
+    /// pool lock.
+    delisted: AtomicBool,
     /// Dropping this ends the connection's drive task.
     _kill: oneshot::Sender<()>,
     _open: OpenGuard,
@@ -134,12 +142,19 @@ impl SharedConn {
         self.idle_since_ms.store(BUSY, Relaxed);
     }
 
-    /// One stream fewer in flight (under the pool lock).
-    fn give_back_stream(&self, now: Instant) {
+    /// One stream fewer in flight (under the pool lock). The last stream of a
+    /// connection off the list closes it: it no longer counts as open.
+    fn give_back_stream(&self, shared: &mut SharedState, now: Instant) {
         if self.in_flight.fetch_sub(1, Relaxed) == 1 {
             let since = now.saturating_duration_since(self.created).as_millis();
             self.idle_since_ms
                 .store(u64::try_from(since).unwrap_or(BUSY - 1), Relaxed);
+            if self.delisted.load(Relaxed) {
+                shared.retiring -= 1;
+                // No stream of ours is left on it: close it now, before the room it
+                // leaves can open another (as its drop, just after, would).
+                self.stream.shutdown_both();
+            }
         }
     }
 }
@@ -231,17 +246,29 @@ enum Choice {
 }
 
 impl SharedState {
-    fn choose(&self, limit: usize) -> Choice {
+    /// `limit`: connections listed or opening (`http2.connections`); `cap`: open
+    /// ones, those off the list with streams still in flight included
+    /// (`pool.max_connections`).
+    fn choose(&self, limit: usize, cap: usize) -> Choice {
         let best = self
             .conns
             .iter()
             .filter(|c| c.has_free_stream())
             .min_by_key(|c| c.in_flight.load(Relaxed));
         let all_busy = best.is_none_or(|c| c.in_flight.load(Relaxed) > 0);
+        let listed = self.conns.len() + self.opening;
         match best {
-            _ if all_busy && self.conns.len() + self.opening < limit => Choice::Open,
+            _ if all_busy && listed < limit && listed + self.retiring < cap => Choice::Open,
             Some(c) => Choice::Stream(c.clone()),
             None => Choice::Wait,
+        }
+    }
+
+    /// Marks a connection taken off the list (or never put on it): it takes no new
+    /// stream, and counts as open until its last stream ends.
+    fn delist(&mut self, conn: &SharedConn) {
+        if !conn.delisted.swap(true, Relaxed) && conn.in_flight.load(Relaxed) > 0 {
+            self.retiring += 1;
         }
     }
 
@@ -260,6 +287,9 @@ impl SharedState {
             }
             None => true,
         });
+        for (c, _) in &gone {
+            self.delist(c);
+        }
         gone
     }
 
@@ -315,7 +345,7 @@ impl Pool {
             self.retire_spent(&mut st, Instant::now());
             st.shared.waiters.retain(|w| !w.is_closed());
             let choice = if st.shared.waiters.is_empty() {
-                st.shared.choose(limit)
+                st.shared.choose(limit, self.limit.load(Relaxed))
             } else {
                 Choice::Wait
             };
@@ -407,6 +437,7 @@ impl Pool {
             served: AtomicU64::new(0),
             started: AtomicU64::new(1),
             idle_since_ms: AtomicU64::new(BUSY),
+            delisted: AtomicBool::new(false),
             _kill: kill,
             _open: open,
         });
@@ -426,24 +457,32 @@ impl Pool {
             }
             // Not listed, the connection serves this one stream and closes with it;
             // counted closed here, as a listed one is when it leaves the list.
-            if conn.signals().is_going_away() {
-                self.figures
-                    .closed(match conn.signals().goaway_last_stream_id() {
-                        Some(_) => CloseReason::GoAway,
-                        None => CloseReason::Error,
-                    });
+            let unlisted = if conn.signals().is_going_away() {
+                Some(match conn.signals().goaway_last_stream_id() {
+                    Some(_) => CloseReason::GoAway,
+                    None => CloseReason::Error,
+                })
             } else if st.shared.conns.len() >= self.settings.h2_connections
                 // Looked at under the lock, which `drain_shared` takes after the flag
                 // is set: a drain either shows here or finds the connection listed.
                 || self.draining.load(Relaxed)
             {
-                self.figures.closed(CloseReason::Evicted);
+                Some(CloseReason::Evicted)
             } else if conn.at_max_requests(&self.settings) {
                 // `max_requests = 1`: this stream is its only one.
-                self.figures.closed(CloseReason::MaxRequests);
+                Some(CloseReason::MaxRequests)
             } else {
-                st.shared.conns.push(conn.clone());
-                self.wake_reaper_for(&st, conn.next_deadline(&self.settings));
+                None
+            };
+            match unlisted {
+                Some(reason) => {
+                    st.shared.delist(&conn);
+                    self.figures.closed(reason);
+                }
+                None => {
+                    st.shared.conns.push(conn.clone());
+                    self.wake_reaper_for(&st, conn.next_deadline(&self.settings));
+                }
             }
             self.dispatch(&mut st);
         }
@@ -455,7 +494,7 @@ impl Pool {
     fn release_stream(&self, conn: &Arc<SharedConn>) {
         let now = Instant::now();
         let mut st = self.lock();
-        conn.give_back_stream(now);
+        conn.give_back_stream(&mut st.shared, now);
         conn.served.fetch_add(1, Relaxed);
         self.dispatch(&mut st);
         if conn.in_flight.load(Relaxed) == 0 {
@@ -470,6 +509,7 @@ impl Pool {
         conn.take_stream();
         if conn.at_max_requests(&self.settings) {
             st.shared.conns.retain(|c| !Arc::ptr_eq(c, &conn));
+            st.shared.delist(&conn);
             self.figures.closed(CloseReason::MaxRequests);
         }
         Lease::new(conn, self.me.clone(), true)
@@ -499,6 +539,7 @@ impl Pool {
     /// Hands free streams, and the right to open connections, to waiters in order.
     pub(super) fn dispatch(&self, st: &mut State) {
         let limit = self.settings.h2_connections;
+        let cap = self.limit.load(Relaxed);
         // Bounded: each round removes a waiter or stops.
         loop {
             while st.shared.waiters.front().is_some_and(|w| w.is_closed()) {
@@ -507,7 +548,7 @@ impl Pool {
             if st.shared.waiters.is_empty() {
                 return;
             }
-            let grant = match st.shared.choose(limit) {
+            let grant = match st.shared.choose(limit, cap) {
                 Choice::Wait => return,
                 Choice::Stream(conn) => Grant::Stream(self.lease(st, conn)),
                 Choice::Open => {
@@ -527,7 +568,7 @@ impl Pool {
                         // Not started after all (a connection this retired at
                         // `max_requests` stays retired: one stream early, no harm).
                         l.conn.started.fetch_sub(1, Relaxed);
-                        l.conn.give_back_stream(Instant::now());
+                        l.conn.give_back_stream(&mut st.shared, Instant::now());
                     }
                     Grant::Open(_) => st.shared.opening -= 1,
                 }
@@ -549,6 +590,9 @@ impl Pool {
                 }
                 keep
             });
+            for c in &gone {
+                st.shared.delist(c);
+            }
             self.dispatch(&mut st);
         }
         for conn in gone {
@@ -568,6 +612,9 @@ impl Pool {
         let gone = {
             let mut st = self.lock();
             let gone = std::mem::take(&mut st.shared.conns);
+            for c in &gone {
+                st.shared.delist(c);
+            }
             self.dispatch(&mut st);
             gone
         };
