@@ -607,6 +607,9 @@ impl Config {
                     "must be between 0.0 and 1.0".into(),
                 );
             }
+            if let Some(problem) = host_header_problem(&u.host_header) {
+                bad(key("host_header"), problem);
+            }
             if u.resolve_every.get().is_zero() {
                 // `tokio::time::interval` panics on a zero period: the task that
                 // resolves host names again would die and never run.
@@ -738,6 +741,22 @@ fn host_pattern_problem(host: &str) -> Option<String> {
     if name.contains(':') && !v6 {
         return Some(format!(
             "{host:?}: a host without a port (the port is not compared)"
+        ));
+    }
+    None
+}
+
+/// What is wrong with an upstream's `host_header`, if anything: `client`, `upstream`,
+/// or a literal `host[:port]`. A literal that is no field value was dropped at each
+/// request, which then went out with the client's `Host` without a word.
+fn host_header_problem(value: &str) -> Option<String> {
+    if matches!(value, "client" | "upstream") {
+        return None;
+    }
+    let authority = value.parse::<http::uri::Authority>();
+    if value.is_empty() || value.contains('@') || authority.is_err() {
+        return Some(format!(
+            "{value:?} is not \"client\", \"upstream\" or a host[:port], like \"api.example.com\""
         ));
     }
     None

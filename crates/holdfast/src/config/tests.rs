@@ -407,3 +407,42 @@ fn a_zero_upgrade_ready_timeout_is_refused_naming_its_line() {
     assert_eq!(e.line, 2, "{e}");
     assert!(e.message.contains("more than 0s"), "{e}");
 }
+
+/// `host_header` is `client`, `upstream` or a literal sent as the `Host`. A literal
+/// that is no host (`"api example"`, a control character, empty) was dropped at each
+/// request, which then went upstream with the client's `Host` without a word.
+#[test]
+fn a_host_header_that_is_no_host_is_refused_naming_its_line() {
+    for bad in [
+        "api example",
+        "api.test\\n",
+        "",
+        "user@api.test",
+        "api.test/x",
+    ] {
+        let e = only_error(&GOOD.replace(
+            "addresses = [\"http://127.0.0.1:9000\"]",
+            &format!("addresses = [\"http://127.0.0.1:9000\"]\nhost_header = \"{bad}\""),
+        ));
+        assert_eq!(
+            e.key.as_deref(),
+            Some("upstream.api.host_header"),
+            "{bad}: {e}"
+        );
+        assert_eq!(e.line, 12, "{bad}: {e}");
+    }
+    for fine in [
+        "client",
+        "upstream",
+        "api.test",
+        "api.test:8080",
+        "[::1]:81",
+        "10.0.0.1",
+    ] {
+        let text = GOOD.replace(
+            "addresses = [\"http://127.0.0.1:9000\"]",
+            &format!("addresses = [\"http://127.0.0.1:9000\"]\nhost_header = \"{fine}\""),
+        );
+        assert!(parse(&text).is_ok(), "{fine}: {:?}", parse(&text).err());
+    }
+}

@@ -35,7 +35,7 @@ pub struct UpstreamConfig {
     #[serde(default)]
     pub balance: Balance,
     /// `Host` sent upstream: `client` keeps the client's (default), `upstream` uses the
-    /// address's host:port, anything else is sent as written.
+    /// address's host:port, a literal `host[:port]` is sent as written.
     #[serde(default = "defaults::host_header")]
     pub host_header: String,
     /// How often host names in `addresses` are resolved again. Default `30s`.
