@@ -566,6 +566,14 @@ impl Config {
                 );
             }
         }
+        for (i, j) in crate::route::shadowed(&self.routes) {
+            // Its requests all go to the earlier one: a route that is never used is a
+            // mistake in the file, as two listeners on one address are.
+            bad(
+                format!("route[{i}].path"),
+                format!("route[{j}] has the same host and path: this route would never be used"),
+            );
+        }
         for (name, u) in &self.upstreams {
             // A name that is not a bare TOML key (`"api.v1"`) is quoted, as the
             // file writes it, so the path stays one path (and can be located).

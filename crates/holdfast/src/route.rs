@@ -43,26 +43,8 @@ impl RouteTable {
             .enumerate()
             .map(|(i, c)| Route {
                 index: i,
-                host: match c.host.as_deref() {
-                    None | Some("*") | Some("") => HostMatch::Any,
-                    Some(h) => match h.trim_end_matches('.').strip_prefix('*') {
-                        Some(suffix) => HostMatch::Suffix(suffix.to_ascii_lowercase()),
-                        // Requests' hosts are compared without brackets (`strip_port`).
-                        None => HostMatch::Exact(
-                            h.trim_end_matches('.')
-                                .trim_start_matches('[')
-                                .trim_end_matches(']')
-                                .to_ascii_lowercase(),
-                        ),
-                    },
-                },
-                // As requests' paths are matched (`normalize_path`): a prefix written
-                // `/%7Ealice` would otherwise match no request at all.
-                prefix: normalize_path(&c.path)
-                    .as_deref()
-                    .unwrap_or(&c.path)
-                    .trim_end_matches('/')
-                    .to_owned(),
+                host: HostMatch::of(c),
+                prefix: prefix_of(c),
                 strip_prefix: c.strip_prefix,
                 upstream: c.upstream.get_ref().clone(),
                 fastcgi: c.fastcgi.clone().map(std::sync::Arc::new),
@@ -97,6 +79,30 @@ impl RouteTable {
     }
 }
 
+/// Routes that can never match, each with the earlier one that takes every request it
+/// would: the same host and path prefix as matching reads them (`/api/` is `/api`,
+/// `Shop.example.com` is `shop.example.com`), as (index, earlier index).
+pub fn shadowed(configs: &[RouteConfig]) -> Vec<(usize, usize)> {
+    let keys: Vec<(HostMatch, String)> = configs
+        .iter()
+        .map(|c| (HostMatch::of(c), prefix_of(c)))
+        .collect();
+    keys.iter()
+        .enumerate()
+        .filter_map(|(i, k)| keys[..i].iter().position(|e| e == k).map(|j| (i, j)))
+        .collect()
+}
+
+/// A route's path prefix as requests' paths are matched (`normalize_path`): a prefix
+/// written `/%7Ealice` would otherwise match no request at all.
+fn prefix_of(c: &RouteConfig) -> String {
+    normalize_path(&c.path)
+        .as_deref()
+        .unwrap_or(&c.path)
+        .trim_end_matches('/')
+        .to_owned()
+}
+
 impl Route {
     /// The path (and query) to send upstream.
     pub fn rewrite<'a>(&self, path_and_query: &'a str) -> Cow<'a, str> {
@@ -113,6 +119,22 @@ impl Route {
 }
 
 impl HostMatch {
+    fn of(c: &RouteConfig) -> HostMatch {
+        match c.host.as_deref() {
+            None | Some("*") | Some("") => HostMatch::Any,
+            Some(h) => match h.trim_end_matches('.').strip_prefix('*') {
+                Some(suffix) => HostMatch::Suffix(suffix.to_ascii_lowercase()),
+                // Requests' hosts are compared without brackets (`strip_port`).
+                None => HostMatch::Exact(
+                    h.trim_end_matches('.')
+                        .trim_start_matches('[')
+                        .trim_end_matches(']')
+                        .to_ascii_lowercase(),
+                ),
+            },
+        }
+    }
+
     fn rank(&self) -> u8 {
         match self {
             HostMatch::Any => 0,

@@ -446,3 +446,39 @@ fn a_host_header_that_is_no_host_is_refused_naming_its_line() {
         assert!(parse(&text).is_ok(), "{fine}: {:?}", parse(&text).err());
     }
 }
+
+/// Two routes with one host and one path prefix (as matching reads them: `/api/` is
+/// `/api`, hosts ignore case) took the first one's requests, all of them: the second
+/// was never used, without a word.
+#[test]
+fn a_route_that_an_earlier_one_hides_is_refused_naming_its_line() {
+    for (first, second) in [
+        ("path = \"/api\"", "path = \"/api\""),
+        ("path = \"/api\"", "path = \"/api/\""),
+        (
+            "host = \"Shop.test\"\npath = \"/api\"",
+            "host = \"shop.test.\"\npath = \"/%61pi\"",
+        ),
+        ("path = \"/\"", "host = \"*\""),
+    ] {
+        let text = GOOD.replace(
+            "path = \"/api\"\nstrip_prefix = true\nupstream = \"api\"",
+            &format!("{first}\nupstream = \"api\"\n\n[[route]]\n{second}\nupstream = \"api\""),
+        );
+        let e = only_error(&text);
+        assert_eq!(e.key.as_deref(), Some("route[1].path"), "{second}: {e}");
+        assert!(e.message.contains("route[0]"), "{e}");
+        assert!(e.line > 8, "the second route's line: {e}");
+    }
+    for (first, second) in [
+        ("path = \"/api\"", "path = \"/apix\""),
+        ("path = \"/api\"", "host = \"shop.test\"\npath = \"/api\""),
+        ("host = \"*.shop.test\"", "host = \"shop.test\""),
+    ] {
+        let text = GOOD.replace(
+            "path = \"/api\"\nstrip_prefix = true\nupstream = \"api\"",
+            &format!("{first}\nupstream = \"api\"\n\n[[route]]\n{second}\nupstream = \"api\""),
+        );
+        assert!(parse(&text).is_ok(), "{second}: {:?}", parse(&text).err());
+    }
+}
