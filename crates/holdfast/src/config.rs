@@ -609,6 +609,14 @@ impl Config {
                     "must be at least 1 (1 means no retries)".into(),
                 );
             }
+            if u.health.max_fails == 0 {
+                // Taken as 1, the most eager ejection there is, where nginx's 0 means
+                // "never eject".
+                bad(
+                    key("health.max_fails"),
+                    "must be at least 1 (1: the first failure ejects the address)".into(),
+                );
+            }
             if !(0.0..=1.0).contains(&u.retry.budget_ratio) {
                 bad(
                     key("retry.budget_ratio"),

@@ -482,3 +482,17 @@ fn a_route_that_an_earlier_one_hides_is_refused_naming_its_line() {
         assert!(parse(&text).is_ok(), "{second}: {:?}", parse(&text).err());
     }
 }
+
+/// `health.max_fails = 0` was taken as 1: the first failed connect ejected the
+/// address, where an operator used to nginx's `max_fails=0` meant "never eject".
+#[test]
+fn zero_max_fails_is_refused_naming_its_line() {
+    let e = only_error(&format!("{GOOD}[upstream.api.health]\nmax_fails = 0\n"));
+    assert_eq!(
+        e.key.as_deref(),
+        Some("upstream.api.health.max_fails"),
+        "{e}"
+    );
+    assert_eq!(e.line, 16, "{e}");
+    assert!(e.message.contains("at least 1"), "{e}");
+}
