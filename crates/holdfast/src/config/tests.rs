@@ -496,3 +496,17 @@ fn zero_max_fails_is_refused_naming_its_line() {
     assert_eq!(e.line, 16, "{e}");
     assert!(e.message.contains("at least 1"), "{e}");
 }
+
+/// A negative bare number was told to write `"-5s"`, which is refused in turn.
+#[test]
+fn a_negative_duration_is_refused_as_negative() {
+    let e = only_error(&GOOD.replace("\"7s\"", "-5"));
+    assert_eq!(
+        e.key.as_deref(),
+        Some("upstream.api.pool.idle_timeout"),
+        "{e}"
+    );
+    assert_eq!(e.line, 14, "{e}");
+    assert!(e.message.contains("negative"), "{e}");
+    assert!(!e.message.contains("-5s"), "{e}");
+}

@@ -94,6 +94,9 @@ impl<'de> Deserialize<'de> for Dur {
                 if v == 0 {
                     return Ok(Dur(Duration::ZERO));
                 }
+                if v < 0 {
+                    return Err(E::custom("a duration cannot be negative"));
+                }
                 Err(E::custom(format!(
                     "a bare number is ambiguous: write \"{v}s\" or \"{v}ms\""
                 )))
