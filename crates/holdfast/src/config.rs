@@ -422,6 +422,13 @@ impl Config {
                     self.log.level
                 ),
             );
+        } else if self.log.level.split(',').all(|d| d.trim().is_empty()) {
+            // A filter with no directive turns every line off, errors included: a
+            // start that fails would exit without saying why.
+            bad(
+                "log.level".into(),
+                "is empty, which logs nothing, errors included; write a level like \"info\" (or \"off\" to mean it)".into(),
+            );
         }
         if self.upgrade.ready_timeout.get().is_zero() {
             // The successor could never be ready in time: every upgrade would fail.

@@ -510,3 +510,22 @@ fn a_negative_duration_is_refused_as_negative() {
     assert!(e.message.contains("negative"), "{e}");
     assert!(!e.message.contains("-5s"), "{e}");
 }
+
+/// An empty `[log] level` is a filter with no directive, which turns every line off,
+/// errors included: a start that failed exited without a word.
+#[test]
+fn an_empty_log_level_is_refused_naming_its_line() {
+    for empty in ["", ",", ",,"] {
+        assert_eq!(
+            tracing_subscriber::EnvFilter::try_new(empty)
+                .map(|f| f.max_level_hint())
+                .ok(),
+            Some(Some(tracing::level_filters::LevelFilter::OFF)),
+            "{empty:?} is taken as a filter that logs nothing"
+        );
+        let e = only_error(&format!("[log]\nlevel = \"{empty}\"\n{GOOD}"));
+        assert_eq!(e.key.as_deref(), Some("log.level"), "{empty:?}: {e}");
+        assert_eq!(e.line, 2, "{e}");
+    }
+    assert!(parse(&format!("[log]\nlevel = \"off\"\n{GOOD}")).is_ok());
+}
