@@ -430,6 +430,17 @@ impl Config {
                 "is empty, which logs nothing, errors included; write a level like \"info\" (or \"off\" to mean it)".into(),
             );
         }
+        if self
+            .pid_file
+            .as_ref()
+            .is_some_and(|p| p.as_os_str().is_empty())
+        {
+            // `check` passed it and `run` failed to write it, and did not start.
+            bad(
+                "pid_file".into(),
+                "is empty; leave pid_file out for no PID file".into(),
+            );
+        }
         if self.upgrade.ready_timeout.get().is_zero() {
             // The successor could never be ready in time: every upgrade would fail.
             bad(

@@ -529,3 +529,12 @@ fn an_empty_log_level_is_refused_naming_its_line() {
     }
     assert!(parse(&format!("[log]\nlevel = \"off\"\n{GOOD}")).is_ok());
 }
+
+/// `pid_file = ""` passed `check`, and `run` then failed to write it and did not
+/// start.
+#[test]
+fn an_empty_pid_file_is_refused_naming_its_line() {
+    let e = only_error(&format!("pid_file = \"\"\n{GOOD}"));
+    assert_eq!(e.key.as_deref(), Some("pid_file"), "{e}");
+    assert_eq!(e.line, 1, "{e}");
+}
