@@ -250,6 +250,7 @@ fn flag_of(key: &str) -> &str {
         "listener[0].listen" => "--listen",
         "upstream.default.addresses" => "--to",
         "upstream.default.timeouts.connect" => "--connect-timeout",
+        "upstream.default.timeouts.response_headers" => "--timeout",
         "upstream.default.pool.max_connections" | "upstream.default.pool.max_idle" => {
             "--max-connections"
         }
