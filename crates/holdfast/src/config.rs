@@ -441,6 +441,15 @@ impl Config {
                 "is empty; leave pid_file out for no PID file".into(),
             );
         }
+        if self.drain.timeout.get().is_zero() {
+            // Not "no limit", as `0s` is for other keys: every request in flight, and
+            // every connection queued at the listeners, would be cut the moment a
+            // drain (an upgrade's too) began.
+            bad(
+                "drain.timeout".into(),
+                "must be more than 0s (a drain cuts what is still open at this deadline)".into(),
+            );
+        }
         if self.upgrade.ready_timeout.get().is_zero() {
             // The successor could never be ready in time: every upgrade would fail.
             bad(

@@ -538,3 +538,14 @@ fn an_empty_pid_file_is_refused_naming_its_line() {
     assert_eq!(e.key.as_deref(), Some("pid_file"), "{e}");
     assert_eq!(e.line, 1, "{e}");
 }
+
+/// `drain.timeout = "0s"` is no "no limit" (as `0s` is for `send_timeout` or
+/// `timeouts.total`): every drain, an upgrade's too, cut every request in flight at
+/// once. It is refused where it is written.
+#[test]
+fn a_zero_drain_timeout_is_refused_naming_its_line() {
+    let e = only_error(&format!("[drain]\ntimeout = \"0s\"\n{GOOD}"));
+    assert_eq!(e.key.as_deref(), Some("drain.timeout"), "{e}");
+    assert_eq!(e.line, 2, "{e}");
+    assert!(e.message.contains("more than 0s"), "{e}");
+}
