@@ -111,7 +111,7 @@ impl Default for PoolConfig {
 pub struct TimeoutConfig {
     /// TCP connect. Default `5s`.
     pub connect: Dur,
-    /// Longest a write of the request may stall. Default `60s`.
+    /// Longest a write of the request may stall; `0s` is off. Default `60s`.
     pub write: Dur,
     /// From request sent to response headers (time to first byte). Default `60s`.
     pub response_headers: Dur,
