@@ -475,10 +475,12 @@ impl Config {
                     "must be more than 0s".into(),
                 );
             }
-            if l.max_header_bytes.get() < 1024 {
+            // Above the top, hyper's read buffer (the head plus a little) could not
+            // be sized: the start panicked on an overflow.
+            if !(1024..=4 << 30).contains(&l.max_header_bytes.get()) {
                 bad(
                     format!("listener[{i}].max_header_bytes"),
-                    "must be at least 1KiB".into(),
+                    "must be between 1KiB and 4GiB".into(),
                 );
             }
             if l.redirect_https && l.redirect_https_port == 0 {

@@ -549,3 +549,26 @@ fn a_zero_drain_timeout_is_refused_naming_its_line() {
     assert_eq!(e.line, 2, "{e}");
     assert!(e.message.contains("more than 0s"), "{e}");
 }
+
+/// A `max_header_bytes` near the top of what a size holds passed `check`, and the
+/// start then panicked sizing hyper's read buffer (the head plus a little).
+#[test]
+fn a_max_header_bytes_beyond_4gib_is_refused_naming_its_line() {
+    for huge in ["\"18446744073709551615\"", "\"5GiB\""] {
+        let e = only_error(&GOOD.replace(
+            "listen = \"127.0.0.1:8080\"",
+            &format!("listen = \"127.0.0.1:8080\"\nmax_header_bytes = {huge}"),
+        ));
+        assert_eq!(
+            e.key.as_deref(),
+            Some("listener[0].max_header_bytes"),
+            "{huge}: {e}"
+        );
+        assert_eq!(e.line, 4, "{huge}: {e}");
+    }
+    let text = GOOD.replace(
+        "listen = \"127.0.0.1:8080\"",
+        "listen = \"127.0.0.1:8080\"\nmax_header_bytes = \"4GiB\"",
+    );
+    assert!(parse(&text).is_ok(), "{:?}", parse(&text).err());
+}

@@ -106,7 +106,7 @@ impl ListenerShared {
             .header_read_timeout(None)
             .max_header_size(max_head)
             // hyper requires at least 8 KiB of read buffer.
-            .max_buf_size(max_head.max(8192) + 1024);
+            .max_buf_size(max_head.max(8192).saturating_add(1024));
         let advertised = advertised_timeout(config.keepalive_timeout.get());
         let keep_alive =
             advertised.and_then(|d| HeaderValue::try_from(format!("timeout={}", d.as_secs())).ok());
