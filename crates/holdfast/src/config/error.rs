@@ -42,12 +42,19 @@ impl ConfigError {
         let (line, column) = e.span().map_or((0, 0), |s| line_col(text, s.start));
         // serde_path_to_error says "." for the document root.
         let key = key.filter(|k| k != "." && !k.is_empty());
+        let mut message = e.message().trim().to_owned();
+        // The parser's "duplicate key" names none; its span is the key written again.
+        if message == "duplicate key"
+            && let Some(name) = e.span().and_then(|s| text.get(s))
+        {
+            message = format!("duplicate key `{}`", name.trim());
+        }
         ConfigError {
             file: origin.to_owned(),
             line,
             column,
             key,
-            message: e.message().trim().to_owned(),
+            message,
         }
     }
 }

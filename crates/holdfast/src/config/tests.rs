@@ -572,3 +572,20 @@ fn a_max_header_bytes_beyond_4gib_is_refused_naming_its_line() {
     );
     assert!(parse(&text).is_ok(), "{:?}", parse(&text).err());
 }
+
+/// README: a config error names the key. The TOML parser's "duplicate key" named
+/// none, only a place.
+#[test]
+fn a_key_written_twice_is_named() {
+    let e = only_error(&GOOD.replace(
+        "listen = \"127.0.0.1:8080\"",
+        "listen = \"127.0.0.1:8080\"\nlisten = \"127.0.0.1:8081\"",
+    ));
+    assert_eq!(e.line, 4, "{e}");
+    assert!(e.message.contains("duplicate key `listen`"), "{e}");
+    let e = only_error(&format!(
+        "{GOOD}[upstream.api]\nbalance = \"round_robin\"\n"
+    ));
+    assert_eq!(e.line, 15, "{e}");
+    assert!(e.message.contains("duplicate key `api`"), "{e}");
+}
