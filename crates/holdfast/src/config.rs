@@ -788,6 +788,13 @@ fn host_pattern_problem(host: &str) -> Option<String> {
             "{host:?}: a host without a port (the port is not compared)"
         ));
     }
+    // A Host with other characters gets 400 before routing: such a route would
+    // never be used.
+    if name.is_empty() || !crate::proxy::is_host_and_port(name.as_bytes()) {
+        return Some(format!(
+            "{host:?} is not a host name (a name with other than ASCII letters is written in its xn-- form)"
+        ));
+    }
     None
 }
 

@@ -774,7 +774,7 @@ fn request_host(req: &Request<Incoming>) -> Result<Option<HeaderValue>, &'static
 /// Whether `value` can be a `Host` (RFC 9110 7.2: `uri-host [ ":" port ]`): only
 /// the characters of a reg-name, an IP literal and a port; no userinfo, path, space
 /// or control character.
-fn is_host_and_port(value: &[u8]) -> bool {
+pub(crate) fn is_host_and_port(value: &[u8]) -> bool {
     value.iter().all(|&b| {
         b.is_ascii_alphanumeric()
             || matches!(

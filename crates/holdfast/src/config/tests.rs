@@ -89,6 +89,11 @@ fn route_hosts_match_as_written_or_refuse() {
         "shop.*.com",
         "shop.example.com:8080",
         "[::1]:80",
+        // A Host like these gets 400 before routing: the route would never be used.
+        "shop example.com",
+        "bücher.example",
+        "*.",
+        "shop.example.com/x",
     ] {
         let text = GOOD.replace(
             "path = \"/api\"",
@@ -103,6 +108,8 @@ fn route_hosts_match_as_written_or_refuse() {
         "shop.example.com",
         "[::1]",
         "127.0.0.1",
+        "xn--bcher-kva.example",
+        "Shop_1.example.com.",
     ] {
         let text = GOOD.replace(
             "path = \"/api\"",
