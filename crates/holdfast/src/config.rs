@@ -540,6 +540,19 @@ impl Config {
                     format!("route[{i}].path"),
                     format!("{:?} must start with '/'", r.path),
                 );
+            } else if r
+                .path
+                .contains(|c: char| c == '?' || c == '#' || c.is_whitespace() || c.is_control())
+            {
+                // A request's path is matched without its query, and never holds a
+                // space: such a prefix would match nothing.
+                bad(
+                    format!("route[{i}].path"),
+                    format!(
+                        "{:?}: a path prefix has no query, fragment or space (write %20)",
+                        r.path
+                    ),
+                );
             }
             let protocol = self
                 .upstreams

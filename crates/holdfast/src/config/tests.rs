@@ -596,3 +596,18 @@ fn a_key_written_twice_is_named() {
     assert_eq!(e.line, 15, "{e}");
     assert!(e.message.contains("duplicate key `api`"), "{e}");
 }
+
+/// Requests' paths are matched without their query and hold no space: a prefix with
+/// `?`, `#` or a space matched nothing, and the route was never used, without a word.
+#[test]
+fn a_route_path_no_request_can_match_is_refused_naming_its_line() {
+    for bad in ["/api?v=1", "/api#x", "/my api"] {
+        let e = only_error(&GOOD.replace("path = \"/api\"", &format!("path = \"{bad}\"")));
+        assert_eq!(e.key.as_deref(), Some("route[0].path"), "{bad}: {e}");
+        assert_eq!(e.line, 6, "{bad}: {e}");
+    }
+    for fine in ["/my%20api", "/a;b", "/~user", "/%7Euser"] {
+        let text = GOOD.replace("path = \"/api\"", &format!("path = \"{fine}\""));
+        assert!(parse(&text).is_ok(), "{fine}: {:?}", parse(&text).err());
+    }
+}
