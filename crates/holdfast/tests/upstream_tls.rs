@@ -1916,3 +1916,105 @@ async fn trailers_of_an_http2_request_reach_an_https_http1_upstream() {
         assert_eq!(got, "chunked\nhello\nx-sum: 42\n", "{retry}");
     }
 }
+
+/// A graceful GOAWAY (hyper's `graceful_shutdown`: GOAWAY with the highest stream id,
+/// a PING, then the final GOAWAY) lets the streams already opened finish. A POST
+/// whose stream was opened before the GOAWAY was read is processed by the upstream,
+/// so it must not be sent again; one opened after it was refused, and is. hyper's
+/// dispatcher, on a multi-thread runtime, could fail a request with the GOAWAY although
+/// its stream had been opened (hyper#2500), and holdfast then sent the POST twice.
+/// Many requests race the upstream's GOAWAYs here: each path must arrive once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_post_racing_a_graceful_goaway_runs_once_upstream() {
+    const CLIENTS: usize = 32;
+    const POSTS: usize = 150;
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let arrivals: Arc<std::sync::Mutex<std::collections::HashMap<String, usize>>> = Arc::default();
+    let seen = arrivals.clone();
+    let server = tokio::spawn(async move {
+        // Ends when aborted.
+        while let Ok((sock, _)) = listener.accept().await {
+            let seen = seen.clone();
+            tokio::spawn(async move {
+                let served = Arc::new(AtomicUsize::new(0));
+                let shut = Arc::new(Notify::new());
+                let (served2, shut2) = (served.clone(), shut.clone());
+                let svc = service_fn(move |req: hyper::Request<Incoming>| {
+                    let (seen, served, shut) = (seen.clone(), served2.clone(), shut2.clone());
+                    async move {
+                        *seen
+                            .lock()
+                            .unwrap()
+                            .entry(req.uri().path().to_owned())
+                            .or_default() += 1;
+                        // Every connection goes away gracefully after 5 requests.
+                        if served.fetch_add(1, Relaxed) + 1 == 5 {
+                            shut.notify_one();
+                        }
+                        Ok::<_, Infallible>(hyper::Response::new(Full::new(Bytes::from_static(
+                            b"ok\n",
+                        ))))
+                    }
+                });
+                let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(sock), svc);
+                tokio::pin!(conn);
+                tokio::select! {
+                    _ = conn.as_mut() => {}
+                    () = shut.notified() => {
+                        conn.as_mut().graceful_shutdown();
+                        let _ = conn.await;
+                    }
+                }
+            });
+        }
+    });
+    // Retries are what this is about: the budget must not be what stops them.
+    let gw = start(&format!(
+        "{}retry.budget_min_per_second = 100000\n",
+        proxy_to(&format!("h2c://{addr}"))
+    ))
+    .await;
+    let clients: Vec<_> = (0..CLIENTS)
+        .map(|c| {
+            let a = gw.addr;
+            tokio::spawn(async move {
+                let mut client = KeepAliveClient::new(a).with_timeout(SOON);
+                let mut failed = Vec::new();
+                for i in 0..POSTS {
+                    match client
+                        .send(&ClientRequest::post(format!("/p/{c}/{i}"), ""))
+                        .await
+                    {
+                        Ok(r) if r.status == 200 => {}
+                        Ok(r) => failed.push(format!("/p/{c}/{i}: {}", r.status)),
+                        Err(e) => failed.push(format!("/p/{c}/{i}: {e}")),
+                    }
+                }
+                failed
+            })
+        })
+        .collect();
+    let mut failed = Vec::new();
+    for c in clients {
+        failed.extend(c.await.unwrap());
+    }
+    server.abort();
+    let twice: Vec<_> = arrivals
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|(_, n)| **n > 1)
+        .map(|(p, n)| format!("{p} ×{n}"))
+        .collect();
+    assert!(twice.is_empty(), "POSTs run twice upstream: {twice:?}");
+    // Not asserted: that every POST was answered. Rarely (a few runs in a hundred),
+    // with or without the fix above, a request on a connection going away gets no
+    // answer until `response_headers`: a separate bug, not yet understood.
+    let answered = CLIENTS * POSTS - failed.len();
+    assert!(
+        arrivals.lock().unwrap().len() >= answered,
+        "answered without arriving: {failed:?}"
+    );
+}

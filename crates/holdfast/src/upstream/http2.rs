@@ -1,8 +1,10 @@
 //! HTTP/2 to an upstream: opening a connection, sending one request on a stream of it,
 //! and what the pool needs to know about the connection as it lives.
 //!
-//! hyper's connection-level client (`client::conn::http2`) does the protocol and runs
-//! the connection in a task of its own; a request needs only a clone of the sender.
+//! hyper's connection-level client (`client::conn::http2`) does the protocol; the
+//! connection, and all hyper spawns for it, run in one task of its own (`exec.rs`:
+//! that is what makes a GOAWAY error proof that a request was not processed); a
+//! request needs only a clone of the sender.
 //! The pool shares one connection among many requests (`pool/shared.rs`). What hyper
 //! hides, a [`frames::FrameWatch`] on the bytes it reads reports into [`Signals`]: the
 //! upstream's `SETTINGS_MAX_CONCURRENT_STREAMS` (a new connection is handed out only
@@ -15,6 +17,7 @@
 //! fails as `Kind::Refused`, never sent, so it is retried on another connection even
 //! when it is not idempotent: HTTP/2 proves it was not processed (RFC 9113 8.7).
 
+mod exec;
 pub mod frames;
 
 use std::io;
@@ -28,10 +31,11 @@ use http::header::HOST;
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{Request, Response, Uri};
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::Notify;
 
+use self::exec::{ConnDriver, ConnExec};
 use self::frames::{FrameWatch, Seen};
 use super::error::{Delivery, Kind, UpstreamError};
 use super::io::Stream;
@@ -163,7 +167,8 @@ where
         watch: FrameWatch::default(),
         signals: signals.clone(),
     };
-    let mut builder = hyper::client::conn::http2::Builder::new(TokioExecutor::new());
+    let exec = ConnExec::default();
+    let mut builder = hyper::client::conn::http2::Builder::new(exec.clone());
     builder
         .timer(TokioTimer::new())
         .initial_max_send_streams(DEFAULT_MAX_STREAMS);
@@ -181,13 +186,24 @@ where
         .await
         .map_err(|e| failed(format!("HTTP/2 handshake: {e}")))?;
     let driver_signals = signals.clone();
-    let driver = Box::pin(async move {
+    let dispatcher = async move {
         if let Err(e) = conn.await {
             tracing::debug!(error = %e, "upstream HTTP/2 connection ended with an error");
         }
+    };
+    let mut driver = Box::pin(ConnDriver::new(dispatcher, exec, move || {
         driver_signals.fail();
-    });
-    match tokio::time::timeout(wait, signals.settled()).await {
+    }));
+    // The connection reads the upstream's SETTINGS in this task until it is handed
+    // to the pool (see `exec`): driven here meanwhile.
+    let settled = async {
+        tokio::select! {
+            biased;
+            r = signals.settled() => r,
+            () = &mut driver => Err("the upstream closed the connection before its HTTP/2 SETTINGS"),
+        }
+    };
+    match tokio::time::timeout(wait, settled).await {
         // No stream allowed: h2 would hold the request that opened the connection as
         // pending-open, unsent, until its response deadline. Not sent; another
         // connection or address may take it.
