@@ -147,6 +147,7 @@ impl Proxy {
                 Ok(host) => (host, None),
                 Err(why) => (None, Some(why)),
             };
+            let bad_host = bad_host.or_else(|| bad_target(&req));
             // Dot segments are resolved before routing, and the upstream gets the
             // path without them, so that `/api/../admin` can neither match `/api` nor
             // reach an `/api` upstream as `/admin`; so are encoded unreserved
@@ -156,7 +157,8 @@ impl Proxy {
             let route = routing
                 .routes
                 .find(host.as_ref().and_then(|h| h.to_str().ok()), path);
-            // A request refused for its Host matched no route by it: counted apart.
+            // A request refused for its Host (or a target with no path) matched no
+            // route by it: counted apart.
             let counted = route.filter(|_| bad_host.is_none()).map(|r| r.index);
             let tally = Tally::new(routing.figures.cell(counted), start);
             // Named in the line as it is counted, refused or not.
@@ -769,6 +771,24 @@ fn request_host(req: &Request<Incoming>) -> Result<Option<HeaderValue>, &'static
         Some(h) if !is_host_and_port(h.as_bytes()) => Err("the Host header is not a host\n"),
         Some(h) => Ok(Some(h.clone())),
     }
+}
+
+/// What RFC 9112 3.2 and RFC 9113 8.3.1 make a malformed target, which must not be
+/// forwarded: a request other than CONNECT whose target has no path, as an HTTP/2
+/// request without `:path` (h2 lets it through when it has no `:authority` either)
+/// or an HTTP/1 authority-form target (`GET example.com:80`, which would otherwise
+/// be routed by that authority, whatever its `Host`, and sent on as `GET /`); or
+/// `*` for any method but OPTIONS. Both would otherwise reach the upstream as a
+/// request the client never made. One byte compared for an ordinary target.
+fn bad_target<B>(req: &Request<B>) -> Option<&'static str> {
+    let path = req.uri().path();
+    if path.starts_with('/') || req.method() == http::Method::CONNECT {
+        return None;
+    }
+    if path == "*" && req.method() == http::Method::OPTIONS {
+        return None;
+    }
+    Some("the request target is not a path (nor `*` for OPTIONS)\n")
 }
 
 /// Whether `value` can be a `Host` (RFC 9110 7.2: `uri-host [ ":" port ]`): only

@@ -1704,3 +1704,97 @@ fn redirect_https_port_zero_is_refused() {
         "redirect_https_port = 0 accepted: every redirect would go to https://HOST:0/"
     );
 }
+
+// === malformed request targets ===
+
+/// An HPACK field: literal without indexing, with a literal name (RFC 7541 6.2.2),
+/// or an indexed one when `name` is a static table index.
+fn hpack_field(block: &mut Vec<u8>, name: Result<u8, &str>, value: &str) {
+    match name {
+        Ok(index) => block.push(index),
+        Err(name) => {
+            block.push(0);
+            block.push(name.len() as u8);
+            block.extend_from_slice(name.as_bytes());
+        }
+    }
+    assert!(value.len() < 127, "value too long for this encoder");
+    block.push(value.len() as u8);
+    block.extend_from_slice(value.as_bytes());
+}
+
+/// A request target with no path is malformed (RFC 9113 8.3.1: every HTTP/2
+/// request but CONNECT has a `:path`; RFC 9112 3.2.3: authority-form is for CONNECT
+/// only), and so is `*` for another method than OPTIONS; an intermediary must not
+/// forward one (RFC 9113 8.1.1). h2 lets an HTTP/2 request with neither `:path` nor
+/// `:authority` through; holdfast sent it on as `GET /`, and an HTTP/1 `GET
+/// example.test:80` as `GET /` to the route of `example.test`, whatever its `Host`.
+#[tokio::test]
+async fn a_request_target_that_is_not_a_path_is_refused_not_forwarded() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let up = TestUpstream::start(Behaviour::Echo).await;
+    let gw = start(&format!(
+        "{}\n[[listener]]\nlisten = \"127.0.0.1:0\"\nh2c = true\n",
+        proxy_to(&up.url())
+    ))
+    .await;
+    // HTTP/2: `:method GET`, `:scheme http`, then `fields`.
+    let h2_status = |fields: Vec<(Result<u8, &'static str>, &'static str)>| async move {
+        let s = TcpStream::connect(gw.addr).await.unwrap();
+        let mut c = raw_h2(s, 65535).await;
+        let mut block = vec![0x82, 0x86];
+        for (name, value) in fields {
+            hpack_field(&mut block, name, value);
+        }
+        c.send(&[Frame {
+            kind: kind::HEADERS,
+            flags: flag::END_STREAM | flag::END_HEADERS,
+            stream: 1,
+            payload: block,
+        }])
+        .await;
+        let until = Instant::now() + SOON;
+        while let Ok(Some(f)) = tokio::time::timeout_at(until, c.frames.recv()).await {
+            if f.stream == 1 && (f.is(kind::HEADERS) || f.is(kind::RST_STREAM)) {
+                return f.indexed_status();
+            }
+        }
+        panic!("no answer on stream 1");
+    };
+    // No `:path`, no `:authority`: the host from `Host`.
+    assert_eq!(h2_status(vec![(Err("host"), "localhost")]).await, Some(400));
+    // `*` on a GET.
+    assert_eq!(
+        h2_status(vec![(Ok(1), "localhost"), (Ok(4), "*")]).await,
+        Some(400)
+    );
+    // As a control, a path is served.
+    assert_eq!(
+        h2_status(vec![(Ok(1), "localhost"), (Ok(4), "/ok")]).await,
+        Some(200)
+    );
+    for head in [
+        "GET example.test:80 HTTP/1.1\r\nHost: localhost\r\n",
+        "GET * HTTP/1.1\r\nHost: localhost\r\n",
+    ] {
+        let mut s = TcpStream::connect(gw.addr).await.unwrap();
+        s.write_all(format!("{head}Connection: close\r\n\r\n").as_bytes())
+            .await
+            .unwrap();
+        let mut out = Vec::new();
+        timeout(SOON, s.read_to_end(&mut out))
+            .await
+            .expect("answered and closed in time")
+            .unwrap();
+        let out = String::from_utf8_lossy(&out);
+        assert!(out.starts_with("HTTP/1.1 400 "), "{head:?}: {out}");
+    }
+    assert_eq!(
+        up.requests()
+            .iter()
+            .map(|r| r.target.as_str())
+            .collect::<Vec<_>>(),
+        ["/ok"],
+        "only the control reached the upstream"
+    );
+}
