@@ -17,7 +17,6 @@ use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 use http::header::{self, HeaderValue};
-use http::uri::PathAndQuery;
 use http::{Request, Response, StatusCode, Uri};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
@@ -471,6 +470,37 @@ impl Proxy {
         resp
     }
 
+    /// A request head hyper refused and answered itself (HTTP/1: malformed, 400; too
+    /// large, 431 or 414) before any service saw it: counted under no route and
+    /// logged as holdfast's own answer, with method and target `-` (hyper keeps
+    /// neither). `start`: when the head began to arrive.
+    pub fn refused_head(&self, conn: &ConnContext, status: StatusCode, start: Instant) {
+        let routing = self.routing.load_full();
+        Tally::new(routing.figures.cell(None), start).finish_with(status.as_u16());
+        if !(routing.config.log.access_log
+            && tracing::enabled!(target: "holdfast::access", tracing::Level::INFO))
+        {
+            return;
+        }
+        Box::new(AccessRecord {
+            start,
+            client: conn.remote_ip_value.clone(),
+            method: http::Method::from_bytes(b"-").expect("`-` is a token"),
+            path: None,
+            status: status.as_u16(),
+            route: None,
+            upstream: None,
+            address: None,
+            reused: None,
+            attempts: 0,
+            ttfb: None,
+            outcome: "local",
+            emitted: false,
+        })
+        // hyper's answer has no body.
+        .emit(0);
+    }
+
     /// Turns a failure into the client's response and a log line naming route,
     /// upstream, address and cause.
     fn rescue(
@@ -541,12 +571,9 @@ fn access_record<B>(
             start,
             client: conn.remote_ip_value.clone(),
             method: req.method().clone(),
-            // A reference to the request's bytes, not a copy.
-            path: req
-                .uri()
-                .path_and_query()
-                .cloned()
-                .unwrap_or_else(|| PathAndQuery::from_static("/")),
+            // A reference to the request's bytes, not a copy; `-` for a target
+            // without one (CONNECT's, or a malformed one).
+            path: req.uri().path_and_query().cloned(),
             status: 0,
             route: None,
             upstream: None,

@@ -3443,3 +3443,72 @@ async fn an_upstream_answer_before_the_body_was_sent_does_not_promise_keep_alive
         assert_eq!(resp.header("connection"), Some("close"), "{resp:?}");
     }
 }
+
+/// A request hyper refuses while reading its head (malformed: 400; over
+/// `max_header_bytes`: 431) is answered by hyper before holdfast sees a request; it
+/// still gets its access-log line (nginx logs them), holdfast's own answer under no
+/// route, method and target `-`, and is counted in `holdfast_requests_total`.
+#[tokio::test]
+async fn access_log_has_a_line_for_a_head_hyper_refused() {
+    let upstream = TestUpstream::start(Behaviour::Echo).await;
+    let config = binary_config(&upstream.url(), "json").replace(
+        "listen = \"127.0.0.1:0\"\n\n[[route]]",
+        "listen = \"127.0.0.1:0\"\nmax_header_bytes = \"1KiB\"\n\n[[route]]",
+    );
+    assert!(config.contains("max_header_bytes"), "{config}");
+    let (proxy, addr) = spawn_holdfast(&config, &[]).await;
+    let long = "x".repeat(2048);
+    for (head, status) in [
+        (
+            "GET / HTTP/1.1\r\nHost: x\r\nno colon here\r\n\r\n".to_owned(),
+            400,
+        ),
+        (
+            format!("GET / HTTP/1.1\r\nHost: x\r\nX-Long: {long}\r\n\r\n"),
+            431,
+        ),
+    ] {
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        s.write_all(head.as_bytes()).await.unwrap();
+        let mut out = Vec::new();
+        tokio::time::timeout(WAIT, s.read_to_end(&mut out))
+            .await
+            .expect("answered and closed in time")
+            .unwrap();
+        let out = String::from_utf8_lossy(&out);
+        assert!(out.starts_with(&format!("HTTP/1.1 {status} ")), "{out}");
+    }
+    let lines = |logs: &str| -> Vec<serde_json::Value> {
+        logs.lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|v| v["target"] == "holdfast::access")
+            .collect()
+    };
+    holdfast_test::wait_until(WAIT, || lines(&proxy.logs()).len() >= 2).await;
+    let logs = proxy.logs();
+    let seen = lines(&logs);
+    assert_eq!(seen.len(), 2, "{logs}");
+    for (v, status) in seen.iter().zip([400, 431]) {
+        assert_eq!(v["status"], status, "{v}");
+        assert_eq!(v["method"], "-", "{v}");
+        assert_eq!(v["path"], "-", "{v}");
+        assert_eq!(v["route"], "-", "{v}");
+        assert_eq!(v["outcome"], "local", "{v}");
+        assert_eq!(v["bytes"], 0, "{v}");
+    }
+    let admin = logs
+        .lines()
+        .filter(|l| l.contains("admin listening"))
+        .find_map(loopback_addr)
+        .expect("the admin address");
+    let metrics = KeepAliveClient::new(admin)
+        .get("/metrics")
+        .await
+        .expect("GET /metrics");
+    let metrics = metrics.text();
+    assert!(
+        metrics.contains("holdfast_requests_total{route=\"none\",class=\"4xx\"} 2"),
+        "{metrics}"
+    );
+    assert_eq!(upstream.stats().connections_accepted, 0);
+}

@@ -29,7 +29,8 @@ pub struct AccessRecord {
     /// The client's address, as formatted once per connection.
     pub client: HeaderValue,
     pub method: Method,
-    pub path: PathAndQuery,
+    /// `None`: unknown (a head hyper refused), written `-`.
+    pub path: Option<PathAndQuery>,
     pub status: u16,
     pub route: Option<Arc<str>>,
     pub upstream: Option<Arc<str>>,
@@ -91,7 +92,7 @@ impl AccessRecord {
         out.push_str(" method=");
         out.push_str(self.method.as_str());
         out.push_str(" path=");
-        push_unquoted(out, self.path.as_str());
+        push_unquoted(out, self.path());
         self.fields(out, bytes, total, &TEXT_NAMES);
         out.push('\n');
     }
@@ -105,7 +106,7 @@ impl AccessRecord {
         out.push_str(",\"method\":");
         push_quoted(out, self.method.as_str());
         out.push_str(",\"path\":");
-        push_quoted(out, self.path.as_str());
+        push_quoted(out, self.path());
         self.fields(out, bytes, total, &JSON_NAMES);
         out.push_str(",\"target\":\"holdfast::access\"}\n");
     }
@@ -153,6 +154,10 @@ impl AccessRecord {
         push_quoted(out, self.outcome);
     }
 
+    fn path(&self) -> &str {
+        self.path.as_ref().map_or("-", PathAndQuery::as_str)
+    }
+
     fn client(&self) -> &str {
         self.client.to_str().unwrap_or("-")
     }
@@ -171,7 +176,7 @@ impl AccessRecord {
             target: "holdfast::access",
             client = %self.client(),
             method = %self.method,
-            path = %self.path,
+            path = %self.path(),
             status = self.status,
             route = self.route.as_deref().unwrap_or("-"),
             upstream = self.upstream.as_deref().unwrap_or("-"),
@@ -321,7 +326,7 @@ mod tests {
             start: Instant::now(),
             client: HeaderValue::from_static("10.0.0.7"),
             method: Method::POST,
-            path: PathAndQuery::from_static("/a?b=%22c%22"),
+            path: Some(PathAndQuery::from_static("/a?b=%22c%22")),
             status: 201,
             route: Some(Arc::from("route[0]")),
             upstream: Some(Arc::from("up\"stream")),

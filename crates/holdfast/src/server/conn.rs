@@ -840,7 +840,7 @@ async fn drive<C>(
         match woke {
             Wake::Ended(res) => {
                 if let Err(e) = res {
-                    log_conn_error(&e, remote, &state.figures);
+                    log_conn_error(&e, remote, state);
                 }
                 return;
             }
@@ -1086,7 +1086,8 @@ fn verdict_h2(
     }
 }
 
-fn log_conn_error(e: &hyper::Error, remote: SocketAddr, figures: &ClientFigures) {
+fn log_conn_error(e: &hyper::Error, remote: SocketAddr, state: &ConnState) {
+    let figures = &*state.figures;
     let h2_reason = std::error::Error::source(e)
         .and_then(|s| s.downcast_ref::<h2::Error>())
         .and_then(h2::Error::reason);
@@ -1097,11 +1098,39 @@ fn log_conn_error(e: &hyper::Error, remote: SocketAddr, figures: &ClientFigures)
         figures.malformed.fetch_add(1, Relaxed);
         // hyper has already answered 400/431 where it could.
         tracing::info!(client = %remote, error = %e, "malformed request; answered and closed");
+        if let Some(status) = hyper_answer(e) {
+            // From when the head began to arrive, as for any request.
+            let start = match state.phase() {
+                (ConnPhase::Reading, since) => since,
+                _ => Instant::now(),
+            };
+            state.shared.proxy.refused_head(&state.ctx, status, start);
+        }
     } else if e.is_timeout() {
         figures.head_timeout.fetch_add(1, Relaxed);
         tracing::info!(client = %remote, error = %e, "client connection timed out");
     } else {
         tracing::debug!(client = %remote, error = %e, "client connection ended with an error");
+    }
+}
+
+/// The status hyper's HTTP/1 server answered a request head it could not take with
+/// (`on_error` in its `role.rs`); `None` when it answered nothing: an HTTP/2
+/// preface sent to an HTTP/1 connection.
+fn hyper_answer(e: &hyper::Error) -> Option<http::StatusCode> {
+    if e.is_parse_version_h2() || e.is_parse_status() {
+        None
+    } else if e.is_parse_too_large() {
+        // A head over `max_header_bytes`, or a target over hyper's 64 KiB.
+        Some(if e.to_string().starts_with("URI too long") {
+            http::StatusCode::URI_TOO_LONG
+        } else {
+            http::StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE
+        })
+    } else if e.is_parse() {
+        Some(http::StatusCode::BAD_REQUEST)
+    } else {
+        None
     }
 }
 
