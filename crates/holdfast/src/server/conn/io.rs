@@ -265,8 +265,11 @@ impl AsyncWrite for ClientIo {
             // syscall per connection.
             return Poll::Ready(Ok(()));
         }
-        // TLS: close_notify, then the TCP half-close.
-        this.stream()?.poll_shutdown(cx)
+        // TLS: close_notify, then the TCP half-close. The alert is a write like any
+        // other: a client that reads nothing leaves the socket full once hyper's last
+        // bytes went in, and it would wait there for as long as the client lives.
+        let res = this.stream()?.poll_shutdown(cx);
+        this.check_write_stall(res, cx)
     }
 }
 
@@ -339,4 +342,121 @@ pub(super) async fn sniff_h2_preface(
         .await
         .map_err(|_| io::Error::from(io::ErrorKind::TimedOut))??;
     Ok((is_h2, buf.freeze()))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::future::poll_fn;
+    use std::path::Path;
+
+    use tokio::net::TcpListener;
+    use tokio_rustls::{TlsAcceptor, TlsConnector};
+
+    use super::super::{ConnState, ListenerShared};
+    use super::*;
+    use crate::config::Config;
+    use crate::proxy::{ConnContext, Proxy, Routing};
+    use crate::server::drain::Tracker;
+
+    /// A TLS connection closing (hyper's `poll_shutdown`) behind a client that reads
+    /// nothing, its socket full: the `close_notify` cannot be written, and the close
+    /// fails after `send_timeout` as a stalled write does; it waited for ever.
+    #[tokio::test]
+    async fn a_tls_close_the_client_takes_nothing_of_fails_after_send_timeout() {
+        let c = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
+        let cert = rustls::pki_types::CertificateDer::from(c.cert.der().to_vec());
+        let key =
+            rustls::pki_types::PrivateKeyDer::try_from(c.signing_key.serialize_der()).unwrap();
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let server_config = rustls::ServerConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(vec![cert.clone()], key)
+            .unwrap();
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(cert).unwrap();
+        let client_config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = TcpStream::connect(listener.local_addr().unwrap());
+        let (client, accepted) = tokio::join!(client, listener.accept());
+        let (client, (server, remote)) = (client.unwrap(), accepted.unwrap());
+        socket2::SockRef::from(&server)
+            .set_send_buffer_size(4096)
+            .unwrap();
+        socket2::SockRef::from(&client)
+            .set_recv_buffer_size(4096)
+            .unwrap();
+        let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+        let (client, server) = tokio::join!(
+            TlsConnector::from(Arc::new(client_config)).connect(name, client),
+            TlsAcceptor::from(Arc::new(server_config)).accept(server),
+        );
+        // Kept open, and never read from.
+        let _client = client.unwrap();
+        let server = server.unwrap();
+        // A response's bytes, all handed to the kernel, fill the socket (what they
+        // are does not matter to a client that reads none of them).
+        // Filled until the socket stays unwritable (what the client's kernel takes in
+        // flight frees some room at first).
+        let chunk = [0u8; 16 * 1024];
+        let tcp = server.get_ref().0;
+        for _ in 0..1_000 {
+            match tcp.try_write(&chunk) {
+                Ok(_) => continue,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => panic!("{e}"),
+            }
+            if tokio::time::timeout(Duration::from_millis(200), tcp.writable())
+                .await
+                .is_err()
+            {
+                break;
+            }
+        }
+
+        let config = Config::from_toml(
+            "[[listener]]\nlisten = \"127.0.0.1:0\"\nsend_timeout = \"200ms\"\n\n\
+             [[route]]\nupstream = \"up\"\n\n[upstream.up]\naddresses = [\"http://127.0.0.1:9\"]\n",
+            Path::new("test.toml"),
+        )
+        .unwrap();
+        let listener_config = config.listeners[0].clone();
+        let drain = config.drain.clone();
+        let proxy = Arc::new(Proxy::new(Routing::build(Arc::new(config), None).await));
+        let shared = Arc::new(ListenerShared::new(proxy, listener_config, drain).unwrap());
+        let tracked = Tracker::default().track();
+        let ctx = ConnContext::new(remote, remote, true, shared.config.clone());
+        let state = Arc::new(ConnState::new(
+            false,
+            tracked.figures(),
+            ctx,
+            shared,
+            Instant::now(),
+        ));
+        let mut io = ClientIo::new(
+            Transport::Tls(Box::new(server)),
+            Bytes::new(),
+            state,
+            true,
+            tracked,
+            None,
+        );
+        let closed = tokio::time::timeout(
+            Duration::from_secs(5),
+            poll_fn(|cx| Pin::new(&mut io).poll_shutdown(cx)),
+        )
+        .await
+        .expect("the close ends, within send_timeout and then some");
+        assert_eq!(
+            closed.map_err(|e| e.kind()),
+            Err(io::ErrorKind::TimedOut),
+            "the close_notify could not be sent"
+        );
+    }
 }
