@@ -160,28 +160,45 @@ impl FastCgiConn {
             ended: true,
             streamed: false,
         };
-        match body {
+        match &body {
             RequestBody::Empty => record::encode_stdin(&mut upload.out, REQUEST_ID, b""),
             RequestBody::Buffered { data, .. } => {
                 if let Some(d) = data {
-                    record::encode_stdin(&mut upload.out, REQUEST_ID, &d);
+                    record::encode_stdin(&mut upload.out, REQUEST_ID, d);
                 }
                 record::encode_stdin(&mut upload.out, REQUEST_ID, b"");
             }
-            s @ RequestBody::Streaming(_) => {
-                upload.body = s;
-                upload.ended = false;
-                upload.streamed = true;
-            }
+            RequestBody::Streaming(_) => upload.ended = false,
         }
         // A small body goes with the head, in one write.
         if upload.out.len() <= SMALL_BODY {
             out.extend_from_slice(&upload.out);
             upload.out.clear();
         }
-        if let Err(e) = self.io.write_all(&out).await {
+        // Written here rather than by `write_all`, to know whether any byte left: a
+        // write refused at once (the application reset the connection) sent nothing,
+        // and the body, untouched, comes back for another attempt.
+        let mut written = 0;
+        while written < out.len() {
+            let res = std::future::poll_fn(|cx| {
+                std::pin::Pin::new(&mut self.io).poll_write(cx, &out[written..])
+            })
+            .await;
+            let e = match res {
+                Ok(0) => std::io::Error::from(std::io::ErrorKind::WriteZero),
+                Ok(n) => {
+                    written += n;
+                    continue;
+                }
+                Err(e) => e,
+            };
             self.exchange = Exchange::Broken;
-            return Err((write_error(e), None));
+            let sent = written > 0;
+            return Err((write_error(e, sent), (!sent).then_some(body)));
+        }
+        if let s @ RequestBody::Streaming(_) = body {
+            upload.body = s;
+            upload.streamed = true;
         }
         self.upload = Some(upload);
         self.read_head().await.map_err(|e| (e, None))
@@ -199,7 +216,7 @@ impl FastCgiConn {
                     Poll::Ready(Ok(0)) => {
                         let e = std::io::Error::from(std::io::ErrorKind::WriteZero);
                         self.exchange = Exchange::Broken;
-                        return Poll::Ready(Err(write_error(e)));
+                        return Poll::Ready(Err(write_error(e, true)));
                     }
                     Poll::Ready(Ok(n)) => {
                         bytes::Buf::advance(&mut up.out, n);
@@ -207,7 +224,7 @@ impl FastCgiConn {
                     }
                     Poll::Ready(Err(e)) => {
                         self.exchange = Exchange::Broken;
-                        return Poll::Ready(Err(write_error(e)));
+                        return Poll::Ready(Err(write_error(e, true)));
                     }
                 }
             }
@@ -408,7 +425,13 @@ impl Drop for FastCgiConn {
     }
 }
 
-fn write_error(e: std::io::Error) -> UpstreamError {
+/// A failed write; `sent`: some byte of the request was written before it.
+fn write_error(e: std::io::Error, sent: bool) -> UpstreamError {
+    let delivery = if sent {
+        Delivery::MaybeSent
+    } else {
+        Delivery::NotSent
+    };
     let kind = if e.kind() == std::io::ErrorKind::TimedOut {
         Kind::WriteTimeout
     } else if is_reset(&e) {
@@ -416,7 +439,7 @@ fn write_error(e: std::io::Error) -> UpstreamError {
     } else {
         Kind::Io
     };
-    UpstreamError::new(kind, Delivery::MaybeSent).with_cause(e)
+    UpstreamError::new(kind, delivery).with_cause(e)
 }
 
 /// A reset before the response began is the application closing the connection:

@@ -789,3 +789,67 @@ async fn a_checkout_that_waited_judges_the_next_idle_connection_by_the_time_now(
         );
     }
 }
+
+/// A client's body streamed to holdfast (hyper's, over an in-process connection):
+/// 5 bytes announced, 2 sent, the rest never. Keep the client end open while the body
+/// is used.
+async fn streamed_body() -> (crate::body::RequestBody, tokio::io::DuplexStream) {
+    use tokio::io::AsyncWriteExt;
+    let (mut client, server) = tokio::io::duplex(4096);
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let tx = Mutex::new(Some(tx));
+    tokio::spawn(async move {
+        let service =
+            hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                if let Some(tx) = tx.lock().unwrap().take() {
+                    let _ = tx.send(req.into_body());
+                }
+                std::future::pending::<Result<http::Response<String>, std::convert::Infallible>>()
+            });
+        let io = hyper_util::rt::TokioIo::new(server);
+        let _ = hyper::server::conn::http1::Builder::new()
+            .serve_connection(io, service)
+            .await;
+    });
+    client
+        .write_all(b"POST / HTTP/1.1\r\nhost: up\r\ncontent-length: 5\r\n\r\nab")
+        .await
+        .expect("client request");
+    let incoming = rx.await.expect("request body");
+    let body = crate::body::RequestBody::stream(incoming, 0, Duration::ZERO);
+    assert!(matches!(body, crate::body::RequestBody::Streaming(_)));
+    (body, client)
+}
+
+/// A FastCGI connection whose far end closed before a byte of the request was
+/// written (the application reset it in the moment between the pool's check and the
+/// write): the first write, refused with nothing written, is "not sent"
+/// (a POST may go again on another connection), and the body comes back.
+#[tokio::test]
+async fn a_fastcgi_request_refused_before_its_first_byte_is_not_sent_and_keeps_its_body() {
+    let (near, far) = UnixStream::pair().expect("socket pair");
+    drop(far);
+    let Client::FastCgi(mut f) = crate::upstream::fastcgi::connected(
+        Stream::unix(near),
+        Duration::from_secs(5),
+        "test".into(),
+    )
+    .client
+    else {
+        unreachable!("a FastCGI connection")
+    };
+    let (body, _client) = streamed_body().await;
+    let params = [(
+        bytes::Bytes::from_static(b"REQUEST_METHOD"),
+        bytes::Bytes::from_static(b"POST"),
+    )];
+    let Err((e, returned)) = f.send(&params, body).await else {
+        panic!("a response from a closed connection")
+    };
+    assert_eq!(e.delivery(), Delivery::NotSent, "{e}");
+    assert_eq!(e.kind(), Kind::Closed, "{e}");
+    assert!(
+        matches!(returned, Some(crate::body::RequestBody::Streaming(_))),
+        "the body was not given back"
+    );
+}
