@@ -678,7 +678,7 @@ fn send_http1<'a>(
             c.set_deadline(by);
             Either::Left(std::future::poll_fn(move |cx| {
                 if let Poll::Ready(r) = c.poll_response(cx) {
-                    return Poll::Ready(Ok(r.map_err(|e| (e, None))));
+                    return Poll::Ready(Ok(r.map_err(|e| unsent_body(c, e))));
                 }
                 ready!(c.poll_deadline(cx));
                 Poll::Ready(Err(TimedOut))
@@ -686,6 +686,20 @@ fn send_http1<'a>(
         }
         Err((e, body)) => Either::Right(std::future::ready(Ok(Err((e, Some(body)))))),
     }
+}
+
+/// A failed attempt on a plain HTTP/1.1 connection, with its body back if not a
+/// byte of the request left (a streamed body is not cloned for another attempt).
+fn unsent_body(
+    c: &mut http1::conn::Http1Conn,
+    e: UpstreamError,
+) -> (UpstreamError, Option<RequestBody>) {
+    let body = if e.delivery() == Delivery::NotSent {
+        c.take_unsent_body()
+    } else {
+        None
+    };
+    (e, body)
 }
 
 /// The boxed side of [`send`]: HTTP/2 and FastCGI (and HTTP/1, which `send` handles
@@ -699,7 +713,10 @@ async fn send_other(conn: &mut PooledConn, req: Request<RequestBody>) -> SendRes
             }
             std::future::poll_fn(|cx| c.poll_response(cx))
                 .await
-                .map_err(|e| (e, None))
+                .map_err(|e| {
+                    let (e, body) = unsent_body(c, e);
+                    (e, body.map(|b| Request::from_parts(head, b)))
+                })
         }
         Client::Http1Tls(sender) => http1::send(sender, req)
             .await

@@ -362,6 +362,15 @@ impl Http1Conn {
         resp
     }
 
+    /// After a failure with not a byte of the request written: the request's body,
+    /// untouched (only the head was being written), for another attempt.
+    pub fn take_unsent_body(&mut self) -> Option<RequestBody> {
+        if self.sent_any {
+            return None;
+        }
+        self.body.take()
+    }
+
     /// The request, its body included, has been written whole.
     pub fn request_sent(&self) -> bool {
         self.request_done

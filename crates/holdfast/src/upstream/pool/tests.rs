@@ -821,6 +821,36 @@ async fn streamed_body() -> (crate::body::RequestBody, tokio::io::DuplexStream) 
     (body, client)
 }
 
+/// A connection whose far end closed before a byte of the request was written (the
+/// upstream reset it in the moment between the pool's check and the write): the
+/// write fails with nothing sent, and a streamed body, which no copy was kept of,
+/// must come back for the attempt on another connection.
+#[tokio::test]
+async fn an_http1_head_that_could_not_be_written_gives_its_streamed_body_back() {
+    let pool = Pool::new("test".into(), settings());
+    let (mut conn, far) = exchange_on(&pool).await;
+    drop(far);
+    let (body, _client) = streamed_body().await;
+    let (parts, ()) = http::Request::post("/")
+        .header(http::header::HOST, "up")
+        .header(http::header::CONTENT_LENGTH, "5")
+        .body(())
+        .expect("request")
+        .into_parts();
+    let by = Instant::now() + Duration::from_secs(5);
+    let Ok(sent) = crate::upstream::send_http1(&mut conn, &parts, None, body, by).await else {
+        panic!("timed out")
+    };
+    let Err((e, returned)) = sent else {
+        panic!("a response from a closed connection")
+    };
+    assert_eq!(e.delivery(), Delivery::NotSent, "{e}");
+    assert!(
+        matches!(returned, Some(crate::body::RequestBody::Streaming(_))),
+        "the body was not given back"
+    );
+}
+
 /// A FastCGI connection whose far end closed before a byte of the request was
 /// written (the application reset it in the moment between the pool's check and the
 /// write): the first write, refused with nothing written, is "not sent"
