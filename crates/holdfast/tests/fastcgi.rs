@@ -1609,3 +1609,30 @@ async fn an_http2_client_never_gets_data_disagreeing_with_the_declared_length() 
         }
     }
 }
+
+/// PHP registers `$_SERVER` names as it registers any variable name: a `.` or a space
+/// in one becomes `_`. A client field (`.` is allowed in a field name) `X.Real.IP` would be `HTTP_X.REAL.IP` to
+/// php-fpm and `$_SERVER['HTTP_X_REAL_IP']` to the script, the field holdfast
+/// removes from an untrusted client; `X.Forwarded.For` would pose as the
+/// `X-Forwarded-For` holdfast sets. Like nginx (`ignore_invalid_headers`), holdfast
+/// passes only fields named with letters, digits and `-`.
+#[tokio::test]
+async fn a_field_named_with_a_dot_cannot_pose_as_a_forwarding_field() {
+    let fpm = PhpFpm::start(PhpFpmOptions::default()).await;
+    fpm.script(
+        "env.php",
+        "<?php echo json_encode([$_SERVER['HTTP_X_REAL_IP'] ?? null,\n\
+         $_SERVER['HTTP_X_FORWARDED_FOR'] ?? null, $_SERVER['HTTP_X_OTHER'] ?? null]);",
+    );
+    let gw = Site::tcp(&fpm).start().await;
+    let resp = send(
+        &gw,
+        &ClientRequest::get("/env.php")
+            .header("X.Real.IP", "6.6.6.6")
+            .header("X.Forwarded.For", "6.6.6.6")
+            .header("X-Other", "kept"),
+    )
+    .await;
+    assert_eq!(resp.status, 200, "{}", resp.text());
+    assert_eq!(resp.text(), r#"[null,"127.0.0.1","kept"]"#);
+}

@@ -8,8 +8,9 @@
 //!   file exists;
 //! - `..` segments and NUL bytes (after percent-decoding) are refused;
 //! - a client `Proxy` header is never passed as `HTTP_PROXY` (httpoxy), and headers
-//!   with `_` in their name are dropped, so `X_Forwarded_For` cannot pose as
-//!   `X-Forwarded-For`.
+//!   named with anything but letters, digits and `-` are dropped, so neither
+//!   `X_Forwarded_For` nor `X.Forwarded.For` (PHP turns `.` into `_` in `$_SERVER`
+//!   names) can pose as `X-Forwarded-For`.
 
 use std::borrow::Cow;
 use std::path::Path;
@@ -161,7 +162,15 @@ pub async fn params(
 
     for name in parts.headers.keys() {
         let n = name.as_str();
-        if n == "content-type" || n == "content-length" || n == "proxy" || n.contains('_') {
+        // Only letters, digits and `-`, as nginx's `ignore_invalid_headers`: `_`
+        // would collide with `-` (`X_Forwarded_For`), and PHP turns `.` (and a
+        // space) into `_` in `$_SERVER` names (`X.Real.IP`), while `[` makes one an
+        // array.
+        if n == "content-type"
+            || n == "content-length"
+            || n == "proxy"
+            || !n.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        {
             continue;
         }
         let sep = if n == "cookie" { "; " } else { ", " };
