@@ -1636,3 +1636,26 @@ async fn a_field_named_with_a_dot_cannot_pose_as_a_forwarding_field() {
     assert_eq!(resp.status, 200, "{}", resp.text());
     assert_eq!(resp.text(), r#"[null,"127.0.0.1","kept"]"#);
 }
+
+/// A pretty URL ending in `/` (WordPress's `/2024/01/hello/`) names a directory, not a
+/// script: with no index file there, the front controller answers it, as nginx's
+/// `try_files $uri $uri/ /index.php` does, not a 404. A directory with its own index
+/// still runs that.
+#[tokio::test]
+async fn a_directory_path_without_an_index_goes_to_the_fallback() {
+    let fpm = PhpFpm::start(PhpFpmOptions::default()).await;
+    fpm.script(
+        "index.php",
+        "<?php echo 'front ', $_SERVER['SCRIPT_NAME'], ' ', $_SERVER['REQUEST_URI'];",
+    );
+    fpm.script("docs/index.php", "<?php echo 'docs index';");
+    let gw = Site::tcp(&fpm)
+        .route("fallback = \"/index.php\"")
+        .start()
+        .await;
+    let resp = get(&gw, "/2024/01/hello/").await;
+    assert_eq!(resp.status, 200, "{}", resp.text());
+    assert_eq!(resp.text(), "front /index.php /2024/01/hello/");
+    assert_eq!(get(&gw, "/docs/").await.text(), "docs index");
+    assert_eq!(get(&gw, "/missing.php").await.status, 404, "a script named");
+}

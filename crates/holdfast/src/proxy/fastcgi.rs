@@ -28,6 +28,9 @@ pub struct Script {
     pub name: String,
     /// PATH_INFO: what follows the script name.
     pub path_info: String,
+    /// The index of a directory path (one ending in `/`): when it does not exist,
+    /// the fallback runs instead, as with a path naming no script.
+    pub index: bool,
 }
 
 /// Splits a decoded path into script and path info.
@@ -55,21 +58,34 @@ pub fn split_script(path: &str, route: &FastCgiRoute) -> Result<Script, StatusCo
         return Ok(Script {
             name: path[..end].to_owned(),
             path_info: path[end..].to_owned(),
+            index: false,
         });
     }
     if path.ends_with('/') {
         return Ok(Script {
             name: format!("{path}{}", route.index),
             path_info: String::new(),
+            index: true,
         });
     }
     match &route.fallback {
-        Some(f) => Ok(Script {
-            name: f.clone(),
-            path_info: String::new(),
-        }),
+        Some(f) => Ok(fallback(f)),
         None => Err(StatusCode::NOT_FOUND),
     }
+}
+
+fn fallback(f: &str) -> Script {
+    Script {
+        name: f.to_owned(),
+        path_info: String::new(),
+        index: false,
+    }
+}
+
+async fn is_file(path: &str) -> bool {
+    tokio::fs::metadata(Path::new(path))
+        .await
+        .is_ok_and(|m| m.is_file())
 }
 
 /// Builds the params for one request.
@@ -87,14 +103,20 @@ pub async fn params(
     let path: Cow<'_, str> = percent_encoding::percent_decode_str(raw_path)
         .decode_utf8()
         .map_err(|_| StatusCode::BAD_REQUEST)?;
-    let script = split_script(&path, route)?;
+    let mut script = split_script(&path, route)?;
     let root = route.root.to_string_lossy();
     let root = root.trim_end_matches('/');
-    let filename = format!("{root}{}", script.name);
-    if route.check_file {
-        match tokio::fs::metadata(Path::new(&filename)).await {
-            Ok(m) if m.is_file() => {}
-            _ => return Err(StatusCode::NOT_FOUND),
+    let mut filename = format!("{root}{}", script.name);
+    if route.check_file && !is_file(&filename).await {
+        // A directory path with no index of its own (a pretty URL ending in `/`)
+        // is the front controller's, as nginx's `try_files $uri $uri/ /index.php`.
+        let Some(f) = route.fallback.as_deref().filter(|_| script.index) else {
+            return Err(StatusCode::NOT_FOUND);
+        };
+        script = fallback(f);
+        filename = format!("{root}{}", script.name);
+        if !is_file(&filename).await {
+            return Err(StatusCode::NOT_FOUND);
         }
     }
 
