@@ -1659,3 +1659,59 @@ async fn a_directory_path_without_an_index_goes_to_the_fallback() {
     assert_eq!(get(&gw, "/docs/").await.text(), "docs index");
     assert_eq!(get(&gw, "/missing.php").await.status, 404, "a script named");
 }
+
+/// A slow upload on a new connection keeps it unanswered for as long as the client
+/// takes; php-fpm has workers to spare, so that is no sign of one starved of a worker.
+/// Taken for one, every other connection would be closed as its answer ends, and
+/// each request of another client would open a new connection for the whole upload
+/// (story 4).
+#[tokio::test]
+async fn a_slow_upload_on_a_new_connection_does_not_close_everyone_elses() {
+    let fpm = PhpFpm::start(PhpFpmOptions {
+        max_children: 4,
+        ..PhpFpmOptions::default()
+    })
+    .await;
+    fpm.script("pid.php", "<?php echo getmypid();");
+    fpm.script(
+        "len.php",
+        "<?php echo strlen(file_get_contents('php://input'));",
+    );
+    let gw = Site::tcp(&fpm).tables("retry.attempts = 1\n").start().await;
+
+    // The first request: a streamed upload, on a new connection, its body held back.
+    let mut uploader = RawClient::connect(gw.addr).await.expect("connect");
+    uploader
+        .send("POST /len.php HTTP/1.1\r\nhost: a.test\r\ncontent-length: 2000\r\n\r\n")
+        .await
+        .expect("head");
+    uploader.send([b'x'; 1000]).await.expect("a piece");
+    assert!(
+        wait_until_async(RESPONSE_TIMEOUT, || async {
+            figure(&pools(&gw).await.1["created"]) == 1
+        })
+        .await,
+        "the upload's connection was opened"
+    );
+    // Longer than the 50 ms after which an unanswered new connection may be waiting
+    // for a worker: the scenario, not a wait for an event.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+
+    let mut other = client(&gw);
+    for _ in 0..5 {
+        let resp = other.get("/pid.php").await.expect("GET");
+        assert_eq!(resp.status, 200);
+    }
+    uploader.send([b'x'; 1000]).await.expect("the rest");
+    let resp = uploader
+        .read_response(RESPONSE_TIMEOUT)
+        .await
+        .expect("upload answered");
+    assert_eq!(resp.text(), "2000");
+    let (_, pool) = pools(&gw).await;
+    assert_eq!(
+        figure(&pool["created"]),
+        2,
+        "5 requests beside one upload: {pool}"
+    );
+}

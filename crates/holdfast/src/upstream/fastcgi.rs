@@ -59,6 +59,8 @@ pub struct FastCgiConn {
     body_written: Option<tokio::time::Instant>,
     /// The request body still to be written, while the response is read.
     upload: Option<Upload>,
+    /// Whether a streamed request body waits on the client (for the pool).
+    upload_clock: Arc<UploadClock>,
 }
 
 /// A request body on its way: STDIN records encoded and not yet written, and the
@@ -89,6 +91,7 @@ pub fn connected(stream: Stream, write_timeout: Duration, label: Arc<str>) -> Co
         label,
         body_written: None,
         upload: None,
+        upload_clock: Arc::default(),
     };
     Connected {
         stream: stream.clone(),
@@ -117,11 +120,52 @@ async fn watch_idle(stream: Arc<Stream>, mut busy: watch::Receiver<bool>) {
     }
 }
 
+/// Whether a connection sending a streamed request body waits on the client for it,
+/// for the pool: a new connection waiting on a slow client's upload is not one
+/// waiting for a worker (see `Pool::waits_for_worker`). Written as the body is polled
+/// (a clock reading per piece of the body), read by the pool.
+#[derive(Debug, Default)]
+pub struct UploadClock(std::sync::atomic::AtomicU64);
+
+/// [`UploadClock`]: waiting on the client now.
+const ON_CLIENT: u64 = u64::MAX;
+
+impl UploadClock {
+    /// The client gave a piece of the body (or its end) at `at`.
+    fn gave(&self, at: tokio::time::Instant) {
+        let micros = crate::timer::micros_since_base(at) + 1;
+        self.0.store(micros, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Everything given so far is written: the body waits on the client.
+    fn waits_on_client(&self) {
+        if self.0.load(std::sync::atomic::Ordering::Relaxed) != ON_CLIENT {
+            self.0
+                .store(ON_CLIENT, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
+    /// `Some(None)` while the body waits on the client; `Some(Some(at))` when the
+    /// client last gave a piece of it (or its end); `None` before anything.
+    pub fn client_wait(&self) -> Option<Option<tokio::time::Instant>> {
+        match self.0.load(std::sync::atomic::Ordering::Relaxed) {
+            0 => None,
+            ON_CLIENT => Some(None),
+            at => Some(Some(crate::timer::instant_from_micros(at - 1))),
+        }
+    }
+}
+
 impl FastCgiConn {
     /// Broken, or its idle watch has ended (the application closed it or sent
     /// something while it was idle): the watch drops its end of `busy` when it ends.
     pub fn is_closed(&self) -> bool {
         self.exchange == Exchange::Broken || self.busy.is_closed()
+    }
+
+    /// Whether a streamed request body waits on the client, as the pool reads it.
+    pub fn upload_clock(&self) -> Arc<UploadClock> {
+        self.upload_clock.clone()
     }
 
     /// Sends one request and reads until its CGI head is complete.
@@ -236,12 +280,17 @@ impl FastCgiConn {
                 return Poll::Ready(Ok(()));
             }
             match std::pin::Pin::new(&mut up.body).poll_frame(cx) {
-                Poll::Pending => return Poll::Pending,
+                Poll::Pending => {
+                    self.upload_clock.waits_on_client();
+                    return Poll::Pending;
+                }
                 Poll::Ready(None) => {
+                    self.upload_clock.gave(tokio::time::Instant::now());
                     record::encode_stdin(&mut up.out, REQUEST_ID, b"");
                     up.ended = true;
                 }
                 Poll::Ready(Some(Ok(frame))) => {
+                    self.upload_clock.gave(tokio::time::Instant::now());
                     if let Ok(data) = frame.into_data() {
                         record::encode_stdin(&mut up.out, REQUEST_ID, &data);
                     }

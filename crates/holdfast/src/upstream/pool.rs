@@ -233,13 +233,31 @@ struct State {
     learner: Learner,
     /// When the reaper will wake next, so a push only wakes it when it must.
     reaper_target: Option<Instant>,
-    /// With `free_workers`: new connections waiting for their first response, by id,
-    /// with the time each was opened.
-    fresh: BTreeMap<u64, Instant>,
+    /// With `free_workers`: new connections waiting for their first response, by id.
+    fresh: BTreeMap<u64, Fresh>,
     /// With `free_workers`: how long answers usually take.
     answer_wait: AnswerWait,
     /// HTTP/2: shared connections and requests waiting for a stream.
     shared: SharedState,
+}
+
+/// A new connection waiting for its first response (`free_workers`).
+struct Fresh {
+    opened: Instant,
+    /// Whether its request's streamed body waits on the client.
+    upload: Option<Arc<super::fastcgi::UploadClock>>,
+}
+
+impl Fresh {
+    /// Since when the connection waits on the application; `None` while it waits on
+    /// the client's upload instead: a slow client is no sign of a missing worker.
+    fn unanswered_since(&self) -> Option<Instant> {
+        match self.upload.as_ref().and_then(|u| u.client_wait()) {
+            None => Some(self.opened),
+            Some(None) => None,
+            Some(Some(at)) => Some(at.max(self.opened)),
+        }
+    }
 }
 
 pub struct Pool {
@@ -448,9 +466,17 @@ impl Pool {
             Arc::downgrade(self),
         ));
         let id = conn.id;
+        let upload = match &conn.client {
+            Client::FastCgi(c) if self.settings.free_workers => Some(c.upload_clock()),
+            _ => None,
+        };
         let mut pooled = PooledConn::new(conn, self.clone(), permit, None, created);
         if self.settings.free_workers {
-            self.lock().fresh.insert(id, created);
+            let fresh = Fresh {
+                opened: created,
+                upload,
+            };
+            self.lock().fresh.insert(id, fresh);
             pooled.first_response_pending = Some(id);
             tokio::spawn(free_worker_if_unanswered(Arc::downgrade(self), id, created));
         }
@@ -667,7 +693,8 @@ impl Pool {
         let wait = st.answer_wait.worker_wait();
         st.fresh
             .values()
-            .any(|opened| now.saturating_duration_since(*opened) >= wait)
+            .filter_map(Fresh::unanswered_since)
+            .any(|since| now.saturating_duration_since(since) >= wait)
     }
 
     fn checkin(&self, mut conn: Conn, hint: ResponseHint, now: Instant) {
@@ -880,19 +907,21 @@ async fn drive(
 /// until their idle timeout; without idle ones, the next connection to finish is
 /// closed instead (see `retire_reason`).
 async fn free_worker_if_unanswered(pool: Weak<Pool>, id: u64, opened: Instant) {
-    // Looked at again when answers were found slower meanwhile.
-    let mut wait = WORKER_WAIT;
+    // Looked at again when answers were found slower meanwhile, or the client gave
+    // more of its upload: bounded by the connection's first response (or its end).
+    let mut at = opened + WORKER_WAIT;
     loop {
-        tokio::time::sleep_until(opened + wait).await;
+        tokio::time::sleep_until(at).await;
         let Some(pool) = pool.upgrade() else { return };
         let oldest = {
             let mut st = pool.lock();
-            if !st.fresh.contains_key(&id) {
+            let Some(fresh) = st.fresh.get(&id) else {
                 return;
-            }
-            let due = st.answer_wait.worker_wait();
-            if due > wait {
-                wait = due;
+            };
+            let now = Instant::now();
+            let due = fresh.unanswered_since().unwrap_or(now) + st.answer_wait.worker_wait();
+            if due > now {
+                at = due;
                 continue;
             }
             st.idle.pop_oldest()
