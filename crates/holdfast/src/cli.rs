@@ -67,6 +67,17 @@ pub struct ProbeArgs {
     /// (default: the system's trust store).
     #[arg(long)]
     pub ca_file: Option<std::path::PathBuf>,
+    /// https: the name to send as SNI and verify the certificate for (default: the
+    /// URL's host), as the upstream TLS key server_name.
+    #[arg(long)]
+    pub server_name: Option<String>,
+    /// https: PEM certificate chain to present when the upstream asks for one
+    /// (mutual TLS), as the upstream TLS key client_cert; needs --client-key.
+    #[arg(long)]
+    pub client_cert: Option<std::path::PathBuf>,
+    /// https: PEM private key of --client-cert, as the upstream TLS key client_key.
+    #[arg(long)]
+    pub client_key: Option<std::path::PathBuf>,
     /// FastCGI: the script to run, as the application sees it (SCRIPT_FILENAME).
     #[arg(long)]
     pub script: Option<String>,
@@ -96,6 +107,9 @@ impl ProbeArgs {
         let mut o = ProbeOptions::new(self.url);
         o.script = self.script;
         o.ca_file = self.ca_file;
+        o.server_name = self.server_name;
+        o.client_cert = self.client_cert;
+        o.client_key = self.client_key;
         o.max_idle = self.max_idle.get();
         o.max_requests = self.max_requests;
         o.connections = usize::from(self.connections);

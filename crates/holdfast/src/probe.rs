@@ -17,7 +17,8 @@
 //! 3. A verdict (does it keep its word?) and a TOML snippet ([`report`]).
 //!
 //! URLs: `http://`, `https://` (TLS verified against `--ca-file` or the system's
-//! roots, ALPN `http/1.1`), `fastcgi://host:port` and `fastcgi+unix:///path.sock`.
+//! roots, ALPN `http/1.1`; `--server-name`, `--client-cert` and `--client-key` as the
+//! upstream TLS keys of those names), `fastcgi://host:port` and `fastcgi+unix:///path.sock`.
 //! Not here: HTTP/2 (which closes with GOAWAY, not a race) and `http+unix`.
 
 pub mod conn;
@@ -28,6 +29,8 @@ use std::time::Duration;
 
 use futures_util::future::join_all;
 use tokio::time::Instant;
+
+use crate::config::UpstreamTlsConfig;
 
 pub use self::conn::CloseStyle;
 use self::conn::{Answer, Conn, Dialer, Watch};
@@ -48,6 +51,14 @@ pub struct ProbeOptions {
     /// `https`: PEM CA certificates to verify the upstream with; default: the
     /// system's trust store.
     pub ca_file: Option<PathBuf>,
+    /// `https`: the name sent as SNI and verified in the certificate (the upstream
+    /// TLS key `server_name`); default: the URL's host.
+    pub server_name: Option<String>,
+    /// `https`: PEM certificate chain presented when the upstream asks for one
+    /// (mutual TLS; the upstream TLS key `client_cert`); needs `client_key`.
+    pub client_cert: Option<PathBuf>,
+    /// `https`: PEM private key of `client_cert` (the upstream TLS key `client_key`).
+    pub client_key: Option<PathBuf>,
     /// For FastCGI: the script to run (SCRIPT_FILENAME), as the application sees it.
     pub script: Option<String>,
     /// Longest idle time watched for. Default 120 s.
@@ -67,6 +78,9 @@ impl ProbeOptions {
         ProbeOptions {
             url: url.into(),
             ca_file: None,
+            server_name: None,
+            client_cert: None,
+            client_key: None,
             script: None,
             max_idle: Duration::from_secs(120),
             max_requests: 100,
@@ -220,7 +234,8 @@ pub async fn run(
         }
     }
     let target = Target::parse(&options.url, options.script.as_deref())?;
-    let dialer = Dialer::new(&target, options.ca_file.as_deref()).await?;
+    let tls = tls_options(options, &target)?;
+    let dialer = Dialer::new(&target, tls.as_ref()).await?;
     let addr = dialer.describe();
     let mut connections = 0;
     let mut requests = 0;
@@ -472,6 +487,59 @@ pub async fn run(
         requests_sent: requests,
         elapsed_secs: started.elapsed().as_secs_f64(),
     })
+}
+
+/// The `https` settings the flags make, as `[upstream.NAME.tls]` would hold them,
+/// checked as the config checks them but naming the flags.
+///
+/// # Errors
+/// A TLS flag on a URL that is not `https`, a certificate without its key (or the
+/// reverse), a server name that is no name, or a file that cannot be used.
+fn tls_options(
+    options: &ProbeOptions,
+    target: &Target,
+) -> Result<Option<UpstreamTlsConfig>, ProbeError> {
+    let tls = UpstreamTlsConfig {
+        ca_file: options.ca_file.clone(),
+        server_name: options.server_name.clone(),
+        client_cert: options.client_cert.clone(),
+        client_key: options.client_key.clone(),
+    };
+    if !target.tls {
+        return match tls_flags_given(&tls).first() {
+            Some(flag) => Err(ProbeError::Usage(format!("{flag}: only for https:// URLs"))),
+            None => Ok(None),
+        };
+    }
+    let flag = |key: &str| format!("--{}", key.replace('_', "-"));
+    match (&tls.client_cert, &tls.client_key) {
+        (Some(_), None) => {
+            return Err(ProbeError::Usage("--client-cert needs --client-key".into()));
+        }
+        (None, Some(_)) => {
+            return Err(ProbeError::Usage("--client-key needs --client-cert".into()));
+        }
+        _ => {}
+    }
+    if let Some((key, message)) = tls.problems().into_iter().next() {
+        return Err(ProbeError::Usage(format!("{}: {message}", flag(key))));
+    }
+    crate::upstream::tls::check(&tls)
+        .map_err(|(key, message)| ProbeError::Usage(format!("{}: {message}", flag(key))))?;
+    Ok(Some(tls))
+}
+
+/// The TLS flags set, by name.
+fn tls_flags_given(tls: &UpstreamTlsConfig) -> Vec<&'static str> {
+    [
+        ("--ca-file", tls.ca_file.is_some()),
+        ("--server-name", tls.server_name.is_some()),
+        ("--client-cert", tls.client_cert.is_some()),
+        ("--client-key", tls.client_key.is_some()),
+    ]
+    .into_iter()
+    .filter_map(|(flag, set)| set.then_some(flag))
+    .collect()
 }
 
 enum IdleOutcome {

@@ -225,6 +225,115 @@ async fn https_to_nginx_measures_through_tls_and_refuses_an_unknown_issuer() {
     );
 }
 
+/// nginx asking for a client certificate (`ssl_verify_client on`), on an address its
+/// certificate does not name: `--server-name` (the name to verify and send as SNI)
+/// and `--client-cert`/`--client-key` (mutual TLS) probe it as holdfast would reach
+/// it with the same `[upstream.NAME.tls]` keys. Without a client certificate nginx
+/// answers 400 to everything, and without the name the certificate is refused.
+#[tokio::test]
+async fn an_mtls_upstream_is_probed_with_its_server_name_and_a_client_certificate() {
+    let pki = TestCa::new("holdfast probe test CA");
+    let (cert, key) = pki.issue("nginx", &["api.test"], false);
+    let (client_cert, client_key) = pki.issue("probe-client", &[], false);
+    let nginx = Nginx::start(&format!(
+        "server {{\n\
+         \x20   listen 127.0.0.1:{{port}} ssl;\n\
+         \x20   ssl_certificate {};\n\
+         \x20   ssl_certificate_key {};\n\
+         \x20   ssl_client_certificate {};\n\
+         \x20   ssl_verify_client on;\n\
+         \x20   keepalive_timeout 2s;\n\
+         \x20   keepalive_requests 5;\n\
+         \x20   location / {{ return 200 \"$ssl_client_s_dn\\n\"; }}\n\
+         }}\n",
+        cert.display(),
+        key.display(),
+        pki.ca_file().display(),
+    ))
+    .await;
+    let url = format!("https://127.0.0.1:{}/", nginx.port());
+    let mut o = options(&url, Duration::from_secs(4));
+    o.ca_file = Some(pki.ca_file());
+    o.connections = 1;
+
+    let e = holdfast::probe::run(&o, &|_| {})
+        .await
+        .expect_err("the certificate names api.test, not 127.0.0.1");
+    assert!(e.to_string().contains("certificate"), "{e}");
+
+    o.server_name = Some("api.test".into());
+    let (r, _) = probe(&o).await;
+    assert_eq!(
+        r.first_response.status, 400,
+        "no client certificate: nginx refuses every request"
+    );
+
+    o.client_cert = Some(client_cert);
+    o.client_key = Some(client_key);
+    let (r, _) = probe(&o).await;
+    assert!(r.tls);
+    assert_eq!(r.first_response.status, 200, "{}", r.render());
+    assert_eq!(r.requests_per_connection.limit, Some(5), "{}", r.render());
+    assert_near(
+        r.idle.timeout_secs.expect("measured"),
+        2.0,
+        "nginx idle timeout over mutual TLS",
+    );
+}
+
+/// The TLS flags are checked as the config checks its `[upstream.NAME.tls]` keys,
+/// naming the flag: a certificate without its key, a name that is no name, a file
+/// that cannot be read, a TLS flag on a URL that is not `https`.
+#[tokio::test]
+async fn tls_flags_that_cannot_work_are_refused_naming_the_flag() {
+    let pki = TestCa::new("holdfast probe test CA");
+    let (cert, key) = pki.issue("probe-client", &[], false);
+    let up = TestUpstream::start(Behaviour::Echo).await;
+    let https = format!("https://127.0.0.1:{}/", up.addr().port());
+    type SetFlags<'a> = Box<dyn Fn(&mut ProbeOptions) + 'a>;
+    let cases: [(&str, SetFlags<'_>, &str); 5] = [
+        (
+            &https,
+            Box::new(|o| o.client_cert = Some(cert.clone())),
+            "--client-cert needs --client-key",
+        ),
+        (
+            &https,
+            Box::new(|o| o.client_key = Some(key.clone())),
+            "--client-key needs --client-cert",
+        ),
+        (
+            &https,
+            Box::new(|o| o.server_name = Some("not a name".into())),
+            "--server-name: \"not a name\" is not a DNS name or IP address",
+        ),
+        (
+            &https,
+            Box::new(|o| {
+                o.client_cert = Some("/nonexistent/client.pem".into());
+                o.client_key = Some(key.clone());
+            }),
+            "--client-cert: /nonexistent/client.pem",
+        ),
+        (
+            &up.url(),
+            Box::new(|o| o.server_name = Some("api.test".into())),
+            "--server-name: only for https:// URLs",
+        ),
+    ];
+    for (url, set, says) in cases {
+        let mut o = options(url, Duration::from_millis(300));
+        set(&mut o);
+        match holdfast::probe::run(&o, &|_| {}).await {
+            Err(e @ holdfast::probe::ProbeError::Usage(_)) => {
+                assert!(e.to_string().contains(says), "expected {says:?}, got {e}");
+            }
+            Err(e) => panic!("{says}: not a usage error: {e}"),
+            Ok(r) => panic!("{says}: probed:\n{}", r.render()),
+        }
+    }
+}
+
 /// A TLS upstream that drops idle connections with a bare FIN, no close_notify (as
 /// many do): the probe reads that as a silent close after the idle time, not as an
 /// error.

@@ -10,7 +10,7 @@
 
 use std::io;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use bytes::{Buf, BytesMut};
@@ -43,11 +43,16 @@ enum Place {
 
 impl Dialer {
     /// Resolves the target's host (once: every connection goes to the same address)
-    /// and, for `https`, sets up TLS verified against `ca_file` or the system's roots.
+    /// and, for `https`, sets up TLS as `tls` says (checked by the caller): verified
+    /// against its `ca_file` or the system's roots, its `server_name` or the URL's
+    /// host, its client certificate if any.
     ///
     /// # Errors
-    /// The host does not resolve, or the CA file cannot be used.
-    pub async fn new(target: &Target, ca_file: Option<&Path>) -> Result<Dialer, ProbeError> {
+    /// The host does not resolve, or TLS cannot be set up.
+    pub async fn new(
+        target: &Target,
+        tls: Option<&UpstreamTlsConfig>,
+    ) -> Result<Dialer, ProbeError> {
         let place = match &target.unix {
             Some(path) => Place::Unix(path.clone()),
             None => Place::Tcp(
@@ -63,20 +68,16 @@ impl Dialer {
                     })?,
             ),
         };
-        let tls = if target.tls {
-            let config = UpstreamTlsConfig {
-                ca_file: ca_file.map(Path::to_path_buf),
-                ..UpstreamTlsConfig::default()
-            };
-            // The probe speaks HTTP/1.1 only, so ALPN offers only that.
-            let client = TlsClient::new(&config, HttpVersion::Http1)
-                .map_err(|e| ProbeError::Tls(format!("--ca-file: {e}")))?;
-            let name = client
-                .server_name(&target.host)
-                .map_err(|e| ProbeError::Tls(e.to_string()))?;
-            Some((client, name))
-        } else {
-            None
+        let tls = match tls.filter(|_| target.tls) {
+            Some(config) => {
+                // The probe speaks HTTP/1.1 only, so ALPN offers only that.
+                let client = TlsClient::new(config, HttpVersion::Http1).map_err(ProbeError::Tls)?;
+                let name = client
+                    .server_name(&target.host)
+                    .map_err(|e| ProbeError::Tls(e.to_string()))?;
+                Some((client, name))
+            }
+            None => None,
         };
         Ok(Dialer { place, tls })
     }
