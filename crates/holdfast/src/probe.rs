@@ -10,10 +10,11 @@
 //! 2. `connections` connections, opened a fraction of a second apart (staggered, so a
 //!    coarse timer on the upstream shows as spread rather than as a false precision),
 //!    send one request each and then sit idle; each is watched for the upstream's FIN
-//!    or RST until `max_idle`. The close is seen the moment it arrives, so the idle
-//!    timeout is measured to a few milliseconds plus the upstream's own timer slack.
-//!    A connection still open at `max_idle` sends one more request, which tells a
-//!    working connection from one dropped silently on the way.
+//!    or RST until `max_idle` (and the half second of the stated precision beyond,
+//!    so a timeout of `max_idle` itself is measured). The close is seen the moment it
+//!    arrives, so the idle timeout is measured to a few milliseconds plus the
+//!    upstream's own timer slack. A connection still open then sends one more
+//!    request, which tells a working connection from one dropped silently on the way.
 //! 3. A verdict (does it keep its word?) and a TOML snippet ([`report`]).
 //!
 //! URLs: `http://`, `https://` (TLS verified against `--ca-file` or the system's
@@ -577,7 +578,11 @@ async fn watch_one(
         Answer::Response(_) => {}
         Answer::Closed(_) => return Ok(closed_by_response(1)),
     }
-    let until = c.idle_since + options.max_idle;
+    // Watched a little past `max_idle`, by the stated precision: an idle timeout of
+    // `max_idle` itself (a round figure probed with that figure) closes on the border,
+    // and a request sent at `max_idle` would meet that close on its way, unread,
+    // and take a FIN after the idle time asked about for a connection dead when used.
+    let until = c.idle_since + options.max_idle + report::TOLERANCE;
     match c.watch_close(until).await {
         Watch::Closed {
             after,

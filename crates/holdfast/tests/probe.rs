@@ -550,6 +550,40 @@ async fn a_close_found_only_on_the_next_request_is_not_called_safe() {
     );
 }
 
+/// An idle timeout of `--max-idle` itself (Node.js's 5 s probed with
+/// `--max-idle 5s`): the upstream's close lands on the border, just after the watch
+/// ended, while the request that checks the connection is on its way, unread when the
+/// upstream's timer fires. That request then found the connection closed, and the
+/// probe reported a connection dead when used "with no FIN or RST while idle", the
+/// idle timeout NOT MEASURED, and advised a smaller `--max-idle`, for an upstream
+/// that closes with a FIN at the idle time asked about.
+#[tokio::test]
+async fn an_idle_close_just_after_max_idle_is_measured_not_taken_for_a_silent_drop() {
+    let up = ClosesAfterIdleUnread::start(Duration::from_millis(1030)).await;
+    let mut o = options(&format!("http://{}/", up.addr), Duration::from_secs(1));
+    o.connections = 1;
+    o.max_requests = 3;
+    let (r, _) = probe(&o).await;
+    assert_eq!(
+        r.idle.usable_after_max_idle,
+        Vec::<bool>::new(),
+        "{:?}\n{}",
+        r.verdict.findings,
+        r.recommended.toml
+    );
+    assert_near(
+        r.idle.timeout_secs.expect("measured"),
+        1.03,
+        "idle close on the border",
+    );
+    assert_eq!(r.idle.close, Some(CloseStyle::Fin));
+    assert!(
+        !r.recommended.toml.contains("NOT MEASURED"),
+        "{}",
+        r.recommended.toml
+    );
+}
+
 /// An idle timeout under 250 ms is taken for "closes every connection right after
 /// its response: nothing to reuse", although the same probe just reused one
 /// connection 20 times.
@@ -784,6 +818,52 @@ impl ClosesStaleOnUse {
             }
         });
         ClosesStaleOnUse { addr, task }
+    }
+}
+
+/// Answers each request with a small 200 and closes a connection idle for `after`
+/// (a FIN), but reads nothing in the last 100 ms before: a request arriving then
+/// waits unread, as one does when an upstream's idle timer fires before its event
+/// loop reads it (or its timer is coarse).
+struct ClosesAfterIdleUnread {
+    addr: SocketAddr,
+    task: JoinHandle<()>,
+}
+
+impl Drop for ClosesAfterIdleUnread {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl ClosesAfterIdleUnread {
+    async fn start(after: Duration) -> ClosesAfterIdleUnread {
+        const DEAF: Duration = Duration::from_millis(100);
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let task = tokio::spawn(async move {
+            while let Ok((mut s, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    if !answer_until_idle(&mut s, after - DEAF).await {
+                        return;
+                    }
+                    tokio::time::sleep(DEAF).await;
+                    let _ = s.shutdown().await;
+                    // What came meanwhile is drained, so the close stays a FIN and
+                    // not a reset for unread data.
+                    let mut sink = [0u8; 4096];
+                    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+                        while let Ok(n) = s.read(&mut sink).await {
+                            if n == 0 {
+                                break;
+                            }
+                        }
+                    })
+                    .await;
+                });
+            }
+        });
+        ClosesAfterIdleUnread { addr, task }
     }
 }
 
