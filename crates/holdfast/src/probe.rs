@@ -237,7 +237,6 @@ pub async fn run(
     let target = Target::parse(&options.url, options.script.as_deref())?;
     let tls = tls_options(options, &target)?;
     let dialer = Dialer::new(&target, tls.as_ref()).await?;
-    let addr = dialer.describe();
     let mut connections = 0;
     let mut requests = 0;
 
@@ -276,6 +275,8 @@ pub async fn run(
     // 1. Requests on one connection.
     let mut c = Conn::open(&target, &dialer, options.timeout).await?;
     connections += 1;
+    // Known once a connection is made: the host may resolve to several.
+    let addr = dialer.describe();
     progress(format!("connected to {addr}"));
     let mut first: Option<FirstResponse> = None;
     let mut limit = RequestLimit {

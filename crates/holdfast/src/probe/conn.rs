@@ -11,6 +11,7 @@
 use std::io;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::OnceLock;
 use std::time::Duration;
 
 use bytes::{Buf, BytesMut};
@@ -37,15 +38,22 @@ pub struct Dialer {
 }
 
 enum Place {
-    Tcp(SocketAddr),
+    /// Every address the host resolved to, in the resolver's order, and the first
+    /// that took a connection: the probe's connections all go there.
+    Tcp {
+        addrs: Vec<SocketAddr>,
+        chosen: OnceLock<SocketAddr>,
+    },
     Unix(PathBuf),
 }
 
 impl Dialer {
-    /// Resolves the target's host (once: every connection goes to the same address)
-    /// and, for `https`, sets up TLS as `tls` says (checked by the caller): verified
-    /// against its `ca_file` or the system's roots, its `server_name` or the URL's
-    /// host, its client certificate if any.
+    /// Resolves the target's host and, for `https`, sets up TLS as `tls` says
+    /// (checked by the caller): verified against its `ca_file` or the system's roots,
+    /// its `server_name` or the URL's host, its client certificate if any. The first
+    /// connection tries the addresses in the resolver's order, as other clients do
+    /// (`localhost` is often `::1` first, for a server listening on `127.0.0.1`
+    /// only); every connection after it goes to the address that answered.
     ///
     /// # Errors
     /// The host does not resolve, or TLS cannot be set up.
@@ -55,18 +63,25 @@ impl Dialer {
     ) -> Result<Dialer, ProbeError> {
         let place = match &target.unix {
             Some(path) => Place::Unix(path.clone()),
-            None => Place::Tcp(
-                tokio::net::lookup_host((target.host.as_str(), target.port))
-                    .await
-                    .map_err(|e| ProbeError::Resolve(target.host.clone(), e))?
-                    .next()
-                    .ok_or_else(|| {
-                        ProbeError::Resolve(
-                            target.host.clone(),
-                            io::Error::new(io::ErrorKind::NotFound, "no address"),
-                        )
-                    })?,
-            ),
+            None => {
+                let mut addrs: Vec<SocketAddr> =
+                    tokio::net::lookup_host((target.host.as_str(), target.port))
+                        .await
+                        .map_err(|e| ProbeError::Resolve(target.host.clone(), e))?
+                        .collect();
+                let mut seen = std::collections::HashSet::new();
+                addrs.retain(|a| seen.insert(*a));
+                if addrs.is_empty() {
+                    return Err(ProbeError::Resolve(
+                        target.host.clone(),
+                        io::Error::new(io::ErrorKind::NotFound, "no address"),
+                    ));
+                }
+                Place::Tcp {
+                    addrs,
+                    chosen: OnceLock::new(),
+                }
+            }
         };
         let tls = match tls.filter(|_| target.tls) {
             Some(config) => {
@@ -82,31 +97,65 @@ impl Dialer {
         Ok(Dialer { place, tls })
     }
 
-    /// The address connected to, for the report.
+    /// The address connected to, for the report; before any connection, every
+    /// address the host resolved to.
     pub fn describe(&self) -> String {
         match &self.place {
-            Place::Tcp(addr) => addr.to_string(),
+            Place::Tcp { chosen, .. } if let Some(addr) = chosen.get() => addr.to_string(),
+            Place::Tcp { addrs, .. } => addrs
+                .iter()
+                .map(SocketAddr::to_string)
+                .collect::<Vec<_>>()
+                .join(", "),
             Place::Unix(path) => path.display().to_string(),
         }
     }
 
-    /// A connection (and its TLS handshake) within `timeout`.
+    /// A connection (and its TLS handshake), each attempt within `timeout`.
     async fn dial(&self, timeout: Duration) -> Result<Box<dyn ProbeIo>, ProbeError> {
-        let timed_out = || io::Error::new(io::ErrorKind::TimedOut, "connect timed out");
-        let connect = async {
-            Ok::<Box<dyn ProbeIo>, io::Error>(match &self.place {
-                Place::Tcp(addr) => {
-                    let s = TcpStream::connect(addr).await?;
+        let io: Box<dyn ProbeIo> = match &self.place {
+            Place::Unix(path) => Box::new(
+                connect_within(timeout, UnixStream::connect(path))
+                    .await
+                    .map_err(|e| ProbeError::Connect(self.describe(), e))?,
+            ),
+            Place::Tcp { addrs, chosen } => {
+                let tcp = |addr: SocketAddr| async move {
+                    let s = connect_within(timeout, TcpStream::connect(addr)).await?;
                     let _ = s.set_nodelay(true);
-                    Box::new(s)
+                    Ok::<_, io::Error>(s)
+                };
+                if let Some(addr) = chosen.get() {
+                    Box::new(
+                        tcp(*addr)
+                            .await
+                            .map_err(|e| ProbeError::Connect(addr.to_string(), e))?,
+                    )
+                } else {
+                    let mut failed = None;
+                    let mut stream = None;
+                    // Bounded by the resolver's answer.
+                    for addr in addrs {
+                        match tcp(*addr).await {
+                            Ok(s) => {
+                                let _ = chosen.set(*addr);
+                                stream = Some(s);
+                                break;
+                            }
+                            Err(e) => failed = Some(e),
+                        }
+                    }
+                    match (stream, failed) {
+                        (Some(s), _) => Box::new(s),
+                        (None, e) => {
+                            return Err(ProbeError::Connect(
+                                self.describe(),
+                                e.unwrap_or_else(|| io::ErrorKind::NotFound.into()),
+                            ));
+                        }
+                    }
                 }
-                Place::Unix(path) => Box::new(UnixStream::connect(path).await?),
-            })
-        };
-        let io = match tokio::time::timeout(timeout, connect).await {
-            Ok(Ok(io)) => io,
-            Ok(Err(e)) => return Err(ProbeError::Connect(self.describe(), e)),
-            Err(_) => return Err(ProbeError::Connect(self.describe(), timed_out())),
+            }
         };
         let Some((client, name)) = &self.tls else {
             return Ok(io);
@@ -122,6 +171,17 @@ impl Dialer {
                 self.describe()
             ))),
         }
+    }
+}
+
+/// `connect` within `timeout`, a timeout being an error of its own.
+async fn connect_within<S>(
+    timeout: Duration,
+    connect: impl std::future::Future<Output = io::Result<S>>,
+) -> io::Result<S> {
+    match tokio::time::timeout(timeout, connect).await {
+        Ok(r) => r,
+        Err(_) => Err(io::Error::new(io::ErrorKind::TimedOut, "connect timed out")),
     }
 }
 
@@ -583,5 +643,44 @@ pub async fn fastcgi_values(
     match tokio::time::timeout(timeout, exchange).await {
         Ok(r) => r,
         Err(_) => Err(ProbeError::Timeout(timeout)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A host whose first address refuses (`localhost` as `::1` first, for a server
+    /// on `127.0.0.1` only): the probe connects to the next, as other clients do,
+    /// and every later connection goes there too.
+    #[tokio::test]
+    async fn the_next_address_is_tried_when_the_first_refuses() {
+        let refusing = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap()
+        };
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let open = listener.local_addr().unwrap();
+        let dialer = Dialer {
+            place: Place::Tcp {
+                addrs: vec![refusing, open],
+                chosen: OnceLock::new(),
+            },
+            tls: None,
+        };
+        let timeout = Duration::from_secs(5);
+        dialer
+            .dial(timeout)
+            .await
+            .expect("the second address answers");
+        assert_eq!(dialer.describe(), open.to_string());
+        dialer.dial(timeout).await.expect("and again");
+        for _ in 0..2 {
+            let (_, from) = tokio::time::timeout(timeout, listener.accept())
+                .await
+                .expect("accepted in time")
+                .unwrap();
+            assert!(from.ip().is_loopback());
+        }
     }
 }
