@@ -452,6 +452,33 @@ async fn a_failed_watch_is_a_finding_and_the_others_still_measure() {
     assert_eq!(r.connections_opened, 4);
 }
 
+/// Every idle watch failed (here the upstream answers later connections with
+/// something that is not HTTP): nothing about idle connections was measured, yet
+/// the snippet said the upstream "closes idle connections too soon for any margin"
+/// and the report "none within 3 s (3 connection(s) watched)".
+#[tokio::test]
+async fn when_every_idle_watch_fails_the_idle_timeout_is_not_measured() {
+    let up = TestUpstream::start(Behaviour::respond(|r| {
+        Reply::new(if r.conn >= 2 { 0 } else { 200 }).body("ok")
+    }))
+    .await;
+    let mut o = options(&up.url(), Duration::from_secs(3));
+    o.max_requests = 2;
+    let (r, _) = probe(&o).await;
+    assert_eq!(r.idle.errors.len(), 3, "{:?}", r.idle);
+    let text = r.render();
+    assert!(
+        !text.contains("too soon") && !text.contains("none within"),
+        "{text}"
+    );
+    assert!(
+        r.recommended.toml.contains("idle_timeout: NOT MEASURED"),
+        "{}",
+        r.recommended.toml
+    );
+    assert!(text.contains("idle timeout: not measured"), "{text}");
+}
+
 #[tokio::test]
 async fn the_binary_prints_json_on_stdout_and_progress_on_stderr() {
     let up = TestUpstream::start(Behaviour::CloseAfterRequests(3)).await;

@@ -318,10 +318,16 @@ pub fn recommend(
                 Dur(default_idle())
             );
         }
-        _ => {
+        _ if upstream_idle.is_some() => {
             let _ = writeln!(
                 t,
                 "# idle_timeout: the upstream closes idle connections too soon for any margin; keep the default and let holdfast learn"
+            );
+        }
+        _ => {
+            let _ = writeln!(
+                t,
+                "# idle_timeout: NOT MEASURED: every idle-watch connection failed (see the findings)"
             );
         }
     }
@@ -425,6 +431,10 @@ impl ProbeReport {
                 style.describe(),
                 closes.join(", "),
                 i.connections
+            ),
+            _ if i.still_open == 0 => writeln!(
+                t,
+                "  idle timeout: not measured (every idle-watch connection failed)"
             ),
             _ => writeln!(
                 t,
