@@ -176,10 +176,19 @@ impl Target {
                 ));
             }
         };
-        let (authority, path) = match rest.find('/') {
-            Some(i) => (&rest[..i], &rest[i..]),
-            None => (rest, "/"),
+        // A fragment is the client's own (RFC 9110 4.2.4): never sent.
+        let rest = rest.split_once('#').map_or(rest, |(r, _)| r);
+        // The authority ends at the path or the query (`http://h?x=1` is `/?x=1`).
+        let (authority, path) = match rest.find(['/', '?']) {
+            Some(i) if rest[i..].starts_with('?') => (&rest[..i], format!("/{}", &rest[i..])),
+            Some(i) => (&rest[..i], rest[i..].to_owned()),
+            None => (rest, "/".to_owned()),
         };
+        if authority.contains('@') {
+            return Err(bad(
+                "user information (user@host) is not supported; the probe sends no credentials",
+            ));
+        }
         let (host, port) = if let Some(v6) = authority.strip_prefix('[') {
             let (h, after) = v6.split_once(']').ok_or_else(|| bad("unclosed '['"))?;
             (h, after.strip_prefix(':'))
@@ -199,7 +208,7 @@ impl Target {
         Ok(Target {
             host: host.to_owned(),
             port,
-            path: path.to_owned(),
+            path,
             host_header: authority.to_owned(),
             fastcgi_script: script(fastcgi)?,
             tls,
@@ -707,5 +716,22 @@ mod tests {
         assert!(Target::parse("example.com", None).is_err());
         assert!(Target::parse("http://:80/", None).is_err());
         assert!(Target::parse("http://h:x/", None).is_err());
+    }
+
+    /// A query with no path before it was taken into the host ("cannot resolve
+    /// example.com?x=1"), a fragment went into the request line (which servers
+    /// answer 400, so the probe measured an error page), and user information into
+    /// the host or the port ("bad port").
+    #[test]
+    fn a_query_without_a_path_a_fragment_and_user_information_are_read_as_urls_are() {
+        let t = Target::parse("http://example.com?x=1#top", None).unwrap();
+        assert_eq!(
+            (t.host.as_str(), t.path.as_str(), t.host_header.as_str()),
+            ("example.com", "/?x=1", "example.com")
+        );
+        let t = Target::parse("http://example.com/a#b/c", None).unwrap();
+        assert_eq!((t.host.as_str(), t.path.as_str()), ("example.com", "/a"));
+        let e = Target::parse("http://user:pw@example.com/", None).unwrap_err();
+        assert!(e.to_string().contains("user information"), "{e}");
     }
 }
