@@ -243,6 +243,11 @@ pub async fn run(
             )));
         }
     }
+    // No connect or answer takes no time: every one would time out, blamed on the
+    // upstream.
+    if options.timeout.is_zero() {
+        return Err(ProbeError::Usage("--timeout: more than 0s".into()));
+    }
     let target = Target::parse(&options.url, options.script.as_deref())?;
     let tls = tls_options(options, &target)?;
     let dialer = Dialer::new(&target, tls.as_ref()).await?;

@@ -777,6 +777,22 @@ async fn a_huge_max_idle_is_refused_not_a_panic() {
     assert!(!stderr.contains("panicked"), "{stderr}");
 }
 
+/// `--timeout 0s` made every connect time out, and the probe failed saying it
+/// could not connect to an upstream that was there.
+#[tokio::test]
+async fn a_zero_timeout_is_refused_naming_the_flag() {
+    let up = TestUpstream::start(Behaviour::Echo).await;
+    let mut o = options(&up.url(), Duration::from_millis(300));
+    o.timeout = Duration::ZERO;
+    match holdfast::probe::run(&o, &|_| {}).await {
+        Err(e @ holdfast::probe::ProbeError::Usage(_)) => {
+            assert_eq!(e.to_string(), "--timeout: more than 0s");
+        }
+        Err(e) => panic!("not a usage error: {e}"),
+        Ok(r) => panic!("probed:\n{}", r.render()),
+    }
+}
+
 /// `--name api.v2` (a dotted name, valid for `[upstream."api.v2"]`) gives
 /// `[upstream.api.v2.pool]`: a pool for an upstream `api`, not valid config.
 #[tokio::test]
