@@ -1,10 +1,11 @@
-//! Signals to one process by PID, and what `/proc` says about processes.
+//! Signals to one process by PID, its open-files limit, and what `/proc` says about
+//! processes.
 //!
-//! The only module with `unsafe`: std has no safe `kill(2)`. Every call is guarded so a
+//! The only module with `unsafe`: std has no safe `kill(2)` nor `prlimit(2)`. Every call is guarded so a
 //! PID of 0, 1 or anything negative (a process group, init, every process) is refused.
 #![allow(
     unsafe_code,
-    reason = "kill(2) has no safe wrapper in std; PIDs are checked first"
+    reason = "kill(2) and prlimit(2) have no safe wrapper in std; PIDs are checked first"
 )]
 
 use std::io;
@@ -35,6 +36,44 @@ pub fn send_signal(pid: u32, signal: c_int) -> io::Result<()> {
     } else {
         Err(io::Error::last_os_error())
     }
+}
+
+/// Sets the soft `RLIMIT_NOFILE` of the single process `pid` (a child under test) to
+/// `soft`, its hard limit kept; returns the soft limit it had. Lowered below the
+/// descriptors it has open, its next `accept` or `open` fails with `EMFILE`.
+///
+/// # Errors
+///
+/// `InvalidInput` for a PID that would address more than one process (as
+/// [`send_signal`]); otherwise the `prlimit(2)` error.
+pub fn set_open_files_limit(pid: u32, soft: u64) -> io::Result<u64> {
+    let pid = libc::pid_t::try_from(pid)
+        .ok()
+        .filter(|p| *p > 1)
+        .ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("refusing to limit pid {pid}"),
+            )
+        })?;
+    let mut old = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: prlimit(2) only writes the process's limits into `old`, which outlives
+    // the call; a positive PID (checked above) addresses exactly one process.
+    if unsafe { libc::prlimit(pid, libc::RLIMIT_NOFILE, std::ptr::null(), &mut old) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let new = libc::rlimit {
+        rlim_cur: soft.min(old.rlim_max),
+        rlim_max: old.rlim_max,
+    };
+    // SAFETY: as above; prlimit(2) only reads `new`.
+    if unsafe { libc::prlimit(pid, libc::RLIMIT_NOFILE, &new, std::ptr::null_mut()) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(old.rlim_cur)
 }
 
 /// Whether `pid` is a running process (not gone, not a zombie waiting to be reaped).

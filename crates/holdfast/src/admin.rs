@@ -33,14 +33,18 @@ use crate::upstream::pool::PoolSnapshot;
 pub const ADMIN_HEAD_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, state: Arc<ServerState>) {
+    let mut errors = crate::server::listener::AcceptErrors::new("admin accept");
     loop {
         let stream = match listener.accept().await {
             Ok((stream, _)) => stream,
             Err(e) => {
-                crate::server::listener::pause_after_accept_error(&e, "admin accept failed").await;
+                if let Some(pause) = errors.failed(&e) {
+                    tokio::time::sleep(pause).await;
+                }
                 continue;
             }
         };
+        errors.accepted();
         let proxy = proxy.clone();
         let state = state.clone();
         tokio::spawn(async move {

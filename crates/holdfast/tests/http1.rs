@@ -2096,6 +2096,81 @@ fn assert_memory_bounded(proxy: &HoldfastProcess) {
     );
 }
 
+/// Out of file descriptors, accept fails (EMFILE) with the connection left in the
+/// kernel's queue, again at every try until a descriptor is free. The accept loop must
+/// live through it, say so once (not at every try: it warned 20 times a second for as
+/// long as it lasted), and take the waiting clients once descriptors are free. The child's limit is lowered from here (`prlimit`) to the descriptors it has
+/// open, so that the next client's accept fails; holdfast answers these requests
+/// itself (no route), needing no descriptor but the client's.
+#[tokio::test]
+async fn running_out_of_descriptors_is_logged_once_and_accepting_resumes() {
+    let config = "[admin]\nlisten = \"127.0.0.1:0\"\n\n[[listener]]\nlisten = \"127.0.0.1:0\"\n\n\
+         [[route]]\nhost = \"routed.test\"\nupstream = \"app\"\n\n\
+         [upstream.app]\naddresses = [\"http://127.0.0.1:9\"]\n";
+    let (proxy, addr) = spawn_holdfast(config, &[]).await;
+    let pid = proxy.pid();
+    let open: Vec<u64> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .expect("/proc/PID/fd")
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .collect();
+    let top = open.iter().max().expect("open descriptors") + 1;
+    let holes = top - open.len() as u64;
+    let old = holdfast_test::sys::set_open_files_limit(pid, top).expect("prlimit");
+    let request = b"GET / HTTP/1.1\r\nhost: other.test\r\n\r\n";
+    let mut answered = Vec::new();
+    let mut last = None;
+    // Each answered client took one free number below the limit, until an accept
+    // fails: on that client, or on the next try after it took the last number (the
+    // descriptor is claimed before the queue is looked at).
+    for _ in 0..holes + 2 {
+        let mut c = RawClient::connect(addr).await.expect("connect");
+        c.send(request).await.expect("request");
+        tokio::select! {
+            r = c.read_response(WAIT) => {
+                assert_eq!(r.expect("answered").status, 404);
+                answered.push(c);
+            }
+            true = proxy.wait_for_log("accept failed", WAIT) => {
+                last = Some(c);
+                break;
+            }
+        }
+    }
+    let Some(mut last) = last else {
+        let _ = holdfast_test::sys::set_open_files_limit(pid, old);
+        panic!(
+            "no accept failed after {holes} free numbers:\n{}",
+            proxy.logs()
+        )
+    };
+    // Out of descriptors now: this one waits in the queue.
+    let mut waiting = RawClient::connect(addr).await.expect("connect");
+    waiting.send(request).await.expect("request");
+    // The episode lasts a while: the loop keeps trying (not spinning) and keeps quiet.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let said = proxy.logs().matches("accept failed").count();
+    holdfast_test::sys::set_open_files_limit(pid, old).expect("prlimit");
+    for c in [&mut last, &mut waiting] {
+        let r = c.read_response(WAIT).await;
+        assert_eq!(
+            r.expect("a waiting client is served once descriptors are free")
+                .status,
+            404
+        );
+    }
+    assert_eq!(said, 1, "logged at every try:\n{}", proxy.logs());
+    assert!(
+        proxy.wait_for_log("accepting again", WAIT).await,
+        "the episode's end is not logged:\n{}",
+        proxy.logs()
+    );
+    // And accepting goes on as before.
+    let mut c = RawClient::connect(addr).await.expect("connect");
+    c.send(request).await.expect("request");
+    assert_eq!(c.read_response(WAIT).await.expect("answered").status, 404);
+    drop(answered);
+}
+
 // === raw upstreams ===
 
 /// A loopback server that runs `handle` on every connection.

@@ -24,6 +24,7 @@ pub async fn accept_loop(
     let mut watch = drain.clone();
     let draining = watch.draining();
     tokio::pin!(draining);
+    let mut errors = AcceptErrors::new("accept");
     loop {
         // A free slot is taken without a future; only a full listener waits.
         let permit = match limit.clone().try_acquire_owned() {
@@ -45,10 +46,17 @@ pub async fn accept_loop(
         let (stream, remote) = match accepted {
             Ok(a) => a,
             Err(e) => {
-                pause_after_accept_error(&e, "accept failed").await;
+                if let Some(pause) = errors.failed(&e) {
+                    tokio::select! {
+                        biased;
+                        () = draining.as_mut() => return listener,
+                        () = tokio::time::sleep(pause) => {}
+                    }
+                }
                 continue;
             }
         };
+        errors.accepted();
         // Linux copies TCP_NODELAY from the listening socket (set in `bind_tcp` and
         // `Server::bind`); elsewhere each connection needs it.
         #[cfg(not(target_os = "linux"))]
@@ -108,9 +116,100 @@ pub fn take_queued(
     }
 }
 
-/// After a failed accept (EMFILE and friends): logs it and backs off briefly, so that
-/// the accept loop does not spin on an error that lasts.
-pub(crate) async fn pause_after_accept_error(e: &std::io::Error, what: &'static str) {
-    tracing::warn!(error = %e, "{what}");
-    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+/// How long the accept loop waits after a failure that lasts (out of descriptors or
+/// memory) before it tries again: the connection stays in the kernel's queue, and each
+/// try costs one system call.
+const ACCEPT_RETRY: std::time::Duration = std::time::Duration::from_millis(50);
+
+/// The accept failures of one listener since its last accepted connection. A failure
+/// that lasts (EMFILE, ENFILE, ENOBUFS, ENOMEM: the connection waits in the kernel's
+/// queue, and every try fails until a descriptor or buffer is free) is logged when it
+/// begins and when accepting works again, not at every try; one that belongs to a
+/// single connection (reset or refused before it was taken) is skipped at once.
+#[derive(Debug)]
+pub(crate) struct AcceptErrors {
+    /// Whose accepts: "accept" or "admin accept", for the log.
+    what: &'static str,
+    /// Failed tries in this episode; 0: none going on.
+    tries: u64,
+    /// When the episode began, and its last error's code (a new one is logged).
+    since: Option<tokio::time::Instant>,
+    code: Option<i32>,
+}
+
+impl AcceptErrors {
+    /// `what`: whose accepts, for the log ("accept", "admin accept").
+    pub(crate) fn new(what: &'static str) -> AcceptErrors {
+        AcceptErrors {
+            what,
+            tries: 0,
+            since: None,
+            code: None,
+        }
+    }
+
+    /// After a failed accept: the pause before the next try, `None` to try at once.
+    pub(crate) fn failed(&mut self, e: &std::io::Error) -> Option<std::time::Duration> {
+        let what = self.what;
+        if is_connection_error(e) {
+            tracing::debug!(error = %e, "{what} failed: the connection was gone before it was taken");
+            return None;
+        }
+        self.tries += 1;
+        let since = *self.since.get_or_insert_with(tokio::time::Instant::now);
+        if self.tries == 1 || self.code != e.raw_os_error() {
+            self.code = e.raw_os_error();
+            tracing::warn!(
+                error = %e,
+                after_ms = since.elapsed().as_millis() as u64,
+                "{what} failed; trying again every {} ms, not logged again until it works",
+                ACCEPT_RETRY.as_millis()
+            );
+        }
+        Some(ACCEPT_RETRY)
+    }
+
+    /// After an accepted connection: ends the episode of failures going on, if any
+    /// (one comparison per connection otherwise).
+    #[inline]
+    pub(crate) fn accepted(&mut self) {
+        if self.tries != 0 {
+            self.recovered();
+        }
+    }
+
+    #[cold]
+    fn recovered(&mut self) {
+        let lasted = self.since.map_or(0, |s| s.elapsed().as_millis() as u64);
+        tracing::warn!(
+            failed_tries = self.tries,
+            lasted_ms = lasted,
+            "{}: accepting again",
+            self.what
+        );
+        *self = AcceptErrors::new(self.what);
+    }
+}
+
+/// An accept error that concerns only the connection it would have returned (Linux
+/// also reports a queued connection's pending network error this way, accept(2)).
+fn is_connection_error(e: &std::io::Error) -> bool {
+    use std::io::ErrorKind::{ConnectionAborted, ConnectionRefused, ConnectionReset};
+    matches!(
+        e.kind(),
+        ConnectionAborted | ConnectionReset | ConnectionRefused
+    ) || e.raw_os_error().is_some_and(|code| {
+        [
+            libc::ENETDOWN,
+            libc::EPROTO,
+            libc::ENOPROTOOPT,
+            libc::EHOSTDOWN,
+            libc::ENONET,
+            libc::EHOSTUNREACH,
+            libc::EOPNOTSUPP,
+            libc::ENETUNREACH,
+            libc::EPERM,
+        ]
+        .contains(&code)
+    })
 }
