@@ -16,6 +16,8 @@ use http::HeaderMap;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 
+use crate::server::conn::UploadHold;
+
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// The client sent more than `max_body_bytes`.
@@ -114,6 +116,8 @@ pub struct Streaming {
     /// Longest wait for the next piece of the body (`0`: none), and the wait's deadline.
     stall: std::time::Duration,
     stall_deadline: crate::timer::StallDeadline,
+    /// Keeps the client connection busy until the body ends, fails or is dropped.
+    hold: Option<UploadHold>,
 }
 
 /// What a streamed body tells about its way upstream, shared with the connection that
@@ -301,6 +305,7 @@ impl RequestBody {
             ended: EndWatch::default(),
             stall,
             stall_deadline: Default::default(),
+            hold: None,
         })))
     }
 
@@ -318,7 +323,16 @@ impl RequestBody {
             ended: EndWatch::default(),
             stall,
             stall_deadline: Default::default(),
+            hold: None,
         }))
+    }
+
+    /// A streamed body keeps what `hold` gives (the client connection busy) until it
+    /// ends, fails or is dropped; other bodies call nothing.
+    pub fn hold_connection(&mut self, hold: impl FnOnce() -> Option<UploadHold>) {
+        if let RequestBody::Streaming(s) = self {
+            s.hold = hold();
+        }
     }
 
     /// A copy for another attempt, if this body can be sent again.
@@ -374,6 +388,7 @@ impl Body for RequestBody {
                     // and hyper asks no more (see below).
                     if s.incoming.is_end_stream() {
                         s.ended.end();
+                        s.hold = None;
                     }
                     return Poll::Ready(Some(Ok(Frame::data(p))));
                 }
@@ -382,16 +397,19 @@ impl Body for RequestBody {
                     s.stall_deadline.progressed();
                 } else if s.stall_deadline.expired(s.stall, cx) {
                     s.ended.fail(BodyEnd::CLIENT);
+                    s.hold = None;
                     return Poll::Ready(Some(Err(Box::new(BodyStalled))));
                 }
                 match polled {
                     Poll::Pending => Poll::Pending,
                     Poll::Ready(None) => {
                         s.ended.end();
+                        s.hold = None;
                         Poll::Ready(None)
                     }
                     Poll::Ready(Some(Err(e))) => {
                         s.ended.fail(BodyEnd::CLIENT);
+                        s.hold = None;
                         Poll::Ready(Some(Err(Box::new(ClientBodyError(e)))))
                     }
                     Poll::Ready(Some(Ok(mut frame))) => {
@@ -402,6 +420,7 @@ impl Body for RequestBody {
                             s.received += d.len() as u64;
                             if s.received > s.limit {
                                 s.ended.fail(BodyEnd::TOO_LARGE);
+                                s.hold = None;
                                 return Poll::Ready(Some(Err(Box::new(BodyTooLarge))));
                             }
                         }
@@ -409,6 +428,7 @@ impl Body for RequestBody {
                         // last piece of a sized one), so its end is noted here too.
                         if s.incoming.is_end_stream() {
                             s.ended.end();
+                            s.hold = None;
                         }
                         Poll::Ready(Some(Ok(frame)))
                     }

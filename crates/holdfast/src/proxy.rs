@@ -29,6 +29,7 @@ use self::response::{BodyDeadlines, ResponseBody, UpstreamBody};
 use crate::body::RequestBody;
 use crate::config::{Config, ListenerConfig, Protocol};
 use crate::route::RouteTable;
+use crate::server::conn::InFlight;
 use crate::upstream::error::{Delivery, Kind, UpstreamError};
 use crate::upstream::figures::CloseReason;
 use crate::upstream::pool::Client;
@@ -132,11 +133,14 @@ impl Proxy {
     /// An async block rather than an `async fn`, which would keep `req` twice in the
     /// future (see [`Upstream::forward`]): hyper moves this future for every request.
     #[allow(clippy::manual_async_fn)]
+    /// `in_flight`: the request's hold on its client connection, which a streamed
+    /// body extends until it ends (see [`UploadHold`](crate::server::conn::UploadHold)).
     pub fn handle(
         &self,
         mut req: Request<Incoming>,
         conn: &ConnContext,
         start: Instant,
+        in_flight: &InFlight,
     ) -> impl Future<Output = Response<ResponseBody>> {
         async move {
             let routing = self.routing.load_full();
@@ -357,6 +361,10 @@ impl Proxy {
                     }
                 },
             };
+            // An upstream may go on taking a streamed body after its answer: the client
+            // connection stays busy until the body ends.
+            let mut body = body;
+            body.hold_connection(|| in_flight.hold_upload());
             if let (Some(original_target), Some(fcgi)) = (original_target, route.fastcgi.as_deref())
             {
                 // A body held whole has its length even when trailers ended it (they are

@@ -2018,3 +2018,87 @@ async fn a_post_racing_a_graceful_goaway_runs_once_upstream() {
         "answered without arriving: {failed:?}"
     );
 }
+
+/// After an early answer from an HTTP/2 upstream, hyper goes on sending the request
+/// body (the stream stays open), so the plain HTTP/1 client connection is still
+/// reading that body once the answer has gone out. A pause in the upload must not
+/// park the connection as idle: the park tells hyper the input ended, which cut the
+/// body, and the rest of it then arrived at a new hyper connection as a request head.
+/// The answer promised keep-alive: the upload finishes, and the next request on the
+/// connection is served.
+#[tokio::test]
+async fn a_pause_in_an_upload_after_an_early_answer_does_not_park_the_connection() {
+    let server = early_answer_server(8).await;
+    let gw = start(&format!(
+        "{}retry.attempts = 1\n",
+        proxy_to(&format!("h2c://{}", server.addr))
+    ))
+    .await;
+    let mut c = early_answered_upload(&gw).await;
+    // Idle well past the park (100 ms) in the middle of the body: the pause is the
+    // scenario.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    c.send(vec![b'u'; 100_000 - 4096]).await.unwrap();
+    c.send(b"GET /next HTTP/1.1\r\nHost: up\r\n\r\n")
+        .await
+        .unwrap();
+    let next = c.read_response_for("GET", SOON).await;
+    assert_eq!(next.as_ref().map(|r| r.status), Ok(200), "{next:?}");
+    assert_eq!(server.served.load(Relaxed), 1);
+}
+
+/// The same upload, after the early answer, to an upstream that takes no more of it
+/// (the HTTP/2 stream's window stays closed: the handler keeps the body unread). hyper
+/// then reads no more of it from the client, and only the body holds the client
+/// connection: with no request in flight, no other deadline would end it. It is cut
+/// once none of the body arrived for `body_timeout`.
+#[tokio::test]
+async fn an_upload_the_upstream_stops_taking_after_an_early_answer_is_cut_after_body_timeout() {
+    let server = early_answer_server(8).await;
+    let gw = start(&format!(
+        "{}retry.attempts = 1\n[[listener]]\nlisten = \"127.0.0.1:0\"\nbody_timeout = \"300ms\"\n",
+        proxy_to(&format!("h2c://{}", server.addr))
+    ))
+    .await;
+    let stream = TcpStream::connect(gw.addr).await.unwrap();
+    let (mut rd, mut wr) = stream.into_split();
+    wr.write_all(b"POST /early HTTP/1.1\r\nHost: up\r\nContent-Length: 100000000\r\n\r\n")
+        .await
+        .unwrap();
+    wr.write_all(&[b'u'; 4096]).await.unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !got.ends_with(b"early\n") {
+        let n = tokio::time::timeout(SOON, rd.read(&mut buf))
+            .await
+            .expect("early answer in time")
+            .unwrap();
+        assert!(n > 0, "closed before the early answer");
+        got.extend_from_slice(&buf[..n]);
+    }
+    assert!(
+        got.starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&got)
+    );
+    // Far more than the upstream's window (1 MiB) and the sockets' buffers hold.
+    let upload = tokio::spawn(async move {
+        let chunk = vec![b'u'; 64 * 1024];
+        for _ in 0..2_000 {
+            if wr.write_all(&chunk).await.is_err() {
+                return;
+            }
+        }
+    });
+    let closed = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match rd.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+    upload.abort();
+    assert!(closed.is_ok(), "the connection was not cut");
+}

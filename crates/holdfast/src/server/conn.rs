@@ -34,11 +34,12 @@
 //! The TLS handshake (and the h2c sniff) must end within `header_timeout`.
 
 use std::convert::Infallible;
+use std::fmt;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering::Relaxed};
 use std::task::Poll;
 use std::time::Duration;
 
@@ -172,8 +173,17 @@ pub struct ConnState {
     since_ms: AtomicU64,
     draining: AtomicBool,
     requests: AtomicU64,
-    /// Requests whose response is not written yet (at most one on HTTP/1).
-    active: AtomicU32,
+    /// Requests whose response is not written yet (at most one on HTTP/1), in the
+    /// low 32 bits, and (HTTP/1) request bodies still streaming upstream after their
+    /// answer, in units of [`UPLOAD`] (see [`UploadHold`]). One atomic, so that the
+    /// holder that leaves it at zero, on whichever task, is the one that makes the
+    /// connection idle.
+    active: AtomicU64,
+    /// HTTP/1 (see [`UploadHold`]).
+    http1: bool,
+    /// HTTP/1, while only an upload holds the connection: when the connection task
+    /// last saw the client's body arrive, in ms since [`clock_base`].
+    upload_seen_ms: AtomicU64,
     /// HTTP/2: `max_requests_per_connection` reached; send GOAWAY.
     close_soon: AtomicBool,
     /// The client asked to close after this request (`Connection: close`, or
@@ -182,7 +192,8 @@ pub struct ConnState {
     /// comes early; closing with it unread would send a reset.)
     pub(super) client_closes: AtomicBool,
     /// HTTP/2: the client has sent something since holdfast began closing (a PING
-    /// ack, a WINDOW_UPDATE): it is alive, and may be reading slowly.
+    /// ack, a WINDOW_UPDATE): it is alive, and may be reading slowly. HTTP/1: bytes
+    /// were read while busy (a request body arriving; see [`UploadHold`]).
     pub(super) heard: AtomicBool,
     /// HTTP/1: a write or flush hyper started has not finished (the socket is full):
     /// hyper holds bytes still to send. hyper ends a request once its response's last
@@ -240,6 +251,7 @@ impl ConnState {
     /// `header_timeout` after that, a TLS handshake (or h2c sniff) included.
     fn new(
         parkable: bool,
+        http1: bool,
         figures: Arc<ClientFigures>,
         ctx: ConnContext,
         shared: Arc<ListenerShared>,
@@ -256,7 +268,9 @@ impl ConnState {
             since_ms: AtomicU64::new(since),
             draining: AtomicBool::new(false),
             requests: AtomicU64::new(0),
-            active: AtomicU32::new(0),
+            active: AtomicU64::new(0),
+            http1,
+            upload_seen_ms: AtomicU64::new(0),
             close_soon: AtomicBool::new(false),
             client_closes: AtomicBool::new(false),
             heard: AtomicBool::new(false),
@@ -368,6 +382,20 @@ impl InFlight {
     pub(crate) fn ended_at(&mut self, at: Instant) {
         self.ended_at = Some(at);
     }
+
+    /// HTTP/1: keeps the connection busy while the request's body streams upstream,
+    /// which may go on after the response (see [`UploadHold`]); `None` on HTTP/2.
+    pub(crate) fn hold_upload(&self) -> Option<UploadHold> {
+        if !self.state.http1 {
+            return None;
+        }
+        // On the connection's task (hyper's HTTP/1 server polls the service there),
+        // the only one that writes `upload_seen_ms`: a new upload's stall is timed
+        // afresh.
+        self.state.upload_seen_ms.store(0, Relaxed);
+        self.state.active.fetch_add(UPLOAD, Relaxed);
+        Some(UploadHold(self.state.clone()))
+    }
 }
 
 impl Drop for InFlight {
@@ -376,6 +404,59 @@ impl Drop for InFlight {
             let at = self.ended_at.unwrap_or_else(Instant::now);
             self.state.set_at(ConnPhase::Idle, at);
         }
+    }
+}
+
+/// One [`UploadHold`] in [`ConnState::active`].
+const UPLOAD: u64 = 1 << 32;
+
+/// Held by a request body that streams upstream from an HTTP/1 client until it ends,
+/// fails or is dropped. An upstream may answer before it has the whole body (HTTP/2,
+/// or hyper's HTTP/1.1 client over TLS) and go on taking it: hyper is still reading
+/// it from the client after the response went out. The connection is not idle
+/// meanwhile: parked, it would tell hyper the input ended, which cuts the body, and
+/// the rest of it would reach a new hyper connection as a request head.
+///
+/// While only this holds the connection, it is looked at every `body_timeout` (or
+/// `keepalive_timeout`, when that is off) and cut when nothing of the body arrived
+/// since: an upstream that takes no more of it (no flow-control window) stops
+/// hyper's reads, and no other deadline is left to end the connection.
+///
+/// HTTP/2 client connections take none: each stream ends on its own, and a
+/// connection with no stream in flight is told GOAWAY and cut after its grace.
+pub struct UploadHold(Arc<ConnState>);
+
+impl fmt::Debug for UploadHold {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("UploadHold")
+    }
+}
+
+impl Drop for UploadHold {
+    fn drop(&mut self) {
+        if self.0.active.fetch_sub(UPLOAD, Relaxed) == UPLOAD {
+            // After the response: idle from now, and the connection task, which has
+            // no timer while busy, is told to look.
+            self.0.set(ConnPhase::Idle);
+            self.0.wake.notify_one();
+        }
+    }
+}
+
+impl ConnState {
+    /// Only uploads (no request in flight) hold the connection.
+    fn upload_only(&self) -> bool {
+        let active = self.active.load(Relaxed);
+        active != 0 && active as u32 == 0
+    }
+
+    /// How long an upload that holds the connection alone may go without arriving.
+    fn upload_stall_limit(&self) -> Duration {
+        let config = &self.shared.config;
+        config
+            .body_timeout
+            .non_zero()
+            .unwrap_or_else(|| config.keepalive_timeout.get())
     }
 }
 
@@ -429,6 +510,7 @@ pub fn serve(
         );
         let state = Arc::new(ConnState::new(
             parkable,
+            proto == Proto::Http1,
             tracked.figures(),
             ctx,
             shared.clone(),
@@ -485,7 +567,10 @@ pub fn serve(
                             shared.config.redirect_https_port,
                         )
                     } else {
-                        shared.proxy.handle(req, &state.ctx, arrived).await
+                        shared
+                            .proxy
+                            .handle(req, &state.ctx, arrived, &in_flight)
+                            .await
                     };
                     if resp.status() != http::StatusCode::SWITCHING_PROTOCOLS {
                         if let Some(upgrade) = upgrade {
@@ -693,7 +778,7 @@ fn park<'a>(
         loop {
             let at = match verdict(state, shared, Instant::now()) {
                 Verdict::RecheckAt(at) | Verdict::Park(at) => at,
-                Verdict::Close | Verdict::Abort(_) => return false,
+                Verdict::Close | Verdict::Abort(_) | Verdict::UploadStalled(_) => return false,
             };
             check.as_mut().reset(at);
             let readable = std::future::poll_fn(|cx| {
@@ -828,8 +913,12 @@ async fn drive<C>(
             if !state.draining.load(Relaxed) && draining.as_mut().poll(cx).is_ready() {
                 return Poll::Ready(Wake::Drain);
             }
-            // Only HTTP/2 is woken this way (`max_requests_per_connection` reached).
-            if proto == Proto::Http2 && wake.as_mut().poll(cx).is_ready() {
+            // HTTP/2 is woken this way when `max_requests_per_connection` is reached;
+            // HTTP/1 when an upload that alone held it ends (see `UploadHold`), looked
+            // for only then (a poll of it registers the waker again).
+            if (proto == Proto::Http2 || armed && state.upload_only())
+                && wake.as_mut().poll(cx).is_ready()
+            {
                 wake.set(state.wake.notified());
                 return Poll::Ready(Wake::Notified);
             }
@@ -874,6 +963,10 @@ async fn drive<C>(
                     Verdict::Abort(why) => {
                         state.figures.head_timeout.fetch_add(1, Relaxed);
                         tracing::info!(client = %remote, timeout = ?shared.config.header_timeout.get(), "{why}; closing");
+                        return;
+                    }
+                    Verdict::UploadStalled(limit) => {
+                        tracing::info!(client = %remote, timeout = ?limit, "request body still streaming upstream after its answer, none of it taken or sent within the limit; closing");
                         return;
                     }
                     // HTTP/1 sets its next time after the connection's next poll
@@ -937,21 +1030,24 @@ fn closing_http1(state: &ConnState, shared: &ListenerShared, now: Instant) -> Op
             Verdict::Abort(why) => Verdict::Abort(why),
             _ => Verdict::RecheckAt(now + BUSY_RECHECK),
         }),
+        ConnPhase::Busy if state.upload_only() => Some(verdict(state, shared, now)),
         _ => Some(Verdict::RecheckAt(now + BUSY_RECHECK)),
     }
 }
 
 /// When an HTTP/1 connection should be looked at next: `None` while a request is
 /// being served (the phase changes inside hyper's poll, so the next poll sees it).
+/// A request body that streams upstream after its answer (see [`UploadHold`]) is
+/// looked at, though the connection stays busy.
 fn http1_next_check(state: &ConnState, shared: &ListenerShared) -> Option<Instant> {
-    if state.phase.load(Relaxed) == ConnPhase::Busy as u8 {
+    if state.phase.load(Relaxed) == ConnPhase::Busy as u8 && !state.upload_only() {
         return None;
     }
     let now = Instant::now();
     Some(match verdict(state, shared, now) {
         Verdict::RecheckAt(at) => at,
         // Due now: the timer fires at the timer driver's next turn.
-        Verdict::Close | Verdict::Park(_) | Verdict::Abort(_) => now,
+        Verdict::Close | Verdict::Park(_) | Verdict::Abort(_) | Verdict::UploadStalled(_) => now,
     })
 }
 
@@ -965,6 +1061,9 @@ fn http1_head_due(state: &ConnState, header_timeout: Duration) -> Option<Instant
 
 enum Verdict {
     Close,
+    /// HTTP/1: only a request body still streaming upstream after its answer holds
+    /// the connection, and none of it arrived for this long (see [`UploadHold`]).
+    UploadStalled(Duration),
     /// Idle long enough to park; look again at the given time.
     Park(Instant),
     /// Cut the connection now, saying why.
@@ -1001,6 +1100,24 @@ fn verdict(state: &ConnState, shared: &ListenerShared, now: Instant) -> Verdict 
                     next = next.min(now + PARK_AFTER);
                 }
                 Verdict::RecheckAt(next)
+            }
+        }
+        // Only an upload after its answer: cut once none of it arrived for its limit.
+        ConnPhase::Busy if state.upload_only() => {
+            let limit = state.upload_stall_limit();
+            let seen = state.upload_seen_ms.load(Relaxed);
+            let heard = state.heard.swap(false, Relaxed);
+            if seen == 0 || heard {
+                let ms = now.saturating_duration_since(clock_base()).as_millis() as u64;
+                state.upload_seen_ms.store(ms.max(1), Relaxed);
+                Verdict::RecheckAt(now + limit)
+            } else {
+                let at = clock_base() + Duration::from_millis(seen) + limit;
+                if now >= at {
+                    Verdict::UploadStalled(limit)
+                } else {
+                    Verdict::RecheckAt(at)
+                }
             }
         }
         // Busy connections get `Connection: close` on their response; look again

@@ -183,16 +183,22 @@ impl AsyncRead for ClientIo {
                 } else if !this.mark_reading {
                     // HTTP/2: heard from (see `ConnState::heard`).
                     this.state.heard.store(true, Relaxed);
-                } else if this.state.phase.load(Relaxed) == ConnPhase::Idle as u8
+                } else {
+                    let phase = this.state.phase.load(Relaxed);
+                    if phase == ConnPhase::Idle as u8
                     // Empty lines before a request line are ignored (RFC 9112 2.2):
                     // some clients send a CRLF after a body. Alone they start no
                     // request, and leave the connection under the idle rules.
                     && !buf.filled()[before..].iter().all(|&b| b == b'\r' || b == b'\n')
-                {
-                    this.state.set(ConnPhase::Reading);
-                    // A request arrived: no parking this time.
-                    this.state.park.store(PARK_NONE, Relaxed);
-                    this.state.woken.store(false, Relaxed);
+                    {
+                        this.state.set(ConnPhase::Reading);
+                        // A request arrived: no parking this time.
+                        this.state.park.store(PARK_NONE, Relaxed);
+                        this.state.woken.store(false, Relaxed);
+                    } else if phase == ConnPhase::Busy as u8 {
+                        // A request body arriving (see `UploadHold`).
+                        this.state.heard.store(true, Relaxed);
+                    }
                 }
             }
             // Parking: nothing to read on an idle connection, so tell hyper the
