@@ -5,7 +5,7 @@
 //! |---|---|
 //! | SIGTERM, SIGQUIT, first SIGINT | graceful drain, then exit |
 //! | second SIGINT | exit at once |
-//! | SIGHUP | reload the config file (or, started from flags, the certificate files); a bad one is logged and the old one kept |
+//! | SIGHUP | reload the config file (or, started from flags, the certificate files); a bad one is logged and the old one kept; during an upgrade, also passed on to the new process once it is ready |
 //! | SIGUSR2 | start the binary at our path, hand it the listeners, drain once it is ready; ignored while draining |
 
 use std::ffi::OsString;
@@ -159,6 +159,9 @@ async fn handle_signals(
     } = signals;
     let mut interrupts = 0;
     let mut phase = Phase::Running;
+    // After a hand-over, the way to the new process (see `keep`): a SIGHUP sent here
+    // (by a script that read the PID file a moment before it changed) is passed on.
+    let mut handed_to: Option<mpsc::UnboundedSender<()>> = None;
     loop {
         let cmd = tokio::select! {
             _ = term.recv() => { tracing::info!("SIGTERM: draining"); Some(Control::Drain) }
@@ -173,28 +176,38 @@ async fn handle_signals(
                     Some(Control::Exit)
                 }
             }
-            _ = hup.recv() => {
-                let cmd = reload(&origin, fixed.as_ref(), &state);
-                // The next upgrade waits as long as the config in force says.
-                if let Some(Control::Reload(c)) = &cmd {
-                    ready_timeout = c.upgrade.ready_timeout.get();
+            _ = hup.recv() => match &handed_to {
+                Some(successor) => {
+                    if successor.send(()).is_err() {
+                        tracing::warn!("SIGHUP ignored: the new process this one handed over to has exited");
+                    }
+                    None
                 }
-                cmd
-            }
+                None => reload(&origin, fixed.as_ref(), &state, &mut ready_timeout),
+            },
             _ = usr2.recv() => match phase {
                 Phase::Running => {
-                    // A stop signal while the successor starts is not left waiting
-                    // for it: the successor is stopped and this process drains.
-                    let stop = async {
-                        tokio::select! {
-                            _ = term.recv() => "SIGTERM",
-                            _ = quit.recv() => "SIGQUIT",
-                            _ = int.recv() => "SIGINT",
-                        }
+                    let during = DuringUpgrade {
+                        term: &mut term,
+                        quit: &mut quit,
+                        int: &mut int,
+                        hup: &mut hup,
+                        tx: &tx,
+                        origin: (&origin, fixed.as_ref()),
+                        ready_timeout: &mut ready_timeout,
                     };
-                    match upgrade(&origin, &listeners, ready_timeout, &state, stop, &settled).await {
-                        Ok(cmd) => cmd,
-                        Err(signal) => {
+                    match upgrade(during, &listeners, &state, &settled).await {
+                        Upgraded::No => None,
+                        Upgraded::HandedOver { released, mut successor, reloaded } => {
+                            // The new process may have read the config file before the
+                            // change the SIGHUP was sent for.
+                            if reloaded {
+                                pass_on_sighup(&mut successor);
+                            }
+                            handed_to = Some(keep(successor));
+                            Some(Control::HandedOver(released))
+                        }
+                        Upgraded::Stopped(signal) => {
                             if signal == "SIGINT" {
                                 interrupts += 1;
                             }
@@ -220,10 +233,43 @@ async fn handle_signals(
     }
 }
 
+/// Watches the process this one handed its sockets to, and passes it a SIGHUP for each
+/// message on the returned channel, which closes once it has exited (and is reaped:
+/// the signal is sent only before, so its PID cannot name another process).
+fn keep(mut successor: Box<inherit::Successor>) -> mpsc::UnboundedSender<()> {
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = successor.child.wait() => return,
+                Some(()) = rx.recv() => pass_on_sighup(&mut successor),
+            }
+        }
+    });
+    tx
+}
+
+/// Passes a SIGHUP on to the process this one handed its sockets to, which reads the
+/// config file again.
+fn pass_on_sighup(successor: &mut inherit::Successor) {
+    match successor.signal(libc::SIGHUP) {
+        Some(pid) => tracing::info!(
+            pid,
+            "SIGHUP: passed on to the new process, which serves now"
+        ),
+        None => {
+            tracing::warn!("SIGHUP ignored: the new process this one handed over to has exited")
+        }
+    }
+}
+
+/// Reads the config again (SIGHUP). A config read sets `ready_timeout`: the next
+/// upgrade waits as long as the config in force says.
 fn reload(
     origin: &Origin,
     fixed: Option<&Config>,
     state: &crate::server::ServerState,
+    ready_timeout: &mut std::time::Duration,
 ) -> Option<Control> {
     let Some(path) = &origin.config_path else {
         return match fixed {
@@ -240,6 +286,7 @@ fn reload(
     match Config::load(path) {
         Ok(c) => {
             tracing::info!(path = %path.display(), "SIGHUP: reloading config");
+            *ready_timeout = c.upgrade.ready_timeout.get();
             Some(Control::Reload(Box::new(c)))
         }
         Err(errors) => {
@@ -253,30 +300,106 @@ fn reload(
     }
 }
 
-/// Starts the new binary and waits until it is ready. `Err(signal)`: a stop signal
-/// came first; the successor was told to stop too (see [`reap_stopped`]), and the
-/// caller drains.
+/// What the signal task hears while a new binary starts, and what it needs to act on
+/// a SIGHUP then.
+struct DuringUpgrade<'a> {
+    term: &'a mut tokio::signal::unix::Signal,
+    quit: &'a mut tokio::signal::unix::Signal,
+    int: &'a mut tokio::signal::unix::Signal,
+    hup: &'a mut tokio::signal::unix::Signal,
+    tx: &'a mpsc::Sender<Control>,
+    origin: (&'a Origin, Option<&'a Config>),
+    ready_timeout: &'a mut std::time::Duration,
+}
+
+/// How an upgrade ended.
+enum Upgraded {
+    /// It failed; this process serves on.
+    No,
+    /// The new process serves; `reloaded`: a SIGHUP came while it started.
+    HandedOver {
+        released: Vec<std::net::SocketAddr>,
+        successor: Box<inherit::Successor>,
+        reloaded: bool,
+    },
+    /// A stop signal (named) came first; the successor was told to stop too (see
+    /// [`reap_stopped`]), and the caller drains.
+    Stopped(&'static str),
+}
+
+/// Starts the new binary and waits until it is ready. A SIGHUP meanwhile is applied
+/// here at once (the upgrade may yet fail) and reported, to be passed on to the new
+/// process: it may have read the config file before the change the SIGHUP is for.
 async fn upgrade(
-    origin: &Origin,
+    during: DuringUpgrade<'_>,
     listeners: &[(std::net::SocketAddr, std::os::fd::RawFd)],
-    ready_timeout: std::time::Duration,
     state: &crate::server::ServerState,
-    stop: impl std::future::Future<Output = &'static str>,
     settled: &watch::Sender<bool>,
-) -> Result<Option<Control>, &'static str> {
+) -> Upgraded {
+    let DuringUpgrade {
+        term,
+        quit,
+        int,
+        hup,
+        tx,
+        origin: (origin, fixed),
+        ready_timeout,
+    } = during;
+    let timeout = *ready_timeout;
     tracing::info!(exe = %origin.exe.display(), "SIGUSR2: starting the new binary");
-    let ready_by = tokio::time::Instant::now() + ready_timeout;
+    let ready_by = tokio::time::Instant::now() + timeout;
     let mut successor = match inherit::spawn_successor(&origin.exe, &origin.args, listeners) {
         Ok(s) => s,
         Err(e) => {
             state.upgrade_failures.fetch_add(1, Relaxed);
             tracing::error!(error = %e, "upgrade failed: cannot start the new binary; still serving");
-            return Ok(None);
+            return Upgraded::No;
         }
     };
-    let ready = tokio::select! {
-        r = successor.wait_ready(ready_timeout) => r,
-        signal = stop => {
+    let mut reloaded = false;
+    let outcome = {
+        let ready = successor.wait_ready(timeout);
+        tokio::pin!(ready);
+        loop {
+            tokio::select! {
+                r = &mut ready => break Ok(r),
+                // A stop signal is not left waiting for the new process.
+                _ = term.recv() => break Err("SIGTERM"),
+                _ = quit.recv() => break Err("SIGQUIT"),
+                _ = int.recv() => break Err("SIGINT"),
+                _ = hup.recv() => {
+                    reloaded = true;
+                    if let Some(cmd) = reload(origin, fixed, state, ready_timeout) {
+                        // Fails only once the server has stopped, which it does only
+                        // when this task tells it to.
+                        let _ = tx.send(cmd).await;
+                    }
+                }
+            }
+        }
+    };
+    match outcome {
+        Ok(Ok(released)) => {
+            state.upgrades.fetch_add(1, Relaxed);
+            tracing::info!(
+                pid = successor.child.id(),
+                "new binary is ready; draining this one"
+            );
+            Upgraded::HandedOver {
+                released,
+                successor: Box::new(successor),
+                reloaded,
+            }
+        }
+        Ok(Err(why)) => {
+            state.upgrade_failures.fetch_add(1, Relaxed);
+            tracing::error!("upgrade failed: {why}; still serving");
+            // Never leave a half-started successor sharing our sockets.
+            let _ = successor.child.start_kill();
+            let _ = successor.child.wait().await;
+            Upgraded::No
+        }
+        Err(signal) => {
             state.upgrade_failures.fetch_add(1, Relaxed);
             tracing::warn!(
                 pid = successor.child.id(),
@@ -291,25 +414,7 @@ async fn upgrade(
                 reap_stopped(successor, ready_by).await;
                 settled.send_replace(true);
             });
-            return Err(signal);
-        }
-    };
-    match ready {
-        Ok(released) => {
-            state.upgrades.fetch_add(1, Relaxed);
-            tracing::info!(
-                pid = successor.child.id(),
-                "new binary is ready; draining this one"
-            );
-            Ok(Some(Control::HandedOver(released)))
-        }
-        Err(why) => {
-            state.upgrade_failures.fetch_add(1, Relaxed);
-            tracing::error!("upgrade failed: {why}; still serving");
-            // Never leave a half-started successor sharing our sockets.
-            let _ = successor.child.start_kill();
-            let _ = successor.child.wait().await;
-            Ok(None)
+            Upgraded::Stopped(signal)
         }
     }
 }

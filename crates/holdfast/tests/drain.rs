@@ -219,6 +219,12 @@ async fn admin_status(admin: SocketAddr, path: &str) -> Option<u16> {
     client.get(path).await.ok().map(|r| r.status)
 }
 
+/// The status of `GET target` on a new connection to `addr`, if one came.
+async fn status_of(addr: SocketAddr, target: &str) -> Option<u16> {
+    let mut client = KeepAliveClient::new(addr).with_timeout(SOON);
+    client.get(target).await.ok().map(|r| r.status)
+}
+
 fn has_connection_close(resp: &Response) -> bool {
     resp.headers.has_token("connection", "close")
 }
@@ -1500,6 +1506,170 @@ async fn an_upgrade_that_removes_a_listener_does_not_reset_its_queued_client() {
     );
     assert!(gw.proc.wait_exit(SOON).await.is_some_and(|s| s.success()));
     gw.assert_serves("/after").await;
+    sys::send_signal(new, sys::SIGTERM).expect("SIGTERM");
+    assert!(wait_until(SOON, || !sys::is_running(new)).await);
+}
+
+/// A systemd notify socket (`NOTIFY_SOCKET`) made by the test, whose queue it can fill
+/// so that the next process to notify waits in `sd_notify`: a new binary held between
+/// writing the PID file and saying ready.
+struct NotifySocket {
+    _dir: holdfast_test::TempDir,
+    path: PathBuf,
+    socket: tokio::net::UnixDatagram,
+}
+
+impl NotifySocket {
+    fn bind() -> NotifySocket {
+        let dir = holdfast_test::tempdir();
+        let path = dir.path().join("notify");
+        let socket = tokio::net::UnixDatagram::bind(&path).expect("bind the notify socket");
+        NotifySocket {
+            _dir: dir,
+            path,
+            socket,
+        }
+    }
+
+    /// The next message, within `SOON`.
+    async fn recv(&self) -> String {
+        let mut buf = [0u8; 512];
+        let n = tokio::time::timeout(SOON, self.socket.recv(&mut buf))
+            .await
+            .expect("a notify message")
+            .expect("recv");
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    }
+
+    /// Fills the socket's queue: the next `sd_notify` blocks until [`Self::empty`].
+    fn fill(&self) {
+        let sender = std::os::unix::net::UnixDatagram::unbound().expect("socket");
+        sender.set_nonblocking(true).expect("non-blocking");
+        // The kernel queues `net.unix.max_dgram_qlen` (10 by default) datagrams.
+        for sent in 0..100_000 {
+            match sender.send_to(b"X_TEST=1\n", &self.path) {
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && sent > 0 => return,
+                Err(e) => panic!("filling the notify socket: {e}"),
+            }
+        }
+        panic!("the notify socket's queue never filled");
+    }
+
+    /// Takes every message queued; returns how many.
+    fn empty(&self) -> usize {
+        let mut buf = [0u8; 512];
+        let mut n = 0;
+        // Bounded: at most what `fill` queued, and whatever holdfast sends meanwhile.
+        while n < 100_000 && self.socket.try_recv(&mut buf).is_ok() {
+            n += 1;
+        }
+        n
+    }
+}
+
+/// systemd's `ExecReload` signals `$MAINPID`, which names the old process until the
+/// new one's notice arrives: a SIGHUP sent after a config edit, while the new binary
+/// is starting, reaches the old process, and the new one may have read the file before
+/// the edit. The reload applies to the old process at once (the upgrade may yet
+/// fail), and is passed on to the new one once it serves. Before, the old process read
+/// the SIGHUP only after the hand-over and ignored it as draining: the new process ran
+/// the config from before the edit, and nothing said so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sighup_while_the_new_binary_starts_reaches_it_once_it_serves() {
+    let up = TestUpstream::start(Behaviour::Echo).await;
+    let notify = NotifySocket::bind();
+    let notify_path = notify.path.display().to_string();
+    let mut gw = Gateway::start(Setup {
+        routes: vec![("/a", up.addr())],
+        env: vec![("NOTIFY_SOCKET", &notify_path)],
+        ..Setup::default()
+    })
+    .await;
+    let old = gw.proc.pid();
+    assert!(notify.recv().await.contains(&format!("MAINPID={old}")));
+    assert_eq!(status_of(gw.listen, "/b").await, Some(404), "no route yet");
+
+    // The new process reads its config, writes the PID file, then waits to notify.
+    notify.fill();
+    gw.signal(sys::SIGUSR2);
+    let mut new = None;
+    let started = wait_until(SOON, || {
+        new = read_pid_file(&gw.pid_file()).filter(|p| *p != old);
+        new.is_some()
+    })
+    .await;
+    let new = new
+        .filter(|_| started)
+        .unwrap_or_else(|| panic!("no new process in the PID file\n{}", gw.proc.logs()));
+    gw.adopt(new);
+
+    // The operator adds a route and reloads the process systemd knows of.
+    let toml = gw.config_with(&[("/a", up.addr()), ("/b", up.addr())], "");
+    gw.rewrite_config(&toml);
+    gw.signal(sys::SIGHUP);
+    gw.wait_for_log("config reloaded").await;
+    // Only the old process accepts yet: it serves the new route.
+    assert_eq!(status_of(gw.listen, "/b").await, Some(200));
+
+    notify.empty();
+    gw.wait_for_log("new binary is ready").await;
+    let status = gw.proc.wait_exit(SOON).await;
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "{status:?}\n{}",
+        gw.proc.logs()
+    );
+    // Only the new process serves now.
+    assert_eq!(
+        status_of(gw.listen, "/b").await,
+        Some(200),
+        "the new process does not have the reloaded route\n{}",
+        gw.proc.logs()
+    );
+    sys::send_signal(new, sys::SIGTERM).expect("SIGTERM");
+    assert!(wait_until(SOON, || !sys::is_running(new)).await);
+}
+
+/// A script that read the PID file a moment before the new process rewrote it sends
+/// its SIGHUP to the old one, draining after the hand-over: it is passed on to the new
+/// process, which serves. Before, the old process logged it and ignored it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sighup_to_the_old_process_after_a_hand_over_reaches_the_new_one() {
+    let slow = TestUpstream::start(Behaviour::Delay(Duration::from_secs(3))).await;
+    let mut gw = Gateway::start(Setup {
+        routes: vec![("/a", slow.addr())],
+        ..Setup::default()
+    })
+    .await;
+    let old = gw.proc.pid();
+    // A slow request keeps the old process draining after the hand-over.
+    let addr = gw.listen;
+    let in_flight = tokio::spawn(async move { status_of(addr, "/a/slow").await });
+    slow.wait_for_requests(1, SOON)
+        .await
+        .expect("the slow request reached the upstream");
+    gw.signal(sys::SIGUSR2);
+    gw.wait_for_log("draining open=1").await;
+    let new = read_pid_file(&gw.pid_file()).filter(|p| *p != old);
+    let new = new.unwrap_or_else(|| panic!("no successor in the PID file\n{}", gw.proc.logs()));
+    gw.adopt(new);
+
+    gw.rewrite_config(&gw.config_with(&[("/a", slow.addr()), ("/b", slow.addr())], ""));
+    gw.signal(sys::SIGHUP);
+    gw.wait_for_log("config reloaded").await;
+    assert!(
+        gw.proc.exited().is_none(),
+        "the old process is still draining"
+    );
+    assert_eq!(
+        status_of(gw.listen, "/b").await,
+        Some(200),
+        "the new process does not have the reloaded route\n{}",
+        gw.proc.logs()
+    );
+    assert_eq!(in_flight.await.expect("client task"), Some(200));
+    assert!(gw.proc.wait_exit(SOON).await.is_some_and(|s| s.success()));
     sys::send_signal(new, sys::SIGTERM).expect("SIGTERM");
     assert!(wait_until(SOON, || !sys::is_running(new)).await);
 }

@@ -191,12 +191,21 @@ pub fn spawn_successor(
 impl Successor {
     /// Asks the successor to stop the way an operator would, with SIGTERM: if it is
     /// already serving (it may have said ready a moment ago), it drains what it took.
-    pub fn terminate(&self) {
-        if let Some(pid) = self.child.id().and_then(|p| libc::pid_t::try_from(p).ok()) {
-            // SAFETY: kill takes no pointers; `pid` is our own child, not yet reaped
-            // (`id()` is `None` once it is), so the number is not someone else's.
-            unsafe { libc::kill(pid, libc::SIGTERM) };
+    pub fn terminate(&mut self) {
+        self.signal(libc::SIGTERM);
+    }
+
+    /// Sends `signal` to the successor, unless it has exited; returns its PID if sent.
+    pub fn signal(&mut self, signal: libc::c_int) -> Option<u32> {
+        // Reaped here if it has exited: `id()` is `None` then.
+        if !matches!(self.child.try_wait(), Ok(None)) {
+            return None;
         }
+        let pid = self.child.id()?;
+        let raw = libc::pid_t::try_from(pid).ok()?;
+        // SAFETY: kill takes no pointers; `pid` is our own child, not yet reaped
+        // (`id()` is `None` once it is), so the number is not someone else's.
+        (unsafe { libc::kill(raw, signal) } == 0).then_some(pid)
     }
 
     /// Waits until the successor says it is ready; returns the bound addresses of the
