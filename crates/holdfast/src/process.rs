@@ -101,7 +101,7 @@ pub async fn run(config: Config, origin: Origin) -> i32 {
         signals,
         tx,
         (origin, fixed),
-        listeners,
+        (listeners, pid_file.clone()),
         ready_timeout,
         state,
         settled_tx,
@@ -145,7 +145,10 @@ async fn handle_signals(
     signals: Signals,
     tx: mpsc::Sender<Control>,
     (origin, fixed): (Origin, Option<Config>),
-    listeners: Vec<(std::net::SocketAddr, std::os::fd::RawFd)>,
+    (listeners, pid_file): (
+        Vec<(std::net::SocketAddr, std::os::fd::RawFd)>,
+        Option<PathBuf>,
+    ),
     mut ready_timeout: std::time::Duration,
     state: std::sync::Arc<crate::server::ServerState>,
     settled: watch::Sender<bool>,
@@ -196,7 +199,8 @@ async fn handle_signals(
                         origin: (&origin, fixed.as_ref()),
                         ready_timeout: &mut ready_timeout,
                     };
-                    match upgrade(during, &listeners, &state, &settled).await {
+                    let hand = (listeners.as_slice(), pid_file.as_deref());
+                    match upgrade(during, hand, &state, &settled).await {
                         Upgraded::No => None,
                         Upgraded::HandedOver { released, mut successor, reloaded } => {
                             // The new process may have read the config file before the
@@ -332,7 +336,7 @@ enum Upgraded {
 /// process: it may have read the config file before the change the SIGHUP is for.
 async fn upgrade(
     during: DuringUpgrade<'_>,
-    listeners: &[(std::net::SocketAddr, std::os::fd::RawFd)],
+    (listeners, pid_file): (&[(std::net::SocketAddr, std::os::fd::RawFd)], Option<&Path>),
     state: &crate::server::ServerState,
     settled: &watch::Sender<bool>,
 ) -> Upgraded {
@@ -395,8 +399,7 @@ async fn upgrade(
             state.upgrade_failures.fetch_add(1, Relaxed);
             tracing::error!("upgrade failed: {why}; still serving");
             // Never leave a half-started successor sharing our sockets.
-            let _ = successor.child.start_kill();
-            let _ = successor.child.wait().await;
+            kill(&mut successor, pid_file).await;
             Upgraded::No
         }
         Err(signal) => {
@@ -410,8 +413,9 @@ async fn upgrade(
             successor.terminate();
             settled.send_replace(false);
             let settled = settled.clone();
+            let pid_file = pid_file.map(Path::to_path_buf);
             tokio::spawn(async move {
-                reap_stopped(successor, ready_by).await;
+                reap_stopped(successor, ready_by, pid_file.as_deref()).await;
                 settled.send_replace(true);
             });
             Upgraded::Stopped(signal)
@@ -424,11 +428,45 @@ async fn upgrade(
 /// sent; otherwise it has taken nothing from our sockets, and is killed (one stuck in
 /// its start, a config that hangs on DNS, would not act on the SIGTERM). Returns once
 /// it is one or the other (a successor that serves may outlive this process).
-async fn reap_stopped(mut successor: inherit::Successor, ready_by: tokio::time::Instant) {
+async fn reap_stopped(
+    mut successor: inherit::Successor,
+    ready_by: tokio::time::Instant,
+    pid_file: Option<&Path>,
+) {
     let left = ready_by.saturating_duration_since(tokio::time::Instant::now());
     if successor.wait_ready(left).await.is_err() {
-        let _ = successor.child.start_kill();
-        let _ = successor.child.wait().await;
+        kill(&mut successor, pid_file).await;
+    }
+}
+
+/// Kills a successor that did not take over, and names this process the service
+/// again: the successor may have rewritten the PID file and told systemd its PID
+/// (it does both just before it says ready), and a script reading the file must find
+/// a live holdfast.
+async fn kill(successor: &mut inherit::Successor, pid_file: Option<&Path>) {
+    let theirs = successor.child.id();
+    let _ = successor.child.start_kill();
+    let _ = successor.child.wait().await;
+    let own = std::process::id();
+    if let Some(path) = pid_file
+        && theirs.is_some()
+        && read_pid_file(path) == theirs
+    {
+        match write_pid_file(path, own) {
+            Ok(()) => tracing::info!(path = %path.display(), "pid file names this process again"),
+            Err(e) => {
+                tracing::error!(path = %path.display(), error = %e, "cannot write pid file back")
+            }
+        }
+    }
+    if std::env::var_os("NOTIFY_SOCKET").is_some() {
+        // On a thread of its own: a send to a notify socket whose queue is full waits,
+        // and must hold up neither the signal task nor the exit.
+        let _ = std::thread::Builder::new()
+            .name("sd-notify".into())
+            .spawn(move || {
+                let _ = sd_notify::notify(false, &[sd_notify::NotifyState::MainPid(own)]);
+            });
     }
 }
 

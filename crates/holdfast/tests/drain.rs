@@ -1673,3 +1673,66 @@ async fn a_sighup_to_the_old_process_after_a_hand_over_reaches_the_new_one() {
     sys::send_signal(new, sys::SIGTERM).expect("SIGTERM");
     assert!(wait_until(SOON, || !sys::is_running(new)).await);
 }
+
+/// A new binary that is killed after it named itself the service (wrote the PID file;
+/// here held there by a full notify socket until its `ready_timeout` is up) leaves
+/// the old process serving, and the old process names itself again: in the PID file,
+/// so a script that reads it finds a live holdfast, and to systemd (`MAINPID`), which
+/// may have taken the new one's notice. Before, the PID file named the killed process.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_upgrade_leaves_the_pid_file_naming_the_old_process() {
+    let up = TestUpstream::start(Behaviour::Echo).await;
+    let notify = NotifySocket::bind();
+    let notify_path = notify.path.display().to_string();
+    let mut gw = Gateway::start(Setup {
+        routes: vec![("/", up.addr())],
+        extra: "[upgrade]\nready_timeout = \"5s\"\n",
+        env: vec![("NOTIFY_SOCKET", &notify_path)],
+        ..Setup::default()
+    })
+    .await;
+    let old = gw.proc.pid();
+    let main_pid = format!("MAINPID={old}\n");
+    assert!(notify.recv().await.contains(&main_pid));
+
+    notify.fill();
+    gw.signal(sys::SIGUSR2);
+    let pid_file = gw.pid_file();
+    let mut new = None;
+    let named_itself = wait_until(SOON, || {
+        new = read_pid_file(&pid_file).filter(|p| *p != old);
+        new.is_some()
+    })
+    .await;
+    assert!(
+        named_itself,
+        "the new process did not write the PID file\n{}",
+        gw.proc.logs()
+    );
+    if let Some(new) = new {
+        gw.adopt(new);
+    }
+    gw.wait_for_log("not ready within 5s").await;
+    assert!(gw.proc.exited().is_none(), "{}", gw.proc.logs());
+    let named = wait_until(SOON, || read_pid_file(&pid_file) == Some(old)).await;
+    assert!(
+        named,
+        "the PID file names {:?}, not the serving process {old}\n{}",
+        read_pid_file(&pid_file),
+        gw.proc.logs()
+    );
+    gw.assert_serves("/").await;
+
+    // Each message taken makes room for the next; the test's fill comes first.
+    let mut told = false;
+    for _ in 0..100 {
+        if notify.recv().await.contains(&main_pid) {
+            told = true;
+            break;
+        }
+    }
+    assert!(
+        told,
+        "systemd was not told the old process is the main one again"
+    );
+}
