@@ -165,6 +165,9 @@ async fn handle_signals(
     // After a hand-over, the way to the new process (see `keep`): a SIGHUP sent here
     // (by a script that read the PID file a moment before it changed) is passed on.
     let mut handed_to: Option<mpsc::UnboundedSender<()>> = None;
+    // `true` once told to exit at once (a second SIGINT): a successor told to stop as
+    // it started is killed then, not waited for.
+    let (exit_now, _) = watch::channel(false);
     loop {
         let cmd = tokio::select! {
             _ = term.recv() => { tracing::info!("SIGTERM: draining"); Some(Control::Drain) }
@@ -200,7 +203,7 @@ async fn handle_signals(
                         ready_timeout: &mut ready_timeout,
                     };
                     let hand = (listeners.as_slice(), pid_file.as_deref());
-                    match upgrade(during, hand, &state, &settled).await {
+                    match upgrade(during, hand, &state, (&settled, &exit_now)).await {
                         Upgraded::No => None,
                         Upgraded::HandedOver { released, mut successor, reloaded } => {
                             // The new process may have read the config file before the
@@ -231,9 +234,12 @@ async fn handle_signals(
         if !matches!(cmd, Control::Reload(_)) {
             phase = Phase::Draining;
         }
-        if tx.send(cmd).await.is_err() {
-            return;
+        if matches!(cmd, Control::Exit) {
+            exit_now.send_replace(true);
         }
+        // Fails once the server has drained; this task goes on while the process
+        // waits for a stopped successor, for a second SIGINT to cut that wait short.
+        let _ = tx.send(cmd).await;
     }
 }
 
@@ -338,7 +344,7 @@ async fn upgrade(
     during: DuringUpgrade<'_>,
     (listeners, pid_file): (&[(std::net::SocketAddr, std::os::fd::RawFd)], Option<&Path>),
     state: &crate::server::ServerState,
-    settled: &watch::Sender<bool>,
+    (settled, exit_now): (&watch::Sender<bool>, &watch::Sender<bool>),
 ) -> Upgraded {
     let DuringUpgrade {
         term,
@@ -414,8 +420,9 @@ async fn upgrade(
             settled.send_replace(false);
             let settled = settled.clone();
             let pid_file = pid_file.map(Path::to_path_buf);
+            let exit_now = exit_now.subscribe();
             tokio::spawn(async move {
-                reap_stopped(successor, ready_by, pid_file.as_deref()).await;
+                reap_stopped(successor, ready_by, pid_file.as_deref(), exit_now).await;
                 settled.send_replace(true);
             });
             Upgraded::Stopped(signal)
@@ -426,15 +433,25 @@ async fn upgrade(
 /// A successor told to stop while it started, in the background while this process
 /// drains. If it says ready in its time it serves, and drains on the SIGTERM it was
 /// sent; otherwise it has taken nothing from our sockets, and is killed (one stuck in
-/// its start, a config that hangs on DNS, would not act on the SIGTERM). Returns once
-/// it is one or the other (a successor that serves may outlive this process).
+/// its start, a config that hangs on DNS, would not act on the SIGTERM), at once if
+/// this process is told to exit at once (`exit_now`). Returns once it is one or the
+/// other (a successor that serves may outlive this process).
 async fn reap_stopped(
     mut successor: inherit::Successor,
     ready_by: tokio::time::Instant,
     pid_file: Option<&Path>,
+    mut exit_now: watch::Receiver<bool>,
 ) {
     let left = ready_by.saturating_duration_since(tokio::time::Instant::now());
-    if successor.wait_ready(left).await.is_err() {
+    let ready = tokio::select! {
+        r = successor.wait_ready(left) => r.is_ok(),
+        // Not when the signal task is gone (`Err`): nobody said exit at once.
+        Ok(_) = exit_now.wait_for(|now| *now) => {
+            tracing::warn!(pid = successor.child.id(), "killing the new binary, stopped as it started");
+            false
+        }
+    };
+    if !ready {
         kill(&mut successor, pid_file).await;
     }
 }

@@ -1736,3 +1736,78 @@ async fn a_failed_upgrade_leaves_the_pid_file_naming_the_old_process() {
         "systemd was not told the old process is the main one again"
     );
 }
+
+/// README: "second SIGINT: exit at once". A first SIGINT while a new binary starts
+/// stops it with SIGTERM and drains; one deaf to SIGTERM (stuck in its start; here a
+/// script) would be killed at its `ready_timeout`, and this process waits for that so
+/// as not to leave it holding our sockets. A second SIGINT must not wait out that
+/// timeout: the successor is killed at once, and this process exits. Before, it waited.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_sigint_kills_a_stopped_successor_and_exits_at_once() {
+    second_sigint_with_a_stopped_successor(&[sys::SIGINT, sys::SIGINT]).await;
+}
+
+/// The same after a SIGTERM stopped the upgrade: the process has drained (nothing was
+/// open) and only waits for the successor, and the first SIGINT, which has nothing
+/// left to drain, must not leave the second unheard. Before, the signal task ended
+/// when the drained server no longer took its message, and the second SIGINT did
+/// nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_sigints_after_a_sigterm_kill_a_stopped_successor_and_exit_at_once() {
+    second_sigint_with_a_stopped_successor(&[sys::SIGTERM, sys::SIGINT, sys::SIGINT]).await;
+}
+
+/// SIGUSR2 with a successor deaf to SIGTERM and SIGINT and a 60 s `ready_timeout`,
+/// then `signals` (the first stops the upgrade): the last one must end this process at
+/// once, and the successor with it.
+async fn second_sigint_with_a_stopped_successor(signals: &[sys::c_int]) {
+    let up = TestUpstream::start(Behaviour::Echo).await;
+    let (dir, binary) = replaceable_binary();
+    let mut gw = Gateway::start(Setup {
+        routes: vec![("/", up.addr())],
+        extra: "[upgrade]\nready_timeout = \"60s\"\n",
+        binary: Some(binary.clone()),
+        ..Setup::default()
+    })
+    .await;
+    let armed = dir.path().join("armed");
+    replace_file(
+        &binary,
+        &format!(
+            "#!/bin/sh\ntrap '' TERM INT\necho > {}\nexec sleep 60\n",
+            armed.display()
+        ),
+    );
+    gw.signal(sys::SIGUSR2);
+    assert!(
+        wait_until(SOON, || armed.exists()).await,
+        "the successor did not start"
+    );
+    let (last, first) = signals.split_last().expect("signals");
+    let (stop, between) = first.split_first().expect("a stop signal");
+    gw.signal(*stop);
+    gw.wait_for_log("while the new binary was starting").await;
+    let successor = stopped_successor_pid(&gw.proc.logs());
+    gw.adopt(successor);
+    // Nothing was open: the drain is over, and the process waits for the successor.
+    gw.wait_for_log("drained: no connection left open").await;
+    for &signal in between {
+        assert_eq!(signal, sys::SIGINT);
+        gw.signal(signal);
+        gw.wait_for_log("SIGINT: draining (again to exit at once)")
+            .await;
+    }
+    let second = Instant::now();
+    gw.signal(*last);
+    let status = gw.proc.wait_exit(SOON).await;
+    let took = second.elapsed();
+    assert!(
+        status.is_some() && took <= SLACK,
+        "the last SIGINT took {took:?} (status {status:?}); logs:\n{}",
+        gw.proc.logs()
+    );
+    assert!(
+        wait_until(SOON, || !sys::is_running(successor)).await,
+        "the successor was left running"
+    );
+}
