@@ -24,7 +24,8 @@ use crate::server::{Control, Server, inherit};
 pub struct Origin {
     /// The config file, for SIGHUP; `None` when the config came from flags.
     pub config_path: Option<PathBuf>,
-    /// The binary's path, captured at start: after an upgrade it holds the new build.
+    /// The binary's path, captured at start (`own_path`): after an upgrade it
+    /// holds the new build, and a symlink in it is followed then.
     pub exe: PathBuf,
     /// Arguments to start a successor with (our own, minus the program name).
     pub args: Vec<OsString>,
@@ -34,10 +35,46 @@ impl Origin {
     pub fn current(config_path: Option<PathBuf>) -> Origin {
         Origin {
             config_path,
-            exe: std::env::current_exe().unwrap_or_else(|_| PathBuf::from("holdfast")),
+            exe: own_path(),
             args: std::env::args_os().skip(1).collect(),
         }
     }
+}
+
+/// The path this binary was started by, as an absolute path, symlinks kept: a deploy
+/// that repoints a symlink to a new build (`current -> releases/N`) upgrades to what
+/// it names at the SIGUSR2. `current_exe` reads `/proc/self/exe`, which names the file
+/// the symlink led to at start, so every upgrade would start that first build again.
+/// `argv[0]` is taken (found in `PATH` if it names no directory, as the shell did)
+/// only if it leads to the very file running now; otherwise `current_exe`.
+fn own_path() -> PathBuf {
+    use std::os::unix::ffi::OsStrExt;
+    use std::os::unix::fs::MetadataExt;
+    let running = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("holdfast"));
+    let Ok(this) = std::fs::metadata("/proc/self/exe") else {
+        return running;
+    };
+    let is_this = |p: &Path| {
+        std::fs::metadata(p).is_ok_and(|m| m.dev() == this.dev() && m.ino() == this.ino())
+    };
+    let Some(arg0) = std::env::args_os().next().filter(|a| !a.is_empty()) else {
+        return running;
+    };
+    let cwd = std::env::current_dir().ok();
+    let absolute = |p: PathBuf| match &cwd {
+        Some(dir) if p.is_relative() => dir.join(p),
+        _ => p,
+    };
+    let found = if arg0.as_bytes().contains(&b'/') {
+        Some(absolute(PathBuf::from(&arg0)))
+    } else {
+        std::env::var_os("PATH").and_then(|paths| {
+            std::env::split_paths(&paths)
+                .map(|dir| absolute(dir.join(&arg0)))
+                .find(|p| is_this(p))
+        })
+    };
+    found.filter(|p| is_this(p)).unwrap_or(running)
 }
 
 /// Runs the gateway until it has drained. Returns the process exit status.

@@ -1811,3 +1811,43 @@ async fn second_sigint_with_a_stopped_successor(signals: &[sys::c_int]) {
         "the successor was left running"
     );
 }
+
+/// A deploy that installs each build beside the last and repoints a symlink to it
+/// (`current -> releases/N`) runs holdfast by the symlink: SIGUSR2 must start what the
+/// symlink names then. Before, the path was read from `/proc/self/exe`, which resolves
+/// symlinks, so every upgrade started the build the first process ran, and said it
+/// had upgraded. (Here the new build is a script that exits 3: the upgrade fails.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigusr2_starts_the_binary_a_symlink_names_now() {
+    let up = TestUpstream::start(Behaviour::Echo).await;
+    let (dir, first_build) = replaceable_binary();
+    let link = dir.path().join("current");
+    std::os::unix::fs::symlink(&first_build, &link).expect("symlink");
+    let mut gw = Gateway::start(Setup {
+        routes: vec![("/", up.addr())],
+        binary: Some(link.clone()),
+        ..Setup::default()
+    })
+    .await;
+    let next_build = dir.path().join("next");
+    replace_file(&next_build, "#!/bin/sh\nexit 3\n");
+    let tmp = dir.path().join("current.new");
+    std::os::unix::fs::symlink(&next_build, &tmp).expect("symlink");
+    std::fs::rename(&tmp, &link).expect("repoint the symlink");
+
+    let old = gw.proc.pid();
+    gw.signal(sys::SIGUSR2);
+    gw.wait_for_log("SIGUSR2: starting the new binary").await;
+    let failed = gw.proc.wait_for_log("exit status: 3", SOON).await;
+    // The first build, started instead, is stopped with the rest.
+    if let Some(started) = read_pid_file(&gw.pid_file()).filter(|p| *p != old) {
+        gw.adopt(started);
+    }
+    assert!(
+        failed,
+        "the binary the symlink names was not started\n{}",
+        gw.proc.logs()
+    );
+    assert!(gw.proc.exited().is_none(), "{}", gw.proc.logs());
+    gw.assert_serves("/").await;
+}
