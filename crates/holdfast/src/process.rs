@@ -493,12 +493,13 @@ async fn reap_stopped(
     }
 }
 
-/// Kills a successor that did not take over, and names this process the service
-/// again: the successor may have rewritten the PID file and told systemd its PID
+/// Kills a successor that did not take over (if it has not died), and names this
+/// process the service again: the successor may have rewritten the PID file and told systemd its PID
 /// (it does both just before it says ready), and a script reading the file must find
 /// a live holdfast.
 async fn kill(successor: &mut inherit::Successor, pid_file: Option<&Path>) {
-    let theirs = successor.child.id();
+    // Also one that has died by now, reaped as it was waited for.
+    let theirs = successor.pid;
     let _ = successor.child.start_kill();
     let _ = successor.child.wait().await;
     let own = std::process::id();

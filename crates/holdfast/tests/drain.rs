@@ -1851,3 +1851,35 @@ async fn sigusr2_starts_the_binary_a_symlink_names_now() {
     assert!(gw.proc.exited().is_none(), "{}", gw.proc.logs());
     gw.assert_serves("/").await;
 }
+
+/// The same for a new binary that dies on its own after writing the PID file (here a
+/// script that writes its PID there and exits 1): the upgrade fails, and the PID file
+/// names the old process again. Before, only one the old process killed was looked
+/// for: one that had died was already reaped, its PID forgotten.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_successor_that_dies_after_writing_the_pid_file_leaves_it_naming_the_old_process() {
+    let up = TestUpstream::start(Behaviour::Echo).await;
+    let (_bin_dir, binary) = replaceable_binary();
+    let mut gw = Gateway::start(Setup {
+        routes: vec![("/", up.addr())],
+        binary: Some(binary.clone()),
+        ..Setup::default()
+    })
+    .await;
+    let old = gw.proc.pid();
+    let pid_file = gw.pid_file();
+    replace_file(
+        &binary,
+        &format!("#!/bin/sh\necho $$ > {}\nexit 1\n", pid_file.display()),
+    );
+    gw.signal(sys::SIGUSR2);
+    gw.wait_for_log("exit status: 1").await;
+    let named = wait_until(SOON, || read_pid_file(&pid_file) == Some(old)).await;
+    assert!(
+        named,
+        "the PID file names {:?}, not the serving process {old}\n{}",
+        read_pid_file(&pid_file),
+        gw.proc.logs()
+    );
+    gw.assert_serves("/").await;
+}

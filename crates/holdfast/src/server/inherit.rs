@@ -134,6 +134,9 @@ pub fn notify_ready(released: &[SocketAddr]) {
 /// A started successor that has not yet said it is ready.
 pub struct Successor {
     pub child: tokio::process::Child,
+    /// Its PID, also once it is reaped (`child.id()` is `None` then): not to be
+    /// signalled, only to recognise it in the PID file.
+    pub pid: Option<u32>,
     ready: tokio::net::unix::pipe::Receiver,
 }
 
@@ -185,7 +188,11 @@ pub fn spawn_successor(
     let child = cmd.spawn()?;
     // Our copy of the write end must close, or we would never see EOF if the child dies.
     drop(write_end);
-    Ok(Successor { child, ready })
+    Ok(Successor {
+        pid: child.id(),
+        child,
+        ready,
+    })
 }
 
 impl Successor {
