@@ -440,6 +440,7 @@ mod tests {
         let ctx = ConnContext::new(remote, remote, true, shared.config.clone());
         let state = Arc::new(ConnState::new(
             false,
+            true,
             tracked.figures(),
             ctx,
             shared,
