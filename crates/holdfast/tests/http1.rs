@@ -1174,6 +1174,48 @@ async fn a_connection_woken_by_a_stray_crlf_still_closes_in_a_drain() {
     );
 }
 
+/// A request that reached a parked connection's socket before the drain began is
+/// answered (with `Connection: close`), not dropped with the connection the drain
+/// closes. The drain's wake-up comes before tokio's reactor has seen the request (this
+/// runtime has one thread: the test sends the request and the drain, then yields), so
+/// the connection looked idle and was closed with the request unread in its socket:
+/// the client, which sent before any FIN, got none of a response.
+#[tokio::test]
+async fn a_request_already_at_a_parked_connection_when_the_drain_starts_is_answered() {
+    let upstream = TestUpstream::start(Behaviour::Echo).await;
+    let gw = start(&format!(
+        "{}\n[[listener]]\nlisten = \"127.0.0.1:0\"\nkeepalive_min_idle = \"0s\"\n\
+         [drain]\npre_delay = \"0s\"\nidle_close_after = \"100ms\"\ntimeout = \"20s\"\n",
+        proxy_to(&upstream.url())
+    ))
+    .await;
+    let mut client = RawClient::connect(gw.addr).await.expect("connect");
+    client
+        .send_request(&ClientRequest::get("/first"))
+        .await
+        .expect("request");
+    assert_eq!(
+        client.read_response(WAIT).await.expect("response").status,
+        200
+    );
+    gw.wait_metric("holdfast_client_parked_connections", 1.0, WAIT)
+        .await;
+    // Idle for longer than `idle_close_after`: the drain closes it at once.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    client
+        .send_request(&ClientRequest::get("/second"))
+        .await
+        .expect("request");
+    gw.send(holdfast::server::Control::Drain).await;
+    let resp = client
+        .read_response(WAIT)
+        .await
+        .expect("the request sent before the drain is answered");
+    assert_eq!(resp.status, 200);
+    assert_eq!(resp.headers.get("connection"), Some("close"));
+    assert_eq!(upstream.requests_seen(), 2);
+}
+
 /// Waits (bounded by `within`) for holdfast to end the connection; a 408 before the
 /// close is fine. Returns how long that took, or `None` if it stayed open.
 async fn closed_within(client: &mut RawClient, within: Duration) -> Option<Duration> {

@@ -778,7 +778,11 @@ fn park<'a>(
         loop {
             let at = match verdict(state, shared, Instant::now()) {
                 Verdict::RecheckAt(at) | Verdict::Park(at) => at,
-                Verdict::Close | Verdict::Abort(_) | Verdict::UploadStalled(_) => return false,
+                // A request that reached the socket since the reactor last looked
+                // (a drain's wake-up, or the timer, can come first) is served, with
+                // `Connection: close` in a drain: closing would drop it unanswered.
+                Verdict::Close => return io.has_unread(),
+                Verdict::Abort(_) | Verdict::UploadStalled(_) => return false,
             };
             check.as_mut().reset(at);
             let readable = std::future::poll_fn(|cx| {

@@ -73,6 +73,17 @@ impl ClientIo {
         }
     }
 
+    /// Whether the client has sent bytes not read yet, asked of the socket itself (a
+    /// peek): tokio's readiness learns of them only at its reactor's next turn, so a
+    /// request that arrived since looks like nothing there.
+    pub(super) fn has_unread(&self) -> bool {
+        let Some(stream) = &self.stream else {
+            return false;
+        };
+        let mut byte = [std::mem::MaybeUninit::<u8>::uninit()];
+        matches!(socket2::SockRef::from(stream.tcp()).peek(&mut byte), Ok(n) if n > 0)
+    }
+
     /// Counts the connection parked (in `/metrics`) while the guard lives.
     pub(super) fn parked(&self) -> Option<Parked<'_>> {
         self.tracked.as_ref().map(Tracked::park)
