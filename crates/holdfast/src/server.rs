@@ -72,7 +72,8 @@ enum Stop {
 /// How the drain went.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DrainReport {
-    /// Client connections still open at the drain deadline (or at `Exit`).
+    /// Client connections still open at the drain deadline (or at `Exit`), those
+    /// already closed and only lingering left out.
     pub cut: usize,
 }
 
@@ -304,17 +305,20 @@ impl Server {
             "listeners closed; closing client connections as their requests end"
         );
         proxy.routing().upstreams.drain();
-        let cut = if stop == Stop::Exit {
-            tracker.open()
+        // At the end, what is still open is cut; a close still lingering (reading what
+        // the client sends after holdfast's FIN) has nothing left to answer.
+        let ended = |tracker: &Tracker| (tracker.unfinished(), tracker.open());
+        let (cut, open) = if stop == Stop::Exit {
+            ended(&tracker)
         } else {
             let deadline = tokio::time::sleep(drain_cfg.timeout.get());
             tokio::pin!(deadline);
             loop {
                 tokio::select! {
-                    () = tracker.wait_zero() => break 0,
-                    () = &mut deadline => break tracker.open(),
+                    () = tracker.wait_zero() => break (0, 0),
+                    () = &mut deadline => break ended(&tracker),
                     cmd = control.recv() => match cmd {
-                        Some(Control::Exit) => break tracker.open(),
+                        Some(Control::Exit) => break ended(&tracker),
                         Some(Control::Reload(_)) => {
                             tracing::warn!("reload ignored: this process is draining");
                         }
@@ -322,8 +326,8 @@ impl Server {
                         // The controller is gone; nobody can say Exit any more.
                         None => {
                             tokio::select! {
-                                () = tracker.wait_zero() => break 0,
-                                () = &mut deadline => break tracker.open(),
+                                () = tracker.wait_zero() => break (0, 0),
+                                () = &mut deadline => break ended(&tracker),
                             }
                         }
                     },
@@ -334,6 +338,11 @@ impl Server {
             tracing::warn!(
                 connections = cut,
                 "drain ended with connections still open; cutting them"
+            );
+        } else if open > 0 {
+            tracing::info!(
+                lingering = open,
+                "drained: nothing left to answer; closes still lingering are dropped"
             );
         } else {
             tracing::info!("drained: no connection left open");

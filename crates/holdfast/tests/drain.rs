@@ -16,8 +16,8 @@ use std::time::Duration;
 
 use holdfast_test::{
     Behaviour, ClientRequest, ErrorKind, HoldfastProcess, KeepAliveClient, Load, LoadConfig,
-    LoadReport, PeerClose, RequestSlot, Response, TestUpstream, TransportError, free_addr,
-    read_pid_file, sys, wait_until, wait_until_async,
+    LoadReport, PeerClose, RawClient, RequestSlot, Response, TestUpstream, TransportError,
+    free_addr, read_pid_file, sys, wait_until, wait_until_async,
 };
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -481,6 +481,48 @@ async fn a_drain_ends_at_its_timeout_and_says_what_it_cut() {
         cut.as_ref().map_or(true, |r| r.status == 502),
         "the hung request was cut: {cut:?}"
     );
+}
+
+/// A request in flight at SIGTERM that completes, to a client that keeps its end of
+/// the connection open afterwards (as a pool does that notices a close only when it
+/// next uses the connection): holdfast's close then lingers (`LINGER`, reading what the
+/// client may still send) past a `drain.timeout` shorter than that. Nothing was cut:
+/// the process exits 0 and does not say it cut anything. It exited 2 and logged one
+/// connection cut, counting the lingering close as open work.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_close_still_lingering_at_the_drain_timeout_is_not_counted_cut() {
+    let up = TestUpstream::start(Behaviour::Delay(Duration::from_millis(300))).await;
+    let timeout = Duration::from_secs(1);
+    let mut gw = Gateway::start(Setup {
+        routes: vec![("/", up.addr())],
+        extra: "[drain]\ntimeout = \"1s\"\n",
+        ..Setup::default()
+    })
+    .await;
+    let mut client = RawClient::connect(gw.listen).await.expect("connect");
+    client
+        .send_request(&ClientRequest::get("/slow"))
+        .await
+        .expect("request");
+    up.wait_for_requests(1, SOON)
+        .await
+        .expect("the request reached the upstream");
+    gw.signal(sys::SIGTERM);
+    let resp = client.read_response(SOON).await.expect("answered");
+    assert_eq!(resp.status, 200);
+    assert!(has_connection_close(&resp), "{:?}", resp.headers);
+    assert_eq!(client.wait_close(SOON).await, PeerClose::Eof);
+    // The client's end stays open (kept in `client`) until the process has exited.
+    let status = gw.proc.wait_exit(timeout + LINGER + SOON).await;
+    let logs = gw.proc.logs();
+    let status = status.unwrap_or_else(|| panic!("the drain never ended; logs:\n{logs}"));
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "nothing was cut: {status}; logs:\n{logs}"
+    );
+    assert!(!logs.contains("cutting them"), "{logs}");
+    drop(client);
 }
 
 /// A gateway with `drain.timeout` set, and one request in flight to an upstream that

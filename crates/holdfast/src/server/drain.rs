@@ -132,8 +132,9 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-/// Counts open client connections (including lingering closes), and keeps the
-/// figures about client connections that `/metrics` shows.
+/// Counts open client connections (including lingering closes, also counted apart:
+/// a drain waits for them but does not call them cut), and keeps the figures about
+/// client connections that `/metrics` shows.
 #[derive(Debug, Clone, Default)]
 pub struct Tracker {
     inner: Arc<TrackerInner>,
@@ -144,6 +145,10 @@ struct TrackerInner {
     open: AtomicUsize,
     /// Of the open ones, idle HTTP/1 connections parked now (see `server/conn.rs`).
     parked: AtomicUsize,
+    /// Of the open ones, those closed by holdfast and lingering (reading what the
+    /// client still sends so that the close is a FIN, never a reset): nothing of
+    /// theirs is left to answer.
+    lingering: AtomicUsize,
     zero: Notify,
     figures: Arc<ClientFigures>,
 }
@@ -189,6 +194,12 @@ impl Tracker {
         self.inner.parked.load(Ordering::Relaxed)
     }
 
+    /// Open connections with work left: those not closed already and lingering.
+    pub fn unfinished(&self) -> usize {
+        let lingering = self.inner.lingering.load(Ordering::Acquire);
+        self.open().saturating_sub(lingering)
+    }
+
     /// Resolves when no connection is open.
     pub async fn wait_zero(&self) {
         loop {
@@ -212,6 +223,26 @@ impl Tracked {
     pub fn park(&self) -> Parked<'_> {
         self.0.parked.fetch_add(1, Ordering::Relaxed);
         Parked(&self.0.parked)
+    }
+}
+
+impl Tracked {
+    /// Counts the connection lingering until the guard drops.
+    pub fn linger(&self) -> Lingering<'_> {
+        self.0.lingering.fetch_add(1, Ordering::AcqRel);
+        Lingering(&self.0.lingering)
+    }
+}
+
+/// A lingering close; dropping it counts the connection no longer lingering. Dropped
+/// before the connection's [`Tracked`], so a connection is never counted lingering
+/// and not open.
+#[derive(Debug)]
+pub struct Lingering<'a>(&'a AtomicUsize);
+
+impl Drop for Lingering<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
     }
 }
 

@@ -317,6 +317,7 @@ impl Drop for ClientIo {
 /// the linger time runs out.
 async fn linger(mut stream: TcpStream, tracked: Option<Tracked>) {
     use tokio::io::AsyncWriteExt;
+    let _lingering = tracked.as_ref().map(Tracked::linger);
     let _ = stream.shutdown().await;
     let deadline = Instant::now() + LINGER;
     let mut buf = [0u8; 4096];
@@ -325,7 +326,6 @@ async fn linger(mut stream: TcpStream, tracked: Option<Tracked>) {
             break;
         }
     }
-    drop(tracked);
 }
 
 /// The HTTP/2 connection preface (RFC 9113 3.4).
