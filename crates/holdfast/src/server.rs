@@ -335,6 +335,7 @@ impl Server {
             }
         };
         if cut > 0 {
+            crate::proxy::access_log::drain_cuts();
             tracing::warn!(
                 connections = cut,
                 "drain ended with connections still open; cutting them"

@@ -61,17 +61,22 @@ struct Setup<'a> {
     env: Vec<(&'a str, &'a str)>,
     /// Extra keys of the `[[listener]]` table.
     listener: &'a str,
+    /// `log.access_log` on (off otherwise).
+    access_log: bool,
 }
 
 impl Gateway {
     async fn start(setup: Setup<'_>) -> Gateway {
         let listen = free_addr();
         let admin = free_addr();
-        let toml = config_toml(listen, admin, &setup.routes, setup.extra).replacen(
+        let mut toml = config_toml(listen, admin, &setup.routes, setup.extra).replacen(
             &format!("listen = \"{listen}\"\n"),
             &format!("listen = \"{listen}\"\n{}\n", setup.listener),
             1,
         );
+        if setup.access_log {
+            toml = toml.replacen("access_log = false", "access_log = true", 1);
+        }
         let binary = setup.binary.unwrap_or_else(|| PathBuf::from(BIN));
         let env: Vec<(&str, String)> = setup
             .env
@@ -523,6 +528,64 @@ async fn a_close_still_lingering_at_the_drain_timeout_is_not_counted_cut() {
     );
     assert!(!logs.contains("cutting them"), "{logs}");
     drop(client);
+}
+
+/// Requests still running when the drain ends at `drain.timeout` are cut by holdfast,
+/// and their access lines say so: `drain_cut`, with status 444 (nginx's for a
+/// connection closed with no response) for one with no answer yet, and its own status
+/// for one whose body was cut. They said `client_gone` (and 499 for the first), the
+/// client's doing, as the last lines the process wrote.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_cut_at_the_drain_timeout_are_logged_as_cut_not_as_the_clients_doing() {
+    let hang = TestUpstream::start(Behaviour::Hang).await;
+    let big = TestUpstream::start(Behaviour::StreamBody { len: 1 << 40 }).await;
+    let mut gw = Gateway::start(Setup {
+        routes: vec![("/hang", hang.addr()), ("/big", big.addr())],
+        extra: "[drain]\ntimeout = \"1s\"\n",
+        access_log: true,
+        ..Setup::default()
+    })
+    .await;
+    let mut waiting = RawClient::connect(gw.listen).await.expect("connect");
+    waiting
+        .send_request(&ClientRequest::get("/hang"))
+        .await
+        .expect("request");
+    hang.wait_for_requests(1, SOON)
+        .await
+        .expect("the request reached the upstream");
+    // A download the client reads none of once its head has come: still running at
+    // the drain's end (send_timeout is far longer).
+    let mut reading = RawClient::connect(gw.listen).await.expect("connect");
+    reading
+        .send_request(&ClientRequest::get("/big"))
+        .await
+        .expect("request");
+    let PeerClose::Data(head) = reading.wait_close(SOON).await else {
+        panic!("no response head for /big; logs:\n{}", gw.proc.logs());
+    };
+    assert!(head.starts_with(b"HTTP/1.1 200"), "{head:?}");
+    gw.signal(sys::SIGTERM);
+    let status = gw.proc.wait_exit(SOON).await;
+    let logs = gw.proc.logs();
+    assert_eq!(status.and_then(|s| s.code()), Some(2), "{logs}");
+    let line = |path: &str| {
+        logs.lines()
+            .find(|l| l.contains("holdfast::access") && l.contains(path))
+            .unwrap_or_else(|| panic!("no access line for {path}:\n{logs}"))
+            .to_owned()
+    };
+    let hung = line("path=/hang");
+    assert!(
+        hung.contains("status=444") && hung.contains("outcome=\"drain_cut\""),
+        "{hung}"
+    );
+    let cut = line("path=/big");
+    assert!(
+        cut.contains("status=200") && cut.contains("outcome=\"drain_cut\""),
+        "{cut}"
+    );
+    drop((waiting, reading));
 }
 
 /// A gateway with `drain.timeout` set, and one request in flight to an upstream that

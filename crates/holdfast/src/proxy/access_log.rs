@@ -13,6 +13,7 @@
 
 use std::cell::RefCell;
 use std::io::Write;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime};
 
@@ -192,18 +193,46 @@ impl AccessRecord {
     }
 }
 
+/// Set when a drain ends by cutting what still runs (at `drain.timeout`, or a second
+/// SIGINT), just before the process drops it: a request ended from then on was cut by
+/// holdfast, not left by its client. Read only when a request ends early.
+static DRAIN_CUT: AtomicBool = AtomicBool::new(false);
+
+/// The drain is cutting what still runs (see [`DRAIN_CUT`]).
+pub fn drain_cuts() {
+    DRAIN_CUT.store(true, Ordering::Relaxed);
+}
+
+/// The outcome of a request dropped before its end: its client went away, or the
+/// drain cut it.
+pub(crate) fn dropped_outcome() -> &'static str {
+    if DRAIN_CUT.load(Ordering::Relaxed) {
+        "drain_cut"
+    } else {
+        "client_gone"
+    }
+}
+
 impl Drop for AccessRecord {
     fn drop(&mut self) {
         if !self.emitted {
             self.emitted = true;
+            self.outcome = dropped_outcome();
             if self.status == 0 {
-                self.status = super::figures::CLIENT_CLOSED_REQUEST;
+                self.status = if self.outcome == "drain_cut" {
+                    // nginx's status for a connection closed with no response.
+                    CLOSED_WITHOUT_RESPONSE
+                } else {
+                    super::figures::CLIENT_CLOSED_REQUEST
+                };
             }
-            self.outcome = "client_gone";
             self.write(0);
         }
     }
 }
+
+/// Written for a request the drain cut before any answer was made for it.
+const CLOSED_WITHOUT_RESPONSE: u16 = 444;
 
 /// The names of the fields from `status` to `outcome`, in line order, with the
 /// format's punctuation around them.

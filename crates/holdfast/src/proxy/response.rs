@@ -554,7 +554,8 @@ impl Drop for UpstreamBody {
         if !self.done && self.failed.is_none() && !self.drain_rest() {
             // The client went away mid-body: the connection is dropped (closed), never
             // pooled half-read.
-            self.fail(CloseReason::Abandoned, "client_gone");
+            // (Or the drain cut it.)
+            self.fail(CloseReason::Abandoned, super::access_log::dropped_outcome());
         }
         if let Some(log) = self.log.take() {
             log.emit(self.bytes);
