@@ -387,6 +387,54 @@ async fn trailers_pass_both_ways() {
     );
 }
 
+/// A response trailer section may carry fields that describe the upstream's
+/// connection (`Keep-Alive`, `Connection`, `TE`...). They go no further than a
+/// header of the same name would: an HTTP/2 client cannot be sent them at all (h2
+/// refuses connection-specific fields in trailers, RFC 9113 8.2.2), and the stream,
+/// its body sent whole, was reset instead of ended.
+#[tokio::test]
+async fn hop_by_hop_trailers_stop_here_and_an_http2_response_ends_whole() {
+    use http_body_util::{BodyExt, Empty};
+    let upstream = TestUpstream::start(Behaviour::respond(|_| {
+        Reply::new(200)
+            .header("transfer-encoding", "chunked")
+            .header("trailer", "x-sum")
+            .body(
+                "2\r\nok\r\n0\r\nx-sum: abc\r\nkeep-alive: timeout=5\r\n\
+                 connection: x-hop\r\nx-hop: 1\r\nte: gzip\r\ncontent-length: 2\r\n\r\n",
+            )
+    }))
+    .await;
+    let gw = start(&format!(
+        "{}\n[[listener]]\nlisten = \"127.0.0.1:0\"\nh2c = true\n",
+        proxy_to(&upstream.url())
+    ))
+    .await;
+    let io = hyper_util::rt::TokioIo::new(TcpStream::connect(gw.addr).await.expect("connect"));
+    let (mut send, conn) =
+        hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), io)
+            .await
+            .expect("h2c handshake");
+    tokio::spawn(conn);
+    let req = http::Request::get(format!("http://{}/t", gw.addr))
+        .header("te", "trailers")
+        .body(Empty::<bytes::Bytes>::new())
+        .expect("request");
+    let resp = tokio::time::timeout(WAIT, send.send_request(req))
+        .await
+        .expect("in time")
+        .expect("response");
+    assert_eq!(resp.status(), 200);
+    let body = tokio::time::timeout(WAIT, resp.into_body().collect())
+        .await
+        .expect("in time")
+        .expect("the whole body, ended, not reset");
+    let trailers = body.trailers().cloned().expect("trailers");
+    assert_eq!(body.to_bytes(), "ok");
+    let names: Vec<&str> = trailers.keys().map(|n| n.as_str()).collect();
+    assert_eq!(names, ["x-sum"], "{trailers:?}");
+}
+
 // === header rules ===
 
 /// RFC 9110 6.5.1: a sender must not generate trailer fields that only mean something

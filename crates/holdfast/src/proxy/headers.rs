@@ -208,6 +208,17 @@ pub fn remove_from_trailers(trailers: &mut HeaderMap) {
     }
 }
 
+/// Removes from a response's trailer section the hop-by-hop fields (and those
+/// `Connection` names there) and `Content-Length`, which frame or describe one
+/// connection and must not pass a proxy (RFC 9110 6.5.1, 7.6.1). An HTTP/2 client
+/// could not be sent them at all: h2 refuses connection-specific fields in a
+/// trailer section (RFC 9113 8.2.2), so the stream, its body already sent whole,
+/// was reset instead of ended.
+pub fn remove_from_response_trailers(trailers: &mut HeaderMap) {
+    remove_hop_by_hop(trailers, false);
+    trailers.remove(header::CONTENT_LENGTH);
+}
+
 /// Appends holdfast to `Via`.
 pub fn add_via(headers: &mut HeaderMap) {
     headers.append(header::VIA, HeaderValue::from_static(VIA_VALUE));

@@ -372,6 +372,8 @@ impl UpstreamBody {
                 }
                 if let Some(d) = frame.data_ref() {
                     self.bytes += d.len() as u64;
+                } else if let Some(t) = frame.trailers_mut() {
+                    super::headers::remove_from_response_trailers(t);
                 }
                 // hyper's server stops polling once `is_end_stream` says so, and after
                 // a trailers frame (which ends a body, though hyper's HTTP/1 client
