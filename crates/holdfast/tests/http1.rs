@@ -2955,6 +2955,49 @@ async fn a_close_in_the_middle_of_a_head_is_not_a_stale_connection() {
     );
 }
 
+/// Nor was one that closes after an informational response (`103 Early Hints`): the
+/// upstream took the request and began to answer, though no byte of the final head
+/// came. It is not retried, and teaches the pool no idle timeout.
+#[tokio::test]
+async fn a_close_after_an_informational_response_is_not_a_stale_connection() {
+    let seen = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = seen.clone();
+    let upstream = raw_upstream(move |stream| {
+        let count = count.clone();
+        async move {
+            let mut io = BufReader::new(stream);
+            let mut on_this = 0;
+            while let Ok(Some(_)) = read_head(&mut io).await {
+                count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                on_this += 1;
+                let reply: &[u8] = if on_this == 1 {
+                    b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"
+                } else {
+                    b"HTTP/1.1 103 Early Hints\r\nlink: </a.css>; rel=preload\r\n\r\n"
+                };
+                if io.get_mut().write_all(reply).await.is_err() || on_this > 1 {
+                    return; // no final answer
+                }
+            }
+        }
+    })
+    .await;
+    let gw = start(&format!(
+        "{}[upstream.up.retry]\nattempts = 3\n",
+        proxy_to(&format!("http://{}", upstream.addr))
+    ))
+    .await;
+    let mut client = KeepAliveClient::new(gw.addr);
+    assert_eq!(client.get("/1").await.unwrap().text(), "ok");
+    let r = client.get("/2").await.unwrap();
+    assert_eq!(r.status, 502, "{}", r.text());
+    assert_eq!(
+        seen.load(std::sync::atomic::Ordering::SeqCst),
+        2,
+        "sent again after the upstream began to answer"
+    );
+}
+
 // === the client side of HTTP/1.1: stalls, unread bodies, closes ===
 
 /// An answer given before the request's body was read (no route here; a 413 or an

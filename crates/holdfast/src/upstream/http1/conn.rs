@@ -308,10 +308,17 @@ impl Http1Conn {
                         Delivery::NotSent
                     };
                     // A close before any response byte is what a stale connection
-                    // looks like; one in the middle of a head is not: the upstream
-                    // took the request and began to answer.
-                    let (kind, what) = if self.read_buf.is_empty() {
+                    // looks like; one in the middle of a head, or after an
+                    // informational response (consumed, so the buffer is empty
+                    // again), is not: the upstream took the request and began to
+                    // answer.
+                    let (kind, what) = if !self.response_started {
                         (Kind::Closed, "connection closed before any response byte")
+                    } else if self.read_buf.is_empty() {
+                        (
+                            Kind::Io,
+                            "connection closed after an informational response",
+                        )
                     } else {
                         (
                             Kind::Io,
