@@ -20,6 +20,15 @@ const EX_USAGE: u8 = 64;
 
 fn main() -> ExitCode {
     let cli = cli::Cli::parse();
+    if matches!(
+        cli.command,
+        cli::Command::Run { .. } | cli::Command::Proxy(_)
+    ) {
+        // Before anything else, before any thread: until `process::run` has its
+        // handlers in, a SIGHUP, SIGUSR2 or stop signal waits instead of killing the
+        // process (see `process::held`).
+        process::held::hold();
+    }
     let (config, origin) = match cli.command {
         cli::Command::Check { config } => {
             return match Config::load(&config) {

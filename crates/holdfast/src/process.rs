@@ -7,6 +7,10 @@
 //! | second SIGINT | exit at once |
 //! | SIGHUP | reload the config file (or, started from flags, the certificate files); a bad one is logged and the old one kept; during an upgrade, also passed on to the new process once it is ready |
 //! | SIGUSR2 | start the binary at our path, hand it the listeners, drain once it is ready; ignored while draining |
+//! | any of them while starting | a stop signal: exit at once, status 0, before the PID file or readiness; SIGHUP: read the config again once ready; SIGUSR2: logged and ignored |
+//!
+//! They are held (blocked) from the first moments of the binary ([`held::hold`]), so
+//! none can kill the process before its handlers are in.
 
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
@@ -18,6 +22,8 @@ use tokio::sync::{mpsc, watch};
 use crate::config::Config;
 use crate::server::drain::Phase;
 use crate::server::{Control, Server, inherit};
+
+pub mod held;
 
 /// Where the running config came from, so it can be read again and handed on.
 #[derive(Debug, Clone)]
@@ -84,11 +90,44 @@ pub async fn run(config: Config, origin: Origin) -> i32 {
     // Started from flags: SIGHUP applies the same config again, which reads the
     // certificate files again.
     let fixed = origin.config_path.is_none().then(|| config.clone());
-    let server = match Server::bind(config).await {
+    // Handlers first: binding and resolving upstream names can take seconds, and a
+    // signal before the handlers (held until now, see `held`) would kill the process.
+    let mut signals = match Signals::install() {
         Ok(s) => s,
         Err(e) => {
-            tracing::error!(error = %e, "cannot start");
+            tracing::error!(error = %e, "cannot install signal handlers");
             return 1;
+        }
+    };
+    let mut starting = Starting::default();
+    for signal in held::release() {
+        if let Some(code) = starting.heard(held::name(signal)) {
+            return code;
+        }
+    }
+    let server = {
+        let bind = Server::bind(config);
+        tokio::pin!(bind);
+        let heard = loop {
+            let heard = tokio::select! {
+                biased;
+                _ = signals.term.recv() => "SIGTERM",
+                _ = signals.quit.recv() => "SIGQUIT",
+                _ = signals.int.recv() => "SIGINT",
+                _ = signals.hup.recv() => "SIGHUP",
+                _ = signals.usr2.recv() => "SIGUSR2",
+                r = &mut bind => break r,
+            };
+            if let Some(code) = starting.heard(heard) {
+                return code;
+            }
+        };
+        match heard {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot start");
+                return 1;
+            }
         }
     };
     for addr in server.listen_addrs() {
@@ -97,15 +136,6 @@ pub async fn run(config: Config, origin: Origin) -> i32 {
     if let Some(addr) = server.admin_addr() {
         tracing::info!(%addr, "admin listening");
     }
-    // Handlers go in before anyone can know we run (PID file, readiness): a signal
-    // that arrived before them would take the default action and kill the process.
-    let signals = match Signals::install() {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::error!(error = %e, "cannot install signal handlers");
-            return 1;
-        }
-    };
     let pid = std::process::id();
     if let Some(path) = &pid_file
         && let Err(e) = write_pid_file(path, pid)
@@ -135,7 +165,7 @@ pub async fn run(config: Config, origin: Origin) -> i32 {
     // `reap_stopped`).
     let (settled_tx, mut settled) = watch::channel(true);
     let signals = tokio::spawn(handle_signals(
-        signals,
+        (signals, starting.reload),
         tx,
         (origin, fixed),
         (listeners, pid_file.clone()),
@@ -155,6 +185,44 @@ pub async fn run(config: Config, origin: Origin) -> i32 {
         }
     }
     if report.cut > 0 { 2 } else { 0 }
+}
+
+/// What the signals heard while starting (before the PID file and readiness) ask for.
+#[derive(Default)]
+struct Starting {
+    /// A SIGHUP came: read the config again once ready. The file was read a moment
+    /// ago, maybe before the change the SIGHUP was sent for.
+    reload: bool,
+}
+
+impl Starting {
+    /// Takes note of `signal`; `Some(exit status)` if the process is to exit now.
+    fn heard(&mut self, signal: &str) -> Option<i32> {
+        match signal {
+            "SIGHUP" => {
+                if !self.reload {
+                    tracing::info!(
+                        "SIGHUP while starting: the config will be read again once ready"
+                    );
+                }
+                self.reload = true;
+                None
+            }
+            "SIGUSR2" => {
+                tracing::warn!(
+                    "SIGUSR2 ignored: this process is still starting; send it again once it is ready"
+                );
+                None
+            }
+            // Nothing served yet, nothing written: exit before anyone is told we run
+            // (the PID file, systemd, a predecessor), rather than bind and start only
+            // to drain at once.
+            stop => {
+                tracing::info!("{stop} while starting: exiting before serving");
+                Some(0)
+            }
+        }
+    }
 }
 
 /// The signals holdfast acts on, registered with the runtime.
@@ -178,8 +246,9 @@ impl Signals {
     }
 }
 
+/// `reload_first`: a SIGHUP came while starting (see `Starting`).
 async fn handle_signals(
-    signals: Signals,
+    (signals, reload_first): (Signals, bool),
     tx: mpsc::Sender<Control>,
     (origin, fixed): (Origin, Option<Config>),
     (listeners, pid_file): (
@@ -205,6 +274,9 @@ async fn handle_signals(
     // `true` once told to exit at once (a second SIGINT): a successor told to stop as
     // it started is killed then, not waited for.
     let (exit_now, _) = watch::channel(false);
+    if reload_first && let Some(cmd) = reload(&origin, fixed.as_ref(), &state, &mut ready_timeout) {
+        let _ = tx.send(cmd).await;
+    }
     loop {
         let cmd = tokio::select! {
             _ = term.recv() => { tracing::info!("SIGTERM: draining"); Some(Control::Drain) }
@@ -534,4 +606,74 @@ fn write_pid_file(path: &Path, pid: u32) -> std::io::Result<()> {
 
 fn read_pid_file(path: &Path) -> Option<u32> {
     std::fs::read_to_string(path).ok()?.trim().parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::Ordering::SeqCst;
+    use std::time::Duration;
+
+    use super::*;
+    use crate::upstream::tests::{HUNG_HOST, HUNG_LOOKUPS};
+
+    const SOON: Duration = Duration::from_secs(10);
+
+    fn send_self(signal: libc::c_int) {
+        holdfast_test::sys::send_signal(std::process::id(), signal).expect("kill");
+    }
+
+    /// A start held up resolving an upstream name (a resolver that never answers):
+    /// a SIGHUP and a SIGUSR2 then do not kill the process, and a SIGTERM ends the
+    /// start at once, status 0, with no PID file written. Before, the handlers went
+    /// in only once the listeners were bound and the names resolved, so any of these
+    /// took its default action and killed the process.
+    #[test]
+    fn signals_while_resolving_at_start_neither_kill_nor_wait_for_the_resolver() {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let dir = holdfast_test::tempdir();
+        let pid_file = dir.path().join("holdfast.pid");
+        let text = format!(
+            "pid_file = \"{}\"\n\n[admin]\nlisten = \"127.0.0.1:0\"\n\n\
+             [[listener]]\nlisten = \"127.0.0.1:0\"\n\n\
+             [[route]]\nupstream = \"u\"\n\n[upstream.u]\naddresses = [\"http://{HUNG_HOST}:9\"]\n",
+            pid_file.display()
+        );
+        let config = Config::from_toml(&text, Path::new("t.toml")).expect("valid config");
+        let origin = Origin {
+            config_path: None,
+            exe: PathBuf::from("holdfast"),
+            args: Vec::new(),
+        };
+        let code = rt.block_on(async {
+            let before = HUNG_LOOKUPS.load(SeqCst);
+            let run = tokio::spawn(run(config, origin));
+            let asked = tokio::time::timeout(SOON, async {
+                // Bounded by the timeout; the lookup starts on a thread of its own.
+                while HUNG_LOOKUPS.load(SeqCst) == before {
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                }
+            })
+            .await;
+            assert!(asked.is_ok(), "the start asked the resolver");
+            send_self(libc::SIGHUP);
+            send_self(libc::SIGUSR2);
+            send_self(libc::SIGTERM);
+            tokio::time::timeout(SOON, run)
+                .await
+                .expect("the stop signal ends the start without waiting for the resolver")
+                .expect("no panic")
+        });
+        assert_eq!(code, 0);
+        assert!(!pid_file.exists(), "a PID file was written");
+        let (done_tx, done_rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            drop(rt);
+            let _ = done_tx.send(());
+        });
+        assert!(done_rx.recv_timeout(SOON).is_ok(), "the runtime shuts down");
+    }
 }

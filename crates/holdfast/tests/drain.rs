@@ -1988,3 +1988,142 @@ async fn a_successor_that_dies_after_writing_the_pid_file_leaves_it_naming_the_o
     );
     gw.assert_serves("/").await;
 }
+
+/// A holdfast held at its very start, reading its config file from a FIFO the test
+/// writes: signals sent then reach it before it has a runtime, let alone handlers.
+struct HeldAtConfig {
+    proc: HoldfastProcess,
+    /// Keeps the FIFO's directory.
+    _dir: holdfast_test::TempDir,
+    fifo: Option<std::fs::File>,
+    config: PathBuf,
+    listen: SocketAddr,
+    admin: SocketAddr,
+}
+
+impl HeldAtConfig {
+    async fn start() -> HeldAtConfig {
+        use std::os::unix::fs::OpenOptionsExt;
+        let dir = holdfast_test::tempdir();
+        let config = dir.path().join("holdfast.toml");
+        let made = std::process::Command::new("mkfifo")
+            .arg(&config)
+            .status()
+            .expect("run mkfifo");
+        assert!(made.success(), "mkfifo {}", config.display());
+        let config_text = config.display().to_string();
+        let proc = HoldfastProcess::spawn_with_env(
+            Path::new(BIN),
+            &[
+                "run",
+                "-c",
+                &config_text,
+                "--pid-file",
+                "{dir}/holdfast.pid",
+            ],
+            None,
+            &[("NO_COLOR", "1")],
+        );
+        // A non-blocking open for writing succeeds once a reader has the FIFO open:
+        // holdfast is reading its config then.
+        let mut fifo = None;
+        let opened = wait_until(START, || {
+            fifo = std::fs::OpenOptions::new()
+                .write(true)
+                .custom_flags(libc::O_NONBLOCK)
+                .open(&config)
+                .ok();
+            fifo.is_some()
+        })
+        .await;
+        assert!(
+            opened,
+            "holdfast never opened its config; logs:\n{}",
+            proc.logs()
+        );
+        HeldAtConfig {
+            proc,
+            _dir: dir,
+            fifo,
+            config,
+            listen: free_addr(),
+            admin: free_addr(),
+        }
+    }
+
+    /// Lets the start go on: puts a plain file with the same config at the config's
+    /// path (for a reload to read: the FIFO is open already), then writes the config
+    /// into the FIFO and closes it.
+    fn go_on(&mut self, upstream: SocketAddr) {
+        use std::io::Write;
+        let toml = config_toml(self.listen, self.admin, &[("/", upstream)], "");
+        let plain = self.config.with_extension("plain");
+        std::fs::write(&plain, &toml).expect("write the config");
+        std::fs::rename(&plain, &self.config).expect("replace the FIFO");
+        let mut fifo = self.fifo.take().expect("held");
+        fifo.write_all(toml.as_bytes())
+            .expect("write the config into the FIFO");
+    }
+}
+
+/// A SIGHUP and a SIGUSR2 that come while holdfast reads its config at start (as
+/// `systemctl kill -s HUP` or `pkill -HUP holdfast` would send to a successor still
+/// starting) neither kill it nor are lost: it starts, then reads its config again; the
+/// SIGUSR2 is logged and ignored (no new binary started). Before, until the handlers went
+/// in after binding and resolving, either took its default action and killed it.
+#[tokio::test]
+async fn a_sighup_or_sigusr2_while_starting_does_not_kill_it() {
+    let up = TestUpstream::start(Behaviour::Echo).await;
+    let mut held = HeldAtConfig::start().await;
+    held.proc.signal(sys::SIGHUP).expect("signal");
+    held.proc.signal(sys::SIGUSR2).expect("signal");
+    held.go_on(up.addr());
+    let pid = held.proc.pid();
+    let admin = held.admin;
+    let ready = wait_until_async(START, || async move {
+        !sys::is_running(pid) || ready_status(admin).await
+    })
+    .await;
+    assert!(
+        ready && held.proc.exited().is_none(),
+        "holdfast did not start: {:?}; logs:\n{}",
+        held.proc.exited(),
+        held.proc.logs()
+    );
+    assert!(
+        held.proc.wait_for_log("config reloaded", SOON).await,
+        "no reload once ready; logs:\n{}",
+        held.proc.logs()
+    );
+    let logs = held.proc.logs();
+    assert!(logs.contains("SIGHUP while starting"), "{logs}");
+    assert!(
+        logs.contains("SIGUSR2 ignored: this process is still starting"),
+        "{logs}"
+    );
+    assert!(sys::children_of(pid).is_empty(), "a new binary was started");
+    let resp = KeepAliveClient::new(held.listen)
+        .get("/")
+        .await
+        .expect("served");
+    assert!(resp.is_success(), "{}", resp.status);
+}
+
+/// A SIGTERM while holdfast reads its config at start makes it exit cleanly (status 0,
+/// not killed by the signal) before it binds, writes the PID file or says ready.
+#[tokio::test]
+async fn a_stop_signal_while_starting_exits_before_serving() {
+    let up = TestUpstream::start(Behaviour::Echo).await;
+    let mut held = HeldAtConfig::start().await;
+    held.proc.signal(sys::SIGTERM).expect("signal");
+    held.go_on(up.addr());
+    let status = held.proc.wait_exit(SOON).await.expect("exits");
+    let logs = held.proc.logs();
+    assert_eq!(status.code(), Some(0), "{status:?}; logs:\n{logs}");
+    assert!(
+        logs.contains("SIGTERM while starting: exiting before serving"),
+        "{logs}"
+    );
+    assert!(!logs.contains("listening"), "{logs}");
+    assert!(!held.proc.dir().join("holdfast.pid").exists());
+}

@@ -172,13 +172,20 @@ pub fn spawn_successor(
         .env(LISTEN_FDS, spec)
         .env(READY_FD, write_fd.to_string())
         .kill_on_drop(false);
+    // The signals `process::held` blocked at our start are still blocked in the
+    // runtime's threads, this one included, and a mask survives fork and exec: the new
+    // binary starts with them unblocked, as from a shell (a build that does not hold
+    // them itself would otherwise never hear a SIGTERM). Made here: nothing is made
+    // between fork and exec.
+    let held = crate::process::held::set();
     // SAFETY: the closure runs in the child between fork and exec and only calls
-    // fcntl, which is async-signal-safe.
+    // fcntl and sigprocmask, which are async-signal-safe, on fds and a set made before.
     unsafe {
         cmd.as_std_mut().pre_exec(move || {
             for &fd in &inherit {
                 set_cloexec(fd, false);
             }
+            libc::sigprocmask(libc::SIG_UNBLOCK, &held, std::ptr::null_mut());
             Ok(())
         });
     }
