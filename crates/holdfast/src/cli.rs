@@ -148,7 +148,7 @@ pub struct ProxyArgs {
     /// Admin listener address (default 127.0.0.1:9901); `off` disables it.
     #[arg(long)]
     pub admin: Option<String>,
-    /// Runtime worker threads (0: one per CPU).
+    /// Runtime worker threads (0: one per CPU; at most 1024).
     #[arg(long, default_value_t = 0)]
     pub workers: usize,
     /// One log line per request.
@@ -270,6 +270,7 @@ fn flag_of(key: &str) -> &str {
         }
         "route[0].fastcgi.root" => "--root",
         "route[0].fastcgi.fallback" => "--fallback",
+        "workers" => "--workers",
         k if k.starts_with("listener[0].tls.") => "--tls-cert/--tls-key",
         k => k,
     }

@@ -28,6 +28,9 @@ pub use self::upstream::{
     Balance, HealthConfig, PoolConfig, RetryConfig, TcpConfig, TimeoutConfig, UpstreamConfig,
 };
 
+/// Most runtime worker threads (`workers`): far more than any machine has CPUs.
+pub const MAX_WORKERS: usize = 1024;
+
 /// The whole config file.
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -36,7 +39,8 @@ pub struct Config {
     /// upgrade). Default: none.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pid_file: Option<PathBuf>,
-    /// Runtime worker threads; 0 means one per CPU. Default 0.
+    /// Runtime worker threads; 0 means one per CPU. Default 0; at most
+    /// [`MAX_WORKERS`].
     #[serde(default)]
     pub workers: usize,
     #[serde(default)]
@@ -439,6 +443,17 @@ impl Config {
             bad(
                 "pid_file".into(),
                 "is empty; leave pid_file out for no PID file".into(),
+            );
+        }
+        if self.workers > MAX_WORKERS {
+            // Taken, the runtime would try to start that many threads before serving
+            // anything: gigabytes of stacks, or a panic once the system refuses one.
+            bad(
+                "workers".into(),
+                format!(
+                    "{} runtime threads is more than {MAX_WORKERS}; 0 means one per CPU",
+                    self.workers
+                ),
             );
         }
         if self.drain.timeout.get().is_zero() {

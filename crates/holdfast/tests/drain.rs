@@ -1424,6 +1424,37 @@ fn durations_too_long_for_the_clock_are_rejected() {
     }
 }
 
+/// `workers = 100000` would have the runtime start that many threads before serving
+/// anything (gigabytes of stacks, or a panic once the system refuses one): `check`
+/// refuses it, naming the key and the bound, as `run` does.
+#[test]
+fn a_worker_count_no_machine_needs_is_refused() {
+    let dir = holdfast_test::tempdir();
+    let path = dir.path().join("workers.toml");
+    let toml = config_toml(
+        free_addr(),
+        free_addr(),
+        &[("/", "127.0.0.1:9".parse().unwrap())],
+        "",
+    );
+    std::fs::write(&path, format!("workers = 100000\n{toml}")).unwrap();
+    let out = std::process::Command::new(BIN)
+        .args(["check", "--config"])
+        .arg(&path)
+        .output()
+        .expect("run holdfast check");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "accepted workers = 100000: {err}"
+    );
+    assert!(
+        err.contains("workers") && err.contains("more than 1024"),
+        "{err}"
+    );
+}
+
 /// README: after an upgrade "every admin answer also says `Connection: close`, so a
 /// keep-alive checker reconnects ... to the new process". A checker's kept admin
 /// connection to the old process, still draining a slow request, must be told to

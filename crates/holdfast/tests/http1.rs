@@ -2786,6 +2786,10 @@ async fn proxy_flags_are_validated_like_a_config_file() {
             &["--to", "http://127.0.0.1:9", "--timeout", "0s"][..],
             "--timeout",
         ),
+        (
+            &["--to", "http://127.0.0.1:9", "--workers", "100000"][..],
+            "--workers",
+        ),
     ] {
         let mut argv = vec!["proxy", "--listen", "127.0.0.1:0", "--admin", "off"];
         argv.extend_from_slice(args);
