@@ -703,6 +703,61 @@ async fn a_reload_that_replaces_a_pool_carries_its_figures_over() {
     assert_eq!(n(&u, "requests"), 3, "{u:#}");
 }
 
+/// What an address's pool learned stays learned across a reload that keeps the pool
+/// (learned values never rise, by design); a reload that changes the pool's settings
+/// gives the address a new pool, which begins from the config again. That is the
+/// operator's way to make holdfast forget a request limit or idle timeout it learned
+/// (say, from an upstream that has since been reconfigured) without a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_keeps_what_the_pool_learned_unless_it_changes_the_pool() {
+    let up = TestUpstream::start(Behaviour::AnnounceKeepAliveThenClose { timeout_secs: 3 }).await;
+    let config = |attempts: u32, queue_size: u32| {
+        format!(
+            "[[route]]\nupstream = \"up\"\n\n[upstream.up]\naddresses = [\"{}\"]\n\
+             retry.attempts = {attempts}\npool.queue_size = {queue_size}\n",
+            up.url()
+        )
+    };
+    let hf = Holdfast::start(&config(3, 1024)).await;
+    let mut client = hf.client();
+    // Bounded: the limit is learned from two connections closed after one request.
+    for i in 0..10 {
+        let r = client.get(&format!("/{i}")).await.expect("request");
+        assert_eq!(r.status, 200);
+        if !hf.view("up", 0).await["learned_max_requests"].is_null() {
+            break;
+        }
+    }
+    let learned = hf.view("up", 0).await;
+    assert_eq!(n(&learned, "learned_max_requests"), 1, "{learned:#}");
+    assert_eq!(
+        s(&learned, "idle_timeout_source"),
+        "keep_alive_header",
+        "{learned:#}"
+    );
+
+    hf.reload(&config(2, 1024)).await;
+    let kept = hf.view("up", 0).await;
+    assert_eq!(
+        n(&kept, "learned_max_requests"),
+        1,
+        "a reload that keeps the pool forgot: {kept:#}"
+    );
+    assert_eq!(s(&kept, "idle_timeout_source"), "keep_alive_header");
+
+    hf.reload(&config(2, 1000)).await;
+    let fresh = hf.view("up", 0).await;
+    assert!(
+        fresh["learned_max_requests"].is_null(),
+        "a new pool begins from the config: {fresh:#}"
+    );
+    assert_eq!(s(&fresh, "idle_timeout_source"), "config", "{fresh:#}");
+    assert!(
+        n(&fresh, "created") >= 2,
+        "the figures go on in the new pool: {fresh:#}"
+    );
+}
+
 // === Deadlines ===
 
 /// Connect timeout: an address whose accept queue is full drops the SYN, so connect
