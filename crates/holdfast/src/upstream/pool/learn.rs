@@ -94,6 +94,8 @@ pub struct Learner {
     prompt_close_requests: VecDeque<u64>,
     /// When the upstream last closed a connection unasked, and its idle age then.
     last_close: Option<(tokio::time::Instant, Duration)>,
+    /// The same, for the last close taken as a sample.
+    last_sample: Option<(tokio::time::Instant, Duration)>,
 }
 
 impl Learner {
@@ -108,6 +110,7 @@ impl Learner {
             idle_close_ages: VecDeque::new(),
             prompt_close_requests: VecDeque::new(),
             last_close: None,
+            last_sample: None,
         }
     }
 
@@ -166,19 +169,24 @@ impl Learner {
     /// between them are one such event and give one sample, not one per connection:
     /// taken one by one, two connections that had each served one request would teach
     /// a request limit of 1 (keep-alive ended for good: learned values never rise),
-    /// and idle ones of different ages an idle timeout.
+    /// and idle ones of different ages an idle timeout. A close is looked at beside
+    /// the last one and the last sample: of three closes of one event aged 150, 100
+    /// and 100 ms, the third matches the second but not the first, the sample.
     pub fn on_idle_close_at(
         &mut self,
         idle_age: Duration,
         requests: u64,
         now: tokio::time::Instant,
     ) -> Option<Learned> {
-        if let Some((last, last_age)) = self.last_close.replace((now, idle_age)) {
-            let gap = now.saturating_duration_since(last);
-            if gap < SAME_EVENT && idle_age.abs_diff(last_age) > gap + AGE_TOLERANCE {
-                return None;
-            }
+        let one_event = |(at, age): (tokio::time::Instant, Duration)| {
+            let gap = now.saturating_duration_since(at);
+            gap < SAME_EVENT && idle_age.abs_diff(age) > gap + AGE_TOLERANCE
+        };
+        let last = self.last_close.replace((now, idle_age));
+        if last.is_some_and(one_event) || self.last_sample.is_some_and(one_event) {
+            return None;
         }
+        self.last_sample = Some((now, idle_age));
         self.on_idle_close(idle_age, requests)
     }
 
@@ -327,6 +335,24 @@ mod tests {
             l.effective_idle().1,
             IdleSource::Config,
             "not an idle timeout"
+        );
+    }
+
+    #[test]
+    fn closes_of_one_event_give_one_sample_in_any_order() {
+        let ms = Duration::from_millis;
+        let at = tokio::time::Instant::now();
+        let mut l = Learner::new(S(15), true);
+        // One restart: ages 150, 100, 100 ms, each connection after one request.
+        assert_eq!(l.on_idle_close_at(ms(150), 1, at), None);
+        assert_eq!(l.on_idle_close_at(ms(100), 1, at + ms(1)), None);
+        assert_eq!(l.on_idle_close_at(ms(100), 1, at + ms(2)), None);
+        assert_eq!(l.learned_max_requests(), None);
+        // A close in a later event is a second sample.
+        let later = at + S(5);
+        assert_eq!(
+            l.on_idle_close_at(ms(150), 1, later),
+            Some(Learned::MaxRequests(1))
         );
     }
 

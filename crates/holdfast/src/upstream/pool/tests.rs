@@ -571,6 +571,41 @@ async fn an_upstream_restart_does_not_teach_a_request_limit() {
     );
 }
 
+/// A restart closing three idle connections, two of which went idle together: the
+/// first close is one sample, the second (a different age at the same instant) shows
+/// the event, and the third, of the second's age, belongs to the same event: it is
+/// not a second sample, so two connections that had each served one request teach no
+/// request limit, whichever order their closes are seen in.
+#[tokio::test(start_paused = true)]
+async fn an_upstream_restart_teaches_one_sample_whatever_order_its_closes_come_in() {
+    use tokio::io::AsyncWriteExt;
+    let pool = Pool::new("test".into(), settings());
+    let mut fars = vec![one_exchange_new(&pool).await];
+    tokio::time::advance(Duration::from_millis(50)).await;
+    fars.push(one_exchange_new(&pool).await);
+    fars.push(one_exchange_new(&pool).await);
+    tokio::time::advance(Duration::from_millis(100)).await;
+    assert_eq!(pool.snapshot().idle, 3);
+    // Idle for 150, 100 and 100 ms (prompt closes) when the restart closes them all,
+    // seen in that order.
+    for (seen, far) in (1..).zip(&mut fars) {
+        far.shutdown().await.expect("FIN");
+        for _ in 0..100 {
+            if closed_total(&pool) == seen {
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(closed_total(&pool), seen, "the close was seen");
+    }
+    assert_eq!(pool.snapshot().idle, 0);
+    assert_eq!(
+        pool.snapshot().learned_max_requests,
+        None,
+        "one restart taught a request limit"
+    );
+}
+
 /// Likewise, idle connections of different ages closed together by a restart say
 /// nothing about the upstream's idle timeout.
 #[tokio::test(start_paused = true)]
