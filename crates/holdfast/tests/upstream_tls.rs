@@ -808,6 +808,28 @@ async fn h2c_closed_before_settings_is_retried_on_another_address_at_once() {
     }
 }
 
+/// `/pools` shows, for an HTTP/2 address, the idle timeout its shared connections
+/// keep to: `http2.idle_timeout`, not `pool.idle_timeout` (HTTP/1 keep-alive), which
+/// `effective_idle_timeout` shows and which does not apply to them.
+#[tokio::test]
+async fn pools_shows_the_idle_timeout_in_force_for_http2_connections() {
+    let server = H2Server::start(100, false).await;
+    let config = format!(
+        "{}http2.idle_timeout = \"7s\"\npool.idle_timeout = \"3s\"\n",
+        proxy_to(&format!("h2c://{}", server.addr))
+    );
+    let gw = start(&config).await;
+    let r = KeepAliveClient::new(gw.addr)
+        .with_timeout(SOON)
+        .get("/")
+        .await
+        .expect("response");
+    assert_eq!(r.status, 200, "{}", r.text());
+    let (_, address) = pools(&gw).await;
+    assert_eq!(address["http2"]["connections"], 1, "{address}");
+    assert_eq!(address["http2"]["idle_timeout"], 7.0, "{address}");
+}
+
 /// The upstream advertises 2 streams: of 10 concurrent requests, 2 are in flight at
 /// the upstream and 8 wait in holdfast's queue; all succeed, on one connection.
 #[tokio::test]

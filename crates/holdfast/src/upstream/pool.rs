@@ -814,6 +814,7 @@ impl Pool {
                 connections,
                 streams,
                 max_streams,
+                idle_timeout: self.settings.h2_idle_timeout,
             });
         PoolSnapshot {
             open: self.open.load(Relaxed),
@@ -867,10 +868,22 @@ pub struct Http2Snapshot {
     pub streams: usize,
     /// Streams they take at once (the upstream's `SETTINGS_MAX_CONCURRENT_STREAMS`).
     pub max_streams: usize,
+    /// How long one of them may go with no stream in flight (`http2.idle_timeout`;
+    /// `None`: no limit): what is in force for these connections, where the address's
+    /// `effective_idle_timeout` (HTTP/1 keep-alive) is not.
+    #[serde(serialize_with = "ser_opt_secs")]
+    pub idle_timeout: Option<Duration>,
 }
 
 fn ser_secs<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
     s.serialize_f64(d.as_secs_f64())
+}
+
+fn ser_opt_secs<S: serde::Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+    match d {
+        Some(d) => s.serialize_f64(d.as_secs_f64()),
+        None => s.serialize_none(),
+    }
 }
 
 /// Whether an upstream close of an idle connection, seen `closed_age` after its last
