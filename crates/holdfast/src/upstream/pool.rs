@@ -735,6 +735,7 @@ impl Pool {
             }
             return;
         }
+        st.learner.on_kept(conn.requests);
         // Listed in its place by `idle_since`, which may be earlier than others'.
         let (mut idle_timeout, _) = st.learner.effective_idle();
         // Its own answer's word, whatever others on the address said since.

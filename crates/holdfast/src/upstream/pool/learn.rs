@@ -190,6 +190,22 @@ impl Learner {
         self.on_idle_close(idle_age, requests)
     }
 
+    /// A connection that has served `requests` requests goes back to the idle list:
+    /// the upstream keeps connections past any smaller count, so earlier prompt closes
+    /// after fewer requests (an upstream restart, a network blip) were no request
+    /// limit, and must not pair with a later one as if they were. Called at each
+    /// check-in, under the pool's lock: a look at an empty queue, mostly.
+    pub fn on_kept(&mut self, requests: u64) {
+        if self
+            .prompt_close_requests
+            .iter()
+            .any(|&closed_after| closed_after < requests)
+        {
+            self.prompt_close_requests
+                .retain(|&closed_after| closed_after >= requests);
+        }
+    }
+
     /// The upstream closed a connection that had been idle for `idle_age` after
     /// serving `requests` requests, without saying it would.
     pub fn on_idle_close(&mut self, idle_age: Duration, requests: u64) -> Option<Learned> {
@@ -352,6 +368,24 @@ mod tests {
         let later = at + S(5);
         assert_eq!(
             l.on_idle_close_at(ms(150), 1, later),
+            Some(Learned::MaxRequests(1))
+        );
+    }
+
+    #[test]
+    fn a_connection_kept_after_more_requests_voids_smaller_prompt_closes() {
+        let mut l = Learner::new(S(15), true);
+        assert_eq!(l.on_idle_close(Duration::from_micros(80), 1), None);
+        l.on_kept(2);
+        assert_eq!(
+            l.on_idle_close(Duration::from_micros(80), 1),
+            None,
+            "paired with a close a kept connection contradicts"
+        );
+        // Kept after as many requests as the limit: no contradiction.
+        l.on_kept(1);
+        assert_eq!(
+            l.on_idle_close(Duration::from_micros(80), 1),
             Some(Learned::MaxRequests(1))
         );
     }

@@ -606,6 +606,65 @@ async fn an_upstream_restart_teaches_one_sample_whatever_order_its_closes_come_i
     );
 }
 
+/// A request limit of R means no connection serves more than R requests. Two restarts
+/// apart, each closing a connection moments after its first request, gave two prompt
+/// closes after one request "in a row", and taught `max_requests = 1` (keep-alive
+/// ended for good), although between them a connection had served two requests and
+/// been kept: that connection contradicts the first close as a request limit.
+#[tokio::test(start_paused = true)]
+async fn a_connection_kept_after_more_requests_is_no_request_limit_learned_below() {
+    use tokio::io::AsyncWriteExt;
+    let response = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello";
+    let pool = Pool::new("test".into(), settings());
+    let closed_by_upstream = || pool.figures.closed_count(CloseReason::ClosedByUpstreamIdle);
+    // A restart closes a connection that served one request, moments after.
+    let mut far = one_exchange_new(&pool).await;
+    far.shutdown().await.expect("FIN");
+    for _ in 0..100 {
+        if closed_by_upstream() == 1 {
+            break;
+        }
+        tokio::task::yield_now().await;
+    }
+    assert_eq!(closed_by_upstream(), 1);
+    drop(far);
+    tokio::time::advance(Duration::from_secs(1)).await;
+
+    // Then a connection serves two requests and is kept.
+    let mut far = one_exchange_new(&pool).await;
+    let mut conn = pool
+        .checkout(Want::Idle(Take::MostRecent), false, || async {
+            unreachable!("the idle connection is reused")
+        })
+        .await
+        .expect("checkout");
+    begin_get(&mut conn);
+    far.write_all(response).await.expect("respond");
+    read_head(&mut conn).await;
+    assert_eq!(read_body(&mut conn).await, 5);
+    conn.release(Instant::now());
+    settle().await;
+    assert_eq!(pool.snapshot().idle, 1, "kept after two requests");
+    tokio::time::advance(Duration::from_secs(1)).await;
+
+    // Another restart closes a new connection moments after its one request.
+    let mut other = one_exchange_new(&pool).await;
+    other.shutdown().await.expect("FIN");
+    for _ in 0..100 {
+        if closed_by_upstream() == 2 {
+            break;
+        }
+        tokio::task::yield_now().await;
+    }
+    assert_eq!(closed_by_upstream(), 2);
+    assert_eq!(
+        pool.snapshot().learned_max_requests,
+        None,
+        "a request limit of 1 learned after a connection served 2"
+    );
+    drop(far);
+}
+
 /// Likewise, idle connections of different ages closed together by a restart say
 /// nothing about the upstream's idle timeout.
 #[tokio::test(start_paused = true)]
