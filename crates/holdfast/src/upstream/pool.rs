@@ -697,7 +697,15 @@ impl Pool {
             .any(|since| now.saturating_duration_since(since) >= wait)
     }
 
-    fn checkin(&self, mut conn: Conn, hint: ResponseHint, now: Instant) {
+    /// A connection's answer was read in full at `now`; `survived`: how long it had
+    /// been idle (at least) when it was handed out for that request, if it was reused.
+    fn checkin(
+        &self,
+        mut conn: Conn,
+        hint: ResponseHint,
+        now: Instant,
+        survived: Option<Duration>,
+    ) {
         // Idle since its answer began to arrive, not since it was read (a slow client
         // can hold the end up for seconds): the upstream's timer began no earlier.
         let idle_since = conn.stream.answer_began().map_or(now, |at| at.min(now));
@@ -735,7 +743,7 @@ impl Pool {
             }
             return;
         }
-        st.learner.on_kept(conn.requests);
+        st.learner.on_kept(conn.requests, survived);
         // Listed in its place by `idle_since`, which may be earlier than others'.
         let (mut idle_timeout, _) = st.learner.effective_idle();
         // Its own answer's word, whatever others on the address said since.

@@ -190,12 +190,15 @@ impl Learner {
         self.on_idle_close(idle_age, requests)
     }
 
-    /// A connection that has served `requests` requests goes back to the idle list:
-    /// the upstream keeps connections past any smaller count, so earlier prompt closes
-    /// after fewer requests (an upstream restart, a network blip) were no request
-    /// limit, and must not pair with a later one as if they were. Called at each
-    /// check-in, under the pool's lock: a look at an empty queue, mostly.
-    pub fn on_kept(&mut self, requests: u64) {
+    /// A connection that has served `requests` requests goes back to the idle list,
+    /// after answering a request sent when it had been idle for `survived` (at least;
+    /// `None`: it was new). The upstream keeps connections past any smaller count and
+    /// idle age, so earlier closes after fewer requests or at a smaller age (an
+    /// upstream restart, a network blip) were neither a request limit nor an idle
+    /// timeout, and must not be taken together with later ones as if they were.
+    /// Called at each check-in, under the pool's lock: a look over two queues of at
+    /// most [`SAMPLES`] entries.
+    pub fn on_kept(&mut self, requests: u64, survived: Option<Duration>) {
         if self
             .prompt_close_requests
             .iter()
@@ -203,6 +206,11 @@ impl Learner {
         {
             self.prompt_close_requests
                 .retain(|&closed_after| closed_after >= requests);
+        }
+        if let Some(survived) = survived
+            && self.idle_close_ages.iter().any(|&age| age < survived)
+        {
+            self.idle_close_ages.retain(|&age| age >= survived);
         }
     }
 
@@ -376,17 +384,38 @@ mod tests {
     fn a_connection_kept_after_more_requests_voids_smaller_prompt_closes() {
         let mut l = Learner::new(S(15), true);
         assert_eq!(l.on_idle_close(Duration::from_micros(80), 1), None);
-        l.on_kept(2);
+        l.on_kept(2, None);
         assert_eq!(
             l.on_idle_close(Duration::from_micros(80), 1),
             None,
             "paired with a close a kept connection contradicts"
         );
         // Kept after as many requests as the limit: no contradiction.
-        l.on_kept(1);
+        l.on_kept(1, None);
         assert_eq!(
             l.on_idle_close(Duration::from_micros(80), 1),
             Some(Learned::MaxRequests(1))
+        );
+    }
+
+    #[test]
+    fn a_connection_reused_after_a_longer_idle_voids_shorter_idle_closes() {
+        let ms = Duration::from_millis;
+        let mut l = Learner::new(S(15), true);
+        assert_eq!(l.on_idle_close(ms(1000), 3), None);
+        assert_eq!(l.on_idle_close(ms(1500), 7), None);
+        // Reused after 1.6 s idle and answered: the upstream keeps idle connections
+        // longer than those two closes.
+        l.on_kept(9, Some(ms(1600)));
+        assert_eq!(
+            l.on_idle_close(ms(2000), 1),
+            None,
+            "taught by voided closes"
+        );
+        assert_eq!(l.on_idle_close(ms(2010), 1), None);
+        assert_eq!(
+            l.on_idle_close(ms(2005), 1),
+            Some(Learned::IdleTimeout(ms(2000) * 4 / 5, IdleSource::Observed))
         );
     }
 

@@ -268,7 +268,13 @@ impl PooledConn {
             return;
         }
         if let Some(conn) = self.conn.take() {
-            self.pool.checkin(conn, self.hint, now);
+            // The short bound: the upstream may have counted it idle from its last
+            // answer's first bytes, but no later than once they had all been read.
+            let survived = self
+                .settled_at
+                .zip(self.handed_at)
+                .map(|(settled, handed)| handed.saturating_duration_since(settled));
+            self.pool.checkin(conn, self.hint, now, survived);
         }
         // A lease gives its stream back as it drops.
     }

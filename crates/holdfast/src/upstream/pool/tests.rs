@@ -665,6 +665,69 @@ async fn a_connection_kept_after_more_requests_is_no_request_limit_learned_below
     drop(far);
 }
 
+/// Likewise for idle closes: three restarts, each closing the one idle connection (idle
+/// 1.0, 1.5 and 1.2 s: within a factor of 2), taught an idle timeout of 0.8 s, although
+/// between the first two a connection idle for 1.6 s had been reused and answered. A
+/// connection that outlived a close's idle age voids it as a sample of the upstream's
+/// idle timeout.
+#[tokio::test(start_paused = true)]
+async fn a_connection_reused_after_a_longer_idle_is_no_idle_timeout_learned_below() {
+    use tokio::io::AsyncWriteExt;
+    let response = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello";
+    let pool = Pool::new(
+        "test".into(),
+        PoolSettings {
+            idle_timeout: Duration::from_secs(10),
+            ..settings()
+        },
+    );
+    let closed_by_upstream = || pool.figures.closed_count(CloseReason::ClosedByUpstreamIdle);
+    let close = async |far: &mut UnixStream, n: u64| {
+        far.shutdown().await.expect("FIN");
+        for _ in 0..100 {
+            if closed_by_upstream() == n {
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(closed_by_upstream(), n, "close {n} seen");
+    };
+    // A restart closes the one idle connection, idle for 1 s.
+    let mut far = one_exchange_new(&pool).await;
+    tokio::time::advance(Duration::from_millis(1000)).await;
+    close(&mut far, 1).await;
+
+    // A connection idle for 1.6 s is reused, and answers.
+    let mut far = one_exchange_new(&pool).await;
+    tokio::time::advance(Duration::from_millis(1600)).await;
+    let mut conn = pool
+        .checkout(Want::Idle(Take::MostRecent), false, || async {
+            unreachable!("the idle connection is reused")
+        })
+        .await
+        .expect("checkout");
+    begin_get(&mut conn);
+    far.write_all(response).await.expect("respond");
+    read_head(&mut conn).await;
+    assert_eq!(read_body(&mut conn).await, 5);
+    conn.release(Instant::now());
+    settle().await;
+    assert_eq!(pool.snapshot().idle, 1);
+
+    // Two more restarts, closing a connection idle for 1.5 s, then one idle for 1.2 s.
+    tokio::time::advance(Duration::from_millis(1500)).await;
+    close(&mut far, 2).await;
+    let mut far = one_exchange_new(&pool).await;
+    tokio::time::advance(Duration::from_millis(1200)).await;
+    close(&mut far, 3).await;
+    let snap = pool.snapshot();
+    assert_eq!(
+        (snap.effective_idle_timeout, snap.idle_timeout_source),
+        (Duration::from_secs(10), IdleSource::Config),
+        "an idle timeout below what a reused connection outlived"
+    );
+}
+
 /// Likewise, idle connections of different ages closed together by a restart say
 /// nothing about the upstream's idle timeout.
 #[tokio::test(start_paused = true)]
