@@ -830,6 +830,37 @@ async fn pools_shows_the_idle_timeout_in_force_for_http2_connections() {
     assert_eq!(address["http2"]["idle_timeout"], 7.0, "{address}");
 }
 
+/// A request on an HTTP/2 connection off the list (here retired as its one stream
+/// under `pool.max_requests = 1` was leased; a GOAWAY or a drain does the same) is in
+/// use until it ends: `/pools` counts it in `in_use`, as `open` counts its connection.
+#[tokio::test]
+async fn pools_counts_streams_on_a_retired_http2_connection_in_use() {
+    let server = H2Server::start(100, true).await;
+    let config = format!(
+        "{}pool.max_requests = 1\n",
+        proxy_to(&format!("h2c://{}", server.addr))
+    );
+    let gw = start(&config).await;
+    let request = spawn_request(gw.addr, ClientRequest::get("/held"));
+    assert!(
+        server.in_flight_reaches(1).await,
+        "the request reached the upstream"
+    );
+    let (_, address) = pools(&gw).await;
+    assert_eq!(address["open"], 1, "{address}");
+    assert_eq!(address["in_use"], 1, "{address}");
+    server.open_gate();
+    let r = request.await.unwrap().expect("response");
+    assert_eq!(r.status, 200, "{}", r.text());
+    let settled = wait_until_async(SOON, || async {
+        let (_, a) = pools(&gw).await;
+        a["open"] == 0 && a["in_use"] == 0
+    })
+    .await;
+    let (_, address) = pools(&gw).await;
+    assert!(settled, "closed and no longer in use: {address}");
+}
+
 /// The upstream advertises 2 streams: of 10 concurrent requests, 2 are in flight at
 /// the upstream and 8 wait in holdfast's queue; all succeed, on one connection.
 #[tokio::test]

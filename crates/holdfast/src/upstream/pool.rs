@@ -817,7 +817,8 @@ impl Pool {
     pub fn snapshot(&self) -> PoolSnapshot {
         let st = self.lock();
         let (idle_timeout, source) = st.learner.effective_idle();
-        let (connections, streams, max_streams, stream_waiters) = st.shared.figures();
+        let (connections, streams, max_streams, stream_waiters, retiring_streams) =
+            st.shared.figures();
         let http2 =
             (connections > 0 || streams > 0 || stream_waiters > 0).then_some(Http2Snapshot {
                 connections,
@@ -832,7 +833,8 @@ impl Pool {
                 .limit
                 .load(Relaxed)
                 .saturating_sub(self.slots.available_permits())
-                + streams,
+                + streams
+                + retiring_streams,
             waiting: self.waiting.load(Relaxed) + stream_waiters,
             max_connections: self.limit.load(Relaxed),
             effective_idle_timeout: idle_timeout,

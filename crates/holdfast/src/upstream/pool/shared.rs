@@ -51,6 +51,8 @@ pub(super) struct SharedState {
     /// Connections off the list (going away, retired, never listed) whose streams
     /// are still in flight: open, so counted under `pool.max_connections`.
     retiring: usize,
+    /// The streams in flight on those: requests in use (`/pools` `in_use`).
+    retiring_streams: usize,
     waiters: VecDeque<oneshot::Sender<Grant>>,
 }
 
@@ -145,11 +147,15 @@ impl SharedConn {
     /// One stream fewer in flight (under the pool lock). The last stream of a
     /// connection off the list closes it: it no longer counts as open.
     fn give_back_stream(&self, shared: &mut SharedState, now: Instant) {
+        let delisted = self.delisted.load(Relaxed);
+        if delisted {
+            shared.retiring_streams -= 1;
+        }
         if self.in_flight.fetch_sub(1, Relaxed) == 1 {
             let since = now.saturating_duration_since(self.created).as_millis();
             self.idle_since_ms
                 .store(u64::try_from(since).unwrap_or(BUSY - 1), Relaxed);
-            if self.delisted.load(Relaxed) {
+            if delisted {
                 shared.retiring -= 1;
                 // No stream of ours is left on it: close it now, before the room it
                 // leaves can open another (as its drop, just after, would).
@@ -267,8 +273,10 @@ impl SharedState {
     /// Marks a connection taken off the list (or never put on it): it takes no new
     /// stream, and counts as open until its last stream ends.
     fn delist(&mut self, conn: &SharedConn) {
-        if !conn.delisted.swap(true, Relaxed) && conn.in_flight.load(Relaxed) > 0 {
+        let in_flight = conn.in_flight.load(Relaxed);
+        if !conn.delisted.swap(true, Relaxed) && in_flight > 0 {
             self.retiring += 1;
+            self.retiring_streams += in_flight;
         }
     }
 
@@ -301,9 +309,10 @@ impl SharedState {
             .min()
     }
 
-    /// Connections, streams in flight, the streams the listed connections take, and
-    /// the requests still waiting, for `/pools`.
-    pub(super) fn figures(&self) -> (usize, usize, usize, usize) {
+    /// Connections, streams in flight on them, the streams they take, and the
+    /// requests still waiting, for `/pools`; and the streams in flight on connections
+    /// off the list.
+    pub(super) fn figures(&self) -> (usize, usize, usize, usize, usize) {
         let streams = self.conns.iter().map(|c| c.in_flight.load(Relaxed)).sum();
         let max = self
             .conns
@@ -313,7 +322,13 @@ impl SharedState {
         // A waiter that gave up (queue timeout, client gone) stays queued until the
         // next dispatch or checkout: not waiting.
         let waiting = self.waiters.iter().filter(|w| !w.is_closed()).count();
-        (self.conns.len(), streams, max, waiting)
+        (
+            self.conns.len(),
+            streams,
+            max,
+            waiting,
+            self.retiring_streams,
+        )
     }
 }
 
