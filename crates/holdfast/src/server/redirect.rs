@@ -59,16 +59,19 @@ fn location<B>(req: &Request<B>, port: u16) -> Option<String> {
         return None;
     }
     let host = authority.host();
-    let target = req
-        .uri()
-        .path_and_query()
-        .map(|p| p.as_str())
-        .filter(|p| p.starts_with('/'))
-        .unwrap_or("/");
-    Some(if port == 443 {
-        format!("https://{host}{target}")
+    // `path()` rather than the path-and-query as sent: an absolute-form target with
+    // no path (`http://host?q`) has an empty one, which HTTP reads as `/`.
+    let path = req.uri().path();
+    let (path, query) = if path.starts_with('/') {
+        (path, req.uri().query())
     } else {
-        format!("https://{host}:{port}{target}")
+        ("/", None)
+    };
+    let (mark, query) = query.map_or(("", ""), |q| ("?", q));
+    Some(if port == 443 {
+        format!("https://{host}{path}{mark}{query}")
+    } else {
+        format!("https://{host}:{port}{path}{mark}{query}")
     })
 }
 
@@ -105,6 +108,18 @@ mod tests {
                 None,
                 443,
                 Some("https://h2.example/p"),
+            ),
+            (
+                "http://h2.example?q=1",
+                Some("other.example"),
+                443,
+                Some("https://h2.example/?q=1"),
+            ),
+            (
+                "http://h2.example:80/p?",
+                None,
+                8443,
+                Some("https://h2.example:8443/p?"),
             ),
             (
                 "*",
