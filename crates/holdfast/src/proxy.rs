@@ -155,7 +155,15 @@ impl Proxy {
             // path without them, so that `/api/../admin` can neither match `/api` nor
             // reach an `/api` upstream as `/admin`; so are encoded unreserved
             // characters decoded, so that `/%61dmin` matches `/admin`.
-            let resolved = crate::route::normalize_path(req.uri().path());
+            let resolved = crate::route::normalize_path(req.uri().path()).or_else(|| {
+                // An absolute-form target with a query and no path (`http://host?q`)
+                // has `?q` as its path-and-query: HTTP reads the empty path as `/`
+                // (RFC 9110 4.2.3), which the target sent on must start with.
+                req.uri()
+                    .path_and_query()
+                    .is_some_and(|p| p.as_str().starts_with('?'))
+                    .then(|| "/".to_owned())
+            });
             let path = resolved.as_deref().unwrap_or(req.uri().path());
             let route = routing
                 .routes
@@ -258,12 +266,16 @@ impl Proxy {
             let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
             let (mut parts, body) = req.into_parts();
             let fastcgi = upstream.config.protocol() == Protocol::FastCgi;
-            // REQUEST_URI is the target as the client sent it, before any rewrite.
+            // REQUEST_URI is the target as the client sent it, before any rewrite, in
+            // origin form (`?q` from `http://host?q` is `/?q`).
             let original_target = fastcgi.then(|| {
-                parts
-                    .uri
-                    .path_and_query()
-                    .map_or_else(|| "/".to_owned(), |p| p.as_str().to_owned())
+                parts.uri.path_and_query().map_or_else(
+                    || "/".to_owned(),
+                    |p| match p.as_str() {
+                        q if q.starts_with('?') => format!("/{q}"),
+                        t => t.to_owned(),
+                    },
+                )
             });
 
             // Origin-form target with the route's prefix rewrite.

@@ -748,6 +748,39 @@ async fn proxy_header_never_becomes_http_proxy() {
     assert!(!names.contains(&"HTTP_PROXY"), "{params:?}");
 }
 
+/// REQUEST_URI is the target as sent, in origin form: an absolute-form target with a
+/// query and no path (`http://host?q`) gives `/?q`, as its empty path reads. It gave
+/// `?q`, which a front controller routing on REQUEST_URI cannot take for a path.
+#[tokio::test]
+async fn request_uri_of_an_absolute_target_without_a_path_starts_with_a_slash() {
+    let root = holdfast_test::tempdir();
+    std::fs::write(root.path().join("index.php"), "<?php\n").expect("index.php");
+    let app = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let gw = Site {
+        upstream: format!("fastcgi://{}", app.local_addr().expect("addr")),
+        root: root.path(),
+        route: "",
+        tables: "",
+    }
+    .start()
+    .await;
+    let params = tokio::spawn(params_of_one_request(app));
+    let mut conn = RawClient::connect(gw.addr).await.expect("connect");
+    conn.send("GET http://shop.test?q=1 HTTP/1.1\r\nHost: shop.test\r\n\r\n")
+        .await
+        .expect("send");
+    let resp = conn
+        .read_response(RESPONSE_TIMEOUT)
+        .await
+        .expect("response");
+    assert_eq!(resp.text(), "recorded");
+    let params = params.await.expect("the application saw the request");
+    let uri = params.iter().find(|(n, _)| n == "REQUEST_URI");
+    assert_eq!(uri.map(|(_, v)| v.as_str()), Some("/?q=1"), "{params:?}");
+}
+
 /// A FastCGI application for one request: answers "recorded" and returns the params it
 /// received. A connection asking GET_VALUES is closed unanswered.
 async fn params_of_one_request(listener: tokio::net::TcpListener) -> Vec<(String, String)> {

@@ -679,6 +679,24 @@ async fn userinfo_in_an_absolute_target_is_a_400() {
     assert_eq!(upstream.requests_seen(), 0);
 }
 
+/// An absolute-form target with a query and no path (`http://host?q`, RFC 3986 allows
+/// the empty path, which HTTP reads as `/`) is sent on as `/?q`. Its path-and-query
+/// as sent was `?q`, which holdfast refused as a bad target with 400.
+#[tokio::test]
+async fn an_absolute_target_with_a_query_and_no_path_goes_on_as_slash_and_the_query() {
+    let upstream = TestUpstream::start(Behaviour::Echo).await;
+    let gw = start(&proxy_to(&upstream.url())).await;
+    let mut client = RawClient::connect(gw.addr).await.unwrap();
+    client
+        .send("GET http://shop.test?q=1 HTTP/1.1\r\nhost: shop.test\r\n\r\n")
+        .await
+        .unwrap();
+    let r = client.read_response(WAIT).await.unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    let targets: Vec<String> = upstream.requests().into_iter().map(|r| r.target).collect();
+    assert_eq!(targets, ["/?q=1"]);
+}
+
 #[tokio::test]
 async fn via_is_added_both_ways() {
     let upstream = TestUpstream::start(Behaviour::respond(|_| {
