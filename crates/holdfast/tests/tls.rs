@@ -256,6 +256,41 @@ async fn https_get_and_post_over_http1_and_http2_by_alpn() {
     }
 }
 
+/// An HTTP/1.0 client may offer ALPN `http/1.0` alone (`curl --http1.0` does). rustls
+/// refuses a handshake whose offer shares no name with the server's list, so with only
+/// `h2` and `http/1.1` listed such a client got a `no_application_protocol` alert
+/// instead of an answer; nginx lists `http/1.0` too.
+#[tokio::test]
+async fn a_client_offering_only_alpn_http_1_0_is_served_http_1_0() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let pki = TestCa::new("holdfast test CA");
+    let (cert, key) = pki.leaf("site", &["localhost"]);
+    let up = TestUpstream::start(Behaviour::Echo).await;
+    let gw = start(&format!(
+        "{}{}",
+        proxy_to(&up.url()),
+        tls_listener("127.0.0.1:0", &cert, &key, "")
+    ))
+    .await;
+    let mut s = tls_connect(gw.addr, "localhost", pki.client(&["http/1.0"])).await;
+    assert_eq!(s.get_ref().1.alpn_protocol(), Some(&b"http/1.0"[..]));
+    s.write_all(b"GET /old HTTP/1.0\r\nHost: localhost\r\n\r\n")
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    // The server ends an HTTP/1.0 exchange by closing; a TLS close may come without
+    // close_notify, which is no concern here.
+    let _ = timeout(SOON, s.read_to_end(&mut out))
+        .await
+        .expect("answered and closed in time");
+    let out = String::from_utf8_lossy(&out);
+    assert!(
+        out.starts_with("HTTP/1.0 200 ") || out.starts_with("HTTP/1.1 200 "),
+        "{out}"
+    );
+    assert!(out.contains("GET /old\n"), "{out}");
+}
+
 #[tokio::test]
 async fn sni_picks_the_certificate() {
     let pki = TestCa::new("holdfast test CA");

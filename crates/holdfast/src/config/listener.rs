@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use super::ByteSize;
 
 /// `[listener.tls]`: terminate TLS (1.2 and 1.3) on this listener, offering HTTP/2 and
-/// HTTP/1.1 by ALPN. Files are read at start and again on every reload (SIGHUP); a
+/// HTTP/1.1 (and HTTP/1.0) by ALPN. Files are read at start and again on every reload (SIGHUP); a
 /// file that cannot be used then keeps the certificates in force.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]

@@ -1,7 +1,8 @@
 //! TLS termination for client connections.
 //!
-//! rustls with the ring provider; TLS 1.3 and 1.2 only; ALPN offers `h2` then
-//! `http/1.1`; session tickets (a rotating ticketer) and a server-side session cache
+//! rustls with the ring provider; TLS 1.3 and 1.2 only; ALPN offers `h2`, then
+//! `http/1.1`, then `http/1.0` (an HTTP/1.0 client may offer that alone, and rustls
+//! refuses a handshake whose offer names nothing of the list); session tickets (a rotating ticketer) and a server-side session cache
 //! for resumption; no 0-RTT (early data could be replayed). Certificates are chosen by
 //! SNI ([`certs::CertStore`]) through a resolver that reads an `ArcSwap`, so
 //! [`TlsFront::reload`] swaps in freshly read files for new handshakes while every open
@@ -27,6 +28,7 @@ use crate::config::TlsConfig;
 /// ALPN names in the order the server prefers them.
 pub const ALPN_H2: &[u8] = b"h2";
 pub const ALPN_HTTP1: &[u8] = b"http/1.1";
+pub const ALPN_HTTP10: &[u8] = b"http/1.0";
 
 /// Sessions remembered for resumption by clients that do not take tickets.
 const SESSION_CACHE: usize = 4096;
@@ -62,7 +64,7 @@ impl TlsFront {
                 .map_err(|e| format!("TLS setup: {e}"))?
                 .with_no_client_auth()
                 .with_cert_resolver(resolver.clone());
-        server.alpn_protocols = vec![ALPN_H2.to_vec(), ALPN_HTTP1.to_vec()];
+        server.alpn_protocols = vec![ALPN_H2.to_vec(), ALPN_HTTP1.to_vec(), ALPN_HTTP10.to_vec()];
         server.ticketer =
             rustls::crypto::ring::Ticketer::new().map_err(|e| format!("TLS tickets: {e}"))?;
         server.session_storage = ServerSessionMemoryCache::new(SESSION_CACHE);
@@ -128,7 +130,7 @@ mod tests {
         let server = front.acceptor.config();
         assert_eq!(
             server.alpn_protocols,
-            [ALPN_H2.to_vec(), ALPN_HTTP1.to_vec()]
+            [ALPN_H2.to_vec(), ALPN_HTTP1.to_vec(), ALPN_HTTP10.to_vec()]
         );
         assert!(server.ticketer.enabled(), "session tickets");
         assert!(server.session_storage.can_cache(), "a session cache");
