@@ -1526,12 +1526,13 @@ async fn nginx_keepalive_timeout_2s_requests_spaced_around_it_see_no_error() {
 // === Story 5: TCP keepalive is not HTTP keep-alive ===
 
 /// Story 5. The upstream withdraws HTTP keep-alive after 1.5 s idle (a FIN, as Go's
-/// `IdleTimeout` does), while holdfast's TCP keepalive is set short, the "fix" the team
-/// tried: kernel probes from 1 s idle, every 1 s. The probes keep the TCP path
-/// verified, not the upstream's promise, so they must not stand in for the pool's HTTP
-/// idle timeout: with learning off, the pool still retires the idle connection at its
-/// own `pool.idle_timeout` (800 ms, source `config`), before the upstream closes it, and
-/// the next request goes out on a new connection.
+/// `IdleTimeout` does), while holdfast's TCP keepalive is on and short, the "fix" the
+/// team tried: kernel probes from 3 s idle, every 1 s. The socket does carry them (its
+/// keepalive timer, read from `/proc/net/tcp`, runs at about `tcp.keepalive_idle`), but
+/// they keep the TCP path verified, not the upstream's promise, so they must not stand
+/// in for the pool's HTTP idle timeout: with learning off, the pool still retires the
+/// idle connection at its own `pool.idle_timeout` (800 ms, source `config`), before the
+/// upstream closes it, and the next request goes out on a new connection.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tcp_keepalive_probes_do_not_stand_in_for_the_http_idle_timeout() {
     let up = TestUpstream::start(Behaviour::CloseIdleAfter(ms(1500))).await;
@@ -1544,6 +1545,12 @@ async fn tcp_keepalive_probes_do_not_stand_in_for_the_http_idle_timeout() {
     let mut client = hf.client();
     assert_eq!(client.get("/first").await.expect("first").status, 200);
     let done = Instant::now();
+    // The two settings apart: the TCP keepalive asked for is on the socket.
+    let timer = keepalive_timer_to(up.addr()).expect("holdfast's connection to the upstream");
+    assert!(
+        timer.is_some_and(|left| left > ms(1500) && left <= ms(3000)),
+        "keepalive timer of the upstream connection: {timer:?}, tcp.keepalive_idle is 3s"
+    );
     let v = hf.view("up", 0).await;
     assert_eq!(s(&v, "idle_timeout_source"), "config", "{v:#}");
     assert_eq!(secs(&v, "effective_idle_timeout"), 0.8, "{v:#}");
@@ -1578,6 +1585,32 @@ async fn tcp_keepalive_probes_do_not_stand_in_for_the_http_idle_timeout() {
     assert_eq!(client.get("/second").await.expect("second").status, 200);
     let v = hf.view("up", 0).await;
     assert_eq!((n(&v, "created"), n(&v, "reused")), (2, 0), "{v:#}");
+}
+
+/// The keepalive timer of this machine's established IPv4 TCP connection to `peer`
+/// (holdfast's, to an upstream), from `/proc/net/tcp`: `None` if there is no such
+/// connection, `Some(None)` if its socket runs no keepalive timer (no `SO_KEEPALIVE`:
+/// the kernel's timer code 2 is that timer on an established socket), else the time
+/// left before the first probe (in clock ticks of 1/100 s, Linux's `USER_HZ`).
+fn keepalive_timer_to(peer: SocketAddr) -> Option<Option<Duration>> {
+    let SocketAddr::V4(peer) = peer else {
+        panic!("an IPv4 upstream: {peer}")
+    };
+    // As the kernel prints it: the address as a u32 in host order, the port as is.
+    let rem = format!(
+        "{:08X}:{:04X}",
+        u32::from_ne_bytes(peer.ip().octets()),
+        peer.port()
+    );
+    let table = std::fs::read_to_string("/proc/net/tcp").expect("/proc/net/tcp");
+    let fields = table
+        .lines()
+        .skip(1)
+        .map(|l| l.split_whitespace().collect::<Vec<_>>())
+        .find(|f| f.len() > 5 && f[2] == rem && f[3] == "01")?;
+    let (timer, when) = fields[5].split_once(':').expect("tr:tm->when");
+    let when = u64::from_str_radix(when, 16).expect("tm->when in hex");
+    Some((timer == "02").then(|| Duration::from_millis(when * 10)))
 }
 
 // === The bar ===
