@@ -1426,7 +1426,8 @@ fn durations_too_long_for_the_clock_are_rejected() {
 
 /// `workers = 100000` would have the runtime start that many threads before serving
 /// anything (gigabytes of stacks, or a panic once the system refuses one): `check`
-/// refuses it, naming the key and the bound, as `run` does.
+/// refuses it, naming the key and the bound, as `run` does. The bound itself, 1024,
+/// is allowed (README), and one more is not.
 #[test]
 fn a_worker_count_no_machine_needs_is_refused() {
     let dir = holdfast_test::tempdir();
@@ -1437,22 +1438,28 @@ fn a_worker_count_no_machine_needs_is_refused() {
         &[("/", "127.0.0.1:9".parse().unwrap())],
         "",
     );
-    std::fs::write(&path, format!("workers = 100000\n{toml}")).unwrap();
-    let out = std::process::Command::new(BIN)
-        .args(["check", "--config"])
-        .arg(&path)
-        .output()
-        .expect("run holdfast check");
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(
-        out.status.code(),
-        Some(1),
-        "accepted workers = 100000: {err}"
-    );
-    assert!(
-        err.contains("workers") && err.contains("more than 1024"),
-        "{err}"
-    );
+    for (workers, allowed) in [(1024, true), (1025, false), (100_000, false)] {
+        std::fs::write(&path, format!("workers = {workers}\n{toml}")).unwrap();
+        let out = std::process::Command::new(BIN)
+            .args(["check", "--config"])
+            .arg(&path)
+            .output()
+            .expect("run holdfast check");
+        let err = String::from_utf8_lossy(&out.stderr);
+        if allowed {
+            assert!(out.status.success(), "refused workers = {workers}: {err}");
+            continue;
+        }
+        assert_eq!(
+            out.status.code(),
+            Some(1),
+            "accepted workers = {workers}: {err}"
+        );
+        assert!(
+            err.contains("workers") && err.contains("more than 1024"),
+            "{err}"
+        );
+    }
 }
 
 /// README: after an upgrade "every admin answer also says `Connection: close`, so a
