@@ -1240,6 +1240,36 @@ async fn a_connection_woken_by_a_stray_crlf_still_closes_in_a_drain() {
     );
 }
 
+/// In a drain, an idle connection is closed once quiet for `drain.idle_close_after`,
+/// or for the keep-alive timeout holdfast advertised if that is shorter: the client
+/// was told it may not reuse the connection past it, so waiting longer keeps the drain
+/// going for nothing. `keepalive_timeout = 3s` advertises 2 s; `idle_close_after` is
+/// 30 s; the connection goes at about 2 s, not 30.
+#[tokio::test]
+async fn a_drain_closes_an_idle_connection_at_the_advertised_timeout_if_shorter() {
+    let upstream = TestUpstream::start(Behaviour::Echo).await;
+    let gw = start(&format!(
+        "{}\n[[listener]]\nlisten = \"127.0.0.1:0\"\nkeepalive_timeout = \"3s\"\n\
+         keepalive_min_idle = \"0s\"\n\
+         [drain]\npre_delay = \"0s\"\nidle_close_after = \"30s\"\ntimeout = \"60s\"\n",
+        proxy_to(&upstream.url())
+    ))
+    .await;
+    let mut client = RawClient::connect(gw.addr).await.expect("connect");
+    client
+        .send_request(&ClientRequest::get("/"))
+        .await
+        .expect("request");
+    let resp = client.read_response(WAIT).await.expect("response");
+    assert_eq!(resp.keep_alive_timeout(), Some(2), "{:?}", resp.headers);
+    gw.send(holdfast::server::Control::Drain).await;
+    let took = closed_within(&mut client, Duration::from_secs(5)).await;
+    assert!(
+        took.is_some(),
+        "still open 5 s into the drain; advertised 2 s, idle_close_after 30 s"
+    );
+}
+
 /// A request that reached a parked connection's socket before the drain began is
 /// answered (with `Connection: close`), not dropped with the connection the drain
 /// closes. The drain's wake-up comes before tokio's reactor has seen the request (this
