@@ -224,7 +224,7 @@ pub struct ConnState {
     wake: Notify,
     /// Plain HTTP/1 connections may park while idle (see [`park`]).
     parkable: bool,
-    /// `PARK_NONE`, `PARK_REQUESTED` or `PARK_PARKED`.
+    /// `PARK_NONE`, `PARK_REQUESTED`, `PARK_PARKED` or `PARK_CLOSING`.
     park: AtomicU8,
     /// The server's client figures, for what goes wrong on this connection.
     figures: Arc<ClientFigures>,
@@ -245,6 +245,11 @@ const PARK_NONE: u8 = 0;
 const PARK_REQUESTED: u8 = 1;
 /// `ClientIo` told hyper "end of input"; the socket is still open and ours.
 const PARK_PARKED: u8 = 2;
+/// HTTP/1: holdfast told hyper to close the idle connection (a drain, or its idle
+/// timeout). `ClientIo`'s first `poll_shutdown` peeks first: a request that reached
+/// the socket since tokio's reactor last looked turns the close into a park (the
+/// socket is handed back and the request served); no bytes, and it closes.
+const PARK_CLOSING: u8 = 3;
 
 impl ConnState {
     /// `accepted`: when the connection was accepted; its first head is due
@@ -956,6 +961,10 @@ async fn drive<C>(
                 };
                 match v {
                     Verdict::Close => {
+                        if proto == Proto::Http1 {
+                            // Idle (HTTP/1 closes only so): see `PARK_CLOSING`.
+                            state.park.store(PARK_CLOSING, Relaxed);
+                        }
                         shutdown(conn.as_mut());
                         closing = Some(now);
                         state.heard.store(false, Relaxed);

@@ -19,7 +19,7 @@ use tokio::time::Instant;
 use tokio_rustls::server::TlsStream;
 
 use super::super::drain::{Parked, Tracked};
-use super::{ConnPhase, ConnState, LINGER, PARK_NONE, PARK_PARKED, PARK_REQUESTED};
+use super::{ConnPhase, ConnState, LINGER, PARK_CLOSING, PARK_NONE, PARK_PARKED, PARK_REQUESTED};
 
 /// What the client connection runs over.
 pub(super) enum Transport {
@@ -270,9 +270,27 @@ impl AsyncWrite for ClientIo {
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        if this.state.park.load(Relaxed) == PARK_PARKED {
+        match this.state.park.load(Relaxed) {
             // hyper ends a parked connection; the socket is not closing.
-            return Poll::Ready(Ok(()));
+            PARK_PARKED => return Poll::Ready(Ok(())),
+            // holdfast closes an idle connection (hyper's graceful shutdown, which
+            // reads nothing more): a request already in the socket, which tokio's
+            // reactor has not reported yet, was sent before any FIN and would be
+            // dropped unanswered. Asked once, before anything of the close is sent
+            // (TLS: close_notify); if bytes wait, the socket is handed back as in a
+            // park, whose own look serves them (see `park` in `conn.rs`). Not while
+            // hyper still holds bytes to send: they would go with it.
+            PARK_CLOSING => {
+                if this.state.phase.load(Relaxed) == ConnPhase::Idle as u8
+                    && !this.state.unsent.load(Relaxed)
+                    && this.has_unread()
+                {
+                    this.state.park.store(PARK_PARKED, Relaxed);
+                    return Poll::Ready(Ok(()));
+                }
+                this.state.park.store(PARK_NONE, Relaxed);
+            }
+            _ => {}
         }
         if this.state.client_closes.load(Relaxed)
             && matches!(this.stream, Some(Transport::Plain(_)))
