@@ -8,9 +8,9 @@
 //! that really listens on the configured address. Once it serves, it writes `ready`
 //! to the pipe, followed by ` released=ADDR` for each handed-on socket it closed (no
 //! longer configured: only the old process holds it now), and the old process drains,
-//! serving what is queued at those sockets before it closes them. The only module allowed `unsafe`: adopting
-//! a file descriptor and clearing flags between fork and exec cannot be done without
-//! it.
+//! serving what is queued at those sockets before it closes them. One of the few places
+//! allowed `unsafe` (the list is in ARCHITECTURE.md): adopting a file descriptor and
+//! clearing flags between fork and exec cannot be done without it.
 
 #![allow(unsafe_code)]
 
