@@ -148,11 +148,14 @@ def parse_h2load(out):
     m = re.search(r"requests: (\d+) total, \d+ started, (\d+) done, (\d+) succeeded, "
                   r"(\d+) failed, (\d+) errored, (\d+) timeout", out)
     if m:
-        _total, done, _ok, failed, errored, timeout = (int(x) for x in m.groups())
-        r["requests"] = done
-        # `failed` counts network errors, timeouts and statuses other than 2xx/3xx.
-        r["socket_errors"] = errored + timeout
-        r["non2xx"] = max(0, failed - errored - timeout)
+        _total, done, _ok, failed, errored, _timeout = (int(x) for x in m.groups())
+        # Nested counts: `timeout` is part of `errored` (requests lost to the
+        # network, a reset or a timeout: no response), which is part of `failed`
+        # (those plus responses with a status of 400 or more). `done` counts both
+        # kinds; the responses are done - errored, as wrk's count is.
+        r["requests"] = done - errored
+        r["socket_errors"] = errored
+        r["non2xx"] = failed - errored
     m = re.search(r"time for request:\s+\S+\s+\S+\s+(\S+)", out)
     if m:
         r["mean_ms"] = _ms(m.group(1))

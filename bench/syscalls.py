@@ -110,7 +110,7 @@ def trace_one(args, run_dir, target, wl, ctx, upstream):
         done = int(m.group(4)) if m else None
         return {"requests": n, "succeeded": done, "total": total, "counts": counts,
                 "ok_2xx": int(status_2xx.group(1)) if status_2xx else None,
-                "failed": int(m.group(5)) + int(m.group(6)) if m else None}
+                "failed": int(m.group(5)) if m else None}  # `errored` is part of it
     finally:
         if strace and strace.alive():
             strace.stop()
