@@ -246,8 +246,8 @@ def measure(args, run_dir, target, rnd, ctx):
         res["cpu_busy_pct"] = 100 * proxy / H.CLK_TCK / wall
         res["background_cpu_pct"] = max(
             0.0, 100 * (busy - proxy - php - wrk_ticks) / H.CLK_TCK / wall)
-        if res.get("requests"):
-            k = res["requests"] / 1000
+        if res.get("ok"):  # responses with a status under 400 (see run.count_ok)
+            k = res["ok"] / 1000
             res["cpu_ms_per_1k"] = proxy * 1000 / H.CLK_TCK / k
             res["php_cpu_ms_per_1k"] = php * 1000 / H.CLK_TCK / k
         return res

@@ -106,6 +106,20 @@ def _ms(text):
     return float(m.group(1)) * _UNITS[m.group(2)] if m else None
 
 
+def count_ok(r):
+    """Adds `ok`, the responses with a status under 400, and turns `rps` into their
+    rate (the tool's own figure stays in `rps_tool`). wrk's Requests/sec and its
+    request count include error responses (h2load's req/s too), so a proxy that
+    answered 502 at once would otherwise show more req/s and less CPU per request.
+    Per-request figures divide by `ok`."""
+    r["rps_tool"] = r["rps"]
+    if r["requests"] is not None:
+        r["ok"] = max(0, r["requests"] - r["non2xx"])
+        if r["rps"] is not None and r["requests"]:
+            r["rps"] = r["rps"] * r["ok"] / r["requests"]
+    return r
+
+
 def parse_wrk(out):
     r = {"requests": None, "rps": None, "p50_ms": None, "p99_ms": None,
          "socket_errors": 0, "non2xx": 0}
@@ -125,8 +139,8 @@ def parse_wrk(out):
         r["socket_errors_detail"] = m.group(0)
     m = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     if m:
-        r["non2xx"] = int(m.group(1))
-    return r
+        r["non2xx"] = int(m.group(1))  # wrk counts statuses of 400 and above
+    return count_ok(r)
 
 
 def run_h2load(args, wl, port, seconds, out_path):
@@ -159,7 +173,7 @@ def parse_h2load(out):
     m = re.search(r"time for request:\s+\S+\s+\S+\s+(\S+)", out)
     if m:
         r["mean_ms"] = _ms(m.group(1))
-    return r
+    return count_ok(r)
 
 
 def run_wrk(args, wl, port, seconds, out_path):
@@ -221,8 +235,9 @@ def measure_http(args, run_dir, wl_name, target, rnd, upstream, ctx):
         # it is saturated, req/s measures its cost, not the proxy's speed.
         load_ticks = up_ticks + round(wrk_ticks)
         res["load_busy_pct"] = 100 * load_ticks / H.CLK_TCK / wall
-        if res["requests"]:
-            res["load_ms_per_1k"] = load_ticks * 1000 / H.CLK_TCK / (res["requests"] / 1000)
+        ok = res.get("ok")
+        if ok:
+            res["load_ms_per_1k"] = load_ticks * 1000 / H.CLK_TCK / (ok / 1000)
         if proc:
             if not proc.alive():
                 target.skip = (f"exited during {wl_name} round {rnd} with code "
@@ -230,18 +245,17 @@ def measure_http(args, run_dir, wl_name, target, rnd, upstream, ctx):
                 res["error"] = target.skip
                 return res
             res["peak_rss_kb"] = H.status_kb(proc.pids(), "VmHWM")
-            if res["requests"]:
-                res["cpu_ms_per_1k"] = (proxy_ticks * 1000 / H.CLK_TCK
-                                        / (res["requests"] / 1000))
+            if ok:
+                res["cpu_ms_per_1k"] = proxy_ticks * 1000 / H.CLK_TCK / (ok / 1000)
             res["cpu_busy_pct"] = 100 * proxy_ticks / H.CLK_TCK / wall
             if proxy_ticks:
                 res["cpu_user_pct"] = 100 * proxy_user_ticks / proxy_ticks
-            if counts and res["requests"]:
+            if counts and ok:
                 for key, event in (("syscalls_per_req", "raw_syscalls:sys_enter"),
                                    ("cswitch_per_req", "context-switches"),
                                    ("faults_per_req", "page-faults")):
                     if event in counts:
-                        res[key] = counts[event] / res["requests"]
+                        res[key] = counts[event] / ok
         if res["rps"] is None:
             res["error"] = f"load output not understood (rc {rc}); see {raw / stem}.txt"
         return res
