@@ -46,8 +46,12 @@ async def one(port, request, sem, state, held):
                 continue
         state["ok"] += 1
         held.append(writer)
-        # Hold the connection; a read that returns means the peer closed it.
-        await reader.read(1)
+        # Hold the connection; a read that returns or fails (a reset) means the
+        # peer closed it.
+        try:
+            await reader.read(1)
+        except OSError:
+            pass
         state["closed"] += 1
         return
     state["failed"] += 1

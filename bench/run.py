@@ -303,14 +303,22 @@ def measure_idle(args, run_dir, target, rnd, ctx):
         if not m:
             return {"error": f"idle client said {ready!r}; see {raw}/{stem}-client.err"}
         ok, failed = int(m.group(1)), int(m.group(2))
-        res = {"conns_ok": ok, "conns_failed": failed, "rss_before_kb": rss0,
-               "rss_after_kb": rss1, "peak_rss_kb": hwm, "client": ready,
-               "closed_by_peer": int(closed.split()[-1]) if closed else None}
+        # Connections the proxy closed (asked right after the RSS reading) no
+        # longer take memory: the divisor is the connections still held.
+        by_peer = int(closed.split()[-1]) if closed else 0
+        held = ok - by_peer
+        res = {"conns_ok": held, "conns_answered": ok, "conns_failed": failed,
+               "rss_before_kb": rss0, "rss_after_kb": rss1, "peak_rss_kb": hwm,
+               "client": ready, "closed_by_peer": int(closed.split()[-1]) if closed else None}
         if not alive:
             target.skip = f"exited during idle round {rnd}: {proc.stderr_tail()}"
             res["error"] = target.skip
-        elif ok:
-            res["kb_per_conn"] = (rss1 - rss0) / ok
+        elif held > 0:
+            res["kb_per_conn"] = (rss1 - rss0) / held
+        if alive and by_peer:
+            res["error"] = (f"{target.name} closed {by_peer} of {ok} idle connections "
+                            f"before their RSS was read (round {rnd}); RSS per conn is over "
+                            "the ones still open")
         return res
     finally:
         if client:
