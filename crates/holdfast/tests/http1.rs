@@ -3207,6 +3207,58 @@ async fn a_client_that_stops_reading_does_not_hold_the_upstream_connection_forev
     drop(client);
 }
 
+/// `timeouts.total` bounds a response body that never waits on its upstream: a fast
+/// upstream streaming a large body to a client that reads steadily but more slowly
+/// keeps holdfast's reads from the upstream always ready, so the body's timer, set
+/// only when a read has to wait, was never looked at, and the exchange ran for as
+/// long as the client took (here ~2 minutes for 1 GiB), holding the upstream
+/// connection all along.
+#[tokio::test]
+async fn total_timeout_cuts_a_response_the_client_reads_slower_than_the_upstream_sends() {
+    let upstream = TestUpstream::start(Behaviour::StreamBody { len: 1 << 30 }).await;
+    let gw = start(&format!(
+        "{}[upstream.up.timeouts]\ntotal = \"1s\"\n",
+        proxy_to(&upstream.url())
+    ))
+    .await;
+    let mut client = TcpStream::connect(gw.addr).await.expect("connect");
+    client
+        .write_all(&ClientRequest::get("/big").to_bytes("x"))
+        .await
+        .expect("request");
+    // About 8 MB/s, and 8 s at most: the upstream on loopback sends far faster.
+    let start = Instant::now();
+    let mut buf = vec![0u8; 16 << 10];
+    let mut got = 0u64;
+    let ended = loop {
+        if start.elapsed() > Duration::from_secs(8) {
+            break false;
+        }
+        match tokio::time::timeout(WAIT, client.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => break true,
+            Ok(Ok(n)) => got += n as u64,
+            Err(_) => panic!("nothing from holdfast for {WAIT:?}"),
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    };
+    let took = start.elapsed();
+    assert!(
+        ended,
+        "still streaming {took:?} in (total = 1s), {got} bytes read"
+    );
+    assert!(got < 1 << 30, "cut short, not complete: {got} bytes");
+    assert!(took < Duration::from_secs(4), "cut after {took:?}");
+    upstream
+        .wait_for_closed(1, WAIT)
+        .await
+        .expect("the upstream connection closed");
+    let pools = get_json(gw.admin, "/pools").await;
+    assert_eq!(
+        pools[0]["addresses"][0]["closed"]["timeout"], 1,
+        "closed as a timeout: {pools}"
+    );
+}
+
 /// A request body that stops arriving: the head came in time, then the body stalls
 /// (a slowloris on the body). With the default retry settings the body is read into
 /// the replay buffer before any upstream is asked, under no deadline at all.

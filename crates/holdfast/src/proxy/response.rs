@@ -351,6 +351,15 @@ impl UpstreamBody {
         match self.poll_source(cx) {
             Poll::Ready(Some(Ok(mut frame))) => {
                 self.armed = false;
+                // The timer is set only when a read has to wait: behind a client that
+                // reads slower than the upstream sends, every read finds data, and
+                // `total` is looked at here (a clock reading per piece, only with
+                // `total` set) or never.
+                if let Some(total) = self.deadlines.total
+                    && Instant::now() >= total
+                {
+                    return self.timed_out("total_timeout");
+                }
                 // FastCGI frames by END_REQUEST: bytes past the script's own
                 // `Content-Length` are not sent (hyper's HTTP/1 server cuts them
                 // alike; over HTTP/2 they would make the response malformed).
@@ -484,11 +493,14 @@ impl UpstreamBody {
             return Poll::Pending;
         }
         let total = self.deadlines.total.is_some_and(|t| t <= Instant::now());
-        let what = if total {
+        self.timed_out(if total {
             "total_timeout"
         } else {
             "read_idle_timeout"
-        };
+        })
+    }
+
+    fn timed_out(&mut self, what: &'static str) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         tracing::warn!(
             timeout = what,
             "upstream response body timed out; closing its connection"
