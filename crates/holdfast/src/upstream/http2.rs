@@ -23,7 +23,9 @@ pub mod frames;
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering::Relaxed};
+use std::sync::atomic::AtomicBool;
+use std::sync::atomic::Ordering::{AcqRel, Acquire, Relaxed, Release};
+use std::sync::atomic::{AtomicU32, AtomicUsize};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -66,8 +68,27 @@ pub struct Signals {
     last_stream_id: AtomicU32,
     ended: AtomicBool,
     not_http2: AtomicBool,
+    /// The gate between requests handing themselves to hyper's dispatcher and the
+    /// dispatcher's end: [`SENDS_CLOSED`] once it ended, plus [`ONE_SEND`] per
+    /// request being put into its channel (see [`Signals::close_sends`]).
+    sends: AtomicUsize,
     /// Woken on every change; one waiter at a time (the connection's drive task).
     pub changed: Notify,
+}
+
+/// [`Signals::sends`]: hyper's dispatcher ended; no request goes into its channel.
+const SENDS_CLOSED: usize = 1;
+/// [`Signals::sends`]: one request being put into the dispatcher's channel.
+const ONE_SEND: usize = 2;
+
+/// A request being put into hyper's channel: the dispatcher's channel is not dropped
+/// until this is.
+struct SendPass<'a>(&'a AtomicUsize);
+
+impl Drop for SendPass<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(ONE_SEND, Release);
+    }
 }
 
 impl Signals {
@@ -79,6 +100,7 @@ impl Signals {
             last_stream_id: AtomicU32::new(u32::MAX),
             ended: AtomicBool::new(false),
             not_http2: AtomicBool::new(false),
+            sends: AtomicUsize::new(0),
             changed: Notify::new(),
         }
     }
@@ -126,6 +148,26 @@ impl Signals {
             }
         }
         self.changed.notify_one();
+    }
+
+    /// Lets a request into hyper's channel, unless the dispatcher has ended.
+    fn open_send(&self) -> Option<SendPass<'_>> {
+        if self.sends.fetch_add(ONE_SEND, AcqRel) & SENDS_CLOSED != 0 {
+            self.sends.fetch_sub(ONE_SEND, Relaxed);
+            return None;
+        }
+        Some(SendPass(&self.sends))
+    }
+
+    /// The dispatcher ended: no request goes into its channel from now on, and
+    /// those going in now are in once this returns, where dropping the channel's
+    /// receiver finds them (see [`handshake`]). Bounded by those requests: each
+    /// holds its pass only across hyper's synchronous `try_send_request`.
+    async fn close_sends(&self) {
+        self.sends.fetch_or(SENDS_CLOSED, AcqRel);
+        while self.sends.load(Acquire) != SENDS_CLOSED {
+            tokio::task::yield_now().await;
+        }
     }
 
     /// Waits for the upstream's first SETTINGS.
@@ -186,8 +228,26 @@ where
         .await
         .map_err(|e| failed(format!("HTTP/2 handshake: {e}")))?;
     let driver_signals = signals.clone();
+    let gate = signals.clone();
     let dispatcher = async move {
-        if let Err(e) = conn.await {
+        let mut conn = conn;
+        let ended = (&mut conn).await;
+        // hyper's dispatcher ended (a GOAWAY, the connection's end); its request
+        // channel's receiver lives on in `conn` until dropped here. Its drop drops
+        // the requests still in the channel, and each answers its sender with
+        // "connection closed" and the request, unsent: retried. But tokio's
+        // `Rx::drop` closes the channel and then drops only what it can pop: a
+        // request another thread was pushing at that moment (admitted before the
+        // close, its slot not yet written) is not popped, nor any behind it. They
+        // stay in the channel until its last sender is dropped, and the senders
+        // belong to the connection, which lives as long as a stream is leased on
+        // it: those requests' own leases. So they waited, unanswered and never
+        // sent, for `timeouts.response_headers` (a 504), with the connection off
+        // the list and still counted open. The gate lets every push in progress
+        // finish before the receiver is dropped, and lets none start after.
+        gate.close_sends().await;
+        drop(conn);
+        if let Err(e) = ended {
             tracing::debug!(error = %e, "upstream HTTP/2 connection ended with an error");
         }
     };
@@ -243,7 +303,21 @@ pub type SendResult = Result<Response<Incoming>, (UpstreamError, Option<Request<
 /// `:authority` from `Host`, RFC 9113 8.3.1), as HTTP/2 wants.
 pub async fn send(client: &mut Http2Client, mut req: Request<RequestBody>) -> SendResult {
     to_http2(&mut req, &client.scheme);
-    match client.sender.try_send_request(req).await {
+    // The request goes into hyper's channel (`try_send_request` does so before it
+    // returns) only while the dispatcher still takes it, or its channel's drop
+    // will find it (see `handshake`).
+    let Some(pass) = client.signals.open_send() else {
+        // The dispatcher ended: never sent.
+        client.signals.fail();
+        return Err((
+            UpstreamError::new(Kind::Closed, Delivery::NotSent)
+                .with_cause("the HTTP/2 connection takes no new request"),
+            Some(req),
+        ));
+    };
+    let response = client.sender.try_send_request(req);
+    drop(pass);
+    match response.await {
         Ok(resp) => Ok(resp),
         Err(mut e) => match e.take_message() {
             Some(req) => {
