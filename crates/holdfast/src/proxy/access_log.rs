@@ -198,7 +198,7 @@ impl AccessRecord {
 /// holdfast, not left by its client. Read only when a request ends early.
 static DRAIN_CUT: AtomicBool = AtomicBool::new(false);
 
-/// The drain is cutting what still runs (see [`DRAIN_CUT`]).
+/// The drain is cutting what still runs (see `DRAIN_CUT`).
 pub fn drain_cuts() {
     DRAIN_CUT.store(true, Ordering::Relaxed);
 }

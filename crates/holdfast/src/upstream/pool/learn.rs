@@ -197,7 +197,7 @@ impl Learner {
     /// upstream restart, a network blip) were neither a request limit nor an idle
     /// timeout, and must not be taken together with later ones as if they were.
     /// Called at each check-in, under the pool's lock: a look over two queues of at
-    /// most [`SAMPLES`] entries.
+    /// most `SAMPLES` entries.
     pub fn on_kept(&mut self, requests: u64, survived: Option<Duration>) {
         // The usual case, every check-in: no close seen, nothing to look over.
         if self.prompt_close_requests.is_empty() && self.idle_close_ages.is_empty() {
