@@ -12,6 +12,21 @@ use std::io;
 
 pub use libc::{SIGHUP, SIGINT, SIGKILL, SIGQUIT, SIGTERM, SIGUSR1, SIGUSR2, c_int};
 
+/// `pid` as a `pid_t` that addresses exactly one process: not 0 (the caller's process
+/// group), 1 (init), nor anything that does not fit (negative: a process group, or
+/// -1: every process).
+fn one_process(pid: u32, what: &str) -> io::Result<libc::pid_t> {
+    libc::pid_t::try_from(pid)
+        .ok()
+        .filter(|p| *p > 1)
+        .ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("refusing to {what} pid {pid}"),
+            )
+        })
+}
+
 /// Sends `signal` to the single process `pid`.
 ///
 /// # Errors
@@ -19,15 +34,7 @@ pub use libc::{SIGHUP, SIGINT, SIGKILL, SIGQUIT, SIGTERM, SIGUSR1, SIGUSR2, c_in
 /// `InvalidInput` for a PID that would address more than one process (0, 1, or one that
 /// does not fit `pid_t`); otherwise the `kill(2)` error (`ESRCH` if it is gone).
 pub fn send_signal(pid: u32, signal: c_int) -> io::Result<()> {
-    let pid = libc::pid_t::try_from(pid)
-        .ok()
-        .filter(|p| *p > 1)
-        .ok_or_else(|| {
-            io::Error::new(
-                io::ErrorKind::InvalidInput,
-                format!("refusing to signal pid {pid}"),
-            )
-        })?;
+    let pid = one_process(pid, "signal")?;
     // SAFETY: kill(2) takes two integers and shares no memory with us; a positive PID
     // (checked above) addresses exactly one process.
     let rc = unsafe { libc::kill(pid, signal) };
@@ -47,15 +54,7 @@ pub fn send_signal(pid: u32, signal: c_int) -> io::Result<()> {
 /// `InvalidInput` for a PID that would address more than one process (as
 /// [`send_signal`]); otherwise the `prlimit(2)` error.
 pub fn set_open_files_limit(pid: u32, soft: u64) -> io::Result<u64> {
-    let pid = libc::pid_t::try_from(pid)
-        .ok()
-        .filter(|p| *p > 1)
-        .ok_or_else(|| {
-            io::Error::new(
-                io::ErrorKind::InvalidInput,
-                format!("refusing to limit pid {pid}"),
-            )
-        })?;
+    let pid = one_process(pid, "limit")?;
     let mut old = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
