@@ -434,6 +434,30 @@ fn closed_total(pool: &Pool) -> u64 {
 
 /// One exchange (`GET /`, a 5-byte answer read at once) on a new connection; the
 /// connection is checked in, the far end kept.
+/// Checks out a new hyper HTTP/1.1 connection (as over TLS, on socket pairs), starts
+/// an exchange on it that is never answered, and releases it: it is listed idle while
+/// hyper's dispatcher is still busy. Returns what must live as long as the test needs
+/// it: the socket's far end, the I/O's far end, and the exchange.
+async fn release_a_busy_hyper_connection(
+    pool: &Arc<Pool>,
+) -> (UnixStream, UnixStream, impl Future + use<>) {
+    let (near, far) = UnixStream::pair().expect("pair");
+    let (io, io_far) = UnixStream::pair().expect("pair");
+    let mut conn = pool
+        .checkout(Want::Fresh, false, || async move {
+            crate::upstream::http1::handshake_on(io, Arc::new(Stream::unix(near))).await
+        })
+        .await
+        .expect("checkout");
+    let Client::Http1Tls(sender) = conn.client() else {
+        unreachable!("hyper's client")
+    };
+    let in_flight = sender.send_request(http::Request::new(crate::body::RequestBody::Empty));
+    conn.release(Instant::now());
+    settle().await;
+    (far, io_far, in_flight)
+}
+
 async fn one_exchange_new(pool: &Arc<Pool>) -> UnixStream {
     use tokio::io::AsyncWriteExt;
     let far_ends = Arc::new(Mutex::new(Vec::new()));
@@ -494,22 +518,9 @@ async fn a_close_not_yet_seen_by_the_driver_is_caught_before_reuse() {
 #[tokio::test(start_paused = true)]
 async fn a_checkout_cancelled_while_waiting_for_hyper_counts_the_connection_closed() {
     let pool = Pool::new("test".into(), settings());
-    let (near, _far) = UnixStream::pair().expect("pair");
-    let (io, _io_far) = UnixStream::pair().expect("pair");
-    let mut conn = pool
-        .checkout(Want::Fresh, false, || async move {
-            crate::upstream::http1::handshake_on(io, Arc::new(Stream::unix(near))).await
-        })
-        .await
-        .expect("checkout");
     // hyper is still busy with an exchange (its end not yet seen by its dispatcher;
     // here: never answered), so `ready` waits.
-    let Client::Http1Tls(sender) = conn.client() else {
-        unreachable!("hyper's client")
-    };
-    let _in_flight = sender.send_request(http::Request::new(crate::body::RequestBody::Empty));
-    conn.release(Instant::now());
-    settle().await;
+    let _busy = release_a_busy_hyper_connection(&pool).await;
     assert_eq!(pool.snapshot().idle, 1);
     let cancelled = tokio::time::timeout(
         Duration::from_millis(50),
@@ -900,20 +911,7 @@ async fn a_checkout_that_waited_judges_the_next_idle_connection_by_the_time_now(
     let _older = one_exchange_new(&pool).await;
     tokio::time::advance(Duration::from_millis(10)).await;
     // The most recent idle connection: hyper's, still busy with an exchange.
-    let (near, _far) = UnixStream::pair().expect("pair");
-    let (io, io_far) = UnixStream::pair().expect("pair");
-    let mut conn = pool
-        .checkout(Want::Fresh, false, || async move {
-            crate::upstream::http1::handshake_on(io, Arc::new(Stream::unix(near))).await
-        })
-        .await
-        .expect("checkout");
-    let Client::Http1Tls(sender) = conn.client() else {
-        unreachable!("hyper's client")
-    };
-    let _in_flight = sender.send_request(http::Request::new(crate::body::RequestBody::Empty));
-    conn.release(Instant::now());
-    settle().await;
+    let (_far, io_far, _in_flight) = release_a_busy_hyper_connection(&pool).await;
     assert_eq!(pool.snapshot().idle, 2);
 
     let max_age = Duration::from_millis(300);
