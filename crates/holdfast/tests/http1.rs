@@ -895,6 +895,27 @@ async fn a_silent_websocket_is_closed_after_read_idle() {
     );
 }
 
+/// `Upgrade: h2c` (HTTP/1.1's upgrade to cleartext HTTP/2) is between the client and
+/// holdfast: it is not passed on as an upgrade, where a lenient upstream that switched
+/// would get a raw tunnel. The request is served as a plain one, without the field.
+#[tokio::test]
+async fn an_upgrade_to_h2c_is_served_as_a_plain_request() {
+    let upstream = TestUpstream::start(Behaviour::Echo).await;
+    let gw = start(&proxy_to(&upstream.url())).await;
+    let resp = send_one(
+        gw.addr,
+        &ClientRequest::get("/h2c")
+            .header("connection", "Upgrade, HTTP2-Settings")
+            .header("upgrade", "h2c")
+            .header("http2-settings", "AAMAAABkAAQAAP__"),
+    )
+    .await;
+    assert_eq!(resp.status, 200, "{resp:?}");
+    let e = resp.echoed().expect("echoed by the upstream");
+    assert_eq!(e.header("upgrade"), None, "Upgrade: h2c passed on");
+    assert_eq!(e.header("http2-settings"), None);
+}
+
 #[tokio::test]
 async fn ambiguous_requests_are_rejected_and_never_forwarded() {
     let upstream = TestUpstream::start(Behaviour::Echo).await;

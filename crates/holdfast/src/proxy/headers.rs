@@ -33,9 +33,21 @@ pub fn connection_has(headers: &HeaderMap, token: &str) -> bool {
     })
 }
 
-/// A request asking to switch protocols (WebSocket).
+/// A request asking to switch protocols (WebSocket). Not one that asks only for
+/// `h2c`: HTTP/1.1's upgrade to cleartext HTTP/2 (RFC 9113 3.1 deprecates it) is
+/// between the client and holdfast, not to be tunnelled to the upstream, where a
+/// lenient server that switched would get a raw tunnel past routing and the
+/// `X-Forwarded-*` rules. Such a request goes on as a plain one, `Upgrade` removed
+/// with the other hop-by-hop fields, as nginx does.
 pub fn is_upgrade_request(headers: &HeaderMap) -> bool {
-    headers.contains_key(header::UPGRADE) && connection_has(headers, "upgrade")
+    headers.contains_key(header::UPGRADE)
+        && connection_has(headers, "upgrade")
+        && headers.get_all(header::UPGRADE).iter().any(|v| {
+            v.as_bytes()
+                .split(|&b| b == b',')
+                .map(<[u8]>::trim_ascii)
+                .any(|t| !t.is_empty() && !t.eq_ignore_ascii_case(b"h2c"))
+        })
 }
 
 /// Which hop-by-hop fields, and `Expect`, a message carries: the fields a proxy acts
@@ -483,6 +495,20 @@ mod tests {
         remove_hop_by_hop(&mut h, false);
         assert_eq!(h.len(), 1, "{h:?}");
         assert_eq!(h["x-kept"], "yes");
+    }
+
+    #[test]
+    fn an_upgrade_to_h2c_alone_is_no_upgrade_request() {
+        let with = |upgrade| {
+            map(&[
+                ("connection", "Upgrade, HTTP2-Settings"),
+                ("upgrade", upgrade),
+            ])
+        };
+        assert!(!is_upgrade_request(&with("h2c")));
+        assert!(!is_upgrade_request(&with(" H2C ")));
+        assert!(is_upgrade_request(&with("websocket")));
+        assert!(is_upgrade_request(&with("h2c, websocket")));
     }
 
     #[test]
