@@ -250,7 +250,7 @@ pub async fn run(
     }
     let target = Target::parse(&options.url, options.script.as_deref())?;
     let tls = tls_options(options, &target)?;
-    let dialer = Dialer::new(&target, tls.as_ref()).await?;
+    let dialer = Dialer::new(&target, tls.as_ref(), options.timeout).await?;
     let mut connections = 0;
     let mut requests = 0;
 

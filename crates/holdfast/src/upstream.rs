@@ -792,7 +792,10 @@ async fn resolve_all(name: &str, config: &UpstreamConfig) -> Vec<(PeerAddr, Arc<
 /// blocking pool: a runtime waits for its blocking tasks as it shuts down, so one
 /// lookup hung on a resolver that never answers would keep a drained process from
 /// exiting. Abandoned, the thread ends with its lookup, or with the process.
-async fn lookup_host(host: &str, port: u16) -> std::io::Result<Vec<std::net::SocketAddr>> {
+pub(crate) async fn lookup_host(
+    host: &str,
+    port: u16,
+) -> std::io::Result<Vec<std::net::SocketAddr>> {
     use std::net::ToSocketAddrs;
     let (tx, rx) = tokio::sync::oneshot::channel();
     let host = host.to_owned();

@@ -60,15 +60,27 @@ impl Dialer {
     pub async fn new(
         target: &Target,
         tls: Option<&UpstreamTlsConfig>,
+        timeout: Duration,
     ) -> Result<Dialer, ProbeError> {
         let place = match &target.unix {
             Some(path) => Place::Unix(path.clone()),
             None => {
-                let mut addrs: Vec<SocketAddr> =
-                    tokio::net::lookup_host((target.host.as_str(), target.port))
-                        .await
-                        .map_err(|e| ProbeError::Resolve(target.host.clone(), e))?
-                        .collect();
+                // Bounded by `--timeout` like every other wait, on a thread of its own
+                // (not tokio's blocking pool, which the runtime waits for as it ends:
+                // a hung resolver would hold the exit too).
+                let lookup = crate::upstream::lookup_host(&target.host, target.port);
+                let mut addrs: Vec<SocketAddr> = tokio::time::timeout(timeout, lookup)
+                    .await
+                    .unwrap_or_else(|_| {
+                        Err(io::Error::new(
+                            io::ErrorKind::TimedOut,
+                            format!(
+                                "no answer from the resolver in {}",
+                                crate::config::Dur(timeout)
+                            ),
+                        ))
+                    })
+                    .map_err(|e| ProbeError::Resolve(target.host.clone(), e))?;
                 let mut seen = std::collections::HashSet::new();
                 addrs.retain(|a| seen.insert(*a));
                 if addrs.is_empty() {
@@ -649,6 +661,27 @@ pub async fn fastcgi_values(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A resolver that never answers is bounded by `--timeout`, like every other wait
+    /// of the probe: it reports the host unresolved instead of waiting for good.
+    #[tokio::test]
+    async fn a_resolver_that_never_answers_is_bounded_by_the_timeout() {
+        let host = crate::upstream::tests::HUNG_HOST;
+        let target = Target::parse(&format!("http://{host}:8080/"), None).unwrap();
+        let timeout = Duration::from_millis(200);
+        let outcome =
+            tokio::time::timeout(Duration::from_secs(5), Dialer::new(&target, None, timeout))
+                .await
+                .expect("the lookup outlived --timeout");
+        match outcome {
+            Err(ProbeError::Resolve(h, e)) => {
+                assert_eq!(h, host);
+                assert_eq!(e.kind(), io::ErrorKind::TimedOut, "{e}");
+            }
+            Err(other) => panic!("{other}"),
+            Ok(_) => panic!("{host} resolved"),
+        }
+    }
 
     /// A host whose first address refuses (`localhost` as `::1` first, for a server
     /// on `127.0.0.1` only): the probe connects to the next, as other clients do,
