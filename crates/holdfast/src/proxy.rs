@@ -497,28 +497,13 @@ impl Proxy {
     pub fn refused_head(&self, conn: &ConnContext, status: StatusCode, start: Instant) {
         let routing = self.routing.load_full();
         Tally::new(routing.figures.cell(None), start).finish_with(status.as_u16());
-        if !(routing.config.log.access_log
-            && tracing::enabled!(target: "holdfast::access", tracing::Level::INFO))
-        {
-            return;
+        let method = http::Method::from_bytes(b"-").expect("`-` is a token");
+        if let Some(mut l) = new_access_record(&routing, conn, start, method, None) {
+            l.status = status.as_u16();
+            l.outcome = "local";
+            // hyper's answer has no body.
+            l.emit(0);
         }
-        Box::new(AccessRecord {
-            start,
-            client: conn.remote_ip_value.clone(),
-            method: http::Method::from_bytes(b"-").expect("`-` is a token"),
-            path: None,
-            status: status.as_u16(),
-            route: None,
-            upstream: None,
-            address: None,
-            reused: None,
-            attempts: 0,
-            ttfb: None,
-            outcome: "local",
-            emitted: false,
-        })
-        // hyper's answer has no body.
-        .emit(0);
     }
 
     /// Turns a failure into the client's response and a log line naming route,
@@ -582,6 +567,20 @@ fn access_record<B>(
     conn: &ConnContext,
     start: Instant,
 ) -> Option<Box<AccessRecord>> {
+    // A reference to the request's bytes, not a copy; `-` for a target without one
+    // (CONNECT's, or a malformed one).
+    let path = req.uri().path_and_query().cloned();
+    new_access_record(routing, conn, start, req.method().clone(), path)
+}
+
+/// A record for a request `method path` from `conn`, if the access log is on.
+fn new_access_record(
+    routing: &Routing,
+    conn: &ConnContext,
+    start: Instant,
+    method: http::Method,
+    path: Option<http::uri::PathAndQuery>,
+) -> Option<Box<AccessRecord>> {
     (routing.config.log.access_log
         && tracing::enabled!(target: "holdfast::access", tracing::Level::INFO))
     // Boxed: only a request that is logged pays for its room, which every
@@ -590,10 +589,8 @@ fn access_record<B>(
         Box::new(AccessRecord {
             start,
             client: conn.remote_ip_value.clone(),
-            method: req.method().clone(),
-            // A reference to the request's bytes, not a copy; `-` for a target
-            // without one (CONNECT's, or a malformed one).
-            path: req.uri().path_and_query().cloned(),
+            method,
+            path,
             status: 0,
             route: None,
             upstream: None,
