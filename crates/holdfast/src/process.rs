@@ -651,14 +651,8 @@ mod tests {
         let code = rt.block_on(async {
             let before = HUNG_LOOKUPS.load(SeqCst);
             let run = tokio::spawn(run(config, origin));
-            let asked = tokio::time::timeout(SOON, async {
-                // Bounded by the timeout; the lookup starts on a thread of its own.
-                while HUNG_LOOKUPS.load(SeqCst) == before {
-                    tokio::time::sleep(Duration::from_millis(2)).await;
-                }
-            })
-            .await;
-            assert!(asked.is_ok(), "the start asked the resolver");
+            let asked = crate::upstream::tests::hung_lookup_begun(before, SOON).await;
+            assert!(asked, "the start asked the resolver");
             send_self(libc::SIGHUP);
             send_self(libc::SIGUSR2);
             send_self(libc::SIGTERM);

@@ -132,9 +132,10 @@ impl Proxy {
     ///
     /// An async block rather than an `async fn`, which would keep `req` twice in the
     /// future (see [`Upstream::forward`]): hyper moves this future for every request.
-    #[allow(clippy::manual_async_fn)]
+    ///
     /// `in_flight`: the request's hold on its client connection, which a streamed
     /// body extends until it ends (see [`UploadHold`](crate::server::conn::UploadHold)).
+    #[allow(clippy::manual_async_fn)]
     pub fn handle(
         &self,
         mut req: Request<Incoming>,

@@ -484,14 +484,8 @@ mod tests {
         tx.send(Control::Reload(Box::new(config_to(HUNG_HOST))))
             .await
             .expect("running");
-        let asked = tokio::time::timeout(SOON, async {
-            // Bounded by the timeout; the lookup starts on a thread of its own.
-            while HUNG_LOOKUPS.load(SeqCst) == before {
-                tokio::time::sleep(std::time::Duration::from_millis(2)).await;
-            }
-        })
-        .await;
-        assert!(asked.is_ok(), "the reload asked the resolver");
+        let asked = crate::upstream::tests::hung_lookup_begun(before, SOON).await;
+        assert!(asked, "the reload asked the resolver");
     }
 
     /// A reload whose upstream names a host the resolver never answers for: a drain

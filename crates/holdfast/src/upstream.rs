@@ -927,17 +927,44 @@ pub(crate) mod tests {
     /// (tests may not ask a real one: it is not on loopback).
     pub(crate) const HUNG_HOST: &str = "hung-resolver.test";
 
+    use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+    use std::time::Duration;
+
+    use tokio::sync::Notify;
+
     /// Lookups of [`HUNG_HOST`] begun.
-    pub(crate) static HUNG_LOOKUPS: std::sync::atomic::AtomicUsize =
-        std::sync::atomic::AtomicUsize::new(0);
+    pub(crate) static HUNG_LOOKUPS: AtomicUsize = AtomicUsize::new(0);
+    /// Told of each lookup of [`HUNG_HOST`] as it begins.
+    static HUNG_LOOKUP_BEGUN: Notify = Notify::const_new();
 
     /// Blocks the resolver thread for good when asked for [`HUNG_HOST`].
     pub(crate) fn hang_if_asked(host: &str) {
         if host == HUNG_HOST {
-            HUNG_LOOKUPS.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            HUNG_LOOKUPS.fetch_add(1, SeqCst);
+            HUNG_LOOKUP_BEGUN.notify_waiters();
             loop {
                 std::thread::park();
             }
         }
+    }
+
+    /// Waits, at most `within`, for a lookup of [`HUNG_HOST`] beyond the first
+    /// `before` (read [`HUNG_LOOKUPS`] before starting what looks it up); whether
+    /// one began.
+    pub(crate) async fn hung_lookup_begun(before: usize, within: Duration) -> bool {
+        tokio::time::timeout(within, async {
+            loop {
+                let begun = HUNG_LOOKUP_BEGUN.notified();
+                tokio::pin!(begun);
+                // Listening before looking: a lookup beginning in between wakes it.
+                begun.as_mut().enable();
+                if HUNG_LOOKUPS.load(SeqCst) > before {
+                    return;
+                }
+                begun.await;
+            }
+        })
+        .await
+        .is_ok()
     }
 }
