@@ -808,6 +808,58 @@ async fn h2c_closed_before_settings_is_retried_on_another_address_at_once() {
     }
 }
 
+/// A drain closes idle upstream connections (README, Drain), not busy HTTP/2 ones: a
+/// request that reaches holdfast during the drain (here on a keep-alive connection
+/// opened before it) takes a stream on the shared connection, as before the drain.
+/// Before, the drain took every HTTP/2 connection off the list, so each such request
+/// needed a connection of its own: with `pool.max_connections` held by the busy one,
+/// it waited in the queue for `queue_timeout` and got 503.
+#[tokio::test]
+async fn a_request_during_a_drain_shares_the_busy_http2_connection() {
+    let server = H2Server::start(100, true).await;
+    let gw = start(&format!(
+        "[drain]\nidle_close_after = \"30s\"\n\n\
+         [[route]]\npath = \"/up\"\nupstream = \"up\"\n\n\
+         [upstream.up]\naddresses = [\"h2c://{}\"]\n\
+         pool.max_connections = 1\npool.max_idle = 1\npool.queue_timeout = \"500ms\"\n",
+        server.addr
+    ))
+    .await;
+    // A keep-alive connection opened before the drain (no route: holdfast answers).
+    let mut late = KeepAliveClient::new(gw.addr).with_timeout(SOON);
+    let r = late.get("/elsewhere").await.expect("response");
+    assert_eq!(r.status, 404, "{}", r.text());
+    let first = spawn_request(gw.addr, ClientRequest::get("/up/first"));
+    assert!(
+        server.in_flight_reaches(1).await,
+        "the first request reached the upstream"
+    );
+    gw.send(holdfast::server::Control::Drain).await;
+    // The listener closes just before the pools drain, in the same run of the
+    // server's task (this runtime has one thread): refused, the pools have drained.
+    let closed = wait_until_async(SOON, || async {
+        TcpStream::connect(gw.addr).await.is_err()
+    })
+    .await;
+    assert!(closed, "the drain closed the listener");
+    let second = tokio::spawn(async move { late.send(&ClientRequest::get("/up/second")).await });
+    let shared = server.in_flight_reaches(2).await;
+    server.open_gate();
+    let r = second.await.unwrap().expect("response");
+    assert!(
+        shared,
+        "the request during the drain reached the upstream: {} {:?} {}",
+        r.status,
+        r.header("proxy-status"),
+        r.text()
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.header("connection"), Some("close"));
+    assert_eq!(first.await.unwrap().expect("response").status, 200);
+    assert_eq!(server.state.connections.load(Relaxed), 1, "one connection");
+    assert_eq!(gw.drain().await.cut, 0);
+}
+
 /// `/pools` shows, for an HTTP/2 address, the idle timeout its shared connections
 /// keep to: `http2.idle_timeout`, not `pool.idle_timeout` (HTTP/1 keep-alive), which
 /// `effective_idle_timeout` shows and which does not apply to them.
@@ -1677,8 +1729,7 @@ async fn a_connection_allowing_no_streams_sends_nothing_and_the_request_is_retri
 
 /// An HTTP/2 connection still being opened when a reload removes its upstream
 /// finishes the request that opened it and then closes, while another request keeps
-/// the drained pool alive: the pool does not list it, to keep it until its idle
-/// timeout.
+/// the drained pool alive, rather than stay open until its idle timeout.
 #[tokio::test]
 async fn an_http2_connection_opened_after_its_pool_drained_closes_when_its_stream_ends() {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();

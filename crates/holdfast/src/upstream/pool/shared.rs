@@ -477,11 +477,7 @@ impl Pool {
                     Some(_) => CloseReason::GoAway,
                     None => CloseReason::Error,
                 })
-            } else if st.shared.conns.len() >= self.settings.h2_connections
-                // Looked at under the lock, which `drain_shared` takes after the flag
-                // is set: a drain either shows here or finds the connection listed.
-                || self.draining.load(Relaxed)
-            {
+            } else if st.shared.conns.len() >= self.settings.h2_connections {
                 Some(CloseReason::Evicted)
             } else if conn.at_max_requests(&self.settings) {
                 // `max_requests = 1`: this stream is its only one.
@@ -506,6 +502,8 @@ impl Pool {
     }
 
     /// A lease ended: its stream goes to the first waiter, or back to the connection.
+    /// In a drain, a listed connection left with no stream in flight leaves the list
+    /// and closes (see [`Pool::drain_shared`]).
     fn release_stream(&self, conn: &Arc<SharedConn>) {
         let now = Instant::now();
         let mut st = self.lock();
@@ -513,6 +511,18 @@ impl Pool {
         conn.served.fetch_add(1, Relaxed);
         self.dispatch(&mut st);
         if conn.in_flight.load(Relaxed) == 0 {
+            // Looked at under the lock, which `drain_shared` takes after the flag is
+            // set: a drain either shows here or finds the connection idle.
+            if self.draining.load(Relaxed) && !conn.delisted.load(Relaxed) {
+                st.shared.conns.retain(|c| !Arc::ptr_eq(c, conn));
+                st.shared.delist(conn);
+                drop(st);
+                self.figures.closed(CloseReason::Evicted);
+                // No stream of ours is left on it: close it now (its last `Arc`,
+                // this lease's, goes just after).
+                conn.stream.shutdown_both();
+                return;
+            }
             // Idle now: the reaper closes it at its idle deadline.
             self.wake_reaper_for(&st, conn.next_deadline(&self.settings));
         }
@@ -622,11 +632,25 @@ impl Pool {
         }
     }
 
-    /// Delists every shared connection; each closes when its last stream ends.
+    /// The pool drains (its `draining` flag is set): shared connections with no
+    /// stream in flight leave the list and close now; busy ones stay listed, taking
+    /// streams as before, and leave as their last stream ends ([`Pool::release_stream`]),
+    /// as an idle HTTP/1 connection closes at once and a busy one at its check-in. A
+    /// request that comes during the drain (on a client connection it has not closed
+    /// yet, a stream sent before the client saw the GOAWAY, a retry) shares them:
+    /// delisted, each such request needed a connection of its own, and with
+    /// `pool.max_connections` held by the busy ones it waited for `queue_timeout`.
     pub(super) fn drain_shared(&self) {
         let gone = {
             let mut st = self.lock();
-            let gone = std::mem::take(&mut st.shared.conns);
+            let mut gone = Vec::new();
+            st.shared.conns.retain(|c| {
+                let idle = c.in_flight.load(Relaxed) == 0;
+                if idle {
+                    gone.push(c.clone());
+                }
+                !idle
+            });
             for c in &gone {
                 st.shared.delist(c);
             }
