@@ -94,6 +94,7 @@ fn main() -> ExitCode {
         }
     };
     let code = rt.block_on(process::run(config, origin));
+    process::shut_down(rt);
     ExitCode::from(u8::try_from(code).unwrap_or(1))
 }
 

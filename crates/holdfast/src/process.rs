@@ -187,6 +187,20 @@ pub async fn run(config: Config, origin: Origin) -> i32 {
     if report.cut > 0 { 2 } else { 0 }
 }
 
+/// How long the exit waits, once [`run`] has returned and every task is dropped, for
+/// work still on tokio's blocking pool (see [`shut_down`]).
+pub const EXIT_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Ends the runtime [`run`] ran on: every task is dropped (a request a drain cut
+/// writes its `drain_cut` access line then), and the exit waits at most
+/// [`EXIT_GRACE`] for work on tokio's blocking pool. A runtime that is dropped waits
+/// for that work without limit: a FastCGI route's `check_file` stat (`tokio::fs`)
+/// hung on a dead network file system kept a drained process from exiting, past
+/// `drain.timeout`, for good.
+pub fn shut_down(rt: tokio::runtime::Runtime) {
+    rt.shutdown_timeout(EXIT_GRACE);
+}
+
 /// What the signals heard while starting (before the PID file and readiness) ask for.
 #[derive(Default)]
 struct Starting {
@@ -627,6 +641,44 @@ mod tests {
     /// start at once, status 0, with no PID file written. Before, the handlers went
     /// in only once the listeners were bound and the names resolved, so any of these
     /// took its default action and killed the process.
+    /// A drained process exits although a task on tokio's blocking pool never ends
+    /// (a `check_file` stat hung on a dead network file system): before, the runtime
+    /// was dropped, which waits for such a task for good.
+    #[test]
+    fn the_exit_does_not_wait_for_a_hung_blocking_task() {
+        for workers in [1, 2] {
+            let rt = if workers == 1 {
+                tokio::runtime::Builder::new_current_thread()
+            } else {
+                let mut b = tokio::runtime::Builder::new_multi_thread();
+                b.worker_threads(workers);
+                b
+            }
+            .enable_all()
+            .build()
+            .expect("runtime");
+            let (begun_tx, begun_rx) = std::sync::mpsc::channel();
+            rt.block_on(async {
+                tokio::task::spawn_blocking(move || {
+                    let _ = begun_tx.send(());
+                    loop {
+                        std::thread::park();
+                    }
+                });
+            });
+            assert!(begun_rx.recv_timeout(SOON).is_ok(), "the task began");
+            let (done_tx, done_rx) = std::sync::mpsc::channel();
+            std::thread::spawn(move || {
+                shut_down(rt);
+                let _ = done_tx.send(());
+            });
+            assert!(
+                done_rx.recv_timeout(SOON).is_ok(),
+                "{workers} worker(s): the runtime ends"
+            );
+        }
+    }
+
     #[test]
     fn signals_while_resolving_at_start_neither_kill_nor_wait_for_the_resolver() {
         let rt = tokio::runtime::Builder::new_multi_thread()
