@@ -636,11 +636,6 @@ mod tests {
         holdfast_test::sys::send_signal(std::process::id(), signal).expect("kill");
     }
 
-    /// A start held up resolving an upstream name (a resolver that never answers):
-    /// a SIGHUP and a SIGUSR2 then do not kill the process, and a SIGTERM ends the
-    /// start at once, status 0, with no PID file written. Before, the handlers went
-    /// in only once the listeners were bound and the names resolved, so any of these
-    /// took its default action and killed the process.
     /// A drained process exits although a task on tokio's blocking pool never ends
     /// (a `check_file` stat hung on a dead network file system): before, the runtime
     /// was dropped, which waits for such a task for good.
@@ -679,6 +674,11 @@ mod tests {
         }
     }
 
+    /// A start held up resolving an upstream name (a resolver that never answers):
+    /// a SIGHUP and a SIGUSR2 then do not kill the process, and a SIGTERM ends the
+    /// start at once, status 0, with no PID file written. Before, the handlers went
+    /// in only once the listeners were bound and the names resolved, so any of these
+    /// took its default action and killed the process.
     #[test]
     fn signals_while_resolving_at_start_neither_kill_nor_wait_for_the_resolver() {
         let rt = tokio::runtime::Builder::new_multi_thread()
