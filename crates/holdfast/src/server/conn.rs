@@ -650,9 +650,22 @@ pub fn serve(
                         // socket, it holds the connection's state, which would then
                         // hold it.
                         let refused_upgrade = state.take_refused_upgrade();
-                        if state.park.load(Relaxed) != PARK_PARKED {
-                            return None;
-                        }
+                        let closing = match state.park.load(Relaxed) {
+                            PARK_PARKED => false,
+                            // Told to close while idle, and not closed through
+                            // `ClientIo::poll_shutdown`, whose look for a request
+                            // already in the socket therefore never ran: hyper handed
+                            // the socket to a refused upgrade instead of shutting it
+                            // down, or (`closing_http1`) held only empty lines and was
+                            // left. The same look here.
+                            PARK_CLOSING
+                                if state.phase.load(Relaxed) == ConnPhase::Idle as u8
+                                    && !state.unsent.load(Relaxed) =>
+                            {
+                                true
+                            }
+                            _ => return None,
+                        };
                         // hyper saw "end of input" and ended cleanly without shutting
                         // the socket: take it back, with anything hyper had read but
                         // not used. The rest of hyper's parts (a clone of the service)
@@ -668,6 +681,13 @@ pub fn serve(
                             }
                         };
                         let mut client_io = io.into_inner();
+                        if closing {
+                            if !client_io.has_unread() {
+                                return None;
+                            }
+                            // Served as after a park (`park` looks again and serves it).
+                            state.park.store(PARK_PARKED, Relaxed);
+                        }
                         client_io.unread(read_buf);
                         Some(client_io)
                     })
