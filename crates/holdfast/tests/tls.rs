@@ -1833,3 +1833,76 @@ async fn a_request_target_that_is_not_a_path_is_refused_not_forwarded() {
         "only the control reached the upstream"
     );
 }
+
+/// A request whose first TLS record has only partly arrived when the connection's
+/// idle time runs out has started arriving, as a partial head has on plain HTTP/1:
+/// it is under `header_timeout`, not closed as idle. rustls takes the record's first
+/// bytes off the socket and can decrypt nothing yet, so no look at the socket sees
+/// them, and the connection was closed as idle with the client's request half sent.
+/// The client (rustls driven by hand) sends its second request's first record 3
+/// bytes at first, 300 ms into the idle time, and the rest after the 1 s keep-alive
+/// timeout.
+#[tokio::test]
+async fn a_request_whose_first_tls_record_has_partly_arrived_is_not_closed_as_idle() {
+    let pki = TestCa::new("holdfast test CA");
+    let (cert, key) = pki.leaf("site", &["localhost"]);
+    let up = TestUpstream::start(Behaviour::respond(|_| {
+        holdfast_test::Reply::new(200).body("ok")
+    }))
+    .await;
+    let gw = start(&format!(
+        "{}{}",
+        proxy_to(&up.url()),
+        tls_listener(
+            "127.0.0.1:0",
+            &cert,
+            &key,
+            "keepalive_timeout = \"1s\"\nkeepalive_min_idle = \"0s\"\n"
+        )
+    ))
+    .await;
+    let config = pki.client(&["http/1.1"]);
+    let addr = gw.addr;
+    let second = tokio::task::spawn_blocking(move || {
+        use std::io::{Read, Write};
+        let mut tcp = std::net::TcpStream::connect(addr).unwrap();
+        tcp.set_read_timeout(Some(SOON)).unwrap();
+        let name = ServerName::try_from("localhost").unwrap();
+        let mut tls = rustls::ClientConnection::new(config, name).unwrap();
+        /// The response's text once it ends with the body `ok`; `None` at a close.
+        fn response(
+            tls: &mut rustls::ClientConnection,
+            tcp: &mut std::net::TcpStream,
+        ) -> Option<String> {
+            let mut got = Vec::new();
+            let mut buf = [0u8; 4096];
+            while !got.ends_with(b"\r\n\r\nok") {
+                match rustls::Stream::new(tls, tcp).read(&mut buf) {
+                    Ok(0) | Err(_) => return None,
+                    Ok(n) => got.extend_from_slice(&buf[..n]),
+                }
+            }
+            Some(String::from_utf8_lossy(&got).into_owned())
+        }
+        let request = b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n";
+        rustls::Stream::new(&mut tls, &mut tcp)
+            .write_all(request)
+            .unwrap();
+        let first = response(&mut tls, &mut tcp).expect("the first request is answered");
+        assert!(first.starts_with("HTTP/1.1 200"), "{first}");
+        tls.writer().write_all(request).unwrap();
+        let mut wire = Vec::new();
+        while tls.wants_write() {
+            tls.write_tls(&mut wire).unwrap();
+        }
+        std::thread::sleep(Duration::from_millis(300));
+        tcp.write_all(&wire[..3]).unwrap();
+        std::thread::sleep(Duration::from_millis(1200));
+        tcp.write_all(&wire[3..]).ok()?;
+        response(&mut tls, &mut tcp)
+    })
+    .await
+    .unwrap();
+    let second = second.expect("the request begun before the idle close is answered");
+    assert!(second.starts_with("HTTP/1.1 200"), "{second}");
+}

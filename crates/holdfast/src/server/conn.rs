@@ -742,6 +742,7 @@ async fn establish(
 ) -> Option<(Transport, Bytes, Proto)> {
     let handshake = shared.config.header_timeout.get();
     if let Some(front) = &shared.tls {
+        let stream = io::RecordWatch::new(stream);
         return match tokio::time::timeout(handshake, front.accept(stream)).await {
             Ok(Ok(s)) => {
                 let proto = if tls::negotiated_h2(&s) {

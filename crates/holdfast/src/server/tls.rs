@@ -18,7 +18,7 @@ use arc_swap::ArcSwap;
 use rustls::ServerConfig;
 use rustls::server::{ClientHello, ResolvesServerCert, ServerSessionMemoryCache};
 use rustls::sign::CertifiedKey;
-use tokio::net::TcpStream;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
 
@@ -79,7 +79,10 @@ impl TlsFront {
     /// # Errors
     /// The handshake failed (the client offered nothing we accept, went away, or sent
     /// something that is not TLS); rustls has sent an alert where it could.
-    pub async fn accept(&self, stream: TcpStream) -> std::io::Result<TlsStream<TcpStream>> {
+    pub async fn accept<S: AsyncRead + AsyncWrite + Unpin>(
+        &self,
+        stream: S,
+    ) -> std::io::Result<TlsStream<S>> {
         self.acceptor.accept(stream).await
     }
 
@@ -111,7 +114,7 @@ fn join(problems: Vec<(String, String)>) -> String {
 }
 
 /// Whether ALPN settled on HTTP/2.
-pub fn negotiated_h2(stream: &TlsStream<TcpStream>) -> bool {
+pub fn negotiated_h2<S>(stream: &TlsStream<S>) -> bool {
     stream.get_ref().1.alpn_protocol() == Some(ALPN_H2)
 }
 

@@ -24,22 +24,120 @@ use super::{ConnPhase, ConnState, LINGER, PARK_CLOSING, PARK_NONE, PARK_PARKED, 
 /// What the client connection runs over.
 pub(super) enum Transport {
     Plain(TcpStream),
-    Tls(Box<TlsStream<TcpStream>>),
+    Tls(Box<TlsStream<RecordWatch>>),
 }
 
 impl Transport {
     pub(super) fn tcp(&self) -> &TcpStream {
         match self {
             Transport::Plain(s) => s,
-            Transport::Tls(s) => s.get_ref().0,
+            Transport::Tls(s) => &s.get_ref().0.tcp,
         }
     }
 
     fn into_tcp(self) -> TcpStream {
         match self {
             Transport::Plain(s) => s,
-            Transport::Tls(s) => s.into_inner().0,
+            Transport::Tls(s) => s.into_inner().0.tcp,
         }
+    }
+}
+
+/// The TCP socket under a TLS connection, following the TLS record framing of what
+/// is read from it (a 5-byte header whose last two bytes give the length of the
+/// rest). rustls takes a record's first bytes off the socket as they come and
+/// decrypts nothing until it is whole, so a request whose first record has only
+/// partly arrived is neither plaintext for hyper nor bytes a peek at the socket
+/// would see: [`RecordWatch::mid_record`] is how the connection knows it began.
+/// A few comparisons per record read; no syscall.
+pub(super) struct RecordWatch {
+    tcp: TcpStream,
+    /// Bytes of the current record's header seen (0 between records).
+    header: u8,
+    /// The high byte of the current record's length, once seen.
+    len_high: u8,
+    /// Bytes of the current record's body still to come.
+    body_left: usize,
+}
+
+impl RecordWatch {
+    pub(super) fn new(tcp: TcpStream) -> Self {
+        RecordWatch {
+            tcp,
+            header: 0,
+            len_high: 0,
+            body_left: 0,
+        }
+    }
+
+    /// Whether what was read ends inside a record: the client has begun sending one.
+    fn mid_record(&self) -> bool {
+        self.header != 0 || self.body_left != 0
+    }
+
+    fn note(&mut self, mut read: &[u8]) {
+        while !read.is_empty() {
+            if self.body_left > 0 {
+                let n = self.body_left.min(read.len());
+                self.body_left -= n;
+                read = &read[n..];
+                continue;
+            }
+            let byte = read[0];
+            read = &read[1..];
+            match self.header {
+                3 => self.len_high = byte,
+                4 => self.body_left = usize::from(u16::from_be_bytes([self.len_high, byte])),
+                _ => {}
+            }
+            self.header = (self.header + 1) % 5;
+        }
+    }
+}
+
+impl AsyncRead for RecordWatch {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let res = Pin::new(&mut this.tcp).poll_read(cx, buf);
+        if res.is_ready() {
+            this.note(&buf.filled()[before..]);
+        }
+        res
+    }
+}
+
+impl AsyncWrite for RecordWatch {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().tcp).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().tcp).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.tcp.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().tcp).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().tcp).poll_shutdown(cx)
     }
 }
 
@@ -225,6 +323,18 @@ impl AsyncRead for ClientIo {
             }
             _ => {}
         }
+        // HTTP/1 over TLS: a record begun (and not whole) on an idle connection is a
+        // request begun, as a partial head is; it is then timed by `header_timeout`,
+        // not closed as idle with the request half sent. (A record that turns out
+        // to be no request, a key update, is cut at `header_timeout` if nothing
+        // follows it.)
+        if let Some(Transport::Tls(s)) = &this.stream
+            && this.mark_reading
+            && s.get_ref().0.mid_record()
+            && this.state.phase.load(Relaxed) == ConnPhase::Idle as u8
+        {
+            this.state.set(ConnPhase::Reading);
+        }
         res
     }
 }
@@ -393,6 +503,34 @@ mod tests {
     use crate::proxy::{ConnContext, Proxy, Routing};
     use crate::server::drain::Tracker;
 
+    /// Record framing followed across reads that split headers and bodies anywhere,
+    /// several records in one read, and empty records.
+    #[tokio::test]
+    async fn record_watch_knows_when_a_record_is_begun_and_not_whole() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let (_client, accepted) = tokio::join!(
+            TcpStream::connect(listener.local_addr().unwrap()),
+            listener.accept()
+        );
+        let mut watch = RecordWatch::new(accepted.unwrap().0);
+        // Two records (3 and 0 bytes of body), then one of 256.
+        let wire = [
+            &[23, 3, 3, 0, 3, 1, 2, 3][..],
+            &[23, 3, 3, 0, 0],
+            &[23, 3, 3, 1, 0],
+            &[7; 256],
+        ]
+        .concat();
+        for split in 0..=wire.len() {
+            let (a, b) = wire.split_at(split);
+            watch.note(a);
+            let whole = [0, 8, 13, wire.len()].contains(&split);
+            assert_eq!(watch.mid_record(), !whole, "split at {split}");
+            watch.note(b);
+            assert!(!watch.mid_record(), "split at {split}");
+        }
+    }
+
     /// A TLS connection closing (hyper's `poll_shutdown`) behind a client that reads
     /// nothing, its socket full: the `close_notify` cannot be written, and the close
     /// fails after `send_timeout` as a stalled write does; it waited for ever.
@@ -430,7 +568,7 @@ mod tests {
         let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
         let (client, server) = tokio::join!(
             TlsConnector::from(Arc::new(client_config)).connect(name, client),
-            TlsAcceptor::from(Arc::new(server_config)).accept(server),
+            TlsAcceptor::from(Arc::new(server_config)).accept(RecordWatch::new(server)),
         );
         // Kept open, and never read from.
         let _client = client.unwrap();
@@ -440,7 +578,7 @@ mod tests {
         // Filled until the socket stays unwritable (what the client's kernel takes in
         // flight frees some room at first).
         let chunk = [0u8; 16 * 1024];
-        let tcp = server.get_ref().0;
+        let tcp = &server.get_ref().0.tcp;
         for _ in 0..1_000 {
             match tcp.try_write(&chunk) {
                 Ok(_) => continue,
