@@ -15,7 +15,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use holdfast::probe::{CloseStyle, ProbeOptions, ProbeReport};
-use holdfast_test::{Behaviour, Nginx, PhpFpm, PhpFpmOptions, Reply, TestUpstream};
+use holdfast_test::{
+    Behaviour, KeepAliveClient, Nginx, PhpFpm, PhpFpmOptions, Reply, TestUpstream,
+};
 use support::fastcgi_app::FastCgiApp;
 use support::pki::TestCa;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -421,8 +423,74 @@ async fn a_fastcgi_application_that_closes_after_n_requests() {
     assert_eq!(v.max_conns, Some(8));
     assert_eq!(r.requests_per_connection.limit, Some(4));
     assert_eq!(r.requests_per_connection.close, Some(CloseStyle::Fin));
-    assert_eq!(r.recommended.max_requests, Some(3));
+    assert_eq!(r.recommended.max_requests, Some(4));
     assert_eq!(r.idle.usable_after_max_idle, [true]);
+}
+
+/// php-fpm's `pm.max_requests` counts a worker's requests, and a worker serves one
+/// connection at a time: a fresh worker's connection closes after exactly that many.
+/// The snippet's `max_requests` must let a connection end with its worker. One
+/// below (what the snippet said, as for an HTTP upstream's own limit) retires each
+/// connection a request early: the worker, one request left, takes the next
+/// connection and closes it after that request, right after its END_REQUEST, and
+/// the request behind it races the close (a POST gets 502). Here holdfast runs with
+/// the snippet in front of the same php-fpm, restarted: no connection may be closed
+/// under it.
+#[tokio::test]
+async fn the_fastcgi_snippet_lets_a_connection_end_with_its_php_fpm_worker() {
+    let mut fpm = PhpFpm::start(PhpFpmOptions {
+        max_children: 1,
+        pool_directives: "pm.max_requests = 4\n".into(),
+        ..PhpFpmOptions::default()
+    })
+    .await;
+    let script = fpm.script("n.php", "<?php echo 'n';");
+    let mut o = options(
+        &format!("fastcgi://{}", fpm.addr()),
+        Duration::from_millis(500),
+    );
+    o.script = Some(script.display().to_string());
+    o.connections = 1;
+    o.name = "php".into();
+    let (r, _) = probe(&o).await;
+    assert_eq!(r.requests_per_connection.limit, Some(4), "{r:?}");
+    // Fresh workers: the probe's own requests counted against the one it had.
+    fpm.restart().await;
+
+    let gw = support::start(&format!(
+        "[[route]]\nupstream = \"php\"\n\n[route.fastcgi]\nroot = \"{}\"\n\n\
+         [upstream.php]\naddresses = [\"fastcgi://{}\"]\n\n{}",
+        fpm.www().display(),
+        fpm.addr(),
+        r.recommended.toml
+    ))
+    .await;
+    let mut client = KeepAliveClient::new(gw.addr).with_timeout(Duration::from_secs(10));
+    for i in 0..12 {
+        let resp = client.get("/n.php").await.expect("GET");
+        assert_eq!(
+            (resp.status, resp.text().as_ref()),
+            (200, "n"),
+            "request {i}"
+        );
+    }
+    let pools = KeepAliveClient::new(gw.admin)
+        .get("/pools")
+        .await
+        .expect("GET /pools");
+    let pools: serde_json::Value = serde_json::from_slice(&pools.body).expect("JSON");
+    let up = &pools[0];
+    let address = &up["addresses"][0];
+    let closed_under_us = address["closed"]["closed_by_upstream_idle"]
+        .as_u64()
+        .unwrap()
+        + address["stale_caught"].as_u64().unwrap()
+        + up["retries"]["stale_connection"].as_u64().unwrap();
+    assert_eq!(
+        closed_under_us, 0,
+        "php-fpm closed connections holdfast still held ({}): {pools}",
+        r.recommended.toml
+    );
 }
 
 #[tokio::test]

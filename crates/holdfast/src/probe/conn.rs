@@ -555,7 +555,7 @@ impl Conn {
                     }
                     return Ok(Answer::Response(Facts {
                         status,
-                        version: "FastCGI",
+                        version: super::report::FASTCGI,
                         ..Facts::default()
                     }));
                 }

@@ -37,6 +37,9 @@ pub struct ProbeReport {
     pub elapsed_secs: f64,
 }
 
+/// [`FirstResponse::version`] of a FastCGI answer.
+pub const FASTCGI: &str = "FastCGI";
+
 #[derive(Debug, Clone, Serialize)]
 pub struct FirstResponse {
     pub status: u16,
@@ -57,6 +60,11 @@ impl FirstResponse {
                 c.split(',')
                     .any(|t| t.trim().eq_ignore_ascii_case("keep-alive"))
             })
+    }
+
+    /// The answer came from a FastCGI application.
+    pub fn is_fastcgi(&self) -> bool {
+        self.version == FASTCGI
     }
 
     pub fn hint(&self) -> KeepAliveHint {
@@ -273,7 +281,16 @@ pub fn recommend(
         .filter(|_| !never_reused)
         .and_then(idle_below)
         .map(|d| Dur(d).to_string());
-    let max_requests = limit.limit.map(|n| u64::from(n.saturating_sub(1).max(1)));
+    // A FastCGI application's limit is its process's (php-fpm's `pm.max_requests`
+    // counts a worker's requests, and a worker serves one connection at a time):
+    // retired at it, a connection ends with its worker. One below, the worker would
+    // take the next connection and close it after one request, racing the request
+    // sent after that one.
+    let fastcgi = first.is_fastcgi();
+    let max_requests = limit.limit.map(|n| {
+        let n = if fastcgi { n } else { n.saturating_sub(1) };
+        u64::from(n.max(1))
+    });
 
     let mut t = String::new();
     let _ = writeln!(t, "# holdfast probe {url}");
@@ -343,6 +360,13 @@ pub fn recommend(
             let _ = writeln!(
                 t,
                 "max_requests = {m}  # the upstream serves one request per connection"
+            );
+        }
+        (Some(m), Some(n)) if fastcgi => {
+            let _ = writeln!(
+                t,
+                "max_requests = {m}  # the application ends its process after {n} requests \
+                 (php-fpm: pm.max_requests, per worker); a connection then ends with its worker"
             );
         }
         (Some(m), Some(n)) => {

@@ -116,6 +116,21 @@ fn a_silent_request_limit_is_noted_and_capped_one_below() {
     assert!(r.toml.contains("no idle close within 120 s"), "{}", r.toml);
 }
 
+/// A FastCGI application's limit is per process (php-fpm's `pm.max_requests`): the
+/// snippet retires connections at it, so that a connection ends with its worker.
+#[test]
+fn a_fastcgi_request_limit_is_capped_at_itself() {
+    let f = FirstResponse {
+        version: FASTCGI,
+        ..first(None, None)
+    };
+    let l = limit(Some(5), Some(CloseStyle::Fin));
+    let r = recommend("php", "u", &f, &l, &idle(&[], None));
+    assert_eq!(r.max_requests, Some(5));
+    assert!(r.toml.contains("max_requests = 5  #"), "{}", r.toml);
+    assert!(r.toml.contains("pm.max_requests"), "{}", r.toml);
+}
+
 #[test]
 fn an_announced_max_that_is_not_honoured_is_a_broken_word() {
     let f = first(None, Some("timeout=5, max=100"));
