@@ -162,8 +162,29 @@ impl Http1Conn {
     /// The upstream closed the connection (or sent something) while it was idle. A
     /// failed exchange is not this: [`Http1Conn::park`] refuses that connection, as
     /// an error rather than as evidence of the upstream's keep-alive limits.
+    ///
+    /// Asked as the pool hands an idle connection out, this also looks at the
+    /// readiness tokio's reactor holds for the socket, no syscall: an event the
+    /// reactor took in since the park but the driver task has not yet run for (it
+    /// may be queued behind this very task) would otherwise reach the request.
+    /// Stray bytes would then be read as the answer to the request sent next (a
+    /// response desync: a stray second response becomes the next client's answer).
+    /// Only an event the reactor reported prompts a peek at the socket; what the
+    /// kernel holds and the reactor has not yet reported is seen only by the peek
+    /// of requests that cannot be retried (`Pool::checkout`).
     pub fn is_closed(&self) -> bool {
-        self.watch.lock().ended
+        let mut st = self.watch.lock();
+        if st.ended || st.busy {
+            return st.ended;
+        }
+        // The driver's waker stays the one registered (a driver that has not run
+        // yet registers its own when it does).
+        let waker = st.driver.as_ref().unwrap_or(Waker::noop());
+        if let Poll::Ready(probe) = self.stream.poll_idle(&mut Context::from_waker(waker)) {
+            tracing::debug!(?probe, "idle upstream connection ended");
+            st.ended = true;
+        }
+        st.ended
     }
 
     /// The last response's `Keep-Alive` value.

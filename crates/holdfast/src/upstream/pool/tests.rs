@@ -512,6 +512,45 @@ async fn a_close_not_yet_seen_by_the_driver_is_caught_before_reuse() {
     drop(far);
 }
 
+/// Response desync: an upstream sends something after a complete answer (a stray
+/// second response, a body longer than its `Content-Length` in a later segment) while
+/// the connection sits idle. tokio's reactor has taken the event in, but the
+/// connection's driver has not run since (here: one thread, and the checkout comes
+/// first). A retryable request takes no peek, and must not take this connection
+/// either: it would read the stray response as the answer to its own request.
+#[tokio::test]
+async fn stray_bytes_the_reactor_saw_keep_an_idle_connection_from_reuse() {
+    let pool = Pool::new("test".into(), settings());
+    let far = one_exchange_new(&pool).await;
+    assert_eq!(pool.snapshot().idle, 1);
+    let stray = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nstray";
+    assert_eq!(
+        socket2::SockRef::from(&far)
+            .send(stray)
+            .expect("stray response"),
+        stray.len()
+    );
+    // The reactor takes the event in as the test's task yields, and the test's task
+    // runs again before the driver's.
+    tokio::task::yield_now().await;
+    assert_eq!(pool.snapshot().idle, 1, "the driver has not run yet");
+    let far_ends = Arc::new(Mutex::new(Vec::new()));
+    let conn = pool
+        .checkout(Want::Idle(Take::MostRecent), false, || {
+            connect(far_ends.clone())
+        })
+        .await
+        .expect("checkout");
+    assert!(
+        !conn.is_reused(),
+        "handed out a connection with a stray response waiting on it"
+    );
+    assert_eq!(pool.figures.stale_caught.load(Relaxed), 1);
+    assert_eq!(pool.figures.created.load(Relaxed), 2, "a new one instead");
+    drop(conn);
+    drop(far);
+}
+
 /// A reused HTTP/1.1-over-TLS connection waits for hyper to be ready; a client that
 /// goes away meanwhile (a deadline, a vanished client) drops the checkout there. The
 /// connection it had taken off the idle list is closed, and must be counted closed.
