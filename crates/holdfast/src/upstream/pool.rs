@@ -70,13 +70,15 @@ impl Client {
     }
 
     /// The connection goes idle: hands its watching to the driver (HTTP/1). Called
-    /// under the pool's lock, which the driver's end takes too: a FastCGI watch that
-    /// ended before this (the application closed the connection between the end of
-    /// the response and the check-in) is seen here, one that ends after it finds the
-    /// connection listed and removes it.
+    /// under the pool's lock, which the driver's end takes too: a driver or FastCGI
+    /// watch that ended before this (the upstream closed the connection between the
+    /// end of the response and the check-in) is seen here, one that ends after it
+    /// finds the connection listed and removes it. A look before the lock would
+    /// leave a driver ending in between, on another worker, unseen by both.
     fn park(&mut self) -> Result<(), CloseReason> {
         match self {
             Client::Http1(c) => c.park(),
+            Client::Http1Tls(s) if s.is_closed() => Err(CloseReason::ClosedByUpstreamIdle),
             Client::FastCgi(c) if c.is_closed() => Err(CloseReason::ClosedByUpstreamIdle),
             _ => Ok(()),
         }
@@ -678,11 +680,8 @@ impl Pool {
         if self.draining.load(Relaxed) {
             return Some(CloseReason::Evicted);
         }
-        // Plain HTTP/1 needs no look here: its driver never marks the connection
-        // ended while a request holds it, and `park` looks at the socket itself.
-        if !matches!(conn.client, Client::Http1(_)) && conn.client.is_closed() {
-            return Some(CloseReason::ClosedByUpstreamIdle);
-        }
+        // Whether the upstream closed it is looked at by `Client::park`, under the
+        // pool's lock.
         None
     }
 

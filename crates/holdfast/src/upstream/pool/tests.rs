@@ -551,6 +551,36 @@ async fn stray_bytes_the_reactor_saw_keep_an_idle_connection_from_reuse() {
     drop(far);
 }
 
+/// HTTP/1.1 over TLS (hyper's client): the upstream may close the connection right
+/// after its answer, and hyper's driver, on another worker, end between the check-in's
+/// first look (`retire_reason`) and the listing. Its `on_driver_end` then finds nothing
+/// listed to remove, so the look under the pool's lock (`Client::park`, which the
+/// driver's end takes too) must see the end, or a dead connection is listed idle: its
+/// descriptor held and a `max_idle` place taken until its expiry, and when a checkout
+/// finds it, an idle close learned at the age it had then rather than at 0 (three such,
+/// and a bogus idle timeout). The race needs two threads at one instant; this is its
+/// second half: a connection whose driver has ended is not parked.
+#[tokio::test]
+async fn a_hyper_connection_whose_driver_ended_is_not_parked() {
+    let (near, _far) = UnixStream::pair().expect("pair");
+    let (io, io_far) = UnixStream::pair().expect("pair");
+    let connected = crate::upstream::http1::handshake_on(io, Arc::new(Stream::unix(near)))
+        .await
+        .expect("handshake");
+    let mut client = connected.client;
+    let driver = tokio::spawn(connected.driver);
+    drop(io_far); // the upstream closes
+    tokio::time::timeout(Duration::from_secs(5), driver)
+        .await
+        .expect("the driver ends")
+        .expect("driver task");
+    assert_eq!(
+        client.park().err(),
+        Some(CloseReason::ClosedByUpstreamIdle),
+        "a connection whose driver ended was parked"
+    );
+}
+
 /// A reused HTTP/1.1-over-TLS connection waits for hyper to be ready; a client that
 /// goes away meanwhile (a deadline, a vanished client) drops the checkout there. The
 /// connection it had taken off the idle list is closed, and must be counted closed.
