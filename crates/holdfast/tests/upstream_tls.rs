@@ -536,6 +536,46 @@ async fn a_connection_still_sending_a_streamed_body_is_not_pooled() {
     );
 }
 
+/// As above, with a body holdfast held whole (kept for a retry, under
+/// `replay_body_limit`): hyper takes it in one piece, so no streamed body's end says it
+/// is still being sent, yet hyper still has most of it to write when the early answer
+/// has been read. The connection is not ready for another request until that is
+/// written (here: never). Pooled, the next request took it and waited for hyper up
+/// to `timeouts.write`.
+#[tokio::test]
+async fn a_connection_still_writing_a_body_held_whole_is_not_pooled() {
+    let pki = TestCa::new("holdfast upstream test CA");
+    let (addr, accepted) = tls_http1_upstream(&pki).await;
+    let gw = https_gateway(
+        &format!("https://127.0.0.1:{}", addr.port()),
+        &format!(
+            "ca_file = {}\nserver_name = \"upstream.test\"",
+            toml_path(&pki.ca_file())
+        ),
+        "retry.replay_body_limit = \"16MiB\"\ntimeouts.write = \"30s\"\n",
+    )
+    .await;
+    // More than the socket buffers between holdfast and the upstream hold.
+    let body = vec![b'x'; 12 << 20];
+    let early = KeepAliveClient::new(gw.addr)
+        .with_timeout(SOON)
+        .send(&ClientRequest::post("/upload", body))
+        .await
+        .expect("the early answer");
+    assert_eq!(early.status, 413);
+
+    let resp = KeepAliveClient::new(gw.addr)
+        .with_timeout(Duration::from_secs(3))
+        .get("/next")
+        .await
+        .expect("the next request is not held up by the body still being written");
+    assert_eq!(resp.status, 200);
+    assert_eq!(accepted.load(Relaxed), 2, "a connection of its own");
+    let (_, pool) = pools(&gw).await;
+    assert_eq!(count(&pool["closed"]["not_poolable"]), 1, "{pool}");
+    assert_eq!(count(&pool["stale_caught"]), 0, "{pool}");
+}
+
 /// A streamed body sent whole before the answer leaves its connection reusable, sized
 /// or chunked: hyper asks nothing more of a sized body after its last piece, so the
 /// end is noted as that piece is taken.

@@ -29,6 +29,9 @@ use crate::timer;
 pub struct Stream {
     sock: Sock,
     answer: AnswerClock,
+    /// Bytes were written since the protocol client last flushed (see
+    /// [`Stream::sending`]).
+    unflushed: AtomicBool,
 }
 
 #[derive(Debug)]
@@ -79,6 +82,7 @@ impl From<Sock> for Stream {
         Stream {
             sock,
             answer: AnswerClock::default(),
+            unflushed: AtomicBool::new(false),
         }
     }
 }
@@ -132,6 +136,17 @@ impl Stream {
             0 => None,
             at => Some(timer::instant_from_micros(at - 1)),
         }
+    }
+
+    /// The protocol client is in the middle of sending: it wrote bytes and has not
+    /// flushed since. hyper's client (HTTP/1.1 over TLS, and TLS under it) flushes
+    /// once everything it holds is written, and goes on sending a request body after
+    /// an early answer: after a whole answer, this means the request is not all out,
+    /// and the connection takes no other one until it is, maybe never (an upstream
+    /// that answered early and reads nothing more). Holdfast's own HTTP/1.1 client
+    /// does not flush (it knows itself when its request is written): not for it.
+    pub fn sending(&self) -> bool {
+        self.unflushed.load(Relaxed)
     }
 
     /// Looks at an idle connection without blocking and without consuming anything.
@@ -340,6 +355,10 @@ impl UpstreamIo {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
                 res => {
                     self.write_stall.progressed();
+                    // A load per write; a store only after a flush.
+                    if matches!(res, Ok(n) if n > 0) && !self.stream.unflushed.load(Relaxed) {
+                        self.stream.unflushed.store(true, Relaxed);
+                    }
                     return Poll::Ready(res);
                 }
             }
@@ -392,6 +411,11 @@ impl AsyncWrite for UpstreamIo {
     }
 
     fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        // Everything written is with the kernel; a TLS layer above calls this only
+        // once it has written all its records.
+        if self.stream.unflushed.load(Relaxed) {
+            self.stream.unflushed.store(false, Relaxed);
+        }
         Poll::Ready(Ok(()))
     }
 

@@ -267,6 +267,20 @@ impl PooledConn {
             }
             return;
         }
+        if let Some(Conn {
+            client: Client::Http1Tls(_),
+            stream,
+            ..
+        }) = &self.conn
+            && stream.sending()
+        {
+            // The upstream answered before taking the whole request, and hyper still
+            // has some of it to write (a body held whole, which no streamed body's
+            // end watches, or the tail of a streamed one): not ready for another
+            // request until that is written, maybe never.
+            self.close_reason = CloseReason::NotPoolable;
+            return;
+        }
         if let Some(conn) = self.conn.take() {
             // The short bound: the upstream may have counted it idle from its last
             // answer's first bytes, but no later than once they had all been read.
