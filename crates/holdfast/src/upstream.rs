@@ -214,10 +214,7 @@ impl Upstream {
                 match old.filter(|p| same_peers.is_some() && p.host() == &*host && !p.is_removed())
                 {
                     Some(kept) => kept.clone(),
-                    None => {
-                        let figures = old.map(|p| p.pool.figures.clone()).unwrap_or_default();
-                        Peer::new(a, host, config, tls.clone(), figures)
-                    }
+                    None => Peer::new(a, host, config, tls.clone(), old.map(|p| &**p)),
                 }
             })
             .collect();
@@ -594,8 +591,14 @@ impl Upstream {
         self.retired.store(true, Relaxed);
         let kept = successor.map(|s| s.peers()).unwrap_or_default();
         for p in self.peers.load().iter() {
-            if !kept.iter().any(|k| Arc::ptr_eq(k, p)) {
-                p.pool.drain();
+            if kept.iter().any(|k| Arc::ptr_eq(k, p)) {
+                continue;
+            }
+            p.pool.drain();
+            // A new pool for the address, sharing this one's slots: its limit applies
+            // from now on, to both.
+            if let Some(next) = kept.iter().find(|k| k.pool.shares_slots_with(&p.pool)) {
+                next.pool.take_over();
             }
         }
     }
@@ -845,13 +848,7 @@ async fn re_resolve(up: std::sync::Weak<Upstream>, every: Duration) {
                     .find(|p| &p.addr == a)
                     .cloned()
                     .unwrap_or_else(|| {
-                        Peer::new(
-                            a.clone(),
-                            host.clone(),
-                            &up.config,
-                            up.tls.clone(),
-                            Arc::default(),
-                        )
+                        Peer::new(a.clone(), host.clone(), &up.config, up.tls.clone(), None)
                     })
             })
             .collect();

@@ -1077,8 +1077,8 @@ async fn slow_scripts_keep_their_connections() {
 
 /// An application that says how many connections it takes (`FCGI_MAX_CONNS`) gets no
 /// more, even from a burst of first requests that arrive while holdfast still waits
-/// for that answer: the cap can only take slots nobody holds, so requests wait for
-/// the answer before taking one.
+/// for that answer: the cap takes back slots in use only as they come back, so
+/// requests wait for the answer before taking one.
 #[tokio::test]
 async fn the_applications_connection_cap_holds_for_a_burst_of_first_requests() {
     let app = FastCgiApp::start_with(FastCgiAppOptions {
@@ -1110,6 +1110,59 @@ async fn the_applications_connection_cap_holds_for_a_burst_of_first_requests() {
     assert!(
         app.connections.most_open() <= 2,
         "the application took {} connections at once: {pool}",
+        app.connections.most_open()
+    );
+}
+
+/// A reload that gives the address a new pool (a `pool.*` key changed) keeps what the
+/// application said it takes: the new pool is capped at once, not from its first
+/// request's question, which with every worker busy would wait in the application's
+/// accept queue (and until then the old pool's waiting requests could have taken the
+/// config's `max_connections`). Before, `/pools` showed the config's 256 after the
+/// reload.
+#[tokio::test]
+async fn the_applications_connection_cap_holds_across_a_reload_that_replaces_the_pool() {
+    let app = FastCgiApp::start(2, None).await;
+    let root = holdfast_test::tempdir();
+    let site = |queue_size: u32| {
+        let tables = format!("[upstream.php.pool]\nqueue_size = {queue_size}\n");
+        Site {
+            upstream: format!("fastcgi://{}", app.addr),
+            root: root.path(),
+            route: "check_file = false\nfallback = \"/index.php\"",
+            tables: &tables,
+        }
+        .toml()
+    };
+    let gw = support::start(&site(1024)).await;
+    assert_eq!(get(&gw, "/x").await.status, 200);
+    assert_eq!(figure(&pools(&gw).await.1["max_connections"]), 2);
+    let before = gw.state.reloads.load(std::sync::atomic::Ordering::SeqCst);
+    gw.send(holdfast::server::Control::Reload(Box::new(
+        support::config(&site(1000)),
+    )))
+    .await;
+    assert!(
+        holdfast_test::wait_until(Duration::from_secs(5), || {
+            gw.state.reloads.load(std::sync::atomic::Ordering::SeqCst) > before
+        })
+        .await,
+        "the reload was applied"
+    );
+    let (_, pool) = pools(&gw).await;
+    assert_eq!(figure(&pool["max_connections"]), 2, "{pool}");
+    let tasks: Vec<_> = (0..10)
+        .map(|_| {
+            let mut c = client(&gw);
+            tokio::spawn(async move { c.get("/x").await.map(|r| r.status).ok() })
+        })
+        .collect();
+    for t in tasks {
+        assert_eq!(t.await.expect("client task"), Some(200));
+    }
+    assert!(
+        app.connections.most_open() <= 2,
+        "the application took {} connections at once",
         app.connections.most_open()
     );
 }

@@ -703,6 +703,68 @@ async fn a_reload_that_replaces_a_pool_carries_its_figures_over() {
     assert_eq!(n(&u, "requests"), 3, "{u:#}");
 }
 
+/// A reload that gives an address a new pool (here it lowers `pool.max_connections`
+/// from 2 to 1) while two requests of the old config are in flight: the new pool's
+/// limit counts the old pool's connections too. Its first request waits until both
+/// have ended rather than open a third connection (a FastCGI application with a hard
+/// limit, php-fpm, would have left it unanswered), and `/pools` shows the address's
+/// two connections open and in use. Before, the new pool had slots of its own and the
+/// upstream had three connections open at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_that_replaces_a_pool_keeps_the_old_pools_connections_under_the_new_limit() {
+    let up = RawUpstream::start(Script {
+        delay: ms(600),
+        count_open: true,
+        ..Script::default()
+    })
+    .await;
+    let config = |max: u32| {
+        format!(
+            "[[route]]\nupstream = \"up\"\n\n[upstream.up]\naddresses = [\"http://{}\"]\n\
+             pool.max_connections = {max}\npool.max_idle = 1\npool.queue_timeout = \"10s\"\n",
+            up.addr
+        )
+    };
+    let hf = Holdfast::start(&config(2)).await;
+    let mut old = JoinSet::new();
+    for i in 0..2 {
+        let mut c = hf.client();
+        old.spawn(async move { c.get(&format!("/old/{i}")).await.map(|r| r.status) });
+    }
+    up.wait(WAIT, "both old requests reached the upstream", |u| {
+        u.requests().len() == 2
+    })
+    .await;
+    hf.reload(&config(1)).await;
+    let v = hf.view("up", 0).await;
+    assert_eq!(
+        (n(&v, "open"), n(&v, "in_use"), n(&v, "max_connections")),
+        (2, 2, 1),
+        "the new pool counts the old one's connections: {v:#}"
+    );
+    let new = hf.client().get("/new").await.expect("new request");
+    assert_eq!(new.status, 200);
+    while let Some(r) = old.join_next().await {
+        assert_eq!(r.expect("task").expect("old request"), 200);
+    }
+    assert!(
+        up.max_open.load(SeqCst) <= 2,
+        "the upstream had {} connections open at once",
+        up.max_open.load(SeqCst)
+    );
+    assert_eq!(
+        up.accepted(),
+        3,
+        "the new request had a connection of its own"
+    );
+    let v = hf
+        .wait_view("up", 0, WAIT, "every slot given back", |v| {
+            n(v, "in_use") == 0 && n(v, "open") == 1
+        })
+        .await;
+    assert_eq!(n(&v, "max_connections"), 1, "{v:#}");
+}
+
 /// What an address's pool learned stays learned across a reload that keeps the pool
 /// (learned values never rise, by design); a reload that changes the pool's settings
 /// gives the address a new pool, which begins from the config again. That is the

@@ -18,7 +18,6 @@ use holdfast_fastcgi::ServerValues;
 use tokio::time::Instant;
 
 use super::error::{Delivery, Kind, UpstreamError};
-use super::figures::PoolFigures;
 use super::io::{Stream, UpstreamIo};
 use super::pool::{Connected, Pool, PoolSettings, PooledConn, Want};
 use super::tls::TlsClient;
@@ -79,12 +78,15 @@ pub struct Peer {
 }
 
 impl Peer {
+    /// `previous`: the peer at this address that a reload replaces, whose pool's
+    /// figures and slots the new pool takes over (see [`Pool::succeeding`]), and
+    /// what its FastCGI application said about itself.
     pub fn new(
         addr: PeerAddr,
         host: Arc<str>,
         config: &UpstreamConfig,
         tls: TlsSetup,
-        figures: Arc<PoolFigures>,
+        previous: Option<&Peer>,
     ) -> Arc<Peer> {
         let label: Arc<str> = addr.to_string().into();
         let mut settings = PoolSettings::from(&config.pool);
@@ -97,8 +99,14 @@ impl Peer {
             .min(config.pool.max_connections)
             .max(1);
         settings.h2_idle_timeout = config.http2.idle_timeout.non_zero();
+        let fastcgi_values = match previous.and_then(|p| p.fastcgi_values.get()) {
+            Some(Some(values)) if config.protocol() == Protocol::FastCgi => {
+                tokio::sync::OnceCell::new_with(Some(Some(*values)))
+            }
+            _ => tokio::sync::OnceCell::new(),
+        };
         Arc::new(Peer {
-            pool: Pool::with_figures(label.clone(), settings, figures),
+            pool: Pool::succeeding(label.clone(), settings, previous.map(|p| &*p.pool)),
             label,
             addr,
             protocol: config.protocol(),
@@ -112,7 +120,7 @@ impl Peer {
             health: Health::new(config.health.clone()),
             outstanding: AtomicUsize::new(0),
             removed: AtomicBool::new(false),
-            fastcgi_values: tokio::sync::OnceCell::new(),
+            fastcgi_values,
             fastcgi_asking: tokio::sync::Mutex::new(()),
             fastcgi_unreached: AtomicU64::new(0),
         })
@@ -162,9 +170,10 @@ impl Peer {
             return self.pool.checkout_shared(|| Box::pin(self.connect())).await;
         }
         if self.protocol == Protocol::FastCgi && !self.fastcgi_values.initialized() {
-            // Before taking a slot: the answer may lower `max_connections`, which only
-            // takes slots nobody holds. Concurrent first requests holding theirs while
-            // they wait for it would each open a connection, over the cap. And before
+            // Before taking a slot: the answer may lower `max_connections`, which
+            // takes back slots in use only as they come back. Concurrent first
+            // requests holding theirs while they wait for it would each open a
+            // connection, over the cap. And before
             // any connection of ours is open: php-fpm gives every open connection a
             // worker, so with all workers held the question would wait in its accept
             // queue until the connect timeout. (`connect` relies on this.)

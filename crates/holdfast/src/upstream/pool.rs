@@ -28,6 +28,7 @@ pub mod idle;
 pub mod learn;
 mod pooled;
 pub mod shared;
+mod slots;
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -36,13 +37,14 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
-use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, TryAcquireError, oneshot};
+use tokio::sync::{Notify, TryAcquireError, oneshot};
 use tokio::time::Instant;
 
 use self::idle::{IdleList, Keyed, Take};
 use self::learn::{IdleSource, Learned, Learner, PROMPT_CLOSE};
 pub use self::pooled::{PooledConn, ResponseHint};
 use self::shared::SharedState;
+use self::slots::{SlotHeld, Slots};
 use super::error::{Delivery, Kind, UpstreamError};
 use super::figures::{CloseReason, PoolFigures};
 use super::io::{IdleProbe, Stream};
@@ -266,12 +268,13 @@ pub struct Pool {
     me: Weak<Pool>,
     label: Arc<str>,
     settings: PoolSettings,
-    slots: Arc<Semaphore>,
-    /// `max_connections`, lowered when the application says it takes fewer.
-    limit: AtomicUsize,
+    /// `max_connections` (lowered when the application says it takes fewer) and the
+    /// open connections: shared with the pool a reload replaced, if any.
+    slots: Arc<Slots>,
+    /// What the application says it takes (FastCGI `FCGI_MAX_CONNS`), once it said.
+    app_max_conns: AtomicUsize,
     idle_limit: AtomicUsize,
     waiting: AtomicUsize,
-    open: Arc<AtomicUsize>,
     state: Mutex<State>,
     reaper: Arc<Notify>,
     draining: AtomicBool,
@@ -325,23 +328,32 @@ impl AnswerWait {
 impl Pool {
     /// Creates a pool and starts its reaper. Must be called inside a Tokio runtime.
     pub fn new(label: Arc<str>, settings: PoolSettings) -> Arc<Pool> {
-        Pool::with_figures(label, settings, Arc::default())
+        Pool::succeeding(label, settings, None)
     }
 
-    /// As [`Pool::new`], counting in `figures` (those of the pool it replaces).
-    pub fn with_figures(
+    /// As [`Pool::new`], for the address of `previous`, the pool a reload replaces:
+    /// counting in its figures and sharing its slots (what the application said it
+    /// takes included), so that its connections still in use count against this
+    /// pool's `max_connections`. The limit changes to this pool's only with
+    /// [`Pool::take_over`], once the reload is sure to apply.
+    pub fn succeeding(
         label: Arc<str>,
         settings: PoolSettings,
-        figures: Arc<PoolFigures>,
+        previous: Option<&Pool>,
     ) -> Arc<Pool> {
+        // What a FastCGI application said about itself holds for its successor too.
+        let app_max_conns = previous
+            .filter(|p| p.settings.free_workers == settings.free_workers)
+            .map_or(usize::MAX, |p| p.app_max_conns.load(Relaxed));
+        let idle_limit = settings.max_idle.min(idle_for(app_max_conns));
         let pool = Arc::new_cyclic(|me| Pool {
             me: me.clone(),
             label,
-            slots: Arc::new(Semaphore::new(settings.max_connections)),
-            limit: AtomicUsize::new(settings.max_connections),
-            idle_limit: AtomicUsize::new(settings.max_idle),
+            slots: previous
+                .map_or_else(|| Slots::new(settings.max_connections), |p| p.slots.clone()),
+            app_max_conns: AtomicUsize::new(app_max_conns),
+            idle_limit: AtomicUsize::new(idle_limit),
             waiting: AtomicUsize::new(0),
-            open: Arc::new(AtomicUsize::new(0)),
             state: Mutex::new(State {
                 idle: IdleList::default(),
                 learner: Learner::new(settings.idle_timeout, settings.learn),
@@ -352,7 +364,7 @@ impl Pool {
             }),
             reaper: Arc::new(Notify::new()),
             draining: AtomicBool::new(false),
-            figures,
+            figures: previous.map(|p| p.figures.clone()).unwrap_or_default(),
             settings,
         });
         tokio::spawn(reap(Arc::downgrade(&pool), pool.reaper.clone()));
@@ -445,7 +457,7 @@ impl Pool {
         self: &Arc<Self>,
         connected: Connected,
         open: OpenGuard,
-        permit: OwnedSemaphorePermit,
+        permit: SlotHeld<'_>,
     ) -> PooledConn {
         let (kill, killed) = oneshot::channel();
         let created = Instant::now();
@@ -485,8 +497,8 @@ impl Pool {
         pooled
     }
 
-    async fn acquire_slot(&self) -> Result<OwnedSemaphorePermit, UpstreamError> {
-        match self.slots.clone().try_acquire_owned() {
+    async fn acquire_slot(&self) -> Result<SlotHeld<'_>, UpstreamError> {
+        match self.slots.try_take() {
             Ok(p) => Ok(p),
             Err(TryAcquireError::NoPermits) => Box::pin(self.wait_for_slot()).await,
             Err(TryAcquireError::Closed) => {
@@ -497,7 +509,7 @@ impl Pool {
 
     /// Queues for a slot (FIFO). Boxed by the caller: rare, and its timer would
     /// otherwise sit in every request's future.
-    async fn wait_for_slot(&self) -> Result<OwnedSemaphorePermit, UpstreamError> {
+    async fn wait_for_slot(&self) -> Result<SlotHeld<'_>, UpstreamError> {
         if self.waiting.fetch_add(1, Relaxed) >= self.settings.queue_size {
             self.waiting.fetch_sub(1, Relaxed);
             self.figures.queue_full.fetch_add(1, Relaxed);
@@ -511,12 +523,7 @@ impl Pool {
         }
         let _waiting = Waiting(&self.waiting);
         // Tokio's semaphore is fair: waiters are served in FIFO order.
-        match tokio::time::timeout(
-            self.settings.queue_timeout,
-            self.slots.clone().acquire_owned(),
-        )
-        .await
-        {
+        match tokio::time::timeout(self.settings.queue_timeout, self.slots.take()).await {
             Ok(Ok(p)) => Ok(p),
             Ok(Err(_)) => Err(UpstreamError::new(Kind::NoPeer, Delivery::NotSent)),
             Err(_) => {
@@ -535,16 +542,16 @@ impl Pool {
 
     /// Connections open now (idle, busy and being opened).
     pub fn open_connections(&self) -> usize {
-        self.open.load(Relaxed)
+        self.slots.open.load(Relaxed)
     }
 
     /// Counts a connection about to be opened, first closing the oldest idle ones while
     /// open connections (idle, busy and being opened) are over `max_connections`. Busy
     /// and opening ones each hold a slot, so while over the cap an idle one exists.
     fn reserve_open(&self) -> OpenGuard {
-        let guard = OpenGuard::count(&self.open);
+        let guard = OpenGuard::count(&self.slots.open);
         // Bounded: each round closes an idle connection or stops.
-        while self.open.load(Relaxed) > self.limit.load(Relaxed) {
+        while self.slots.open.load(Relaxed) > self.slots.limit() {
             let Some(conn) = self.lock().idle.pop_oldest() else {
                 break;
             };
@@ -786,16 +793,32 @@ impl Pool {
     /// would leave it nothing for anyone else.
     pub fn cap(&self, max_conns: usize) {
         let max_conns = max_conns.max(1);
-        let current = self.limit.load(Relaxed);
-        if max_conns < current {
-            let forgotten = self.slots.forget_permits(current - max_conns);
-            self.limit.store(current - forgotten, Relaxed);
-        }
-        let idle = (max_conns / 2).max(1);
+        self.app_max_conns.fetch_min(max_conns, Relaxed);
+        // Slots in use beyond it are forgotten as they come back.
+        self.slots.lower_to(max_conns);
+        let idle = idle_for(max_conns);
         if idle < self.idle_limit.load(Relaxed) {
             self.idle_limit.store(idle, Relaxed);
         }
-        tracing::info!(address = %self.label, max_connections = self.limit.load(Relaxed), max_idle = self.idle_limit.load(Relaxed), "pool capped by what the application accepts");
+        tracing::info!(address = %self.label, max_connections = self.slots.limit(), max_idle = self.idle_limit.load(Relaxed), "pool capped by what the application accepts");
+    }
+
+    /// A reload replaced the pool this one succeeds (see [`Pool::succeeding`]) and is
+    /// sure to apply: the address's limit is this pool's `max_connections` from now
+    /// on (or what the application said it takes, if lower). Slots the old pool's
+    /// requests hold beyond a lower limit are forgotten as they come back.
+    pub fn take_over(&self) {
+        let limit = self
+            .settings
+            .max_connections
+            .min(self.app_max_conns.load(Relaxed));
+        self.slots.set_limit(limit);
+    }
+
+    /// Whether this pool shares its slots with `other` (it succeeds it, or the
+    /// reverse).
+    pub fn shares_slots_with(&self, other: &Pool) -> bool {
+        Arc::ptr_eq(&self.slots, &other.slots)
     }
 
     /// Closes every idle connection and retires busy ones when they finish.
@@ -826,16 +849,11 @@ impl Pool {
                 idle_timeout: self.settings.h2_idle_timeout,
             });
         PoolSnapshot {
-            open: self.open.load(Relaxed),
+            open: self.slots.open.load(Relaxed),
             idle: st.idle.len(),
-            in_use: self
-                .limit
-                .load(Relaxed)
-                .saturating_sub(self.slots.available_permits())
-                + streams
-                + retiring_streams,
+            in_use: self.slots.in_use() + streams + retiring_streams,
             waiting: self.waiting.load(Relaxed) + stream_waiters,
-            max_connections: self.limit.load(Relaxed),
+            max_connections: self.slots.limit(),
             effective_idle_timeout: idle_timeout,
             idle_timeout_source: source,
             learned_max_requests: st.learner.learned_max_requests(),
@@ -894,6 +912,12 @@ fn ser_opt_secs<S: serde::Serializer>(d: &Option<Duration>, s: S) -> Result<S::O
         Some(d) => s.serialize_f64(d.as_secs_f64()),
         None => s.serialize_none(),
     }
+}
+
+/// Idle connections kept at most when the application takes `max_conns` connections:
+/// half of them (php-fpm gives each open connection a worker, idle or not).
+fn idle_for(max_conns: usize) -> usize {
+    (max_conns / 2).max(1)
 }
 
 /// Whether an upstream close of an idle connection, seen `closed_age` after its last

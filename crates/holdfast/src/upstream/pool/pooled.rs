@@ -4,11 +4,11 @@
 
 use std::sync::Arc;
 
-use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
 
 use super::learn::KeepAliveHint;
 use super::shared::Lease;
+use super::slots::SlotHeld;
 use super::{Client, Conn, Pool};
 use crate::body::{BodyEnd, BodyFailure};
 use crate::upstream::figures::CloseReason;
@@ -27,7 +27,10 @@ pub struct PooledConn {
     /// HTTP/2: a stream on a shared connection instead of `conn`.
     lease: Option<Lease>,
     pool: Arc<Pool>,
-    _slot: Option<OwnedSemaphorePermit>,
+    /// Holds one of the pool's slots, given back as it drops (after the connection
+    /// closed, so that the slot cannot open another one before the upstream sees the
+    /// close).
+    slot: bool,
     idle_since: Option<Instant>,
     /// When its last answer had been read in full, if it was reused (see
     /// `IdleEntry::settled_at`).
@@ -48,16 +51,17 @@ impl PooledConn {
     pub(super) fn new(
         conn: Conn,
         pool: Arc<Pool>,
-        slot: OwnedSemaphorePermit,
+        slot: SlotHeld<'_>,
         reused: Option<(Instant, Instant)>,
         handed_at: Instant,
     ) -> Self {
         conn.stream.expect_answer();
+        slot.hand_over();
         PooledConn {
             conn: Some(conn),
             lease: None,
             pool,
-            _slot: Some(slot),
+            slot: true,
             idle_since: reused.map(|(since, _)| since),
             settled_at: reused.map(|(_, settled)| settled),
             handed_at: Some(handed_at),
@@ -76,7 +80,7 @@ impl PooledConn {
             handed_at: None,
             lease: Some(lease),
             pool,
-            _slot: None,
+            slot: false,
             hint: ResponseHint::default(),
             close_reason: CloseReason::Abandoned,
             first_response_pending: None,
@@ -302,6 +306,9 @@ impl Drop for PooledConn {
         if let Some(conn) = self.conn.take() {
             self.pool.figures.closed(self.close_reason);
             drop(conn);
+        }
+        if self.slot {
+            self.pool.slots.give_back();
         }
     }
 }

@@ -360,7 +360,7 @@ impl Pool {
             self.retire_spent(&mut st, Instant::now());
             st.shared.waiters.retain(|w| !w.is_closed());
             let choice = if st.shared.waiters.is_empty() {
-                st.shared.choose(limit, self.limit.load(Relaxed))
+                st.shared.choose(limit, self.slots.limit())
             } else {
                 Choice::Wait
             };
@@ -403,7 +403,7 @@ impl Pool {
                 }
             },
         };
-        let open = OpenGuard::count(&self.open);
+        let open = OpenGuard::count(&self.slots.open);
         let connected = connect().await?;
         match self.adopt_shared(connected, open, Some(ticket)) {
             Ok(pooled) => Ok(pooled),
@@ -564,7 +564,7 @@ impl Pool {
     /// Hands free streams, and the right to open connections, to waiters in order.
     pub(super) fn dispatch(&self, st: &mut State) {
         let limit = self.settings.h2_connections;
-        let cap = self.limit.load(Relaxed);
+        let cap = self.slots.limit();
         // Bounded: each round removes a waiter or stops.
         loop {
             while st.shared.waiters.front().is_some_and(|w| w.is_closed()) {
