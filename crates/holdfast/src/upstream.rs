@@ -205,8 +205,8 @@ impl Upstream {
                     })
             }),
         };
-        let addrs = resolve_all(name, config).await;
         let old_peers = previous.map(|p| p.peers()).unwrap_or_default();
+        let addrs = resolve_all(name, config, &old_peers).await;
         let peers = addrs
             .into_iter()
             .map(|(a, host)| {
@@ -762,8 +762,13 @@ fn needs_resolving(config: &UpstreamConfig) -> bool {
 }
 
 /// Every address of an upstream, each with the host it was configured with (the TLS
-/// name); names that fail to resolve are logged and skipped.
-async fn resolve_all(name: &str, config: &UpstreamConfig) -> Vec<(PeerAddr, Arc<str>)> {
+/// name). A name that fails to resolve is logged and keeps the addresses it had among
+/// `known` (the peers in use): a resolver's blip is not the name's addresses gone.
+async fn resolve_all(
+    name: &str,
+    config: &UpstreamConfig,
+    known: &[Arc<Peer>],
+) -> Vec<(PeerAddr, Arc<str>)> {
     let mut out = Vec::new();
     for a in &config.addresses {
         match &a.endpoint {
@@ -777,7 +782,14 @@ async fn resolve_all(name: &str, config: &UpstreamConfig) -> Vec<(PeerAddr, Arc<
                             out.extend(addrs.into_iter().map(|a| (PeerAddr::Tcp(a), named.clone())))
                         }
                         Err(e) => {
-                            tracing::warn!(upstream = name, %host, error = %e, "cannot resolve upstream host")
+                            let had = known
+                                .iter()
+                                .filter(|p| p.host() == host && !p.is_removed())
+                                .map(|p| (p.addr.clone(), named.clone()));
+                            let before = out.len();
+                            out.extend(had);
+                            let kept = out.len() - before;
+                            tracing::warn!(upstream = name, %host, error = %e, kept, "cannot resolve upstream host; keeping the addresses it had")
                         }
                     },
                 }
@@ -807,6 +819,11 @@ pub(crate) async fn lookup_host(
         .spawn(move || {
             #[cfg(test)]
             tests::hang_if_asked(&host);
+            #[cfg(test)]
+            if let Some(answer) = tests::flaky_answer(&host, port) {
+                let _ = tx.send(answer);
+                return;
+            }
             let _ = tx.send(
                 (host.as_str(), port)
                     .to_socket_addrs()
@@ -828,11 +845,11 @@ async fn re_resolve(up: std::sync::Weak<Upstream>, every: Duration) {
         if up.retired.load(Relaxed) {
             return;
         }
-        let addrs = resolve_all(&up.name, &up.config).await;
+        let current = up.peers.load_full();
+        let addrs = resolve_all(&up.name, &up.config, &current).await;
         if addrs.is_empty() {
             continue; // Keep what works rather than empty the upstream on a DNS blip.
         }
-        let current = up.peers.load_full();
         if current
             .iter()
             .map(|p| &p.addr)
@@ -924,10 +941,13 @@ pub(crate) mod tests {
     /// (tests may not ask a real one: it is not on loopback).
     pub(crate) const HUNG_HOST: &str = "hung-resolver.test";
 
-    use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::SeqCst};
     use std::time::Duration;
 
     use tokio::sync::Notify;
+
+    use super::{PeerAddr, Upstreams};
 
     /// Lookups of [`HUNG_HOST`] begun.
     pub(crate) static HUNG_LOOKUPS: AtomicUsize = AtomicUsize::new(0);
@@ -943,6 +963,106 @@ pub(crate) mod tests {
                 std::thread::park();
             }
         }
+    }
+
+    /// A host name that resolves to 127.0.0.1, or fails while [`FLAKY_FAILS`] is set
+    /// (a resolver's blip).
+    const FLAKY_HOST: &str = "flaky-resolver.test";
+    static FLAKY_FAILS: AtomicBool = AtomicBool::new(false);
+    /// Lookups of [`FLAKY_HOST`] answered.
+    static FLAKY_LOOKUPS: AtomicUsize = AtomicUsize::new(0);
+
+    /// The answer for [`FLAKY_HOST`]; `None` for any other name.
+    pub(crate) fn flaky_answer(
+        host: &str,
+        port: u16,
+    ) -> Option<std::io::Result<Vec<std::net::SocketAddr>>> {
+        if host != FLAKY_HOST {
+            return None;
+        }
+        let answer = if FLAKY_FAILS.load(SeqCst) {
+            Err(std::io::Error::other(
+                "temporary failure in name resolution",
+            ))
+        } else {
+            Ok(vec![std::net::SocketAddr::from(([127, 0, 0, 1], port))])
+        };
+        FLAKY_LOOKUPS.fetch_add(1, SeqCst);
+        Some(answer)
+    }
+
+    fn upstreams(text: &str) -> std::collections::BTreeMap<String, crate::config::UpstreamConfig> {
+        let text = format!(
+            "[[listener]]\nlisten = \"127.0.0.1:0\"\n\n[[route]]\nupstream = \"u\"\n\n\
+             [upstream.u]\n{text}"
+        );
+        crate::config::Config::from_toml(&text, std::path::Path::new("t.toml"))
+            .expect("valid config")
+            .upstreams
+    }
+
+    /// A reload while one of an upstream's names does not resolve (a resolver's blip)
+    /// keeps the addresses that name had, peers and pools as they were: before, the
+    /// reload dropped them, and an upstream of that one name was left with no address
+    /// at all, every request 502 until its next successful lookup (`resolve_every`).
+    #[tokio::test]
+    async fn a_reload_during_a_resolver_blip_keeps_the_names_addresses() {
+        let first = Upstreams::build(
+            &upstreams(&format!(
+                "addresses = [\"http://{FLAKY_HOST}:9\"]\nretry.attempts = 3\n"
+            )),
+            None,
+        )
+        .await;
+        let before = first.get("u").expect("u").peers();
+        assert_eq!(before.len(), 1);
+        FLAKY_FAILS.store(true, SeqCst);
+        let second = Upstreams::build(
+            &upstreams(&format!(
+                "addresses = [\"http://{FLAKY_HOST}:9\"]\nretry.attempts = 2\n"
+            )),
+            Some(&first),
+        )
+        .await;
+        let after = second.get("u").expect("u").peers();
+        assert_eq!(after.len(), 1, "the address the name had is kept");
+        assert!(Arc::ptr_eq(&after[0], &before[0]), "with its peer and pool");
+        assert!(!after[0].is_removed());
+    }
+
+    /// A re-resolve in which one of an upstream's names fails (a resolver's blip)
+    /// while another answers keeps that name's addresses: before, they were taken as
+    /// gone and drained (their idle connections closed, their figures begun again
+    /// when the name next resolved), though a blip of the upstream's only name kept
+    /// them.
+    #[tokio::test]
+    async fn a_resolver_blip_for_one_name_does_not_drain_its_addresses() {
+        let set = Upstreams::build(
+            &upstreams(&format!(
+                "addresses = [\"http://{FLAKY_HOST}:9\", \"http://127.0.0.2:9\"]\n\
+                 resolve_every = \"50ms\"\n"
+            )),
+            None,
+        )
+        .await;
+        let up = set.get("u").expect("u");
+        let flaky = up.peers()[0].clone();
+        assert_eq!(flaky.addr, PeerAddr::Tcp(([127, 0, 0, 1], 9).into()));
+        FLAKY_FAILS.store(true, SeqCst);
+        let failed = FLAKY_LOOKUPS.load(SeqCst);
+        // Two failed lookups: the re-resolve of the first is over by the second.
+        let blipped = tokio::time::timeout(Duration::from_secs(5), async {
+            while FLAKY_LOOKUPS.load(SeqCst) < failed + 2 {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await;
+        assert!(blipped.is_ok(), "re-resolved meanwhile");
+        assert!(!flaky.is_removed(), "the name's address was drained");
+        assert!(
+            up.peers().iter().any(|p| Arc::ptr_eq(p, &flaky)),
+            "the name's address is still in the list"
+        );
     }
 
     /// Waits, at most `within`, for a lookup of [`HUNG_HOST`] beyond the first
