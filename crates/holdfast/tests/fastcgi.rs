@@ -670,6 +670,45 @@ async fn php_fpm_restarted_under_get_load_no_client_errors() {
     );
 }
 
+/// php-fpm with `pm.max_requests` retires each worker after that many requests, on
+/// whatever connection it then holds: END_REQUEST, then a half-close. The script here
+/// ends its response early (`fastcgi_finish_request`) and runs 30 ms more, so that
+/// the next POST is on its way when its worker retires: every fifth. Each is sent
+/// again on another connection and answered; before, each was a 502. Over TCP and
+/// over the Unix socket.
+#[tokio::test]
+async fn php_fpm_retiring_its_worker_loses_no_post() {
+    let fpm = PhpFpm::start(PhpFpmOptions {
+        pool_directives: "pm.max_requests = 5".into(),
+        ..PhpFpmOptions::default()
+    })
+    .await;
+    fpm.script(
+        "echo.php",
+        "<?php echo 'got ', file_get_contents('php://input'); \
+         fastcgi_finish_request(); usleep(30000);",
+    );
+    for site in [Site::tcp(&fpm), Site::unix(&fpm)] {
+        let gw = site.start().await;
+        let mut client = client(&gw);
+        for i in 0..16 {
+            let body = format!("post {i}");
+            let resp = client
+                .send(&ClientRequest::post("/echo.php", body.clone()))
+                .await
+                .expect("answered");
+            assert_eq!(resp.status, 200, "{}: POST {i}", site.upstream);
+            assert_eq!(resp.body, format!("got {body}"));
+        }
+        let (up, _) = pools(&gw).await;
+        assert!(
+            figure(&up["retries"]["not_sent"]) >= 2,
+            "{}: POSTs met retiring workers: {up}",
+            site.upstream
+        );
+    }
+}
+
 // === security ===
 
 /// `/uploads/evil.jpg/x.php` names the script `x.php` under `evil.jpg/`, which does not
@@ -1800,4 +1839,186 @@ async fn a_slow_upload_on_a_new_connection_does_not_close_everyone_elses() {
         2,
         "5 requests beside one upload: {pool}"
     );
+}
+
+// === a worker retiring its connection: the request sent into the close ===
+
+/// How the scripted application ends its first connection, after one request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum FirstConnEnd {
+    /// As php-fpm retires a worker at `pm.max_requests`: once the next request has
+    /// begun to arrive, `shutdown(SHUT_WR)`, then read and discard until holdfast
+    /// closes. That request never runs.
+    Retire,
+    /// As a worker that dies running the next request: reads it whole (it may have
+    /// run, so it counts as run) and closes the socket without a record.
+    Die,
+}
+
+/// Reads one FastCGI request whole: its STDIN; `None` at EOF first, or for a
+/// GET_VALUES (a connection asking that is closed unanswered).
+async fn read_fastcgi_request<S: tokio::io::AsyncRead + Unpin>(
+    s: &mut S,
+    buf: &mut bytes::BytesMut,
+    dec: &mut holdfast_fastcgi::RecordDecoder,
+) -> Option<Vec<u8>> {
+    use holdfast_fastcgi::record::RecordType;
+    use tokio::io::AsyncReadExt;
+    let mut stdin = Vec::new();
+    loop {
+        match dec.decode(buf).expect("valid records") {
+            Some(r) if r.kind == RecordType::Stdin && r.content.is_empty() => return Some(stdin),
+            Some(r) if r.kind == RecordType::Stdin => stdin.extend_from_slice(&r.content),
+            Some(r) if r.kind == RecordType::GetValues => return None,
+            Some(_) => {}
+            None => {
+                if s.read_buf(buf).await.unwrap_or(0) == 0 {
+                    return None;
+                }
+            }
+        }
+    }
+}
+
+/// One connection of the scripted application: answers `ran <stdin>` to each
+/// request, keeping the connection, and notes every request it ran in `runs`; the
+/// first connection to carry a request takes `first` and ends after that request
+/// as it says.
+async fn serve_retiring<S>(
+    mut s: S,
+    first: std::sync::Arc<std::sync::Mutex<Option<FirstConnEnd>>>,
+    runs: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    use holdfast_fastcgi::record::{self, RecordType};
+    use holdfast_fastcgi::{EndRequest, ProtocolStatus, RecordDecoder};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = bytes::BytesMut::new();
+    let mut dec = RecordDecoder::new();
+    let mut ending = None;
+    let mut requests = 0;
+    while let Some(stdin) = read_fastcgi_request(&mut s, &mut buf, &mut dec).await {
+        requests += 1;
+        if requests == 1 {
+            ending = first.lock().unwrap().take();
+        }
+        let stdin = String::from_utf8_lossy(&stdin).into_owned();
+        runs.lock().unwrap().push(stdin.clone());
+        let mut out = bytes::BytesMut::new();
+        let cgi = format!("Status: 200 OK\r\nContent-Type: text/plain\r\n\r\nran {stdin}");
+        record::encode_stream(&mut out, RecordType::Stdout, 1, cgi.as_bytes());
+        record::encode_stream(&mut out, RecordType::Stdout, 1, b"");
+        let end = EndRequest {
+            app_status: 0,
+            protocol_status: ProtocolStatus::RequestComplete,
+        };
+        record::encode_end_request(&mut out, 1, &end);
+        if s.write_all(&out).await.is_err() {
+            return;
+        }
+        match ending {
+            None => {}
+            Some(FirstConnEnd::Retire) => {
+                // The next request is on its way before the worker lets go.
+                if buf.is_empty() && s.read_buf(&mut buf).await.unwrap_or(0) == 0 {
+                    return;
+                }
+                let _ = s.shutdown().await;
+                let mut sink = [0u8; 1024];
+                while s.read(&mut sink).await.is_ok_and(|n| n > 0) {}
+                return;
+            }
+            Some(FirstConnEnd::Die) => {
+                if let Some(next) = read_fastcgi_request(&mut s, &mut buf, &mut dec).await {
+                    runs.lock()
+                        .unwrap()
+                        .push(String::from_utf8_lossy(&next).into_owned());
+                }
+                return;
+            }
+        }
+    }
+}
+
+/// Two POSTs through holdfast to a scripted application on `transport` ("tcp" or
+/// "unix") whose first connection ends as `end` after the first request: the
+/// statuses, and the requests the application ran.
+async fn post_twice_into_a_connection_end(
+    transport: &str,
+    end: FirstConnEnd,
+) -> (Vec<u16>, Vec<String>) {
+    let runs = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let first = std::sync::Arc::new(std::sync::Mutex::new(Some(end)));
+    let dir = holdfast_test::tempdir();
+    let upstream;
+    let app = if transport == "unix" {
+        let path = dir.path().join("app.sock");
+        let listener = tokio::net::UnixListener::bind(&path).expect("bind");
+        upstream = format!("fastcgi+unix://{}", path.display());
+        let (runs, first) = (runs.clone(), first.clone());
+        tokio::spawn(async move {
+            while let Ok((s, _)) = listener.accept().await {
+                tokio::spawn(serve_retiring(s, first.clone(), runs.clone()));
+            }
+        })
+    } else {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        upstream = format!("fastcgi://{}", listener.local_addr().expect("addr"));
+        let (runs, first) = (runs.clone(), first.clone());
+        tokio::spawn(async move {
+            while let Ok((s, _)) = listener.accept().await {
+                tokio::spawn(serve_retiring(s, first.clone(), runs.clone()));
+            }
+        })
+    };
+    let site = Site {
+        upstream,
+        root: dir.path(),
+        route: "check_file = false",
+        tables: "",
+    };
+    let gw = site.start().await;
+    let mut statuses = Vec::new();
+    for body in ["one", "two"] {
+        let resp = send(&gw, &ClientRequest::post("/x.php", body)).await;
+        if resp.status == 200 {
+            assert_eq!(resp.body, format!("ran {body}"), "{transport} {end:?}");
+        }
+        statuses.push(resp.status);
+    }
+    app.abort();
+    let runs = runs.lock().unwrap().clone();
+    (statuses, runs)
+}
+
+/// php-fpm retires a worker at `pm.max_requests` right after its last request's
+/// END_REQUEST: `shutdown(SHUT_WR)` on the kept connection, then it reads and
+/// discards until the web server closes. A POST written into that window was never
+/// run; holdfast sees the worker still reading (a Unix socket takes the write of an
+/// ABORT_REQUEST, TCP acknowledges it) and sends the POST again on a new
+/// connection, where it runs once. Before, it was a 502 (the request "may have been
+/// sent"), under load dozens in 3,000 POSTs.
+#[tokio::test]
+async fn a_post_sent_as_a_worker_retires_its_connection_runs_once_on_another() {
+    for transport in ["tcp", "unix"] {
+        let (statuses, runs) =
+            post_twice_into_a_connection_end(transport, FirstConnEnd::Retire).await;
+        assert_eq!(statuses, [200, 200], "{transport}");
+        assert_eq!(runs, ["one", "two"], "{transport}: each ran once");
+    }
+}
+
+/// The other side of the rule above: a worker that dies running a request (it read
+/// it whole, so it may have run it) closes its socket whole, with no record. A POST
+/// is then not sent again (502): a second run could repeat what the first did.
+#[tokio::test]
+async fn a_post_whose_worker_died_running_it_is_not_sent_again() {
+    for transport in ["tcp", "unix"] {
+        let (statuses, runs) = post_twice_into_a_connection_end(transport, FirstConnEnd::Die).await;
+        assert_eq!(statuses, [200, 502], "{transport}");
+        assert_eq!(runs, ["one", "two"], "{transport}: run once, not again");
+    }
 }

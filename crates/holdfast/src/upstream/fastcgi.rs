@@ -74,6 +74,10 @@ struct Upload {
     streamed: bool,
 }
 
+/// Longest wait for a TCP peer's answer to the probe that tells a retired
+/// connection from a dead application ([`FastCgiConn::retired_unread`]).
+const RETIRE_ANSWER: Duration = Duration::from_secs(1);
+
 /// STDIN of at most this many bytes goes out in the write of the request head.
 const SMALL_BODY: usize = 64 * 1024;
 
@@ -240,12 +244,20 @@ impl FastCgiConn {
             let sent = written > 0;
             return Err((write_error(e, sent), (!sent).then_some(body)));
         }
-        if let s @ RequestBody::Streaming(_) = body {
-            upload.body = s;
-            upload.streamed = true;
-        }
+        // A body held whole comes back if the application never took the request.
+        let replay = match body {
+            s @ RequestBody::Streaming(_) => {
+                upload.body = s;
+                upload.streamed = true;
+                None
+            }
+            held => Some(held),
+        };
         self.upload = Some(upload);
-        self.read_head().await.map_err(|e| (e, None))
+        self.read_head().await.map_err(|e| {
+            let back = replay.filter(|_| e.delivery() == Delivery::NotSent);
+            (e, back)
+        })
     }
 
     /// Writes what it can of the request body; `Ready(Ok)` once it is all written.
@@ -317,11 +329,19 @@ impl FastCgiConn {
 
     async fn read_head(&mut self) -> Result<ResponseHead, UpstreamError> {
         let mut parser = HeadParser::new();
+        let mut heard = false;
         loop {
             let record = match self.next_record().await {
                 Ok(Some(r)) => r,
                 Ok(None) => {
                     self.exchange = Exchange::Broken;
+                    if !heard && self.read_buf.is_empty() && self.retired_unread().await {
+                        return Err(UpstreamError::new(Kind::Closed, Delivery::NotSent)
+                            .with_cause(
+                                "FastCGI application retired the connection without reading \
+                                 the request (a worker at pm.max_requests)",
+                            ));
+                    }
                     return Err(
                         UpstreamError::new(Kind::Closed, Delivery::MaybeSent).with_cause(
                             "FastCGI application closed the connection before responding",
@@ -330,6 +350,7 @@ impl FastCgiConn {
                 }
                 Err(e) => return Err(e),
             };
+            heard = true;
             match record.kind {
                 RecordType::Stdout if !record.content.is_empty() => {
                     match parser.feed(&record.content) {
@@ -432,6 +453,25 @@ impl FastCgiConn {
                 }
             }
         }
+    }
+
+    /// The application sent a FIN and not a record for the request: did it retire
+    /// the connection without reading the request? php-fpm does so when a worker
+    /// reaches `pm.max_requests`: END_REQUEST of its last request, then
+    /// `shutdown(SHUT_WR)` and reading (and discarding) until holdfast closes; a
+    /// request written in between, even a POST, was never run and may go to another
+    /// connection. A worker that died mid-request may have run it: its socket is
+    /// closed whole, which the probe written here tells apart
+    /// ([`Stream::peer_reads_on`]). The probe is an ABORT_REQUEST, which the
+    /// retiring worker discards unread as a record.
+    async fn retired_unread(&self) -> bool {
+        let mut probe = BytesMut::new();
+        record::encode_abort_request(&mut probe, REQUEST_ID);
+        let retired = self.stream.peer_reads_on(&probe, RETIRE_ANSWER).await;
+        if retired {
+            tracing::debug!(address = %self.label, "FastCGI application retired the connection before reading the request; it may go to another");
+        }
+        retired
     }
 
     fn finish_request(&mut self) {

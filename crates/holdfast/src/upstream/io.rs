@@ -23,6 +23,8 @@ use tokio::time::Instant;
 use crate::config::TcpConfig;
 use crate::timer;
 
+mod unacked;
+
 /// A connected upstream socket, and when the answer to the request on it began to
 /// arrive.
 #[derive(Debug)]
@@ -208,6 +210,50 @@ impl Stream {
             }),
         };
         idle_probe(res)
+    }
+
+    /// After a FIN that came with no answer: whether the peer still holds its end
+    /// open and takes what is written, having shut down only its sending side.
+    /// php-fpm retires a worker (`pm.max_requests`) so: right after its last
+    /// request's END_REQUEST it calls `shutdown(SHUT_WR)` on the kept connection,
+    /// then reads and discards until holdfast closes, never taking a request from it
+    /// again. A peer that died instead (a crashed worker) has closed its socket
+    /// whole: a Unix socket then refuses the write (`EPIPE`), and over TCP the peer's
+    /// kernel answers it with a reset where a live socket acknowledges it.
+    ///
+    /// `probe` is written (something the peer may read and ignore). Over TCP the
+    /// acknowledgement or the reset is waited for at most `within`; an
+    /// acknowledgement wakes no task, so the send queue is looked at in doubling
+    /// steps from 1 ms (on loopback the peer's delayed ACK can take up to ~40 ms).
+    /// `false` whenever the answer is not certain.
+    pub async fn peer_reads_on(&self, probe: &[u8], within: Duration) -> bool {
+        if !matches!(self.try_write(probe), Ok(n) if n == probe.len()) {
+            return false;
+        }
+        let Sock::Tcp(s) = &self.sock else {
+            // A Unix stream socket takes a write only while the peer's end is open
+            // for reading: the write is the answer.
+            return true;
+        };
+        let deadline = Instant::now() + within;
+        let mut step = Duration::from_millis(1);
+        loop {
+            // A reset sets the socket's error before it empties the send queue: an
+            // empty queue seen before an unset error was emptied by acknowledgements.
+            let acked = matches!(unacked::unacked_bytes(s), Ok(0));
+            if !matches!(s.take_error(), Ok(None)) {
+                return false;
+            }
+            if acked {
+                return true;
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return false;
+            }
+            tokio::time::sleep_until((now + step).min(deadline)).await;
+            step = (step * 2).min(Duration::from_millis(50));
+        }
     }
 
     /// Writes what fits right now without waiting (a last word before closing).

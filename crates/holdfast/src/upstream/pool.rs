@@ -356,7 +356,15 @@ impl Pool {
             waiting: AtomicUsize::new(0),
             state: Mutex::new(State {
                 idle: IdleList::default(),
-                learner: Learner::new(settings.idle_timeout, settings.learn),
+                learner: {
+                    let l = Learner::new(settings.idle_timeout, settings.learn);
+                    // php-fpm's request limit is its worker's, not the connection's.
+                    if settings.free_workers {
+                        l.without_request_limits()
+                    } else {
+                        l
+                    }
+                },
                 reaper_target: None,
                 fresh: BTreeMap::new(),
                 answer_wait: AnswerWait::default(),

@@ -86,6 +86,12 @@ pub enum Learned {
 #[derive(Debug, Clone)]
 pub struct Learner {
     enabled: bool,
+    /// Whether a prompt close after a steady number of requests is taken as a
+    /// per-connection request limit. Not for an application whose limit counts a
+    /// worker's requests on whatever connections (php-fpm's `pm.max_requests`): how
+    /// many requests a connection gets then depends on what its worker served
+    /// before, and two alike would teach a limit down to 1, ending reuse for good.
+    request_limits: bool,
     config_idle: Duration,
     header_idle: Option<Duration>,
     observed_idle: Option<Duration>,
@@ -103,6 +109,7 @@ impl Learner {
     pub fn new(config_idle: Duration, enabled: bool) -> Self {
         Learner {
             enabled,
+            request_limits: true,
             config_idle,
             header_idle: None,
             observed_idle: None,
@@ -112,6 +119,13 @@ impl Learner {
             last_close: None,
             last_sample: None,
         }
+    }
+
+    /// A learner that takes no request limit from closes (see `request_limits`).
+    #[must_use]
+    pub fn without_request_limits(mut self) -> Self {
+        self.request_limits = false;
+        self
     }
 
     /// The idle timeout in force and where it comes from: the shortest of the three.
@@ -225,6 +239,9 @@ impl Learner {
             return None;
         }
         if idle_age < PROMPT_CLOSE {
+            if !self.request_limits {
+                return None;
+            }
             push_bounded(&mut self.prompt_close_requests, requests);
             // Two connections in a row closed right after the same number of
             // requests: the upstream has a per-connection limit it does not announce.
@@ -421,6 +438,26 @@ mod tests {
             l.on_idle_close(ms(2005), 1),
             Some(Learned::IdleTimeout(ms(2000) * 4 / 5, IdleSource::Observed))
         );
+    }
+
+    /// php-fpm's `pm.max_requests` counts a worker's requests on whatever
+    /// connections: two connections closed promptly after one request each (their
+    /// workers had served the rest elsewhere) must not end reuse with a limit of 1.
+    #[test]
+    fn a_learner_without_request_limits_takes_none_from_prompt_closes() {
+        let mut l = Learner::new(S(15), true).without_request_limits();
+        for _ in 0..3 {
+            assert_eq!(l.on_idle_close(Duration::from_micros(50), 1), None);
+        }
+        assert_eq!(l.learned_max_requests(), None);
+        // Idle timeouts are still learned.
+        for _ in 0..2 {
+            assert_eq!(l.on_idle_close(Duration::from_millis(2000), 1), None);
+        }
+        assert!(matches!(
+            l.on_idle_close(Duration::from_millis(2000), 1),
+            Some(Learned::IdleTimeout(..))
+        ));
     }
 
     #[test]
