@@ -356,15 +356,9 @@ impl Pool {
             waiting: AtomicUsize::new(0),
             state: Mutex::new(State {
                 idle: IdleList::default(),
-                learner: {
-                    let l = Learner::new(settings.idle_timeout, settings.learn);
-                    // php-fpm's request limit is its worker's, not the connection's.
-                    if settings.free_workers {
-                        l.without_request_limits()
-                    } else {
-                        l
-                    }
-                },
+                // php-fpm's request limit is its worker's, not the connection's.
+                learner: Learner::new(settings.idle_timeout, settings.learn)
+                    .with_request_limits(!settings.free_workers),
                 reaper_target: None,
                 fresh: BTreeMap::new(),
                 answer_wait: AnswerWait::default(),

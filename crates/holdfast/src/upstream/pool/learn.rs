@@ -121,10 +121,10 @@ impl Learner {
         }
     }
 
-    /// A learner that takes no request limit from closes (see `request_limits`).
+    /// Whether prompt closes may teach a request limit (see `request_limits`).
     #[must_use]
-    pub fn without_request_limits(mut self) -> Self {
-        self.request_limits = false;
+    pub fn with_request_limits(mut self, learn: bool) -> Self {
+        self.request_limits = learn;
         self
     }
 
@@ -445,7 +445,7 @@ mod tests {
     /// workers had served the rest elsewhere) must not end reuse with a limit of 1.
     #[test]
     fn a_learner_without_request_limits_takes_none_from_prompt_closes() {
-        let mut l = Learner::new(S(15), true).without_request_limits();
+        let mut l = Learner::new(S(15), true).with_request_limits(false);
         for _ in 0..3 {
             assert_eq!(l.on_idle_close(Duration::from_micros(50), 1), None);
         }
