@@ -18,6 +18,10 @@ use hyper::body::Incoming;
 
 use crate::server::conn::UploadHold;
 
+mod spool;
+
+pub use self::spool::{SpoolError, Spooled};
+
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// The client sent more than `max_body_bytes`.
@@ -103,6 +107,9 @@ pub enum RequestBody {
     /// Streamed from the client; cannot be replayed. `prefix` holds what was read while
     /// deciding whether the body fits the replay buffer.
     Streaming(Box<Streaming>),
+    /// Read whole into a spool file before the request went upstream
+    /// ([`RequestBody::spool`]); read back from its start for each attempt.
+    Spooled(Box<Spooled>),
 }
 
 #[derive(Debug)]
@@ -241,7 +248,6 @@ impl RequestBody {
         max_body: u64,
         stall: std::time::Duration,
     ) -> Result<RequestBody, BoxError> {
-        use http_body_util::BodyExt;
         let limit = if max_body == 0 { u64::MAX } else { max_body };
         if incoming.is_end_stream() {
             return Ok(RequestBody::Empty);
@@ -253,24 +259,14 @@ impl RequestBody {
         }
         let mut kept = Kept::default();
         while kept.len() <= replay_limit {
-            // A piece already here needs no deadline (nor a clock reading).
-            let frame = match futures_util::FutureExt::now_or_never(incoming.frame()) {
-                Some(f) => f,
-                None if stall.is_zero() => incoming.frame().await,
-                None => match tokio::time::timeout(stall, incoming.frame()).await {
-                    Ok(f) => f,
-                    Err(_) => return Err(Box::new(BodyStalled)),
-                },
-            };
-            match frame {
+            match next_frame(&mut incoming, stall).await? {
                 None => {
                     return Ok(RequestBody::Buffered {
                         data: Some(kept.into_bytes()),
                         trailers: None,
                     });
                 }
-                Some(Err(e)) => return Err(Box::new(ClientBodyError(e))),
-                Some(Ok(frame)) => match frame.into_data() {
+                Some(frame) => match frame.into_data() {
                     Ok(data) => {
                         kept.push(data);
                         if kept.len() > limit {
@@ -309,6 +305,64 @@ impl RequestBody {
         })))
     }
 
+    /// Reads the client's whole body before anything goes upstream: up to `memory`
+    /// bytes in memory ([`RequestBody::Buffered`]), a longer body in an unlinked file
+    /// in `dir` ([`RequestBody::Spooled`]; `None`: the system's temporary directory). Either can be sent again on a retry.
+    /// Trailers are not kept: the one user, FastCGI, has no place for them.
+    ///
+    /// # Errors
+    /// The client's body failed, stalled or exceeded `max_body` (0 = no limit), or the
+    /// spool file failed ([`SpoolError`]).
+    pub async fn spool(
+        mut incoming: Incoming,
+        memory: u64,
+        max_body: u64,
+        stall: std::time::Duration,
+        dir: Option<&std::path::Path>,
+    ) -> Result<RequestBody, BoxError> {
+        let limit = if max_body == 0 { u64::MAX } else { max_body };
+        if incoming.is_end_stream() {
+            return Ok(RequestBody::Empty);
+        }
+        if let Some(exact) = incoming.size_hint().exact()
+            && exact > limit
+        {
+            return Err(Box::new(BodyTooLarge));
+        }
+        let mut kept = Kept::default();
+        let mut file: Option<spool::SpoolWriter> = None;
+        while let Some(frame) = next_frame(&mut incoming, stall).await? {
+            let Ok(data) = frame.into_data() else {
+                // Trailers end the body.
+                break;
+            };
+            if let Some(f) = file.as_mut() {
+                if f.len() + data.len() as u64 > limit {
+                    return Err(Box::new(BodyTooLarge));
+                }
+                f.push(&data).await?;
+                continue;
+            }
+            kept.push(data);
+            if kept.len() > limit {
+                return Err(Box::new(BodyTooLarge));
+            }
+            if kept.len() > memory {
+                let mut f = spool::SpoolWriter::create(dir).await?;
+                f.push(&kept.into_bytes()).await?;
+                kept = Kept::default();
+                file = Some(f);
+            }
+        }
+        Ok(match file {
+            Some(f) => RequestBody::Spooled(Box::new(f.finish().await?)),
+            None => RequestBody::Buffered {
+                data: Some(kept.into_bytes()),
+                trailers: None,
+            },
+        })
+    }
+
     /// Streams the client's body without buffering any of it.
     pub fn stream(incoming: Incoming, max_body: u64, stall: std::time::Duration) -> RequestBody {
         if incoming.is_end_stream() {
@@ -343,6 +397,7 @@ impl RequestBody {
                 data: data.clone(),
                 trailers: trailers.clone(),
             }),
+            RequestBody::Spooled(s) => Some(RequestBody::Spooled(Box::new(s.rewound()))),
             RequestBody::Streaming(_) => None,
         }
     }
@@ -366,6 +421,26 @@ impl RequestBody {
     }
 }
 
+/// The client's next body frame, waiting at most `stall` (0: no limit) for it.
+async fn next_frame(
+    incoming: &mut Incoming,
+    stall: std::time::Duration,
+) -> Result<Option<Frame<Bytes>>, BoxError> {
+    use http_body_util::BodyExt;
+    // A piece already here needs no deadline (nor a clock reading).
+    let frame = match futures_util::FutureExt::now_or_never(incoming.frame()) {
+        Some(f) => f,
+        None if stall.is_zero() => incoming.frame().await,
+        None => match tokio::time::timeout(stall, incoming.frame()).await {
+            Ok(f) => f,
+            Err(_) => return Err(Box::new(BodyStalled)),
+        },
+    };
+    frame
+        .transpose()
+        .map_err(|e| Box::new(ClientBodyError(e)) as BoxError)
+}
+
 impl Body for RequestBody {
     type Data = Bytes;
     type Error = BoxError;
@@ -382,6 +457,7 @@ impl Body for RequestBody {
                 }
                 Poll::Ready(trailers.take().map(|t| Ok(Frame::trailers(*t))))
             }
+            RequestBody::Spooled(s) => s.poll_next(cx).map(|o| o.map(|r| r.map(Frame::data))),
             RequestBody::Streaming(s) => {
                 if let Some(p) = s.prefix.take().filter(|p| !p.is_empty()) {
                     // The part read ahead may be the whole body: then it ends here,
@@ -444,6 +520,7 @@ impl Body for RequestBody {
                 data.as_ref().is_none_or(Bytes::is_empty) && trailers.is_none()
             }
             RequestBody::Streaming(s) => s.prefix.is_none() && s.incoming.is_end_stream(),
+            RequestBody::Spooled(s) => s.is_end(),
         }
     }
 
@@ -461,6 +538,7 @@ impl Body for RequestBody {
                     SizeHint::with_exact(len)
                 }
             }
+            RequestBody::Spooled(s) => SizeHint::with_exact(s.remaining()),
             RequestBody::Streaming(s) => {
                 let prefix = s.prefix.as_ref().map_or(0, |p| p.len() as u64);
                 let inner = s.incoming.size_hint();

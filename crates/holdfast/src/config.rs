@@ -260,6 +260,20 @@ pub struct FastCgiRoute {
     /// Extra CGI params, set last (they override the standard ones). Default: none.
     #[serde(default)]
     pub params: BTreeMap<String, String>,
+    /// Read a request body whole before the application gets the request (nginx's
+    /// `fastcgi_request_buffering`): a client that stops mid-upload never runs a
+    /// script on part of its body, and a slow upload holds no worker. Off, a body
+    /// with a length streams as it arrives (a chunked one is still read whole: the
+    /// application needs `CONTENT_LENGTH` first). Default true.
+    #[serde(default = "defaults::yes")]
+    pub request_buffering: bool,
+    /// A body read whole stays in memory up to this size; a longer one waits in an
+    /// unlinked file in `body_temp_dir`. Default `64KiB`.
+    #[serde(default = "defaults::fastcgi_body_memory")]
+    pub body_memory: ByteSize,
+    /// Where longer bodies wait. Default: `$TMPDIR`, else `/tmp`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub body_temp_dir: Option<PathBuf>,
 }
 
 impl FastCgiRoute {
@@ -271,7 +285,17 @@ impl FastCgiRoute {
             fallback: None,
             check_file: true,
             params: BTreeMap::new(),
+            request_buffering: true,
+            body_memory: defaults::fastcgi_body_memory(),
+            body_temp_dir: None,
         }
+    }
+
+    /// The directory for bodies longer than `body_memory`.
+    pub fn temp_dir(&self) -> PathBuf {
+        self.body_temp_dir
+            .clone()
+            .unwrap_or_else(std::env::temp_dir)
     }
 }
 
@@ -316,6 +340,9 @@ mod defaults {
     }
     pub fn fastcgi_index() -> String {
         "index.php".into()
+    }
+    pub fn fastcgi_body_memory() -> ByteSize {
+        ByteSize::kib(64)
     }
     pub fn script_extensions() -> Vec<String> {
         vec![".php".into()]
@@ -604,6 +631,23 @@ impl Config {
                     bad(
                         format!("route[{i}].fastcgi.fallback"),
                         "must be a path starting with '/', like \"/index.php\"".into(),
+                    );
+                }
+                // Checked now, not at the first long upload: each would get 500.
+                let dir = f.temp_dir();
+                let key = if f.body_temp_dir.is_some() {
+                    format!("route[{i}].fastcgi.body_temp_dir")
+                } else {
+                    format!("route[{i}].fastcgi")
+                };
+                if !dir.is_absolute() {
+                    bad(key, format!("{dir:?} must be an absolute path"));
+                } else if let Err(e) = tempfile::tempfile_in(&dir) {
+                    bad(
+                        key,
+                        format!(
+                            "cannot create a file in {dir:?} ({e}), where request bodies longer than body_memory wait; set body_temp_dir to a writable directory"
+                        ),
                     );
                 }
             }

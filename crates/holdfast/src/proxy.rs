@@ -332,47 +332,68 @@ impl Proxy {
                 return self.rescue(failure, &upstream, (log, tally));
             }
             let has_length = parts.headers.contains_key(header::CONTENT_LENGTH);
-            // FastCGI needs CONTENT_LENGTH up front: a chunked body is read whole first
-            // (bounded by max_body_bytes), as nginx does.
-            let keep = if upgrade {
+            // FastCGI: the body is read whole first (`request_buffering`, as nginx does),
+            // and always when chunked: the application needs CONTENT_LENGTH up front.
+            let spool = match route.fastcgi.as_deref() {
+                Some(f) if fastcgi && !upgrade && (f.request_buffering || !has_length) => Some(f),
+                _ => None,
+            };
+            let keep = if upgrade || spool.is_some() {
                 None
-            } else if fastcgi && !has_length {
-                Some(if max_body == 0 { u64::MAX } else { max_body })
             } else if upstream.config.retry.attempts > 1 {
                 Some(upstream.config.retry.replay_body_limit.get())
             } else {
                 None
             };
-            let body = match keep {
-                _ if upgrade => RequestBody::Empty,
-                None => RequestBody::stream(body, max_body, conn.listener.body_timeout.get()),
+            let stall = conn.listener.body_timeout.get();
+            let read = match (spool, keep) {
+                _ if upgrade => Ok(RequestBody::Empty),
                 // Boxed: only requests with a body get here, and the read loop's state
                 // would otherwise sit in every request's future.
-                Some(_) if http_body::Body::is_end_stream(&body) => RequestBody::Empty,
-                Some(limit) => match Box::pin(RequestBody::prepare(
-                    body,
-                    limit,
-                    max_body,
-                    conn.listener.body_timeout.get(),
-                ))
-                .await
-                {
-                    Ok(b) => b,
-                    Err(e) => {
-                        let error = if e.is::<crate::body::BodyTooLarge>() {
-                            UpstreamError::new(Kind::BodyTooLarge, Delivery::NotSent)
-                        } else {
-                            UpstreamError::new(Kind::ClientBody, Delivery::NotSent).with_cause(e)
-                        };
-                        let failure = Failure {
-                            error,
-                            peer: None,
-                            attempts: 0,
-                            reused: false,
-                        };
-                        return self.rescue(failure, &upstream, (log, tally));
-                    }
-                },
+                (Some(_), _) | (None, Some(_)) if http_body::Body::is_end_stream(&body) => {
+                    Ok(RequestBody::Empty)
+                }
+                (Some(f), _) => {
+                    Box::pin(RequestBody::spool(
+                        body,
+                        f.body_memory.get(),
+                        max_body,
+                        stall,
+                        f.body_temp_dir.as_deref(),
+                    ))
+                    .await
+                }
+                (None, Some(limit)) => {
+                    Box::pin(RequestBody::prepare(body, limit, max_body, stall)).await
+                }
+                (None, None) => Ok(RequestBody::stream(body, max_body, stall)),
+            };
+            let body = match read {
+                Ok(b) => b,
+                Err(e) if e.is::<crate::body::SpoolError>() => {
+                    // holdfast's own failure (a full disk): the application saw nothing.
+                    tracing::error!(route = route.index, upstream = %upstream.name, "{e}");
+                    return finish_local(
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        "the request body could not be stored\n",
+                        None,
+                        (log, tally),
+                    );
+                }
+                Err(e) => {
+                    let error = if e.is::<crate::body::BodyTooLarge>() {
+                        UpstreamError::new(Kind::BodyTooLarge, Delivery::NotSent)
+                    } else {
+                        UpstreamError::new(Kind::ClientBody, Delivery::NotSent).with_cause(e)
+                    };
+                    let failure = Failure {
+                        error,
+                        peer: None,
+                        attempts: 0,
+                        reused: false,
+                    };
+                    return self.rescue(failure, &upstream, (log, tally));
+                }
             };
             // An upstream may go on taking a streamed body after its answer: the client
             // connection stays busy until the body ends.
@@ -386,6 +407,7 @@ impl Proxy {
                     RequestBody::Buffered { data, .. } => {
                         Some(data.as_ref().map_or(0, |d| d.len() as u64))
                     }
+                    RequestBody::Spooled(s) => Some(s.length()),
                     _ => http_body::Body::size_hint(&body).exact(),
                 };
                 let length = length.filter(|&n| n > 0 || has_length);
@@ -415,7 +437,9 @@ impl Proxy {
             }
             if matches!(
                 body,
-                RequestBody::Empty | RequestBody::Buffered { trailers: None, .. }
+                RequestBody::Empty
+                    | RequestBody::Buffered { trailers: None, .. }
+                    | RequestBody::Spooled(_)
             ) {
                 // Sent whole with Content-Length: no trailers follow (see `declared_trailers`).
                 parts.headers.remove(header::TRAILER);

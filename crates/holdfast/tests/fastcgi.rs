@@ -438,7 +438,9 @@ async fn a_slow_upload_does_not_slow_the_freeing_of_a_worker() {
         "len.php",
         "<?php echo strlen(file_get_contents('php://input'));",
     );
+    // Streamed uploads only: a body read whole first never keeps a worker waiting.
     let gw = Site::tcp(&fpm)
+        .route("request_buffering = false")
         .tables("retry.attempts = 1\n[upstream.php.pool]\nidle_timeout = \"60s\"\n")
         .start()
         .await;
@@ -1802,7 +1804,12 @@ async fn a_slow_upload_on_a_new_connection_does_not_close_everyone_elses() {
         "len.php",
         "<?php echo strlen(file_get_contents('php://input'));",
     );
-    let gw = Site::tcp(&fpm).tables("retry.attempts = 1\n").start().await;
+    // Streamed uploads only: a body read whole first opens no connection until it is in.
+    let gw = Site::tcp(&fpm)
+        .route("request_buffering = false")
+        .tables("retry.attempts = 1\n")
+        .start()
+        .await;
 
     // The first request: a streamed upload, on a new connection, its body held back.
     let mut uploader = RawClient::connect(gw.addr).await.expect("connect");
@@ -1839,6 +1846,141 @@ async fn a_slow_upload_on_a_new_connection_does_not_close_everyone_elses() {
         2,
         "5 requests beside one upload: {pool}"
     );
+}
+
+// === request buffering: the body read whole before the application sees it ===
+
+/// A client that goes away mid-upload never runs the script. PHP runs a script on
+/// whatever STDIN came when the connection ends early (it reads up to EOF, with no
+/// error), so a body streamed to php-fpm and cut short ran the script on part of
+/// the POST. holdfast reads a body whole before the request goes to the application
+/// (`request_buffering`, nginx's default too): the cut body reaches no one. Both
+/// ways a body is kept are tried: in memory, and past `body_memory` in a file.
+#[tokio::test]
+async fn a_client_gone_mid_upload_never_runs_the_script() {
+    let fpm = PhpFpm::start(PhpFpmOptions {
+        max_children: 1,
+        ..PhpFpmOptions::default()
+    })
+    .await;
+    let runs = fpm.www().join("runs");
+    fpm.script(
+        "save.php",
+        &format!(
+            "<?php file_put_contents('{runs}', strlen(file_get_contents('php://input')) . \"\\n\", FILE_APPEND);",
+            runs = runs.display()
+        ),
+    );
+    fpm.script("pid.php", "<?php echo getmypid();");
+    // Streamed (without request buffering), the upload below goes upstream once
+    // its first 64 KiB are in; with no retries its body is kept no longer.
+    let gw = Site::tcp(&fpm).tables("retry.attempts = 1\n").start().await;
+    for (len, sent) in [(60_000, 30_000), (300_000, 200_000)] {
+        let mut uploader = RawClient::connect(gw.addr).await.expect("connect");
+        uploader
+            .send(format!(
+                "POST /save.php HTTP/1.1\r\nhost: a.test\r\ncontent-length: {len}\r\n\r\n"
+            ))
+            .await
+            .expect("head");
+        uploader
+            .send(vec![b'x'; sent])
+            .await
+            .expect("part of the body");
+        drop(uploader);
+    }
+    gw.wait_metric("holdfast_client_connections", 0.0, RESPONSE_TIMEOUT)
+        .await;
+    // One worker: it has finished whatever it was given before it answers this.
+    assert_eq!(get(&gw, "/pid.php").await.status, 200);
+    assert_eq!(
+        std::fs::read_to_string(&runs).unwrap_or_default(),
+        "",
+        "the script ran on a cut body"
+    );
+    let resp = send(&gw, &ClientRequest::post("/save.php", vec![b'y'; 300_000])).await;
+    assert_eq!(resp.status, 200);
+    assert_eq!(std::fs::read_to_string(&runs).unwrap(), "300000\n");
+}
+
+/// A slow upload holds no worker: with php-fpm's only worker, another client is
+/// served while an upload is still arriving. Streamed, the upload took the worker
+/// from its first bytes to its last, and the other client waited for its answer
+/// until the upload ended (here: 504 after `response_headers`).
+#[tokio::test]
+async fn a_slow_upload_holds_no_worker() {
+    let fpm = PhpFpm::start(PhpFpmOptions {
+        max_children: 1,
+        ..PhpFpmOptions::default()
+    })
+    .await;
+    fpm.script("pid.php", "<?php echo getmypid();");
+    fpm.script(
+        "len.php",
+        "<?php echo strlen(file_get_contents('php://input'));",
+    );
+    let gw = Site::tcp(&fpm)
+        .tables("[upstream.php.timeouts]\nresponse_headers = \"3s\"\n")
+        .start()
+        .await;
+    let size = 16 << 20;
+    let mut uploader = RawClient::connect(gw.addr).await.expect("connect");
+    uploader
+        .send(format!(
+            "PUT /len.php HTTP/1.1\r\nhost: a.test\r\ncontent-length: {size}\r\n\r\n"
+        ))
+        .await
+        .expect("head");
+    // Half the body: more than the sockets' buffers hold, so once it is written
+    // someone has read it (holdfast, or, streamed, the worker).
+    tokio::time::timeout(RESPONSE_TIMEOUT, uploader.send(pattern(0, size / 2)))
+        .await
+        .expect("half the body taken in time")
+        .expect("half the body");
+    let resp = get(&gw, "/pid.php").await;
+    assert_eq!(
+        resp.status,
+        200,
+        "served beside the upload: {}",
+        resp.text()
+    );
+    uploader
+        .send(pattern((size / 2) as u64, size / 2))
+        .await
+        .expect("the rest");
+    let resp = uploader
+        .read_response(RESPONSE_TIMEOUT)
+        .await
+        .expect("upload answered");
+    assert_eq!(resp.status, 200);
+    assert_eq!(resp.text(), size.to_string());
+}
+
+/// The spool file is holdfast's own: when it cannot be written (here its directory
+/// was removed after the start; a full disk is the same) the upload gets 500 and a
+/// log line, the application sees nothing, and smaller bodies, kept in memory, are
+/// still served.
+#[tokio::test]
+async fn an_upload_that_cannot_be_spooled_gets_500_and_others_go_on() {
+    let fpm = PhpFpm::start(PhpFpmOptions::default()).await;
+    fpm.script(
+        "len.php",
+        "<?php echo strlen(file_get_contents('php://input'));",
+    );
+    let spool = holdfast_test::tempdir();
+    let dir = spool.path().join("bodies");
+    std::fs::create_dir(&dir).expect("spool dir");
+    let route = format!("body_temp_dir = {dir:?}");
+    let gw = Site::tcp(&fpm).route(&route).start().await;
+    std::fs::remove_dir(&dir).expect("remove the spool dir");
+
+    let resp = send(&gw, &ClientRequest::post("/len.php", vec![b'x'; 100_000])).await;
+    assert_eq!(resp.status, 500, "{}", resp.text());
+    let (_, pool) = pools(&gw).await;
+    assert_eq!(figure(&pool["created"]), 0, "nothing went upstream: {pool}");
+    let resp = send(&gw, &ClientRequest::post("/len.php", vec![b'x'; 1000])).await;
+    assert_eq!(resp.status, 200);
+    assert_eq!(resp.text(), "1000");
 }
 
 // === a worker retiring its connection: the request sent into the close ===
@@ -1948,6 +2090,15 @@ async fn post_twice_into_a_connection_end(
     transport: &str,
     end: FirstConnEnd,
 ) -> (Vec<u16>, Vec<String>) {
+    post_into_a_connection_end(transport, end, ["one", "two"].map(String::from)).await
+}
+
+/// As [`post_twice_into_a_connection_end`], with the two bodies given.
+async fn post_into_a_connection_end(
+    transport: &str,
+    end: FirstConnEnd,
+    bodies: [String; 2],
+) -> (Vec<u16>, Vec<String>) {
     let runs = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
     let first = std::sync::Arc::new(std::sync::Mutex::new(Some(end)));
     let dir = holdfast_test::tempdir();
@@ -1982,8 +2133,8 @@ async fn post_twice_into_a_connection_end(
     };
     let gw = site.start().await;
     let mut statuses = Vec::new();
-    for body in ["one", "two"] {
-        let resp = send(&gw, &ClientRequest::post("/x.php", body)).await;
+    for body in bodies {
+        let resp = send(&gw, &ClientRequest::post("/x.php", body.clone())).await;
         if resp.status == 200 {
             assert_eq!(resp.body, format!("ran {body}"), "{transport} {end:?}");
         }
@@ -2020,5 +2171,26 @@ async fn a_post_whose_worker_died_running_it_is_not_sent_again() {
         let (statuses, runs) = post_twice_into_a_connection_end(transport, FirstConnEnd::Die).await;
         assert_eq!(statuses, [200, 502], "{transport}");
         assert_eq!(runs, ["one", "two"], "{transport}: run once, not again");
+    }
+}
+
+/// A body longer than the memory part of request buffering waits in a file, and is
+/// read from the file again for another attempt: a long POST sent as a worker
+/// retires runs once on another connection too. (Streamed, it could not be sent
+/// again: 502.)
+#[tokio::test]
+async fn a_long_post_sent_as_a_worker_retires_runs_once_on_another() {
+    let long = format!("two{}", "x".repeat(200_000));
+    for transport in ["tcp", "unix"] {
+        let (statuses, runs) = post_into_a_connection_end(
+            transport,
+            FirstConnEnd::Retire,
+            ["one".into(), long.clone()],
+        )
+        .await;
+        assert_eq!(statuses, [200, 200], "{transport}");
+        assert_eq!(runs.len(), 2, "{transport}: each ran once");
+        assert_eq!(runs[0], "one");
+        assert!(runs[1] == long, "{transport}: the long body whole");
     }
 }

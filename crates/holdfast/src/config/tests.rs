@@ -130,7 +130,7 @@ fn effective_config_round_trips() {
 fn unknown_key_names_file_line_and_key() {
     let text = GOOD.replace("idle_timeout = \"7s\"", "idle_timout = \"7s\"");
     let e = only_error(&text);
-    assert_eq!(e.line, 14, "{e}");
+    assert_eq!(e.line, 11, "{e}");
     assert_eq!(
         e.key.as_deref(),
         Some("upstream.api.pool.idle_timout"),
@@ -300,7 +300,7 @@ fn connection_caps_beyond_what_holdfast_can_count_are_refused() {
         Some("upstream.api.pool.max_connections"),
         "{e}"
     );
-    assert_eq!(e.line, 14, "{e}");
+    assert_eq!(e.line, 11, "{e}");
     let e = only_error(&GOOD.replace(
         "listen = \"127.0.0.1:8080\"",
         &format!("listen = \"127.0.0.1:8080\"\nmax_connections = {huge}"),
@@ -513,7 +513,7 @@ fn a_negative_duration_is_refused_as_negative() {
         Some("upstream.api.pool.idle_timeout"),
         "{e}"
     );
-    assert_eq!(e.line, 14, "{e}");
+    assert_eq!(e.line, 11, "{e}");
     assert!(e.message.contains("negative"), "{e}");
     assert!(!e.message.contains("-5s"), "{e}");
 }
@@ -610,4 +610,47 @@ fn a_route_path_no_request_can_match_is_refused_naming_its_line() {
         let text = GOOD.replace("path = \"/api\"", &format!("path = \"{fine}\""));
         assert!(parse(&text).is_ok(), "{fine}: {:?}", parse(&text).err());
     }
+}
+
+#[test]
+fn a_fastcgi_body_temp_dir_that_cannot_take_a_file_is_refused_naming_its_line() {
+    let fastcgi = |extra: &str| {
+        GOOD.replace(
+            "addresses = [\"http://127.0.0.1:9000\"]",
+            "addresses = [\"fastcgi://127.0.0.1:9000\"]",
+        )
+        .replace(
+            "upstream = \"api\"\n",
+            &format!("upstream = \"api\"\n[route.fastcgi]\nroot = \"/srv\"\n{extra}"),
+        )
+    };
+    let c = parse(&fastcgi("")).unwrap();
+    let f = c.routes[0].fastcgi.as_ref().unwrap();
+    assert!(f.request_buffering);
+    assert_eq!(f.body_memory, ByteSize::kib(64));
+    assert_eq!(f.temp_dir(), std::env::temp_dir());
+
+    let dir = holdfast_test::tempdir();
+    let missing = dir.path().join("gone");
+    let e = only_error(&fastcgi(&format!("body_temp_dir = {missing:?}\n")));
+    assert_eq!(
+        e.key.as_deref(),
+        Some("route[0].fastcgi.body_temp_dir"),
+        "{e}"
+    );
+    assert_eq!(e.line, 11, "{e}");
+    assert!(e.message.contains("cannot create a file"), "{e}");
+
+    let e = only_error(&fastcgi("body_temp_dir = \"tmp\"\n"));
+    assert!(e.message.contains("absolute"), "{e}");
+
+    let ok = fastcgi(&format!(
+        "body_temp_dir = {:?}\nrequest_buffering = false\nbody_memory = \"1MiB\"\n",
+        dir.path()
+    ));
+    let c = parse(&ok).unwrap();
+    let f = c.routes[0].fastcgi.as_ref().unwrap();
+    assert!(!f.request_buffering);
+    assert_eq!(f.body_memory, ByteSize::mib(1));
+    assert_eq!(f.temp_dir(), dir.path());
 }

@@ -70,7 +70,8 @@ struct Upload {
     out: BytesMut,
     /// The empty STDIN record that ends the body is in `out`.
     ended: bool,
-    /// Streamed from the client (its end dates `body_written`).
+    /// Streamed (from the client, or from a spool file): its end dates
+    /// `body_written`.
     streamed: bool,
 }
 
@@ -216,7 +217,7 @@ impl FastCgiConn {
                 }
                 record::encode_stdin(&mut upload.out, REQUEST_ID, b"");
             }
-            RequestBody::Streaming(_) => upload.ended = false,
+            RequestBody::Streaming(_) | RequestBody::Spooled(_) => upload.ended = false,
         }
         // A small body goes with the head, in one write.
         if upload.out.len() <= SMALL_BODY {
@@ -250,6 +251,13 @@ impl FastCgiConn {
                 upload.body = s;
                 upload.streamed = true;
                 None
+            }
+            // Read from its file: the copy starts again from the file's start.
+            s @ RequestBody::Spooled(_) => {
+                let back = s.try_clone();
+                upload.body = s;
+                upload.streamed = true;
+                back
             }
             held => Some(held),
         };
@@ -291,18 +299,27 @@ impl FastCgiConn {
                 self.upload = None;
                 return Poll::Ready(Ok(()));
             }
+            // Only a body streamed from the client waits on it; a spooled one waits
+            // on the disk at most.
+            let from_client = matches!(up.body, RequestBody::Streaming(_));
             match std::pin::Pin::new(&mut up.body).poll_frame(cx) {
                 Poll::Pending => {
-                    self.upload_clock.waits_on_client();
+                    if from_client {
+                        self.upload_clock.waits_on_client();
+                    }
                     return Poll::Pending;
                 }
                 Poll::Ready(None) => {
-                    self.upload_clock.gave(tokio::time::Instant::now());
+                    if from_client {
+                        self.upload_clock.gave(tokio::time::Instant::now());
+                    }
                     record::encode_stdin(&mut up.out, REQUEST_ID, b"");
                     up.ended = true;
                 }
                 Poll::Ready(Some(Ok(frame))) => {
-                    self.upload_clock.gave(tokio::time::Instant::now());
+                    if from_client {
+                        self.upload_clock.gave(tokio::time::Instant::now());
+                    }
                     if let Ok(data) = frame.into_data() {
                         record::encode_stdin(&mut up.out, REQUEST_ID, &data);
                     }
@@ -311,6 +328,9 @@ impl FastCgiConn {
                     self.exchange = Exchange::Broken;
                     let kind = if e.is::<crate::body::BodyTooLarge>() {
                         Kind::BodyTooLarge
+                    } else if e.is::<crate::body::SpoolError>() {
+                        // Reading the spool file back failed: not the client's doing.
+                        Kind::Io
                     } else {
                         Kind::ClientBody
                     };
