@@ -57,6 +57,10 @@ def parse_args(argv=None):
     ap.add_argument("--connections", type=int, default=8, help="wrk -c (8)")
     ap.add_argument("--php-workers", type=int, default=8,
                     help="php-fpm pm.max_children, pm = static (8)")
+    ap.add_argument("--post", type=int, default=0, metavar="BYTES",
+                    help="POST a body of BYTES to len.php (echoes its length) instead of "
+                         "GET hello.php; each proxy keeps its default request buffering "
+                         "(nginx: 16 KiB in memory, then a temp file; holdfast: 64 KiB)")
     ap.add_argument("--holdfast", help="holdfast binary (default: as run.py)")
     ap.add_argument("--proxy-cpus", default="0", help="taskset list for the proxy (0)")
     ap.add_argument("--load-cpus", default="1", help="taskset list for wrk and php-fpm (1)")
@@ -110,6 +114,7 @@ http {{
         keepalive_requests 1000000;
         keepalive_timeout 300s;
     }}
+    client_max_body_size 0;
     server {{
         listen 127.0.0.1:{port} backlog=4096;
         root {www};
@@ -190,26 +195,30 @@ def children_ticks():
 
 
 def wrk(args, port, seconds, out_path):
+    script = ["-s", str(args.post_script)] if args.post else []
     argv = ["taskset", "-c", args.load_cpus, H.WRK, "-t", "1",
             "-c", str(args.connections), "-d", f"{seconds:g}s", "--latency",
-            "--timeout", "5s", f"http://127.0.0.1:{port}/hello.php"]
+            "--timeout", "5s"] + script + [f"http://127.0.0.1:{port}{args.path}"]
     p = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 60)
     out_path.write_text(" ".join(argv) + "\n\n" + p.stdout + p.stderr)
     return p.stdout + p.stderr
 
 
-def check_hello(port):
+def check_hello(port, args):
+    """One request as wrk will send it, and its answer checked."""
     import http.client
+    method = "POST" if args.post else "GET"
+    want = str(args.post) if args.post else HELLO
     try:
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
-        conn.request("GET", "/hello.php")
+        conn.request(method, args.path, body=b"x" * args.post if args.post else None)
         resp = conn.getresponse()
         body = resp.read().decode(errors="replace")
         conn.close()
     except (OSError, http.client.HTTPException) as exc:
-        return f"GET /hello.php failed: {exc}"
-    if resp.status != 200 or body != HELLO:
-        return f"GET /hello.php: {resp.status} {body[:80]!r}"
+        return f"{method} {args.path} failed: {exc}"
+    if resp.status != 200 or body != want:
+        return f"{method} {args.path}: {resp.status} {body[:80]!r}"
     return None
 
 
@@ -221,7 +230,7 @@ def measure(args, run_dir, target, rnd, ctx):
         proc = start_holdfast(ctx["holdfast"], run_dir, port, ctx["php_port"], ctx["www"],
                               args)
     try:
-        err = H.wait_ready(proc, port, path="/hello.php") or check_hello(port)
+        err = H.wait_ready(proc, port, path="/hello.php") or check_hello(port, args)
         if err:
             return {"error": f"{target}: {err}"}
         if args.wait_quiet > 0:
@@ -281,7 +290,8 @@ ROWS = [
 
 
 def table(results, args):
-    lines = [f"hello.php, {args.connections} keep-alive connections, php-fpm static "
+    work = f"POST {args.post:,} bytes to len.php" if args.post else "hello.php"
+    lines = [f"{work}, {args.connections} keep-alive connections, php-fpm static "
              f"{args.php_workers} workers, {args.rounds} rounds of {args.duration:g} s; "
              f"best round (spread), holdfast ×ratio to nginx",
              "",
@@ -347,6 +357,13 @@ def main():
         (run_dir / sub).mkdir(parents=True, exist_ok=True)
     www = run_dir / "www"
     (www / "hello.php").write_text(f"<?php echo '{HELLO}';\n")
+    (www / "len.php").write_text("<?php echo strlen(file_get_contents('php://input'));\n")
+    args.path = "/len.php" if args.post else "/hello.php"
+    args.post_script = run_dir / "conf" / "post.lua"
+    if args.post:
+        args.post_script.write_text(
+            f'wrk.method = "POST"\nwrk.body = string.rep("x", {args.post})\n'
+            'wrk.headers["Content-Type"] = "application/octet-stream"\n')
     php_port = H.free_port()
     php = start_php_fpm(run_dir, php_port, args)
     if not wait_php(php_port):
