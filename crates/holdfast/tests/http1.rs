@@ -895,6 +895,59 @@ async fn a_silent_websocket_is_closed_after_read_idle() {
     );
 }
 
+/// Each side of a tunnel may end its sending alone: the upstream's FIN reaches the
+/// client while the client goes on sending, also when the upgrade request listed
+/// `close` beside `Upgrade` in its `Connection`. That request was taken for one whose
+/// client sends nothing more, whose close needs no half-close: the upstream's end of
+/// the tunnel never reached the client, which waited for it until `read_idle`.
+#[tokio::test]
+async fn the_upstreams_half_close_reaches_the_client_through_a_tunnel() {
+    for connection in ["Upgrade", "Upgrade, close"] {
+        let (got_tx, got_rx) = tokio::sync::oneshot::channel();
+        let got_tx = std::sync::Mutex::new(Some(got_tx));
+        // Switches, sends "hello" and ends its sending; then reads until EOF.
+        let upstream = raw_upstream(move |stream| {
+            let got_tx = got_tx.lock().unwrap().take();
+            async move {
+                let mut io = BufReader::new(stream);
+                let Ok(Some(_)) = read_head(&mut io).await else {
+                    return;
+                };
+                let answer = b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: upgrade\r\n\r\nhello";
+                if io.get_mut().write_all(answer).await.is_err() {
+                    return;
+                }
+                let _ = io.get_mut().shutdown().await;
+                let mut got = Vec::new();
+                // Bounded by the test's wait.
+                let _ = tokio::time::timeout(WAIT, io.read_to_end(&mut got)).await;
+                if let Some(tx) = got_tx {
+                    let _ = tx.send(got);
+                }
+            }
+        })
+        .await;
+        let gw = start(&proxy_to(&format!("http://{}", upstream.addr))).await;
+        let mut ws = RawClient::connect(gw.addr).await.unwrap();
+        ws.send(format!(
+            "GET /chat HTTP/1.1\r\nhost: x\r\nupgrade: websocket\r\nconnection: {connection}\r\n\r\n"
+        ))
+        .await
+        .unwrap();
+        let resp = ws.read_response(WAIT).await.unwrap();
+        assert_eq!(resp.status, 101, "{connection}: {resp:?}");
+        assert_eq!(read_exactly(&mut ws, 5).await, b"hello", "{connection}");
+        assert_eq!(
+            ws.wait_close(WAIT).await,
+            PeerClose::Eof,
+            "{connection}: the upstream's end of the tunnel reached the client"
+        );
+        ws.send(b"still here").await.unwrap();
+        ws.shutdown_write().await.unwrap();
+        assert_eq!(got_rx.await.unwrap(), b"still here", "{connection}");
+    }
+}
+
 /// `Upgrade: h2c` (HTTP/1.1's upgrade to cleartext HTTP/2) is between the client and
 /// holdfast: it is not passed on as an upgrade, where a lenient upstream that switched
 /// would get a raw tunnel. The request is served as a plain one, without the field.

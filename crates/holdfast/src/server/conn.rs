@@ -187,8 +187,8 @@ pub struct ConnState {
     /// HTTP/2: `max_requests_per_connection` reached; send GOAWAY.
     close_soon: AtomicBool,
     /// The client asked to close after this request (`Connection: close`, or
-    /// HTTP/1.0 without keep-alive), which has no body: it sends nothing more, so no
-    /// linger is needed. (One with a body may still be sending it when the answer
+    /// HTTP/1.0 without keep-alive), which has no body and asks for no upgrade: it
+    /// sends nothing more, so no linger is needed. (One with a body may still be sending it when the answer
     /// comes early; closing with it unread would send a reset.)
     pub(super) client_closes: AtomicBool,
     /// HTTP/2: the client has sent something since holdfast began closing (a PING
@@ -544,7 +544,9 @@ pub fn serve(
                 // HTTP/1 upgrade requests only (an empty map is one branch): see
                 // `ConnState::refused_upgrade`.
                 let upgrade = req.extensions().get::<OnUpgrade>().cloned();
-                if asks_close && !has_body {
+                // Not an upgrade request: after a switch the client goes on sending,
+                // and each side's end of the tunnel is a half-close.
+                if asks_close && !has_body && upgrade.is_none() {
                     state.client_closes.store(true, Relaxed);
                 }
                 // One writer: hyper calls the service from the connection's own task
