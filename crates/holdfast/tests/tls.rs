@@ -543,6 +543,34 @@ async fn redirect_listener_answers_308_to_the_https_listener() {
     assert_eq!(up.requests_seen(), 1);
 }
 
+/// RFC 9112 3.2: a request with more than one `Host` gets 400, on a redirect
+/// listener as on any other: which host it is for is ambiguous (a cache in front may
+/// read the other one, and keep a redirect to a host the client never named). It was
+/// redirected to the first one. One `Host` is still redirected, on the same
+/// connection.
+#[tokio::test]
+async fn a_redirect_listener_refuses_a_request_with_two_hosts() {
+    let up = TestUpstream::start(Behaviour::Echo).await;
+    let gw = start(&format!(
+        "{}\n[[listener]]\nlisten = \"127.0.0.1:0\"\nredirect_https = true\n",
+        proxy_to(&up.url()),
+    ))
+    .await;
+    let mut raw = RawClient::connect(gw.addr).await.unwrap();
+    raw.send("GET /a HTTP/1.1\r\nHost: evil.example\r\nHost: shop.example\r\n\r\n")
+        .await
+        .unwrap();
+    let r = raw.read_response(SOON).await.unwrap();
+    assert_eq!(r.status, 400, "{r:?}");
+    assert_eq!(r.headers.get("location"), None, "{r:?}");
+    raw.send("GET /a HTTP/1.1\r\nHost: shop.example\r\n\r\n")
+        .await
+        .unwrap();
+    let r = raw.read_response(SOON).await.unwrap();
+    assert_eq!(r.status, 308, "{r:?}");
+    assert_eq!(r.headers.get("location"), Some("https://shop.example/a"));
+}
+
 // === reload ===
 
 #[tokio::test]

@@ -5,7 +5,9 @@
 //! 308 rather than 301: a client must repeat the method and body (RFC 9110 15.4.9),
 //! so a POST is not turned into a GET. The host comes from the request (`Host`, or
 //! the authority of an absolute or HTTP/2 target); without a usable one the answer is
-//! 400, never a redirect to somewhere the client did not name.
+//! 400, never a redirect to somewhere the client did not name. So is a request with
+//! more than one `Host` (RFC 9112 3.2), whichever the target: which host it is for
+//! is ambiguous, and a cache in front may read another one than the first.
 
 use http::header::{self, HeaderValue};
 use http::uri::Authority;
@@ -26,7 +28,7 @@ pub fn respond<B>(req: &Request<B>, port: u16) -> Response<ResponseBody> {
         }
         None => {
             let mut resp = Response::new(ResponseBody::full(
-                "a redirect to https needs a Host header naming a host\n",
+                "a redirect to https needs one Host header naming a host\n",
             ));
             *resp.status_mut() = StatusCode::BAD_REQUEST;
             text(resp)
@@ -44,15 +46,14 @@ fn text(mut resp: Response<ResponseBody>) -> Response<ResponseBody> {
 
 /// `https://HOST[:port]/target`, or `None` when the request names no usable host.
 fn location<B>(req: &Request<B>, port: u16) -> Option<String> {
+    let mut hosts = req.headers().get_all(header::HOST).iter();
+    let host = hosts.next();
+    if hosts.next().is_some() {
+        return None;
+    }
     let authority = match req.uri().authority() {
         Some(a) => a.clone(),
-        None => req
-            .headers()
-            .get(header::HOST)?
-            .to_str()
-            .ok()?
-            .parse::<Authority>()
-            .ok()?,
+        None => host?.to_str().ok()?.parse::<Authority>().ok()?,
     };
     // `user@host` would let a request pick where the redirect goes in odd ways.
     if authority.as_str().contains('@') || authority.host().is_empty() {
