@@ -188,8 +188,9 @@ pub struct ConnState {
     close_soon: AtomicBool,
     /// The client asked to close after this request (`Connection: close`, or
     /// HTTP/1.0 without keep-alive), which has no body and asks for no upgrade: it
-    /// sends nothing more, so no linger is needed. (One with a body may still be sending it when the answer
-    /// comes early; closing with it unread would send a reset.)
+    /// sends nothing more, so no linger is needed. (One with a body may still be
+    /// sending it when the answer comes early; closing with it unread would send a
+    /// reset.)
     pub(super) client_closes: AtomicBool,
     /// HTTP/2: the client has sent something since holdfast began closing (a PING
     /// ack, a WINDOW_UPDATE): it is alive, and may be reading slowly. HTTP/1: bytes
