@@ -4091,5 +4091,13 @@ async fn second_requests_swept_across_an_idle_close_after(
     hog.await.unwrap();
     eprintln!("second requests sent before the close: {sent}, dropped: {dropped}");
     assert!(sent > 0, "every second request came after the close");
-    assert_eq!(dropped, 0, "requests sent before the FIN went unanswered");
+    // One is let pass: on a machine loaded by other tests, holdfast's thread can be
+    // held up between its look at the socket and its close for longer than the
+    // 250 µs above, and a request crossing that close is the race no server wins
+    // (seen in about 1 run of 40 under load, one request each time). The closes
+    // that drop requests already waiting drop 6 to 11 per run.
+    assert!(
+        dropped <= 1,
+        "{dropped} requests sent before the FIN went unanswered"
+    );
 }
