@@ -130,7 +130,7 @@ fn effective_config_round_trips() {
 fn unknown_key_names_file_line_and_key() {
     let text = GOOD.replace("idle_timeout = \"7s\"", "idle_timout = \"7s\"");
     let e = only_error(&text);
-    assert_eq!(e.line, 11, "{e}");
+    assert_eq!(e.line, 14, "{e}");
     assert_eq!(
         e.key.as_deref(),
         Some("upstream.api.pool.idle_timout"),
@@ -300,7 +300,7 @@ fn connection_caps_beyond_what_holdfast_can_count_are_refused() {
         Some("upstream.api.pool.max_connections"),
         "{e}"
     );
-    assert_eq!(e.line, 11, "{e}");
+    assert_eq!(e.line, 14, "{e}");
     let e = only_error(&GOOD.replace(
         "listen = \"127.0.0.1:8080\"",
         &format!("listen = \"127.0.0.1:8080\"\nmax_connections = {huge}"),
@@ -513,7 +513,7 @@ fn a_negative_duration_is_refused_as_negative() {
         Some("upstream.api.pool.idle_timeout"),
         "{e}"
     );
-    assert_eq!(e.line, 11, "{e}");
+    assert_eq!(e.line, 14, "{e}");
     assert!(e.message.contains("negative"), "{e}");
     assert!(!e.message.contains("-5s"), "{e}");
 }
