@@ -182,8 +182,9 @@ impl Stream {
     }
 
     /// [`Stream::idle_event`] as a poll: `Pending` registers `cx`'s waker for the
-    /// socket's next event. A connection parks by registering its driver's waker
-    /// here, so no task runs for it until something happens.
+    /// socket's next event. A plain HTTP/1.1 connection parks by registering its
+    /// own waker here (it wakes the connection's driver), so no task runs for it
+    /// until something happens.
     pub fn poll_idle(&self, cx: &mut Context<'_>) -> Poll<IdleProbe> {
         loop {
             match self.poll_read_ready(cx) {

@@ -9,20 +9,26 @@
 //! user-space instructions).
 //!
 //! While the connection is idle in the pool, its driver task (`watch_idle`) is
-//! the one registered for the socket's readability, so a FIN, a reset or stray
-//! bytes end the connection at once, as hyper's driver did. The hand-over costs no
-//! wake-up: parking ([`Http1Conn::park`]) registers the driver's waker with the
-//! socket directly. A mutex orders the driver's look at the socket against a
-//! request taking the connection, which may run on another worker thread; both
-//! sides only ever take it uncontended.
+//! the one woken by the socket's readability, so a FIN, a reset or stray bytes end
+//! the connection at once, as hyper's driver did. The hand-over costs no wake-up:
+//! parking ([`Http1Conn::park`]) registers the connection's own waker with the
+//! socket directly, and that waker wakes the driver. It also counts its wake-ups,
+//! which lets the check at reuse ([`Http1Conn::is_closed`]) tell with two loads that
+//! the reactor has reported nothing since the socket was last seen quiet. A mutex
+//! orders the driver's look at the socket against a request taking the connection,
+//! which may run on another worker thread; both sides only ever take it
+//! uncontended.
 
 use std::collections::VecDeque;
 use std::io;
 use std::pin::Pin;
+use std::sync::atomic::AtomicU64;
+use std::sync::atomic::Ordering::{AcqRel, Acquire, Release};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::task::{Context, Poll, Waker, ready};
+use std::task::{Context, Poll, Wake, Waker, ready};
 
 use bytes::{Buf, Bytes, BytesMut};
+use futures_util::task::AtomicWaker;
 use http::{HeaderMap, Method, Response};
 use http_body::{Body as _, Frame, SizeHint};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -93,6 +99,9 @@ pub struct Http1Conn {
     /// sent one first, is read before this error is returned.
     write_failed: Option<UpstreamError>,
     watch: Arc<IdleWatch>,
+    /// `watch` as a waker: the one registered for the socket's readability while the
+    /// connection is idle (see [`IdleWatch`]).
+    idle_waker: Waker,
     /// The response-head deadline, one timer for the connection's life: each request
     /// moves it later, which tokio does with one compare-and-swap, where a timer per
     /// request would be registered in the wheel and taken out again (~650
@@ -108,7 +117,8 @@ pub fn connect(
     stream: Arc<Stream>,
     write_timeout: std::time::Duration,
 ) -> (Http1Conn, impl Future<Output = ()> + Send + 'static) {
-    let watch = Arc::new(IdleWatch::default());
+    let watch = Arc::new(IdleWatch::new());
+    let idle_waker = Waker::from(watch.clone());
     let conn = Http1Conn {
         io: UpstreamIo::new(stream.clone(), write_timeout),
         stream: stream.clone(),
@@ -130,9 +140,10 @@ pub fn connect(
         broken: false,
         write_failed: None,
         watch: watch.clone(),
+        idle_waker: idle_waker.clone(),
         deadline: None,
     };
-    (conn, watch_idle(stream, watch))
+    (conn, watch_idle(stream, watch, idle_waker))
 }
 
 impl Http1Conn {
@@ -163,28 +174,29 @@ impl Http1Conn {
     /// failed exchange is not this: [`Http1Conn::park`] refuses that connection, as
     /// an error rather than as evidence of the upstream's keep-alive limits.
     ///
-    /// Asked as the pool hands an idle connection out, this also looks at the
-    /// readiness tokio's reactor holds for the socket, no syscall: an event the
-    /// reactor took in since the park but the driver task has not yet run for (it
-    /// may be queued behind this very task) would otherwise reach the request.
-    /// Stray bytes would then be read as the answer to the request sent next (a
-    /// response desync: a stray second response becomes the next client's answer).
-    /// Only an event the reactor reported prompts a peek at the socket; what the
+    /// Asked as the pool hands an idle connection out, this also catches an event
+    /// tokio's reactor reported since the park but the driver task has not yet run
+    /// for (it may be queued behind this very task), which would otherwise reach
+    /// the request: stray bytes would be read as the answer to the request sent
+    /// next (a response desync: a stray second response becomes the next client's
+    /// answer). In the common case that costs two loads (`IdleWatch::quiet`): the
+    /// socket was seen quiet with the connection's own waker registered, and the
+    /// reactor has not woken it since. Otherwise the readiness the reactor holds is
+    /// looked at, and only an event there prompts a peek at the socket. What the
     /// kernel holds and the reactor has not yet reported is seen only by the peek
     /// of requests that cannot be retried (`Pool::checkout`).
     pub fn is_closed(&self) -> bool {
+        if self.watch.quiet() {
+            return false;
+        }
         let mut st = self.watch.lock();
         if st.ended || st.busy {
             return st.ended;
         }
-        // The driver's waker stays the one registered (a driver that has not run
-        // yet registers its own when it does).
-        let waker = st.driver.as_ref().unwrap_or(Waker::noop());
-        if let Poll::Ready(probe) = self.stream.poll_idle(&mut Context::from_waker(waker)) {
-            tracing::debug!(?probe, "idle upstream connection ended");
-            st.ended = true;
-        }
-        st.ended
+        // Registers the connection's own waker again: the driver's from here on.
+        self.watch
+            .poll_idle(&mut st, &self.stream, &self.idle_waker)
+            .is_ready()
     }
 
     /// The last response's `Keep-Alive` value.
@@ -665,16 +677,14 @@ impl Http1Conn {
         }
         let mut st = self.watch.lock();
         st.busy = false;
-        if let Some(waker) = st.driver.clone() {
-            // Registers the driver for the socket's next event, without running it.
-            if self
-                .stream
-                .poll_idle(&mut Context::from_waker(&waker))
-                .is_ready()
-            {
-                st.ended = true;
-                return Err(CloseReason::ClosedByUpstreamIdle);
-            }
+        // Registers the connection's own waker for the socket's next event (it wakes
+        // the driver), without running the driver; one that has not run yet will.
+        if self
+            .watch
+            .poll_idle(&mut st, &self.stream, &self.idle_waker)
+            .is_ready()
+        {
+            return Err(CloseReason::ClosedByUpstreamIdle);
         }
         Ok(())
     }
@@ -716,11 +726,36 @@ fn advance(queue: &mut VecDeque<Bytes>, mut n: usize) {
     }
 }
 
-/// What the connection and its driver share.
-#[derive(Default)]
+/// What the connection and its driver share. As a waker (the connection's
+/// `idle_waker`), it is the one registered for the socket's readability while the
+/// connection is idle: tokio's reactor wakes it for a FIN, a reset or bytes, and it
+/// counts the wake-up and wakes the driver task.
+///
+/// The count lets the check at reuse skip the socket (`IdleWatch::quiet`). Each
+/// look at an idle socket (`IdleWatch::poll_idle`: at the park, by the driver, or by
+/// a check that found the connection not quiet) reads the count, then registers
+/// this waker, under tokio's lock, and finds nothing: any event from then on wakes
+/// this waker, any event before it was in the readiness the look saw. Only then
+/// does it note the count it read as the one the socket was quiet at. While the
+/// count has not moved since, the reactor has reported nothing since that look. A
+/// wake-up that falls between the count's read and the note (the driver on another
+/// thread) makes them differ, as does any that comes after: the check then looks
+/// at the socket as before.
 struct IdleWatch {
     state: Mutex<WatchState>,
+    /// Wake-ups of this waker, by the reactor or tokio's budget (a wake-up that
+    /// was not an event only costs a look).
+    wakes: AtomicU64,
+    /// `wakes` as read before the last look that found the idle socket quiet;
+    /// [`NOT_QUIET`] when none holds (never looked, or the connection ended).
+    quiet_at: AtomicU64,
+    /// The driver task's waker, once it has run.
+    driver: AtomicWaker,
 }
+
+/// `IdleWatch::quiet_at` when no look found the socket quiet: `wakes` never gets
+/// there.
+const NOT_QUIET: u64 = u64::MAX;
 
 #[derive(Default)]
 struct WatchState {
@@ -728,14 +763,60 @@ struct WatchState {
     busy: bool,
     /// The upstream closed the connection (or sent something) while it was idle.
     ended: bool,
-    /// The driver task's waker, once it has run.
-    driver: Option<Waker>,
+}
+
+impl Wake for IdleWatch {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        // Before the driver is woken, so that it reads the new count. Release: a
+        // check that reads it then sees the readiness the reactor set before.
+        self.wakes.fetch_add(1, AcqRel);
+        self.driver.wake();
+    }
 }
 
 impl IdleWatch {
+    fn new() -> IdleWatch {
+        IdleWatch {
+            state: Mutex::default(),
+            wakes: AtomicU64::new(0),
+            quiet_at: AtomicU64::new(NOT_QUIET),
+            driver: AtomicWaker::new(),
+        }
+    }
+
     fn lock(&self) -> MutexGuard<'_, WatchState> {
         // Nothing panics while holding it; a poisoned lock still holds valid flags.
         self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The idle socket was seen quiet, with this waker registered, and the reactor
+    /// has not woken it since: nothing happened on the socket that the reactor has
+    /// reported. Two loads, no lock; `false` only means "look".
+    fn quiet(&self) -> bool {
+        self.quiet_at.load(Acquire) == self.wakes.load(Acquire)
+    }
+
+    /// Looks at the idle socket (see [`Stream::poll_idle`]) with `waker` (this
+    /// watch's own) registered for its next event; notes a quiet socket, marks an
+    /// ended connection. Called with the lock held and the connection idle.
+    fn poll_idle(&self, st: &mut WatchState, stream: &Stream, waker: &Waker) -> Poll<()> {
+        let wakes = self.wakes.load(Acquire);
+        match stream.poll_idle(&mut Context::from_waker(waker)) {
+            Poll::Pending => {
+                self.quiet_at.store(wakes, Release);
+                Poll::Pending
+            }
+            Poll::Ready(probe) => {
+                tracing::debug!(?probe, "idle upstream connection ended");
+                st.ended = true;
+                self.quiet_at.store(NOT_QUIET, Release);
+                Poll::Ready(())
+            }
+        }
     }
 
     /// A request takes the connection; `false` if it already ended.
@@ -751,23 +832,17 @@ impl IdleWatch {
 
 /// The driver of an idle connection: ends when the socket shows anything while no
 /// request holds the connection. The pool then forgets it (`on_driver_end`).
-async fn watch_idle(stream: Arc<Stream>, watch: Arc<IdleWatch>) {
+/// `idle_waker` is `watch` as a waker: the one it registers with the socket, which
+/// wakes this task.
+async fn watch_idle(stream: Arc<Stream>, watch: Arc<IdleWatch>, idle_waker: Waker) {
     std::future::poll_fn(|cx| {
+        // Before the look, so that a wake-up after it reaches this task.
+        watch.driver.register(cx.waker());
         let mut st = watch.lock();
-        if !st.driver.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
-            st.driver = Some(cx.waker().clone());
-        }
         if st.busy {
             return Poll::Pending;
         }
-        match stream.poll_idle(cx) {
-            Poll::Ready(probe) => {
-                tracing::debug!(?probe, "idle upstream connection ended");
-                st.ended = true;
-                Poll::Ready(())
-            }
-            Poll::Pending => Poll::Pending,
-        }
+        watch.poll_idle(&mut st, &stream, &idle_waker)
     })
     .await;
 }
@@ -885,5 +960,134 @@ mod tests {
         );
         conn.park().expect("poolable");
         upstream.abort();
+    }
+
+    /// One complete `GET` exchange on `conn`, answered from `far`, then the park;
+    /// `driver`, if given, is polled while the request holds the connection.
+    async fn exchange<F: Future<Output = ()>>(
+        conn: &mut Http1Conn,
+        far: &mut tokio::net::UnixStream,
+        driver: Option<&mut Pin<Box<F>>>,
+    ) {
+        let (parts, ()) = http::Request::get("/")
+            .header(http::header::HOST, "up")
+            .body(())
+            .expect("request")
+            .into_parts();
+        conn.begin(&parts, None, RequestBody::Empty).expect("begin");
+        if let Some(driver) = driver {
+            poll_driver(driver).await;
+        }
+        far.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            .await
+            .expect("respond");
+        let resp = poll_fn(|cx| conn.poll_response(cx))
+            .await
+            .expect("response");
+        assert_eq!(resp.status(), 200);
+        while let Some(frame) = poll_fn(|cx| conn.poll_body(cx)).await {
+            frame.expect("body");
+        }
+        conn.park().expect("poolable");
+    }
+
+    /// Returns once tokio's reactor has taken in what the kernel reported before the
+    /// call: a byte sent on another socket pair is waited for, and one turn of the
+    /// reactor reports every socket then ready.
+    async fn reactor_turn() {
+        let (a, b) = tokio::net::UnixStream::pair().expect("pair");
+        assert_eq!(b.try_write(b"x").expect("write"), 1);
+        a.readable().await.expect("readable");
+    }
+
+    /// Polls the idle connection's driver once (it stays pending: nothing happened).
+    async fn poll_driver(driver: &mut Pin<Box<impl Future<Output = ()>>>) {
+        poll_fn(|cx| {
+            assert!(driver.as_mut().poll(cx).is_pending(), "the driver ended");
+            Poll::Ready(())
+        })
+        .await;
+    }
+
+    #[derive(Clone, Copy, Debug)]
+    enum DriverRan {
+        Never,
+        WhileBusy,
+        AfterPark,
+    }
+
+    #[derive(Clone, Copy, Debug)]
+    enum IdleEvent {
+        StrayBytes,
+        Fin,
+    }
+
+    /// An idle connection reused several times; then the upstream sends stray bytes or
+    /// closes it, and tokio's reactor reports it before the driver runs again. The
+    /// check at reuse must see it, wherever the driver's last run fell: never (it is
+    /// queued behind the request that opened the connection), during the last
+    /// exchange, or after the last park. Between exchanges nothing happened, and the
+    /// check must take no look at the socket (`IdleWatch::quiet`).
+    async fn an_event_the_reactor_reported_is_seen_at_reuse(ran: DriverRan, event: IdleEvent) {
+        let (near, mut far) = tokio::net::UnixStream::pair().expect("pair");
+        let (mut conn, driver) = connect(Arc::new(Stream::unix(near)), Duration::from_secs(5));
+        let mut driver = Box::pin(driver);
+        for _ in 0..3 {
+            let busy_poll = matches!(ran, DriverRan::WhileBusy).then_some(&mut driver);
+            exchange(&mut conn, &mut far, busy_poll).await;
+            if let DriverRan::AfterPark = ran {
+                poll_driver(&mut driver).await;
+            }
+            reactor_turn().await;
+            assert!(conn.watch.quiet(), "{ran:?}: not quiet after the park");
+            assert!(!conn.is_closed(), "{ran:?}: closed with nothing sent");
+        }
+        match event {
+            IdleEvent::StrayBytes => far
+                .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nstray")
+                .await
+                .expect("stray response"),
+            IdleEvent::Fin => far.shutdown().await.expect("FIN"),
+        }
+        reactor_turn().await;
+        assert!(!conn.watch.quiet(), "{ran:?}, {event:?}: still quiet");
+        assert!(
+            conn.is_closed(),
+            "{ran:?}, {event:?}: handed out after the reactor reported it"
+        );
+        let (parts, ()) = http::Request::get("/")
+            .header(http::header::HOST, "up")
+            .body(())
+            .expect("request")
+            .into_parts();
+        assert!(conn.begin(&parts, None, RequestBody::Empty).is_err());
+    }
+
+    #[tokio::test]
+    async fn stray_bytes_are_seen_at_reuse_before_the_driver_ever_ran() {
+        an_event_the_reactor_reported_is_seen_at_reuse(DriverRan::Never, IdleEvent::StrayBytes)
+            .await;
+    }
+
+    #[tokio::test]
+    async fn stray_bytes_are_seen_at_reuse_after_the_driver_ran_while_busy() {
+        an_event_the_reactor_reported_is_seen_at_reuse(DriverRan::WhileBusy, IdleEvent::StrayBytes)
+            .await;
+    }
+
+    #[tokio::test]
+    async fn stray_bytes_are_seen_at_reuse_after_the_driver_ran_since_the_park() {
+        an_event_the_reactor_reported_is_seen_at_reuse(DriverRan::AfterPark, IdleEvent::StrayBytes)
+            .await;
+    }
+
+    #[tokio::test]
+    async fn a_fin_is_seen_at_reuse_before_the_driver_ever_ran() {
+        an_event_the_reactor_reported_is_seen_at_reuse(DriverRan::Never, IdleEvent::Fin).await;
+    }
+
+    #[tokio::test]
+    async fn a_fin_is_seen_at_reuse_after_the_driver_ran_since_the_park() {
+        an_event_the_reactor_reported_is_seen_at_reuse(DriverRan::AfterPark, IdleEvent::Fin).await;
     }
 }
