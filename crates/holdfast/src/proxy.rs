@@ -346,6 +346,8 @@ impl Proxy {
                 None
             };
             let stall = conn.listener.body_timeout.get();
+            let total = upstream.config.timeouts.total.non_zero();
+            let deadline = total.map(|t| start + t);
             let read = match (spool, keep) {
                 _ if upgrade => Ok(RequestBody::Empty),
                 // Boxed: only requests with a body get here, and the read loop's state
@@ -354,17 +356,24 @@ impl Proxy {
                     Ok(RequestBody::Empty)
                 }
                 (Some(f), _) => {
-                    Box::pin(RequestBody::spool(
-                        body,
-                        f.body_memory.get(),
-                        max_body,
-                        stall,
-                        f.body_temp_dir.as_deref(),
+                    Box::pin(read_by(
+                        RequestBody::spool(
+                            body,
+                            f.body_memory.get(),
+                            max_body,
+                            stall,
+                            f.body_temp_dir.as_deref(),
+                        ),
+                        deadline,
                     ))
                     .await
                 }
                 (None, Some(limit)) => {
-                    Box::pin(RequestBody::prepare(body, limit, max_body, stall)).await
+                    Box::pin(read_by(
+                        RequestBody::prepare(body, limit, max_body, stall),
+                        deadline,
+                    ))
+                    .await
                 }
                 (None, None) => Ok(RequestBody::stream(body, max_body, stall)),
             };
@@ -383,6 +392,8 @@ impl Proxy {
                 Err(e) => {
                     let error = if e.is::<crate::body::BodyTooLarge>() {
                         UpstreamError::new(Kind::BodyTooLarge, Delivery::NotSent)
+                    } else if e.is::<BodyPastTotal>() {
+                        UpstreamError::new(Kind::TotalTimeout, Delivery::NotSent)
                     } else {
                         UpstreamError::new(Kind::ClientBody, Delivery::NotSent).with_cause(e)
                     };
@@ -446,8 +457,6 @@ impl Proxy {
             }
 
             let head_request = parts.method == http::Method::HEAD;
-            let total = upstream.config.timeouts.total.non_zero();
-            let deadline = total.map(|t| start + t);
             // The forward future is built in each arm rather than bound to a local:
             // a local it is moved out of (into `pin!` or `timeout_at`) keeps its room
             // in this future too, and hyper moves this future for every request
@@ -581,6 +590,34 @@ impl Proxy {
             error
         );
         finish_local(status, body, Some(proxy_status), (log, tally))
+    }
+}
+
+/// The request's `timeouts.total` passed while its body was being read whole.
+#[derive(Debug)]
+struct BodyPastTotal;
+
+impl std::fmt::Display for BodyPastTotal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("request body still arriving at the total timeout")
+    }
+}
+
+impl std::error::Error for BodyPastTotal {}
+
+/// Reads a body whole (or its replayable part), by the request's total deadline if
+/// it has one: a request whose time ran out while its body arrived goes nowhere.
+/// Sent after its deadline, it would be cut at once, and a FastCGI application runs
+/// its script on whatever STDIN came (PHP does, on none or part of the body).
+async fn read_by(
+    read: impl Future<Output = Result<RequestBody, crate::body::BoxError>>,
+    deadline: Option<Instant>,
+) -> Result<RequestBody, crate::body::BoxError> {
+    match deadline {
+        None => read.await,
+        Some(at) => tokio::time::timeout_at(at, read)
+            .await
+            .unwrap_or_else(|_| Err(Box::new(BodyPastTotal))),
     }
 }
 

@@ -2194,3 +2194,62 @@ async fn a_long_post_sent_as_a_worker_retires_runs_once_on_another() {
         assert!(runs[1] == long, "{transport}: the long body whole");
     }
 }
+
+/// `timeouts.total` runs from the request's start, its upload included: an upload
+/// that outlasts it gets 504 at the deadline, and the application sees none of it.
+/// The body read whole first, the deadline had passed by the time the request went
+/// out: a PUT was written to an idle connection, then cut by the deadline, and PHP
+/// ran the script anyway (on the whole body when it went with the head, on an empty
+/// one when it was read back from its spool file).
+#[tokio::test]
+async fn an_upload_that_outlasts_the_total_timeout_runs_no_script() {
+    let fpm = PhpFpm::start(PhpFpmOptions {
+        max_children: 1,
+        ..PhpFpmOptions::default()
+    })
+    .await;
+    let runs = fpm.www().join("runs");
+    fpm.script(
+        "save.php",
+        &format!(
+            "<?php file_put_contents('{runs}', strlen(file_get_contents('php://input')) . \"\\n\", FILE_APPEND);",
+            runs = runs.display()
+        ),
+    );
+    fpm.script("pid.php", "<?php echo getmypid();");
+    let total = Duration::from_millis(800);
+    let tables = format!(
+        "[upstream.php.pool]\nidle_timeout = \"60s\"\n[upstream.php.timeouts]\ntotal = \"{}ms\"\n",
+        total.as_millis()
+    );
+    let gw = Site::tcp(&fpm).tables(&tables).start().await;
+    // PUTs: an idempotent request takes an idle connection at once, unchecked.
+    for len in [1_000, 300_000] {
+        // An idle connection to take.
+        assert_eq!(get(&gw, "/pid.php").await.status, 200);
+        let mut uploader = RawClient::connect(gw.addr).await.expect("connect");
+        uploader
+            .send(format!(
+                "PUT /save.php HTTP/1.1\r\nhost: a.test\r\ncontent-length: {len}\r\n\r\n"
+            ))
+            .await
+            .expect("head");
+        uploader.send(vec![b'x'; len / 2]).await.expect("half");
+        // The deadline passes while the body is still arriving (the time is the event).
+        tokio::time::sleep(total + Duration::from_millis(200)).await;
+        // The rest may meet a close: holdfast answered already.
+        let _ = uploader.send(vec![b'x'; len - len / 2]).await;
+        let resp = uploader
+            .read_response(RESPONSE_TIMEOUT)
+            .await
+            .expect("answered");
+        assert_eq!(resp.status, 504, "{len}: {}", resp.text());
+        // One worker: it has finished whatever it was given before it answers this.
+        assert_eq!(get(&gw, "/pid.php").await.status, 200);
+        assert_eq!(
+            std::fs::read_to_string(&runs).unwrap_or_default(),
+            "",
+            "{len}: the script ran after the deadline, on what STDIN came"
+        );
+    }
+}
