@@ -2253,3 +2253,68 @@ async fn an_upload_that_outlasts_the_total_timeout_runs_no_script() {
         );
     }
 }
+
+/// A client that leaves once its whole body is in, while the application is still
+/// reading it, never has the script run on part of it: the body, held whole, is
+/// written to its end before the connection closes. PHP reads a PUT's body as the
+/// script reads `php://input`; holdfast, its request dropped with the client (499),
+/// closed the connection at once, and the script took the part that had gone out
+/// (233,144 of 4 MiB bytes) for the body.
+#[tokio::test]
+async fn a_client_gone_while_its_spooled_body_goes_out_never_runs_the_script_on_part() {
+    let fpm = PhpFpm::start(PhpFpmOptions {
+        max_children: 1,
+        ..PhpFpmOptions::default()
+    })
+    .await;
+    let runs = fpm.www().join("runs");
+    let started = fpm.www().join("started");
+    let go = fpm.www().join("go");
+    fpm.script(
+        "put.php",
+        &format!(
+            "<?php touch('{started}');
+            for ($i = 0; $i < 1000 && !file_exists('{go}'); $i++) {{ usleep(10000); }}
+            file_put_contents('{runs}', strlen(file_get_contents('php://input')) . \"\\n\", FILE_APPEND);",
+            started = started.display(),
+            go = go.display(),
+            runs = runs.display()
+        ),
+    );
+    fpm.script("pid.php", "<?php echo getmypid();");
+    let gw = Site::unix(&fpm).start().await;
+    let size = 4 << 20;
+    let mut uploader = RawClient::connect(gw.addr).await.expect("connect");
+    uploader
+        .send(format!(
+            "PUT /put.php HTTP/1.1\r\nhost: a.test\r\ncontent-length: {size}\r\n\r\n"
+        ))
+        .await
+        .expect("head");
+    uploader.send(vec![b'x'; size]).await.expect("the body");
+    assert!(
+        wait_until_async(RESPONSE_TIMEOUT, || async { started.exists() }).await,
+        "the script started"
+    );
+    // The body is whole in holdfast; the script has read none of it yet.
+    drop(uploader);
+    gw.wait_metric("holdfast_client_connections", 0.0, RESPONSE_TIMEOUT)
+        .await;
+    std::fs::write(&go, "").expect("go");
+    // One worker: it has finished the script before it answers this.
+    assert_eq!(get(&gw, "/pid.php").await.status, 200);
+    assert_eq!(
+        std::fs::read_to_string(&runs).unwrap_or_default(),
+        format!("{size}\n"),
+        "the script ran on part of the body"
+    );
+    // The connection that finished the body gave its slot back.
+    assert!(
+        wait_until_async(RESPONSE_TIMEOUT, || async {
+            figure(&pools(&gw).await.1["in_use"]) == 0
+        })
+        .await,
+        "a slot still held: {}",
+        pools(&gw).await.1
+    );
+}

@@ -79,6 +79,10 @@ struct Upload {
 /// connection from a dead application ([`FastCgiConn::retired_unread`]).
 const RETIRE_ANSWER: Duration = Duration::from_secs(1);
 
+/// Longest time a body held whole is still written for a request given up
+/// ([`FastCgiConn::finish_held_body`]).
+const HELD_BODY_LIMIT: Duration = Duration::from_secs(60);
+
 /// STDIN of at most this many bytes goes out in the write of the request head.
 const SMALL_BODY: usize = 64 * 1024;
 
@@ -340,6 +344,39 @@ impl FastCgiConn {
                 }
             }
         }
+    }
+
+    /// The request's body, held whole (in memory or spooled), is still being written:
+    /// closed now, the application would take the part it got for the whole body
+    /// (PHP runs the script on whatever STDIN came). See [`finish_held_body`].
+    ///
+    /// [`finish_held_body`]: FastCgiConn::finish_held_body
+    pub fn sending_held_body(&self) -> bool {
+        matches!(self.exchange, Exchange::AwaitingHead | Exchange::Body)
+            && self
+                .upload
+                .as_ref()
+                .is_some_and(|u| !matches!(u.body, RequestBody::Streaming(_)))
+    }
+
+    /// Writes the rest of a body held whole for a request no one waits for any more
+    /// (the client went away, a deadline passed), reading and dropping what the
+    /// application sends meanwhile (a script may answer as it reads), until the body
+    /// is all written, the request ends or the connection fails; at most
+    /// [`HELD_BODY_LIMIT`], and a write stalls no longer than the write timeout.
+    pub async fn finish_held_body(&mut self) {
+        let finish = std::future::poll_fn(|cx| {
+            loop {
+                if self.poll_upload(cx).is_ready() {
+                    return Poll::Ready(());
+                }
+                match std::task::ready!(self.poll_next_record(cx)) {
+                    Ok(Some(r)) if r.kind != RecordType::EndRequest => {}
+                    _ => return Poll::Ready(()),
+                }
+            }
+        });
+        let _ = tokio::time::timeout(HELD_BODY_LIMIT, finish).await;
     }
 
     /// When the last request's streamed body was all written (`None` without one).

@@ -305,10 +305,33 @@ impl Drop for PooledConn {
         }
         if let Some(conn) = self.conn.take() {
             self.pool.figures.closed(self.close_reason);
-            drop(conn);
+            match &conn.client {
+                // A FastCGI request given up while its body, held whole, is still
+                // going out: the application would run the script on the part it
+                // got. The rest is written first, the connection keeping its slot.
+                Client::FastCgi(c) if c.sending_held_body() => {
+                    if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                        let slot = std::mem::take(&mut self.slot).then(|| self.pool.clone());
+                        rt.spawn(finish_held_body(conn, slot));
+                    }
+                }
+                _ => drop(conn),
+            }
         }
         if self.slot {
             self.pool.slots.give_back();
         }
+    }
+}
+
+/// Writes the rest of a FastCGI request's body held whole, then closes its
+/// connection and gives back its slot (see `PooledConn`'s drop).
+async fn finish_held_body(mut conn: Conn, slot: Option<Arc<Pool>>) {
+    if let Client::FastCgi(c) = &mut conn.client {
+        c.finish_held_body().await;
+    }
+    drop(conn);
+    if let Some(pool) = slot {
+        pool.slots.give_back();
     }
 }
