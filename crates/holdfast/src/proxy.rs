@@ -332,6 +332,38 @@ impl Proxy {
                 return self.rescue(failure, &upstream, (log, tally));
             }
             let has_length = parts.headers.contains_key(header::CONTENT_LENGTH);
+            // FastCGI: the script is looked for before the body is read, so that a
+            // request for none gets its 404 without sending (or holdfast spooling) its
+            // body; a length known only once the body is read whole is filled in then.
+            let declared = http_body::Body::size_hint(&body)
+                .exact()
+                .filter(|&n| n > 0 || has_length);
+            let fcgi_params = match (original_target, route.fastcgi.as_deref()) {
+                (Some(original_target), Some(fcgi)) => {
+                    match Box::pin(fastcgi::params(
+                        &parts,
+                        &original_target,
+                        fcgi,
+                        conn,
+                        declared,
+                    ))
+                    .await
+                    {
+                        Ok(p) => Some(p),
+                        Err(status) => {
+                            let msg = match status {
+                                StatusCode::NOT_FOUND => "no such script\n",
+                                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE => {
+                                    "a header or the target is too large for FastCGI\n"
+                                }
+                                _ => "bad path\n",
+                            };
+                            return finish_local(status, msg, None, (log, tally));
+                        }
+                    }
+                }
+                _ => None,
+            };
             // FastCGI: the body is read whole first (`request_buffering`, as nginx does),
             // and always when chunked: the application needs CONTENT_LENGTH up front.
             let spool = match route.fastcgi.as_deref() {
@@ -410,41 +442,21 @@ impl Proxy {
             // connection stays busy until the body ends.
             let mut body = body;
             body.hold_connection(|| in_flight.hold_upload());
-            if let (Some(original_target), Some(fcgi)) = (original_target, route.fastcgi.as_deref())
-            {
-                // A body held whole has its length even when trailers ended it (they are
-                // not sent to a FastCGI application); its size hint is then inexact.
-                let length = match &body {
-                    RequestBody::Buffered { data, .. } => {
-                        Some(data.as_ref().map_or(0, |d| d.len() as u64))
-                    }
-                    RequestBody::Spooled(s) => Some(s.length()),
-                    _ => http_body::Body::size_hint(&body).exact(),
-                };
-                let length = length.filter(|&n| n > 0 || has_length);
-                match Box::pin(fastcgi::params(
-                    &parts,
-                    &original_target,
-                    fcgi,
-                    conn,
-                    length,
-                ))
-                .await
-                {
-                    Ok(p) => {
-                        parts.extensions.insert(FastCgiParams(Arc::new(p)));
-                    }
-                    Err(status) => {
-                        let msg = match status {
-                            StatusCode::NOT_FOUND => "no such script\n",
-                            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE => {
-                                "a header or the target is too large for FastCGI\n"
-                            }
-                            _ => "bad path\n",
-                        };
-                        return finish_local(status, msg, None, (log, tally));
+            if let Some(mut p) = fcgi_params {
+                if declared.is_none() {
+                    // Read whole (chunked): its length is known now. A body held
+                    // whole has it even when trailers ended it (they are not sent to
+                    // a FastCGI application); its size hint is then inexact.
+                    let length = match &body {
+                        RequestBody::Buffered { data, .. } => data.as_ref().map(|d| d.len() as u64),
+                        RequestBody::Spooled(s) => Some(s.length()),
+                        _ => None,
+                    };
+                    if let Some(n) = length.filter(|&n| n > 0) {
+                        fastcgi::set_content_length(&mut p, n);
                     }
                 }
+                parts.extensions.insert(FastCgiParams(Arc::new(p)));
             }
             if matches!(
                 body,

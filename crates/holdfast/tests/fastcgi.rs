@@ -2318,3 +2318,48 @@ async fn a_client_gone_while_its_spooled_body_goes_out_never_runs_the_script_on_
         pools(&gw).await.1
     );
 }
+
+/// A request for no script is answered before its body is read: with request
+/// buffering the whole body (up to `max_body_bytes`) was read, and past
+/// `body_memory` written to disk, before the 404; a client asking
+/// `Expect: 100-continue` was told to send it all first.
+#[tokio::test]
+async fn an_upload_to_no_script_gets_404_before_its_body_is_read() {
+    let fpm = PhpFpm::start(PhpFpmOptions::default()).await;
+    let gw = Site::tcp(&fpm).start().await;
+    for expect in ["", "expect: 100-continue\r\n"] {
+        let mut uploader = RawClient::connect(gw.addr).await.expect("connect");
+        uploader
+            .send(format!(
+                "POST /missing.php HTTP/1.1\r\nhost: a.test\r\ncontent-length: 50000000\r\n{expect}\r\n"
+            ))
+            .await
+            .expect("head");
+        // No byte of the body is sent.
+        let resp = uploader
+            .read_response(RESPONSE_TIMEOUT)
+            .await
+            .expect("answered without the body");
+        assert_eq!(resp.status, 404, "{expect:?}: {}", resp.text());
+    }
+    let (_, pool) = pools(&gw).await;
+    assert_eq!(figure(&pool["created"]), 0, "nothing went upstream: {pool}");
+    // A chunked body's length is known only once it is in: given then, spooled too.
+    fpm.script(
+        "len.php",
+        "<?php echo $_SERVER['CONTENT_LENGTH'], ' ', strlen(file_get_contents('php://input'));",
+    );
+    let mut conn = RawClient::connect(gw.addr).await.expect("connect");
+    conn.send(format!(
+        "PUT /len.php HTTP/1.1\r\nhost: a.test\r\ntransfer-encoding: chunked\r\n\r\n\
+         30d40\r\n{}\r\n0\r\n\r\n",
+        "x".repeat(200_000)
+    ))
+    .await
+    .expect("send");
+    let resp = conn
+        .read_response(RESPONSE_TIMEOUT)
+        .await
+        .expect("answered");
+    assert_eq!((resp.status, resp.text().as_ref()), (200, "200000 200000"));
+}

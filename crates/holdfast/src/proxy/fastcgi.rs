@@ -228,6 +228,18 @@ pub async fn params(
     Ok(p)
 }
 
+/// Sets an empty `CONTENT_LENGTH` of [`params`] built before the body was read
+/// whole to `n` (a route's own non-empty `CONTENT_LENGTH` stays).
+pub fn set_content_length(params: &mut [(Bytes, Bytes)], n: u64) {
+    if let Some((_, v)) = params
+        .iter_mut()
+        .find(|(k, _)| k.as_ref() == b"CONTENT_LENGTH")
+        .filter(|(_, v)| v.is_empty())
+    {
+        *v = Bytes::from(n.to_string());
+    }
+}
+
 fn header_str(parts: &http::request::Parts, name: http::header::HeaderName) -> String {
     parts
         .headers
