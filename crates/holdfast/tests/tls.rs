@@ -1934,3 +1934,51 @@ async fn a_request_whose_first_tls_record_has_partly_arrived_is_not_closed_as_id
     let second = second.expect("the request begun before the idle close is answered");
     assert!(second.starts_with("HTTP/1.1 200"), "{second}");
 }
+
+/// RFC 9110 9.3.2: a response to HEAD has no content, and h2 leaves that to the
+/// server (hyper's HTTP/1 server drops a HEAD response's body itself; its HTTP/2
+/// server sends whatever the body holds). holdfast's own answers (no route, an
+/// upstream that cannot be reached, ...) carry a text body, which went out as DATA on
+/// an HTTP/2 HEAD, and a client that holds the server to it (h2's, here hyper's)
+/// reset the stream with PROTOCOL_ERROR: the HEAD failed. The length the body would
+/// have had is still said, as over HTTP/1.
+#[tokio::test]
+async fn a_head_request_over_http2_gets_no_data_from_holdfasts_own_answers() {
+    let dead = free_addr();
+    let up = TestUpstream::start(Behaviour::fixed(200, 1000)).await;
+    let gw = start(&format!(
+        "[[route]]\npath = \"/dead\"\nupstream = \"dead\"\n\n\
+         [[route]]\npath = \"/up\"\nupstream = \"up\"\n\n\
+         [upstream.dead]\naddresses = [\"http://{dead}\"]\n\n\
+         [upstream.up]\naddresses = [\"{}\"]\n\n\
+         [[listener]]\nlisten = \"127.0.0.1:0\"\nh2c = true\n",
+        up.url()
+    ))
+    .await;
+    let (mut c, _conn) = Client::over(TcpStream::connect(gw.addr).await.unwrap(), true).await;
+    for (path, want, length) in [
+        ("/none", StatusCode::NOT_FOUND, None),
+        ("/dead", StatusCode::BAD_GATEWAY, None),
+        ("/up", StatusCode::OK, Some("1000")),
+    ] {
+        for method in [Method::HEAD, Method::GET] {
+            let req = c.request(method.clone(), "http", path, "");
+            let a = match timeout(SOON, c.try_send(req)).await {
+                Ok(Ok(a)) => a,
+                Ok(Err(_)) => panic!("{method} {path}: the request failed"),
+                Err(_) => panic!("{method} {path}: no answer in time"),
+            };
+            assert_eq!(a.status, want, "{method} {path}");
+            let said = a.headers.get("content-length").map(|v| v.to_str().unwrap());
+            if method == Method::HEAD {
+                assert_eq!(a.body, "", "{method} {path}");
+                match length {
+                    Some(l) => assert_eq!(said, Some(l), "{method} {path}"),
+                    None => assert!(said.is_some(), "{method} {path}: a length is said"),
+                }
+            } else {
+                assert!(!a.body.is_empty(), "{method} {path}");
+            }
+        }
+    }
+}

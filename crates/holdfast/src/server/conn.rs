@@ -542,6 +542,9 @@ pub fn serve(
                     || req.version() == Version::HTTP_11
                         && crate::proxy::headers::connection_has(req.headers(), "close");
                 let has_body = !http_body::Body::is_end_stream(req.body());
+                // hyper's HTTP/2 server sends a HEAD response's body (see below).
+                let head_h2 =
+                    req.version() == Version::HTTP_2 && req.method() == http::Method::HEAD;
                 // HTTP/1 upgrade requests only (an empty map is one branch): see
                 // `ConnState::refused_upgrade`.
                 let upgrade = req.extensions().get::<OnUpgrade>().cloned();
@@ -580,6 +583,22 @@ pub fn serve(
                             .handle(req, &state.ctx, arrived, &in_flight)
                             .await
                     };
+                    if head_h2 && resp.body().is_local() {
+                        // RFC 9110 9.3.2: no content in an answer to HEAD. hyper's
+                        // HTTP/1 server leaves the body out itself; its HTTP/2 server
+                        // sends what the body holds as DATA, which a client holding
+                        // the server to RFC 9113 8.1.1 (h2) takes for a malformed
+                        // response and resets. holdfast's own answers have a text
+                        // body (an upstream's answer to HEAD has none): its length
+                        // is said, as hyper's HTTP/1 server says it.
+                        let len = http_body::Body::size_hint(resp.body()).exact();
+                        if let Some(len) = len.filter(|&n| n > 0) {
+                            resp.headers_mut()
+                                .entry(header::CONTENT_LENGTH)
+                                .or_insert_with(|| HeaderValue::from(len));
+                        }
+                        *resp.body_mut() = crate::proxy::response::ResponseBody::empty();
+                    }
                     if resp.status() != http::StatusCode::SWITCHING_PROTOCOLS {
                         if let Some(upgrade) = upgrade {
                             state.keep_refused_upgrade(upgrade);
