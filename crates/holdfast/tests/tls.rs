@@ -858,6 +858,13 @@ async fn a_silent_http2_client_is_cut_header_timeout_after_the_goaway() {
         cut >= Duration::from_millis(700) && cut < Duration::from_secs(4),
         "cut {cut:?} after the GOAWAY (header_timeout 1s): {rest:?}"
     );
+    // Counted before the socket closed. A client served and then gone (a phone that
+    // lost its network while idle) is no slow head: `head_timeout` counted it.
+    assert_eq!(
+        gw.state.clients.figures().head_timeout.load(Relaxed),
+        0,
+        "client_errors_total{{kind=\"head_timeout\"}}"
+    );
 }
 
 #[tokio::test]
@@ -1717,6 +1724,8 @@ async fn http2_first_head_is_due_within_header_timeout() {
          after accept; cut after: silent {silent_cut:?}, partial head {partial_cut:?} \
          (None: still open after {bound:?}; keepalive_timeout is 30s)"
     );
+    // Each counted as a head timeout, the HTTP/2 ones when cut after their GOAWAY.
+    assert_eq!(gw.state.clients.figures().head_timeout.load(Relaxed), 3);
 }
 
 /// README: `holdfast_client_errors_total{kind="head_timeout"}` counts connections with

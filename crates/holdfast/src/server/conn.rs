@@ -830,7 +830,9 @@ fn park<'a>(
                 // (a drain's wake-up, or the timer, can come first) is served, with
                 // `Connection: close` in a drain: closing would drop it unanswered.
                 Verdict::Close => return io.has_unread(),
-                Verdict::Abort(_) | Verdict::UploadStalled(_) => return false,
+                Verdict::Abort(_) | Verdict::UploadStalled(_) | Verdict::Unclosed(_) => {
+                    return false;
+                }
             };
             check.as_mut().reset(at);
             let readable = std::future::poll_fn(|cx| {
@@ -1021,6 +1023,12 @@ async fn drive<C>(
                         tracing::info!(client = %remote, timeout = ?shared.config.header_timeout.get(), "{why}; closing");
                         return;
                     }
+                    Verdict::Unclosed(grace) => {
+                        // Not a head timeout: the client was served, or it would
+                        // have been cut so before the GOAWAY.
+                        tracing::info!(client = %remote, timeout = ?grace, "HTTP/2 client did not finish closing after GOAWAY; closing");
+                        return;
+                    }
                     Verdict::UploadStalled(limit) => {
                         tracing::info!(client = %remote, timeout = ?limit, "request body still streaming upstream after its answer, none of it taken or sent within the limit; closing");
                         return;
@@ -1103,7 +1111,11 @@ fn http1_next_check(state: &ConnState, shared: &ListenerShared) -> Option<Instan
     Some(match verdict(state, shared, now) {
         Verdict::RecheckAt(at) => at,
         // Due now: the timer fires at the timer driver's next turn.
-        Verdict::Close | Verdict::Park(_) | Verdict::Abort(_) | Verdict::UploadStalled(_) => now,
+        Verdict::Close
+        | Verdict::Park(_)
+        | Verdict::Abort(_)
+        | Verdict::UploadStalled(_)
+        | Verdict::Unclosed(_) => now,
     })
 }
 
@@ -1122,8 +1134,11 @@ enum Verdict {
     UploadStalled(Duration),
     /// Idle long enough to park; look again at the given time.
     Park(Instant),
-    /// Cut the connection now, saying why.
+    /// Cut the connection now, saying why: a head not complete in time (counted as
+    /// `head_timeout`).
     Abort(&'static str),
+    /// HTTP/2: told GOAWAY, the client has not finished closing within this grace.
+    Unclosed(Duration),
     RecheckAt(Instant),
 }
 
@@ -1223,8 +1238,11 @@ fn verdict_h2(
             header_timeout
         };
         let at = goaway.max(since) + grace;
-        return if now >= at {
-            Verdict::Abort("HTTP/2 client did not finish closing after GOAWAY")
+        return if now >= at && phase == ConnPhase::Reading {
+            // The GOAWAY was for a first head not complete in time.
+            Verdict::Abort("HTTP/2 client did not send a complete first request in time")
+        } else if now >= at {
+            Verdict::Unclosed(grace)
         } else {
             Verdict::RecheckAt(at)
         };
