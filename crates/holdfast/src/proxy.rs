@@ -382,29 +382,29 @@ impl Proxy {
             let deadline = total.map(|t| start + t);
             let read = match (spool, keep) {
                 _ if upgrade => Ok(RequestBody::Empty),
-                // Boxed: only requests with a body get here, and the read loop's state
-                // would otherwise sit in every request's future.
                 (Some(_), _) | (None, Some(_)) if http_body::Body::is_end_stream(&body) => {
                     Ok(RequestBody::Empty)
                 }
                 (Some(f), _) => {
-                    Box::pin(read_by(
-                        RequestBody::spool(
-                            body,
-                            f.body_memory.get(),
-                            max_body,
-                            stall,
-                            f.body_temp_dir.as_deref(),
-                        ),
+                    read_by(
+                        || {
+                            RequestBody::spool(
+                                body,
+                                f.body_memory.get(),
+                                max_body,
+                                stall,
+                                f.body_temp_dir.as_deref(),
+                            )
+                        },
                         deadline,
-                    ))
+                    )
                     .await
                 }
                 (None, Some(limit)) => {
-                    Box::pin(read_by(
-                        RequestBody::prepare(body, limit, max_body, stall),
+                    read_by(
+                        || RequestBody::prepare(body, limit, max_body, stall),
                         deadline,
-                    ))
+                    )
                     .await
                 }
                 (None, None) => Ok(RequestBody::stream(body, max_body, stall)),
@@ -621,13 +621,16 @@ impl std::error::Error for BodyPastTotal {}
 /// it has one: a request whose time ran out while its body arrived goes nowhere.
 /// Sent after its deadline, it would be cut at once, and a FastCGI application runs
 /// its script on whatever STDIN came (PHP does, on none or part of the body).
-async fn read_by(
-    read: impl Future<Output = Result<RequestBody, crate::body::BoxError>>,
+async fn read_by<F: Future<Output = Result<RequestBody, crate::body::BoxError>>>(
+    read: impl FnOnce() -> F,
     deadline: Option<Instant>,
 ) -> Result<RequestBody, crate::body::BoxError> {
+    // Boxed: only requests with a body get here, and the read loop's state would
+    // otherwise sit in every request's future. Made and boxed in each arm: the box
+    // without a deadline holds no timer (and stays in the smaller size class).
     match deadline {
-        None => read.await,
-        Some(at) => tokio::time::timeout_at(at, read)
+        None => Box::pin(read()).await,
+        Some(at) => Box::pin(tokio::time::timeout_at(at, read()))
             .await
             .unwrap_or_else(|_| Err(Box::new(BodyPastTotal))),
     }
