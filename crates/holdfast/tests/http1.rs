@@ -3220,6 +3220,39 @@ async fn a_client_asking_to_close_gets_the_whole_response_then_a_fin() {
     );
 }
 
+/// A client that sent `Connection: close` and then, while its request was in flight,
+/// more bytes (a pipelining client sending on past its close, RFC 9112 9.6): the
+/// answer to the first request ends with a FIN, not with a reset sent for the bytes
+/// still unread in the socket, which can reach the client before the answer and
+/// destroy it. hyper reads what arrives while it serves the request only until its
+/// buffer holds something; the rest stays in the socket.
+#[tokio::test]
+async fn a_client_asking_to_close_and_sending_more_gets_a_fin_not_a_reset() {
+    let upstream = TestUpstream::start(Behaviour::Delay(Duration::from_millis(300))).await;
+    let gw = start(&proxy_to(&upstream.url())).await;
+    let mut client = RawClient::connect(gw.addr).await.expect("connect");
+    client
+        .send_request(&ClientRequest::get("/first").header("connection", "close"))
+        .await
+        .expect("request");
+    upstream
+        .wait_for_requests(1, WAIT)
+        .await
+        .expect("the first request reached the upstream");
+    // More than hyper reads at once while the first request is served.
+    let mut more = ClientRequest::post("/second", vec![b'x'; 64 * 1024]).to_bytes("a.test");
+    more.extend_from_slice(&ClientRequest::get("/third").to_bytes("a.test"));
+    client.send(&more).await.expect("pipelined bytes");
+    let resp = client.read_response(WAIT).await.expect("the first answer");
+    assert_eq!(resp.status, 200);
+    assert_eq!(client.wait_close(WAIT).await, PeerClose::Eof);
+    assert_eq!(
+        upstream.requests_seen(),
+        1,
+        "only the first request is served"
+    );
+}
+
 /// A client that half-closes after its request (`shutdown(SHUT_WR)`, as `nc -N` does)
 /// is taken as gone, as nginx takes it (499): the end of its input is how holdfast
 /// learns that a client left, and stops the upstream work for it. README says so.

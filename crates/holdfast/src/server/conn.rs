@@ -194,7 +194,8 @@ pub struct ConnState {
     pub(super) client_closes: AtomicBool,
     /// HTTP/2: the client has sent something since holdfast began closing (a PING
     /// ack, a WINDOW_UPDATE): it is alive, and may be reading slowly. HTTP/1: bytes
-    /// were read while busy (a request body arriving; see [`UploadHold`]).
+    /// were read while busy (a request body arriving, see [`UploadHold`]; or bytes
+    /// past a request that asked to close, see `ClientIo::sends_nothing_more`).
     pub(super) heard: AtomicBool,
     /// HTTP/1: a write or flush hyper started has not finished (the socket is full):
     /// hyper holds bytes still to send. hyper ends a request once its response's last

@@ -182,6 +182,18 @@ impl ClientIo {
         matches!(socket2::SockRef::from(stream.tcp()).peek(&mut byte), Ok(n) if n > 0)
     }
 
+    /// The client asked to close after its request (`ConnState::client_closes`) and
+    /// sent nothing past it while it was served: closing needs no half-close and no
+    /// linger. A client that sends on past its close (pipelining, RFC 9112 9.6) gets
+    /// both: hyper reads what arrives while it serves the request only until its
+    /// buffer holds something, and a close with the rest unread in the socket would
+    /// send a reset, which can destroy the answer on its way. What hyper read then
+    /// set `heard` (bytes read while busy; on an earlier request of the connection, a
+    /// body did, and this errs towards the linger).
+    fn sends_nothing_more(&self) -> bool {
+        self.state.client_closes.load(Relaxed) && !self.state.heard.load(Relaxed)
+    }
+
     /// Counts the connection parked (in `/metrics`) while the guard lives.
     pub(super) fn parked(&self) -> Option<Parked<'_>> {
         self.tracked.as_ref().map(Tracked::park)
@@ -402,9 +414,7 @@ impl AsyncWrite for ClientIo {
             }
             _ => {}
         }
-        if this.state.client_closes.load(Relaxed)
-            && matches!(this.stream, Some(Transport::Plain(_)))
-        {
+        if this.sends_nothing_more() && matches!(this.stream, Some(Transport::Plain(_))) {
             // The client asked to close and sends nothing more: dropping the socket
             // right after this sends the FIN; a half-close first would be one more
             // syscall per connection.
@@ -423,7 +433,7 @@ impl Drop for ClientIo {
         let Some(stream) = self.stream.take() else {
             return;
         };
-        if self.read_eof || self.state.client_closes.load(Relaxed) {
+        if self.read_eof || self.sends_nothing_more() {
             return;
         }
         // Anything unread makes close() send a reset; see whether the client is
