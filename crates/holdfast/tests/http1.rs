@@ -3863,6 +3863,63 @@ async fn an_upstream_answer_before_the_body_was_sent_does_not_promise_keep_alive
     }
 }
 
+/// As above, with an upstream that closes after its early answer, its socket holding
+/// the body it did not read: holdfast's next write of the body fails (a reset)
+/// before it reads the answer, and the rest of the body is dropped. The answer still
+/// reaches the client, and says the connection closes, with no `Keep-Alive` timeout
+/// beside it: it is the client's last on the connection.
+#[tokio::test]
+async fn an_upstream_answer_then_close_before_the_body_was_sent_does_not_promise_keep_alive() {
+    let upstream = raw_upstream(|stream| async move {
+        let mut io = BufReader::new(stream);
+        if matches!(read_head(&mut io).await, Ok(Some(_))) {
+            let _ = io
+                .get_mut()
+                .write_all(b"HTTP/1.1 401 Unauthorized\r\ncontent-length: 4\r\n\r\nnope")
+                .await;
+        }
+    })
+    .await;
+    for attempts in [1, 3] {
+        let gw = start(&format!(
+            "{}[upstream.up.retry]\nattempts = {attempts}\n",
+            proxy_to(&format!("http://{}", upstream.addr))
+        ))
+        .await;
+        let (mut read, mut write) = TcpStream::connect(gw.addr)
+            .await
+            .expect("connect")
+            .into_split();
+        const LEN: usize = 4 << 20;
+        // The body goes on until holdfast closes (its linger reads it all).
+        let uploading = tokio::spawn(async move {
+            let head = format!("POST /upload HTTP/1.1\r\nhost: x\r\ncontent-length: {LEN}\r\n\r\n");
+            write.write_all(head.as_bytes()).await?;
+            write.write_all(&vec![b'x'; LEN]).await
+        });
+        let mut got = Vec::new();
+        tokio::time::timeout(WAIT, read.read_to_end(&mut got))
+            .await
+            .expect("holdfast closes after its answer")
+            .expect("the answer, then a FIN");
+        let text = String::from_utf8_lossy(&got).to_ascii_lowercase();
+        assert!(
+            text.starts_with("http/1.1 401"),
+            "attempts = {attempts}: {text}"
+        );
+        assert!(text.ends_with("nope"), "attempts = {attempts}: {text}");
+        assert!(
+            text.contains("\r\nconnection: close\r\n"),
+            "attempts = {attempts}: {text}"
+        );
+        assert!(
+            !text.contains("keep-alive"),
+            "attempts = {attempts}: {text}"
+        );
+        let _ = uploading.await;
+    }
+}
+
 /// A request hyper refuses while reading its head (malformed: 400; over
 /// `max_header_bytes`: 431) is answered by hyper before holdfast sees a request; it
 /// still gets its access-log line (nginx logs them), holdfast's own answer under no

@@ -411,9 +411,12 @@ impl Http1Conn {
         self.body.take()
     }
 
-    /// The request, its body included, has been written whole.
+    /// The request, its body included, has been written whole. Not so for one given
+    /// up after an early answer (its write failed as the upstream closed): the rest
+    /// of its body is dropped, and so left unread from the client. Until the
+    /// response head is in, `broken` means only that.
     pub fn request_sent(&self) -> bool {
-        self.request_done
+        self.request_done && !self.broken
     }
 
     /// The response body ended (or there is none).
