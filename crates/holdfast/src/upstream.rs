@@ -349,15 +349,17 @@ impl Upstream {
                 // The request's total deadline is enforced here too while a connection is
                 // held, so that the connection it closes counts as a timeout, not as
                 // abandoned by a cancelled request.
-                let headers_by = sent_at + self.config.timeouts.response_headers.get();
-                let (by, kind) = match total_deadline {
-                    Some(t) if t < headers_by => (t, Kind::TotalTimeout),
-                    _ => (headers_by, Kind::ResponseHeadersTimeout),
+                let due = http1::conn::HeadDue {
+                    timeout: self.config.timeouts.response_headers.get(),
+                    total: total_deadline,
                 };
                 let sent = if let Some(head) = parts.as_ref().filter(|_| conn.is_plain_http1()) {
                     // Sent from the borrowed head, which stays for another attempt;
-                    // `by` is kept by the connection's own timer.
-                    match send_http1(&mut conn, head, set.as_ref(), attempt_body, by).await {
+                    // the deadline is kept by the connection's own timer (and a
+                    // streamed body's time to first byte counts from its end).
+                    match send_http1(&mut conn, head, set.as_ref(), attempt_body, sent_at, due)
+                        .await
+                    {
                         Ok(Err((e, returned))) => {
                             body = returned.or(body);
                             Ok(Err((e, None)))
@@ -382,7 +384,7 @@ impl Upstream {
                         parts = Some(clone_parts(&head));
                     }
                     let req = Request::from_parts(head, attempt_body);
-                    tokio::time::timeout_at(by, send(&mut conn, req))
+                    tokio::time::timeout_at(due.after(sent_at), send(&mut conn, req))
                         .await
                         .map_err(|_| TimedOut)
                 };
@@ -390,6 +392,13 @@ impl Upstream {
                     Ok(r) => r,
                     Err(_) => {
                         conn.set_close_reason(CloseReason::Timeout);
+                        // The total deadline, if the one that passed was that (a
+                        // clock reading, on this failure only).
+                        let kind = if total_deadline.is_some_and(|t| t <= Instant::now()) {
+                            Kind::TotalTimeout
+                        } else {
+                            Kind::ResponseHeadersTimeout
+                        };
                         let error = UpstreamError::new(kind, Delivery::MaybeSent);
                         return Err(Failure {
                             error,
@@ -663,14 +672,16 @@ struct TimedOut;
 type Http1Sent = Result<Response<Payload>, (UpstreamError, Option<RequestBody>)>;
 
 /// One attempt on a plain HTTP/1.1 connection: the head is encoded from a borrow
-/// and queued now; only a small poll of the connection is awaited, until `by`. On
-/// failure the body comes back if nothing was sent.
+/// and queued now; only a small poll of the connection is awaited, until the head is
+/// due (`due`, see [`Http1Conn::set_deadline`](http1::conn::Http1Conn::set_deadline)).
+/// On failure the body comes back if nothing was sent.
 fn send_http1<'a>(
     conn: &'a mut PooledConn,
     head: &http::request::Parts,
     set: Option<&SetFields>,
     body: RequestBody,
-    by: Instant,
+    sent_at: Instant,
+    due: http1::conn::HeadDue,
 ) -> impl Future<Output = Result<Http1Sent, TimedOut>> + Send + 'a {
     use futures_util::future::Either;
     let Client::Http1(c) = conn.client() else {
@@ -678,7 +689,7 @@ fn send_http1<'a>(
     };
     match c.begin(head, set, body) {
         Ok(()) => {
-            c.set_deadline(by);
+            c.set_deadline(sent_at, due);
             Either::Left(std::future::poll_fn(move |cx| {
                 if let Poll::Ready(r) = c.poll_response(cx) {
                     return Poll::Ready(Ok(r.map_err(|e| unsent_body(c, e))));

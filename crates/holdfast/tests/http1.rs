@@ -1971,6 +1971,55 @@ async fn upstream_timeout_gets_504() {
     );
 }
 
+/// `timeouts.response_headers` is the upstream's time to answer once it has the
+/// request. A body that streams (longer than `retry.replay_body_limit`) from a client
+/// slower than that, within `body_timeout`, used to be timed from its head: the
+/// client got 504 while its upload was still arriving (with the defaults, every
+/// upload taking over 60 s), and the upstream a cut body. Now the time counts from
+/// the body's end: the upload is answered, and an upstream that then says nothing
+/// still gets its 504, `response_headers` after the body's end.
+#[tokio::test]
+async fn a_slow_upload_is_timed_for_its_answer_from_its_end() {
+    const FIRST: usize = 70 * 1024;
+    const PIECE: usize = 1000;
+    const PIECES: usize = 3;
+    for (behaviour, status) in [(Behaviour::Echo, 200), (Behaviour::Hang, 504)] {
+        let upstream = TestUpstream::start(behaviour).await;
+        let gw = start(&format!(
+            "{}[upstream.up.timeouts]\nresponse_headers = \"1s\"\n",
+            proxy_to(&upstream.url())
+        ))
+        .await;
+        let mut client = RawClient::connect(gw.addr).await.expect("connect");
+        let head = format!(
+            "POST /upload HTTP/1.1\r\nhost: a.test\r\ncontent-length: {}\r\n\r\n",
+            FIRST + PIECES * PIECE
+        );
+        client.send(head).await.expect("head");
+        client.send(vec![b'x'; FIRST]).await.expect("first part");
+        // The rest comes slowly: the pieces' gaps add up to more than
+        // `response_headers`, each well within `body_timeout`.
+        for _ in 0..PIECES {
+            tokio::time::sleep(Duration::from_millis(600)).await;
+            client.send(vec![b'y'; PIECE]).await.expect("a piece");
+        }
+        let ended = Instant::now();
+        let resp = client.read_response(WAIT).await.expect("an answer");
+        assert_eq!(resp.status, status, "{}", resp.text());
+        if status == 200 {
+            let echoed = resp.echoed().expect("echoed");
+            assert_eq!(echoed.body.len(), FIRST + PIECES * PIECE);
+        } else {
+            assert_error(&resp, 504, "http_response_timeout");
+            assert!(
+                ended.elapsed() >= Duration::from_millis(900),
+                "504 {:?} after the body's end, before response_headers",
+                ended.elapsed()
+            );
+        }
+    }
+}
+
 // === a real upstream ===
 
 #[tokio::test]

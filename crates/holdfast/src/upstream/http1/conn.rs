@@ -109,6 +109,11 @@ pub struct Http1Conn {
     /// it for a whole `response_headers` timeout, and then only wakes the task that
     /// last polled it, once, for nothing.
     deadline: Option<Timer<Box<tokio::time::Sleep>>>,
+    /// While a streamed request body is still going out: when the response head is
+    /// due once it has (see [`Http1Conn::set_deadline`]).
+    after_body: Option<HeadDue>,
+    /// Some of the request was written since the deadline was last set.
+    body_progress: bool,
 }
 
 /// Sets up a connection on a connected plain socket (HTTP/1 has no handshake) and
@@ -142,31 +147,77 @@ pub fn connect(
         watch: watch.clone(),
         idle_waker: idle_waker.clone(),
         deadline: None,
+        after_body: None,
+        body_progress: false,
     };
     (conn, watch_idle(stream, watch, idle_waker))
 }
 
+/// When a response head is due (see [`Http1Conn::set_deadline`]).
+#[derive(Debug, Clone, Copy)]
+pub struct HeadDue {
+    /// `timeouts.response_headers`, counted from when the request was written whole.
+    pub timeout: std::time::Duration,
+    /// The request's `timeouts.total` deadline, if it has one: the head is due by
+    /// then in any case.
+    pub total: Option<tokio::time::Instant>,
+}
+
+impl HeadDue {
+    /// The head's deadline for a request written whole at `at`.
+    pub fn after(self, at: tokio::time::Instant) -> tokio::time::Instant {
+        let by = at + self.timeout;
+        match self.total {
+            Some(total) if total < by => total,
+            _ => by,
+        }
+    }
+}
+
 impl Http1Conn {
-    /// Sets the time by which the response head must have come (see
-    /// [`Http1Conn::poll_deadline`]).
-    pub fn set_deadline(&mut self, at: tokio::time::Instant) {
+    /// Sets when the response head must have come (see [`Http1Conn::poll_deadline`]),
+    /// for the request [`Http1Conn::begin`] took, handed the connection at `sent_at`:
+    /// `due.timeout` after it is written whole. That is at once for a request that
+    /// goes out with its head. One whose body streams (from the client, as it
+    /// arrives) is timed from the body's end, as the upstream answers once it has
+    /// it; meanwhile the body is given another `due.timeout` each time one passes
+    /// with some of it written (its gaps are the listener's `body_timeout`'s to
+    /// bound, its writes `timeouts.write`'s). Timed from its head, a slow upload got
+    /// 504 while it was still arriving: with the defaults, every upload taking
+    /// longer than 60 s. `due.total` applies throughout.
+    pub fn set_deadline(&mut self, sent_at: tokio::time::Instant, due: HeadDue) {
+        self.after_body = self.body.is_some().then_some(due);
+        self.body_progress = false;
+        self.arm_deadline(due.after(sent_at));
+    }
+
+    fn arm_deadline(&mut self, at: tokio::time::Instant) {
         match &mut self.deadline {
             Some(timer) => timer.reset(at),
             None => self.deadline = Some(Timer::new(Box::pin(tokio::time::sleep_until(at)))),
         }
     }
 
-    /// Ready once the time given to [`Http1Conn::set_deadline`] has passed.
+    /// Ready once the time set by [`Http1Conn::set_deadline`] has passed.
     pub fn poll_deadline(&mut self, cx: &mut Context<'_>) -> Poll<()> {
-        match &mut self.deadline {
-            Some(timer) => {
-                if timer.poll_due(cx) {
-                    Poll::Ready(())
-                } else {
-                    Poll::Pending
-                }
+        // Bounded: a second turn follows a reset to a later time, whose poll
+        // registers for it.
+        loop {
+            let Some(timer) = &mut self.deadline else {
+                return Poll::Pending;
+            };
+            if !timer.poll_due(cx) {
+                return Poll::Pending;
             }
-            None => Poll::Pending,
+            match self.after_body {
+                // A streamed body still going out, and some of it went since the
+                // deadline was set: another `timeout` (by `total` at the latest).
+                Some(due) if self.body_progress => {
+                    self.body_progress = false;
+                    timer.reset(due.after(tokio::time::Instant::now()));
+                }
+                _ => return Poll::Ready(()),
+            }
         }
     }
 
@@ -288,19 +339,26 @@ impl Http1Conn {
         cx: &mut Context<'_>,
     ) -> Poll<Result<Response<super::super::Payload>, UpstreamError>> {
         loop {
-            if !self.request_done
-                && let Poll::Ready(Err(e)) = self.poll_write_request(cx)
-            {
-                self.broken = true;
-                // Nothing of the request left: whatever is read cannot answer it.
-                if e.kind() != Kind::Closed || e.delivery() == Delivery::NotSent {
-                    return Poll::Ready(Err(e));
+            if !self.request_done {
+                if let Poll::Ready(Err(e)) = self.poll_write_request(cx) {
+                    self.broken = true;
+                    // Nothing of the request left: whatever is read cannot answer it.
+                    if e.kind() != Kind::Closed || e.delivery() == Delivery::NotSent {
+                        return Poll::Ready(Err(e));
+                    }
+                    // The upstream stopped taking the request (a reset after an early
+                    // answer): what it answered before is still to be read, and is the
+                    // answer; the write's failure is only the error without one.
+                    self.abandon_request();
+                    self.write_failed = Some(e);
                 }
-                // The upstream stopped taking the request (a reset after an early
-                // answer): what it answered before is still to be read, and is the
-                // answer; the write's failure is only the error without one.
-                self.abandon_request();
-                self.write_failed = Some(e);
+                // A streamed body went out whole (or was given up): the head is
+                // due `timeout` from now (one clock reading, for such a body only).
+                if self.request_done
+                    && let Some(due) = self.after_body.take()
+                {
+                    self.arm_deadline(due.after(tokio::time::Instant::now()));
+                }
             }
             let method = self.method_for_framing();
             match codec::parse_response_head_with(
@@ -560,6 +618,7 @@ impl Http1Conn {
                         Err(e) => return Poll::Ready(Err(self.write_error(e))),
                     };
                 self.sent_any = true;
+                self.body_progress = true;
                 advance(&mut self.queue, written);
             }
             let Some(body) = self.body.as_mut() else {

@@ -1061,8 +1061,12 @@ async fn an_http1_head_that_could_not_be_written_gives_its_streamed_body_back() 
         .body(())
         .expect("request")
         .into_parts();
-    let by = Instant::now() + Duration::from_secs(5);
-    let Ok(sent) = crate::upstream::send_http1(&mut conn, &parts, None, body, by).await else {
+    let due = crate::upstream::http1::conn::HeadDue {
+        timeout: Duration::from_secs(5),
+        total: None,
+    };
+    let sent = crate::upstream::send_http1(&mut conn, &parts, None, body, Instant::now(), due);
+    let Ok(sent) = sent.await else {
         panic!("timed out")
     };
     let Err((e, returned)) = sent else {
