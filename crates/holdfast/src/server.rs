@@ -358,6 +358,9 @@ impl Server {
 /// Applies a new config. Cancel safe, as `Server::run` needs (a drain or a newer
 /// config drops a reload still resolving host names): nothing of it applies before
 /// its one await, the upstreams' build, is over.
+///
+/// Certificate files are read first: one that cannot be used (config validation read
+/// it, but it may have changed since) refuses the whole reload, as any bad file does.
 async fn reload(
     proxy: &Proxy,
     running: &Config,
@@ -366,6 +369,33 @@ async fn reload(
     state: &ServerState,
 ) {
     let old = proxy.routing();
+    // The listeners in force, in `fronts` order: what `/config` goes on showing, with
+    // the certificates that a reload swaps in.
+    let mut listeners = old.config.listeners.clone();
+    let mut certificates = Vec::new();
+    for (i, (front, in_force)) in fronts.iter().zip(&listeners).enumerate() {
+        let listen = in_force.listen;
+        let Some(tls) = new
+            .listeners
+            .iter()
+            .find(|l| l.listen == listen)
+            .and_then(|l| l.tls.as_ref())
+        else {
+            continue;
+        };
+        match front.load_certificates(tls) {
+            Some(Ok(store)) => certificates.push((i, tls.clone(), store)),
+            Some(Err(e)) => {
+                state.reload_failures.fetch_add(1, Relaxed);
+                tracing::error!(%listen, "certificates cannot be used: {e}");
+                tracing::error!(
+                    "reload refused; keeping the running config and the certificates in force"
+                );
+                return;
+            }
+            None => {}
+        }
+    }
     let upstreams = Upstreams::build(&new.upstreams, Some(&old.upstreams)).await;
     // Certificates are the one listener setting a reload applies: their files are read
     // again even when the config names the same ones (a renewal rewrites them).
@@ -381,30 +411,13 @@ async fn reload(
             "listener and admin changes take effect on the next upgrade (SIGUSR2), not on reload"
         );
     }
-    // The listeners in force, in `fronts` order: what `/config` goes on showing, with
-    // the certificates that a reload swaps in.
-    let mut listeners = old.config.listeners.clone();
-    for (front, in_force) in fronts.iter().zip(&mut listeners) {
-        let listen = in_force.listen;
-        let Some(tls) = new
-            .listeners
-            .iter()
-            .find(|l| l.listen == listen)
-            .and_then(|l| l.tls.as_ref())
-        else {
+    for (i, tls, store) in certificates {
+        let (Some(front), Some(in_force)) = (fronts.get(i), listeners.get_mut(i)) else {
             continue;
         };
-        match front.reload_certificates(tls) {
-            Some(Ok(n)) => {
-                in_force.tls = Some(tls.clone());
-                tracing::info!(%listen, certificates = n, "certificates reloaded");
-            }
-            Some(Err(e)) => {
-                state.reload_failures.fetch_add(1, Relaxed);
-                tracing::error!(%listen, "certificates not reloaded, the ones in force stay: {e}");
-            }
-            None => {}
-        }
+        let n = front.install_certificates(store);
+        in_force.tls = Some(tls);
+        tracing::info!(listen = %in_force.listen, certificates = n, "certificates reloaded");
     }
     crate::telemetry::reload(&new.log);
     // What only an upgrade changes stays as it is, in the config `/config` shows too.

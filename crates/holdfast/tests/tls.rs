@@ -638,6 +638,48 @@ async fn reload_swaps_certificates_for_new_connections_and_keeps_open_ones() {
     );
 }
 
+/// A reload whose certificate files cannot be used (here broken after the config was
+/// read, as a renewal caught half-written would be) fails whole, as a bad config file
+/// does: the routes and upstreams in force stay, and it is counted as a failure only.
+/// Before, only the certificates stayed: the rest of the new config applied (requests
+/// went to the new upstream, the old one's pools drained) and the reload was counted
+/// in `holdfast_reloads_total` as well as in the failures.
+#[tokio::test]
+async fn a_reload_whose_certificates_cannot_be_used_applies_nothing() {
+    let pki = TestCa::new("holdfast test CA");
+    let (cert, key) = pki.leaf("site", &["localhost"]);
+    let old = TestUpstream::start(Behaviour::Echo).await;
+    let new = TestUpstream::start(Behaviour::Echo).await;
+    let text = |url: &str| {
+        format!(
+            "{}{}\n[admin]\nlisten = \"127.0.0.1:0\"\n",
+            proxy_to(url),
+            tls_listener("127.0.0.1:0", &cert, &key, "")
+        )
+    };
+    let gw = start(&text(&old.url())).await;
+    // Read while the files are good; the server reads them again on reload.
+    let to_new = Config::from_toml(&text(&new.url()), Path::new("test.toml")).unwrap();
+    std::fs::write(&cert, "-----BEGIN CERTIFICATE-----\ngarbage\n").unwrap();
+    gw.send(Control::Reload(Box::new(to_new))).await;
+    assert!(
+        wait_until(SOON, || gw.state.reload_failures.load(Relaxed) == 1).await,
+        "the failed reload is counted"
+    );
+    assert_eq!(
+        gw.state.reloads.load(Relaxed),
+        0,
+        "a refused reload is not counted as applied"
+    );
+    let (mut c, _conn) = Client::tls(gw.addr, &pki, &["http/1.1"]).await;
+    assert_eq!(c.send(Method::GET, "https", "/", "").await.status, 200);
+    assert_eq!(
+        (old.requests_seen(), new.requests_seen()),
+        (1, 0),
+        "the routes in force stay"
+    );
+}
+
 // === HTTP/2 limits ===
 
 /// Opens a TLS connection with ALPN h2 and sends `n` requests each reset at once, in

@@ -136,13 +136,18 @@ impl ListenerShared {
         })
     }
 
-    /// Reads this listener's certificate files again for new handshakes (SIGHUP).
-    /// Returns how many certificates are in force, or `None` for a plain listener.
+    /// Reads this listener's certificate files again (SIGHUP), for
+    /// [`ListenerShared::install_certificates`]; `None` for a plain listener.
     ///
     /// # Errors
-    /// A file cannot be used; the certificates in force stay.
-    pub fn reload_certificates(&self, config: &TlsConfig) -> Option<Result<usize, String>> {
-        self.tls.as_ref().map(|t| t.reload(config))
+    /// A file cannot be used.
+    pub fn load_certificates(&self, config: &TlsConfig) -> Option<Result<tls::CertStore, String>> {
+        self.tls.as_ref().map(|_| TlsFront::load(config))
+    }
+
+    /// Serves new handshakes with `store`; returns how many certificates it holds.
+    pub fn install_certificates(&self, store: tls::CertStore) -> usize {
+        self.tls.as_ref().map_or(0, |t| t.install(store))
     }
 }
 

@@ -5,7 +5,7 @@
 //! refuses a handshake whose offer names nothing of the list); session tickets (a rotating ticketer) and a server-side session cache
 //! for resumption; no 0-RTT (early data could be replayed). Certificates are chosen by
 //! SNI ([`certs::CertStore`]) through a resolver that reads an `ArcSwap`, so
-//! [`TlsFront::reload`] swaps in freshly read files for new handshakes while every open
+//! [`TlsFront::install`] swaps in freshly read files for new handshakes while every open
 //! connection keeps the session it has.
 //!
 //! Not here: what runs over the TLS stream (`server::conn`), client certificates.
@@ -86,16 +86,21 @@ impl TlsFront {
         self.acceptor.accept(stream).await
     }
 
-    /// Reads the certificate files again and uses them for new handshakes. On any
-    /// error the certificates in force stay, and the error says which file.
+    /// Reads the certificate files again (SIGHUP), for [`TlsFront::install`] once
+    /// the whole reload is sure to apply.
     ///
     /// # Errors
-    /// As [`TlsFront::new`].
-    pub fn reload(&self, config: &TlsConfig) -> Result<usize, String> {
-        let store = CertStore::load(config).map_err(join)?;
+    /// As [`TlsFront::new`]; the message says which file.
+    pub fn load(config: &TlsConfig) -> Result<CertStore, String> {
+        CertStore::load(config).map_err(join)
+    }
+
+    /// Uses `store` for new handshakes; open connections keep theirs. Returns how many
+    /// certificates it holds.
+    pub fn install(&self, store: CertStore) -> usize {
         let n = store.count();
         self.resolver.0.store(Arc::new(store));
-        Ok(n)
+        n
     }
 }
 
