@@ -47,13 +47,25 @@ pub fn redact(value: &mut Value) {
 }
 
 /// `scheme://user:password@rest` with the password replaced, if `text` has one.
+///
+/// Read as loosely as the clients that take such URLs: libpq takes `?` and `#` in a
+/// password as they are, SQLAlchemy `/` too, so none of them ends it. The user is what
+/// comes before the first `:` (with no `/`, `?`, `#` or `@` in it); the password runs
+/// to the last `@` before the host's end, the first `/` after an `@` (a password may
+/// hold `@`, and a path may too). A URL with a port and an `@` in its path shows with
+/// both hidden: more hidden than needed, never a password shown.
 fn without_url_password(text: &str) -> Option<String> {
     let (scheme, rest) = text.split_once("://")?;
-    // The authority ends at the first `/`, `?` or `#`; userinfo is before its last `@`.
-    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
-    let authority = &rest[..authority_end];
-    let at = authority.rfind('@')?;
-    let (user, _password) = authority[..at].split_once(':')?;
+    let colon = rest.find([':', '/', '?', '#', '@'])?;
+    if !rest[colon..].starts_with(':') {
+        return None;
+    }
+    let first_at = colon + rest[colon..].find('@')?;
+    let host_end = rest[first_at..]
+        .find('/')
+        .map_or(rest.len(), |i| first_at + i);
+    let at = rest[..host_end].rfind('@')?;
+    let user = &rest[..colon];
     Some(format!("{scheme}://{user}:{REDACTED}{}", &rest[at..]))
 }
 
@@ -121,6 +133,50 @@ mod tests {
         assert_eq!(p["SENTRY_DSN"].as_str(), Some(REDACTED));
         assert_eq!(p["DB_PASS"].as_str(), Some(REDACTED));
         assert_eq!(p["HOME_URL"].as_str(), Some("https://www.example.com/a@b"));
+    }
+
+    /// A password written as DSN parsers take it, with `?`, `#` or `/` not
+    /// percent-encoded (libpq takes the first two, SQLAlchemy all three), is hidden
+    /// whole. Before, the URL's authority was taken to end at the first of them, no
+    /// `@` was found before it, and the URL was shown as it was, password and all.
+    #[test]
+    fn url_passwords_with_characters_dsn_parsers_take_raw_are_hidden() {
+        for (url, shown) in [
+            (
+                "postgres://app:Ab?9x@db.internal:5432/app",
+                "postgres://app:<redacted>@db.internal:5432/app",
+            ),
+            (
+                "mysql://app:Ab#9x@db/app?charset=utf8",
+                "mysql://app:<redacted>@db/app?charset=utf8",
+            ),
+            (
+                "postgresql://app:Ab/9x@db/app",
+                "postgresql://app:<redacted>@db/app",
+            ),
+            (
+                "postgres://app:p@ss@db/app?x=a@b",
+                "postgres://app:<redacted>@db/app?x=a@b",
+            ),
+            (
+                "redis://:s3cr3t@cache:6379/0",
+                "redis://:<redacted>@cache:6379/0",
+            ),
+        ] {
+            let mut v = Value::String(url.to_owned());
+            redact(&mut v);
+            assert_eq!(v.as_str(), Some(shown), "{url}");
+        }
+        for kept in [
+            "https://www.example.com/a@b",
+            "https://www.example.com/?next=a:b@c",
+            "https://user@example.com/",
+            "http://10.0.0.5:8080/status",
+        ] {
+            let mut v = Value::String(kept.to_owned());
+            redact(&mut v);
+            assert_eq!(v.as_str(), Some(kept), "{kept}");
+        }
     }
 
     #[test]
