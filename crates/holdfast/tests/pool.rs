@@ -765,6 +765,49 @@ async fn a_reload_that_replaces_a_pool_keeps_the_old_pools_connections_under_the
     assert_eq!(n(&v, "max_connections"), 1, "{v:#}");
 }
 
+/// A request of the old config still in flight to an address that a reload gave a
+/// new pool (a long poll, an open WebSocket) is still in flight to that address:
+/// `outstanding` (`holdfast_upstream_outstanding_requests`, and what
+/// `least_outstanding` balances by) counts it until it ends, then goes back to 0.
+/// Before, the new address kept a count of its own from 0, so such requests vanished
+/// from the gauge and from the balancing at every reload that changed a pool setting.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_in_flight_across_a_reload_that_replaces_its_pool_stays_outstanding() {
+    let up = TestUpstream::start(Behaviour::Hang).await;
+    let config = |max_idle: u32| {
+        format!(
+            "[[route]]\nupstream = \"up\"\n\n[upstream.up]\naddresses = [\"{}\"]\n\
+             pool.max_idle = {max_idle}\n",
+            up.url()
+        )
+    };
+    let hf = Holdfast::start(&config(8)).await;
+    let mut client = RawClient::connect(hf.addr).await.expect("connect");
+    client
+        .send_request(&ClientRequest::get("/long-poll"))
+        .await
+        .expect("send");
+    up.wait_for_requests(1, WAIT)
+        .await
+        .expect("the request reached the upstream");
+    hf.wait_view("up", 0, WAIT, "the request counted", |v| {
+        n(v, "outstanding") == 1
+    })
+    .await;
+    hf.reload(&config(4)).await;
+    let v = hf.view("up", 0).await;
+    assert_eq!(
+        (n(&v, "outstanding"), n(&v, "in_use")),
+        (1, 1),
+        "still in flight to the address: {v:#}"
+    );
+    drop(client);
+    hf.wait_view("up", 0, WAIT, "back to 0 once it ended", |v| {
+        n(v, "outstanding") == 0 && n(v, "in_use") == 0
+    })
+    .await;
+}
+
 /// What an address's pool learned stays learned across a reload that keeps the pool
 /// (learned values never rise, by design); a reload that changes the pool's settings
 /// gives the address a new pool, which begins from the config again. That is the

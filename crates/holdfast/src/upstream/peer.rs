@@ -64,7 +64,9 @@ pub struct Peer {
     tcp: TcpConfig,
     timeouts: TimeoutConfig,
     pub health: Health,
-    outstanding: AtomicUsize,
+    /// Requests in flight to the address, shared with the peer a reload replaced (and
+    /// its successor): its requests still running are in flight to the address too.
+    outstanding: Arc<AtomicUsize>,
     /// No longer in the upstream's address list (DNS changed): serves what it has,
     /// takes nothing new.
     removed: AtomicBool,
@@ -79,8 +81,9 @@ pub struct Peer {
 
 impl Peer {
     /// `previous`: the peer at this address that a reload replaces, whose pool's
-    /// figures and slots the new pool takes over (see [`Pool::succeeding`]), and
-    /// what its FastCGI application said about itself.
+    /// figures and slots the new pool takes over (see [`Pool::succeeding`]), whose
+    /// count of requests in flight goes on here, and what its FastCGI application
+    /// said about itself.
     pub fn new(
         addr: PeerAddr,
         host: Arc<str>,
@@ -118,7 +121,7 @@ impl Peer {
             tcp: config.tcp.clone(),
             timeouts: config.timeouts.clone(),
             health: Health::new(config.health.clone()),
-            outstanding: AtomicUsize::new(0),
+            outstanding: previous.map_or_else(Arc::default, |p| p.outstanding.clone()),
             removed: AtomicBool::new(false),
             fastcgi_values,
             fastcgi_asking: tokio::sync::Mutex::new(()),
