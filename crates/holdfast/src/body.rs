@@ -64,6 +64,19 @@ impl std::error::Error for ClientBodyError {
     }
 }
 
+/// The client went away in the middle of its body (its connection or HTTP/2 stream
+/// ended): the cause of a failure whose protocol handle reports only its consequence.
+#[derive(Debug)]
+pub struct ClientGone;
+
+impl fmt::Display for ClientGone {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("the client went away in the middle of its request body")
+    }
+}
+
+impl std::error::Error for ClientGone {}
+
 /// The part of a body read so far. A body that arrives in one piece (most small
 /// ones) is kept as hyper's `Bytes`, without a copy.
 #[derive(Default)]
@@ -135,7 +148,8 @@ pub struct Streaming {
 #[derive(Default)]
 pub struct BodyEnd {
     ended: AtomicBool,
-    /// How the body failed, if it did: [`BodyEnd::TOO_LARGE`] or [`BodyEnd::CLIENT`].
+    /// How the body failed, if it did: [`BodyEnd::TOO_LARGE`], [`BodyEnd::CLIENT`] or
+    /// [`BodyEnd::GONE`].
     failed: AtomicU8,
     held: Mutex<Option<Box<dyn Send>>>,
 }
@@ -151,6 +165,7 @@ impl fmt::Debug for BodyEnd {
 impl BodyEnd {
     const TOO_LARGE: u8 = 1;
     const CLIENT: u8 = 2;
+    const GONE: u8 = 3;
 
     /// The body failed on its way: over `max_body_bytes`, or the client's own body
     /// failed. A protocol handle may report only its consequence (HTTP/2: the stream
@@ -159,6 +174,7 @@ impl BodyEnd {
         match self.failed.load(Acquire) {
             Self::TOO_LARGE => Some(BodyFailure::TooLarge),
             Self::CLIENT => Some(BodyFailure::Client),
+            Self::GONE => Some(BodyFailure::Gone),
             _ => None,
         }
     }
@@ -202,7 +218,10 @@ impl BodyEnd {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BodyFailure {
     TooLarge,
+    /// Stalled past `body_timeout`, or bad chunking.
     Client,
+    /// The client's connection (or HTTP/2 stream) ended under it: it went away.
+    Gone,
 }
 
 /// A streamed body's [`BodyEnd`], if watched; lets go of what it holds on drop.
@@ -497,7 +516,12 @@ impl Body for RequestBody {
                         Poll::Ready(None)
                     }
                     Poll::Ready(Some(Err(e))) => {
-                        s.ended.fail(BodyEnd::CLIENT);
+                        s.ended
+                            .fail(if crate::upstream::error::connection_ended(&e) {
+                                BodyEnd::GONE
+                            } else {
+                                BodyEnd::CLIENT
+                            });
                         s.hold = None;
                         Poll::Ready(Some(Err(Box::new(ClientBodyError(e)))))
                     }

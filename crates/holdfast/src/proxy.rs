@@ -23,7 +23,7 @@ use hyper_util::rt::TokioIo;
 use tokio::time::Instant;
 
 use self::access_log::AccessRecord;
-use self::figures::{RouteFigures, Tally};
+use self::figures::{CLIENT_CLOSED_REQUEST, RouteFigures, Tally};
 use self::headers::ClientFacts;
 use self::response::{BodyDeadlines, ResponseBody, UpstreamBody};
 use crate::body::RequestBody;
@@ -567,11 +567,14 @@ impl Proxy {
             reused,
         } = failure;
         let status = error.status();
+        // The client went away mid-upload: nobody reads the answer, and the request
+        // is one its client left before any answer was made (README: 499).
+        let gone = error.client_gone();
         let address = peer.as_ref().map(|p| p.label.clone());
         tracing::warn!(
             upstream = %upstream.name,
             address = address.as_deref().unwrap_or("-"),
-            status = status.as_u16(),
+            status = if gone { CLIENT_CLOSED_REQUEST } else { status.as_u16() },
             attempts,
             reused,
             delivery = error.delivery_details(),
@@ -601,6 +604,15 @@ impl Proxy {
             status.canonical_reason().unwrap_or(""),
             error
         );
+        if gone {
+            tally.finish_with(CLIENT_CLOSED_REQUEST);
+            if let Some(mut l) = log {
+                l.status = CLIENT_CLOSED_REQUEST;
+                l.outcome = "client_gone";
+                l.emit(0);
+            }
+            return local_response(status, body.into(), Some(proxy_status));
+        }
         finish_local(status, body, Some(proxy_status), (log, tally))
     }
 }
@@ -691,16 +703,7 @@ fn finish_local(
     tally.finish_with(status.as_u16());
     let body: bytes::Bytes = body.into();
     let body_len = body.len() as u64;
-    let mut resp = Response::new(ResponseBody::full(body));
-    *resp.status_mut() = status;
-    let h = resp.headers_mut();
-    h.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
-    if let Some(ps) = proxy_status.and_then(|p| HeaderValue::try_from(p).ok()) {
-        h.insert("proxy-status", ps);
-    }
+    let resp = local_response(status, body, proxy_status);
     if let Some(mut l) = log {
         l.status = status.as_u16();
         if l.outcome == "ok" {
@@ -713,6 +716,25 @@ fn finish_local(
             body_len
         };
         l.emit(sent);
+    }
+    resp
+}
+
+/// The response of [`finish_local`], without counting or logging it.
+fn local_response(
+    status: StatusCode,
+    body: bytes::Bytes,
+    proxy_status: Option<String>,
+) -> Response<ResponseBody> {
+    let mut resp = Response::new(ResponseBody::full(body));
+    *resp.status_mut() = status;
+    let h = resp.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    if let Some(ps) = proxy_status.and_then(|p| HeaderValue::try_from(p).ok()) {
+        h.insert("proxy-status", ps);
     }
     resp
 }

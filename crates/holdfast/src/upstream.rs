@@ -443,10 +443,14 @@ impl Upstream {
                         // The request's own body failed: that is the cause (hyper's
                         // HTTP/2 client reports only the stream it reset for it).
                         let error = match conn.body_failure() {
+                            Some(crate::body::BodyFailure::Gone) if !error.client_gone() => {
+                                UpstreamError::new(Kind::ClientBody, error.delivery())
+                                    .with_cause(crate::body::ClientGone)
+                            }
                             Some(failure) => {
                                 let kind = match failure {
                                     crate::body::BodyFailure::TooLarge => Kind::BodyTooLarge,
-                                    crate::body::BodyFailure::Client => Kind::ClientBody,
+                                    _ => Kind::ClientBody,
                                 };
                                 if error.kind() == kind {
                                     error

@@ -2894,6 +2894,84 @@ async fn access_log_has_a_line_for_a_client_that_left_before_the_answer() {
     assert_eq!(v["outcome"], "client_gone", "{v}");
 }
 
+/// A client that goes away in the middle of its upload (its connection ends before the
+/// body it announced) is a client gone before any answer was made for it: README has
+/// it logged `client_gone` with status 499 and no bytes, as when it leaves while the
+/// upstream answers. Before, holdfast took the cut body for a bad request: the line
+/// said 400, `local`, and the bytes of a 400 nobody could read, whether the body was
+/// being read first (for a retry's copy) or streamed to the upstream, over HTTP/1.1
+/// or HTTP/2 (whose client reports only the stream it reset for the body).
+#[tokio::test]
+async fn access_log_says_client_gone_for_a_client_that_left_mid_upload() {
+    let upstream = TestUpstream::start(Behaviour::Echo).await;
+    let h2c = h2c_upstream_reading_bodies().await;
+    let config = format!(
+        "[log]\nformat = \"json\"\n\n[admin]\nlisten = \"127.0.0.1:0\"\n\n\
+         [[listener]]\nlisten = \"127.0.0.1:0\"\n\n\
+         [[route]]\npath = \"/streamed\"\nupstream = \"streamed\"\n\n\
+         [[route]]\npath = \"/h2\"\nupstream = \"h2\"\n\n\
+         [[route]]\nupstream = \"kept\"\n\n\
+         [upstream.streamed]\naddresses = [\"{url}\"]\nretry.attempts = 1\n\n\
+         [upstream.h2]\naddresses = [\"h2c://{h2c}\"]\nretry.attempts = 1\n\n\
+         [upstream.kept]\naddresses = [\"{url}\"]\n",
+        url = upstream.url()
+    );
+    let (proxy, addr) = spawn_holdfast(&config, &[]).await;
+    for path in ["/kept", "/streamed", "/h2"] {
+        let mut c = TcpStream::connect(addr).await.expect("connect");
+        c.write_all(
+            format!("POST {path} HTTP/1.1\r\nHost: a\r\nContent-Length: 1000\r\n\r\nabcdef")
+                .as_bytes(),
+        )
+        .await
+        .expect("write");
+        drop(c);
+        let quoted = format!("\"{path}\"");
+        assert!(
+            proxy.wait_for_log(&quoted, WAIT).await,
+            "no line for {path}:\n{}",
+            proxy.logs()
+        );
+        let logs = proxy.logs();
+        let v = logs
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .find(|v| v["target"] == "holdfast::access" && v["path"] == path)
+            .unwrap_or_else(|| panic!("no access line for {path}:\n{logs}"));
+        assert_eq!(
+            (&v["status"], &v["outcome"], &v["bytes"]),
+            (&499.into(), &"client_gone".into(), &0.into()),
+            "{v}"
+        );
+    }
+}
+
+/// An h2c server that reads each request's body whole, then answers 200.
+async fn h2c_upstream_reading_bodies() -> SocketAddr {
+    use http_body_util::{BodyExt, Full};
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((sock, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(
+                    |req: hyper::Request<hyper::body::Incoming>| async move {
+                        let _ = req.into_body().collect().await;
+                        Ok::<_, std::convert::Infallible>(hyper::Response::new(Full::new(
+                            bytes::Bytes::from_static(b"ok\n"),
+                        )))
+                    },
+                );
+                let _ =
+                    hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                        .serve_connection(hyper_util::rt::TokioIo::new(sock), svc)
+                        .await;
+            });
+        }
+    });
+    addr
+}
+
 /// README: "`bytes` is the response body sent". holdfast's own answers (404 for no
 /// route, 502/503/504 with a short text body) send a body too.
 #[tokio::test]

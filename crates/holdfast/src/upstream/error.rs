@@ -93,6 +93,13 @@ impl UpstreamError {
         self.delivery
     }
 
+    /// The client's body failed because its connection (or, HTTP/2, its stream)
+    /// ended: the client went away mid-upload and no answer reaches it. Not a
+    /// stalled body (`body_timeout`) or bad chunking, which are answered 400.
+    pub fn client_gone(&self) -> bool {
+        self.kind == Kind::ClientBody && self.cause.as_deref().is_some_and(|c| ended(c))
+    }
+
     pub fn is_timeout(&self) -> bool {
         matches!(
             self.kind,
@@ -195,6 +202,47 @@ impl UpstreamError {
         let kind = refine_io(&err).unwrap_or(kind);
         UpstreamError::new(kind, Delivery::MaybeSent).with_cause(err)
     }
+}
+
+/// Whether reading a client's body failed because its connection (or HTTP/2 stream)
+/// ended, not for a bad body.
+pub(crate) fn connection_ended(e: &hyper::Error) -> bool {
+    ended(e)
+}
+
+/// Whether `e` says a client's connection (or HTTP/2 stream) ended under its body:
+/// the first I/O or HTTP/2 error in its chain says how, and an incomplete message is
+/// a connection that ended. An [`UpstreamError`] wrapping the cause is looked into.
+fn ended(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut next = Some(e);
+    // Bounded by the chain's length.
+    while let Some(e) = next {
+        if let Some(u) = e.downcast_ref::<UpstreamError>() {
+            return u.cause.as_deref().is_some_and(|c| ended(c));
+        }
+        if e.is::<crate::body::ClientGone>() {
+            return true;
+        }
+        if e.downcast_ref::<hyper::Error>()
+            .is_some_and(hyper::Error::is_incomplete_message)
+        {
+            return true;
+        }
+        if let Some(io) = e.downcast_ref::<std::io::Error>() {
+            return matches!(
+                io.kind(),
+                std::io::ErrorKind::UnexpectedEof
+                    | std::io::ErrorKind::ConnectionReset
+                    | std::io::ErrorKind::ConnectionAborted
+                    | std::io::ErrorKind::BrokenPipe
+            );
+        }
+        if let Some(h2) = e.downcast_ref::<h2::Error>() {
+            return h2.is_remote() && h2.reason() == Some(h2::Reason::CANCEL);
+        }
+        next = e.source();
+    }
+    false
 }
 
 /// Whether an HTTP/2 peer said it did not process the request: a GOAWAY whose
