@@ -380,6 +380,28 @@ async fn max_lifetime_retires_a_connection() {
     assert_eq!(n(&hf.view("up", 0).await, "created"), 2);
 }
 
+/// A connection that reaches `pool.max_lifetime` (300 ms) while it sits idle, well
+/// before its idle timeout (10 s), is closed then and counted as `lifetime`, not as
+/// `idle_expired`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_connection_at_max_lifetime_is_counted_closed_for_its_lifetime() {
+    let up = TestUpstream::start(Behaviour::Echo).await;
+    let hf = Holdfast::single(
+        &[up.addr()],
+        "pool.max_lifetime = \"300ms\"\npool.idle_timeout = \"10s\"",
+    )
+    .await;
+    assert_eq!(hf.client().get("/").await.expect("request").status, 200);
+    assert_eq!(n(&hf.view("up", 0).await, "idle"), 1);
+    let v = hf
+        .wait_view("up", 0, WAIT, "connection closed at its lifetime", |a| {
+            n(a, "open") == 0
+        })
+        .await;
+    assert_eq!(n(&v, "closed.lifetime"), 1, "{v:#}");
+    assert_eq!(n(&v, "closed.idle_expired"), 0, "{v:#}");
+}
+
 /// Idle connections are closed in the background at their expiry, without traffic:
 /// `open` drops to 0 about `idle_timeout` (300 ms) after the last response.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -538,7 +538,7 @@ impl Pool {
     fn take_idle(&self, take: Take, now: Instant) -> Option<(Conn, Instant, Instant)> {
         let mut expired = Vec::new();
         let got = self.lock().idle.take(now, take, &mut expired);
-        self.close_all(expired, CloseReason::IdleExpired);
+        self.close_expired(expired, now);
         got.map(|e| (e.conn, e.idle_since, e.settled_at))
     }
 
@@ -561,6 +561,25 @@ impl Pool {
             drop(conn);
         }
         guard
+    }
+
+    /// Closes idle connections whose expiry passed by `now`: counted `lifetime` if
+    /// `max_lifetime` had passed too (the expiry is the earlier of the idle timeout's
+    /// and the lifetime's end), `idle_expired` otherwise.
+    fn close_expired(&self, conns: Vec<Conn>, now: Instant) {
+        for conn in conns {
+            let reason = if self
+                .settings
+                .max_lifetime
+                .is_some_and(|l| now.saturating_duration_since(conn.created) >= l)
+            {
+                CloseReason::Lifetime
+            } else {
+                CloseReason::IdleExpired
+            };
+            self.figures.closed(reason);
+            drop(conn);
+        }
     }
 
     fn close_all(&self, conns: Vec<Conn>, reason: CloseReason) {
@@ -989,7 +1008,7 @@ async fn reap(pool: Weak<Pool>, wake: Arc<Notify>) {
     loop {
         let next = {
             let Some(pool) = pool.upgrade() else { return };
-            let expired = {
+            let (expired, now) = {
                 let mut st = pool.lock();
                 let now = Instant::now();
                 let expired = st.idle.drain_expired(now);
@@ -1000,9 +1019,9 @@ async fn reap(pool: Weak<Pool>, wake: Arc<Notify>) {
                     .into_iter()
                     .chain(st.shared.next_deadline(&pool.settings))
                     .min();
-                expired
+                (expired, now)
             };
-            pool.close_all(expired, CloseReason::IdleExpired);
+            pool.close_expired(expired, now);
 
             pool.lock().reaper_target
         };
