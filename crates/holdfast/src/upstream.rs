@@ -291,15 +291,23 @@ impl Upstream {
                     });
                 };
                 let outstanding = peer.track();
-                let (want, check_idle) = match (fresh_only, replay) {
+                let last_try = attempts >= max_attempts;
+                // Whether a reused connection that swallows this attempt could be
+                // followed by another: not for a method that may not be sent twice, a
+                // body streamed from the client (it cannot be sent again), or the last
+                // attempt. A request that could not takes only a connection that went
+                // idle moments ago, after a look at its socket.
+                let resendable = replay == Replay::Safe
+                    && !last_try
+                    && !matches!(body, Some(RequestBody::Streaming(_)));
+                let (want, check_idle) = match (fresh_only, resendable) {
                     (true, _) => (Want::Fresh, false),
-                    (false, Replay::Safe) => (Want::Idle(Take::MostRecent), false),
-                    (false, Replay::NotSentOnly) => (
+                    (false, true) => (Want::Idle(Take::MostRecent), false),
+                    (false, false) => (
                         Want::Idle(Take::IdleAtMost(peer.pool.safe_reuse_age())),
                         true,
                     ),
                 };
-                let last_try = attempts >= max_attempts;
                 // The total deadline bounds the wait for a slot and the connect too, so
                 // that running out there is reported as a request never sent. (Built
                 // in each arm, not bound to a local: see `Proxy::handle`.)

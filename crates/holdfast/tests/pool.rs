@@ -503,6 +503,66 @@ async fn post_without_key_only_reuses_a_connection_idle_moments_ago() {
     assert_eq!(n(&v, "created"), 2, "{v:#}");
 }
 
+/// A PUT is idempotent, but one whose body streams (longer than
+/// `replay_body_limit`, 1 KiB here) cannot be sent again: like a POST, it only takes a
+/// connection that went idle moments ago. On a connection idle for 0.7 s (more than
+/// a quarter of the 2 s idle timeout) that the upstream closes on receiving the next
+/// request, it would get 502 (sent, no response, no retry possible); it goes on a new
+/// connection and gets 200.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_whose_streamed_body_cannot_be_resent_avoids_an_old_idle_connection() {
+    let up = RawUpstream::start(Script {
+        swallow_after: Some(1),
+        ..Script::default()
+    })
+    .await;
+    let hf = Holdfast::single(
+        &[up.addr],
+        "pool.idle_timeout = \"2s\"\nretry.replay_body_limit = \"1KiB\"",
+    )
+    .await;
+    let mut client = hf.client();
+    assert_eq!(client.get("/warm").await.expect("first").status, 200);
+    // The idle time is the scenario.
+    tokio::time::sleep(ms(700)).await;
+    let r = client
+        .send(&ClientRequest::new("PUT", "/doc").body(vec![b'x'; 8 * 1024]))
+        .await
+        .expect("response");
+    assert_eq!(r.status, 200, "{}", r.text());
+    let puts: Vec<_> = up
+        .requests()
+        .iter()
+        .filter(|r| r.method == "PUT")
+        .map(|r| (r.conn, r.answered))
+        .collect();
+    assert_eq!(puts, [(2, true)], "sent once, on a new connection");
+}
+
+/// The same for a GET with no attempt left (`retry.attempts = 1`): it cannot be
+/// retried either, so it leaves a connection idle for 0.7 s alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_with_no_attempt_left_avoids_an_old_idle_connection() {
+    let up = RawUpstream::start(Script {
+        swallow_after: Some(1),
+        ..Script::default()
+    })
+    .await;
+    let hf = Holdfast::single(&[up.addr], "pool.idle_timeout = \"2s\"\nretry.attempts = 1").await;
+    let mut client = hf.client();
+    assert_eq!(client.get("/warm").await.expect("first").status, 200);
+    // The idle time is the scenario.
+    tokio::time::sleep(ms(700)).await;
+    let r = client.get("/next").await.expect("response");
+    assert_eq!(r.status, 200, "{}", r.text());
+    let seen: Vec<_> = up
+        .requests()
+        .iter()
+        .map(|r| (r.conn, r.seq, r.answered))
+        .collect();
+    assert_eq!(seen, [(1, 1, true), (2, 1, true)]);
+}
+
 // === Capacity ===
 
 /// `max_connections = 2` with a queue of 2 and a 1 s queue timeout, at an upstream
