@@ -363,7 +363,7 @@ impl FastCgiConn {
     /// (the client went away, a deadline passed), reading and dropping what the
     /// application sends meanwhile (a script may answer as it reads), until the body
     /// is all written, the request ends or the connection fails; at most
-    /// [`HELD_BODY_LIMIT`], and a write stalls no longer than the write timeout.
+    /// 60 s (`HELD_BODY_LIMIT`), and a write stalls no longer than the write timeout.
     pub async fn finish_held_body(&mut self) {
         let finish = std::future::poll_fn(|cx| {
             loop {
