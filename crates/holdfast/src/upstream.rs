@@ -377,11 +377,17 @@ impl Upstream {
                     }
                 } else {
                     // hyper takes the request: the head is copied only when a retry could
-                    // need it after that, a stale reused connection (idempotent requests)
-                    // or a refused HTTP/2 stream. A request that never left comes back
+                    // need it after that, a stale reused connection (idempotent requests),
+                    // a refused HTTP/2 stream, or the first request on a new HTTP/1.1
+                    // connection over TLS, which may meet the upstream refusing the
+                    // handshake only then (TLS 1.3, a client certificate refused; see
+                    // `UpstreamError::from_hyper`). A request that never left comes back
                     // whole from hyper.
                     let keep_head = !last_try
-                        && (conn.is_shared() || replay == Replay::Safe && reused_since.is_some());
+                        && (conn.is_shared()
+                            || replay == Replay::Safe && reused_since.is_some()
+                            || reused_since.is_none()
+                                && matches!(conn.client(), Client::Http1Tls(_)));
                     let Some(mut head) = parts.take() else {
                         unreachable!("every attempt starts with the request head")
                     };
@@ -510,6 +516,11 @@ impl Upstream {
                         {
                             tracing::debug!(upstream = %self.name, address = %peer.label, reason = reason.as_str(), %error, "retrying on a new connection");
                             fresh_only = true;
+                            // The address refused the TLS handshake (see `keep_head`):
+                            // another one may do, as after a failed connect.
+                            if error.is_connect() {
+                                avoid = Some(peer);
+                            }
                             continue;
                         }
                         return Err(Failure {

@@ -2247,3 +2247,123 @@ async fn an_upload_the_upstream_stops_taking_after_an_early_answer_is_cut_after_
     upload.abort();
     assert!(closed.is_ok(), "the connection was not cut");
 }
+
+// === a client certificate refused ===
+
+/// A TLS server with `config` answering every request on its connections `200 ok`;
+/// counts the connections it accepts (handshake or not).
+async fn tls_ok_server(config: Arc<rustls::ServerConfig>) -> (SocketAddr, Arc<AtomicUsize>) {
+    let acceptor = tokio_rustls::TlsAcceptor::from(config);
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let accepts = accepted.clone();
+    tokio::spawn(async move {
+        while let Ok((sock, _)) = listener.accept().await {
+            accepts.fetch_add(1, Relaxed);
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(mut tls) = acceptor.accept(sock).await else {
+                    return;
+                };
+                let mut head = Vec::new();
+                let mut chunk = [0u8; 4096];
+                loop {
+                    match tls.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&chunk[..n]),
+                    }
+                    // The test's requests carry one byte of body after the head.
+                    while let Some(end) = head.windows(4).position(|w| w == b"\r\n\r\n") {
+                        if head.len() < end + 5 {
+                            break;
+                        }
+                        head.drain(..end + 5);
+                        let reply = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+                        if tls.write_all(reply).await.is_err() || tls.flush().await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    (addr, accepted)
+}
+
+/// TLS 1.3: an upstream that wants a client certificate holdfast does not have (or
+/// one from another issuer) refuses it after holdfast's side of the handshake is
+/// done, so the refusal is read only as the answer to the request written. The
+/// upstream took none of it: the request is not sent, goes to another address (a
+/// POST included), and a 502 names a TLS error, not a connection that ended.
+#[tokio::test]
+async fn an_upstream_refusing_the_client_certificate_has_not_seen_the_request() {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let pki = TestCa::new("holdfast upstream test CA");
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    // Client certificates must come from a CA holdfast has nothing from.
+    let other = TestCa::new("another CA");
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(CertificateDer::from_pem_file(other.ca_file()).unwrap())
+        .unwrap();
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+        Arc::new(roots),
+        provider.clone(),
+    )
+    .build()
+    .unwrap();
+    let (cert, key) = pki.leaf("mutual", &["upstream.test"]);
+    let mut mutual = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(
+            vec![CertificateDer::from_pem_file(&cert).unwrap()],
+            PrivateKeyDer::from_pem_file(&key).unwrap(),
+        )
+        .unwrap();
+    mutual.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let (refusing, refusing_accepts) = tls_ok_server(Arc::new(mutual)).await;
+    let (open, _) = tls_ok_server(pki.server(&["upstream.test"], &["http/1.1"])).await;
+    let config = |addrs: &[SocketAddr]| {
+        let addrs = addrs
+            .iter()
+            .map(|a| format!("\"https://{a}\""))
+            .collect::<Vec<_>>()
+            .join(", ");
+        format!(
+            "[[route]]\nupstream = \"up\"\n\n[upstream.up]\naddresses = [{addrs}]\n\
+             [upstream.up.tls]\nca_file = {}\nserver_name = \"upstream.test\"\n",
+            toml_path(&pki.ca_file())
+        )
+    };
+
+    let alone = start(&config(&[refusing])).await;
+    let r = send(&alone, &ClientRequest::post("/pay", "x")).await;
+    assert_eq!(r.status, 502, "{}", r.text());
+    let ps = r.header("proxy-status").unwrap_or_default().to_owned();
+    assert!(
+        ps.contains("error=tls_protocol_error") && ps.contains("CertificateRequired"),
+        "Proxy-Status names the refusal: {ps}"
+    );
+    assert!(ps.contains("request not sent"), "not sent: {ps}");
+
+    let gw = start(&config(&[refusing, open])).await;
+    let before = refusing_accepts.load(Relaxed);
+    for i in 0..4 {
+        let r = send(&gw, &ClientRequest::post("/pay", "x")).await;
+        assert_eq!(
+            r.status,
+            200,
+            "POST {i}: {} {:?}",
+            r.text(),
+            r.header("proxy-status")
+        );
+    }
+    assert!(
+        refusing_accepts.load(Relaxed) > before,
+        "the refusing address was tried"
+    );
+}

@@ -184,6 +184,9 @@ impl UpstreamError {
         if refused_by_http2(&err) {
             return UpstreamError::new(Kind::Refused, Delivery::NotSent).with_cause(err);
         }
+        if handshake_refused(&err) {
+            return UpstreamError::new(Kind::TlsHandshake, Delivery::NotSent).with_cause(err);
+        }
         let kind = if err.is_incomplete_message() || err.is_canceled() && !err.is_closed() {
             Kind::Closed
         } else if err.is_parse() || err.is_parse_status() || err.is_parse_too_large() {
@@ -255,6 +258,43 @@ fn refused_by_http2(err: &(dyn std::error::Error + 'static)) -> bool {
         if let Some(h2) = e.downcast_ref::<h2::Error>() {
             return h2.is_remote()
                 && (h2.is_go_away() || h2.reason() == Some(h2::Reason::REFUSED_STREAM));
+        }
+        cur = e.source();
+    }
+    false
+}
+
+/// Whether the upstream ended the TLS handshake with an alert that only a handshake
+/// carries (RFC 8446 6.2): in TLS 1.3 the client's side of the handshake is done once
+/// it sent its Finished, so a server that then refuses the client's certificate
+/// (none, an unknown issuer, expired) says so with an alert read only as the answer
+/// to the request already written. The server had not finished the handshake: it
+/// took none of the request as data.
+fn handshake_refused(err: &(dyn std::error::Error + 'static)) -> bool {
+    use rustls::AlertDescription as A;
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(err);
+    // Bounded by the chain's length.
+    while let Some(e) = cur {
+        // `io::Error::source` skips the error it wraps: looked at through `get_ref`.
+        let tls = e
+            .downcast_ref::<std::io::Error>()
+            .and_then(|io| io.get_ref())
+            .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+            .or_else(|| e.downcast_ref::<rustls::Error>());
+        if let Some(rustls::Error::AlertReceived(alert)) = tls {
+            return matches!(
+                alert,
+                A::HandshakeFailure
+                    | A::BadCertificate
+                    | A::UnsupportedCertificate
+                    | A::CertificateRevoked
+                    | A::CertificateExpired
+                    | A::CertificateUnknown
+                    | A::UnknownCA
+                    | A::AccessDenied
+                    | A::DecryptError
+                    | A::CertificateRequired
+            );
         }
         cur = e.source();
     }
