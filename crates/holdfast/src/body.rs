@@ -7,8 +7,10 @@
 
 use std::fmt;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU8, Ordering::Acquire, Ordering::Release};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{
+    AtomicBool, AtomicU8, AtomicU64, Ordering::Acquire, Ordering::Relaxed, Ordering::Release,
+};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::task::{Context, Poll};
 
 use bytes::{Bytes, BytesMut};
@@ -148,6 +150,12 @@ pub struct Streaming {
 #[derive(Default)]
 pub struct BodyEnd {
     ended: AtomicBool,
+    /// When it ended, for the time to first byte that counts from there
+    /// (`upstream::head_due`): one clock reading per streamed body.
+    ended_at: OnceLock<tokio::time::Instant>,
+    /// Bytes handed to the protocol handle so far. A plain store by the one body: no
+    /// read-modify-write per piece.
+    taken: AtomicU64,
     /// How the body failed, if it did: [`BodyEnd::TOO_LARGE`], [`BodyEnd::CLIENT`] or
     /// [`BodyEnd::GONE`].
     failed: AtomicU8,
@@ -184,6 +192,16 @@ impl BodyEnd {
         self.ended.load(Acquire)
     }
 
+    /// When the body was taken to its end, if it was.
+    pub fn ended_at(&self) -> Option<tokio::time::Instant> {
+        self.ended_at.get().copied()
+    }
+
+    /// How many bytes of it the protocol handle has taken so far.
+    pub fn taken(&self) -> u64 {
+        self.taken.load(Relaxed)
+    }
+
     /// Keeps `what` until the body ends or is dropped; gives it back if it has ended.
     ///
     /// # Errors
@@ -198,6 +216,7 @@ impl BodyEnd {
     }
 
     fn end(&self) {
+        let _ = self.ended_at.set(tokio::time::Instant::now());
         let held = {
             let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
             self.ended.store(true, Release);
@@ -229,6 +248,12 @@ pub enum BodyFailure {
 struct EndWatch(Option<Arc<BodyEnd>>);
 
 impl EndWatch {
+    fn took(&self, bytes: u64) {
+        if let Some(e) = &self.0 {
+            e.taken.store(bytes, Relaxed);
+        }
+    }
+
     fn end(&self) {
         if let Some(e) = &self.0 {
             e.end();
@@ -492,6 +517,7 @@ impl Body for RequestBody {
             RequestBody::Spooled(s) => s.poll_next(cx).map(|o| o.map(|r| r.map(Frame::data))),
             RequestBody::Streaming(s) => {
                 if let Some(p) = s.prefix.take().filter(|p| !p.is_empty()) {
+                    s.ended.took(p.len() as u64);
                     // The part read ahead may be the whole body: then it ends here,
                     // and hyper asks no more (see below).
                     if s.incoming.is_end_stream() {
@@ -536,6 +562,7 @@ impl Body for RequestBody {
                                 s.hold = None;
                                 return Poll::Ready(Some(Err(Box::new(BodyTooLarge))));
                             }
+                            s.ended.took(s.received);
                         }
                         // hyper asks no more of a body that says it has ended (the
                         // last piece of a sized one), so its end is noted here too.

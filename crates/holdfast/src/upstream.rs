@@ -397,10 +397,10 @@ impl Upstream {
                     if keep_head {
                         parts = Some(clone_parts(&head));
                     }
+                    let mut attempt_body = attempt_body;
+                    let streamed = attempt_body.watch_end();
                     let req = Request::from_parts(head, attempt_body);
-                    tokio::time::timeout_at(due.after(sent_at), send(&mut conn, req))
-                        .await
-                        .map_err(|_| TimedOut)
+                    head_due(send(&mut conn, req), streamed, sent_at, due).await
                 };
                 let result = match sent {
                     Ok(r) => r,
@@ -690,6 +690,49 @@ fn send(
 
 /// The response head did not come by its deadline.
 struct TimedOut;
+
+/// Awaits `answer`, from a protocol handle that takes the request's body as it goes
+/// out (hyper's clients, FastCGI), until its head is due: `due.after(sent_at)` for a
+/// request sent whole with its head. One whose body streams from the client (`body`)
+/// is timed from the body's end, and given another `due.timeout` each time one passes
+/// with more of it taken, as plain HTTP/1.1 is (see
+/// [`Http1Conn::set_deadline`](http1::conn::Http1Conn::set_deadline)): timed from its
+/// head, an upload slower than `response_headers` got 504 while it still arrived.
+/// The clock is read only when a deadline passes.
+async fn head_due<F: Future>(
+    answer: F,
+    body: Option<Arc<crate::body::BodyEnd>>,
+    sent_at: Instant,
+    due: http1::conn::HeadDue,
+) -> Result<F::Output, TimedOut> {
+    let Some(body) = body else {
+        return tokio::time::timeout_at(due.after(sent_at), answer)
+            .await
+            .map_err(|_| TimedOut);
+    };
+    let mut answer = std::pin::pin!(answer);
+    let mut deadline = due.after(sent_at);
+    let mut taken = body.taken();
+    loop {
+        if let Ok(out) = tokio::time::timeout_at(deadline, answer.as_mut()).await {
+            return Ok(out);
+        }
+        let now = Instant::now();
+        let next = match body.ended_at() {
+            Some(end) => due.after(end),
+            // Stalled (its gaps are the listener's `body_timeout`'s to bound) or failed.
+            None if body.taken() == taken || body.failure().is_some() => return Err(TimedOut),
+            None => {
+                taken = body.taken();
+                due.after(now)
+            }
+        };
+        if next <= now {
+            return Err(TimedOut);
+        }
+        deadline = next;
+    }
+}
 
 /// A response, or the failure with the body if none of it was sent.
 type Http1Sent = Result<Response<Payload>, (UpstreamError, Option<RequestBody>)>;

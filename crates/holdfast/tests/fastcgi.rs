@@ -480,6 +480,43 @@ async fn a_slow_upload_does_not_slow_the_freeing_of_a_worker() {
     );
 }
 
+/// With `request_buffering = false`, `timeouts.response_headers` counts from the end
+/// of the streamed body, as for HTTP upstreams: a slow upload used to get 504 while it
+/// still arrived, timed from its head.
+#[tokio::test]
+async fn a_slow_streamed_upload_is_timed_for_its_answer_from_its_end() {
+    let fpm = PhpFpm::start(PhpFpmOptions::default()).await;
+    fpm.script(
+        "len.php",
+        "<?php echo strlen(file_get_contents('php://input'));",
+    );
+    let gw = Site::tcp(&fpm)
+        .route("request_buffering = false")
+        .tables("retry.attempts = 1\n[upstream.php.timeouts]\nresponse_headers = \"1s\"\n")
+        .start()
+        .await;
+    let mut uploader = RawClient::connect(gw.addr).await.expect("connect");
+    uploader
+        .send("POST /len.php HTTP/1.1\r\nhost: a.test\r\ncontent-length: 3000\r\n\r\n")
+        .await
+        .expect("head");
+    for i in 0..3 {
+        if i > 0 {
+            // The client's own pace, slower in all than response_headers.
+            tokio::time::sleep(Duration::from_millis(600)).await;
+        }
+        uploader
+            .send([b'x'; 1000])
+            .await
+            .expect("a piece of the body");
+    }
+    let resp = uploader
+        .read_response(RESPONSE_TIMEOUT)
+        .await
+        .expect("upload answered");
+    assert_eq!((resp.status, &*resp.text()), (200, "3000"));
+}
+
 /// The client goes away while PHP streams its response: holdfast closes the FastCGI
 /// connection (after ABORT_REQUEST), PHP's next flush fails and, with
 /// `ignore_user_abort(false)`, the script is stopped. Its shutdown function says so.

@@ -438,7 +438,8 @@ async fn tls_http1_upstream(pki: &TestCa) -> (SocketAddr, Arc<AtomicUsize>) {
                         }
                         continue;
                     }
-                    if head.starts_with("post /read") {
+                    let silent = head.starts_with("post /silent");
+                    if head.starts_with("post /read") || silent {
                         // Chunked: up to the last chunk (the test's bodies hold no CR).
                         let length = head
                             .lines()
@@ -461,6 +462,10 @@ async fn tls_http1_upstream(pki: &TestCa) -> (SocketAddr, Arc<AtomicUsize>) {
                             }
                         };
                         buf.drain(..length);
+                        if silent {
+                            // Has the whole request, and never answers.
+                            std::future::pending::<()>().await;
+                        }
                     }
                     let reply = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
                     if tls.write_all(reply).await.is_err() || tls.flush().await.is_err() {
@@ -603,6 +608,71 @@ async fn a_connection_that_sent_its_whole_streamed_body_is_pooled() {
     let (_, pool) = pools(&gw).await;
     assert_eq!(accepted.load(Relaxed), 1, "{pool}");
     assert_eq!(count(&pool["reused"]), 1, "{pool}");
+}
+
+/// Sends a POST of `FIRST` bytes and then `PIECES` more pieces, each after a gap of
+/// 600 ms (a client slower than a `response_headers` of 1 s, within `body_timeout`),
+/// and reads the answer; also gives the time from the body's end to the answer.
+async fn slow_upload(gw: &Gateway, target: &str) -> (Response, Duration) {
+    const FIRST: usize = 70 * 1024; // over the replay limit: streamed
+    const PIECE: usize = 1000;
+    const PIECES: usize = 3;
+    let mut client = holdfast_test::RawClient::connect(gw.addr)
+        .await
+        .expect("connect");
+    let head = format!(
+        "POST {target} HTTP/1.1\r\nhost: a.test\r\ncontent-length: {}\r\n\r\n",
+        FIRST + PIECES * PIECE
+    );
+    client.send(head).await.expect("head");
+    client.send(vec![b'x'; FIRST]).await.expect("first part");
+    for _ in 0..PIECES {
+        // The client's own pace: there is no event to wait for.
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        client.send(vec![b'y'; PIECE]).await.expect("a piece");
+    }
+    let ended = tokio::time::Instant::now();
+    let resp = client.read_response(SOON).await.expect("an answer");
+    (resp, ended.elapsed())
+}
+
+/// `timeouts.response_headers` counts from the end of a body streamed from the client
+/// over hyper's clients too (HTTPS HTTP/1.1, h2c), as on plain http://: an upload
+/// slower than it used to get 504 while it still arrived, timed from its head. An
+/// upstream that then says nothing still gets its 504, `response_headers` after the
+/// body's end.
+#[tokio::test]
+async fn a_slow_upload_over_hyper_clients_is_timed_for_its_answer_from_its_end() {
+    let timeouts = "[upstream.up.timeouts]\nresponse_headers = \"1s\"\n";
+    let pki = TestCa::new("holdfast upstream test CA");
+    let (addr, _) = tls_http1_upstream(&pki).await;
+    let gw = https_gateway(
+        &format!("https://127.0.0.1:{}", addr.port()),
+        &format!(
+            "ca_file = {}\nserver_name = \"upstream.test\"",
+            toml_path(&pki.ca_file())
+        ),
+        timeouts,
+    )
+    .await;
+    let (resp, _) = slow_upload(&gw, "/read").await;
+    assert_eq!(resp.status, 200, "HTTPS: {}", resp.text());
+    let (resp, after_end) = slow_upload(&gw, "/silent").await;
+    assert_eq!(resp.status, 504, "HTTPS, silent: {}", resp.text());
+    assert!(
+        after_end >= Duration::from_millis(900),
+        "504 {after_end:?} after the body's end, before response_headers"
+    );
+
+    let server = H2Server::start(16, false).await;
+    let gw = start(&format!(
+        "{}{timeouts}",
+        proxy_to(&format!("h2c://{}", server.addr))
+    ))
+    .await;
+    let (resp, _) = slow_upload(&gw, "/upload").await;
+    assert_eq!(resp.status, 200, "h2c: {}", resp.text());
+    assert_eq!(resp.text(), "POST HTTP/2.0 74680 bytes\n");
 }
 
 /// A chunked answer with trailers from a TLS upstream (hyper's client) ends with its
