@@ -790,11 +790,12 @@ fn respond(
                     tokio::spawn(async move {
                         // The pooled connection (its slot under `max_connections`)
                         // is held as long as the tunnel is open.
-                        let _conn = conn;
+                        let mut conn = conn;
                         let _outstanding = outstanding;
                         if let Ok(c) = client.await {
                             let end =
                                 tunnel::run(&mut TokioIo::new(c), &mut upstream_side, idle).await;
+                            conn.set_close_reason(end.close_reason());
                             log_tunnel_end(&end, &label);
                         }
                     });
@@ -804,12 +805,13 @@ fn respond(
                     tokio::spawn(async move {
                         // The pooled connection (its slot under `max_connections`)
                         // is held as long as the tunnel is open.
-                        let _conn = conn;
+                        let mut conn = conn;
                         let _outstanding = outstanding;
                         let (client, upstream_side) = tokio::join!(client, upstream_side);
                         if let (Ok(c), Ok(u)) = (client, upstream_side) {
                             let end =
                                 tunnel::run(&mut TokioIo::new(c), &mut TokioIo::new(u), idle).await;
+                            conn.set_close_reason(end.close_reason());
                             log_tunnel_end(&end, &label);
                         }
                     });

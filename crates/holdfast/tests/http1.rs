@@ -845,6 +845,27 @@ async fn websocket_upgrade_is_passed_through() {
     assert_eq!(echoed, frame);
     client.shutdown_write().await.unwrap();
     assert_eq!(client.wait_close(WAIT).await, PeerClose::Eof);
+    // The upstream connection closed with its tunnel, counted so (it was counted
+    // abandoned, as for a client gone mid-exchange).
+    assert!(
+        tunnel_closes_counted(&gw, "tunnel_closed").await,
+        "{:#}",
+        get_json(gw.admin, "/pools").await
+    );
+}
+
+/// Waits (up to `WAIT`) until the one address of the one upstream counts one
+/// connection closed for `reason`, and none for any other.
+async fn tunnel_closes_counted(gw: &support::Gateway, reason: &str) -> bool {
+    holdfast_test::wait_until_async(WAIT, || async {
+        let pools = get_json(gw.admin, "/pools").await;
+        let closed = &pools[0]["addresses"][0]["closed"];
+        closed.as_object().is_some_and(|all| {
+            all.iter()
+                .all(|(r, n)| n.as_u64() == Some(u64::from(r == reason)))
+        })
+    })
+    .await
 }
 
 /// A tunnel whose peers both went quiet would otherwise hold its client place and its
@@ -892,6 +913,11 @@ async fn a_silent_websocket_is_closed_after_read_idle() {
     assert!(
         saw_upstream_close.await.unwrap(),
         "upstream side not closed within {WAIT:?}"
+    );
+    assert!(
+        tunnel_closes_counted(&gw, "timeout").await,
+        "{:#}",
+        get_json(gw.admin, "/pools").await
     );
 }
 

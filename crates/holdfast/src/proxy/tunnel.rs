@@ -33,6 +33,19 @@ pub enum TunnelEnd {
     Idle,
 }
 
+impl TunnelEnd {
+    /// Why the upstream connection that carried the tunnel closed, for its pool's
+    /// figures.
+    pub fn close_reason(&self) -> crate::upstream::figures::CloseReason {
+        use crate::upstream::figures::CloseReason;
+        match self {
+            TunnelEnd::Closed => CloseReason::TunnelClosed,
+            TunnelEnd::Failed(_) => CloseReason::Error,
+            TunnelEnd::Idle => CloseReason::Timeout,
+        }
+    }
+}
+
 /// Copies between `client` and `upstream` until both directions end, one fails, or
 /// nothing has moved for `idle` (None: no limit).
 pub async fn run<C, U>(client: &mut C, upstream: &mut U, idle: Option<Duration>) -> TunnelEnd

@@ -25,8 +25,11 @@ pub enum CloseReason {
     Error,
     /// A deadline fired mid-exchange.
     Timeout,
-    /// The client went away or the request was cancelled mid-exchange.
+    /// The client went away or the request was cancelled mid-exchange (also before
+    /// the client's side of an upgrade was handed over).
     Abandoned,
+    /// Upgraded (`101 Switching Protocols`): its tunnel ended, both sides closed.
+    TunnelClosed,
     /// Evicted: idle list full, room needed for a new connection, evidence that
     /// older connections are stale, or the pool is draining.
     Evicted,
@@ -35,7 +38,7 @@ pub enum CloseReason {
 }
 
 impl CloseReason {
-    pub const ALL: [CloseReason; 11] = [
+    pub const ALL: [CloseReason; 12] = [
         CloseReason::IdleExpired,
         CloseReason::ClosedByUpstreamIdle,
         CloseReason::UpstreamConnectionClose,
@@ -45,6 +48,7 @@ impl CloseReason {
         CloseReason::Error,
         CloseReason::Timeout,
         CloseReason::Abandoned,
+        CloseReason::TunnelClosed,
         CloseReason::Evicted,
         CloseReason::GoAway,
     ];
@@ -60,6 +64,7 @@ impl CloseReason {
             CloseReason::Error => "error",
             CloseReason::Timeout => "timeout",
             CloseReason::Abandoned => "abandoned",
+            CloseReason::TunnelClosed => "tunnel_closed",
             CloseReason::Evicted => "evicted",
             CloseReason::GoAway => "goaway",
         }
