@@ -578,9 +578,20 @@ impl Upstream {
         match self.config.balance {
             Balance::RoundRobin => {
                 let start = self.next.fetch_add(1, Relaxed);
+                // The next usable address, passing over those with every connection
+                // busy while another has room (as nginx passes over a server at
+                // `max_conns`): a request queued there waited for a slot, up to
+                // `queue_timeout` and a 503, beside an address with connections free.
+                // When all are full, the first usable one queues it.
+                let mut first_usable = None;
                 (0..n)
                     .map(|i| &peers[(start + i) % n])
-                    .find(|p| usable(p))
+                    .filter(|p| usable(p))
+                    .find(|p| {
+                        first_usable.get_or_insert(*p);
+                        !p.is_full()
+                    })
+                    .or(first_usable)
                     .or_else(|| fallback(start))
             }
             Balance::LeastOutstanding => {
@@ -602,6 +613,16 @@ impl Upstream {
                         .iter()
                         .filter(|p| usable(p))
                         .min_by_key(|p| p.outstanding()),
+                };
+                // A full pick (every connection busy) yields to the least busy usable
+                // address with room, if any (see round robin).
+                let pick = match pick {
+                    Some(p) if p.is_full() => peers
+                        .iter()
+                        .filter(|q| usable(q) && !q.is_full())
+                        .min_by_key(|q| q.outstanding())
+                        .or(Some(p)),
+                    other => other,
                 };
                 pick.or_else(|| fallback(fastrand::usize(..n)))
             }

@@ -1509,6 +1509,87 @@ async fn stale_reuse_does_not_count_against_health_but_connect_failures_eject() 
     }
 }
 
+/// Round robin passes over an address whose every connection is busy while another
+/// has room, as nginx passes over a server at `max_conns`. Two addresses, one
+/// connection each; the first holds a request it never answers. Every other request
+/// went to it, waited `queue_timeout` for its one connection, and got 503 beside an
+/// idle address.
+#[tokio::test]
+async fn round_robin_passes_over_an_address_with_every_connection_busy() {
+    let hang = TestUpstream::start(Behaviour::Hang).await;
+    let ok = TestUpstream::start(Behaviour::Echo).await;
+    let hf = Holdfast::single(
+        &[hang.addr(), ok.addr()],
+        "balance = \"round_robin\"\npool.max_connections = 1\npool.max_idle = 1\n\
+         pool.queue_timeout = \"200ms\"\nretry.attempts = 1\n",
+    )
+    .await;
+    // Until one request is held at the hanging address (the first goes there; any
+    // other is answered at once).
+    let mut held = Vec::new();
+    for _ in 0..4 {
+        let mut client = hf.client();
+        held.push(tokio::spawn(async move { client.get("/held").await }));
+        if hang.wait_for_requests(1, WAIT).await.is_ok() {
+            break;
+        }
+    }
+    assert_eq!(
+        hang.requests_seen(),
+        1,
+        "a request is held at the first address"
+    );
+    let mut client = hf.client();
+    for i in 0..6 {
+        let resp = client.get(&format!("/r{i}")).await.expect("answered");
+        assert_eq!(resp.status, 200, "request {i}: {}", resp.text());
+    }
+    assert_eq!(
+        hang.requests_seen(),
+        1,
+        "no request queued behind the held one"
+    );
+    for h in held {
+        h.abort();
+    }
+}
+
+/// Least outstanding (two random choices) passes over a pick whose every connection is
+/// busy for the least busy address with room. Three addresses, two connections each;
+/// the first two hold two requests they never answer. A pair of those two was a
+/// third of the draws: such requests waited `queue_timeout` and got 503 beside an idle
+/// address.
+#[tokio::test]
+async fn least_outstanding_passes_over_a_pick_with_every_connection_busy() {
+    let hang_a = TestUpstream::start(Behaviour::Hang).await;
+    let hang_b = TestUpstream::start(Behaviour::Hang).await;
+    let ok = TestUpstream::start(Behaviour::Echo).await;
+    let hf = Holdfast::single(
+        &[hang_a.addr(), hang_b.addr(), ok.addr()],
+        "balance = \"least_outstanding\"\npool.max_connections = 2\npool.max_idle = 2\n\
+         pool.queue_timeout = \"200ms\"\nretry.attempts = 1\n",
+    )
+    .await;
+    let both_full = || hang_a.requests_seen() == 2 && hang_b.requests_seen() == 2;
+    let mut held = Vec::new();
+    for _ in 0..60 {
+        let mut client = hf.client();
+        held.push(tokio::spawn(async move { client.get("/held").await }));
+        if holdfast_test::wait_until(Duration::from_millis(300), both_full).await {
+            break;
+        }
+    }
+    assert!(both_full(), "two requests held at each hanging address");
+    let mut client = hf.client();
+    for i in 0..20 {
+        let resp = client.get(&format!("/r{i}")).await.expect("answered");
+        assert_eq!(resp.status, 200, "request {i}: {}", resp.text());
+    }
+    for h in held {
+        h.abort();
+    }
+}
+
 /// Every address ejected leaves a way back. Two addresses, both refusing until each has
 /// been ejected (one failure ejects, for 30 s); then the second comes back. With a
 /// retry left and budget to spare, a GET tries the other address after a refusal, so

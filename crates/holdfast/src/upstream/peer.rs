@@ -187,6 +187,13 @@ impl Peer {
             .await
     }
 
+    /// A request sent here now would wait for a connection: every one of
+    /// `max_connections` is busy (or being opened). Never for HTTP/2, whose requests
+    /// take streams on shared connections instead.
+    pub fn is_full(&self) -> bool {
+        !self.shares_connections() && self.pool.is_full()
+    }
+
     /// Whether requests take streams on shared HTTP/2 connections.
     fn shares_connections(&self) -> bool {
         match self.version {

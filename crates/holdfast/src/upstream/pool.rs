@@ -326,6 +326,12 @@ impl AnswerWait {
 }
 
 impl Pool {
+    /// Every slot is taken: a request for a connection of its own would wait for one.
+    /// One atomic load.
+    pub fn is_full(&self) -> bool {
+        self.slots.available() == 0
+    }
+
     /// Creates a pool and starts its reaper. Must be called inside a Tokio runtime.
     pub fn new(label: Arc<str>, settings: PoolSettings) -> Arc<Pool> {
         Pool::succeeding(label, settings, None)

@@ -113,7 +113,7 @@ impl Slots {
         }
     }
 
-    #[cfg(test)]
+    /// Slots free now: none, and a request must wait for one.
     pub(super) fn available(&self) -> usize {
         self.sem.available_permits()
     }
