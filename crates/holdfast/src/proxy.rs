@@ -327,7 +327,7 @@ impl Proxy {
                     error: UpstreamError::new(Kind::BodyTooLarge, Delivery::NotSent),
                     peer: None,
                     attempts: 0,
-                    reused: false,
+                    reused: None,
                 };
                 return self.rescue(failure, &upstream, (log, tally));
             }
@@ -433,7 +433,7 @@ impl Proxy {
                         error,
                         peer: None,
                         attempts: 0,
-                        reused: false,
+                        reused: None,
                     };
                     return self.rescue(failure, &upstream, (log, tally));
                 }
@@ -484,7 +484,7 @@ impl Proxy {
                             error: UpstreamError::new(Kind::TotalTimeout, Delivery::MaybeSent),
                             peer: None,
                             attempts: 0,
-                            reused: false,
+                            reused: None,
                         }),
                     }
                 }
@@ -589,7 +589,7 @@ impl Proxy {
         if let Some(l) = &mut log {
             l.address = address;
             l.attempts = attempts;
-            l.reused = peer.as_ref().map(|_| reused);
+            l.reused = reused;
             // A 4xx here is about the client's own request (a body too large, or one
             // that failed): holdfast's answer, not an upstream's failure.
             l.outcome = if status.is_client_error() {

@@ -172,7 +172,9 @@ pub struct Failure {
     pub error: UpstreamError,
     pub peer: Option<Arc<Peer>>,
     pub attempts: u32,
-    pub reused: bool,
+    /// Whether the last attempt's connection was a reused one; `None` if it got no
+    /// connection (no address, no slot within `queue_timeout`).
+    pub reused: Option<bool>,
 }
 
 impl Upstream {
@@ -287,7 +289,7 @@ impl Upstream {
                             .sent_before(sent_before),
                         peer: None,
                         attempts,
-                        reused: false,
+                        reused: None,
                     });
                 };
                 let outstanding = peer.track();
@@ -334,11 +336,12 @@ impl Upstream {
                             avoid = Some(peer);
                             continue;
                         }
+                        // A connection was tried only if opening one failed.
                         return Err(Failure {
                             error: error.sent_before(sent_before),
                             peer: Some(peer),
                             attempts,
-                            reused: false,
+                            reused: opening_failed.then_some(false),
                         });
                     }
                 };
@@ -418,7 +421,7 @@ impl Upstream {
                             error,
                             peer: Some(peer),
                             attempts,
-                            reused: reused_since.is_some(),
+                            reused: Some(reused_since.is_some()),
                         });
                     }
                 };
@@ -527,7 +530,7 @@ impl Upstream {
                             error: error.sent_before(sent_before),
                             peer: Some(peer),
                             attempts,
-                            reused: reused_since.is_some(),
+                            reused: Some(reused_since.is_some()),
                         });
                     }
                 }

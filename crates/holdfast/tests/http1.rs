@@ -2135,6 +2135,44 @@ async fn access_log_has_one_line_per_request() {
     }
 }
 
+/// A request that got no connection (every one busy past `queue_timeout`: 503) is
+/// logged with `conn="-"`, not as one sent on a new connection.
+#[tokio::test]
+async fn access_log_says_no_connection_for_a_request_that_waited_out_the_queue() {
+    let upstream = TestUpstream::start(Behaviour::Hang).await;
+    let config = format!(
+        "{}\n[upstream.up.pool]\nmax_connections = 1\nmax_idle = 1\nqueue_timeout = \"200ms\"\n",
+        binary_config(&upstream.url(), "text")
+    );
+    let (proxy, addr) = spawn_holdfast(&config, &[]).await;
+    // Holds the one connection: never answered.
+    let held = tokio::spawn(async move {
+        KeepAliveClient::new(addr)
+            .with_timeout(WAIT)
+            .get("/held")
+            .await
+    });
+    upstream
+        .wait_for_requests(1, WAIT)
+        .await
+        .expect("the first request reached the upstream");
+    let resp = send_one(addr, &ClientRequest::get("/queued")).await;
+    assert_eq!(resp.status, 503, "{resp:?}");
+    assert!(
+        proxy.wait_for_log("/queued", WAIT).await,
+        "{}",
+        proxy.logs()
+    );
+    let logs = proxy.logs();
+    let line = logs
+        .lines()
+        .find(|l| l.contains("holdfast::access") && l.contains("/queued"))
+        .unwrap_or_else(|| panic!("no access line for /queued: {logs}"));
+    assert_eq!(text_field(line, "status").as_deref(), Some("503"), "{line}");
+    assert_eq!(text_field(line, "conn").as_deref(), Some("-"), "{line}");
+    held.abort();
+}
+
 /// GET /a then /b on one keep-alive connection through holdfast (JSON log) to an
 /// upstream that behaves as given; returns the upstream and the two access lines.
 async fn two_json_access_lines(behaviour: Behaviour) -> (TestUpstream, Vec<serde_json::Value>) {
