@@ -1509,6 +1509,52 @@ async fn stale_reuse_does_not_count_against_health_but_connect_failures_eject() 
     }
 }
 
+/// An ejected address stays ejected through a reload that gives it a new pool (any
+/// pool setting changed). Its health started afresh: the reload sent requests to an
+/// address known to be down, each paying a failed connect, until `max_fails` ejected
+/// it again.
+#[tokio::test]
+async fn an_ejected_address_stays_ejected_through_a_reload_that_replaces_its_pool() {
+    let ok = TestUpstream::start(Behaviour::Echo).await;
+    let dead = holdfast_test::free_addr();
+    let settings = |max_idle: u32| {
+        let list = format!("\"http://{}\", \"http://{dead}\"", ok.addr());
+        format!(
+            "[[route]]\npath = \"/\"\nupstream = \"up\"\n\n\
+             [upstream.up]\naddresses = [{list}]\nhealth.max_fails = 1\n\
+             health.eject_for = \"30s\"\nretry.attempts = 2\n\
+             retry.budget_min_per_second = 1000\npool.max_idle = {max_idle}\n"
+        )
+    };
+    let hf = Holdfast::start(&settings(64)).await;
+    let mut client = hf.client();
+    for i in 0..4 {
+        let r = client.get(&format!("/before/{i}")).await.expect("response");
+        assert_eq!(r.status, 200, "GET {i}: {}", r.text());
+    }
+    let u = hf.upstream("up").await;
+    assert_eq!(s(&u, "addresses.1.health"), "ejected", "{u:#}");
+    assert_eq!(n(&u, "retries.not_sent"), 1, "{u:#}");
+
+    hf.reload(&settings(8)).await;
+    let u = hf.upstream("up").await;
+    assert_eq!(
+        s(&u, "addresses.1.health"),
+        "ejected",
+        "after the reload: {u:#}"
+    );
+    for i in 0..4 {
+        let r = client.get(&format!("/after/{i}")).await.expect("response");
+        assert_eq!(r.status, 200, "GET {i}: {}", r.text());
+    }
+    let u = hf.upstream("up").await;
+    assert_eq!(
+        n(&u, "retries.not_sent"),
+        1,
+        "no request tried the ejected address again: {u:#}"
+    );
+}
+
 /// Round robin passes over an address whose every connection is busy while another
 /// has room, as nginx passes over a server at `max_conns`. Two addresses, one
 /// connection each; the first holds a request it never answers. Every other request

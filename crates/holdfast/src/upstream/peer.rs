@@ -82,8 +82,8 @@ pub struct Peer {
 impl Peer {
     /// `previous`: the peer at this address that a reload replaces, whose pool's
     /// figures and slots the new pool takes over (see [`Pool::succeeding`]), whose
-    /// count of requests in flight goes on here, and what its FastCGI application
-    /// said about itself.
+    /// count of requests in flight and passive health go on here, and what its
+    /// FastCGI application said about itself.
     pub fn new(
         addr: PeerAddr,
         host: Arc<str>,
@@ -120,7 +120,7 @@ impl Peer {
             alpn_h2: AtomicBool::new(false),
             tcp: config.tcp.clone(),
             timeouts: config.timeouts.clone(),
-            health: Health::new(config.health.clone()),
+            health: Health::succeeding(config.health.clone(), previous.map(|p| &p.health)),
             outstanding: previous.map_or_else(Arc::default, |p| p.outstanding.clone()),
             removed: AtomicBool::new(false),
             fastcgi_values,
@@ -361,6 +361,31 @@ impl Health {
             ejected_once: AtomicBool::new(false),
             ejected: Mutex::new(Ejection::default()),
         }
+    }
+
+    /// Health under `config` that goes on from `previous`'s (a reload replacing the
+    /// address's peer): an address ejected stays ejected, at most the new
+    /// `eject_max` from now; one on probation stays on probation. Started afresh, a
+    /// reload that changed any pool setting sent requests to an address known to be
+    /// down, each paying a failed connect (up to `timeouts.connect`) until `max_fails`
+    /// ejected it again.
+    fn succeeding(config: HealthConfig, previous: Option<&Health>) -> Self {
+        let health = Health::new(config);
+        if let Some(p) = previous {
+            let e = p.lock();
+            let until = e
+                .until
+                .map(|t| t.min(Instant::now() + health.config.eject_max.get()));
+            *health.lock() = Ejection {
+                until,
+                streak: e.streak,
+            };
+            health.fails.store(p.fails.load(Relaxed), Relaxed);
+            health
+                .ejected_once
+                .store(p.ejected_once.load(Relaxed), Relaxed);
+        }
+        health
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Ejection> {
