@@ -2929,7 +2929,7 @@ async fn a_response_goes_out_in_holdfasts_own_http_version() {
 #[tokio::test]
 async fn access_log_has_a_line_for_a_client_that_left_before_the_answer() {
     let upstream = TestUpstream::start(Behaviour::Hang).await;
-    let (mut proxy, addr) = spawn_holdfast(&binary_config(&upstream.url(), "json"), &[]).await;
+    let (proxy, addr) = spawn_holdfast(&binary_config(&upstream.url(), "json"), &[]).await;
     let mut c = TcpStream::connect(addr).await.expect("connect");
     c.write_all(b"GET /abandoned HTTP/1.1\r\nHost: a\r\n\r\n")
         .await
@@ -2939,10 +2939,11 @@ async fn access_log_has_a_line_for_a_client_that_left_before_the_answer() {
         .await
         .expect("forwarded");
     drop(c);
-    // The drain ends once no client connection is open: the request is over by then.
-    proxy.signal(holdfast_test::sys::SIGTERM).unwrap();
+    // Written as hyper drops the request, on the client's FIN. (Not awaited through a
+    // drain's end: the connection's count may fall, and the drain end, on another
+    // worker thread before the request is dropped.)
     assert!(
-        proxy.wait_for_log("drained", WAIT).await,
+        proxy.wait_for_log("/abandoned", WAIT).await,
         "{}",
         proxy.logs()
     );
