@@ -2437,3 +2437,120 @@ async fn an_upstream_refusing_the_client_certificate_has_not_seen_the_request() 
         "the refusing address was tried"
     );
 }
+
+// === HTTP/2 flow control behind slow clients ===
+
+/// The I/O of an upstream connection, counting the bytes it writes.
+struct CountingIo {
+    io: TcpStream,
+    written: Arc<AtomicUsize>,
+}
+
+impl tokio::io::AsyncRead for CountingIo {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for CountingIo {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let res = std::pin::Pin::new(&mut self.io).poll_write(cx, buf);
+        if let std::task::Poll::Ready(Ok(n)) = &res {
+            self.written.fetch_add(*n, Relaxed);
+        }
+        res
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
+/// Clients that stop reading large answers hold their streams' data in holdfast, unread
+/// and so unacknowledged, which HTTP/2 counts against the connection's window as well
+/// as the stream's. hyper's defaults (2 MiB a stream, 5 MiB the connection) let three
+/// such streams close the window of the one connection every request to the address
+/// shares: every other answer's body then stopped behind them (until `read_idle` cut
+/// it, or `send_timeout` the slow clients). A small answer must come through while
+/// four clients sit on 16 MiB answers.
+#[tokio::test]
+async fn clients_not_reading_large_answers_do_not_stall_other_streams() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let written = Arc::new(AtomicUsize::new(0));
+    let big = Bytes::from(vec![b'b'; 16 << 20]);
+    {
+        let written = written.clone();
+        tokio::spawn(async move {
+            while let Ok((sock, _)) = listener.accept().await {
+                let io = CountingIo {
+                    io: sock,
+                    written: written.clone(),
+                };
+                let big = big.clone();
+                tokio::spawn(async move {
+                    let svc = service_fn(move |req: hyper::Request<Incoming>| {
+                        let body = if req.uri().path() == "/big" {
+                            big.clone()
+                        } else {
+                            Bytes::from_static(b"small\n")
+                        };
+                        async move { Ok::<_, Infallible>(hyper::Response::new(Full::new(body))) }
+                    });
+                    let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(io), svc)
+                        .await;
+                });
+            }
+        });
+    }
+    let gw = start(&proxy_to(&format!("h2c://{addr}"))).await;
+    // Four clients ask for 16 MiB and read none of it (a small receive buffer, so
+    // that the sockets hold little of it).
+    let mut stalled = Vec::new();
+    for _ in 0..4 {
+        let sock = tokio::net::TcpSocket::new_v4().unwrap();
+        sock.set_recv_buffer_size(4096).unwrap();
+        let mut s = sock.connect(gw.addr).await.unwrap();
+        s.write_all(b"GET /big HTTP/1.1\r\nHost: up\r\n\r\n")
+            .await
+            .unwrap();
+        stalled.push(s);
+    }
+    // Until the upstream writes no more: every large answer is held up by its client.
+    // (Bounded: 50 looks, 300 ms apart.)
+    let mut last = 0;
+    let mut settled = false;
+    for _ in 0..50 {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let now = written.load(Relaxed);
+        if now > 0 && now == last {
+            settled = true;
+            break;
+        }
+        last = now;
+    }
+    assert!(settled, "the upstream kept writing");
+    let r = send(&gw, &ClientRequest::get("/small")).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.body, b"small\n"[..]);
+    drop(stalled);
+}

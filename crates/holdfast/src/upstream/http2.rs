@@ -49,6 +49,19 @@ use crate::config::UpstreamHttp2Config;
 /// nothing: what hyper (and h2) assume.
 pub const DEFAULT_MAX_STREAMS: usize = 100;
 
+/// Body bytes the upstream may send a stream ahead of what holdfast has taken from it
+/// (hyper's default).
+const STREAM_WINDOW: u32 = 2 << 20;
+
+/// Body bytes it may send the whole connection ahead: the most HTTP/2 allows (RFC 9113
+/// 6.9.1). A stream whose client reads slowly, or not at all, keeps up to its
+/// [`STREAM_WINDOW`] unread here, and HTTP/2 counts those bytes against the
+/// connection's window too: with hyper's 5 MiB, three clients not reading large
+/// answers closed the connection's window, and every other stream on it (with the one
+/// connection of the default, every request to the address) got its head and then
+/// no more of its body. What a stream holds is still bounded by its own window.
+const CONNECTION_WINDOW: u32 = (1 << 31) - 1;
+
 /// A request's handle on a shared connection: a clone of hyper's sender and the
 /// connection's [`Signals`].
 #[derive(Clone)]
@@ -213,7 +226,9 @@ where
     let mut builder = hyper::client::conn::http2::Builder::new(exec.clone());
     builder
         .timer(TokioTimer::new())
-        .initial_max_send_streams(DEFAULT_MAX_STREAMS);
+        .initial_max_send_streams(DEFAULT_MAX_STREAMS)
+        .initial_stream_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW);
     if let Some(every) = config.ping_interval.non_zero() {
         builder
             .keep_alive_interval(every)
