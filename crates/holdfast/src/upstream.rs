@@ -391,18 +391,22 @@ impl Upstream {
                             || replay == Replay::Safe && reused_since.is_some()
                             || reused_since.is_none()
                                 && matches!(conn.client(), Client::Http1Tls(_)));
-                    let Some(mut head) = parts.take() else {
-                        unreachable!("every attempt starts with the request head")
-                    };
-                    if let Some(set) = set.take() {
-                        set.apply(&mut head.headers);
-                    }
-                    if keep_head {
-                        parts = Some(clone_parts(&head));
-                    }
                     let mut attempt_body = attempt_body;
                     let streamed = attempt_body.watch_end();
-                    let req = Request::from_parts(head, attempt_body);
+                    // In a block of its own: the moved-from head would otherwise keep
+                    // its room in this future, and so in every request's.
+                    let req = {
+                        let Some(mut head) = parts.take() else {
+                            unreachable!("every attempt starts with the request head")
+                        };
+                        if let Some(set) = set.take() {
+                            set.apply(&mut head.headers);
+                        }
+                        if keep_head {
+                            parts = Some(clone_parts(&head));
+                        }
+                        Request::from_parts(head, attempt_body)
+                    };
                     head_due(send(&mut conn, req), streamed, sent_at, due).await
                 };
                 let result = match sent {
@@ -723,39 +727,49 @@ struct TimedOut;
 /// [`Http1Conn::set_deadline`](http1::conn::Http1Conn::set_deadline)): timed from its
 /// head, an upload slower than `response_headers` got 504 while it still arrived.
 /// The clock is read only when a deadline passes.
-async fn head_due<F: Future>(
+///
+/// Not an `async fn`: its state would hold `answer` twice, and it is part of every
+/// request's future (plain HTTP/1 included, which never takes this path). A request
+/// sent whole awaits a plain [`tokio::time::Timeout`]; the streamed case is boxed.
+fn head_due<F: Future + Send>(
     answer: F,
     body: Option<Arc<crate::body::BodyEnd>>,
     sent_at: Instant,
     due: http1::conn::HeadDue,
-) -> Result<F::Output, TimedOut> {
+) -> impl Future<Output = Result<F::Output, TimedOut>> + Send {
+    use futures_util::FutureExt;
+    use futures_util::future::Either;
     let Some(body) = body else {
-        return tokio::time::timeout_at(due.after(sent_at), answer)
-            .await
-            .map_err(|_| TimedOut);
+        return Either::Left(
+            tokio::time::timeout_at(due.after(sent_at), answer).map(|r| r.map_err(|_| TimedOut)),
+        );
     };
-    let mut answer = std::pin::pin!(answer);
-    let mut deadline = due.after(sent_at);
-    let mut taken = body.taken();
-    loop {
-        if let Ok(out) = tokio::time::timeout_at(deadline, answer.as_mut()).await {
-            return Ok(out);
-        }
-        let now = Instant::now();
-        let next = match body.ended_at() {
-            Some(end) => due.after(end),
-            // Stalled (its gaps are the listener's `body_timeout`'s to bound) or failed.
-            None if body.taken() == taken || body.failure().is_some() => return Err(TimedOut),
-            None => {
-                taken = body.taken();
-                due.after(now)
+    Either::Right(Box::pin(async move {
+        let mut answer = std::pin::pin!(answer);
+        let mut deadline = due.after(sent_at);
+        let mut taken = body.taken();
+        loop {
+            if let Ok(out) = tokio::time::timeout_at(deadline, answer.as_mut()).await {
+                return Ok(out);
             }
-        };
-        if next <= now {
-            return Err(TimedOut);
+            let now = Instant::now();
+            let next = match body.ended_at() {
+                Some(end) => due.after(end),
+                // Stalled (its gaps are the listener's `body_timeout`'s to bound) or failed.
+                None if body.taken() == taken || body.failure().is_some() => {
+                    return Err(TimedOut);
+                }
+                None => {
+                    taken = body.taken();
+                    due.after(now)
+                }
+            };
+            if next <= now {
+                return Err(TimedOut);
+            }
+            deadline = next;
         }
-        deadline = next;
-    }
+    }))
 }
 
 /// A response, or the failure with the body if none of it was sent.
