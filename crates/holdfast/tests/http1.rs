@@ -1885,6 +1885,54 @@ async fn reset_mid_body_is_not_passed_off_as_a_complete_response() {
     }
 }
 
+/// An HTTP/1.0 client has no chunked coding: a body of unknown length reaches it
+/// delimited by the connection's close. Cut short by the upstream (a close in the
+/// middle of a chunked body), it must not end with a FIN, which is that framing's
+/// "complete": the client would take the first part for the whole response (a
+/// truncated file saved as good). The connection is reset instead.
+#[tokio::test]
+async fn a_cut_body_to_an_http_1_0_client_ends_in_a_reset_not_a_clean_close() {
+    let upstream = raw_upstream(|stream| async move {
+        let mut io = BufReader::new(stream);
+        if let Ok(Some(_)) = read_head(&mut io).await {
+            // One chunk, then a clean close with no last chunk.
+            let _ = io
+                .get_mut()
+                .write_all(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n")
+                .await;
+        }
+    })
+    .await;
+    let gw = start(&proxy_to(&format!("http://{}", upstream.addr))).await;
+    for request in [
+        "GET /a HTTP/1.0\r\n\r\n",
+        "GET /a HTTP/1.0\r\nconnection: keep-alive\r\n\r\n",
+    ] {
+        let mut client = RawClient::connect(gw.addr).await.unwrap();
+        client.send(request).await.unwrap();
+        let err = client.read_response(WAIT).await.unwrap_err();
+        assert!(err.is_reset(), "{request:?}: {err}");
+    }
+    // A whole body of unknown length still ends with the close, cleanly.
+    let whole = raw_upstream(|stream| async move {
+        let mut io = BufReader::new(stream);
+        if let Ok(Some(_)) = read_head(&mut io).await {
+            let _ = io
+                .get_mut()
+                .write_all(
+                    b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+                )
+                .await;
+        }
+    })
+    .await;
+    let gw = start(&proxy_to(&format!("http://{}", whole.addr))).await;
+    let mut client = RawClient::connect(gw.addr).await.unwrap();
+    client.send("GET /a HTTP/1.0\r\n\r\n").await.unwrap();
+    let resp = client.read_response(WAIT).await.unwrap();
+    assert_eq!(&resp.body[..], b"hello", "{resp:?}");
+}
+
 /// An upstream that answers before it has read the request body (a 413 for an
 /// upload) ends the exchange early: the client gets the answer, the connection is
 /// closed, since the request on it was cut short, and that close is holdfast's

@@ -120,7 +120,12 @@ impl Body for ResponseBody {
                 // HTTP/2 under `send_timeout`: each poll is noted for the connection
                 // task, which cuts a stream that holds a piece untaken too long.
                 let Some(watch) = this.in_flight.as_ref().and_then(InFlight::stream) else {
-                    return u.poll_frame(cx, false);
+                    let polled = u.poll_frame(cx, false);
+                    if let (Poll::Ready(Some(Err(_))), Some(in_flight)) = (&polled, &this.in_flight)
+                    {
+                        in_flight.body_cut();
+                    }
+                    return polled;
                 };
                 let polled = u.poll_frame(cx, true);
                 watch.polled(matches!(polled, Poll::Ready(Some(Ok(_)))) && !u.is_end_stream());

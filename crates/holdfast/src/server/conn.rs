@@ -217,6 +217,12 @@ pub struct ConnState {
     /// A write to the client stalled past `send_timeout` (`ClientIo`): the response
     /// bodies dropped with the connection were cut by it.
     pub(super) send_timed_out: AtomicBool,
+    /// HTTP/1.0: the response goes out delimited by the connection's close (a body
+    /// of unknown length; HTTP/1.0 has no chunked coding).
+    pub(super) close_delimited: AtomicBool,
+    /// A response body failed mid-way (`InFlight::body_cut`). With `close_delimited`,
+    /// the client can only tell by a reset: a FIN would say the body is complete.
+    pub(super) body_cut: AtomicBool,
     /// HTTP/1: hyper keeps an upgrade request's switch pending after an answer that
     /// did not switch (the upstream refused it, or holdfast answered), and when the
     /// connection later ends it hands the socket to that upgrade instead of ending
@@ -290,6 +296,8 @@ impl ConnState {
             woken: AtomicBool::new(false),
             woken_ms: AtomicU64::new(0),
             send_timed_out: AtomicBool::new(false),
+            close_delimited: AtomicBool::new(false),
+            body_cut: AtomicBool::new(false),
             refused_upgrade: std::sync::Mutex::new(None),
             refused_upgrade_kept: AtomicBool::new(false),
             streams: Streams::default(),
@@ -387,6 +395,12 @@ impl InFlight {
     pub(crate) fn send_timed_out(&self, body_done: bool) -> bool {
         self.stream.as_ref().is_some_and(|w| w.is_cut())
             || !body_done && self.state.send_timed_out.load(Relaxed)
+    }
+
+    /// The response body failed before its end: the client must see it cut (see
+    /// `ConnState::body_cut`).
+    pub(crate) fn body_cut(&self) {
+        self.state.body_cut.store(true, Relaxed);
     }
 
     /// The response ended at `at`, a clock reading taken in the same poll that drops
@@ -619,10 +633,14 @@ pub fn serve(
                         let closing = state.draining.load(Relaxed)
                             || last
                             || asks_close
-                            || has_body && resp.body().may_leave_request_body()
-                            // HTTP/1.0 has no chunked coding: hyper ends a body of
-                            // unknown length with the connection.
-                            || version == Version::HTTP_10 && unknown_length(&resp);
+                            || has_body && resp.body().may_leave_request_body();
+                        // HTTP/1.0 has no chunked coding: hyper ends a body of
+                        // unknown length with the connection.
+                        let close_delimited = version == Version::HTTP_10 && unknown_length(&resp);
+                        if close_delimited {
+                            state.close_delimited.store(true, Relaxed);
+                        }
+                        let closing = closing || close_delimited;
                         if let Some((name, value)) =
                             connection_field(version, closing, shared.keep_alive.as_ref())
                         {

@@ -182,6 +182,13 @@ impl ClientIo {
         matches!(socket2::SockRef::from(stream.tcp()).peek(&mut byte), Ok(n) if n > 0)
     }
 
+    /// A response delimited by the close was cut short (see `ConnState::body_cut`):
+    /// the connection ends in a reset, never a FIN, which would pass the first part
+    /// off as the whole body.
+    fn ends_in_reset(&self) -> bool {
+        self.state.body_cut.load(Relaxed) && self.state.close_delimited.load(Relaxed)
+    }
+
     /// The client asked to close after its request (`ConnState::client_closes`) and
     /// sent nothing past it while it was served: closing needs no half-close and no
     /// linger. A client that sends on past its close (pipelining, RFC 9112 9.6) gets
@@ -392,6 +399,10 @@ impl AsyncWrite for ClientIo {
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
+        if this.ends_in_reset() {
+            // No FIN (nor close_notify): the drop resets the connection.
+            return Poll::Ready(Ok(()));
+        }
         match this.state.park.load(Relaxed) {
             // hyper ends a parked connection; the socket is not closing.
             PARK_PARKED => return Poll::Ready(Ok(())),
@@ -433,6 +444,10 @@ impl Drop for ClientIo {
         let Some(stream) = self.stream.take() else {
             return;
         };
+        if self.ends_in_reset() {
+            let _ = socket2::SockRef::from(stream.tcp()).set_linger(Some(Duration::ZERO));
+            return;
+        }
         if self.read_eof || self.sends_nothing_more() {
             return;
         }
