@@ -116,7 +116,9 @@ impl Http2Config {
             bad.push(("max_concurrent_streams", "must be at least 1".into()));
         }
         let h = self.max_header_list_size.get();
-        if !(1024..=u64::from(u32::MAX)).contains(&h) {
+        // 4GiB, as README allows, is one more than HTTP/2's SETTINGS field holds; it is
+        // sent as the most that field holds (`server::conn`), as good as no limit.
+        if !(1024..=4 << 30).contains(&h) {
             bad.push((
                 "max_header_list_size",
                 "must be between 1KiB and 4GiB".into(),

@@ -654,3 +654,23 @@ fn a_fastcgi_body_temp_dir_that_cannot_take_a_file_is_refused_naming_its_line() 
     assert_eq!(f.body_memory, ByteSize::mib(1));
     assert_eq!(f.temp_dir(), dir.path());
 }
+
+/// README: `max_header_list_size` is 1KiB to 4GiB. `4GiB` was refused with "must be
+/// between 1KiB and 4GiB" (the check stopped at 4GiB less one byte), as
+/// `max_header_bytes` was before it.
+#[test]
+fn an_http2_header_list_size_of_4gib_is_taken_as_readme_says() {
+    let text = GOOD.replace(
+        "listen = \"127.0.0.1:8080\"\n",
+        "listen = \"127.0.0.1:8080\"\n[listener.http2]\nmax_header_list_size = \"4GiB\"\n",
+    );
+    let c = parse(&text).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(c.listeners[0].http2.max_header_list_size, ByteSize(4 << 30));
+    let e = only_error(&text.replace("\"4GiB\"", "4294967297"));
+    assert_eq!(
+        e.key.as_deref(),
+        Some("listener[0].http2.max_header_list_size"),
+        "{e}"
+    );
+    assert_eq!(e.line, 5, "{e}");
+}

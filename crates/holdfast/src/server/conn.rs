@@ -112,7 +112,8 @@ impl ListenerShared {
         let keep_alive =
             advertised.and_then(|d| HeaderValue::try_from(format!("timeout={}", d.as_secs())).ok());
         let h = &config.http2;
-        // Validation keeps these within u32 (windows within 2^31-1).
+        // Validation keeps these within u32 (windows within 2^31-1), but for a header
+        // list size of 4GiB, sent as the most the field holds.
         let u32_of = |b: crate::config::ByteSize| u32::try_from(b.get()).unwrap_or(u32::MAX);
         let mut http2 = http2::Builder::new(StreamExec::new(config.send_timeout.get()));
         http2
