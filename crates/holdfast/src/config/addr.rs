@@ -49,8 +49,12 @@ impl UpstreamAddr {
     pub fn authority(&self) -> String {
         let default_port = if self.tls { 443 } else { 80 };
         match &self.endpoint {
-            Endpoint::Tcp { host, port } if *port == default_port => host.clone(),
+            // An IPv6 literal keeps its brackets, with its port or without.
+            Endpoint::Tcp { host, port } if host.contains(':') && *port == default_port => {
+                format!("[{host}]")
+            }
             Endpoint::Tcp { host, port } if host.contains(':') => format!("[{host}]:{port}"),
+            Endpoint::Tcp { host, port } if *port == default_port => host.clone(),
             Endpoint::Tcp { host, port } => format!("{host}:{port}"),
             Endpoint::Unix(_) => "localhost".to_owned(),
         }
@@ -231,6 +235,29 @@ mod tests {
         let a: UpstreamAddr = "h2c+unix:///run/grpc.sock".parse().unwrap();
         assert_eq!(a.endpoint, Endpoint::Unix("/run/grpc.sock".into()));
         assert_eq!(a.protocol, Protocol::Http2);
+    }
+
+    /// An IPv6 address on its scheme's default port (`http://[::1]`,
+    /// `https://[2001:db8::1]`) gave `::1` as the `Host` sent upstream with
+    /// `host_header = "upstream"` (or for a client that sent none): no valid Host (RFC
+    /// 9110 7.2, RFC 3986 3.2.2), which nginx answers 400.
+    #[test]
+    fn an_ipv6_address_on_the_default_port_keeps_its_brackets_in_the_host() {
+        for (addr, host) in [
+            ("http://[::1]", "[::1]"),
+            ("http://[::1]:80", "[::1]"),
+            ("https://[2001:db8::1]/", "[2001:db8::1]"),
+            ("h2c://[::1]:8080", "[::1]:8080"),
+        ] {
+            let a: UpstreamAddr = addr.parse().unwrap();
+            assert_eq!(a.authority(), host, "{addr}");
+            assert!(
+                format!("http://{}/", a.authority())
+                    .parse::<http::Uri>()
+                    .is_ok(),
+                "{addr}"
+            );
+        }
     }
 
     #[test]
