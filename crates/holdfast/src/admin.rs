@@ -188,7 +188,7 @@ pub fn pools(proxy: &Proxy) -> Vec<UpstreamView> {
                         address: p.label.to_string(),
                         health: p.health.state(now),
                         outstanding: p.outstanding(),
-                        pool: p.pool.snapshot(),
+                        pool: p.snapshot(),
                         created: f.created.load(Relaxed),
                         reused: f.reused.load(Relaxed),
                         stale_caught: f.stale_caught.load(Relaxed),

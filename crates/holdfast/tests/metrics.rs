@@ -1053,3 +1053,48 @@ async fn requests_answered_by_a_redirect_listener_are_counted() {
         2.0
     );
 }
+
+/// README: an HTTP/2 address has `http2` in `/pools`, with the idle timeout its
+/// connections keep to. With no connection open (none yet, or the last one closed
+/// idle) the field was left out, and the address showed only the HTTP/1
+/// `effective_idle_timeout` (4 s, "config"), which its connections do not use.
+#[tokio::test]
+async fn pools_shows_http2_figures_for_an_http2_address_with_no_connection() {
+    // Nothing listens there: no connection is ever open.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let gw = start(&format!(
+        r#"
+[[route]]
+upstream = "grpc"
+
+[upstream.grpc]
+addresses = ["h2c://{closed}"]
+http2.idle_timeout = "90s"
+
+[upstream.other]
+addresses = ["h2c://{closed}"]
+http2.idle_timeout = "0s"
+"#
+    ))
+    .await;
+    let r = gw.admin_get("/pools").await;
+    let pools: serde_json::Value = serde_json::from_slice(&r.body).expect("/pools is JSON");
+    let by_name = |name: &str| {
+        pools
+            .as_array()
+            .and_then(|a| a.iter().find(|u| u["name"] == name))
+            .map(|u| u["addresses"][0].clone())
+            .unwrap_or_else(|| panic!("{name} in /pools: {pools}"))
+    };
+    let grpc = by_name("grpc");
+    assert_eq!(grpc["open"], 0, "{grpc}");
+    let h2 = &grpc["http2"];
+    assert_eq!(h2["idle_timeout"], 90.0, "{grpc}");
+    assert_eq!((&h2["connections"], &h2["streams"]), (&0.into(), &0.into()));
+    let other = by_name("other");
+    assert!(other["http2"]["idle_timeout"].is_null(), "{other}");
+    assert!(other["http2"].is_object(), "{other}");
+}

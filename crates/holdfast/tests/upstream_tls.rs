@@ -1494,7 +1494,7 @@ async fn an_unanswered_ping_closes_the_connection_and_the_next_request_opens_ano
     relay.freeze_existing();
     let closed = wait_until_async(SOON, || async {
         let (_, a) = pools(&gw).await;
-        a["closed"]["error"] == 1 && a["http2"].is_null()
+        a["closed"]["error"] == 1 && a["http2"]["connections"] == 0
     })
     .await;
     let (_, address) = pools(&gw).await;

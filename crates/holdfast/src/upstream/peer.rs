@@ -19,7 +19,7 @@ use tokio::time::Instant;
 
 use super::error::{Delivery, Kind, UpstreamError};
 use super::io::{Stream, UpstreamIo};
-use super::pool::{Connected, Pool, PoolSettings, PooledConn, Want};
+use super::pool::{Connected, Http2Snapshot, Pool, PoolSettings, PoolSnapshot, PooledConn, Want};
 use super::tls::TlsClient;
 use super::{fastcgi, http1, http2};
 use crate::config::{
@@ -192,6 +192,23 @@ impl Peer {
     /// take streams on shared connections instead.
     pub fn is_full(&self) -> bool {
         !self.shares_connections() && self.pool.is_full()
+    }
+
+    /// The pool's figures, as `/pools` shows them. An HTTP/2 address has its `http2`
+    /// figures with no connection open too (none yet, or the last one closed idle):
+    /// the idle timeout in force for its connections is `http2.idle_timeout`, not the
+    /// HTTP/1 `effective_idle_timeout` beside it.
+    pub fn snapshot(&self) -> PoolSnapshot {
+        let mut snap = self.pool.snapshot();
+        if snap.http2.is_none() && self.shares_connections() {
+            snap.http2 = Some(Http2Snapshot {
+                connections: 0,
+                streams: 0,
+                max_streams: 0,
+                idle_timeout: self.http2.idle_timeout.non_zero(),
+            });
+        }
+        snap
     }
 
     /// Whether requests take streams on shared HTTP/2 connections.
