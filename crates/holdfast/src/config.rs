@@ -718,6 +718,20 @@ impl Config {
                     "must be at least 1 (1: the first failure ejects the address)".into(),
                 );
             }
+            if u.health.eject_for.get().is_zero() {
+                // An ejection that ends as it begins: every failure past max_fails
+                // was logged as an ejection and none kept a request away.
+                bad(key("health.eject_for"), "must be more than 0s".into());
+            } else if u.health.eject_for > u.health.eject_max {
+                // Taken, every ejection lasted eject_max, the first one included.
+                bad(
+                    key("health.eject_for"),
+                    format!(
+                        "{} is more than health.eject_max ({}), the longest an ejection lasts",
+                        u.health.eject_for, u.health.eject_max
+                    ),
+                );
+            }
             if !(0.0..=1.0).contains(&u.retry.budget_ratio) {
                 bad(
                     key("retry.budget_ratio"),

@@ -674,3 +674,39 @@ fn an_http2_header_list_size_of_4gib_is_taken_as_readme_says() {
     );
     assert_eq!(e.line, 5, "{e}");
 }
+
+/// `health.eject_for` longer than `health.eject_max` was taken without a word, and
+/// every ejection lasted eject_max, the first one included; `0s` turned ejection into
+/// a warning logged at each failure that kept no request away. Both are refused,
+/// naming the line, as `pool.max_idle` over `pool.max_connections` is.
+#[test]
+fn an_ejection_time_over_its_maximum_or_zero_is_refused_naming_its_line() {
+    let e = only_error(&format!(
+        "{GOOD}[upstream.api.health]\neject_max = \"2s\"\neject_for = \"10s\"\n"
+    ));
+    assert_eq!(
+        e.key.as_deref(),
+        Some("upstream.api.health.eject_for"),
+        "{e}"
+    );
+    assert_eq!(e.line, 17, "{e}");
+    assert!(e.message.contains("eject_max (2s)"), "{e}");
+    // Over the default eject_max (60s), not written.
+    let e = only_error(&format!(
+        "{GOOD}[upstream.api.health]\neject_for = \"2m\"\n"
+    ));
+    assert_eq!(
+        e.key.as_deref(),
+        Some("upstream.api.health.eject_for"),
+        "{e}"
+    );
+    let e = only_error(&format!(
+        "{GOOD}[upstream.api.health]\neject_for = \"0s\"\n"
+    ));
+    assert!(e.message.contains("more than 0s"), "{e}");
+    let c = parse(&format!(
+        "{GOOD}[upstream.api.health]\neject_for = \"60s\"\n"
+    ))
+    .unwrap();
+    assert_eq!(c.upstreams["api"].health.eject_for, Dur::secs(60));
+}
