@@ -890,6 +890,55 @@ async fn a_request_in_flight_across_a_reload_that_replaces_its_pool_stays_outsta
     .await;
 }
 
+/// A request of the old config waiting for a connection slot of an address that a
+/// reload gave a new pool still waits for that address's slots (the pools share
+/// them): `waiting` (`holdfast_pool_waiting_requests`) counts it until it has its
+/// slot. Before, each pool counted its own waiters, and the new one began at 0: a
+/// queue behind a slow upstream vanished from the gauge at every reload that changed
+/// a pool setting, and `queue_size` let as many again queue beside it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_waiting_for_a_slot_across_a_reload_that_replaces_its_pool_stays_waiting() {
+    let up = TestUpstream::start(Behaviour::Hang).await;
+    let config = |queue_timeout: &str| {
+        format!(
+            "[[route]]\nupstream = \"up\"\n\n[upstream.up]\naddresses = [\"{}\"]\n\
+             pool.max_connections = 1\npool.max_idle = 1\npool.queue_timeout = \"{queue_timeout}\"\n",
+            up.url()
+        )
+    };
+    let hf = Holdfast::start(&config("30s")).await;
+    let mut holder = RawClient::connect(hf.addr).await.expect("connect");
+    holder
+        .send_request(&ClientRequest::get("/hold"))
+        .await
+        .expect("send");
+    up.wait_for_requests(1, WAIT)
+        .await
+        .expect("the first request reached the upstream");
+    let mut queued = RawClient::connect(hf.addr).await.expect("connect");
+    queued
+        .send_request(&ClientRequest::get("/queued"))
+        .await
+        .expect("send");
+    hf.wait_view("up", 0, WAIT, "the second request queued", |v| {
+        n(v, "waiting") == 1
+    })
+    .await;
+    hf.reload(&config("29s")).await;
+    let v = hf.view("up", 0).await;
+    assert_eq!(
+        (n(&v, "waiting"), n(&v, "in_use")),
+        (1, 1),
+        "still waiting for the address's one slot: {v:#}"
+    );
+    drop(holder);
+    up.wait_for_requests(2, WAIT)
+        .await
+        .expect("the queued request took the freed slot");
+    hf.wait_view("up", 0, WAIT, "no longer waiting", |v| n(v, "waiting") == 0)
+        .await;
+}
+
 /// What an address's pool learned stays learned across a reload that keeps the pool
 /// (learned values never rise, by design); a reload that changes the pool's settings
 /// gives the address a new pool, which begins from the config again. That is the

@@ -274,7 +274,6 @@ pub struct Pool {
     /// What the application says it takes (FastCGI `FCGI_MAX_CONNS`), once it said.
     app_max_conns: AtomicUsize,
     idle_limit: AtomicUsize,
-    waiting: AtomicUsize,
     state: Mutex<State>,
     reaper: Arc<Notify>,
     draining: AtomicBool,
@@ -359,7 +358,6 @@ impl Pool {
                 .map_or_else(|| Slots::new(settings.max_connections), |p| p.slots.clone()),
             app_max_conns: AtomicUsize::new(app_max_conns),
             idle_limit: AtomicUsize::new(idle_limit),
-            waiting: AtomicUsize::new(0),
             state: Mutex::new(State {
                 idle: IdleList::default(),
                 // php-fpm's request limit is its worker's, not the connection's.
@@ -518,8 +516,12 @@ impl Pool {
     /// Queues for a slot (FIFO). Boxed by the caller: rare, and its timer would
     /// otherwise sit in every request's future.
     async fn wait_for_slot(&self) -> Result<SlotHeld<'_>, UpstreamError> {
-        if self.waiting.fetch_add(1, Relaxed) >= self.settings.queue_size {
-            self.waiting.fetch_sub(1, Relaxed);
+        // Counted with the waiters of the pool a reload replaced, which wait for the
+        // same slots: `queue_size` (the new one) bounds them all, as
+        // `max_connections` bounds their connections.
+        let waiting = &self.slots.waiting;
+        if waiting.fetch_add(1, Relaxed) >= self.settings.queue_size {
+            waiting.fetch_sub(1, Relaxed);
             self.figures.queue_full.fetch_add(1, Relaxed);
             return Err(UpstreamError::new(Kind::QueueFull, Delivery::NotSent));
         }
@@ -529,7 +531,7 @@ impl Pool {
                 self.0.fetch_sub(1, Relaxed);
             }
         }
-        let _waiting = Waiting(&self.waiting);
+        let _waiting = Waiting(waiting);
         // Tokio's semaphore is fair: waiters are served in FIFO order.
         match tokio::time::timeout(self.settings.queue_timeout, self.slots.take()).await {
             Ok(Ok(p)) => Ok(p),
@@ -879,7 +881,7 @@ impl Pool {
             open: self.slots.open.load(Relaxed),
             idle: st.idle.len(),
             in_use: self.slots.in_use() + streams + retiring_streams,
-            waiting: self.waiting.load(Relaxed) + stream_waiters,
+            waiting: self.slots.waiting.load(Relaxed) + stream_waiters,
             max_connections: self.slots.limit(),
             effective_idle_timeout: idle_timeout,
             idle_timeout_source: source,

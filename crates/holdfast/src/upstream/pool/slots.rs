@@ -22,6 +22,9 @@ pub(crate) struct Slots {
     debt: AtomicUsize,
     /// Connections open now (idle, busy and being opened), in every pool sharing this.
     pub(super) open: Arc<AtomicUsize>,
+    /// Requests queued for a slot, in every pool sharing this: a slot given back goes
+    /// to the first of them, whichever pool it queued in.
+    pub(super) waiting: AtomicUsize,
     /// One change of the limit at a time.
     resizing: Mutex<()>,
 }
@@ -33,6 +36,7 @@ impl Slots {
             limit: AtomicUsize::new(limit),
             debt: AtomicUsize::new(0),
             open: Arc::default(),
+            waiting: AtomicUsize::new(0),
             resizing: Mutex::new(()),
         })
     }
