@@ -5,7 +5,7 @@
 //! |---|---|
 //! | SIGTERM, SIGQUIT, first SIGINT | graceful drain, then exit |
 //! | second SIGINT | exit at once |
-//! | SIGHUP | reload the config file (or, started from flags, the certificate files); a bad one is logged and the old one kept; during an upgrade, also passed on to the new process once it is ready |
+//! | SIGHUP | reload the config file (or, started from flags, the certificate files); a bad one is logged and the old one kept; during an upgrade, also passed on to the new process once it is ready; after a hand-over, passed on; otherwise ignored while draining |
 //! | SIGUSR2 | start the binary at our path, hand it the listeners, drain once it is ready; ignored while draining |
 //! | any of them while starting | a stop signal: exit at once, status 0, before the PID file or readiness; SIGHUP: read the config again once ready; SIGUSR2: logged and ignored |
 //!
@@ -310,6 +310,12 @@ async fn handle_signals(
                     if successor.send(()).is_err() {
                         tracing::warn!("SIGHUP ignored: the new process this one handed over to has exited");
                     }
+                    None
+                }
+                // README: logged and ignored. Not even read: a bad file would be
+                // reported, and counted, as a reload that failed.
+                None if phase == Phase::Draining => {
+                    tracing::warn!("SIGHUP ignored: this process is draining");
                     None
                 }
                 None => reload(&origin, fixed.as_ref(), &state, &mut ready_timeout),

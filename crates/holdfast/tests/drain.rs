@@ -1268,8 +1268,8 @@ fn replace_file(path: &Path, script: &str) {
 // === reload and upgrade: operator signals, accept queue, durations ===
 
 /// README: "second SIGINT: exit at once". During `drain.pre_delay`, any other control
-/// message (here the Reload of a SIGHUP) must not make the server deaf to the Exit
-/// that follows it.
+/// message (here the Drain of a SIGTERM; a SIGHUP is ignored before it reaches the
+/// server) must not make the server deaf to the Exit that follows it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn second_sigint_exits_at_once_after_a_sighup_during_pre_delay() {
     let up = TestUpstream::start(Behaviour::Echo).await;
@@ -1286,7 +1286,9 @@ async fn second_sigint_exits_at_once_after_a_sighup_during_pre_delay() {
         "the drain started (/ready fails)"
     );
     gw.signal(sys::SIGHUP);
-    gw.wait_for_log("SIGHUP: reloading config").await;
+    gw.wait_for_log("SIGHUP ignored").await;
+    gw.signal(sys::SIGTERM);
+    gw.wait_for_log("SIGTERM: draining").await;
     let second = Instant::now();
     gw.signal(sys::SIGINT);
     gw.wait_for_log("second SIGINT: exiting at once").await;
@@ -1295,6 +1297,59 @@ async fn second_sigint_exits_at_once_after_a_sighup_during_pre_delay() {
     assert!(
         status.is_some() && took <= SLACK,
         "second SIGINT took {took:?} (status {status:?}); logs:\n{}",
+        gw.proc.logs()
+    );
+}
+
+/// README: "A `SIGHUP` to a process that is already draining is logged and ignored."
+/// Its config file is not read then: a bad one is not reported as a rejected config,
+/// nor counted in `holdfast_reload_failures_total`, which `/metrics` still shows
+/// during `drain.pre_delay`. Before, the draining process read and checked the file,
+/// logged "config rejected" and counted a failed reload it never meant to apply.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sighup_while_draining_reads_nothing_and_counts_no_failed_reload() {
+    let up = TestUpstream::start(Behaviour::Echo).await;
+    let mut gw = Gateway::start(Setup {
+        routes: vec![("/", up.addr())],
+        extra: "[drain]\npre_delay = \"30s\"\n",
+        ..Setup::default()
+    })
+    .await;
+    gw.signal(sys::SIGTERM);
+    gw.wait_for_log("SIGTERM: draining").await;
+    assert!(
+        wait_until_async(SOON, || async { !ready_status(gw.admin).await }).await,
+        "the drain started (/ready fails)"
+    );
+    gw.rewrite_config("this is not a config");
+    gw.signal(sys::SIGHUP);
+    // "SIGHUP ignored", or (before) the rejected file's errors.
+    gw.wait_for_log("SIGHUP").await;
+    let metrics = KeepAliveClient::new(gw.admin)
+        .with_timeout(SOON)
+        .get("/metrics")
+        .await
+        .expect("GET /metrics during pre_delay");
+    let text = metrics.text();
+    let failures = text
+        .lines()
+        .find(|l| l.starts_with("holdfast_reload_failures_total"))
+        .unwrap_or_default();
+    assert!(
+        failures.ends_with(" 0"),
+        "{failures:?}; logs:\n{}",
+        gw.proc.logs()
+    );
+    assert_eq!(gw.count_in_logs("config rejected"), 0, "{}", gw.proc.logs());
+    gw.wait_for_log("SIGHUP ignored: this process is draining")
+        .await;
+    // Two, one at a time (a signal sent twice before it is taken is taken once).
+    gw.signal(sys::SIGINT);
+    gw.wait_for_log("SIGINT: draining").await;
+    gw.signal(sys::SIGINT);
+    assert!(
+        gw.proc.wait_exit(SOON).await.is_some(),
+        "{}",
         gw.proc.logs()
     );
 }
