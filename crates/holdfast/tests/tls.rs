@@ -1652,6 +1652,64 @@ async fn http2_stream_without_window_is_cut_after_send_timeout() {
     assert_eq!(c.stream(5).data, 4000);
 }
 
+/// README (`send_timeout`): a stream whose client grants it no window at all is reset
+/// `send_timeout` after, whatever its body: an upstream's that came whole in one piece
+/// (its last; hyper holds it, and the response, until the window takes some of it) and
+/// holdfast's own answer (a 404). Both were held for as long as the client kept the
+/// connection open: the stream never ended, so the connection never went idle, no
+/// `keepalive_timeout` closed it, and a drain waited for it until `drain.timeout`.
+#[tokio::test]
+async fn http2_stream_granted_no_window_is_cut_after_send_timeout_whatever_its_body() {
+    let up = TestUpstream::start(Behaviour::fixed(200, 4000)).await;
+    let gw = start(&format!(
+        "[[route]]\nhost = \"localhost\"\nupstream = \"up\"\n\n\
+         [upstream.up]\naddresses = [\"{}\"]\n\n\
+         [[listener]]\nlisten = \"127.0.0.1:0\"\nh2c = true\nsend_timeout = \"1s\"\n",
+        up.url()
+    ))
+    .await;
+    let mut c = raw_h2(TcpStream::connect(gw.addr).await.unwrap(), 0).await;
+    let started = Instant::now();
+    c.send(&[
+        frames::get(1, "http", "localhost", "/"),
+        frames::get(3, "http", "nowhere", "/"),
+    ])
+    .await;
+    // Every timeout here is 1 s; 10 s is far past any of them.
+    let deadline = started + Duration::from_secs(10);
+    let cut = c
+        .until(deadline, |c| {
+            c.stream(1).reset.is_some() && c.stream(3).reset.is_some()
+        })
+        .await;
+    let (s1, s3) = (c.stream(1), c.stream(3));
+    assert!(
+        cut,
+        "streams still open 10 s after they were granted no window (send_timeout = 1s): \
+         upstream's answer {s1:?}, holdfast's 404 {s3:?}"
+    );
+    for s in [&s1, &s3] {
+        assert!(!s.ended && s.data == 0, "{s:?}");
+        let after = s.reset_at.unwrap() - started;
+        assert!(after >= Duration::from_secs(1), "cut after {after:?}");
+    }
+    assert_eq!(s1.reset, Some(code::CANCEL));
+    // The connection goes on serving, and is idle again: none of its streams is held.
+    c.send(&[
+        window_update(0, 1 << 20),
+        frames::get(5, "http", "localhost", "/"),
+        window_update(5, 1 << 20),
+    ])
+    .await;
+    let until = Instant::now() + SOON;
+    assert!(
+        c.until(until, |c| c.stream(5).ended).await,
+        "{:?}",
+        c.stream(5)
+    );
+    assert_eq!(c.stream(5).data, 4000);
+}
+
 /// The other side of the same rule: over TLS (ALPN h2), a client that reads slowly but
 /// steadily, granting 32 KiB of window every 300 ms (well within `send_timeout = 1s`),
 /// gets the whole response, though it takes several times `send_timeout`.

@@ -111,11 +111,15 @@ impl Body for ResponseBody {
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = self.get_mut();
         match &mut this.kind {
-            Kind::Full(data) => Poll::Ready(
-                data.take()
-                    .filter(|d| !d.is_empty())
-                    .map(|d| Ok(Frame::data(d))),
-            ),
+            Kind::Full(data) => {
+                let data = data.take().filter(|d| !d.is_empty());
+                // HTTP/2 under `send_timeout`: hyper holds the piece until the
+                // stream's window takes some of it (see `streams.rs`).
+                if let Some(watch) = this.in_flight.as_ref().and_then(InFlight::stream) {
+                    watch.polled(data.is_some());
+                }
+                Poll::Ready(data.map(|d| Ok(Frame::data(d))))
+            }
             Kind::Upstream(u) => {
                 // HTTP/2 under `send_timeout`: each poll is noted for the connection
                 // task, which cuts a stream that holds a piece untaken too long.
@@ -128,7 +132,9 @@ impl Body for ResponseBody {
                     return polled;
                 };
                 let polled = u.poll_frame(cx, true);
-                watch.polled(matches!(polled, Poll::Ready(Some(Ok(_)))) && !u.is_end_stream());
+                // The last piece too: hyper keeps it, and the body, until the
+                // stream's window takes some of it.
+                watch.polled(matches!(polled, Poll::Ready(Some(Ok(_)))));
                 polled
             }
             Kind::Bodiless => Poll::Ready(None),

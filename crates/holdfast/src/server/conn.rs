@@ -360,8 +360,8 @@ pub struct InFlight {
     state: Arc<ConnState>,
     /// When the response ended, if the body said (see [`InFlight::ended_at`]).
     ended_at: Option<Instant>,
-    /// HTTP/2 with a `send_timeout`: the stream's watch, once its response has an
-    /// upstream body (see `streams.rs`).
+    /// HTTP/2 with a `send_timeout`: the stream's watch, once its response has a
+    /// body (see `streams.rs`).
     stream: Option<Arc<StreamWatch>>,
 }
 
@@ -655,10 +655,9 @@ pub fn serve(
                         }
                     }
                     let mut in_flight = in_flight;
-                    if version == Version::HTTP_2
-                        && !resp.body().is_local()
-                        && !http_body::Body::is_end_stream(resp.body())
-                    {
+                    // Any body, holdfast's own too: a stream granted no window
+                    // holds it, and the connection, until `send_timeout` cuts it.
+                    if version == Version::HTTP_2 && !http_body::Body::is_end_stream(resp.body()) {
                         in_flight.watch_stream(arrived);
                     }
                     resp.body_mut().in_flight = Some(in_flight);

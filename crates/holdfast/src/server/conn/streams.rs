@@ -18,15 +18,16 @@
 //! hyper's stream future: h2 resets the stream (`RST_STREAM`, `CANCEL`), the body is
 //! dropped and closes its upstream connection (counted as a timeout, outcome
 //! `send_timeout`); the other streams go on. No timer and no task per request: a
-//! stream's task (hyper's own) carries one `Arc`, and a stream whose response has an
-//! upstream body takes one lock, to be listed.
+//! stream's task (hyper's own) carries one `Arc`, and a stream whose response has a
+//! body takes one lock, to be listed.
 //!
 //! The unit of progress is a piece taken: hyper holds a whole chunk until the window
 //! has taken it, so a watched body hands chunks over in pieces of at most
 //! [`PIECE`] bytes, and a client that reads that much per `send_timeout` is not cut.
-//! A body's last piece (the body has ended, its upstream connection is back in the
-//! pool) is not watched: hyper holds it like the end of any response, under the
-//! connection's own rules.
+//! A body's last piece is watched too, and so is holdfast's own answer (a 404, a
+//! 502): hyper polls a body before it waits for window, and holds the piece, and the
+//! body, until the window takes some of it. Once h2 took it (some of it may still wait
+//! in h2), the stream's task ends and the connection's own rules apply.
 
 use std::cell::Cell;
 use std::future::Future;
