@@ -1710,6 +1710,67 @@ async fn http2_stream_granted_no_window_is_cut_after_send_timeout_whatever_its_b
     assert_eq!(c.stream(5).data, 4000);
 }
 
+/// Uploads on one HTTP/2 connection to an upstream with one connection
+/// (`pool.max_connections = 1`): one at a time gets it, the others wait for it with
+/// their bodies unread. A waiting stream's body still fills its window
+/// (`initial_stream_window`) in holdfast, and with the connection's window (4 MiB by
+/// default) that is counted against, four of them left none for the upload that held
+/// the upstream: it stalled, waiting for a window the waiting ones held while they
+/// waited for it, until `body_timeout` failed it (400) or `queue_timeout` them (503).
+/// Every upload must be served in turn.
+#[tokio::test]
+async fn uploads_waiting_for_an_upstream_connection_do_not_starve_the_one_that_has_it() {
+    const LEN: usize = 1_500_000;
+    let up = TestUpstream::start(Behaviour::Echo).await;
+    let gw = start(&format!(
+        "{}[upstream.up.pool]\nmax_connections = 1\nmax_idle = 1\nqueue_timeout = \"30s\"\n\n\
+         [[listener]]\nlisten = \"127.0.0.1:0\"\nh2c = true\nbody_timeout = \"5s\"\n",
+        proxy_to(&up.url())
+    ))
+    .await;
+    let (c, _conn) = Client::over(TcpStream::connect(gw.addr).await.unwrap(), true).await;
+    let Client::H2(send) = &c else { unreachable!() };
+    let started = Instant::now();
+    let uploads: Vec<_> = (0..6)
+        .map(|i| {
+            let mut send = send.clone();
+            let req = c.request(Method::POST, "http", &format!("/{i}"), &"x".repeat(LEN));
+            tokio::spawn(async move {
+                let resp = send.send_request(req).await.map_err(|e| e.to_string())?;
+                let status = resp.status();
+                let body = resp
+                    .into_body()
+                    .collect()
+                    .await
+                    .map_err(|e| e.to_string())?;
+                Ok::<_, String>((status, body.to_bytes().len()))
+            })
+        })
+        .collect();
+    let mut got = Vec::new();
+    for u in uploads {
+        got.push(
+            timeout(Duration::from_secs(30), u)
+                .await
+                .map(|r| r.unwrap()),
+        );
+    }
+    for (i, g) in got.iter().enumerate() {
+        match g {
+            Ok(Ok((status, len))) => {
+                assert_eq!(*status, StatusCode::OK, "upload {i}: {got:?}");
+                assert!(*len > LEN, "upload {i}: echoed {len} bytes");
+            }
+            _ => panic!("upload {i} after {:?}: {got:?}", started.elapsed()),
+        }
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "served in {:?}: an upload waited for a body_timeout",
+        started.elapsed()
+    );
+}
+
 /// The other side of the same rule: over TLS (ALPN h2), a client that reads slowly but
 /// steadily, granting 32 KiB of window every 300 ms (well within `send_timeout = 1s`),
 /// gets the whole response, though it takes several times `send_timeout`.

@@ -70,6 +70,8 @@ pub struct Http2Config {
     /// holdfast reading them. At most 2^31-1. Default `1MiB`.
     pub initial_stream_window: ByteSize,
     /// Flow-control window of the whole connection. At most 2^31-1. Default `4MiB`.
+    /// The window announced is at least `max_concurrent_streams` times
+    /// `initial_stream_window` (see [`Http2Config::connection_window`]).
     pub initial_connection_window: ByteSize,
     /// Rapid reset (CVE-2023-44487): streams a client opened and cancelled before
     /// holdfast took them up. One more than this and the connection gets
@@ -98,6 +100,25 @@ impl Default for Http2Config {
 pub const MAX_WINDOW: u64 = (1 << 31) - 1;
 
 impl Http2Config {
+    /// The connection's window holdfast announces: `initial_connection_window`, and
+    /// at least what every stream's window adds up to (at most 2^31-1). A stream's
+    /// body may wait unread (its request queued for an upstream connection, or an
+    /// upstream reading slowly) with its window's worth sent; counted against a
+    /// smaller connection window, a few such streams left none to the others, and
+    /// one whose upload an upstream connection waited for then stalled behind the
+    /// very requests waiting for that connection. What a connection holds stays
+    /// bounded by its streams' windows.
+    pub fn connection_window(&self) -> u32 {
+        let streams =
+            u64::from(self.max_concurrent_streams).saturating_mul(self.initial_stream_window.get());
+        let w = self
+            .initial_connection_window
+            .get()
+            .max(streams)
+            .min(MAX_WINDOW);
+        u32::try_from(w).unwrap_or(u32::MAX >> 1)
+    }
+
     /// (key below `http2.`, problem) pairs.
     pub(super) fn problems(&self) -> Vec<(&'static str, String)> {
         let mut bad = Vec::new();
@@ -125,5 +146,20 @@ impl Http2Config {
             ));
         }
         bad
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_connection_window_holds_every_streams_window() {
+        let mut h = Http2Config::default();
+        assert_eq!(h.connection_window(), 128 << 20);
+        h.initial_connection_window = ByteSize::mib(512);
+        assert_eq!(h.connection_window(), 512 << 20);
+        h.max_concurrent_streams = 10_000;
+        assert_eq!(u64::from(h.connection_window()), MAX_WINDOW);
     }
 }

@@ -120,7 +120,8 @@ impl ListenerShared {
             .max_concurrent_streams(h.max_concurrent_streams)
             .max_header_list_size(u32_of(h.max_header_list_size))
             .initial_stream_window_size(u32_of(h.initial_stream_window))
-            .initial_connection_window_size(u32_of(h.initial_connection_window))
+            // At least what the streams' windows add up to: see `connection_window`.
+            .initial_connection_window_size(h.connection_window())
             // Rapid reset (CVE-2023-44487) and its server-side twin: past these
             // counts the connection gets GOAWAY ENHANCE_YOUR_CALM.
             .max_pending_accept_reset_streams(h.max_pending_accept_reset_streams)
