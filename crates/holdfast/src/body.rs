@@ -215,6 +215,17 @@ impl BodyEnd {
         Ok(())
     }
 
+    /// A body held whole that a protocol handle writes as the upstream takes it
+    /// (FastCGI's STDIN, read by the script): `bytes` of it written so far.
+    pub(crate) fn wrote(&self, bytes: u64) {
+        self.taken.store(bytes, Relaxed);
+    }
+
+    /// That body has been written whole.
+    pub(crate) fn wrote_all(&self) {
+        self.end();
+    }
+
     fn end(&self) {
         let _ = self.ended_at.set(tokio::time::Instant::now());
         let held = {

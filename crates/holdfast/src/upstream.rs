@@ -392,7 +392,12 @@ impl Upstream {
                             || reused_since.is_none()
                                 && matches!(conn.client(), Client::Http1Tls(_)));
                     let mut attempt_body = attempt_body;
-                    let streamed = attempt_body.watch_end();
+                    // FastCGI writes a body held whole as the script reads it: it is
+                    // timed as one streamed (see `FastCgiConn::watch_body`).
+                    let streamed = match conn.client() {
+                        Client::FastCgi(c) => c.watch_body(&mut attempt_body),
+                        _ => attempt_body.watch_end(),
+                    };
                     // In a block of its own: the moved-from head would otherwise keep
                     // its room in this future, and so in every request's.
                     let req = {

@@ -2400,3 +2400,40 @@ async fn an_upload_to_no_script_gets_404_before_its_body_is_read() {
         .expect("answered");
     assert_eq!((resp.status, resp.text().as_ref()), (200, "200000 200000"));
 }
+
+/// A body held whole (spooled, `request_buffering` on by default) goes out as STDIN
+/// as the script reads it: PHP reads a PUT body as the script reads `php://input`. A
+/// script that takes its upload slowly (a WebDAV PUT streamed on to slow storage) is
+/// still being sent its request when `timeouts.response_headers` has passed from the
+/// head; the time counts from the body's end, as README says, not from the head.
+/// Before, the client got 504 while the body still went out, and the script then ran
+/// to its end on the rest (written by `finish_held_body`): an upload that succeeded
+/// was reported failed.
+#[tokio::test]
+async fn a_held_body_the_script_reads_slowly_is_timed_for_its_answer_from_its_end() {
+    let fpm = PhpFpm::start(PhpFpmOptions::default()).await;
+    fpm.script(
+        "slow.php",
+        "<?php $in = fopen('php://input', 'rb'); $n = 0; $next = 65536;\n\
+         while (!feof($in)) {\n\
+             $n += strlen(fread($in, 65536));\n\
+             if ($n >= $next) { usleep(50000); $next += 65536; }\n\
+         }\n\
+         echo $n;",
+    );
+    let gw = Site::unix(&fpm)
+        .tables("retry.attempts = 1\n[upstream.php.timeouts]\nresponse_headers = \"1s\"\n")
+        .start()
+        .await;
+    // 50 ms for each 64 KiB read: ~3 s, far past what the unix socket buffers.
+    let size = 4 << 20;
+    let req = ClientRequest::new("PUT", "/slow.php").body(pattern(0, size));
+    let started = Instant::now();
+    let resp = send(&gw, &req).await;
+    assert_eq!(
+        (resp.status, resp.text().as_ref()),
+        (200, size.to_string().as_str()),
+        "after {:?}",
+        started.elapsed()
+    );
+}

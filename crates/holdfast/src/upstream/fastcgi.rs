@@ -25,7 +25,7 @@ use tokio::sync::watch;
 use super::error::{Delivery, Kind, UpstreamError};
 use super::io::{Stream, UpstreamIo};
 use super::pool::{Client, Connected};
-use crate::body::RequestBody;
+use crate::body::{BodyEnd, RequestBody};
 
 /// FastCGI request id: php-fpm does not multiplex, so every request is number 1.
 const REQUEST_ID: u16 = 1;
@@ -61,6 +61,8 @@ pub struct FastCgiConn {
     upload: Option<Upload>,
     /// Whether a streamed request body waits on the client (for the pool).
     upload_clock: Arc<UploadClock>,
+    /// The next request's body held whole, as it is written ([`FastCgiConn::watch_body`]).
+    held_watch: Option<Arc<BodyEnd>>,
 }
 
 /// A request body on its way: STDIN records encoded and not yet written, and the
@@ -73,6 +75,9 @@ struct Upload {
     /// Streamed (from the client, or from a spool file): its end dates
     /// `body_written`.
     streamed: bool,
+    /// A body held whole: how much of its STDIN is written, for the answer's deadline.
+    watch: Option<Arc<BodyEnd>>,
+    written: u64,
 }
 
 /// Longest wait for a TCP peer's answer to the probe that tells a retired
@@ -101,6 +106,7 @@ pub fn connected(stream: Stream, write_timeout: Duration, label: Arc<str>) -> Co
         body_written: None,
         upload: None,
         upload_clock: Arc::default(),
+        held_watch: None,
     };
     Connected {
         stream: stream.clone(),
@@ -177,6 +183,32 @@ impl FastCgiConn {
         self.upload_clock.clone()
     }
 
+    /// What tells the time to the answer's head how the request body goes out
+    /// (`upstream::head_due`), called before [`send`](FastCgiConn::send): a body
+    /// streamed from the client tells it itself; a body held whole (in memory or
+    /// spooled) too long to go with the request head is written as the script reads
+    /// it (PHP reads a PUT body as the script reads `php://input`), so a script that
+    /// takes a large upload slowly is still being sent its request when
+    /// `response_headers` has passed from the head: the time counts from the end of
+    /// the writing, as for a streamed body. One allocation per such body.
+    pub fn watch_body(&mut self, body: &mut RequestBody) -> Option<Arc<BodyEnd>> {
+        self.held_watch = None;
+        let long = match body {
+            RequestBody::Streaming(_) => return body.watch_end(),
+            RequestBody::Spooled(_) => true,
+            // Its STDIN record and the empty one that ends it take 16 bytes more (and
+            // padding): past SMALL_BODY it goes out after the head (see `send`).
+            RequestBody::Buffered { data: Some(d), .. } => d.len() > SMALL_BODY - 16,
+            _ => false,
+        };
+        if !long {
+            return None;
+        }
+        let watch = Arc::new(BodyEnd::default());
+        self.held_watch = Some(watch.clone());
+        Some(watch)
+    }
+
     /// Sends one request and reads until its CGI head is complete.
     ///
     /// # Errors
@@ -212,6 +244,8 @@ impl FastCgiConn {
             out: BytesMut::new(),
             ended: true,
             streamed: false,
+            watch: self.held_watch.take(),
+            written: 0,
         };
         match &body {
             RequestBody::Empty => record::encode_stdin(&mut upload.out, REQUEST_ID, b""),
@@ -288,6 +322,10 @@ impl FastCgiConn {
                     }
                     Poll::Ready(Ok(n)) => {
                         bytes::Buf::advance(&mut up.out, n);
+                        if let Some(w) = &up.watch {
+                            up.written += n as u64;
+                            w.wrote(up.written);
+                        }
                         continue;
                     }
                     Poll::Ready(Err(e)) => {
@@ -299,6 +337,9 @@ impl FastCgiConn {
             if up.ended {
                 if up.streamed {
                     self.body_written = Some(tokio::time::Instant::now());
+                }
+                if let Some(w) = &up.watch {
+                    w.wrote_all();
                 }
                 self.upload = None;
                 return Poll::Ready(Ok(()));
