@@ -2437,3 +2437,90 @@ async fn a_held_body_the_script_reads_slowly_is_timed_for_its_answer_from_its_en
         started.elapsed()
     );
 }
+
+/// A FastCGI connection holdfast cannot reuse after its answer (here a record after
+/// END_REQUEST; likewise an answer that ends before its request's STDIN is all
+/// written) is closed by holdfast as not poolable. It was counted as
+/// `closed_by_upstream_idle`, the application closing an idle connection, which it
+/// never did: the figure operators read to tune `idle_timeout` grew, and the
+/// histogram of idle ages at the application's close got a 0.
+#[tokio::test]
+async fn a_connection_unusable_after_its_answer_is_not_counted_as_closed_by_the_application() {
+    use bytes::BytesMut;
+    use holdfast_fastcgi::record::{self, RecordType};
+    use holdfast_fastcgi::{EndRequest, ProtocolStatus, RecordDecoder};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let app = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let site = Site {
+        upstream: format!("fastcgi://{}", app.local_addr().expect("addr")),
+        root: Path::new("/srv"),
+        route: "check_file = false",
+        tables: "",
+    };
+    let (kept_tx, kept_rx) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        // Bounded: GET_VALUES (closed unanswered) and the request's connection.
+        for _ in 0..4 {
+            let (mut sock, _) = app.accept().await.expect("accept");
+            let mut buf = BytesMut::new();
+            let mut decoder = RecordDecoder::new();
+            let request = loop {
+                match decoder.decode(&mut buf).expect("valid records") {
+                    Some(r) if r.kind == RecordType::Stdin && r.content.is_empty() => break true,
+                    Some(r) if r.kind == RecordType::GetValues => break false,
+                    Some(_) => {}
+                    None => {
+                        if sock.read_buf(&mut buf).await.unwrap_or(0) == 0 {
+                            break false;
+                        }
+                    }
+                }
+            };
+            if !request {
+                continue;
+            }
+            let mut out = BytesMut::new();
+            record::encode_stream(
+                &mut out,
+                RecordType::Stdout,
+                1,
+                b"Content-Type: text/plain\r\n\r\nok",
+            );
+            record::encode_stream(&mut out, RecordType::Stdout, 1, b"");
+            let end = EndRequest {
+                app_status: 0,
+                protocol_status: ProtocolStatus::RequestComplete,
+            };
+            record::encode_end_request(&mut out, 1, &end);
+            // A stray record after the request's end.
+            record::encode_stream(&mut out, RecordType::Stdout, 1, b"late");
+            sock.write_all(&out).await.expect("reply");
+            // The connection stays open on this side.
+            let _ = kept_tx.send(sock);
+            return;
+        }
+    });
+    let gw = site.start().await;
+    let resp = get(&gw, "/index.php").await;
+    assert_eq!((resp.status, resp.text().as_ref()), (200, "ok"));
+    let mut sock = tokio::time::timeout(RESPONSE_TIMEOUT, kept_rx)
+        .await
+        .expect("the request arrived")
+        .expect("the application kept its side");
+    // holdfast closes it (the application never does).
+    let mut rest = Vec::new();
+    tokio::time::timeout(RESPONSE_TIMEOUT, sock.read_to_end(&mut rest))
+        .await
+        .expect("holdfast closes the connection")
+        .expect("read");
+    let (_, pool) = pools(&gw).await;
+    assert_eq!(
+        figure(&pool["closed"]["closed_by_upstream_idle"]),
+        0,
+        "{pool}"
+    );
+    assert_eq!(figure(&pool["closed"]["not_poolable"]), 1, "{pool}");
+}

@@ -178,6 +178,12 @@ impl FastCgiConn {
         self.exchange == Exchange::Broken || self.busy.is_closed()
     }
 
+    /// Not reusable after its request: something followed END_REQUEST, or the
+    /// application ended the request before its STDIN was all written.
+    pub fn is_broken(&self) -> bool {
+        self.exchange == Exchange::Broken
+    }
+
     /// Whether a streamed request body waits on the client, as the pool reads it.
     pub fn upload_clock(&self) -> Arc<UploadClock> {
         self.upload_clock.clone()

@@ -81,6 +81,9 @@ impl Client {
         match self {
             Client::Http1(c) => c.park(),
             Client::Http1Tls(s) if s.is_closed() => Err(CloseReason::ClosedByUpstreamIdle),
+            // Left unusable by its answer (a record past END_REQUEST, STDIN not all
+            // written): holdfast's own close, not the application's.
+            Client::FastCgi(c) if c.is_broken() => Err(CloseReason::NotPoolable),
             Client::FastCgi(c) if c.is_closed() => Err(CloseReason::ClosedByUpstreamIdle),
             _ => Ok(()),
         }
