@@ -388,7 +388,8 @@ async fn a_reload_after_the_client_certificate_files_changed_uses_the_new_one() 
 /// An HTTPS upstream speaking HTTP/1.1 (`upstream.test`): `POST /upload` is answered
 /// 413 at once, before its body is read, and then nothing more is read on that
 /// connection; `POST /read` is answered 200 once its body is read; `GET /gzipped`
-/// with a gzip transfer coding under chunked; anything else 200. Returns its address and the count of connections accepted.
+/// with a gzip transfer coding under chunked; `GET /both` chunked with a Content-Length
+/// too; anything else 200. Returns its address and the count of connections accepted.
 async fn tls_http1_upstream(pki: &TestCa) -> (SocketAddr, Arc<AtomicUsize>) {
     let acceptor = tokio_rustls::TlsAcceptor::from(pki.server(&["upstream.test"], &["http/1.1"]));
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -427,6 +428,15 @@ async fn tls_http1_upstream(pki: &TestCa) -> (SocketAddr, Arc<AtomicUsize>) {
                         let reply = b"HTTP/1.1 200 OK\r\ntransfer-encoding: gzip, chunked\r\n\r\n\
                                       2\r\nok\r\n0\r\n\r\n";
                         let _ = tls.write_all(reply).await;
+                        continue;
+                    }
+                    if head.starts_with("get /both") {
+                        // Chunked, and a Content-Length that disagrees.
+                        let reply = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\
+                                      content-length: 100\r\n\r\n2\r\nok\r\n0\r\n\r\n";
+                        if tls.write_all(reply).await.is_err() || tls.flush().await.is_err() {
+                            return;
+                        }
                         continue;
                     }
                     if head.starts_with("get /trailers") {
@@ -697,6 +707,30 @@ async fn a_response_with_trailers_from_a_tls_upstream_returns_its_connection_to_
     assert_eq!(accepted.load(Relaxed), 1, "{pool}");
     assert_eq!(count(&pool["reused"]), 1, "{pool}");
     assert_eq!(count(&pool["closed"]["abandoned"]), 0, "{pool}");
+}
+
+/// A response that is chunked and has a Content-Length too: RFC 9112 6.3 says
+/// whoever else read the length disagrees about where the message ends, and
+/// holdfast's own HTTP/1.1 client closes such a connection; over TLS (hyper's client)
+/// it must not go back to the pool either.
+#[tokio::test]
+async fn a_tls_connection_whose_answer_had_both_length_and_chunks_is_not_pooled() {
+    let pki = TestCa::new("holdfast upstream test CA");
+    let (addr, accepted) = tls_http1_upstream(&pki).await;
+    let gw = streaming_gateway(&pki, addr).await;
+    let mut client = KeepAliveClient::new(gw.addr).with_timeout(SOON);
+    for i in 0..2 {
+        let r = client.get("/both").await.expect("GET /both");
+        assert_eq!((r.status, &r.body[..]), (200, &b"ok"[..]), "request {i}");
+    }
+    let (_, pool) = pools(&gw).await;
+    assert_eq!(accepted.load(Relaxed), 2, "{pool}");
+    assert_eq!(count(&pool["reused"]), 0, "{pool}");
+    assert_eq!(
+        count(&pool["closed"]["upstream_connection_close"]),
+        2,
+        "{pool}"
+    );
 }
 
 /// A body a little over `retry.replay_body_limit` streams, its first part read ahead

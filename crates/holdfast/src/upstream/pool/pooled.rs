@@ -216,7 +216,12 @@ impl PooledConn {
                     v.as_bytes()
                         .split(|&b| b == b',')
                         .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"close"))
-                }) || version == http::Version::HTTP_10;
+                }) || version == http::Version::HTTP_10
+                    // RFC 9112 6.3 point 3: chunked with a Content-Length too is
+                    // framing someone else may read otherwise; hyper reads the chunks
+                    // and would keep the connection (holdfast's codec closes it).
+                    || headers.contains_key(http::header::TRANSFER_ENCODING)
+                        && headers.contains_key(http::header::CONTENT_LENGTH);
                 const KEEP_ALIVE: http::HeaderName = http::HeaderName::from_static("keep-alive");
                 let keep_alive = headers
                     .get(&KEEP_ALIVE)
